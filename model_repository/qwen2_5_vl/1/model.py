@@ -1,0 +1,168 @@
+"""Triton Python-backend model: Qwen2.5-VL chat with token streaming (decoupled mode).
+
+This file is only the Triton lifecycle; parsing, images and generation live in
+`qwen_vl_backend/`, importable and testable without Triton.
+"""
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from qwen_vl_backend.checkpoint import load_checkpoint  # noqa: E402
+from qwen_vl_backend.engine import SerialEngine  # noqa: E402
+from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
+from qwen_vl_backend.prepare import RawRequest  # noqa: E402
+from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class _TritonLogHandler(logging.Handler):
+    """Routes the helper modules' `logging` records into Triton's log."""
+
+    def emit(self, record):
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
+def _scalar(request, name, default=None):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    value = tensor.as_numpy().reshape(-1)
+    if value.size == 0:
+        return default
+    item = value[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else item.item() if hasattr(item, "item") else item
+
+
+def _raw_request(request) -> RawRequest:
+    images = pb_utils.get_input_tensor_by_name(request, "image")
+    try:
+        return RawRequest(
+            request_id=request.request_id(),
+            messages=_scalar(request, "messages"),
+            text_input=_scalar(request, "text_input"),
+            images=[bytes(x) for x in images.as_numpy().reshape(-1)] if images is not None else [],
+            stream=bool(_scalar(request, "stream", False)),
+            sampling_parameters=_scalar(request, "sampling_parameters"),
+            exclude_input_in_output=bool(_scalar(request, "exclude_input_in_output", False)),
+            return_finish_reason=bool(_scalar(request, "return_finish_reason", False)),
+            return_num_input_tokens=bool(_scalar(request, "return_num_input_tokens", False)),
+            return_num_output_tokens=bool(_scalar(request, "return_num_output_tokens", False)),
+        )
+    except UnicodeDecodeError as exc:
+        raise RequestError("text inputs must be UTF-8") from exc
+
+
+class TritonSink:
+    """ResponseSink over a decoupled response sender: the outputs the request asked for."""
+
+    def __init__(self, request, raw: RawRequest):
+        self._sender = request.get_response_sender()
+        self._raw = raw
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
+
+    def send(self, text, num_tokens, prompt_tokens):
+        self._sender.send(self._response(text, num_tokens, prompt_tokens, ""))
+
+    def finish(self, text, num_tokens, prompt_tokens, finish_reason):
+        self._sender.send(self._response(text, num_tokens, prompt_tokens, finish_reason), flags=FINAL)
+
+    def fail(self, error):
+        self._sender.send(pb_utils.InferenceResponse(error=_triton_error(error, self._raw)), flags=FINAL)
+
+    def cancelled(self):
+        self._sender.send(flags=FINAL)
+
+    def _response(self, text, num_tokens, prompt_tokens, finish_reason):
+        raw = self._raw
+        outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
+        if raw.return_finish_reason:
+            outputs.append(pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)))
+        if raw.return_num_input_tokens:
+            outputs.append(pb_utils.Tensor("num_input_tokens", np.array([prompt_tokens], dtype=np.uint32)))
+        if raw.return_num_output_tokens:
+            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([num_tokens], dtype=np.uint32)))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
+
+
+def _triton_error(error, raw):
+    if isinstance(error, RequestError):
+        return pb_utils.TritonError(error.client_message(), pb_utils.TritonError.INVALID_ARG)
+    if isinstance(error, EngineFullError):
+        return pb_utils.TritonError(f"server busy: {error}", pb_utils.TritonError.UNAVAILABLE)
+    logging.getLogger("qwen_vl_backend").error(
+        "request %s failed", raw.request_id if raw else "?", exc_info=error)
+    return pb_utils.TritonError(
+        f"internal error while generating (request id {raw.request_id if raw else ''})",
+        pb_utils.TritonError.INTERNAL)
+
+
+class _EarlySink:
+    """Errors found before a RawRequest exists (unreadable inputs)."""
+
+    def __init__(self, request):
+        self._sender = request.get_response_sender()
+        self._id = request.request_id()
+
+    def fail(self, error):
+        self._sender.send(pb_utils.InferenceResponse(
+            error=_triton_error(error, RawRequest(request_id=self._id))), flags=FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
+            raise pb_utils.TritonModelException(
+                "this model streams tokens: set model_transaction_policy { decoupled: true }")
+        self._setup_logging()
+        self.settings = ModelSettings.from_parameters(config_parameters(self.model_config))
+        device = self.settings.resolve_device(args["model_instance_kind"], args["model_instance_device_id"])
+        dtype = self.settings.resolve_dtype(device)
+        self.log.info("loading %s on %s (%s)", self.settings.model, device, dtype)
+        self.checkpoint = load_checkpoint(self.settings.model, device, dtype,
+                                          self.settings.attn_implementation, self.settings.max_model_len)
+        if self.checkpoint.random_weights:
+            self.log.warning("%s has RANDOM weights: it exercises the serving stack, its answers "
+                             "are meaningless. Set QWEN_VL_MODEL to a real checkpoint.", self.settings.model)
+        self.engine = SerialEngine(self.checkpoint, self.settings)
+        self.log.info("ready: max context %d tokens", self.checkpoint.max_model_len)
+
+    def _setup_logging(self):
+        self.log = logging.getLogger("qwen_vl_backend")
+        if not any(isinstance(h, _TritonLogHandler) for h in self.log.handlers):
+            self.log.addHandler(_TritonLogHandler())
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False
+
+    def execute(self, requests):
+        for request in requests:
+            try:
+                raw = _raw_request(request)
+            except Exception as exc:  # the request must still get its final response
+                _EarlySink(request).fail(exc)
+                continue
+            sink = TritonSink(request, raw)
+            try:
+                self.engine.submit(raw, sink)
+            except Exception as exc:
+                sink.fail(exc)
+        return None
+
+    def finalize(self):
+        if not self.engine.shutdown():
+            self.log.warning("generations still running at shutdown were abandoned")

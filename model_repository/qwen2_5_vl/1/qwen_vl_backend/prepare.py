@@ -1,0 +1,95 @@
+"""A Triton request's raw inputs → model-ready tensors and generation limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chat import decode_image_elements, parse_messages
+from .checkpoint import Checkpoint
+from .errors import RequestError
+from .params import SamplingParams, parse_sampling_parameters
+from .settings import ModelSettings
+
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+
+
+@dataclass
+class RawRequest:
+    """The inputs exactly as they arrived (tensor names of the model's contract)."""
+    request_id: str = ""
+    messages: str | None = None
+    text_input: str | None = None
+    images: list[bytes] = field(default_factory=list)
+    stream: bool = False
+    sampling_parameters: str | None = None
+    exclude_input_in_output: bool = False
+    return_finish_reason: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+
+
+@dataclass
+class PreparedRequest:
+    raw: RawRequest
+    inputs: dict[str, Any]
+    prompt: str
+    prompt_tokens: int
+    sampling: SamplingParams
+    max_new_tokens: int
+
+
+def _vision_inputs(messages: list[dict]):
+    from qwen_vl_utils import process_vision_info
+
+    images, _videos = process_vision_info(messages)
+    return images
+
+
+def _resize(images, settings: ModelSettings):
+    from qwen_vl_utils import fetch_image
+
+    return [fetch_image({"image": image, "min_pixels": settings.min_pixels,
+                         "max_pixels": settings.max_pixels}) for image in images]
+
+
+def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings):
+    if raw.messages is not None:
+        vision = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+        messages = parse_messages(raw.messages, raw.images, vision)
+        prompt = checkpoint.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+        return prompt, _vision_inputs(messages)
+    if raw.text_input is None:
+        raise RequestError("one of 'messages' or 'text_input' is required", "messages")
+    placeholders = raw.text_input.count(IMAGE_PLACEHOLDER)
+    if placeholders != len(raw.images):
+        raise RequestError(f"text_input has {placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                           f"but {len(raw.images)} images were sent", "text_input")
+    return raw.text_input, _resize(decode_image_elements(raw.images), settings)
+
+
+def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,
+                    checkpoint: Checkpoint, settings: ModelSettings) -> int:
+    room = checkpoint.max_model_len - prompt_tokens
+    if room <= 0:
+        raise RequestError(
+            f"This model's maximum context length is {checkpoint.max_model_len} tokens. "
+            f"However, your messages resulted in {prompt_tokens} tokens. "
+            "Please reduce the length of the messages.", "messages")
+    wanted = sampling.max_tokens or settings.default_max_tokens
+    return max(1, min(wanted, settings.max_tokens_cap, room))
+
+
+def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) -> PreparedRequest:
+    sampling = parse_sampling_parameters(raw.sampling_parameters)
+    prompt, images = _prompt_and_images(raw, checkpoint, settings)
+    inputs = checkpoint.processor(text=[prompt], images=images or None, return_tensors="pt")
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    return PreparedRequest(
+        raw=raw,
+        inputs=inputs.to(checkpoint.device),
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+        sampling=sampling,
+        max_new_tokens=_max_new_tokens(sampling, prompt_tokens, checkpoint, settings),
+    )

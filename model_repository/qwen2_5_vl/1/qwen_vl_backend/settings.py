@@ -1,0 +1,72 @@
+"""Model settings: `config.pbtxt` parameters, each overridable by environment.
+
+Every parameter `name` can be overridden by `QWEN_VL_<NAME>` (e.g. `QWEN_VL_MODEL`), so one
+model repository serves any checkpoint without editing files inside a container image.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+ENV_PREFIX = "QWEN_VL_"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    # HF hub id or local directory of a Qwen2.5-VL checkpoint.
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    # auto: bfloat16 on GPU, float32 on CPU (CPUs lack fast bf16 matmuls).
+    dtype: str = "auto"
+    # auto: the Triton instance's GPU for KIND_GPU, else cpu.
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    # Completion length when the request names none.
+    default_max_tokens: int = 1024
+    # Server-wide ceiling on a request's max_tokens; larger requests are clamped.
+    max_tokens_cap: int = 8192
+    # 0: the checkpoint's max_position_embeddings.
+    max_model_len: int = 0
+    # Qwen's 28-pixel grid: images are resized into [min_pixels, max_pixels].
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 1280 * 28 * 28
+    # Requests waiting beyond this are refused with UNAVAILABLE instead of queuing forever.
+    max_queued_requests: int = 64
+    # How long finalize waits for in-flight generations before abandoning them.
+    shutdown_timeout_s: float = 30.0
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str],
+                        env: Mapping[str, str] = os.environ) -> "ModelSettings":
+        values = {}
+        for field in fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper(), parameters.get(field.name))
+            if raw is None or raw == "":
+                continue
+            try:
+                values[field.name] = _cast(field.default, raw)
+            except ValueError as exc:
+                raise ValueError(f"parameter {field.name}={raw!r}: {exc}") from exc
+        return cls(**values)
+
+    def resolve_device(self, instance_kind: str, device_id: int | str) -> str:
+        if self.device != "auto":
+            return self.device
+        return f"cuda:{int(device_id)}" if instance_kind.upper() == "GPU" else "cpu"
+
+    def resolve_dtype(self, device: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def _cast(default, raw: str):
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return type(default)(raw)
+
+
+def config_parameters(model_config: Mapping) -> dict[str, str]:
+    """`parameters { key: "name" value: { string_value: "..." } }` → {name: value}."""
+    return {name: spec.get("string_value", "")
+            for name, spec in model_config.get("parameters", {}).items()}

@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Start tritonserver and the OpenAI proxy together, wait until ready, stop both on a signal.
+
+    python scripts/stack.py [--model ID_OR_PATH] [--host 0.0.0.0] [--proxy-port 9000] ...
+
+The same functions start the stack for the end-to-end tests (on loopback, on free ports).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = ROOT / "model_repository"
+TRITON_MODEL = "qwen2_5_vl"
+DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def find_tritonserver() -> tuple[str, str | None]:
+    """(binary, backend directory): a tritonserver on PATH wins over the pytriton wheel's."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return on_path, None
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise SystemExit("no tritonserver on PATH and nvidia-pytriton is not installed: run scripts/setup")
+    home = Path(spec.origin).parent / "tritonserver"
+    return str(home / "bin" / "tritonserver"), str(home / "backends")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        urllib.request.urlopen("https://huggingface.co/api/models/" + DEFAULT_HUB_MODEL, timeout=timeout)
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def tiny_checkpoint() -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py")],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def choose_model(requested: str | None) -> tuple[str, str]:
+    """(model, why): the requested model, the hub default, or the locally built tiny one."""
+    if requested:
+        return requested, "as configured"
+    if hub_reachable():
+        return DEFAULT_HUB_MODEL, "the default checkpoint from the Hugging Face hub"
+    return tiny_checkpoint(), ("the hub is unreachable and no model was configured: serving a TINY "
+                               "RANDOM-WEIGHT checkpoint built locally, its answers are meaningless "
+                               "(set QWEN_VL_MODEL to a real checkpoint)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class StackConfig:
+    model: str
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    proxy_port: int = 9000
+    served_model_name: str | None = None
+    log_dir: Path = ROOT / ".cache" / "logs"
+    extra_env: dict = field(default_factory=dict)
+    proxy_args: list = field(default_factory=list)
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.proxy_port}"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.http_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def _env(config: StackConfig) -> dict:
+    env = dict(os.environ)
+    # The Python-backend stub finds its interpreter (and so torch, transformers) through PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["QWEN_VL_MODEL"] = config.model
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.update(config.extra_env)
+    return env
+
+
+def triton_command(config: StackConfig) -> list[str]:
+    binary, backends = find_tritonserver()
+    cmd = [binary, f"--model-repository={MODEL_REPOSITORY}",
+           f"--http-port={config.http_port}", f"--grpc-port={config.grpc_port}",
+           f"--metrics-port={config.metrics_port}",
+           f"--http-address={config.host}", f"--grpc-address={config.host}",
+           f"--metrics-address={config.host}",
+           "--exit-timeout-secs=30", "--log-info=true"]
+    if backends:
+        cmd.append(f"--backend-directory={backends}")
+    return cmd
+
+
+def proxy_command(config: StackConfig) -> list[str]:
+    cmd = [sys.executable, "-m", "proxy", "--host", config.host, "--port", str(config.proxy_port),
+           "--triton-url", config.triton_grpc_url, "--triton-model", TRITON_MODEL]
+    if config.served_model_name:
+        cmd += ["--served-model-name", config.served_model_name]
+    return cmd + list(config.proxy_args)
+
+
+def _get_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+class Stack:
+    """tritonserver + proxy as child processes, logs in files, stopped together."""
+
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.triton: subprocess.Popen | None = None
+        self.proxy: subprocess.Popen | None = None
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.triton_log = config.log_dir / f"triton-{config.grpc_port}.log"
+        self.proxy_log = config.log_dir / f"proxy-{config.proxy_port}.log"
+
+    def start(self) -> None:
+        env = _env(self.config)
+        self.triton = self._spawn(triton_command(self.config), self.triton_log, env)
+        self.proxy = self._spawn(proxy_command(self.config), self.proxy_log, env)
+
+    def _spawn(self, cmd, log_path: Path, env) -> subprocess.Popen:
+        log = open(log_path, "ab", buffering=0)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0, progress=None) -> None:
+        """Until the proxy's /ready is 200 (which means Triton has the model loaded)."""
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            for name, proc, log in (("tritonserver", self.triton, self.triton_log),
+                                    ("proxy", self.proxy, self.proxy_log)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{_tail(log)}")
+            triton = _get_status(f"{self.config.triton_http_url}/v2/models/{TRITON_MODEL}/ready")
+            proxy = _get_status(f"{self.config.proxy_url}/ready")
+            if progress:
+                progress(time.monotonic() - started, triton == 200, proxy == 200)
+            if proxy == 200:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"stack not ready after {timeout:.0f}s; triton log:\n{_tail(self.triton_log)}")
+
+    def stop(self, timeout: float = 40.0) -> None:
+        for proc in (self.proxy, self.triton):
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.proxy, self.triton):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _progress_line(elapsed: float, triton_ready: bool, proxy_ready: bool) -> None:
+    state = "model loaded, waiting for proxy" if triton_ready else "loading model in tritonserver"
+    print(f"\r[serve] {state} ... {elapsed:5.0f}s", end="", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="Serve Qwen2.5-VL: tritonserver + OpenAI proxy.")
+    parser.add_argument("--model", default=env("QWEN_VL_MODEL"),
+                        help="HF id or local path (env QWEN_VL_MODEL); default: the 7B from the hub, "
+                             "or a tiny random checkpoint when the hub is unreachable")
+    parser.add_argument("--host", default=env("SERVE_HOST", "0.0.0.0"),
+                        help="address both servers bind (env SERVE_HOST)")
+    parser.add_argument("--proxy-port", type=int, default=int(env("PROXY_PORT", "9000")))
+    parser.add_argument("--http-port", type=int, default=int(env("TRITON_HTTP_PORT", "8000")))
+    parser.add_argument("--grpc-port", type=int, default=int(env("TRITON_GRPC_PORT", "8001")))
+    parser.add_argument("--metrics-port", type=int, default=int(env("TRITON_METRICS_PORT", "8002")))
+    parser.add_argument("--ready-timeout", type=float, default=float(env("SERVE_READY_TIMEOUT", "1800")),
+                        help="seconds to wait for the model to load (a 7B download takes a while)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model, why = choose_model(args.model)
+    print(f"[serve] model: {model} ({why})", file=sys.stderr)
+    stack = Stack(StackConfig(model=model, host=args.host, http_port=args.http_port,
+                              grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                              proxy_port=args.proxy_port))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        stack.start()
+        print(f"[serve] logs: {stack.triton_log} {stack.proxy_log}", file=sys.stderr)
+        stack.wait_ready(args.ready_timeout, _progress_line)
+        cfg = stack.config
+        print(f"\n[serve] ready\n"
+              f"  OpenAI API      {cfg.proxy_url}/v1/chat/completions\n"
+              f"  Triton HTTP     {cfg.triton_http_url}   gRPC {cfg.triton_grpc_url}\n"
+              f"  Triton metrics  http://{_connect_host(cfg.host)}:{cfg.metrics_port}/metrics\n"
+              f"[serve] Ctrl-C stops both", file=sys.stderr)
+        while stack.triton.poll() is None and stack.proxy.poll() is None:
+            time.sleep(1)
+        print("[serve] a server exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n[serve] stopping", file=sys.stderr)
+        return 0
+    except (RuntimeError, TimeoutError) as err:
+        print(f"\n[serve] {err}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
