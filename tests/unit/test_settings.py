@@ -1,0 +1,30 @@
+from qwen_vl_backend.settings import ModelSettings, config_parameters
+
+
+def test_config_parameters_then_environment_override():
+    config = {"parameters": {"model": {"string_value": "/models/a"},
+                             "max_pixels": {"string_value": "1000"}}}
+    settings = ModelSettings.from_parameters(config_parameters(config),
+                                             env={"QWEN_VL_MAX_PIXELS": "2000"})
+    assert settings.model == "/models/a"
+    assert settings.max_pixels == 2000
+    assert settings.default_max_tokens == ModelSettings().default_max_tokens
+
+
+def test_device_and_dtype_follow_the_instance_kind():
+    settings = ModelSettings()
+    assert settings.resolve_device("GPU", 3) == "cuda:3"
+    assert settings.resolve_device("CPU", 0) == "cpu"
+    assert settings.resolve_dtype("cuda:3") == "bfloat16"
+    assert settings.resolve_dtype("cpu") == "float32"
+    pinned = ModelSettings(device="cuda:1", dtype="float16")
+    assert pinned.resolve_device("GPU", 0) == "cuda:1" and pinned.resolve_dtype("cuda:1") == "float16"
+
+
+def test_bad_number_names_the_parameter():
+    try:
+        ModelSettings.from_parameters({"max_pixels": "many"}, env={})
+    except ValueError as err:
+        assert "max_pixels" in str(err)
+    else:
+        raise AssertionError("expected ValueError")
