@@ -1,0 +1,45 @@
+"""`python -m proxy [flags]`: serve the OpenAI-compatible API until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .app import create_app
+from .config import parse_config
+
+log = logging.getLogger("proxy")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log.info(
+        "serving %r on %s:%d, Triton model %r at %s",
+        config.served_model_name,
+        config.host,
+        config.port,
+        config.triton_model,
+        config.triton_url,
+    )
+    # run_app handles SIGINT/SIGTERM: it stops accepting, lets requests finish, then runs the
+    # app's cleanup, which closes the Triton gRPC channel.
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        # A client that disconnects cancels its handler, so Triton stops generating for it
+        # even when no byte is being written (non-stream requests, long prefill).
+        handler_cancellation=True,
+        # The proxy logs its own line per request (id, status, tokens, duration).
+        access_log=None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

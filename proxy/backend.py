@@ -1,0 +1,208 @@
+"""The inference backend: one Triton gRPC stream per chat completion.
+
+Both streaming and non-streaming completions go through `generate`; a non-streaming request
+just asks the model for a single response carrying the whole text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import InferenceServerException
+
+from .errors import SERVICE_UNAVAILABLE, APIError, internal_error
+from .translate import TritonRequest
+
+log = logging.getLogger("proxy.backend")
+
+# The model marks errors the client caused with this prefix; gRPC streams carry no status code.
+INVALID_REQUEST_PREFIX = "invalid_request: "
+
+# Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
+# tell "done" from "more to come" when the last text response was not flagged final.
+_STREAM_PARAMETERS = {"triton_enable_empty_final_response": True}
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One model response: new text and the tokens it covers."""
+
+    text: str
+    finish_reason: str | None = None  # None until the last chunk
+    prompt_tokens: int | None = None
+    completion_tokens: int = 0
+
+
+class Backend(Protocol):
+    def generate(
+        self, request: TritonRequest, request_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """Chunks of one completion; closing the generator early cancels the generation.
+
+        Raises APIError: 400 for requests the model rejects, 500 for model failures, 503 when
+        the backend cannot be reached.
+        """
+        ...
+
+    async def is_ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def backend_unavailable() -> APIError:
+    return APIError(
+        503,
+        "The inference backend is unavailable; retry later.",
+        type=SERVICE_UNAVAILABLE,
+        code="backend_unavailable",
+    )
+
+
+class TritonBackend:
+    """`Backend` over `tritonclient.grpc.aio`; create it inside the serving event loop."""
+
+    def __init__(self, url: str, model_name: str, *, ready_timeout_s: float = 2.0) -> None:
+        self._client = grpcclient_aio.InferenceServerClient(url)
+        self._model_name = model_name
+        self._ready_timeout_s = ready_timeout_s
+
+    async def generate(
+        self, request: TritonRequest, request_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        finished = asyncio.Event()
+        outgoing = self._requests(build_inputs(request), request_id, finished)
+        responses = self._client.stream_infer(outgoing)
+        completed = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise model_error(error, request_id)
+                chunk = parse_response(result)
+                completed = is_final_response(result, chunk)
+                if chunk is not None:
+                    yield chunk
+                if completed:
+                    return
+            log.error("request %s: Triton closed the stream before the final response", request_id)
+            raise internal_error(request_id)
+        except grpc.RpcError as exc:
+            log.warning("request %s: Triton unreachable: %s", request_id, _rpc_summary(exc))
+            raise backend_unavailable() from None
+        finally:
+            # Ends the request iterator, so a completed stream half-closes normally; anything
+            # else (client gone, error) cancels it and Triton tells the model to stop.
+            finished.set()
+            if not completed:
+                responses.cancel()
+
+    async def _requests(
+        self, inputs: list[grpcclient.InferInput], request_id: str, finished: asyncio.Event
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield {
+            "model_name": self._model_name,
+            "inputs": inputs,
+            "request_id": request_id,
+            "parameters": _STREAM_PARAMETERS,
+        }
+        # Closing the request side early would end the stream before all responses arrive.
+        await finished.wait()
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(
+                await self._client.is_model_ready(
+                    self._model_name, client_timeout=self._ready_timeout_s
+                )
+            )
+        except Exception as exc:  # readiness is a yes/no question; the reason goes to the log
+            log.debug("readiness check failed: %s", exc)
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
+    inputs = [
+        _bytes_input("messages", [request.messages_json.encode("utf-8")]),
+        _bool_input("stream", request.stream),
+        _bytes_input(
+            "sampling_parameters", [json.dumps(request.sampling_parameters).encode("utf-8")]
+        ),
+        _bool_input("exclude_input_in_output", True),
+        _bool_input("return_finish_reason", True),
+        _bool_input("return_num_input_tokens", True),
+        _bool_input("return_num_output_tokens", True),
+    ]
+    if request.images:  # Triton rejects a zero-element input; no images means no input
+        inputs.append(_bytes_input("image", request.images))
+    return inputs
+
+
+def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
+    array = np.empty(len(values), dtype=np.object_)
+    array[:] = values
+    tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _bool_input(name: str, value: bool) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=np.bool_))
+    return tensor
+
+
+def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
+    """The chunk in one response; None for the empty response that only marks the end."""
+    text = result.as_numpy("text_output")
+    if text is None:
+        return None
+    finish_reason = result.as_numpy("finish_reason")
+    prompt_tokens = result.as_numpy("num_input_tokens")
+    completion_tokens = result.as_numpy("num_output_tokens")
+    return GenerationChunk(
+        text="".join(item.decode("utf-8") for item in text.ravel()),
+        finish_reason=_first_text(finish_reason) or None,
+        prompt_tokens=int(prompt_tokens.ravel()[0]) if _has_items(prompt_tokens) else None,
+        completion_tokens=int(completion_tokens.sum()) if _has_items(completion_tokens) else 0,
+    )
+
+
+def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | None) -> bool:
+    parameters = result.get_response().parameters
+    if "triton_final_response" in parameters:
+        return parameters["triton_final_response"].bool_param
+    # Servers that do not flag final responses: the model sets finish_reason only at the end.
+    return chunk is not None and chunk.finish_reason is not None
+
+
+def model_error(error: InferenceServerException, request_id: str) -> APIError:
+    message = error.message() or ""
+    if message.startswith(INVALID_REQUEST_PREFIX):
+        return APIError(400, message[len(INVALID_REQUEST_PREFIX) :])
+    log.error("request %s: model error: %s", request_id, message)
+    return internal_error(request_id)
+
+
+def _first_text(array: np.ndarray | None) -> str:
+    return array.ravel()[0].decode("utf-8") if _has_items(array) else ""
+
+
+def _has_items(array: np.ndarray | None) -> bool:
+    return array is not None and array.size > 0
+
+
+def _rpc_summary(exc: grpc.RpcError) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return repr(exc)

@@ -1,0 +1,256 @@
+"""TritonBackend against a real tritonserver running the echo model (tests/proxy/triton_models).
+
+The echo model speaks the Qwen2.5-VL model's tensor contract, so these tests pin what the
+proxy sends and how it reads responses, errors, final flags and cancellation, in seconds and
+without weights. Skipped where the nvidia-pytriton wheel (the tritonserver binary) is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+from aiohttp.test_utils import TestClient, TestServer
+from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, data_url, sse_payloads
+
+from proxy.app import create_app
+from proxy.backend import TritonBackend
+from proxy.errors import APIError
+from proxy.translate import TritonRequest
+
+ECHO_MODEL_DIR = Path(__file__).parent / "triton_models" / "echo"
+STARTUP_TIMEOUT_S = 60
+
+
+def _pytriton_server_dir() -> Path | None:
+    spec = importlib.util.find_spec("pytriton")  # locates the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    server_dir = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    return server_dir if (server_dir / "bin" / "tritonserver").exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _backend_dir(server_dir: Path, root: Path) -> Path:
+    """A backends/ folder with the Python backend and the stub for this interpreter."""
+    python_dir = root / "backends" / "python"
+    python_dir.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(server_dir / "backends" / "python" / name, python_dir)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy(
+        server_dir / "python_backend_stubs" / version / "triton_python_backend_stub", python_dir
+    )
+    return root / "backends"
+
+
+@pytest.fixture(scope="module")
+def triton_url(tmp_path_factory) -> str:
+    server_dir = _pytriton_server_dir()
+    if server_dir is None:
+        pytest.skip("tritonserver binary (nvidia-pytriton wheel) not installed")
+    root = tmp_path_factory.mktemp("triton")
+    shutil.copytree(ECHO_MODEL_DIR, root / "models" / "echo")
+    port = _free_port()
+    env = dict(os.environ)
+    # The stub finds its Python through PATH, and its bundled libs through the wheel's libs dir.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libs = server_dir.parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+    log_path = root / "tritonserver.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                str(server_dir / "bin" / "tritonserver"),
+                f"--model-repository={root / 'models'}",
+                f"--backend-directory={_backend_dir(server_dir, root)}",
+                "--allow-http=false",
+                "--allow-metrics=false",
+                "--grpc-address=127.0.0.1",
+                f"--grpc-port={port}",
+                "--exit-timeout-secs=2",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"127.0.0.1:{port}"
+    try:
+        _wait_until_ready(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    client = grpcclient.InferenceServerClient(url)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            try:
+                if client.is_model_ready("echo"):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+    finally:
+        client.close()
+    pytest.fail("tritonserver did not become ready:\n" + log_path.read_text()[-3000:])
+
+
+@pytest.fixture
+async def backend(triton_url):
+    backend = TritonBackend(triton_url, "echo")
+    yield backend
+    await backend.close()
+
+
+def triton_request(*, stream: bool, images=(), **params) -> TritonRequest:
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "hello big world"}],
+        }
+    ]
+    return TritonRequest(
+        messages_json=json.dumps(messages),
+        images=list(images),
+        sampling_parameters={"max_tokens": 8, **params},
+        stream=stream,
+    )
+
+
+def digest(image: bytes) -> str:
+    return hashlib.sha256(image).hexdigest()[:8]
+
+
+async def test_is_ready(backend):
+    assert await backend.is_ready()
+
+
+async def test_non_stream_is_one_chunk_with_everything(backend):
+    request = triton_request(stream=False, images=[PNG_BYTES, JPEG_BYTES])
+    chunks = [chunk async for chunk in backend.generate(request, "live-1")]
+
+    assert len(chunks) == 1
+    (chunk,) = chunks
+    assert chunk.text == (
+        f"messages=1 images={digest(PNG_BYTES)},{digest(JPEG_BYTES)} params=max_tokens "
+        "<image>|hello big world"
+    )
+    assert chunk.finish_reason == "stop"
+    assert chunk.prompt_tokens and chunk.prompt_tokens > 0
+    assert chunk.completion_tokens == len(chunk.text.split())  # the echo model counts words
+
+
+@pytest.mark.parametrize("flag_last", [False, True], ids=["empty-final", "flagged-last"])
+async def test_stream_yields_deltas_until_final(backend, flag_last):
+    params = {"echo_flag_last": True} if flag_last else {}
+    request = triton_request(stream=True, **params)
+    chunks = [chunk async for chunk in backend.generate(request, "live-2")]
+
+    assert [c.text for c in chunks][-3:] == [" <image>|hello", " big", " world"]
+    assert "".join(c.text for c in chunks).startswith("messages=1 images=- params=")
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert sum(c.completion_tokens for c in chunks) == len(chunks)
+
+
+async def test_invalid_request_error_is_400_with_model_message(backend):
+    request = triton_request(stream=True, echo_error="invalid_request: at most 4 images")
+    with pytest.raises(APIError) as caught:
+        [chunk async for chunk in backend.generate(request, "live-3")]
+    assert caught.value.status == 400
+    assert caught.value.message == "at most 4 images"
+    assert caught.value.type == "invalid_request_error"
+
+
+async def test_other_model_error_is_generic_500(backend):
+    request = triton_request(stream=False, echo_error="CUDA OOM in /opt/models/qwen/model.py")
+    with pytest.raises(APIError) as caught:
+        [chunk async for chunk in backend.generate(request, "live-4")]
+    assert caught.value.status == 500
+    assert "/opt" not in caught.value.message and "OOM" not in caught.value.message
+    assert "live-4" in caught.value.message
+
+
+async def test_closing_the_generator_cancels_the_model_request(backend, tmp_path):
+    marker = tmp_path / "cancelled"
+    request = triton_request(stream=True, echo_delay_s=0.2, echo_cancel_marker=str(marker))
+    chunks = backend.generate(request, "live-5")
+
+    await anext(chunks)
+    await chunks.aclose()
+
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert marker.read_text() == "cancelled"
+
+
+async def test_unreachable_triton_is_503_and_not_ready():
+    backend = TritonBackend(f"127.0.0.1:{_free_port()}", "echo", ready_timeout_s=1.0)
+    try:
+        assert not await backend.is_ready()
+        with pytest.raises(APIError) as caught:
+            [chunk async for chunk in backend.generate(triton_request(stream=True), "live-6")]
+        assert caught.value.status == 503
+        assert caught.value.code == "backend_unavailable"
+        assert "127.0.0.1" not in caught.value.message
+    finally:
+        await backend.close()
+
+
+async def test_app_over_real_triton_streams_and_completes(triton_url):
+    config = dataclasses.replace(TEST_CONFIG, triton_url=triton_url, triton_model="echo")
+    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        assert (await client.get("/ready")).status == 200
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(PNG_BYTES)}},
+                    {"type": "text", "text": "describe this"},
+                ],
+            }
+        ]
+        resp = await client.post(
+            "/v1/chat/completions", json={"messages": messages, "stream": True}
+        )
+        events = sse_payloads(await resp.text())
+        streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+
+        resp = await client.post("/v1/chat/completions", json={"messages": messages})
+        completion = await resp.json()
+    finally:
+        await client.close()
+
+    expected = f"messages=1 images={digest(PNG_BYTES)} params=- <image>|describe this"
+    assert streamed == expected
+    assert completion["choices"][0]["message"]["content"] == expected
+    assert completion["usage"]["completion_tokens"] == len(expected.split())

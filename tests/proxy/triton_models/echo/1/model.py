@@ -1,0 +1,85 @@
+"""Echo model for the proxy's Triton client tests (not the real model).
+
+It answers with a description of what it received, one word per streamed response:
+`messages=<n> images=<sha256 prefixes> params=<sorted sampling keys> text=<last text part>`.
+Sampling parameters steer it: `echo_error` sends an error response (its value is the
+message), `echo_delay_s` sleeps between words and stops when the request is cancelled,
+writing `cancelled` to `echo_cancel_marker`; `echo_flag_last` sends the FINAL flag with the
+last word instead of an empty final response.
+"""
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            self._answer(request)
+        return None
+
+    def _answer(self, request):
+        sender = request.get_response_sender()
+        messages = json.loads(_input(request, "messages")[0].decode("utf-8"))
+        images = _input(request, "image")
+        params = json.loads(_input(request, "sampling_parameters")[0].decode("utf-8"))
+        stream = bool(_input(request, "stream")[0])
+        if "echo_error" in params:
+            error = pb_utils.TritonError(params["echo_error"])
+            sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+            return
+        words = _describe(messages, images, params)
+        prompt_tokens = len(json.dumps(messages).split())
+        if not stream:
+            text = " ".join(words)
+            sender.send(_response(text, "stop", prompt_tokens, len(words)), flags=FINAL)
+            return
+        delay = float(params.get("echo_delay_s", 0))
+        flag_last = bool(params.get("echo_flag_last", False))
+        for index, word in enumerate(words):
+            if delay:
+                time.sleep(delay)
+            if request.is_cancelled():
+                with open(params["echo_cancel_marker"], "w") as marker:
+                    marker.write("cancelled")
+                sender.send(flags=FINAL)
+                return
+            last = index == len(words) - 1
+            delta = word if index == 0 else " " + word
+            finish = "stop" if last else ""
+            response = _response(delta, finish, prompt_tokens, 1)
+            sender.send(response, flags=FINAL if last and flag_last else 0)
+        if not flag_last:
+            sender.send(flags=FINAL)
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return tensor.as_numpy() if tensor is not None else np.array([], dtype=np.object_)
+
+
+def _describe(messages, images, params):
+    digests = ",".join(hashlib.sha256(bytes(image)).hexdigest()[:8] for image in images) or "-"
+    content = messages[-1]["content"]
+    if isinstance(content, list):
+        texts = [part.get("text", "<image>") for part in content]
+        content = "|".join(texts)
+    keys = ",".join(sorted(params)) or "-"
+    return [f"messages={len(messages)}", f"images={digests}", f"params={keys}", *content.split()]
+
+
+def _response(text, finish_reason, prompt_tokens, output_tokens):
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([prompt_tokens], dtype=np.uint32)),
+            pb_utils.Tensor("num_output_tokens", np.array([output_tokens], dtype=np.uint32)),
+        ]
+    )
