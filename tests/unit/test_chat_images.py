@@ -78,3 +78,24 @@ def test_malformed_messages_name_the_offending_param(messages, images, param):
     with pytest.raises(RequestError) as err:
         parse_messages(messages, images)
     assert err.value.param == param
+
+
+def test_image_parts_may_narrow_the_pixel_budget_within_server_limits():
+    limits = {"min_pixels": 3136, "max_pixels": 1003520}
+    messages = parse_messages(_messages([{"type": "image", "max_pixels": 200704}, {"type": "image"}]),
+                              [encoded_image(), encoded_image()], limits)
+    assert messages[0]["content"][0]["max_pixels"] == 200704
+    assert messages[0]["content"][1]["max_pixels"] == 1003520
+    assert messages[0]["content"][0]["min_pixels"] == 3136
+
+
+@pytest.mark.parametrize("part, param", [
+    ({"type": "image", "max_pixels": 10**9}, "messages[0].content[0].max_pixels"),
+    ({"type": "image", "min_pixels": 10}, "messages[0].content[0].min_pixels"),
+    ({"type": "image", "max_pixels": "big"}, "messages[0].content[0].max_pixels"),
+    ({"type": "image", "min_pixels": 500000, "max_pixels": 400000}, "messages[0].content[0].min_pixels"),
+])
+def test_pixel_budgets_outside_server_limits_are_refused(part, param):
+    with pytest.raises(RequestError) as err:
+        parse_messages(_messages([part]), [encoded_image()], {"min_pixels": 3136, "max_pixels": 1003520})
+    assert err.value.param == param

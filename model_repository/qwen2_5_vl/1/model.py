@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen_vl_backend.checkpoint import load_checkpoint  # noqa: E402
-from qwen_vl_backend.engine import SerialEngine  # noqa: E402
+from qwen_vl_backend.engine import BatchingEngine, OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.prepare import RawRequest  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
@@ -75,11 +75,8 @@ class TritonSink:
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
 
-    def send(self, text, num_tokens, prompt_tokens):
-        self._sender.send(self._response(text, num_tokens, prompt_tokens, ""))
-
-    def finish(self, text, num_tokens, prompt_tokens, finish_reason):
-        self._sender.send(self._response(text, num_tokens, prompt_tokens, finish_reason), flags=FINAL)
+    def send(self, chunk: OutputChunk):
+        self._sender.send(self._response(chunk), flags=FINAL if chunk.finish_reason else 0)
 
     def fail(self, error):
         self._sender.send(pb_utils.InferenceResponse(error=_triton_error(error, self._raw)), flags=FINAL)
@@ -87,16 +84,23 @@ class TritonSink:
     def cancelled(self):
         self._sender.send(flags=FINAL)
 
-    def _response(self, text, num_tokens, prompt_tokens, finish_reason):
+    def _response(self, chunk: OutputChunk):
         raw = self._raw
-        outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
+        outputs = [_text_tensor("text_output", chunk.text)]
         if raw.return_finish_reason:
-            outputs.append(pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)))
+            outputs.append(_text_tensor("finish_reason", chunk.finish_reason or ""))
         if raw.return_num_input_tokens:
-            outputs.append(pb_utils.Tensor("num_input_tokens", np.array([prompt_tokens], dtype=np.uint32)))
+            outputs.append(pb_utils.Tensor("num_input_tokens", np.array([chunk.prompt_tokens], dtype=np.uint32)))
+            outputs.append(pb_utils.Tensor("num_image_tokens", np.array([chunk.image_tokens], dtype=np.uint32)))
         if raw.return_num_output_tokens:
-            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([num_tokens], dtype=np.uint32)))
+            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([chunk.num_tokens], dtype=np.uint32)))
+        if chunk.logprobs is not None:
+            outputs.append(_text_tensor("logprobs", json.dumps(chunk.logprobs, ensure_ascii=False)))
         return pb_utils.InferenceResponse(output_tensors=outputs)
+
+
+def _text_tensor(name, text):
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
 
 
 def _triton_error(error, raw):
@@ -139,7 +143,7 @@ class TritonPythonModel:
         if self.checkpoint.random_weights:
             self.log.warning("%s has RANDOM weights: it exercises the serving stack, its answers "
                              "are meaningless. Set QWEN_VL_MODEL to a real checkpoint.", self.settings.model)
-        self.engine = SerialEngine(self.checkpoint, self.settings)
+        self.engine = BatchingEngine(self.checkpoint, self.settings)
         self.log.info("ready: max context %d tokens", self.checkpoint.max_model_len)
 
     def _setup_logging(self):

@@ -48,14 +48,34 @@ def _convert_part(part: Any, param: str, images: _ImageSource, vision: dict) -> 
             raise RequestError("text part needs a string 'text'", param)
         return {"type": "text", "text": part["text"]}
     if kind == "image":
-        return {"type": "image", "image": images.next(param), **vision}
+        budget = pixel_budget(part, vision, param)
+        return {"type": "image", "image": images.next(param), **budget}
     if kind == "image_url":
         url = _image_url(part, param)
         if not url.startswith("data:"):
             raise RequestError(
                 "the model does not fetch image URLs; send the bytes in the image input", param)
-        return {"type": "image", "image": decode_image(data_url_bytes(url, param), param), **vision}
+        budget = pixel_budget(part, vision, param)
+        return {"type": "image", "image": decode_image(data_url_bytes(url, param), param), **budget}
     raise RequestError(f"unsupported content part type {kind!r}", param)
+
+
+def pixel_budget(part: dict, limits: dict, param: str) -> dict:
+    """The part's own min/max_pixels, allowed only inside the server's [min, max] range."""
+    low, high = limits.get("min_pixels"), limits.get("max_pixels")
+    budget = {k: v for k, v in (("min_pixels", low), ("max_pixels", high)) if v is not None}
+    for key in ("min_pixels", "max_pixels"):
+        value = part.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f"'{key}' must be an integer", f"{param}.{key}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise RequestError(f"'{key}' must be between {low} and {high}", f"{param}.{key}")
+        budget[key] = value
+    if budget.get("min_pixels", 0) > budget.get("max_pixels", float("inf")):
+        raise RequestError("'min_pixels' must not exceed 'max_pixels'", f"{param}.min_pixels")
+    return budget
 
 
 def _convert_message(message: Any, index: int, images: _ImageSource, vision: dict) -> dict:
@@ -78,7 +98,8 @@ def _convert_message(message: Any, index: int, images: _ImageSource, vision: dic
 
 def parse_messages(messages_json: str, image_elements: Sequence[bytes],
                    vision: dict | None = None) -> list[dict]:
-    """Validate and convert; `vision` (min_pixels/max_pixels) is attached to every image."""
+    """Validate and convert; `vision` holds the server's min_pixels/max_pixels, the default
+    budget of every image and the bounds of the budgets image parts may ask for."""
     try:
         messages = json.loads(messages_json)
     except ValueError as exc:

@@ -22,6 +22,10 @@ class Checkpoint:
     random_weights: bool
 
     @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
     def tokenizer(self):
         return self.processor.tokenizer
 

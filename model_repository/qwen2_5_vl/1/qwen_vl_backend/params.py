@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .errors import RequestError
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -70,4 +75,17 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
         repetition_penalty=_number(raw, "repetition_penalty", 1e-9, 10.0),
         seed=_number(raw, "seed", -(2**63), 2**63 - 1, integer=True),
         stop=_stop_strings(raw),
+        presence_penalty=_number(raw, "presence_penalty", -2.0, 2.0) or 0.0,
+        frequency_penalty=_number(raw, "frequency_penalty", -2.0, 2.0) or 0.0,
+        **_logprobs(raw),
     )
+
+
+def _logprobs(raw: dict) -> dict:
+    wanted = raw.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise RequestError("'logprobs' must be a boolean", "logprobs")
+    top = _number(raw, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    if top and not wanted:
+        raise RequestError("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    return {"logprobs": bool(wanted), "top_logprobs": top}

@@ -34,6 +34,7 @@ class PreparedRequest:
     inputs: dict[str, Any]
     prompt: str
     prompt_tokens: int
+    image_tokens: int
     sampling: SamplingParams
     max_new_tokens: int
 
@@ -70,14 +71,24 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
 
 def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,
                     checkpoint: Checkpoint, settings: ModelSettings) -> int:
-    room = checkpoint.max_model_len - prompt_tokens
+    """The request's max_tokens clamped to the server cap; the context must hold it (vLLM's rule)."""
+    limit = checkpoint.max_model_len
+    room = limit - prompt_tokens
     if room <= 0:
         raise RequestError(
-            f"This model's maximum context length is {checkpoint.max_model_len} tokens. "
-            f"However, your messages resulted in {prompt_tokens} tokens. "
-            "Please reduce the length of the messages.", "messages")
-    wanted = sampling.max_tokens or settings.default_max_tokens
-    return max(1, min(wanted, settings.max_tokens_cap, room))
+            f"This model's maximum context length is {limit} tokens. However, your messages "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+            "messages", "context_length_exceeded")
+    if sampling.max_tokens is None:
+        return max(1, min(settings.default_max_tokens, settings.max_tokens_cap, room))
+    wanted = min(sampling.max_tokens, settings.max_tokens_cap)
+    if wanted > room:
+        raise RequestError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, {wanted} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            "max_tokens", "context_length_exceeded")
+    return wanted
 
 
 def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) -> PreparedRequest:
@@ -85,11 +96,13 @@ def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) ->
     prompt, images = _prompt_and_images(raw, checkpoint, settings)
     inputs = checkpoint.processor(text=[prompt], images=images or None, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
+    image_tokens = int((inputs["input_ids"] == checkpoint.image_token_id).sum())
     return PreparedRequest(
         raw=raw,
         inputs=inputs.to(checkpoint.device),
         prompt=prompt,
         prompt_tokens=prompt_tokens,
+        image_tokens=image_tokens,
         sampling=sampling,
         max_new_tokens=_max_new_tokens(sampling, prompt_tokens, checkpoint, settings),
     )

@@ -30,6 +30,11 @@ class ModelSettings:
     # Qwen's 28-pixel grid: images are resized into [min_pixels, max_pixels].
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
+    # Sequences decoded together; more requests wait for a free slot.
+    max_batch_size: int = 16
+    # KV-cache budget: the sum of (prompt + max_tokens) over running sequences stays below it,
+    # so memory is bounded by configuration, not by traffic.
+    max_cache_tokens: int = 131072
     # Requests waiting beyond this are refused with UNAVAILABLE instead of queuing forever.
     max_queued_requests: int = 64
     # How long finalize waits for in-flight generations before abandoning them.
