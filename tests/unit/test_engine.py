@@ -184,7 +184,8 @@ def hf_generate_text(checkpoint, raw):
 
 
 def test_cancel_stops_within_a_step_and_the_next_request_is_served(engine):
-    raw = raw_request("go", stream=True, max_tokens=500, temperature=1.0)
+    # Seed 1 runs 213 tokens before EOS uncancelled, so "cancelled" is the only way to end early.
+    raw = raw_request("go", stream=True, max_tokens=500, temperature=1.0, seed=1)
     cancelled = RecordingSink(cancel_after_sends=2)
     engine.submit(raw, cancelled)
     assert cancelled.done.wait(30) and cancelled.final == "cancelled"
@@ -221,5 +222,22 @@ def test_request_larger_than_the_cache_budget_is_refused(checkpoint):
         sink = RecordingSink()
         engine.submit(raw_request("hello", max_tokens=100), sink)
         assert sink.done.wait(30) and isinstance(sink.error, RequestError)
+    finally:
+        assert engine.shutdown(30)
+
+
+def test_a_failing_metrics_observer_does_not_break_generation(checkpoint):
+    from qwen_vl_backend.engine import EngineObserver
+
+    class Broken(EngineObserver):
+        def prefilled(self, *args):
+            raise RuntimeError("metrics backend gone")
+
+        def decoded(self, *args):
+            raise RuntimeError("metrics backend gone")
+
+    engine = BatchingEngine(checkpoint, SETTINGS, observer=Broken())
+    try:
+        assert run(engine, "still works").final.num_tokens == 24
     finally:
         assert engine.shutdown(30)

@@ -28,3 +28,8 @@ def test_bad_number_names_the_parameter():
         assert "max_pixels" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_empty_environment_variable_falls_back_to_the_config_value():
+    settings = ModelSettings.from_parameters({"max_pixels": "1000"}, env={"QWEN_VL_MAX_PIXELS": ""})
+    assert settings.max_pixels == 1000

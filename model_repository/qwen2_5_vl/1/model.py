@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen_vl_backend.checkpoint import load_checkpoint  # noqa: E402
-from qwen_vl_backend.engine import BatchingEngine, OutputChunk  # noqa: E402
+from qwen_vl_backend.engine import BatchingEngine, EngineObserver, OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.prepare import RawRequest  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
@@ -127,6 +127,51 @@ class _EarlySink:
             error=_triton_error(error, RawRequest(request_id=self._id))), flags=FINAL)
 
 
+# Seconds; spans a tiny model on CPU (ms) to a 7B prefill of several images on a busy GPU.
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class TritonMetrics(EngineObserver):
+    """Engine events as custom metrics on Triton's :8002/metrics, next to Triton's own."""
+
+    def __init__(self, labels: dict):
+        # Triton invalidates a Metric whose MetricFamily is garbage-collected: keep them all.
+        self._families = []
+        self._ttft = self._family("qwen_vl_time_to_first_token_seconds",
+                                  "Time from a request's arrival at the engine to its first token",
+                                  "HISTOGRAM").Metric(labels=labels, buckets=TTFT_BUCKETS)
+        counter = lambda name, text: self._family(name, text, "COUNTER").Metric(labels=labels)  # noqa: E731
+        gauge = lambda name, text: self._family(name, text, "GAUGE").Metric(labels=labels)  # noqa: E731
+        self._prompt_tokens = counter("qwen_vl_prompt_tokens_total", "Prompt tokens prefilled")
+        self._image_tokens = counter("qwen_vl_image_tokens_total", "Image tokens among the prompt tokens")
+        self._generated = counter("qwen_vl_generated_tokens_total", "Tokens generated")
+        self._batch = gauge("qwen_vl_batch_size", "Sequences in the running decode batch")
+        self._waiting = gauge("qwen_vl_waiting_requests", "Requests waiting to join the batch")
+        outcomes = self._family("qwen_vl_requests_finished_total",
+                                "Requests finished, by outcome (stop, length, cancelled, error)", "COUNTER")
+        self._finished = {outcome: outcomes.Metric(labels={**labels, "outcome": outcome})
+                          for outcome in ("stop", "length", "cancelled", "error")}
+
+    def _family(self, name, description, kind):
+        family = pb_utils.MetricFamily(name, description, getattr(pb_utils.MetricFamily, kind))
+        self._families.append(family)
+        return family
+
+    def prefilled(self, prompt_tokens, image_tokens, time_to_first_token):
+        self._prompt_tokens.increment(prompt_tokens)
+        self._image_tokens.increment(image_tokens)
+        self._generated.increment(1)
+        self._ttft.observe(time_to_first_token)
+
+    def decoded(self, batch_size, waiting):
+        self._generated.increment(batch_size)
+        self._batch.set(batch_size)
+        self._waiting.set(waiting)
+
+    def finished(self, outcome):
+        self._finished[outcome].increment(1)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
@@ -143,7 +188,8 @@ class TritonPythonModel:
         if self.checkpoint.random_weights:
             self.log.warning("%s has RANDOM weights: it exercises the serving stack, its answers "
                              "are meaningless. Set QWEN_VL_MODEL to a real checkpoint.", self.settings.model)
-        self.engine = BatchingEngine(self.checkpoint, self.settings)
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.engine = BatchingEngine(self.checkpoint, self.settings, observer=TritonMetrics(labels))
         self.log.info("ready: max context %d tokens", self.checkpoint.max_model_len)
 
     def _setup_logging(self):

@@ -60,7 +60,8 @@ class ResponseSink(Protocol):
 class _Sequence:
     """One request being generated: sampler, text assembly and what it has sent."""
 
-    def __init__(self, request: PreparedRequest, sink: ResponseSink, checkpoint: Checkpoint):
+    def __init__(self, request: PreparedRequest, sink: ResponseSink, checkpoint: Checkpoint,
+                 arrived: float):
         self.request = request
         self.sink = sink
         self.assembler = TextAssembler(checkpoint.decode, request.sampling.stop)
@@ -74,7 +75,7 @@ class _Sequence:
         self.last_token: int | None = None
         self.logprobs: list[dict] = []
         self.unsent_logprobs: list[dict] = []
-        self.started = time.monotonic()
+        self.started = arrived
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         self._held = ("", 0)
@@ -207,20 +208,70 @@ def prefill(model, request: PreparedRequest):
     return out.logits[0, -1].float(), cache, mask, delta
 
 
+class EngineObserver:
+    """Hooks for metrics; called on the engine thread, so they must be quick."""
+
+    def prefilled(self, prompt_tokens: int, image_tokens: int, time_to_first_token: float) -> None:
+        pass
+
+    def decoded(self, batch_size: int, waiting: int) -> None:
+        pass
+
+    def finished(self, outcome: str) -> None:
+        """outcome: stop, length, cancelled or error."""
+
+
 @dataclass
-class EngineStats:
-    """Counters for tests and metrics (read from other threads; ints are updated atomically)."""
+class EngineStats(EngineObserver):
+    """Counters for tests and logs (read from other threads; ints are updated atomically)."""
     decode_steps: int = 0
     largest_batch: int = 0
     completed: int = 0
     cancelled: int = 0
+    failed: int = 0
+
+    def decoded(self, batch_size: int, waiting: int) -> None:
+        self.decode_steps += batch_size > 0
+        self.largest_batch = max(self.largest_batch, batch_size)
+
+    def finished(self, outcome: str) -> None:
+        if outcome == "cancelled":
+            self.cancelled += 1
+        elif outcome == "error":
+            self.failed += 1
+        else:
+            self.completed += 1
+
+
+class _Observers(EngineObserver):
+    """Fans events out; a failing observer (metrics) is logged, never fatal to generation."""
+
+    def __init__(self, *observers: EngineObserver):
+        self._observers = observers
+
+    def _call(self, method: str, *args) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                log.exception("engine observer %s.%s failed", type(observer).__name__, method)
+
+    def prefilled(self, *args) -> None:
+        self._call("prefilled", *args)
+
+    def decoded(self, *args) -> None:
+        self._call("decoded", *args)
+
+    def finished(self, *args) -> None:
+        self._call("finished", *args)
 
 
 class BatchingEngine:
     """In-flight batching over one model; bounded queue and cache budget in front."""
 
     def __init__(self, checkpoint: Checkpoint, settings: ModelSettings,
-                 prepare_fn: Callable[..., PreparedRequest] = prepare):
+                 prepare_fn: Callable[..., PreparedRequest] = prepare,
+                 observer: EngineObserver | None = None):
         self._checkpoint = checkpoint
         self._settings = settings
         self._prepare = prepare_fn
@@ -230,6 +281,7 @@ class BatchingEngine:
         self._batch = _DecodeBatch(checkpoint.model)
         self._stopping = threading.Event()
         self.stats = EngineStats()
+        self._observe = _Observers(self.stats, observer or EngineObserver())
         self._thread = threading.Thread(target=self._run, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
@@ -241,7 +293,7 @@ class BatchingEngine:
         if self._stopping.is_set():
             raise EngineFullError("the model is shutting down")
         try:
-            self._queue.put_nowait((raw, sink))
+            self._queue.put_nowait((raw, sink, time.monotonic()))
         except queue.Full:
             raise EngineFullError(
                 f"{self._settings.max_queued_requests} requests are already waiting") from None
@@ -259,6 +311,8 @@ class BatchingEngine:
                     self._admit()
                     if self._batch:
                         self._step()
+                        if not self._batch:  # idle now: gauges go back to zero
+                            self._observe.decoded(0, self._queue.qsize() + len(self._waiting))
                 except Exception:  # a bug here must not strand every running request
                     log.exception("engine step failed; failing the running requests")
                     self._fail_all()
@@ -281,22 +335,24 @@ class BatchingEngine:
             return self._waiting.popleft()
         while not self._stopping.is_set():
             try:
-                raw, sink = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
+                raw, sink, arrived = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
             except queue.Empty:
                 if not block:
                     return None
                 continue
-            sequence = self._prepared(raw, sink)
+            sequence = self._prepared(raw, sink, arrived)
             if sequence is not None:
                 return sequence
         return None
 
-    def _prepared(self, raw: RawRequest, sink: ResponseSink) -> _Sequence | None:
+    def _prepared(self, raw: RawRequest, sink: ResponseSink, arrived: float) -> _Sequence | None:
         try:
             if sink.is_cancelled():
                 sink.cancelled()
+                self._observe.finished("cancelled")
                 return None
-            sequence = _Sequence(self._prepare(raw, self._checkpoint, self._settings), sink, self._checkpoint)
+            request = self._prepare(raw, self._checkpoint, self._settings)
+            sequence = _Sequence(request, sink, self._checkpoint, arrived)
             if sequence.reserved_tokens > self._settings.max_cache_tokens:
                 raise RequestError(
                     f"the request needs {sequence.reserved_tokens} tokens of cache (prompt + "
@@ -305,6 +361,7 @@ class BatchingEngine:
             return sequence
         except Exception as exc:
             sink.fail(exc)
+            self._observe.finished("error")
             return None
 
     def _fits(self, sequence: _Sequence) -> bool:
@@ -312,19 +369,23 @@ class BatchingEngine:
         return reserved + sequence.reserved_tokens <= self._settings.max_cache_tokens
 
     def _start(self, sequence: _Sequence) -> None:
+        """Prefill, first token, then finish at once or join the batch; failures stay local."""
         try:
             logits, cache, mask, delta = prefill(self._checkpoint.model, sequence.request)
             sequence.rope_delta = delta
             token = choose_tokens(logits[None], [sequence.sampler])[0]
             sequence.accept(token, logits, self._texts)
+            request = sequence.request
+            self._observe.prefilled(request.prompt_tokens, request.image_tokens,
+                                    sequence.first_token_at - sequence.started)
+            if sequence.finish_reason:
+                sequence.finish()
+                self._observe.finished(sequence.finish_reason)
+            else:
+                self._batch.add(sequence, cache, mask)
         except Exception as exc:
             sequence.sink.fail(exc)
-            return
-        if sequence.finish_reason:
-            sequence.finish()
-            self.stats.completed += 1
-        else:
-            self._batch.add(sequence, cache, mask)
+            self._observe.finished("error")
 
     # ---- decoding -----------------------------------------------------------------------
 
@@ -334,8 +395,7 @@ class BatchingEngine:
             return
         logits = self._batch.forward()
         sequences = self._batch.sequences
-        self.stats.decode_steps += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(sequences))
+        self._observe.decoded(len(sequences), self._queue.qsize() + len(self._waiting))
         tokens = choose_tokens(logits, [s.sampler for s in sequences])
         keep = []
         for row, (sequence, token) in enumerate(zip(sequences, tokens)):
@@ -343,11 +403,12 @@ class BatchingEngine:
                 sequence.accept(token, logits[row], self._texts)
                 if sequence.finish_reason:
                     sequence.finish()
-                    self.stats.completed += 1
+                    self._observe.finished(sequence.finish_reason)
                 else:
                     keep.append(row)
             except Exception as exc:  # one request's failure (e.g. its sink) is its own
                 sequence.sink.fail(exc)
+                self._observe.finished("error")
         if len(keep) < len(sequences):
             self._batch.keep(keep)
 
@@ -358,7 +419,7 @@ class BatchingEngine:
                 log.info("request %s cancelled after %d tokens", sequence.request.raw.request_id,
                          sequence.assembler.num_tokens)
                 sequence.sink.cancelled()
-                self.stats.cancelled += 1
+                self._observe.finished("cancelled")
             else:
                 keep.append(row)
         if len(keep) < len(self._batch):
@@ -367,12 +428,13 @@ class BatchingEngine:
     def _fail_all(self) -> None:
         for sequence in self._batch.sequences:
             sequence.sink.fail(RuntimeError("engine step failed"))
+            self._observe.finished("error")
         self._batch.keep([])
 
     def _refuse_queued(self) -> None:
         while True:
             try:
-                _raw, sink = self._queue.get_nowait()
+                _raw, sink, _arrived = self._queue.get_nowait()
             except queue.Empty:
                 return
             sink.fail(EngineFullError("the model is shutting down"))

@@ -45,8 +45,9 @@ class ModelSettings:
                         env: Mapping[str, str] = os.environ) -> "ModelSettings":
         values = {}
         for field in fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper(), parameters.get(field.name))
-            if raw is None or raw == "":
+            # An empty variable (compose's `${X:-}`) means "not set", not "use the built-in default".
+            raw = env.get(ENV_PREFIX + field.name.upper()) or parameters.get(field.name)
+            if not raw:
                 continue
             try:
                 values[field.name] = _cast(field.default, raw)

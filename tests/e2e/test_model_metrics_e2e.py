@@ -1,0 +1,36 @@
+"""The model's custom metrics on Triton's metrics port move as requests are served."""
+import re
+import time
+
+import requests
+
+SERVED = "qwen2.5-vl-7b-instruct"
+
+
+def scrape(stack) -> dict[str, float]:
+    text = requests.get(f"http://127.0.0.1:{stack.config.metrics_port}/metrics", timeout=5).text
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r"^(qwen_vl_\w+)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if match:
+            name, labels, value = match.groups()
+            outcome = re.search(r'outcome="(\w+)"', labels or "")
+            key = f"{name}:{outcome.group(1)}" if outcome else name
+            values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
+    before = scrape(stack)
+    usage = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": SERVED, "max_tokens": 9, "temperature": 0,
+        "messages": [{"role": "user", "content": "count my tokens"}]}).json()["usage"]
+    time.sleep(0.2)
+    after = scrape(stack)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    assert delta["qwen_vl_generated_tokens_total"] == usage["completion_tokens"]
+    assert delta["qwen_vl_prompt_tokens_total"] == usage["prompt_tokens"]
+    assert delta["qwen_vl_time_to_first_token_seconds_count"] == 1
+    assert delta["qwen_vl_time_to_first_token_seconds_sum"] > 0
+    assert delta["qwen_vl_requests_finished_total:length"] + delta["qwen_vl_requests_finished_total:stop"] == 1
+    assert after["qwen_vl_batch_size"] == 0, "the batch gauge returns to zero when idle"
