@@ -1,7 +1,8 @@
 """OpenAI-style chat messages → the message list Qwen's chat template and qwen-vl-utils take.
 
 Image parts are `{"type": "image"}` (the next element of the `image` input, in order of
-appearance) or `{"type": "image_url", "image_url": {"url": "data:..."}}` (inline).
+appearance) or `{"type": "image_url", "image_url": {"url": "data:..."}}` (inline). Either may
+carry `min_pixels` / `max_pixels`, a resize budget inside the server's own bounds.
 """
 from __future__ import annotations
 
@@ -11,53 +12,38 @@ from typing import Any, Sequence
 from PIL import Image
 
 from .errors import RequestError
-from .images import data_url_bytes, decode_image, element_bytes
+from .images import ImageLimits, data_url_bytes, decode_image, element_bytes
 
 ROLES = {"system", "user", "assistant", "tool"}
 
 
 class _ImageSource:
-    """Hands out decoded images from the `image` input in order, counting what was used."""
+    """Hands out decoded images in order: `image` elements by reference, inline data URLs."""
 
-    def __init__(self, elements: Sequence[bytes]):
+    def __init__(self, elements: Sequence[bytes], limits: ImageLimits):
+        if len(elements) > limits.max_images:
+            raise RequestError(f"at most {limits.max_images} images per request", "image", "too_many_images")
         self._elements = list(elements)
+        self._limits = limits
         self.used = 0
+        self.decoded = 0
 
     def next(self, param: str) -> Image.Image:
         if self.used >= len(self._elements):
             raise RequestError("message refers to more images than the image input holds", param)
         index = self.used
         self.used += 1
-        return decode_image(element_bytes(self._elements[index], f"image[{index}]"), f"image[{index}]")
+        return self._decode(element_bytes(self._elements[index], f"image[{index}]"), f"image[{index}]")
 
+    def inline(self, url: str, param: str) -> Image.Image:
+        return self._decode(data_url_bytes(url, param), param)
 
-def _image_url(part: dict, param: str) -> str:
-    value = part.get("image_url")
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str):
-        raise RequestError("image_url part needs a url", param)
-    return url
-
-
-def _convert_part(part: Any, param: str, images: _ImageSource, vision: dict) -> dict:
-    if not isinstance(part, dict):
-        raise RequestError("content part must be an object", param)
-    kind = part.get("type")
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise RequestError("text part needs a string 'text'", param)
-        return {"type": "text", "text": part["text"]}
-    if kind == "image":
-        budget = pixel_budget(part, vision, param)
-        return {"type": "image", "image": images.next(param), **budget}
-    if kind == "image_url":
-        url = _image_url(part, param)
-        if not url.startswith("data:"):
-            raise RequestError(
-                "the model does not fetch image URLs; send the bytes in the image input", param)
-        budget = pixel_budget(part, vision, param)
-        return {"type": "image", "image": decode_image(data_url_bytes(url, param), param), **budget}
-    raise RequestError(f"unsupported content part type {kind!r}", param)
+    def _decode(self, data: bytes, param: str) -> Image.Image:
+        self.decoded += 1
+        if self.decoded > self._limits.max_images:
+            raise RequestError(f"at most {self._limits.max_images} images per request", param,
+                               "too_many_images")
+        return decode_image(data, param, self._limits)
 
 
 def pixel_budget(part: dict, limits: dict, param: str) -> dict:
@@ -78,27 +64,60 @@ def pixel_budget(part: dict, limits: dict, param: str) -> dict:
     return budget
 
 
-def _convert_message(message: Any, index: int, images: _ImageSource, vision: dict) -> dict:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise RequestError("message must be an object", param)
-    role = message.get("role")
-    if role not in ROLES:
-        raise RequestError(f"role must be one of {sorted(ROLES)}", f"{param}.role")
-    content = message.get("content")
-    if content is None:
-        content = ""
-    if isinstance(content, str):
-        return {"role": role, "content": content}
-    if not isinstance(content, list):
-        raise RequestError("content must be a string or a list of parts", f"{param}.content")
-    parts = [_convert_part(p, f"{param}.content[{j}]", images, vision) for j, p in enumerate(content)]
-    return {"role": role, "content": parts}
+class _Converter:
+    def __init__(self, images: _ImageSource, vision: dict):
+        self.images = images
+        self.vision = vision
+
+    def message(self, message: Any, index: int) -> dict:
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError("message must be an object", param)
+        role = message.get("role")
+        if role not in ROLES:
+            raise RequestError(f"role must be one of {sorted(ROLES)}", f"{param}.role")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            return {"role": role, "content": content}
+        if not isinstance(content, list):
+            raise RequestError("content must be a string or a list of parts", f"{param}.content")
+        return {"role": role,
+                "content": [self.part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]}
+
+    def part(self, part: Any, param: str) -> dict:
+        if not isinstance(part, dict):
+            raise RequestError("content part must be an object", param)
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise RequestError("text part needs a string 'text'", param)
+            return {"type": "text", "text": part["text"]}
+        if kind == "image":
+            budget = pixel_budget(part, self.vision, param)
+            return {"type": "image", "image": self.images.next(param), **budget}
+        if kind == "image_url":
+            url = _image_url(part, param)
+            if not url.startswith("data:"):
+                raise RequestError(
+                    "the model does not fetch image URLs; send the bytes in the image input", param)
+            budget = pixel_budget(part, self.vision, param)
+            return {"type": "image", "image": self.images.inline(url, param), **budget}
+        raise RequestError(f"unsupported content part type {kind!r}", param, "unsupported_content_type")
+
+
+def _image_url(part: dict, param: str) -> str:
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise RequestError("image_url part needs a url", param)
+    return url
 
 
 def parse_messages(messages_json: str, image_elements: Sequence[bytes],
-                   vision: dict | None = None) -> list[dict]:
-    """Validate and convert; `vision` holds the server's min_pixels/max_pixels, the default
+                   vision: dict | None = None, limits: ImageLimits = ImageLimits()) -> list[dict]:
+    """Validate and convert. `vision` holds the server's min_pixels/max_pixels: the default
     budget of every image and the bounds of the budgets image parts may ask for."""
     try:
         messages = json.loads(messages_json)
@@ -106,8 +125,9 @@ def parse_messages(messages_json: str, image_elements: Sequence[bytes],
         raise RequestError("messages is not valid JSON", "messages") from exc
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
-    images = _ImageSource(image_elements)
-    converted = [_convert_message(m, i, images, vision or {}) for i, m in enumerate(messages)]
+    images = _ImageSource(image_elements, limits)
+    converter = _Converter(images, vision or {})
+    converted = [converter.message(m, i) for i, m in enumerate(messages)]
     if images.used != len(image_elements):
         raise RequestError(
             f"image input holds {len(image_elements)} images but messages refer to {images.used}",
@@ -115,7 +135,8 @@ def parse_messages(messages_json: str, image_elements: Sequence[bytes],
     return converted
 
 
-def decode_image_elements(image_elements: Sequence[bytes]) -> list[Image.Image]:
+def decode_image_elements(image_elements: Sequence[bytes],
+                          limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
     """All images of the `image` input, for the ready-prompt (`text_input`) path."""
-    source = _ImageSource(image_elements)
+    source = _ImageSource(image_elements, limits)
     return [source.next("image") for _ in image_elements]

@@ -9,7 +9,9 @@ import base64
 import binascii
 import io
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from .errors import RequestError
@@ -20,6 +22,15 @@ _MAGIC = (
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 )
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    # Decoded size, checked from the header before any pixel is decoded (40 MP ≈ 120 MB RGB).
+    max_source_pixels: int = 40_000_000
+    # qwen-vl-utils refuses to resize images more elongated than this.
+    max_aspect_ratio: float = 200.0
+    max_images: int = 16
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -59,17 +70,46 @@ def element_bytes(element: bytes, param: str) -> bytes:
     return _b64decode(element, param)
 
 
-def decode_image(data: bytes, param: str) -> Image.Image:
-    """Decode and fully load an image; bad or hostile input becomes a RequestError."""
+def decode_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode and fully load an image as RGB; bad or hostile input becomes a RequestError."""
     if sniff_format(data) is None:
-        raise RequestError("image is not a JPEG, PNG, WebP or GIF file", param)
+        raise RequestError("image is not a JPEG, PNG, WebP or GIF file", param, "invalid_image")
     try:
         with warnings.catch_warnings():
             # A decompression bomb must fail, not merely warn.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            _check_size(image.size, param, limits)  # from the header, before decoding pixels
             image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
-        raise RequestError("image could not be decoded", param) from exc
+            return _to_rgb(image)
+    except RequestError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise RequestError("image is too large to decode", param, "image_too_large") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise RequestError("image could not be decoded", param, "invalid_image") from exc
+
+
+def _check_size(size: tuple[int, int], param: str, limits: ImageLimits) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise RequestError("image has no pixels", param, "invalid_image")
+    if width * height > limits.max_source_pixels:
+        raise RequestError(f"image is {width}x{height} pixels; at most {limits.max_source_pixels} "
+                           "pixels are accepted", param, "image_too_large")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise RequestError(f"image is {width}x{height}; its aspect ratio must be at most "
+                           f"{limits.max_aspect_ratio:g}:1", param, "invalid_image")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB as a viewer would show it: 16-bit scaled down, transparency over white."""
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+        image = Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -56,7 +56,7 @@ def _resize(images, settings: ModelSettings):
 def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings):
     if raw.messages is not None:
         vision = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
-        messages = parse_messages(raw.messages, raw.images, vision)
+        messages = parse_messages(raw.messages, raw.images, vision, settings.image_limits)
         prompt = checkpoint.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
         return prompt, _vision_inputs(messages)
@@ -66,7 +66,7 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
     if placeholders != len(raw.images):
         raise RequestError(f"text_input has {placeholders} {IMAGE_PLACEHOLDER} placeholders "
                            f"but {len(raw.images)} images were sent", "text_input")
-    return raw.text_input, _resize(decode_image_elements(raw.images), settings)
+    return raw.text_input, _resize(decode_image_elements(raw.images, settings.image_limits), settings)
 
 
 def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
+from .images import ImageLimits
+
 ENV_PREFIX = "QWEN_VL_"
 
 
@@ -30,6 +32,11 @@ class ModelSettings:
     # Qwen's 28-pixel grid: images are resized into [min_pixels, max_pixels].
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
+    # Hostile-input bounds, checked before decoding: source pixels from the image header,
+    # elongation (Qwen's resize refuses beyond 200:1), images per request.
+    max_source_pixels: int = 40_000_000
+    max_aspect_ratio: float = 200.0
+    max_images: int = 16
     # Sequences decoded together; more requests wait for a free slot.
     max_batch_size: int = 16
     # KV-cache budget: the sum of (prompt + max_tokens) over running sequences stays below it,
@@ -54,6 +61,10 @@ class ModelSettings:
             except ValueError as exc:
                 raise ValueError(f"parameter {field.name}={raw!r}: {exc}") from exc
         return cls(**values)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_source_pixels, self.max_aspect_ratio, self.max_images)
 
     def resolve_device(self, instance_kind: str, device_id: int | str) -> str:
         if self.device != "auto":
