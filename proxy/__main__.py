@@ -26,6 +26,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.triton_model,
         config.triton_url,
     )
+    log.info(
+        "served names: %s; image URL fetching %s; %s",
+        ", ".join(f"{name} -> {model}" for name, model in config.served_models.items()),
+        "on" if config.image_fetch else "off (data: URLs only)",
+        "lazy loading (the first request loads a model)" if config.lazy_load else "eager loading",
+    )
     # run_app handles SIGINT/SIGTERM: it stops accepting, lets requests finish, then runs the
     # app's cleanup, which closes the Triton gRPC channel.
     web.run_app(

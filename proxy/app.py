@@ -24,14 +24,19 @@ from .errors import (
     internal_error,
     json_dumps,
 )
-from .schema import parse_chat_request
+from .fetch import FetchPolicy, GuardedFetcher
+from .images import ImageFetcher, ImageRef, load_images
+from .loader import ModelLoader, model_not_loaded
+from .pixels import PixelLimits
+from .schema import ChatCompletionRequest, parse_chat_request
 from .sse import DONE_EVENT, sse_error, sse_event
 from .translate import (
     CompletionIdentity,
+    ServerLimits,
     TokenUsage,
     chunk_body,
     completion_body,
-    to_triton_request,
+    prepare_chat,
     usage_chunk_body,
 )
 
@@ -39,12 +44,20 @@ log = logging.getLogger("proxy")
 
 CONFIG_KEY = web.AppKey("config", ProxyConfig)
 BACKEND_KEY = web.AppKey("backend", Backend)
+LIMITS_KEY = web.AppKey("limits", ServerLimits)
+FETCHER_KEY = web.AppKey("fetcher", ImageFetcher)  # absent: remote image fetch disabled
+LOADER_KEY = web.AppKey("loader", ModelLoader)  # present only with --lazy-load
 STARTED_AT_KEY = web.AppKey("started_at", int)
 USAGE_KEY = web.RequestKey("usage", TokenUsage)
+IGNORED_FIELDS_KEY = web.RequestKey("ignored_fields", list)
 
 # A caller's X-Request-Id is reused (it ties gateway, proxy and Triton logs together) only
 # when it is short and plain enough to be safe in logs and headers.
 _CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Ignored field names are the client's text: kept printable, short and few in a header.
+_HEADER_UNSAFE = re.compile(r"[^\x21-\x7e]|,")
+_MAX_IGNORED_LISTED = 32
+_IMAGE_ELEMENT = re.compile(r"image\[(\d+)\]")
 
 SSE_HEADERS = {
     # Without the charset, `requests` decodes text/* as ISO-8859-1 and garbles Chinese;
@@ -56,18 +69,33 @@ SSE_HEADERS = {
 }
 
 
-def create_app(config: ProxyConfig, backend: Backend | None = None) -> web.Application:
-    """The proxy application; without `backend` it connects to Triton at startup."""
+def create_app(
+    config: ProxyConfig,
+    backend: Backend | None = None,
+    *,
+    fetcher: ImageFetcher | None = None,
+) -> web.Application:
+    """The proxy application; without `backend` it connects to Triton at startup.
+
+    `fetcher` replaces the guarded image fetcher built from `config` (tests); with
+    `config.image_fetch` false there is none either way.
+    """
     app = web.Application(
         client_max_size=config.max_request_bytes,
         middlewares=[request_log_middleware, error_middleware],
     )
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = int(time.time())
+    app[LIMITS_KEY] = ServerLimits(
+        pixels=PixelLimits(config.image_min_pixels, config.image_max_pixels),
+        max_tokens=config.max_tokens_limit,
+    )
+    if config.image_fetch:
+        app[FETCHER_KEY] = fetcher or GuardedFetcher(fetch_policy(config))
     if backend is not None:
         app[BACKEND_KEY] = backend
     app.cleanup_ctx.append(backend_context)
-    app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.append(add_response_headers)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     # Served names may contain "/" (e.g. Hugging Face ids).
@@ -77,12 +105,32 @@ def create_app(config: ProxyConfig, backend: Backend | None = None) -> web.Appli
     return app
 
 
+def fetch_policy(config: ProxyConfig) -> FetchPolicy:
+    return FetchPolicy(
+        allowed_domains=config.image_fetch_allowed_domains,
+        allow_private_hosts=config.image_fetch_allow_private_hosts,
+        max_bytes=config.image_fetch_max_bytes,
+        connect_timeout_s=config.image_fetch_connect_timeout_s,
+        timeout_s=config.image_fetch_timeout_s,
+        concurrency=config.image_fetch_concurrency,
+    )
+
+
 async def backend_context(app: web.Application) -> AsyncIterator[None]:
     # The gRPC channel binds to the running event loop, so it is made here, not in create_app.
+    config = app[CONFIG_KEY]
     if BACKEND_KEY not in app:
-        config = app[CONFIG_KEY]
-        app[BACKEND_KEY] = TritonBackend(config.triton_url, config.triton_model)
+        app[BACKEND_KEY] = TritonBackend(config.triton_url)
+    if config.lazy_load:
+        app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.load_timeout_s)
+    if config.image_fetch_allow_private_hosts:
+        log.warning(
+            "image fetch may reach private addresses of %s (a test-only setting)",
+            ", ".join(config.image_fetch_allow_private_hosts),
+        )
     yield
+    if LOADER_KEY in app:
+        await app[LOADER_KEY].close()
     await app[BACKEND_KEY].close()
 
 
@@ -122,26 +170,89 @@ def _request_id(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
     if REQUEST_ID_KEY in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+    if request.get(IGNORED_FIELDS_KEY):
+        response.headers["X-Ignored-Fields"] = ignored_fields_header(request[IGNORED_FIELDS_KEY])
+
+
+def ignored_fields_header(names: list[str]) -> str:
+    listed = [_HEADER_UNSAFE.sub("?", name)[:64] for name in names[:_MAX_IGNORED_LISTED]]
+    if len(names) > _MAX_IGNORED_LISTED:
+        listed.append(f"... ({len(names) - _MAX_IGNORED_LISTED} more)")
+    return ", ".join(listed)
 
 
 # ---- chat completions ------------------------------------------------------------------
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    config = request.app[CONFIG_KEY]
-    chat = parse_chat_request(await read_json_object(request), config.served_model_name)
-    triton_request = to_triton_request(chat)
-    identity = CompletionIdentity.new(config.served_model_name)
+    app = request.app
+    chat = parse_chat_request(await read_json_object(request))
+    note_request_fields(request, chat)
+    served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
+    prepared = prepare_chat(chat, app[LIMITS_KEY])
+    images = await load_images(prepared.images, app.get(FETCHER_KEY))
+    if LOADER_KEY in app:
+        await app[LOADER_KEY].ensure_loaded(triton_model)
+    triton_request = prepared.to_triton(triton_model, images)
+    identity = CompletionIdentity.new(served_name)
     usage = request[USAGE_KEY] = TokenUsage()
-    chunks = request.app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
+    chunks = with_client_params(
+        app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY]), prepared.images
+    )
     # Closing the generator is what cancels the Triton stream when the client goes away.
     async with contextlib.aclosing(chunks):
         if chat.is_stream:
-            return await stream_completion(request, chunks, identity, usage, chat.include_usage)
-        return await collect_completion(chunks, identity, usage)
+            return await stream_completion(request, chunks, identity, usage, chat)
+        return await collect_completion(chunks, identity, usage, chat.wants_logprobs)
+
+
+async def with_client_params(
+    chunks: AsyncGenerator[GenerationChunk, None], images: list[ImageRef]
+) -> AsyncGenerator[GenerationChunk, None]:
+    """The model names images by their `image` input element (`image[2]`); the client knows
+    them by message part, so errors are re-pointed there. Closing this closes `chunks`."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as exc:
+        match = _IMAGE_ELEMENT.fullmatch(exc.param or "")
+        if match and int(match[1]) < len(images):
+            exc.param = images[int(match[1])].param
+        raise
+    finally:
+        await chunks.aclose()
+
+
+def note_request_fields(request: web.Request, chat: ChatCompletionRequest) -> None:
+    """Logs the `user` and the unknown fields; the latter also go back in X-Ignored-Fields."""
+    request_id = request[REQUEST_ID_KEY]
+    if chat.user is not None:
+        log.info("request %s: user=%r", request_id, chat.user[:256])
+    if chat.ignored_fields:
+        request[IGNORED_FIELDS_KEY] = chat.ignored_fields
+        log.info(
+            "request %s: ignored fields: %s",
+            request_id,
+            ", ".join(repr(name[:64]) for name in chat.ignored_fields[:_MAX_IGNORED_LISTED]),
+        )
+
+
+def resolve_model(config: ProxyConfig, requested: str | None) -> tuple[str, str]:
+    """(served name, Triton model) for a request's `model`; no model means the default."""
+    served = config.served_models
+    name = config.served_model_name if requested is None else requested
+    if name not in served:
+        names = ", ".join(f"`{n}`" for n in served)
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. This server serves {names}.",
+            param="model",
+            code="model_not_found",
+        )
+    return name, served[name]
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -160,15 +271,21 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def collect_completion(
-    chunks: AsyncIterator[GenerationChunk], identity: CompletionIdentity, usage: TokenUsage
+    chunks: AsyncIterator[GenerationChunk],
+    identity: CompletionIdentity,
+    usage: TokenUsage,
+    with_logprobs: bool,
 ) -> web.Response:
     texts = []
+    logprobs: list[dict[str, Any]] | None = [] if with_logprobs else None
     finish_reason = "stop"
     async for chunk in chunks:
         record_usage(usage, chunk)
         texts.append(chunk.text)
+        if logprobs is not None and chunk.logprobs:
+            logprobs.extend(chunk.logprobs)
         finish_reason = chunk.finish_reason or finish_reason
-    body = completion_body(identity, "".join(texts), finish_reason, usage)
+    body = completion_body(identity, "".join(texts), finish_reason, usage, logprobs)
     return web.json_response(body, dumps=json_dumps)
 
 
@@ -177,7 +294,7 @@ async def stream_completion(
     chunks: AsyncIterator[GenerationChunk],
     identity: CompletionIdentity,
     usage: TokenUsage,
-    include_usage: bool,
+    chat: ChatCompletionRequest,
 ) -> web.StreamResponse:
     # Waiting for the first chunk before sending headers lets an early failure (model
     # rejects the request, Triton down) reach the client as a real HTTP error status.
@@ -185,7 +302,13 @@ async def stream_completion(
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     events = completion_events(
-        first, chunks, identity, usage, include_usage, request[REQUEST_ID_KEY]
+        first,
+        chunks,
+        identity,
+        usage,
+        request[REQUEST_ID_KEY],
+        include_usage=chat.include_usage,
+        with_logprobs=chat.wants_logprobs,
     )
     async with contextlib.aclosing(events):
         try:
@@ -202,10 +325,15 @@ async def completion_events(
     rest: AsyncIterator[GenerationChunk],
     identity: CompletionIdentity,
     usage: TokenUsage,
-    include_usage: bool,
     request_id: str,
+    *,
+    include_usage: bool = False,
+    with_logprobs: bool = False,
 ) -> AsyncGenerator[bytes, None]:
-    """The SSE events of one streamed completion, errors included, ending with [DONE]."""
+    """The SSE events of one streamed completion, errors included, ending with [DONE].
+
+    Each content chunk carries the logprobs of the tokens it covers when they were asked for.
+    """
     role_delta = {"role": "assistant", "content": ""}
     yield sse_event(chunk_body(identity, role_delta, include_usage=include_usage))
     finish_reason = "stop"
@@ -213,9 +341,12 @@ async def completion_events(
         async for chunk in _prepend(first, rest):
             record_usage(usage, chunk)
             finish_reason = chunk.finish_reason or finish_reason
-            if chunk.text:
+            logprobs = (chunk.logprobs or []) if with_logprobs else None
+            if chunk.text or logprobs:
                 delta = {"content": chunk.text}
-                yield sse_event(chunk_body(identity, delta, include_usage=include_usage))
+                yield sse_event(
+                    chunk_body(identity, delta, include_usage=include_usage, logprobs=logprobs)
+                )
     except APIError as exc:
         log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
         yield sse_error(exc)
@@ -242,35 +373,51 @@ async def _prepend(
 def record_usage(usage: TokenUsage, chunk: GenerationChunk) -> None:
     if chunk.prompt_tokens is not None:
         usage.prompt_tokens = chunk.prompt_tokens
+    if chunk.image_tokens is not None:
+        usage.image_tokens = chunk.image_tokens
     usage.completion_tokens += chunk.completion_tokens
 
 
 # ---- models and probes -----------------------------------------------------------------
 
 
-def model_card(app: web.Application) -> dict[str, Any]:
+def model_card(app: web.Application, name: str) -> dict[str, Any]:
     return {
-        "id": app[CONFIG_KEY].served_model_name,
+        "id": name,
         "object": "model",
         "created": app[STARTED_AT_KEY],
         "owned_by": "triton",
     }
 
 
+async def served_models(app: web.Application) -> list[str]:
+    """Served names whose Triton model is in Triton's repository (loaded or not, so lazily
+    loaded models are listed); the configured names when Triton cannot be asked."""
+    served = app[CONFIG_KEY].served_models
+    try:
+        index = await app[BACKEND_KEY].repository_index()
+    except Exception as exc:  # listing models must not fail because Triton is busy or down
+        log.warning("Triton's model repository index is unavailable (%r); listing all", exc)
+        return list(served)
+    return [name for name, triton_model in served.items() if triton_model in index]
+
+
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [model_card(request.app)]})
+    names = await served_models(request.app)
+    cards = [model_card(request.app, name) for name in names]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
-    card = model_card(request.app)
-    if request.match_info["model"] != card["id"]:
+    name = request.match_info["model"]
+    if name not in await served_models(request.app):
         raise APIError(
             404,
-            f"The model `{request.match_info['model']}` does not exist.",
+            f"The model `{name}` does not exist.",
             param="model",
             code="model_not_found",
         )
-    return web.json_response(card)
+    return web.json_response(model_card(request.app, name))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -279,12 +426,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: Triton reports the model loaded, so completions can be served."""
-    if not await request.app[BACKEND_KEY].is_ready():
-        raise APIError(
-            503,
-            "The model is not ready to serve requests.",
-            type=SERVICE_UNAVAILABLE,
-            code="model_not_ready",
-        )
-    return web.json_response({"status": "ready"})
+    """Readiness: Triton reports the default model loaded, so completions can be served.
+
+    With --lazy-load, a model nobody has asked for yet is "not loaded" (503) until the first
+    chat request loads it.
+    """
+    app = request.app
+    model = app[CONFIG_KEY].triton_model
+    if await app[BACKEND_KEY].is_ready(model):
+        return web.json_response({"status": "ready"})
+    if LOADER_KEY in app and not app[LOADER_KEY].is_loaded(model):
+        raise model_not_loaded()
+    raise APIError(
+        503,
+        "The model is not ready to serve requests.",
+        type=SERVICE_UNAVAILABLE,
+        code="model_not_ready",
+    )

@@ -40,6 +40,9 @@ class GenerationChunk:
     finish_reason: str | None = None  # None until the last chunk
     prompt_tokens: int | None = None
     completion_tokens: int = 0
+    image_tokens: int | None = None  # image placeholder tokens in the prompt, when reported
+    # One OpenAI logprobs entry per token this response covers; None unless requested.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class Backend(Protocol):
@@ -53,7 +56,18 @@ class Backend(Protocol):
         """
         ...
 
-    async def is_ready(self) -> bool: ...
+    async def is_ready(self, model: str) -> bool:
+        """Whether Triton has `model` loaded and ready; False when it cannot be asked."""
+        ...
+
+    async def repository_index(self) -> dict[str, str]:
+        """Triton's model repository: model name -> state (READY, UNAVAILABLE, "" if never
+        loaded, ...). Raises when Triton cannot be asked."""
+        ...
+
+    async def load_model(self, model: str) -> None:
+        """Loads `model` (Triton's explicit model control); raises APIError 503 on failure."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -67,19 +81,27 @@ def backend_unavailable() -> APIError:
     )
 
 
+def model_load_failed() -> APIError:
+    return APIError(
+        503,
+        "The model could not be loaded; retry later.",
+        type=SERVICE_UNAVAILABLE,
+        code="model_load_failed",
+    )
+
+
 class TritonBackend:
     """`Backend` over `tritonclient.grpc.aio`; create it inside the serving event loop."""
 
-    def __init__(self, url: str, model_name: str, *, ready_timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, *, ready_timeout_s: float = 2.0) -> None:
         self._client = grpcclient_aio.InferenceServerClient(url)
-        self._model_name = model_name
         self._ready_timeout_s = ready_timeout_s
 
     async def generate(
         self, request: TritonRequest, request_id: str
     ) -> AsyncGenerator[GenerationChunk, None]:
         finished = asyncio.Event()
-        outgoing = self._requests(build_inputs(request), request_id, finished)
+        outgoing = self._requests(request.model, build_inputs(request), request_id, finished)
         responses = self._client.stream_infer(outgoing)
         completed = False
         try:
@@ -105,10 +127,14 @@ class TritonBackend:
                 responses.cancel()
 
     async def _requests(
-        self, inputs: list[grpcclient.InferInput], request_id: str, finished: asyncio.Event
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        request_id: str,
+        finished: asyncio.Event,
     ) -> AsyncIterator[dict[str, Any]]:
         yield {
-            "model_name": self._model_name,
+            "model_name": model,
             "inputs": inputs,
             "request_id": request_id,
             "parameters": _STREAM_PARAMETERS,
@@ -116,16 +142,28 @@ class TritonBackend:
         # Closing the request side early would end the stream before all responses arrive.
         await finished.wait()
 
-    async def is_ready(self) -> bool:
+    async def is_ready(self, model: str) -> bool:
         try:
             return bool(
-                await self._client.is_model_ready(
-                    self._model_name, client_timeout=self._ready_timeout_s
-                )
+                await self._client.is_model_ready(model, client_timeout=self._ready_timeout_s)
             )
         except Exception as exc:  # readiness is a yes/no question; the reason goes to the log
             log.debug("readiness check failed: %s", exc)
             return False
+
+    async def repository_index(self) -> dict[str, str]:
+        index = await self._client.get_model_repository_index(
+            as_json=True, client_timeout=self._ready_timeout_s
+        )
+        return {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
+
+    async def load_model(self, model: str) -> None:
+        # No client timeout: loading weights takes as long as it takes; callers bound waiting.
+        try:
+            await self._client.load_model(model)
+        except InferenceServerException as exc:
+            log.error("loading model %r failed: %s", model, exc.message())
+            raise model_load_failed() from None
 
     async def close(self) -> None:
         await self._client.close()
@@ -170,12 +208,44 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     finish_reason = result.as_numpy("finish_reason")
     prompt_tokens = result.as_numpy("num_input_tokens")
     completion_tokens = result.as_numpy("num_output_tokens")
+    image_tokens = result.as_numpy("num_image_tokens")
+    logprobs = result.as_numpy("logprobs")
     return GenerationChunk(
         text="".join(item.decode("utf-8") for item in text.ravel()),
         finish_reason=_first_text(finish_reason) or None,
         prompt_tokens=int(prompt_tokens.ravel()[0]) if _has_items(prompt_tokens) else None,
         completion_tokens=int(completion_tokens.sum()) if _has_items(completion_tokens) else 0,
+        image_tokens=int(image_tokens.ravel()[0]) if _has_items(image_tokens) else None,
+        logprobs=parse_logprobs(_first_text(logprobs)) if _has_items(logprobs) else None,
     )
+
+
+def parse_logprobs(text: str) -> list[dict[str, Any]]:
+    """The model's `logprobs` output (a JSON list, one entry per token) in OpenAI's shape."""
+    try:
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+        return [_logprob_entry(entry, with_top=True) for entry in entries]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # A contract bug in the model; the text is still worth delivering.
+        log.error("unreadable logprobs output from the model: %r", exc)
+        return []
+
+
+def _logprob_entry(entry: dict[str, Any], *, with_top: bool) -> dict[str, Any]:
+    token = str(entry["token"])
+    raw_bytes = entry.get("bytes")
+    out: dict[str, Any] = {
+        "token": token,
+        "logprob": float(entry["logprob"]),
+        "bytes": list(raw_bytes) if raw_bytes is not None else list(token.encode("utf-8")),
+    }
+    if with_top:
+        out["top_logprobs"] = [
+            _logprob_entry(top, with_top=False) for top in entry.get("top_logprobs") or []
+        ]
+    return out
 
 
 def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | None) -> bool:
@@ -189,9 +259,27 @@ def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | N
 def model_error(error: InferenceServerException, request_id: str) -> APIError:
     message = error.message() or ""
     if message.startswith(INVALID_REQUEST_PREFIX):
-        return APIError(400, message[len(INVALID_REQUEST_PREFIX) :])
+        return client_error(message[len(INVALID_REQUEST_PREFIX) :])
     log.error("request %s: model error: %s", request_id, message)
     return internal_error(request_id)
+
+
+def client_error(detail: str) -> APIError:
+    """A 400 from the model's error text: JSON `{"message", "param", "code"}`, or plain text
+    from models that predate the JSON form."""
+    try:
+        fields = json.loads(detail)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict) or not isinstance(fields.get("message"), str):
+        return APIError(400, detail)
+    param, code = fields.get("param"), fields.get("code")
+    return APIError(
+        400,
+        fields["message"],
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str) else None,
+    )
 
 
 def _first_text(array: np.ndarray | None) -> str:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 MIB = 1024 * 1024
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
 
 @dataclass(frozen=True)
 class ProxyConfig:
@@ -17,13 +20,82 @@ class ProxyConfig:
     triton_url: str = "localhost:8001"
     triton_model: str = "qwen2_5_vl"
     served_model_name: str = "qwen2.5-vl-7b-instruct"
+    # Extra served names, each mapped to a Triton model: ((name, triton_model), ...).
+    model_map: tuple[tuple[str, str], ...] = ()
     max_request_bytes: int = 64 * MIB
+    max_tokens_limit: int = 8192
+    image_min_pixels: int = 3136
+    image_max_pixels: int = 1003520
+    image_fetch: bool = True
+    image_fetch_allowed_domains: tuple[str, ...] = ()
+    image_fetch_allow_private_hosts: tuple[str, ...] = ()
+    image_fetch_max_bytes: int = 20 * MIB
+    image_fetch_connect_timeout_s: float = 5.0
+    image_fetch_timeout_s: float = 20.0
+    image_fetch_concurrency: int = 4
+    lazy_load: bool = False
+    load_timeout_s: float = 600.0
     log_level: str = "INFO"
+
+    @property
+    def served_models(self) -> dict[str, str]:
+        """Served name -> Triton model, the default (`--served-model-name`) first."""
+        return {self.served_model_name: self.triton_model, **dict(self.model_map)}
 
 
 def _env(name: str, default: object) -> str:
     # A string default goes through the flag's `type`, so a bad env value gets argparse's error.
+    if isinstance(default, bool):
+        default = "true" if default else "false"
+    elif isinstance(default, tuple):
+        default = ",".join(default)
     return os.environ.get(name, str(default))
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of host or domain names, normalised for comparison."""
+    names = (item.strip().lower().strip("[]").rstrip(".") for item in text.split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def _domains(text: str) -> tuple[str, ...]:
+    # `*.example.com` and `.example.com` both mean "example.com and its subdomains".
+    return tuple(dict.fromkeys(name.removeprefix("*.").lstrip(".") for name in _names(text)))
+
+
+def _model_map(text: str) -> tuple[tuple[str, str], ...]:
+    pairs: dict[str, str] = {}
+    for item in filter(None, (entry.strip() for entry in text.split(","))):
+        name, sep, model = (part.strip() for part in item.partition("="))
+        if not sep or not name or not model:
+            raise argparse.ArgumentTypeError(f"expected name=triton_model, got {item!r}")
+        if name in pairs:
+            raise argparse.ArgumentTypeError(f"served name {name!r} is mapped twice")
+        pairs[name] = model
+    return tuple(pairs.items())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,19 +123,128 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--triton-model",
         default=_env("TRITON_MODEL", defaults.triton_model),
-        help="model name in the Triton model repository [TRITON_MODEL]",
+        help="Triton model behind --served-model-name [TRITON_MODEL]",
     )
     parser.add_argument(
         "--served-model-name",
         default=_env("SERVED_MODEL_NAME", defaults.served_model_name),
-        help="name clients put in `model` and that responses echo [SERVED_MODEL_NAME]",
+        help="default `model`: what requests without one get and responses echo "
+        "[SERVED_MODEL_NAME]",
+    )
+    parser.add_argument(
+        "--model-map",
+        type=_model_map,
+        default=_env("PROXY_MODEL_MAP", defaults.model_map),
+        help="more served names as name=triton_model,...: aliases or other Triton models "
+        "clients can pick with `model` [PROXY_MODEL_MAP]",
     )
     parser.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=_positive_int,
         default=_env("PROXY_MAX_REQUEST_BYTES", defaults.max_request_bytes),
         help="largest accepted request body; base64 images outgrow aiohttp's 1 MiB default "
         "[PROXY_MAX_REQUEST_BYTES]",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=_env("PROXY_MAX_TOKENS_LIMIT", defaults.max_tokens_limit),
+        help="larger max_tokens/max_completion_tokens are clamped to this, so one request "
+        "cannot hold a model slot for long (the model's max_tokens_cap); 0 = no proxy limit "
+        "[PROXY_MAX_TOKENS_LIMIT]",
+    )
+    parser.add_argument(
+        "--image-min-pixels",
+        type=_positive_int,
+        default=_env("PROXY_IMAGE_MIN_PIXELS", defaults.image_min_pixels),
+        help="smallest area an image is resized to (28x28 px = 1 visual token); the model's "
+        "own default, and the floor for a request's min_pixels [PROXY_IMAGE_MIN_PIXELS]",
+    )
+    parser.add_argument(
+        "--image-max-pixels",
+        type=_positive_int,
+        default=_env("PROXY_IMAGE_MAX_PIXELS", defaults.image_max_pixels),
+        help="largest area an image is resized to (1003520 = 1280 visual tokens, the model's "
+        "default); bounds memory and prefill time per image, and caps a request's max_pixels "
+        "[PROXY_IMAGE_MAX_PIXELS]",
+    )
+    fetch = parser.add_mutually_exclusive_group()
+    fetch.add_argument(
+        "--image-fetch",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=_env("PROXY_IMAGE_FETCH", defaults.image_fetch),
+        help="fetch http(s) image URLs (guarded against private addresses); false keeps the "
+        "proxy off the network and accepts only data: URLs [PROXY_IMAGE_FETCH]",
+    )
+    fetch.add_argument(
+        "--no-image-fetch",
+        dest="image_fetch",
+        action="store_false",
+        help="same as --image-fetch=false",
+    )
+    parser.add_argument(
+        "--image-fetch-allowed-domains",
+        type=_domains,
+        default=_env("PROXY_IMAGE_FETCH_ALLOWED_DOMAINS", defaults.image_fetch_allowed_domains),
+        help="comma-separated domains image URLs must be on (a domain covers its subdomains); "
+        "empty = any public host [PROXY_IMAGE_FETCH_ALLOWED_DOMAINS]",
+    )
+    parser.add_argument(
+        "--image-fetch-allow-private-hosts",
+        type=_names,
+        default=_env(
+            "PROXY_IMAGE_FETCH_ALLOW_PRIVATE_HOSTS", defaults.image_fetch_allow_private_hosts
+        ),
+        help="FOR TESTS ONLY: URL hosts (e.g. 127.0.0.1,localhost) exempt from the "
+        "public-address rule, so tests can serve images locally; never set in production "
+        "[PROXY_IMAGE_FETCH_ALLOW_PRIVATE_HOSTS]",
+    )
+    parser.add_argument(
+        "--image-fetch-max-bytes",
+        type=_positive_int,
+        default=_env("PROXY_IMAGE_FETCH_MAX_BYTES", defaults.image_fetch_max_bytes),
+        help="largest image body fetched (enforced while reading), so a huge or endless "
+        "response cannot exhaust memory [PROXY_IMAGE_FETCH_MAX_BYTES]",
+    )
+    parser.add_argument(
+        "--image-fetch-connect-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_IMAGE_FETCH_CONNECT_TIMEOUT_S", defaults.image_fetch_connect_timeout_s),
+        help="seconds to connect to an image host; unreachable hosts fail fast "
+        "[PROXY_IMAGE_FETCH_CONNECT_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--image-fetch-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_IMAGE_FETCH_TIMEOUT_S", defaults.image_fetch_timeout_s),
+        help="seconds for one image fetch in all (DNS, redirects, body), so a slow server "
+        "cannot hold a request [PROXY_IMAGE_FETCH_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--image-fetch-concurrency",
+        type=_positive_int,
+        default=_env("PROXY_IMAGE_FETCH_CONCURRENCY", defaults.image_fetch_concurrency),
+        help="image URLs of one request fetched at the same time; bounds what one request "
+        "can make the proxy open [PROXY_IMAGE_FETCH_CONCURRENCY]",
+    )
+    parser.add_argument(
+        "--lazy-load",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=_env("PROXY_LAZY_LOAD", defaults.lazy_load),
+        help="the first chat request loads the model (Triton started with "
+        "--model-control-mode=explicit), as the original server did; saves memory until "
+        "used [PROXY_LAZY_LOAD]",
+    )
+    parser.add_argument(
+        "--load-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_LOAD_TIMEOUT_S", defaults.load_timeout_s),
+        help="with --lazy-load, how long a request waits for the model to load before a 503 "
+        "(the load goes on; a later request can wait again) [PROXY_LOAD_TIMEOUT_S]",
     )
     parser.add_argument(
         "--log-level",
@@ -76,15 +257,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ProxyConfig:
-    args = build_parser().parse_args(argv)
-    if args.max_request_bytes <= 0:
-        raise SystemExit("--max-request-bytes must be positive")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_tokens_limit < 0:
+        parser.error("--max-tokens-limit must be 0 (no limit) or positive")
+    if args.image_min_pixels > args.image_max_pixels:
+        parser.error("--image-min-pixels must not exceed --image-max-pixels")
+    if args.served_model_name in dict(args.model_map):
+        parser.error("--model-map must not remap --served-model-name")
     return ProxyConfig(
         host=args.host,
         port=args.port,
         triton_url=args.triton_url,
         triton_model=args.triton_model,
         served_model_name=args.served_model_name,
+        model_map=args.model_map,
         max_request_bytes=args.max_request_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        image_min_pixels=args.image_min_pixels,
+        image_max_pixels=args.image_max_pixels,
+        image_fetch=args.image_fetch,
+        image_fetch_allowed_domains=args.image_fetch_allowed_domains,
+        image_fetch_allow_private_hosts=args.image_fetch_allow_private_hosts,
+        image_fetch_max_bytes=args.image_fetch_max_bytes,
+        image_fetch_connect_timeout_s=args.image_fetch_connect_timeout_s,
+        image_fetch_timeout_s=args.image_fetch_timeout_s,
+        image_fetch_concurrency=args.image_fetch_concurrency,
+        lazy_load=args.lazy_load,
+        load_timeout_s=args.load_timeout_s,
         log_level=args.log_level,
     )

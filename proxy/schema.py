@@ -1,21 +1,37 @@
 """The chat-completions request body, validated with pydantic.
 
-Unknown fields are accepted and ignored, as OpenAI-compatible servers do: clients send
-fields this server has no use for (`user`, `logprobs`, `tools`, ...) and must not get 422s.
+Unknown top-level fields are accepted, as OpenAI-compatible servers do (clients send fields
+this server has no use for, such as `tools` or `logit_bias`, and must not get 422s); they are
+not silently dropped either: the app names them in an `X-Ignored-Fields` header and the log.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import APIError
+
+SUPPORTED_PART_TYPES = ("text", "image_url")
+MAX_STOP_STRINGS = 16  # as OpenAI's API and the model
+MAX_TOP_LOGPROBS = 20
 
 
 class ImageURL(BaseModel):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
+    # Per-image pixel bounds (an extension, as vLLM's): they win over the request's.
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
 
 
 class TextPart(BaseModel):
@@ -34,7 +50,21 @@ class ImagePart(BaseModel):
         return {"url": value} if isinstance(value, str) else value
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+def _part_type(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return kind if kind in SUPPORTED_PART_TYPES else None
+
+
+# A part of any other type (input_audio, video_url, file, ...) fails with this error type,
+# which `validation_api_error` turns into a 400 naming the part.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("text")] | Annotated[ImagePart, Tag("image_url")],
+    Discriminator(
+        _part_type,
+        custom_error_type="unsupported_content_type",
+        custom_error_message="Unsupported content part type",
+    ),
+]
 
 
 class ChatMessage(BaseModel):
@@ -48,6 +78,12 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -58,12 +94,21 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    # Pixel bounds for every image of the request (see proxy/pixels.py).
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
 
     @property
     def is_stream(self) -> bool:
@@ -80,21 +125,38 @@ class ChatCompletionRequest(BaseModel):
             return self.max_completion_tokens
         return self.max_tokens
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
-def parse_chat_request(body: dict[str, Any], served_model_name: str) -> ChatCompletionRequest:
+    @property
+    def ignored_fields(self) -> list[str]:
+        """Top-level fields the client sent that this server does not know, in body order."""
+        return list(self.model_extra or {})
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     try:
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_api_error(exc, body) from None
-    if chat.model is not None and chat.model != served_model_name:
-        raise APIError(
-            404,
-            f"The model `{chat.model}` does not exist. This server serves `{served_model_name}`.",
-            param="model",
-            code="model_not_found",
-        )
     if chat.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise APIError(
+            400,
+            "Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
+            param="top_logprobs",
+            code="invalid_value",
+        )
+    if chat.response_format is not None and chat.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format type {chat.response_format.type!r} is not supported; "
+            "only {'type': 'text'} is.",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     return chat
 
 
@@ -103,6 +165,8 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
     candidates = [(_input_path(err["loc"], body, err["type"]), err) for err in exc.errors()]
     path, err = max(candidates, key=lambda item: len(item[0]))  # max keeps the first of ties
     param = format_param(path)
+    if err["type"] == "unsupported_content_type":
+        return _content_part_error(err["input"], param)
     if err["type"] == "missing":
         message = f"Missing required parameter: '{param}'."
         return APIError(400, message, param=param or None, code="missing_required_parameter")
@@ -110,6 +174,22 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
     reasons = dict.fromkeys(e["msg"] for p, e in candidates if p == path)
     message = f"Invalid value for '{param}': {' or '.join(reasons)}."
     return APIError(400, message, param=param or None, code="invalid_value")
+
+
+def _content_part_error(part: Any, param: str) -> APIError:
+    supported = " and ".join(f"'{kind}'" for kind in SUPPORTED_PART_TYPES)
+    if not isinstance(part, dict):
+        message = f"Invalid value for '{param}': a content part must be an object."
+        return APIError(400, message, param=param, code="invalid_value")
+    if "type" not in part:
+        message = f"Missing required parameter: '{param}.type'."
+        return APIError(400, message, param=f"{param}.type", code="missing_required_parameter")
+    kind = str(part["type"])[:40]
+    message = (
+        f"Unsupported content part type '{kind}' in '{param}': this server accepts "
+        f"{supported} parts."
+    )
+    return APIError(400, message, param=param, code="unsupported_content_type")
 
 
 def _input_path(loc: tuple[int | str, ...], body: Any, error_type: str) -> list[int | str]:

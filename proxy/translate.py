@@ -1,37 +1,39 @@
-"""Pure translation between OpenAI chat JSON and the Triton model's request/response contract."""
+"""Pure translation between OpenAI chat JSON and the Triton model's request/response contract.
+
+The one impure step, loading the images a request points to, sits between `prepare_chat`
+and `PreparedChat.to_triton` (proxy/images.py, proxy/fetch.py).
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import APIError
+from .images import ImageRef
+from .pixels import PixelLimits, image_budget
 from .schema import ChatCompletionRequest, ChatMessage, ImagePart
-
-# Clients often write image/jpg; the bytes are checked against known signatures below anyway.
-_DATA_URL = re.compile(
-    r"data:(?P<media_type>image/(?:jpeg|jpg|png|webp|gif))"
-    r"(?P<params>(?:;[^;,]*)*?);base64,(?P<payload>.*)",
-    re.IGNORECASE | re.DOTALL,
-)
-_WHITESPACE = re.compile(rb"\s+")
-_REMOTE_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
 class TritonRequest:
     """What the proxy sends to the Triton model, before it becomes tensors."""
 
+    model: str
     messages_json: str
     images: list[bytes]
     sampling_parameters: dict[str, Any]
     stream: bool
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Server-wide bounds a request is translated within (from ProxyConfig)."""
+
+    pixels: PixelLimits = field(default_factory=PixelLimits)
+    max_tokens: int = 0  # 0: no proxy-side limit
 
 
 @dataclass
@@ -40,13 +42,17 @@ class TokenUsage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    image_tokens: int | None = None  # None: the model did not report it
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.image_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": 0, "image_tokens": self.image_tokens}
+        return usage
 
 
 @dataclass(frozen=True)
@@ -65,32 +71,66 @@ class CompletionIdentity:
 # ---- request: OpenAI -> Triton ---------------------------------------------------------
 
 
-def to_triton_request(chat: ChatCompletionRequest) -> TritonRequest:
-    messages, images = translate_messages(chat.messages)
-    return TritonRequest(
-        messages_json=json.dumps(messages, ensure_ascii=False),
+@dataclass(frozen=True)
+class PreparedChat:
+    """A request translated for the model, except the image bytes its parts point to."""
+
+    messages: list[dict[str, Any]]
+    images: list[ImageRef]
+    sampling_parameters: dict[str, Any]
+    stream: bool
+
+    def to_triton(self, model: str, images: list[bytes]) -> TritonRequest:
+        """`images`: the encoded images of `self.images`, in the same order."""
+        if len(images) != len(self.images):
+            raise ValueError(f"expected {len(self.images)} images, got {len(images)}")
+        return TritonRequest(
+            model=model,
+            messages_json=json.dumps(self.messages, ensure_ascii=False),
+            images=list(images),
+            sampling_parameters=self.sampling_parameters,
+            stream=self.stream,
+        )
+
+
+def prepare_chat(chat: ChatCompletionRequest, limits: ServerLimits) -> PreparedChat:
+    """Validates what needs the server's limits (400 APIError) and translates the rest."""
+    messages, images = translate_messages(chat, limits.pixels)
+    return PreparedChat(
+        messages=messages,
         images=images,
-        sampling_parameters=sampling_parameters(chat),
+        sampling_parameters=sampling_parameters(chat, limits.max_tokens),
         stream=chat.is_stream,
     )
 
 
-def translate_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Messages for the model's chat template, and the image bytes their `image` parts refer to.
+def translate_messages(
+    chat: ChatCompletionRequest, pixels: PixelLimits
+) -> tuple[list[dict[str, Any]], list[ImageRef]]:
+    """Messages for the model's chat template, and the images their image parts refer to.
 
-    Each image part becomes `{"type": "image"}`; the model pairs them with `images` in order.
+    Each image part becomes `{"type": "image", "min_pixels": N, "max_pixels": M}`; the model
+    pairs those with the `image` input's elements in order of appearance, across all turns.
     """
-    images: list[bytes] = []
+    default_min = pixels.check(chat.min_pixels, "min_pixels")
+    default_max = pixels.check(chat.max_pixels, "max_pixels")
+    images: list[ImageRef] = []
     translated = []
-    for i, message in enumerate(messages):
+    for i, message in enumerate(chat.messages):
         # The chat template knows `system`; `developer` is OpenAI's newer name for it.
         role = "system" if message.role == "developer" else message.role
-        translated.append({"role": role, "content": _translate_content(message, i, images)})
+        content = _translate_content(message, i, images, pixels, default_min, default_max)
+        translated.append({"role": role, "content": content})
     return translated, images
 
 
 def _translate_content(
-    message: ChatMessage, index: int, images: list[bytes]
+    message: ChatMessage,
+    index: int,
+    images: list[ImageRef],
+    pixels: PixelLimits,
+    default_min: int | None,
+    default_max: int | None,
 ) -> str | list[dict[str, Any]]:
     if message.content is None:
         return ""
@@ -100,92 +140,63 @@ def _translate_content(
     for j, part in enumerate(message.content):
         if isinstance(part, ImagePart):
             param = f"messages[{index}].content[{j}].image_url"
-            images.append(load_image_bytes(part.image_url.url, param))
-            parts.append({"type": "image"})
+            image_url = part.image_url
+            own_min = pixels.check(image_url.min_pixels, f"{param}.min_pixels")
+            own_max = pixels.check(image_url.max_pixels, f"{param}.max_pixels")
+            budget = image_budget(
+                pixels,
+                image_url.detail,
+                own_min if own_min is not None else default_min,
+                own_max if own_max is not None else default_max,
+                param,
+            )
+            images.append(ImageRef(url=image_url.url, param=param))
+            parts.append(
+                {
+                    "type": "image",
+                    "min_pixels": budget.min_pixels,
+                    "max_pixels": budget.max_pixels,
+                }
+            )
         else:
             parts.append({"type": "text", "text": part.text})
     return parts
 
 
-def sampling_parameters(chat: ChatCompletionRequest) -> dict[str, Any]:
+def sampling_parameters(chat: ChatCompletionRequest, max_tokens_limit: int = 0) -> dict[str, Any]:
     """Only what the client set, so the model's own defaults apply to the rest."""
+    max_tokens = chat.token_limit
+    if max_tokens is not None and max_tokens_limit > 0:
+        max_tokens = min(max_tokens, max_tokens_limit)
     stop = [chat.stop] if isinstance(chat.stop, str) else chat.stop
-    params = {
-        "max_tokens": chat.token_limit,
-        "temperature": chat.temperature,
+    params: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": chat.temperature,  # 0 means greedy to the model
         "top_p": chat.top_p,
         "top_k": chat.top_k,
+        "repetition_penalty": chat.repetition_penalty,
+        "presence_penalty": chat.presence_penalty,
+        "frequency_penalty": chat.frequency_penalty,
         "seed": chat.seed,
         "stop": stop or None,
-        "repetition_penalty": chat.repetition_penalty,
     }
+    if chat.wants_logprobs:
+        params["logprobs"] = True
+        params["top_logprobs"] = chat.top_logprobs or 0
     return {name: value for name, value in params.items() if value is not None}
-
-
-# ---- images ----------------------------------------------------------------------------
-
-
-def load_image_bytes(url: str, param: str) -> bytes:
-    """The encoded image an `image_url` refers to; the one place new URL kinds get added."""
-    if url.lower().startswith(_REMOTE_SCHEMES):
-        raise APIError(
-            400,
-            "Remote image URLs are not enabled on this server yet; "
-            "send the image inline as a base64 data: URL.",
-            param=param,
-            code="unsupported_image_url",
-        )
-    if url[:5].lower() != "data:":
-        raise APIError(
-            400,
-            "Unsupported image URL: expected a data:image/...;base64 URL.",
-            param=param,
-            code="invalid_image_url",
-        )
-    return decode_data_url(url, param)
-
-
-def decode_data_url(url: str, param: str) -> bytes:
-    match = _DATA_URL.fullmatch(url)
-    if match is None:
-        raise APIError(
-            400,
-            "Invalid image data URL: expected data:image/(jpeg|png|webp|gif);base64,<data>.",
-            param=param,
-            code="invalid_image",
-        )
-    payload = _WHITESPACE.sub(b"", match["payload"].encode("ascii", "replace"))
-    try:
-        image = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(
-            400, "Invalid base64 image data.", param=param, code="invalid_image"
-        ) from None
-    if not is_known_image(image):
-        raise APIError(
-            400,
-            "The image data is not a JPEG, PNG, WebP or GIF image.",
-            param=param,
-            code="invalid_image",
-        )
-    return image
-
-
-def is_known_image(data: bytes) -> bool:
-    return (
-        data.startswith(b"\xff\xd8\xff")  # JPEG
-        or data.startswith(b"\x89PNG\r\n\x1a\n")
-        or data.startswith((b"GIF87a", b"GIF89a"))
-        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-    )
 
 
 # ---- responses: Triton -> OpenAI -------------------------------------------------------
 
 
 def completion_body(
-    identity: CompletionIdentity, text: str, finish_reason: str, usage: TokenUsage
+    identity: CompletionIdentity,
+    text: str,
+    finish_reason: str,
+    usage: TokenUsage,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`logprobs`: every token's entry when the client asked for logprobs, else None."""
     return {
         "id": identity.id,
         "object": "chat.completion",
@@ -195,7 +206,7 @@ def completion_body(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs_field(logprobs),
                 "finish_reason": finish_reason,
             }
         ],
@@ -209,11 +220,17 @@ def chunk_body(
     finish_reason: str | None = None,
     *,
     include_usage: bool = False,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A `chat.completion.chunk` with one choice; `usage: null` when usage was asked for."""
     body = _chunk_envelope(identity)
     body["choices"] = [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        {
+            "index": 0,
+            "delta": delta,
+            "logprobs": logprobs_field(logprobs),
+            "finish_reason": finish_reason,
+        }
     ]
     if include_usage:
         body["usage"] = None
@@ -226,6 +243,10 @@ def usage_chunk_body(identity: CompletionIdentity, usage: TokenUsage) -> dict[st
     body["choices"] = []
     body["usage"] = usage.as_dict()
     return body
+
+
+def logprobs_field(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": entries}
 
 
 def _chunk_envelope(identity: CompletionIdentity) -> dict[str, Any]:

@@ -82,6 +82,9 @@ class StackConfig:
     log_dir: Path = ROOT / ".cache" / "logs"
     extra_env: dict = field(default_factory=dict)
     proxy_args: list = field(default_factory=list)
+    # Triton starts with no model loaded (explicit model control); the proxy's first chat
+    # request loads it, as the original server did.
+    lazy_load: bool = False
 
     @property
     def proxy_url(self) -> str:
@@ -118,6 +121,8 @@ def triton_command(config: StackConfig) -> list[str]:
            f"--http-address={config.host}", f"--grpc-address={config.host}",
            f"--metrics-address={config.host}",
            "--exit-timeout-secs=30", "--log-info=true"]
+    if config.lazy_load:
+        cmd.append("--model-control-mode=explicit")
     if backends:
         cmd.append(f"--backend-directory={backends}")
     return cmd
@@ -128,6 +133,8 @@ def proxy_command(config: StackConfig) -> list[str]:
            "--triton-url", config.triton_grpc_url, "--triton-model", TRITON_MODEL]
     if config.served_model_name:
         cmd += ["--served-model-name", config.served_model_name]
+    if config.lazy_load:
+        cmd.append("--lazy-load")
     return cmd + list(config.proxy_args)
 
 
@@ -163,7 +170,9 @@ class Stack:
                                 start_new_session=True)
 
     def wait_ready(self, timeout: float = 300.0, progress=None) -> None:
-        """Until the proxy's /ready is 200 (which means Triton has the model loaded)."""
+        """Until the proxy's /ready is 200 (which means Triton has the model loaded); with
+        lazy loading, until the proxy's /health is 200 (the first request loads the model)."""
+        probe = "/health" if self.config.lazy_load else "/ready"
         deadline = time.monotonic() + timeout
         started = time.monotonic()
         while time.monotonic() < deadline:
@@ -172,7 +181,7 @@ class Stack:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{_tail(log)}")
             triton = _get_status(f"{self.config.triton_http_url}/v2/models/{TRITON_MODEL}/ready")
-            proxy = _get_status(f"{self.config.proxy_url}/ready")
+            proxy = _get_status(f"{self.config.proxy_url}{probe}")
             if progress:
                 progress(time.monotonic() - started, triton == 200, proxy == 200)
             if proxy == 200:
@@ -224,6 +233,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=int(env("TRITON_METRICS_PORT", "8002")))
     parser.add_argument("--ready-timeout", type=float, default=float(env("SERVE_READY_TIMEOUT", "1800")),
                         help="seconds to wait for the model to load (a 7B download takes a while)")
+    parser.add_argument("--lazy-load", action=argparse.BooleanOptionalAction,
+                        default=env("SERVE_LAZY_LOAD", "").strip().lower() in ("1", "true", "yes", "on"),
+                        help="start Triton with no model loaded; the first chat request loads it "
+                             "(env SERVE_LAZY_LOAD)")
     return parser.parse_args(argv)
 
 
@@ -233,7 +246,7 @@ def main(argv=None) -> int:
     print(f"[serve] model: {model} ({why})", file=sys.stderr)
     stack = Stack(StackConfig(model=model, host=args.host, http_port=args.http_port,
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                              proxy_port=args.proxy_port))
+                              proxy_port=args.proxy_port, lazy_load=args.lazy_load))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start()

@@ -14,6 +14,8 @@ def stack(tiny_checkpoint_path):
         model=tiny_checkpoint_path, host="127.0.0.1",
         http_port=stack_launcher.free_port(), grpc_port=stack_launcher.free_port(),
         metrics_port=stack_launcher.free_port(), proxy_port=stack_launcher.free_port(),
+        # Test-only: lets the proxy fetch images the tests serve on 127.0.0.1.
+        proxy_args=["--image-fetch-allow-private-hosts", "127.0.0.1"],
     )
     running = stack_launcher.Stack(config)
     for log in (running.triton_log, running.proxy_log):

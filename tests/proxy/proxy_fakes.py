@@ -12,7 +12,10 @@ from proxy.config import ProxyConfig
 from proxy.translate import TritonRequest
 
 SERVED_MODEL = "qwen2.5-vl-7b-instruct"
-TEST_CONFIG = ProxyConfig(host="127.0.0.1", port=0, served_model_name=SERVED_MODEL)
+TRITON_MODEL = "qwen2_5_vl"
+TEST_CONFIG = ProxyConfig(
+    host="127.0.0.1", port=0, served_model_name=SERVED_MODEL, triton_model=TRITON_MODEL
+)
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR-test-png"
 JPEG_BYTES = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF-test-jpeg"
@@ -23,18 +26,33 @@ def data_url(image: bytes, media_type: str = "image/png") -> str:
 
 
 def script(
-    *texts: str, finish_reason: str = "stop", prompt_tokens: int = 7
+    *texts: str,
+    finish_reason: str = "stop",
+    prompt_tokens: int = 7,
+    image_tokens: int | None = None,
+    logprobs: bool = False,
 ) -> list[GenerationChunk]:
-    """Chunks as the Triton backend yields them: one token each, finish_reason on the last."""
+    """Chunks as the Triton backend yields them: one token each, finish_reason on the last;
+    with `logprobs`, each carries the entry of its token (logprob -0.5 * position)."""
     return [
         GenerationChunk(
             text=text,
             finish_reason=finish_reason if i == len(texts) - 1 else None,
             prompt_tokens=prompt_tokens,
             completion_tokens=1,
+            image_tokens=image_tokens,
+            logprobs=[logprob_entry(text, -0.5 * i)] if logprobs else None,
         )
         for i, text in enumerate(texts)
     ]
+
+
+def logprob_entry(token: str, logprob: float) -> dict:
+    top = [
+        {"token": token, "logprob": logprob, "bytes": list(token.encode())},
+        {"token": "?", "logprob": logprob - 1, "bytes": [63]},
+    ]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": top}
 
 
 class FakeBackend:
@@ -48,12 +66,19 @@ class FakeBackend:
         error_at: int | None = None,
         error: BaseException | None = None,
         ready: bool = True,
+        models: dict[str, str] | Exception | None = None,
     ) -> None:
         self.chunks = chunks if chunks is not None else script("Hello", " world", "!")
         self.delay_s = delay_s
         self.error_at = error_at
         self.error = error
         self.ready = ready
+        # Triton's repository index; an exception makes the index call fail.
+        self.models = models if models is not None else {TRITON_MODEL: "READY"}
+        self.load_calls: list[str] = []
+        self.load_delay_s = 0.0
+        self.load_error: BaseException | None = None
+        self.ready_calls: list[str] = []
         self.requests: list[tuple[TritonRequest, str]] = []
         self.stopped_early = asyncio.Event()  # closed or cancelled before the last chunk
         self.finished = False
@@ -81,8 +106,23 @@ class FakeBackend:
             self.stopped_early.set()
             raise
 
-    async def is_ready(self) -> bool:
+    async def is_ready(self, model: str) -> bool:
+        self.ready_calls.append(model)
         return self.ready
+
+    async def repository_index(self) -> dict[str, str]:
+        if isinstance(self.models, Exception):
+            raise self.models
+        return dict(self.models)
+
+    async def load_model(self, model: str) -> None:
+        """Takes `load_delay_s`, then fails with `load_error` once or makes the model ready."""
+        self.load_calls.append(model)
+        await asyncio.sleep(self.load_delay_s)
+        if self.load_error is not None:
+            error, self.load_error = self.load_error, None
+            raise error
+        self.ready = True
 
     async def close(self) -> None:
         self.closed = True

@@ -93,8 +93,9 @@ async def test_non_stream_sends_translated_request_to_backend(make_client):
     messages = json.loads(sent.messages_json)
     assert messages[1]["content"] == [
         {"type": "text", "text": "这张图片里有什么？"},
-        {"type": "image"},
+        {"type": "image", "min_pixels": 3136, "max_pixels": 1003520},
     ]
+    assert sent.model == "qwen2_5_vl"
 
 
 async def test_completion_ids_are_unique_per_request(make_client):
@@ -288,8 +289,9 @@ async def test_bad_base64_is_400_invalid_image(make_client):
     assert backend.requests == []
 
 
-async def test_remote_image_url_is_400_unsupported(make_client):
-    client = await make_client()
+async def test_remote_image_url_is_400_forbidden_when_fetch_is_disabled(make_client):
+    backend = FakeBackend()
+    client = await make_client(backend, image_fetch=False)
     body = {
         "messages": [
             {
@@ -303,9 +305,10 @@ async def test_remote_image_url_is_400_unsupported(make_client):
     assert_error(
         await resp.json(),
         type="invalid_request_error",
-        code="unsupported_image_url",
+        code="image_url_forbidden",
         param="messages[0].content[0].image_url",
     )
+    assert backend.requests == []
 
 
 async def test_n_greater_than_one_is_400(make_client):
@@ -317,11 +320,12 @@ async def test_n_greater_than_one_is_400(make_client):
     )
 
 
-async def test_unknown_fields_are_ignored(make_client):
+async def test_known_optional_fields_are_accepted_without_ignored_header(make_client):
     client = await make_client()
     body = {**TEXT_REQUEST, "user": "u1", "logprobs": False, "frequency_penalty": 0, "n": 1}
     resp = await client.post("/v1/chat/completions", json=body)
     assert resp.status == 200
+    assert "X-Ignored-Fields" not in resp.headers
 
 
 async def test_oversized_body_is_413_envelope(make_client):

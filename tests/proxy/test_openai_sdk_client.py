@@ -1,32 +1,125 @@
-"""The official `openai` SDK against the app served on 127.0.0.1: clients must work unchanged."""
+"""The official `openai` SDK, sync and async, stream and non-stream, against the app served
+on 127.0.0.1 with a scripted backend: every part of the chat surface must work unchanged."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from proxy_fakes import JPEG_BYTES, SERVED_MODEL, FakeBackend, data_url, script
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from proxy_fakes import (
+    JPEG_BYTES,
+    PNG_BYTES,
+    SERVED_MODEL,
+    TRITON_MODEL,
+    FakeBackend,
+    data_url,
+    script,
+)
+
+from proxy.backend import client_error
+
+
+class SDK:
+    """One app, reached through AsyncOpenAI or OpenAI (the sync client runs in a thread, so
+    the app keeps serving on this event loop)."""
+
+    def __init__(self, base_url: str, mode: str) -> None:
+        self.mode = mode
+        self._http_async = httpx.AsyncClient(trust_env=False)  # no proxy env vars on loopback
+        self._http_sync = httpx.Client(trust_env=False)
+        options = {"base_url": base_url, "api_key": "unused", "max_retries": 0}
+        self.async_client = openai.AsyncOpenAI(http_client=self._http_async, **options)
+        self.sync_client = openai.OpenAI(http_client=self._http_sync, **options)
+
+    async def create(self, **kwargs: Any) -> Any:
+        """A completion, or the list of chunks when streaming."""
+        if self.mode == "async":
+            result = await self.async_client.chat.completions.create(**kwargs)
+            return [chunk async for chunk in result] if kwargs.get("stream") else result
+
+        def run() -> Any:
+            result = self.sync_client.chat.completions.create(**kwargs)
+            return list(result) if kwargs.get("stream") else result
+
+        return await asyncio.to_thread(run)
+
+    async def raw(self, **kwargs: Any) -> Any:
+        """(headers, parsed completion) of a non-stream request."""
+        if self.mode == "async":
+            response = await self.async_client.chat.completions.with_raw_response.create(**kwargs)
+            return response.headers, response.parse()
+        response = await asyncio.to_thread(
+            self.sync_client.chat.completions.with_raw_response.create, **kwargs
+        )
+        return response.headers, response.parse()
+
+    async def models(self, method: str, *args: Any) -> Any:
+        if self.mode == "async":
+            return await getattr(self.async_client.models, method)(*args)
+        return await asyncio.to_thread(getattr(self.sync_client.models, method), *args)
+
+    async def close(self) -> None:
+        await self._http_async.aclose()
+        self._http_sync.close()
+
+
+@pytest.fixture(params=["async", "sync"])
+async def sdk(request, make_client):
+    """`await sdk(backend, **config)`: an SDK wrapper for a fresh app, in both client modes."""
+    wrappers: list[SDK] = []
+
+    async def make(backend: FakeBackend, **config: Any) -> SDK:
+        server = await make_client(backend, **config)
+        wrapper = SDK(str(server.make_url("/v1")), request.param)
+        wrappers.append(wrapper)
+        return wrapper
+
+    yield make
+    for wrapper in wrappers:
+        await wrapper.close()
+
+
+@pytest.fixture(params=[False, True], ids=["non-stream", "stream"])
+def stream(request) -> bool:
+    return request.param
 
 
 @pytest.fixture
-async def sdk(make_client):
-    """An AsyncOpenAI client for a fresh app; returns (client, backend) per call."""
-    http_clients: list[httpx.AsyncClient] = []
+async def image_server():
+    """Base URL of a server on 127.0.0.1 with /png and /jpeg."""
 
-    async def make(backend: FakeBackend) -> openai.AsyncOpenAI:
-        server = await make_client(backend)
-        http_client = httpx.AsyncClient(trust_env=False)  # no proxy env vars on loopback
-        http_clients.append(http_client)
-        return openai.AsyncOpenAI(
-            base_url=str(server.make_url("/v1")),
-            api_key="unused",
-            max_retries=0,
-            http_client=http_client,
-        )
+    async def png(request):
+        return web.Response(body=PNG_BYTES, content_type="image/png")
 
-    yield make
-    for http_client in http_clients:
-        await http_client.aclose()
+    async def jpeg(request):
+        return web.Response(body=JPEG_BYTES, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/png", png)
+    app.router.add_get("/jpeg", jpeg)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+LOCAL_FETCH = {"image_fetch_allow_private_hosts": ("127.0.0.1",)}
+
+
+def text_of(result: Any, stream: bool) -> str:
+    if stream:
+        return "".join(c.choices[0].delta.content or "" for c in result if c.choices)
+    return result.choices[0].message.content
+
+
+def image_parts(*urls: str, **image_url: Any) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url, **image_url}} for url in urls]
 
 
 MESSAGES = [
@@ -34,67 +127,365 @@ MESSAGES = [
         "role": "user",
         "content": [
             {"type": "text", "text": "What is in this image?"},
-            {"type": "image_url", "image_url": {"url": data_url(JPEG_BYTES, "image/jpeg")}},
+            *image_parts(data_url(JPEG_BYTES, "image/jpeg")),
         ],
     }
 ]
 
 
-async def test_sdk_non_stream(sdk):
+# ---- basics --------------------------------------------------------------------------------
+
+
+async def test_completion_shape(sdk, stream):
     backend = FakeBackend(script("A", " cat", ".", prompt_tokens=20))
     client = await sdk(backend)
 
-    completion = await client.chat.completions.create(
-        model=SERVED_MODEL, messages=MESSAGES, max_tokens=16, temperature=0.2
+    result = await client.create(
+        model=SERVED_MODEL, messages=MESSAGES, max_tokens=16, temperature=0.2, stream=stream
     )
 
-    assert completion.id.startswith("chatcmpl-")
-    assert completion.model == SERVED_MODEL
-    assert completion.choices[0].message.role == "assistant"
-    assert completion.choices[0].message.content == "A cat."
-    assert completion.choices[0].finish_reason == "stop"
-    assert completion.usage.total_tokens == 23
+    assert text_of(result, stream) == "A cat."
+    if stream:
+        assert result[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in result if c.choices][-1] == "stop"
+        assert len({c.id for c in result}) == 1 and result[0].id.startswith("chatcmpl-")
+        assert {c.model for c in result} == {SERVED_MODEL}
+    else:
+        assert result.id.startswith("chatcmpl-")
+        assert result.model == SERVED_MODEL
+        assert result.choices[0].message.role == "assistant"
+        assert result.choices[0].finish_reason == "stop"
+        assert result.usage.total_tokens == 23
     assert backend.last_request.images == [JPEG_BYTES]
     assert backend.last_request.sampling_parameters == {"max_tokens": 16, "temperature": 0.2}
 
 
-async def test_sdk_stream_with_usage(sdk):
-    client = await sdk(FakeBackend(script("A", " cat", ".", prompt_tokens=20)))
-
-    stream = await client.chat.completions.create(
+async def test_stream_include_usage_ends_with_a_usage_chunk(sdk):
+    client = await sdk(FakeBackend(script("A", " cat", ".", prompt_tokens=20, image_tokens=4)))
+    chunks = await client.create(
         model=SERVED_MODEL,
         messages=MESSAGES,
         stream=True,
         stream_options={"include_usage": True},
     )
-    chunks = [chunk async for chunk in stream]
-
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "A cat."
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert text_of(chunks, True) == "A cat."
     assert chunks[-1].choices == []
-    assert chunks[-1].usage.completion_tokens == 3
-    assert len({c.id for c in chunks}) == 1
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (20, 3)
+    assert all(c.usage is None for c in chunks[:-1])
 
 
-async def test_sdk_models_list(sdk):
+async def test_mid_stream_error_raises(sdk):
+    client = await sdk(FakeBackend(script("a", "b", "c"), error_at=2, error=RuntimeError("x")))
+    with pytest.raises(openai.APIError):
+        await client.create(model=SERVED_MODEL, messages=MESSAGES, stream=True)
+
+
+# ---- 1. content parts ----------------------------------------------------------------------
+
+
+async def test_many_images_across_turns_and_image_only_messages(sdk, stream):
+    backend = FakeBackend()
+    client = await sdk(backend)
+    gif = b"GIF89a" + b"gif-body"
+    webp = b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"webp-body"
+    assistant_turn = [{"type": "text", "text": "Two images."}, *image_parts(data_url(webp))]
+    user_turn = [{"type": "text", "text": "And this?"}, *image_parts(data_url(JPEG_BYTES))]
+    messages = [
+        {"role": "system", "content": "You describe images."},
+        {"role": "user", "content": image_parts(data_url(PNG_BYTES), data_url(gif))},
+        {"role": "assistant", "content": assistant_turn},
+        {"role": "user", "content": user_turn},
+        {"role": "user", "content": "plain string content"},
+    ]
+    await client.create(model=SERVED_MODEL, messages=messages, stream=stream)
+    assert backend.last_request.images == [PNG_BYTES, gif, webp, JPEG_BYTES]
+    sent = json.loads(backend.last_request.messages_json)
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "user"]
+    assert [p["type"] for p in sent[1]["content"]] == ["image", "image"]
+    assert sent[4]["content"] == "plain string content"
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
+    ],
+)
+async def test_unsupported_parts_are_bad_request(sdk, part):
+    backend = FakeBackend()
+    client = await sdk(backend)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.create(model=SERVED_MODEL, messages=messages)
+    assert caught.value.code == "unsupported_content_type"
+    assert caught.value.param == "messages[0].content[1]"
+    assert backend.requests == []
+
+
+# ---- 2. remote images ----------------------------------------------------------------------
+
+
+async def test_http_images_are_fetched_in_order(sdk, stream, image_server):
+    backend = FakeBackend()
+    client = await sdk(backend, **LOCAL_FETCH)
+    content = image_parts(f"{image_server}/jpeg", data_url(PNG_BYTES), f"{image_server}/png")
+    await client.create(
+        model=SERVED_MODEL, messages=[{"role": "user", "content": content}], stream=stream
+    )
+    assert backend.last_request.images == [JPEG_BYTES, PNG_BYTES, PNG_BYTES]
+
+
+@pytest.mark.parametrize(
+    "url, code",
+    [
+        ("http://169.254.169.254/latest/meta-data/", "image_url_forbidden"),
+        ("http://[::1]/a.png", "image_url_forbidden"),
+        ("file:///etc/passwd", "image_url_forbidden"),
+        ("data:text/html,<b>x</b>", "invalid_image"),
+    ],
+)
+async def test_hostile_image_urls_are_bad_request(sdk, url, code):
+    backend = FakeBackend()
+    client = await sdk(backend)
+    messages = [{"role": "user", "content": image_parts(url)}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.create(model=SERVED_MODEL, messages=messages, stream=True)
+    assert caught.value.code == code
+    assert caught.value.param == "messages[0].content[0].image_url"
+    assert backend.requests == []
+
+
+async def test_image_fetch_failure_is_bad_request(sdk, image_server):
+    client = await sdk(FakeBackend(), **LOCAL_FETCH)
+    messages = [{"role": "user", "content": image_parts(f"{image_server}/missing")}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.create(model=SERVED_MODEL, messages=messages)
+    assert caught.value.code == "image_fetch_failed"
+
+
+# ---- 3. pixel budgets ----------------------------------------------------------------------
+
+
+async def test_detail_and_pixel_bounds_travel_per_image(sdk, stream):
+    backend = FakeBackend()
+    client = await sdk(backend)
+    content = [
+        *image_parts(data_url(PNG_BYTES), detail="low"),
+        *image_parts(data_url(PNG_BYTES), detail="high"),
+        *image_parts(data_url(PNG_BYTES), max_pixels=50176),
+    ]
+    await client.create(
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": content}],
+        stream=stream,
+        extra_body={"min_pixels": 6272},
+    )
+    sent = json.loads(backend.last_request.messages_json)[0]["content"]
+    assert [(p["min_pixels"], p["max_pixels"]) for p in sent] == [
+        (6272, 200704),
+        (6272, 1003520),
+        (6272, 50176),
+    ]
+
+
+async def test_pixel_bounds_outside_the_server_range_are_bad_request(sdk):
     client = await sdk(FakeBackend())
-    models = await client.models.list()
-    assert [m.id for m in models.data] == [SERVED_MODEL]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.create(
+            model=SERVED_MODEL, messages=MESSAGES, extra_body={"max_pixels": 12845056}
+        )
+    assert (caught.value.code, caught.value.param) == ("invalid_value", "max_pixels")
 
 
-async def test_sdk_sees_model_not_found(sdk):
+# ---- 4. sampling and request fields --------------------------------------------------------
+
+
+async def test_every_sampling_field_reaches_the_model(sdk, stream):
+    backend = FakeBackend()
+    client = await sdk(backend, max_tokens_limit=64)
+    await client.create(
+        model=SERVED_MODEL,
+        messages=MESSAGES,
+        stream=stream,
+        max_tokens=10,
+        max_completion_tokens=500,  # wins over max_tokens, then clamped to 64
+        temperature=0,
+        top_p=0.8,
+        presence_penalty=1.5,
+        frequency_penalty=-1.5,
+        seed=1234,
+        stop=["\n\n", "END"],
+        n=1,
+        user="user-42",
+        logprobs=True,
+        top_logprobs=3,
+        response_format={"type": "text"},
+        extra_body={"top_k": 5, "repetition_penalty": 1.2},
+    )
+    assert backend.last_request.sampling_parameters == {
+        "max_tokens": 64,
+        "temperature": 0,
+        "top_p": 0.8,
+        "top_k": 5,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 1.5,
+        "frequency_penalty": -1.5,
+        "seed": 1234,
+        "stop": ["\n\n", "END"],
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    assert backend.last_request.stream is stream
+
+
+async def test_stop_as_a_string(sdk):
+    backend = FakeBackend()
+    client = await sdk(backend)
+    await client.create(model=SERVED_MODEL, messages=MESSAGES, stop="END")
+    assert backend.last_request.sampling_parameters == {"stop": ["END"]}
+
+
+@pytest.mark.parametrize(
+    "fields, param, code",
+    [
+        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
+        ({"stop": [f"s{i}" for i in range(17)]}, "stop", "invalid_value"),
+    ],
+)
+async def test_unsupported_or_invalid_fields_are_bad_request(sdk, fields, param, code):
+    backend = FakeBackend()
+    client = await sdk(backend)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.create(model=SERVED_MODEL, messages=MESSAGES, **fields)
+    assert (caught.value.param, caught.value.code) == (param, code)
+    assert backend.requests == []
+
+
+async def test_unknown_fields_come_back_in_x_ignored_fields(sdk):
+    client = await sdk(FakeBackend())
+    headers, completion = await client.raw(
+        model=SERVED_MODEL,
+        messages=MESSAGES,
+        parallel_tool_calls=False,
+        extra_body={"my_custom_field": 1},
+    )
+    assert completion.choices[0].message.content == "Hello world!"
+    assert headers["x-ignored-fields"] == "parallel_tool_calls, my_custom_field"
+
+
+# ---- 5. the model contract: image tokens, logprobs, errors ---------------------------------
+
+
+async def test_image_tokens_in_usage_details(sdk, stream):
+    client = await sdk(FakeBackend(script("a", "b", prompt_tokens=270, image_tokens=256)))
+    result = await client.create(
+        model=SERVED_MODEL,
+        messages=MESSAGES,
+        stream=stream,
+        stream_options={"include_usage": True} if stream else openai.NOT_GIVEN,
+    )
+    usage = result[-1].usage if stream else result.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (270, 2, 272)
+    assert usage.prompt_tokens_details.cached_tokens == 0
+    assert usage.prompt_tokens_details.model_extra["image_tokens"] == 256
+
+
+async def test_logprobs(sdk, stream):
+    client = await sdk(FakeBackend(script("Hi", " there", logprobs=True)))
+    result = await client.create(
+        model=SERVED_MODEL, messages=MESSAGES, stream=stream, logprobs=True, top_logprobs=2
+    )
+    if stream:
+        entries = [
+            e
+            for c in result
+            if c.choices and c.choices[0].logprobs
+            for e in c.choices[0].logprobs.content
+        ]
+    else:
+        entries = result.choices[0].logprobs.content
+    assert [e.token for e in entries] == ["Hi", " there"]
+    assert [e.logprob for e in entries] == [0.0, -0.5]
+    assert entries[1].bytes == list(b" there")
+    assert [t.token for t in entries[0].top_logprobs] == ["Hi", "?"]
+
+
+async def test_no_logprobs_unless_asked(sdk, stream):
+    client = await sdk(FakeBackend(script("Hi", logprobs=True)))
+    result = await client.create(model=SERVED_MODEL, messages=MESSAGES, stream=stream)
+    choices = [c.choices[0] for c in result if c.choices] if stream else result.choices
+    assert all(choice.logprobs is None for choice in choices)
+
+
+async def test_model_json_errors_reach_the_client(sdk, stream):
+    error = client_error(
+        json.dumps(
+            {
+                "message": "This model's maximum context length is 8192 tokens.",
+                "param": "max_tokens",
+                "code": "context_length_exceeded",
+            }
+        )
+    )
+    client = await sdk(FakeBackend(error_at=0, error=error))
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.create(model=SERVED_MODEL, messages=MESSAGES, stream=stream)
+    assert caught.value.code == "context_length_exceeded"
+    assert caught.value.param == "max_tokens"
+    assert "8192" in caught.value.message
+
+
+# ---- 6. models -----------------------------------------------------------------------------
+
+MAPPED = {"model_map": (("qwen-alias", TRITON_MODEL), ("qwen-small", "qwen_small"))}
+
+
+async def test_models_list_retrieve_and_select(sdk, stream):
+    backend = FakeBackend(models={TRITON_MODEL: "READY", "qwen_small": ""})
+    client = await sdk(backend, **MAPPED)
+
+    models = await client.models("list")
+    assert [m.id for m in models.data] == [SERVED_MODEL, "qwen-alias", "qwen-small"]
+    assert (await client.models("retrieve", "qwen-alias")).id == "qwen-alias"
+    with pytest.raises(openai.NotFoundError):
+        await client.models("retrieve", "gpt-4o")
+
+    result = await client.create(model="qwen-small", messages=MESSAGES, stream=stream)
+    assert (result[0] if stream else result).model == "qwen-small"
+    assert backend.last_request.model == "qwen_small"
+
+
+async def test_unknown_model_is_not_found(sdk):
     client = await sdk(FakeBackend())
     with pytest.raises(openai.NotFoundError) as caught:
-        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        await client.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.code == "model_not_found"
 
 
-async def test_sdk_stream_error_mid_stream_raises(sdk):
-    client = await sdk(FakeBackend(script("a", "b", "c"), error_at=2, error=RuntimeError("x")))
-    stream = await client.chat.completions.create(
-        model=SERVED_MODEL, messages=MESSAGES, stream=True
+# ---- 7. lazy loading -----------------------------------------------------------------------
+
+
+async def test_lazy_load_first_requests_share_one_load(sdk, stream):
+    backend = FakeBackend(ready=False)
+    backend.load_delay_s = 0.2
+    client = await sdk(backend, lazy_load=True)
+    results = await asyncio.gather(
+        *(client.create(model=SERVED_MODEL, messages=MESSAGES, stream=stream) for _ in range(3))
     )
-    with pytest.raises(openai.APIError):
-        async for _ in stream:
-            pass
+    assert [text_of(r, stream) for r in results] == ["Hello world!"] * 3
+    assert backend.load_calls == [TRITON_MODEL]
+
+
+async def test_lazy_load_timeout_is_service_unavailable(sdk):
+    backend = FakeBackend(ready=False)
+    backend.load_delay_s = 1.0
+    client = await sdk(backend, lazy_load=True, load_timeout_s=0.05)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.create(model=SERVED_MODEL, messages=MESSAGES)
+    assert caught.value.status_code == 503
+    assert caught.value.code == "model_loading"

@@ -8,6 +8,7 @@ without weights. Skipped where the nvidia-pytriton wheel (the tritonserver binar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -61,12 +62,12 @@ def _backend_dir(server_dir: Path, root: Path) -> Path:
     return root / "backends"
 
 
-@pytest.fixture(scope="module")
-def triton_url(tmp_path_factory) -> str:
+@contextlib.contextmanager
+def _tritonserver(root: Path, *extra_args: str, ready_model: str | None = "echo"):
+    """A tritonserver with the echo model on loopback; yields its gRPC url."""
     server_dir = _pytriton_server_dir()
     if server_dir is None:
         pytest.skip("tritonserver binary (nvidia-pytriton wheel) not installed")
-    root = tmp_path_factory.mktemp("triton")
     shutil.copytree(ECHO_MODEL_DIR, root / "models" / "echo")
     port = _free_port()
     env = dict(os.environ)
@@ -86,6 +87,7 @@ def triton_url(tmp_path_factory) -> str:
                 "--grpc-address=127.0.0.1",
                 f"--grpc-port={port}",
                 "--exit-timeout-secs=2",
+                *extra_args,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -93,7 +95,7 @@ def triton_url(tmp_path_factory) -> str:
         )
     url = f"127.0.0.1:{port}"
     try:
-        _wait_until_ready(url, process, log_path)
+        _wait_until_ready(url, process, log_path, ready_model)
         yield url
     finally:
         process.terminate()
@@ -104,7 +106,24 @@ def triton_url(tmp_path_factory) -> str:
             process.wait()
 
 
-def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+@pytest.fixture(scope="module")
+def triton_url(tmp_path_factory) -> str:
+    with _tritonserver(tmp_path_factory.mktemp("triton")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def explicit_triton_url(tmp_path_factory) -> str:
+    """A tritonserver in explicit model control: the echo model is in the repository, unloaded."""
+    root = tmp_path_factory.mktemp("triton-explicit")
+    with _tritonserver(root, "--model-control-mode=explicit", ready_model=None) as url:
+        yield url
+
+
+def _wait_until_ready(
+    url: str, process: subprocess.Popen, log_path: Path, model: str | None
+) -> None:
+    """Until `model` is ready (None: until the server is)."""
     client = grpcclient.InferenceServerClient(url)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
@@ -112,7 +131,7 @@ def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> No
             if process.poll() is not None:
                 break
             try:
-                if client.is_model_ready("echo"):
+                if client.is_model_ready(model) if model else client.is_server_ready():
                     return
             except Exception:
                 pass
@@ -124,7 +143,7 @@ def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> No
 
 @pytest.fixture
 async def backend(triton_url):
-    backend = TritonBackend(triton_url, "echo")
+    backend = TritonBackend(triton_url)
     yield backend
     await backend.close()
 
@@ -137,6 +156,7 @@ def triton_request(*, stream: bool, images=(), **params) -> TritonRequest:
         }
     ]
     return TritonRequest(
+        model="echo",
         messages_json=json.dumps(messages),
         images=list(images),
         sampling_parameters={"max_tokens": 8, **params},
@@ -149,7 +169,34 @@ def digest(image: bytes) -> str:
 
 
 async def test_is_ready(backend):
-    assert await backend.is_ready()
+    assert await backend.is_ready("echo")
+    assert not await backend.is_ready("no_such_model")
+
+
+async def test_repository_index_lists_the_model(backend):
+    assert (await backend.repository_index())["echo"] == "READY"
+
+
+async def test_image_tokens_and_logprobs_cross_the_wire(backend):
+    request = triton_request(stream=True, images=[PNG_BYTES], logprobs=True, top_logprobs=2)
+    chunks = [chunk async for chunk in backend.generate(request, "live-lp")]
+    assert {c.image_tokens for c in chunks} == {10}  # the echo model: 10 per image
+    words = [c.text.strip() for c in chunks]
+    assert [[e["token"] for e in c.logprobs] for c in chunks] == [[w] for w in words]
+    first = chunks[0].logprobs[0]
+    assert first["logprob"] == -1.0 and first["bytes"] == list(words[0].encode())
+    assert [t["token"] for t in first["top_logprobs"]] == [words[0], "~"]
+
+
+async def test_model_json_error_fills_the_envelope(backend):
+    detail = json.dumps(
+        {"message": "too long", "param": "max_tokens", "code": "context_length_exceeded"}
+    )
+    request = triton_request(stream=False, echo_error="invalid_request: " + detail)
+    with pytest.raises(APIError) as caught:
+        [chunk async for chunk in backend.generate(request, "live-json")]
+    assert (caught.value.status, caught.value.message) == (400, "too long")
+    assert (caught.value.param, caught.value.code) == ("max_tokens", "context_length_exceeded")
 
 
 async def test_non_stream_is_one_chunk_with_everything(backend):
@@ -212,9 +259,9 @@ async def test_closing_the_generator_cancels_the_model_request(backend, tmp_path
 
 
 async def test_unreachable_triton_is_503_and_not_ready():
-    backend = TritonBackend(f"127.0.0.1:{_free_port()}", "echo", ready_timeout_s=1.0)
+    backend = TritonBackend(f"127.0.0.1:{_free_port()}", ready_timeout_s=1.0)
     try:
-        assert not await backend.is_ready()
+        assert not await backend.is_ready("echo")
         with pytest.raises(APIError) as caught:
             [chunk async for chunk in backend.generate(triton_request(stream=True), "live-6")]
         assert caught.value.status == 503
@@ -254,3 +301,28 @@ async def test_app_over_real_triton_streams_and_completes(triton_url):
     assert streamed == expected
     assert completion["choices"][0]["message"]["content"] == expected
     assert completion["usage"]["completion_tokens"] == len(expected.split())
+
+
+async def test_lazy_load_over_real_triton_in_explicit_mode(explicit_triton_url):
+    """--lazy-load against Triton's explicit model control: listed before loading, /ready 503
+    until the first request, one load shared by concurrent first requests, then 200."""
+    config = dataclasses.replace(
+        TEST_CONFIG, triton_url=explicit_triton_url, triton_model="echo", lazy_load=True
+    )
+    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        models = await (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == [config.served_model_name]
+        resp = await client.get("/ready")
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "model_not_loaded"
+
+        body = {"messages": [{"role": "user", "content": "hello lazy"}]}
+        responses = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body) for _ in range(3))
+        )
+        assert [r.status for r in responses] == [200, 200, 200]
+        assert (await client.get("/ready")).status == 200
+    finally:
+        await client.close()

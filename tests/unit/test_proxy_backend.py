@@ -30,6 +30,7 @@ from proxy.errors import APIError
 from proxy.translate import TritonRequest
 
 REQUEST = TritonRequest(
+    model="qwen2_5_vl",
     messages_json=json.dumps(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "猫?"}]}],
         ensure_ascii=False,
@@ -85,7 +86,9 @@ def test_inputs_follow_the_tensor_contract():
 
 
 def test_no_image_input_without_images_and_stream_false():
-    request = TritonRequest(messages_json="[]", images=[], sampling_parameters={}, stream=False)
+    request = TritonRequest(
+        model="m", messages_json="[]", images=[], sampling_parameters={}, stream=False
+    )
     inputs = tensors(request)
     assert "image" not in inputs
     assert inputs["stream"]._get_content() == b"\x00"
@@ -95,7 +98,9 @@ def test_no_image_input_without_images_and_stream_false():
 # ---- reading responses ---------------------------------------------------------------------
 
 
-def make_result(text=None, finish="", prompt=12, output=1, final=None) -> InferResult:
+def make_result(
+    text=None, finish="", prompt=12, output=1, final=None, image_tokens=None, logprobs=None
+) -> InferResult:
     response = service_pb2.ModelInferResponse(model_name="qwen2_5_vl", id="r")
     if text is not None:
         _add_output(
@@ -116,6 +121,12 @@ def make_result(text=None, finish="", prompt=12, output=1, final=None) -> InferR
         _add_output(
             response, "num_output_tokens", "UINT32", np.array([output], dtype=np.uint32).tobytes()
         )
+        if image_tokens is not None:
+            raw = np.array([image_tokens], dtype=np.uint32).tobytes()
+            _add_output(response, "num_image_tokens", "UINT32", raw)
+        if logprobs is not None:
+            raw = serialize_byte_tensor(np.array([logprobs.encode()], dtype=np.object_)).item()
+            _add_output(response, "logprobs", "BYTES", raw)
     if final is not None:
         response.parameters["triton_final_response"].bool_param = final
     return InferResult(response)
@@ -133,6 +144,50 @@ def test_parse_response_reads_text_finish_and_counts():
     assert chunk == GenerationChunk(
         text="你好", finish_reason="length", prompt_tokens=30, completion_tokens=2
     )
+
+
+def test_parse_response_without_new_outputs_has_none():
+    chunk = parse_response(make_result("a"))
+    assert (chunk.image_tokens, chunk.logprobs) == (None, None)
+
+
+def test_parse_response_reads_image_tokens():
+    assert parse_response(make_result("a", image_tokens=256)).image_tokens == 256
+
+
+def test_parse_response_reads_logprobs_in_openai_shape():
+    entries = [
+        {
+            "token": "你",
+            "logprob": -0.25,
+            "bytes": [228, 189, 160],
+            "top_logprobs": [
+                {"token": "你", "logprob": -0.25, "bytes": [228, 189, 160]},
+                {"token": "a", "logprob": -2, "bytes": [97], "extra": 1},
+            ],
+        },
+        {"token": "b", "logprob": -1, "top_logprobs": []},  # bytes omitted: from the token
+    ]
+    chunk = parse_response(make_result("你b", logprobs=json.dumps(entries, ensure_ascii=False)))
+    assert chunk.logprobs == [
+        {
+            "token": "你",
+            "logprob": -0.25,
+            "bytes": [228, 189, 160],
+            "top_logprobs": [
+                {"token": "你", "logprob": -0.25, "bytes": [228, 189, 160]},
+                {"token": "a", "logprob": -2.0, "bytes": [97]},
+            ],
+        },
+        {"token": "b", "logprob": -1.0, "bytes": [98], "top_logprobs": []},
+    ]
+
+
+def test_unreadable_logprobs_are_logged_not_fatal(caplog):
+    with caplog.at_level(logging.ERROR, logger="proxy.backend"):
+        chunk = parse_response(make_result("a", logprobs="{not json"))
+    assert chunk.text == "a" and chunk.logprobs == []
+    assert "logprobs" in caplog.text
 
 
 def test_parse_response_empty_finish_reason_is_none():
@@ -164,6 +219,30 @@ def test_invalid_request_prefix_maps_to_400_with_the_rest():
         "invalid_request_error",
         "image 3 is not decodable",
     )
+
+
+@pytest.mark.parametrize(
+    "detail, message, param, code",
+    [
+        (
+            '{"message": "prompt is 9000 tokens; the limit is 8192", "param": "max_tokens", '
+            '"code": "context_length_exceeded"}',
+            "prompt is 9000 tokens; the limit is 8192",
+            "max_tokens",
+            "context_length_exceeded",
+        ),
+        ('{"message": "bad image", "param": null, "code": null}', "bad image", None, None),
+        ('{"message": "x", "param": 3, "code": ["y"]}', "x", None, None),  # wrong types dropped
+        ("plain text (messages[0])", "plain text (messages[0])", None, None),
+        ('{"no_message": 1}', '{"no_message": 1}', None, None),
+        ("[1, 2]", "[1, 2]", None, None),
+    ],
+    ids=["json", "json-nulls", "json-bad-types", "text", "json-without-message", "json-list"],
+)
+def test_invalid_request_json_detail_fills_the_envelope(detail, message, param, code):
+    error = model_error(InferenceServerException("invalid_request: " + detail), "r1")
+    assert (error.status, error.type) == (400, "invalid_request_error")
+    assert (error.message, error.param, error.code) == (message, param, code)
 
 
 def test_other_model_errors_are_generic_500_and_logged(caplog):
@@ -218,6 +297,10 @@ class FakeClient:
         self.closed = False
         self.ready = True
         self.ready_calls: list[tuple] = []
+        self.index: dict | Exception = {"models": []}
+        self.index_calls: list[tuple] = []
+        self.load_calls: list[str] = []
+        self.load_error: Exception | None = None
 
     def stream_infer(self, inputs_iterator):
         stream = ScriptedStream(self, inputs_iterator)
@@ -230,6 +313,17 @@ class FakeClient:
             raise self.ready
         return self.ready
 
+    async def get_model_repository_index(self, as_json=False, client_timeout=None):
+        self.index_calls.append((as_json, client_timeout))
+        if isinstance(self.index, Exception):
+            raise self.index
+        return self.index
+
+    async def load_model(self, model_name, **kwargs):
+        self.load_calls.append(model_name)
+        if self.load_error is not None:
+            raise self.load_error
+
     async def close(self):
         self.closed = True
 
@@ -239,7 +333,7 @@ def make_backend(monkeypatch):
     def make(*script) -> tuple[TritonBackend, FakeClient]:
         monkeypatch.setattr(FakeClient, "script", list(script))
         monkeypatch.setattr(backend_module.grpcclient_aio, "InferenceServerClient", FakeClient)
-        backend = TritonBackend("triton:8001", "qwen2_5_vl", ready_timeout_s=1.5)
+        backend = TritonBackend("triton:8001", ready_timeout_s=1.5)
         return backend, backend._client
 
     return make
@@ -340,12 +434,48 @@ async def test_stream_closed_without_final_is_500(make_backend):
 
 async def test_is_ready_uses_model_and_timeout(make_backend):
     backend, client = make_backend()
-    assert await backend.is_ready() is True
+    assert await backend.is_ready("qwen2_5_vl") is True
     assert client.ready_calls == [("qwen2_5_vl", 1.5)]
     client.ready = False
-    assert await backend.is_ready() is False
+    assert await backend.is_ready("qwen2_5_vl") is False
     client.ready = InferenceServerException("unavailable")
-    assert await backend.is_ready() is False
+    assert await backend.is_ready("qwen2_5_vl") is False
+
+
+async def test_generate_sends_the_request_model(make_backend):
+    backend, client = make_backend(make_result("a", "stop", final=True))
+    request = TritonRequest(
+        model="other_model", messages_json="[]", images=[], sampling_parameters={}, stream=False
+    )
+    await collect(backend, request)
+    assert client.sent[0]["model_name"] == "other_model"
+
+
+async def test_repository_index_maps_names_to_states(make_backend):
+    backend, client = make_backend()
+    client.index = {
+        "models": [
+            {"name": "qwen2_5_vl", "version": "1", "state": "READY"},
+            {"name": "lazy_one"},  # explicit model control: in the repository, never loaded
+        ]
+    }
+    assert await backend.repository_index() == {"qwen2_5_vl": "READY", "lazy_one": ""}
+    assert client.index_calls == [(True, 1.5)]
+    client.index = InferenceServerException("unavailable")
+    with pytest.raises(InferenceServerException):
+        await backend.repository_index()
+
+
+async def test_load_model_failure_is_503_without_details(make_backend, caplog):
+    backend, client = make_backend()
+    await backend.load_model("qwen2_5_vl")
+    assert client.load_calls == ["qwen2_5_vl"]
+    client.load_error = InferenceServerException("failed to load: CUDA OOM at /opt/x.py")
+    with caplog.at_level(logging.ERROR, logger="proxy.backend"):
+        with pytest.raises(APIError) as caught:
+            await backend.load_model("qwen2_5_vl")
+    assert (caught.value.status, caught.value.code) == (503, "model_load_failed")
+    assert "OOM" not in caught.value.message and "OOM" in caplog.text
 
 
 async def test_close_closes_the_client(make_backend):

@@ -12,7 +12,7 @@ USER_HI = {"role": "user", "content": "hi"}
 
 
 def parse(body):
-    return parse_chat_request(body, SERVED)
+    return parse_chat_request(body)
 
 
 def error_for(body) -> APIError:
@@ -29,11 +29,47 @@ def test_minimal_request():
     assert chat.token_limit is None
 
 
-def test_unknown_fields_are_accepted():
+def test_unknown_fields_are_accepted_and_listed_in_body_order():
     chat = parse(
-        {"messages": [{**USER_HI, "name": "x"}], "user": "u", "tools": [], "logprobs": True}
+        {
+            "tools": [],
+            "messages": [{**USER_HI, "name": "x"}],
+            "user": "u",
+            "logit_bias": {"1": 2},
+            "logprobs": True,
+            "parallel_tool_calls": False,
+        }
     )
     assert chat.messages[0].content == "hi"
+    assert chat.ignored_fields == ["tools", "logit_bias", "parallel_tool_calls"]
+    assert chat.user == "u"
+
+
+def test_known_fields_are_not_ignored():
+    body = {
+        "model": SERVED,
+        "messages": [USER_HI],
+        "max_tokens": 1,
+        "max_completion_tokens": 1,
+        "temperature": 0,
+        "top_p": 1,
+        "top_k": 1,
+        "repetition_penalty": 1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "seed": 1,
+        "stop": "x",
+        "n": 1,
+        "stream": False,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "response_format": {"type": "text"},
+        "user": "u",
+        "min_pixels": 3136,
+        "max_pixels": 3136,
+    }
+    assert parse(body).ignored_fields == []
 
 
 def test_stream_options_include_usage():
@@ -48,14 +84,110 @@ def test_token_limit_prefers_max_completion_tokens():
     )
 
 
-def test_matching_model_is_accepted():
-    assert parse({"model": SERVED, "messages": [USER_HI]}).model == SERVED
+def test_model_is_kept_for_the_app_to_resolve():
+    assert parse({"model": "any-name", "messages": [USER_HI]}).model == "any-name"
 
 
-def test_other_model_is_404_model_not_found():
-    error = error_for({"model": "qwen2.5-vl-72b-instruct", "messages": [USER_HI]})
-    assert (error.status, error.code, error.param) == (404, "model_not_found", "model")
-    assert SERVED in error.message
+@pytest.mark.parametrize(
+    "part, kind",
+    [
+        ({"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}, "input_audio"),
+        ({"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}, "video_url"),
+        ({"type": "file", "file": {"file_id": "f"}}, "file"),
+        ({"type": "refusal", "refusal": "no"}, "refusal"),
+        ({"type": "image", "image": "x"}, "image"),
+        ({"type": "audio", "audio": "x"}, "audio"),
+        ({"type": 7}, "7"),
+    ],
+)
+def test_unsupported_content_part_types_are_named(part, kind):
+    body = {
+        "messages": [
+            USER_HI,
+            {"role": "user", "content": [{"type": "text", "text": "a"}, part]},
+        ]
+    }
+    error = error_for(body)
+    assert (error.status, error.type) == (400, "invalid_request_error")
+    assert (error.param, error.code) == ("messages[1].content[1]", "unsupported_content_type")
+    assert f"'{kind}'" in error.message and "messages[1].content[1]" in error.message
+
+
+def test_unsupported_part_in_assistant_turn_is_named_too():
+    body = {
+        "messages": [
+            {"role": "assistant", "content": [{"type": "input_audio", "input_audio": {}}]},
+        ]
+    }
+    error = error_for(body)
+    assert (error.param, error.code) == ("messages[0].content[0]", "unsupported_content_type")
+
+
+def test_part_without_type_is_missing_type():
+    error = error_for({"messages": [{"role": "user", "content": [{"text": "a"}]}]})
+    assert (error.param, error.code) == (
+        "messages[0].content[0].type",
+        "missing_required_parameter",
+    )
+
+
+def test_part_that_is_not_an_object_is_invalid():
+    error = error_for({"messages": [{"role": "user", "content": ["a"]}]})
+    assert (error.param, error.code) == ("messages[0].content[0]", "invalid_value")
+
+
+def test_image_url_pixel_fields_and_detail():
+    chat = parse(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {
+                                "url": "https://x/a.png",
+                                "detail": "low",
+                                "min_pixels": 3136,
+                                "max_pixels": 50176,
+                            },
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    image_url = chat.messages[0].content[0].image_url
+    assert (image_url.detail, image_url.min_pixels, image_url.max_pixels) == ("low", 3136, 50176)
+
+
+def test_top_logprobs_requires_logprobs():
+    error = error_for({"messages": [USER_HI], "top_logprobs": 3})
+    assert (error.status, error.param, error.code) == (400, "top_logprobs", "invalid_value")
+    error = error_for({"messages": [USER_HI], "top_logprobs": 3, "logprobs": False})
+    assert error.param == "top_logprobs"
+    assert parse({"messages": [USER_HI], "top_logprobs": 0, "logprobs": True}).top_logprobs == 0
+
+
+@pytest.mark.parametrize(
+    "response_format", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {}}]
+)
+def test_structured_response_formats_are_unsupported(response_format):
+    error = error_for({"messages": [USER_HI], "response_format": response_format})
+    assert (error.status, error.param, error.code) == (
+        400,
+        "response_format",
+        "unsupported_parameter",
+    )
+    assert response_format["type"] in error.message
+
+
+def test_text_response_format_is_accepted():
+    assert parse({"messages": [USER_HI], "response_format": {"type": "text"}})
+
+
+def test_sixteen_stop_strings_are_accepted():
+    assert len(parse({"messages": [USER_HI], "stop": ["s"] * 16}).stop) == 16
 
 
 @pytest.mark.parametrize("n", [0, 2, 5])
@@ -91,6 +223,20 @@ def test_n_other_than_one_is_400(n):
         (
             {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
             "messages[0].content[0]",
+            "unsupported_content_type",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "x", "detail": "max"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url.detail",
             "invalid_value",
         ),
         (
@@ -119,6 +265,27 @@ def test_n_other_than_one_is_400(n):
         ({"messages": [USER_HI], "max_tokens": 0}, "max_tokens", "invalid_value"),
         ({"messages": [USER_HI], "max_tokens": "many"}, "max_tokens", "invalid_value"),
         ({"messages": [USER_HI], "stop": [1, 2]}, "stop[0]", "invalid_value"),
+        ({"messages": [USER_HI], "stop": ["s"] * 17}, "stop", "invalid_value"),
+        ({"messages": [USER_HI], "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+        ({"messages": [USER_HI], "frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+        (
+            {"messages": [USER_HI], "top_logprobs": 21, "logprobs": True},
+            "top_logprobs",
+            "invalid_value",
+        ),
+        (
+            {"messages": [USER_HI], "top_logprobs": -1, "logprobs": True},
+            "top_logprobs",
+            "invalid_value",
+        ),
+        ({"messages": [USER_HI], "logprobs": "maybe"}, "logprobs", "invalid_value"),
+        ({"messages": [USER_HI], "user": 5}, "user", "invalid_value"),
+        ({"messages": [USER_HI], "max_pixels": 0}, "max_pixels", "invalid_value"),
+        (
+            {"messages": [USER_HI], "response_format": {}},
+            "response_format.type",
+            "missing_required_parameter",
+        ),
         (
             {"messages": [USER_HI], "stream_options": {"include_usage": "maybe"}},
             "stream_options.include_usage",

@@ -5,7 +5,9 @@ It answers with a description of what it received, one word per streamed respons
 Sampling parameters steer it: `echo_error` sends an error response (its value is the
 message), `echo_delay_s` sleeps between words and stops when the request is cancelled,
 writing `cancelled` to `echo_cancel_marker`; `echo_flag_last` sends the FINAL flag with the
-last word instead of an empty final response.
+last word instead of an empty final response. Like the real model it reports
+`num_image_tokens` (10 per image here) and, when `logprobs` is true, one logprobs entry per
+word (logprob -1, top alternatives: the word and "~").
 """
 
 import hashlib
@@ -36,9 +38,13 @@ class TritonPythonModel:
             return
         words = _describe(messages, images, params)
         prompt_tokens = len(json.dumps(messages).split())
+        counts = (prompt_tokens, 10 * len(images))
+        logprobs = bool(params.get("logprobs"))
+        top = int(params.get("top_logprobs", 0))
         if not stream:
             text = " ".join(words)
-            sender.send(_response(text, "stop", prompt_tokens, len(words)), flags=FINAL)
+            entries = [_logprob(w, top) for w in words] if logprobs else None
+            sender.send(_response(text, "stop", counts, len(words), entries), flags=FINAL)
             return
         delay = float(params.get("echo_delay_s", 0))
         flag_last = bool(params.get("echo_flag_last", False))
@@ -53,7 +59,8 @@ class TritonPythonModel:
             last = index == len(words) - 1
             delta = word if index == 0 else " " + word
             finish = "stop" if last else ""
-            response = _response(delta, finish, prompt_tokens, 1)
+            entries = [_logprob(word, top)] if logprobs else None
+            response = _response(delta, finish, counts, 1, entries)
             sender.send(response, flags=FINAL if last and flag_last else 0)
         if not flag_last:
             sender.send(flags=FINAL)
@@ -74,12 +81,25 @@ def _describe(messages, images, params):
     return [f"messages={len(messages)}", f"images={digests}", f"params={keys}", *content.split()]
 
 
-def _response(text, finish_reason, prompt_tokens, output_tokens):
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
-            pb_utils.Tensor("num_input_tokens", np.array([prompt_tokens], dtype=np.uint32)),
-            pb_utils.Tensor("num_output_tokens", np.array([output_tokens], dtype=np.uint32)),
-        ]
-    )
+def _logprob(word, top):
+    alternatives = [(word, -1.0), ("~", -3.0)][:top]
+    entry = {"token": word, "logprob": -1.0, "bytes": list(word.encode("utf-8"))}
+    entry["top_logprobs"] = [
+        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in alternatives
+    ]
+    return entry
+
+
+def _response(text, finish_reason, counts, output_tokens, logprobs=None):
+    prompt_tokens, image_tokens = counts
+    tensors = [
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
+        pb_utils.Tensor("num_input_tokens", np.array([prompt_tokens], dtype=np.uint32)),
+        pb_utils.Tensor("num_output_tokens", np.array([output_tokens], dtype=np.uint32)),
+        pb_utils.Tensor("num_image_tokens", np.array([image_tokens], dtype=np.uint32)),
+    ]
+    if logprobs is not None:
+        raw = json.dumps(logprobs, ensure_ascii=False).encode("utf-8")
+        tensors.append(pb_utils.Tensor("logprobs", np.array([raw], dtype=np.object_)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)

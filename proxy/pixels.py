@@ -1,0 +1,88 @@
+"""Per-image pixel budgets: the area bounds the model resizes each image into.
+
+Qwen2.5-VL cuts an image into 14x14-pixel patches and merges 2x2 of them into one visual
+token, so one token covers 28x28 = 784 pixels. The model resizes every image onto this
+28-pixel grid with its area inside [min_pixels, max_pixels] (`qwen_vl_utils.smart_resize`),
+so the bounds decide an image's cost in prompt tokens. The proxy sends them with every image
+part: `{"type": "image", "min_pixels": N, "max_pixels": M}`.
+
+Budgets, in pixels (visual tokens = pixels / 784 after resizing):
+
+    server bounds   --image-min-pixels 3136 (4 tokens) .. --image-max-pixels 1003520 (1280
+                    tokens): the model's own defaults; every image gets them unless the
+                    request says otherwise
+    detail "low"    min: server min; max: 200704 = 448 x 448 (at most 256 tokens), never
+                    above the server max
+    detail "high"   min: server min; max: the server max (at most 1280 tokens by default)
+    detail "auto"   min: server min; max: the server default max, which is the server max
+    or no detail    (with one server maximum, "high" has no larger budget to grant than "auto")
+
+A request may set `min_pixels` / `max_pixels` at the top level (all its images) or inside an
+`image_url` object (that image; it wins over the top level and over `detail`); explicit values
+must lie within the server's [min, max], and an image's min must not exceed its max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import APIError
+
+PIXELS_PER_TOKEN = 28 * 28
+LOW_DETAIL_MAX_PIXELS = 448 * 448  # 200704: at most 256 visual tokens
+DEFAULT_MIN_PIXELS = 4 * PIXELS_PER_TOKEN  # 3136
+DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN  # 1003520
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    min_pixels: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    """The server-wide bounds: defaults for every image and the range clients may ask for."""
+
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def detail_max_pixels(self, detail: str | None) -> int:
+        if detail == "low":
+            return max(self.min_pixels, min(LOW_DETAIL_MAX_PIXELS, self.max_pixels))
+        # "high" takes the server max; "auto" (and no detail) the server default max, which
+        # is the same flag.
+        return self.max_pixels
+
+    def check(self, value: int | None, param: str) -> int | None:
+        """A client's explicit bound, refused unless inside the server's range."""
+        if value is not None and not self.min_pixels <= value <= self.max_pixels:
+            raise APIError(
+                400,
+                f"Invalid value for '{param}': {value} is outside this server's range "
+                f"[{self.min_pixels}, {self.max_pixels}] pixels.",
+                param=param,
+                code="invalid_value",
+            )
+        return value
+
+
+def image_budget(
+    limits: PixelLimits,
+    detail: str | None,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    param: str,
+) -> PixelBudget:
+    """One image's bounds; `min_pixels`/`max_pixels` are the client's (checked) or None."""
+    low = min_pixels if min_pixels is not None else limits.min_pixels
+    high = max_pixels if max_pixels is not None else limits.detail_max_pixels(detail)
+    if low > high:
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': min_pixels ({low}) exceeds max_pixels ({high}) "
+            "for this image.",
+            param=param,
+            code="invalid_value",
+        )
+    return PixelBudget(min_pixels=low, max_pixels=high)
