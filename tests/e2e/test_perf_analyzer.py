@@ -1,14 +1,21 @@
 """perf_analyzer drives the Triton model directly over gRPC streaming with the shipped inputs."""
+import base64
+import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+INPUTS = ROOT / "bench" / "perf_analyzer"
+sys.path.insert(0, str(INPUTS))
+import make_inputs  # noqa: E402
 
 
 def perf_analyzer_env() -> dict:
@@ -20,15 +27,67 @@ def perf_analyzer_env() -> dict:
     return env
 
 
-@pytest.mark.parametrize("inputs", ["text.json", "image.json"])
+def image_tokens_served(stack) -> float:
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{stack.config.metrics_port}/metrics", timeout=5).read().decode()
+    match = re.search(r"^qwen_vl_image_tokens_total\{[^}]*\} ([\d.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_shipped_inputs_are_what_make_inputs_writes():
+    for name, doc in make_inputs.build().items():
+        shipped = json.loads((INPUTS / name).read_text(encoding="utf-8"))
+        assert shipped == doc, f"{name} is stale: run bench/perf_analyzer/make_inputs.py"
+
+
+def test_b64_image_is_a_length_prefixed_serialized_bytes_tensor():
+    entry = json.loads((INPUTS / "image_b64.json").read_text())["data"][0]["image"]
+    blob = base64.b64decode(entry["b64"])
+    (length,) = struct.unpack("<I", blob[:4])
+    assert entry["shape"] == [1] and length == len(blob) - 4
+    assert blob[4:7] == b"\xff\xd8\xff"  # the raw JPEG itself, not base64 text or a data: URL
+    assert base64.b64decode(make_inputs.bytes_tensor_b64([b"ab", b"c"])) == \
+        b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+
+
+@pytest.mark.parametrize("inputs", ["text.json", "image.json", "image_b64.json"])
 def test_perf_analyzer_streams_against_the_model(stack, inputs):
     binary = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
     assert binary, "perf_analyzer ships in the tritonclient wheel"
+    image_tokens_before = image_tokens_served(stack)
     result = subprocess.run(
         [binary, "-m", "qwen2_5_vl", "-i", "grpc", "--streaming", "-u", stack.config.triton_grpc_url,
-         "--input-data", str(ROOT / "bench" / "perf_analyzer" / inputs),
+         "--input-data", str(INPUTS / inputs),
          "--request-count", "12", "--concurrency-range", "2"],
         capture_output=True, text=True, timeout=240, env=perf_analyzer_env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     match = re.search(r"Concurrency: 2, throughput: ([\d.]+) infer/sec", result.stdout)
     assert match and float(match.group(1)) > 0, result.stdout[-2000:]
+    if inputs.startswith("image"):  # the model decoded the image in every request
+        assert image_tokens_served(stack) - image_tokens_before >= 12
+
+
+def test_run_script_prints_a_table_against_the_stack(stack, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(INPUTS / "run.py"), "--url", stack.config.triton_grpc_url,
+         "--inputs", "text.json", "image_b64.json", "--concurrency", "1", "--request-count", "6",
+         "--warmup", "0", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if line.startswith(("text.json", "image_b64.json"))}
+    assert set(rows) == {"text.json", "image_b64.json"}, result.stdout
+    for cells in rows.values():
+        assert cells[1] == "1" and cells[2] == "6" and float(cells[3]) > 0, cells
+    assert (tmp_path / "results.json").exists()
+
+
+def test_run_script_fails_when_perf_analyzer_fails(tmp_path):
+    from stack import free_port  # noqa: E402  (tests/e2e/conftest.py puts scripts/ on sys.path)
+
+    result = subprocess.run(
+        [sys.executable, str(INPUTS / "run.py"), "--url", f"127.0.0.1:{free_port()}",
+         "--inputs", "text.json", "--concurrency", "1", "--request-count", "2", "--warmup", "0",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "FAILED" in result.stdout, result.stdout + result.stderr
