@@ -9,15 +9,16 @@ from aiohttp import web
 
 from .app import create_app
 from .config import parse_config
+from .hardening import describe_limits
+from .logs import configure_logging
+from .shutdown import CANCEL_GRACE_S, install_signal_drain
 
 log = logging.getLogger("proxy")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level, config.log_format)
     log.info(
         "serving %r on %s:%d, Triton model %r at %s",
         config.served_model_name,
@@ -32,12 +33,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "on" if config.image_fetch else "off (data: URLs only)",
         "lazy loading (the first request loads a model)" if config.lazy_load else "eager loading",
     )
-    # run_app handles SIGINT/SIGTERM: it stops accepting, lets requests finish, then runs the
-    # app's cleanup, which closes the Triton gRPC channel.
+    log.info("%s", describe_limits(config))
+    app = create_app(config)
+    # SIGINT/SIGTERM drain first (proxy/shutdown.py): not ready, new requests refused, the
+    # admitted ones finish within --shutdown-timeout-s. Then run_app stops accepting,
+    # cancels what is left, and runs the app's cleanup, which closes the Triton gRPC channel.
+    install_signal_drain(app, config.shutdown_timeout_s)
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
+        handle_signals=False,
+        shutdown_timeout=CANCEL_GRACE_S,
         # A client that disconnects cancels its handler, so Triton stops generating for it
         # even when no byte is being written (non-stream requests, long prefill).
         handler_cancellation=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -14,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .admission import with_stream_timeouts
 from .backend import Backend, GenerationChunk, TritonBackend
 from .config import ProxyConfig
 from .errors import (
@@ -25,8 +25,17 @@ from .errors import (
     json_dumps,
 )
 from .fetch import FetchPolicy, GuardedFetcher
-from .images import ImageFetcher, ImageRef, load_images
+from .hardening import REQUEST_LIMITS_KEY, install_hardening
+from .images import ImageFetcher, ImageRef
+from .limits import check_chat, check_images, check_json_text
 from .loader import ModelLoader, model_not_loaded
+from .metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
+from .observe import (
+    load_images_timed,
+    observe_generation,
+    observe_request,
+    timed_image_check,
+)
 from .pixels import PixelLimits
 from .schema import ChatCompletionRequest, parse_chat_request
 from .sse import DONE_EVENT, sse_error, sse_event
@@ -86,6 +95,7 @@ def create_app(
     )
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = int(time.time())
+    app[METRICS_KEY] = ProxyMetrics()
     app[LIMITS_KEY] = ServerLimits(
         pixels=PixelLimits(config.image_min_pixels, config.image_max_pixels),
         max_tokens=config.max_tokens_limit,
@@ -102,6 +112,8 @@ def create_app(
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get(METRICS_PATH, metrics_handler)
+    install_hardening(app, config)
     return app
 
 
@@ -139,28 +151,10 @@ async def backend_context(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def request_log_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The request id, then one log line and the request metrics (proxy/observe.py); the
+    outermost middleware, so it sees every answer, errors rendered by the others included."""
     request[REQUEST_ID_KEY] = _request_id(request)
-    started = time.monotonic()
-    status: int | str = "failed"
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except asyncio.CancelledError:
-        status = "cancelled (client disconnected)"
-        raise
-    finally:
-        usage = request.get(USAGE_KEY)
-        log.info(
-            "request %s %s %s -> %s prompt_tokens=%s completion_tokens=%s %.1f ms",
-            request[REQUEST_ID_KEY],
-            request.method,
-            request.path,
-            status,
-            usage.prompt_tokens if usage else "-",
-            usage.completion_tokens if usage else "-",
-            (time.monotonic() - started) * 1000,
-        )
+    return await observe_request(request, handler)
 
 
 def _request_id(request: web.Request) -> str:
@@ -191,16 +185,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = parse_chat_request(await read_json_object(request))
     note_request_fields(request, chat)
+    check_chat(chat, app[REQUEST_LIMITS_KEY])
     served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
     prepared = prepare_chat(chat, app[LIMITS_KEY])
-    images = await load_images(prepared.images, app.get(FETCHER_KEY))
+    images = await load_images_timed(request, prepared.images, app.get(FETCHER_KEY))
+    await timed_image_check(
+        request, check_images(images, prepared.images, app[REQUEST_LIMITS_KEY])
+    )
     if LOADER_KEY in app:
         await app[LOADER_KEY].ensure_loaded(triton_model)
     triton_request = prepared.to_triton(triton_model, images)
     identity = CompletionIdentity.new(served_name)
     usage = request[USAGE_KEY] = TokenUsage()
-    chunks = with_client_params(
-        app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY]), prepared.images
+    chunks = observe_generation(
+        request,
+        with_stream_timeouts(
+            request,
+            with_client_params(
+                app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY]),
+                prepared.images,
+            ),
+        ),
+        model=served_name,
+        stream=chat.is_stream,
+        usage=usage,
     )
     # Closing the generator is what cancels the Triton stream when the client goes away.
     async with contextlib.aclosing(chunks):
@@ -259,7 +267,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's
         raise APIError(
             400,
             "We could not parse the JSON body of your request. Send valid JSON.",
@@ -267,6 +275,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
+    check_json_text(raw, body)
     return body
 
 

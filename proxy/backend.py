@@ -17,15 +17,32 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from .errors import SERVICE_UNAVAILABLE, APIError, internal_error
+from .errors import RETRY_AFTER_S, SERVICE_UNAVAILABLE, APIError, internal_error
 from .translate import TritonRequest
 
 log = logging.getLogger("proxy.backend")
 
 # The model marks errors the client caused with this prefix; gRPC streams carry no status code.
 INVALID_REQUEST_PREFIX = "invalid_request: "
+# The model's UNAVAILABLE errors (model.py `_triton_error`): its queue is full, or it is
+# shutting down ("server busy: the model is shutting down").
+SERVER_BUSY_PREFIX = "server busy:"
+MODEL_SHUTTING_DOWN = "the model is shutting down"
+# Triton's own words when the model cannot take requests right now: the server is stopping,
+# or the model is unloaded, loading or being replaced.
+_TRITON_UNAVAILABLE = (
+    "Server is stopping",
+    "has no available versions",
+    "Request for unknown model",
+    "is not ready",
+    "Server not ready",
+)
+# gRPC backs off between reconnection attempts up to 120 s by default, so a proxy would
+# take up to two minutes to notice a restarted tritonserver; a few seconds is plenty.
+_MAX_RECONNECT_BACKOFF_MS = 2000
 
 # Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
 # tell "done" from "more to come" when the last text response was not flagged final.
@@ -78,6 +95,27 @@ def backend_unavailable() -> APIError:
         "The inference backend is unavailable; retry later.",
         type=SERVICE_UNAVAILABLE,
         code="backend_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def model_busy() -> APIError:
+    return APIError(
+        503,
+        "The model is at capacity; retry shortly.",
+        type=SERVICE_UNAVAILABLE,
+        code="server_busy",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def model_unavailable() -> APIError:
+    return APIError(
+        503,
+        "The model is not available right now (restarting or reloading); retry shortly.",
+        type=SERVICE_UNAVAILABLE,
+        code="model_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 
 
@@ -94,7 +132,7 @@ class TritonBackend:
     """`Backend` over `tritonclient.grpc.aio`; create it inside the serving event loop."""
 
     def __init__(self, url: str, *, ready_timeout_s: float = 2.0) -> None:
-        self._client = grpcclient_aio.InferenceServerClient(url)
+        self._client = grpcclient_aio.InferenceServerClient(url, channel_args=channel_args())
         self._ready_timeout_s = ready_timeout_s
 
     async def generate(
@@ -167,6 +205,21 @@ class TritonBackend:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel options, plus a short reconnection backoff."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 1000),  # gRPC's default
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+    ]
 
 
 def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
@@ -257,9 +310,21 @@ def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | N
 
 
 def model_error(error: InferenceServerException, request_id: str) -> APIError:
+    """A model or Triton error as the client sees it: the model's own `invalid_request:`
+    text (written for clients) as a 400; busy or unavailable as a 503 with Retry-After;
+    anything else as a generic 500. Only the log gets the original text."""
     message = error.message() or ""
     if message.startswith(INVALID_REQUEST_PREFIX):
         return client_error(message[len(INVALID_REQUEST_PREFIX) :])
+    if MODEL_SHUTTING_DOWN in message:
+        log.warning("request %s: model unavailable: %s", request_id, message)
+        return model_unavailable()
+    if message.startswith(SERVER_BUSY_PREFIX):
+        log.warning("request %s: model busy: %s", request_id, message)
+        return model_busy()
+    if any(phrase in message for phrase in _TRITON_UNAVAILABLE):
+        log.warning("request %s: model unavailable: %s", request_id, message)
+        return model_unavailable()
     log.error("request %s: model error: %s", request_id, message)
     return internal_error(request_id)
 

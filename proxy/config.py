@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .auth import APIKeyError, read_api_key
+from .logs import log_format
 
 MIB = 1024 * 1024
 
@@ -23,6 +26,21 @@ class ProxyConfig:
     # Extra served names, each mapped to a Triton model: ((name, triton_model), ...).
     model_map: tuple[tuple[str, str], ...] = ()
     max_request_bytes: int = 64 * MIB
+    # Hardening (proxy/limits.py, proxy/admission.py, proxy/auth.py, proxy/shutdown.py).
+    request_body_timeout_s: float = 30.0
+    max_messages: int = 512
+    max_text_chars: int = 1_000_000
+    max_images: int = 16
+    max_image_bytes: int = 20 * MIB
+    max_image_source_pixels: int = 40_000_000
+    min_image_side: int = 1
+    max_image_aspect_ratio: float = 200.0
+    max_request_pixels: int = 200_000_000
+    max_concurrent_requests: int = 64
+    request_timeout_s: float = 600.0
+    stream_idle_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 30.0
+    api_key: str = field(default="", repr=False)  # "" = no key required
     max_tokens_limit: int = 8192
     image_min_pixels: int = 3136
     image_max_pixels: int = 1003520
@@ -36,6 +54,8 @@ class ProxyConfig:
     lazy_load: bool = False
     load_timeout_s: float = 600.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_require_auth: bool = False
 
     @property
     def served_models(self) -> dict[str, str]:
@@ -145,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest accepted request body; base64 images outgrow aiohttp's 1 MiB default "
         "[PROXY_MAX_REQUEST_BYTES]",
     )
+    _add_hardening_arguments(parser, defaults)
     parser.add_argument(
         "--max-tokens-limit",
         type=int,
@@ -253,12 +274,149 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="verbosity of the proxy's logs (one line per request at INFO) [PROXY_LOG_LEVEL]",
     )
+    parser.add_argument(
+        "--log-format",
+        type=log_format,
+        metavar="{text,json}",
+        default=_env("PROXY_LOG_FORMAT", defaults.log_format),
+        help="text for people; json (one object per line, request fields as keys) for log "
+        "pipelines that index fields such as request_id [PROXY_LOG_FORMAT]",
+    )
+    parser.add_argument(
+        "--metrics-require-auth",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=_env("PROXY_METRICS_REQUIRE_AUTH", defaults.metrics_require_auth),
+        help="make GET /metrics need the API key like the API does; off by default because "
+        "Prometheus scrapers rarely carry one (keep the port off untrusted networks instead) "
+        "[PROXY_METRICS_REQUIRE_AUTH]",
+    )
     return parser
+
+
+def _add_hardening_arguments(parser: argparse.ArgumentParser, defaults: ProxyConfig) -> None:
+    """Limits, backpressure, timeouts, shutdown and the API key (docs/security.md)."""
+    parser.add_argument(
+        "--request-body-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_REQUEST_BODY_TIMEOUT_S", defaults.request_body_timeout_s),
+        help="seconds to receive a request body (408 after), so a client that trickles its "
+        "body cannot hold an in-flight slot [PROXY_REQUEST_BODY_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--max-messages",
+        type=_positive_int,
+        default=_env("PROXY_MAX_MESSAGES", defaults.max_messages),
+        help="messages per request; bounds validation and chat-template work per request "
+        "[PROXY_MAX_MESSAGES]",
+    )
+    parser.add_argument(
+        "--max-text-chars",
+        type=_positive_int,
+        default=_env("PROXY_MAX_TEXT_CHARS", defaults.max_text_chars),
+        help="characters of text per request, all messages together; bounds tokenizer work "
+        "and is above what a 128k-token context holds [PROXY_MAX_TEXT_CHARS]",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=_positive_int,
+        default=_env("PROXY_MAX_IMAGES", defaults.max_images),
+        help="images per request; the model's max_images (16), refused here before any "
+        "image is fetched or decoded [PROXY_MAX_IMAGES]",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=_positive_int,
+        default=_env("PROXY_MAX_IMAGE_BYTES", defaults.max_image_bytes),
+        help="encoded bytes per image (after base64 decoding); bounds memory per image "
+        "[PROXY_MAX_IMAGE_BYTES]",
+    )
+    parser.add_argument(
+        "--max-image-source-pixels",
+        type=_positive_int,
+        default=_env("PROXY_MAX_IMAGE_SOURCE_PIXELS", defaults.max_image_source_pixels),
+        help="width x height per image, read from its header before anything decodes it "
+        "(decompression bombs); the model's max_source_pixels, 40 MP = 120 MB of RGB "
+        "[PROXY_MAX_IMAGE_SOURCE_PIXELS]",
+    )
+    parser.add_argument(
+        "--min-image-side",
+        type=_positive_int,
+        default=_env("PROXY_MIN_IMAGE_SIDE", defaults.min_image_side),
+        help="smallest width or height accepted; 1 accepts any image (the model upscales "
+        "tiny ones onto its 28-px grid), raise it to refuse images with no content "
+        "[PROXY_MIN_IMAGE_SIDE]",
+    )
+    parser.add_argument(
+        "--max-image-aspect-ratio",
+        type=_positive_float,
+        default=_env("PROXY_MAX_IMAGE_ASPECT_RATIO", defaults.max_image_aspect_ratio),
+        help="longest over shortest side; Qwen's resize (and the model) refuse beyond 200 "
+        "[PROXY_MAX_IMAGE_ASPECT_RATIO]",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=_positive_int,
+        default=_env("PROXY_MAX_REQUEST_PIXELS", defaults.max_request_pixels),
+        help="source pixels of all images of a request together: the model decodes them all "
+        "at full size before resizing (200 MP = 600 MB of RGB; 16 12-MP photos fit) "
+        "[PROXY_MAX_REQUEST_PIXELS]",
+    )
+    parser.add_argument(
+        "--max-concurrent-requests",
+        type=_positive_int,
+        default=_env("PROXY_MAX_CONCURRENT_REQUESTS", defaults.max_concurrent_requests),
+        help="chat completions in flight; more get 429 at once (before their body is read), "
+        "bounding memory; below the model's batch + queue (16 + 64) so its queue never "
+        "overflows [PROXY_MAX_CONCURRENT_REQUESTS]",
+    )
+    parser.add_argument(
+        "--request-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_REQUEST_TIMEOUT_S", defaults.request_timeout_s),
+        help="total deadline of a chat completion, body to last token (504, or an SSE error "
+        "once streaming); 8192 tokens of a 7B take minutes [PROXY_REQUEST_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--stream-idle-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_STREAM_IDLE_TIMEOUT_S", defaults.stream_idle_timeout_s),
+        help="longest silence of the Triton stream between two responses (after the first, "
+        "which waits for queueing and prefill), so a hung backend is noticed "
+        "[PROXY_STREAM_IDLE_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--shutdown-timeout-s",
+        type=_positive_float,
+        default=_env("PROXY_SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s),
+        help="on SIGTERM, how long in-flight requests may finish before they are cancelled; "
+        "keep it at tritonserver's --exit-timeout-secs (30) [PROXY_SHUTDOWN_TIMEOUT_S]",
+    )
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key",
+        default=os.environ.get("PROXY_API_KEY", ""),
+        help="require 'Authorization: Bearer <key>' on every route but /health and /ready; "
+        "empty = no key (prefer --api-key-file: flags show up in ps) [PROXY_API_KEY]",
+    )
+    key.add_argument(
+        "--api-key-file",
+        default=os.environ.get("PROXY_API_KEY_FILE", ""),
+        help="file holding the API key (a mounted secret); its surrounding whitespace is "
+        "ignored [PROXY_API_KEY_FILE]",
+    )
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ProxyConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.max_image_aspect_ratio < 1:
+        parser.error("--max-image-aspect-ratio must be at least 1")
+    try:
+        api_key = read_api_key(args.api_key, args.api_key_file)
+    except APIKeyError as exc:
+        parser.error(str(exc))
     if args.max_tokens_limit < 0:
         parser.error("--max-tokens-limit must be 0 (no limit) or positive")
     if args.image_min_pixels > args.image_max_pixels:
@@ -273,6 +431,20 @@ def parse_config(argv: Sequence[str] | None = None) -> ProxyConfig:
         served_model_name=args.served_model_name,
         model_map=args.model_map,
         max_request_bytes=args.max_request_bytes,
+        request_body_timeout_s=args.request_body_timeout_s,
+        max_messages=args.max_messages,
+        max_text_chars=args.max_text_chars,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_source_pixels=args.max_image_source_pixels,
+        min_image_side=args.min_image_side,
+        max_image_aspect_ratio=args.max_image_aspect_ratio,
+        max_request_pixels=args.max_request_pixels,
+        max_concurrent_requests=args.max_concurrent_requests,
+        request_timeout_s=args.request_timeout_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+        api_key=api_key,
         max_tokens_limit=args.max_tokens_limit,
         image_min_pixels=args.image_min_pixels,
         image_max_pixels=args.image_max_pixels,
@@ -286,4 +458,6 @@ def parse_config(argv: Sequence[str] | None = None) -> ProxyConfig:
         lazy_load=args.lazy_load,
         load_timeout_s=args.load_timeout_s,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_require_auth=args.metrics_require_auth,
     )

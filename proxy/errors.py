@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -19,9 +21,15 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 SERVICE_UNAVAILABLE = "service_unavailable"
+# Seconds a 429 or 503 tells clients to wait (Retry-After): capacity frees up as fast as
+# completions end, and a restarted backend is reconnected within seconds.
+RETRY_AFTER_S = 1
 
 # Echoing a client's own path back is useful (OpenAI does it); capping it keeps the body small.
 _MAX_ECHOED_PATH = 200
+# A surrogate code point in a Python str: always unpaired (pairs decode to one character),
+# and without any UTF-8 form.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -35,6 +43,7 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,6 +51,8 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        # Sent with the envelope: Retry-After on 429/503, WWW-Authenticate on 401.
+        self.headers = dict(headers) if headers else None
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.message, type=self.type, param=self.param, code=self.code)
@@ -70,7 +81,10 @@ def error_response(error: APIError, headers: dict[str, str] | None = None) -> we
 
 def json_dumps(obj: Any) -> str:
     # UTF-8 text as is: the original server's users write Chinese.
-    return json.dumps(obj, ensure_ascii=False)
+    text = json.dumps(obj, ensure_ascii=False)
+    # An unpaired surrogate a client sent (echoed in an error) has no UTF-8 form; escaped
+    # as \udXXX it is still valid JSON.
+    return json.dumps(obj) if SURROGATE.search(text) else text
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> APIError:
@@ -95,7 +109,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         return await handler(request)
     except APIError as exc:
-        return error_response(exc)
+        return error_response(exc, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and other non-errors pass through untouched

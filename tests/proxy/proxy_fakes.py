@@ -7,6 +7,8 @@ import base64
 import json
 from collections.abc import AsyncGenerator
 
+from sample_images import encoded_image
+
 from proxy.backend import GenerationChunk
 from proxy.config import ProxyConfig
 from proxy.translate import TritonRequest
@@ -17,8 +19,9 @@ TEST_CONFIG = ProxyConfig(
     host="127.0.0.1", port=0, served_model_name=SERVED_MODEL, triton_model=TRITON_MODEL
 )
 
-PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR-test-png"
-JPEG_BYTES = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF-test-jpeg"
+# Real (tiny) images: the proxy reads each image's header before sending it on.
+PNG_BYTES = encoded_image("PNG", size=(4, 3))
+JPEG_BYTES = encoded_image("JPEG", size=(8, 6))
 
 
 def data_url(image: bytes, media_type: str = "image/png") -> str:

@@ -21,6 +21,7 @@ from proxy_fakes import (
     data_url,
     script,
 )
+from sample_images import encoded_image
 
 from proxy.backend import client_error
 
@@ -186,8 +187,8 @@ async def test_mid_stream_error_raises(sdk):
 async def test_many_images_across_turns_and_image_only_messages(sdk, stream):
     backend = FakeBackend()
     client = await sdk(backend)
-    gif = b"GIF89a" + b"gif-body"
-    webp = b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"webp-body"
+    gif = encoded_image("GIF", size=(5, 5))
+    webp = encoded_image("WEBP", size=(6, 6))
     assistant_turn = [{"type": "text", "text": "Two images."}, *image_parts(data_url(webp))]
     user_turn = [{"type": "text", "text": "And this?"}, *image_parts(data_url(JPEG_BYTES))]
     messages = [

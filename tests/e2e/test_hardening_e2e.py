@@ -1,0 +1,177 @@
+"""Hardening against the real stack (tiny checkpoint on a real tritonserver).
+
+- The model's own checks behind the proxy's: an image whose header passes but whose data
+  is broken gets the model's 400; an odd but valid image is served.
+- A client that disconnects frees its slot in the model (the batch gauge on Triton's metrics
+  port returns to 0; the request is counted as cancelled).
+- Load at 4x the proxy's in-flight cap: every answer is 200 or 429 and every stream that
+  started ends with [DONE].
+- tritonserver killed mid-stream: an SSE error event and [DONE], /ready 503; restarted on
+  the same ports, the same proxy process serves again.
+
+The last two use a stack of their own (this module's), never the session's, so killing its
+tritonserver breaks no other test.
+"""
+
+import concurrent.futures
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT, data_url
+from sse import read_events
+from test_model_metrics_e2e import scrape
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import stack as stack_launcher  # noqa: E402
+
+SERVED = "qwen2.5-vl-7b-instruct"
+IN_FLIGHT_CAP = 2
+# Sampled at temperature 2, the tiny random model talks for seconds before its EOS.
+LONG = {"max_tokens": 2000, "temperature": 2.0, "seed": 7}
+
+
+def chat(base_url, content, *, stream=False, timeout=120, **fields):
+    return requests.post(f"{base_url}/v1/chat/completions", stream=stream, timeout=timeout, json={
+        "model": SERVED, "stream": stream, "messages": [{"role": "user", "content": content}],
+        **fields})
+
+
+def image_message(url):
+    return [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": url}}]
+
+
+def wait_until(predicate, timeout, step=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def status_of(url):
+    try:
+        return requests.get(url, timeout=5).status_code
+    except requests.ConnectionError:
+        return None
+
+
+# ---- on the session stack ------------------------------------------------------------------
+
+
+def test_the_model_still_refuses_what_only_decoding_reveals(base_url):
+    broken = GOOD_PNG[:-30]  # the header is intact, the pixel data is cut
+    response = chat(base_url, image_message(data_url(broken)), max_tokens=2)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    assert error["param"] == "messages[0].content[1].image_url"
+
+
+@pytest.mark.parametrize("image", [ONE_BY_ONE, PNG_16BIT], ids=["1x1", "16-bit"])
+def test_odd_but_valid_images_are_served(base_url, image):
+    response = chat(base_url, image_message(data_url(image)), max_tokens=2)
+    assert response.status_code == 200, response.text
+
+
+def test_client_disconnect_frees_the_model_slot(stack, base_url):
+    before = scrape(stack)
+    with chat(base_url, "talk for a while", stream=True, **LONG) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(4):  # the role chunk and a few tokens: the sequence is in the batch
+            next(line for line in lines if line)
+    # Leaving the block closed the connection: the proxy cancels the Triton stream.
+
+    def freed():
+        after = scrape(stack)
+        cancelled = after.get("qwen_vl_requests_finished_total:cancelled", 0) - before.get(
+            "qwen_vl_requests_finished_total:cancelled", 0)
+        return after["qwen_vl_batch_size"] == 0 and cancelled == 1
+
+    wait_until(freed, timeout=10)
+    assert chat(base_url, "still there?", max_tokens=2).status_code == 200
+
+
+# ---- on a stack of this module's own -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_stack(tiny_checkpoint_path):
+    config = stack_launcher.StackConfig(
+        model=tiny_checkpoint_path, host="127.0.0.1",
+        http_port=stack_launcher.free_port(), grpc_port=stack_launcher.free_port(),
+        metrics_port=stack_launcher.free_port(), proxy_port=stack_launcher.free_port(),
+        proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)],
+    )
+    running = stack_launcher.Stack(config)
+    for log in (running.triton_log, running.proxy_log):
+        log.unlink(missing_ok=True)
+    running.start()
+    try:
+        running.wait_ready(timeout=240)
+        yield running
+    finally:
+        running.stop()
+
+
+def test_load_at_four_times_the_cap(own_stack):
+    base_url = own_stack.config.proxy_url
+
+    def one(i):
+        if i % 2:
+            response = chat(base_url, f"request {i}", max_tokens=16, temperature=1.0, seed=i)
+            return response.status_code, response.headers, response.text, None
+        with chat(base_url, f"request {i}", stream=True, max_tokens=16, temperature=1.0,
+                  seed=i) as response:
+            events = read_events(response) if response.status_code == 200 else None
+            return response.status_code, response.headers, response.text if events is None else "", events
+
+    with concurrent.futures.ThreadPoolExecutor(4 * IN_FLIGHT_CAP) as pool:
+        results = list(pool.map(one, range(4 * IN_FLIGHT_CAP)))
+    statuses = [status for status, *_ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= IN_FLIGHT_CAP and statuses.count(429) >= 1, statuses
+    for status, headers, text, events in results:
+        if status == 429:
+            assert headers["Retry-After"] == "1"
+            assert json.loads(text)["error"]["code"] == "rate_limit_exceeded"
+        elif events is not None:
+            assert events[-1] == "[DONE]"
+            assert not any(isinstance(e, dict) and "error" in e for e in events)
+    assert chat(base_url, "after the load", max_tokens=2).status_code == 200
+
+
+def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
+    config = own_stack.config
+    base_url = config.proxy_url
+    proxy_pid = own_stack.proxy.pid
+    with chat(base_url, "talk for a while", stream=True, **LONG) as response:
+        assert response.status_code == 200
+        lines = (line for line in response.iter_lines() if line)
+        seen = [next(lines) for _ in range(4)]
+        assert all(line.startswith(b"data: {") for line in seen)
+        os.killpg(own_stack.triton.pid, signal.SIGKILL)  # the backend stubs go with it
+        own_stack.triton.wait()
+        rest = [line[len(b"data: "):] for line in lines]
+    assert rest[-1] == b"[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert error["code"] == "backend_unavailable" and error["type"] == "service_unavailable"
+
+    wait_until(lambda: status_of(f"{base_url}/ready") == 503, timeout=10)
+    refused = chat(base_url, "anyone?", max_tokens=2)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+
+    # The same tritonserver command on the same ports; the proxy is not restarted.
+    own_stack.triton = own_stack._spawn(stack_launcher.triton_command(config), own_stack.triton_log,
+                                        stack_launcher._env(config))
+    wait_until(lambda: status_of(f"{base_url}/ready") == 200, timeout=240, step=0.5)
+    response = chat(base_url, "back again", max_tokens=4)
+    assert response.status_code == 200, response.text
+    assert own_stack.proxy.pid == proxy_pid and own_stack.proxy.poll() is None

@@ -1,0 +1,67 @@
+"""A Python-backend model that raises, in a real tritonserver (the echo model of
+tests/proxy/triton_models): Triton's error text (exception, file paths) stays in the log,
+the client gets a generic 500 with its request id, and the next request is served."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hardening_helpers import CHAT, assert_envelope, assert_no_leak
+from proxy_fakes import SERVED_MODEL, TEST_CONFIG
+from test_triton_backend_live import _tritonserver
+
+from proxy.app import create_app
+from proxy.backend import TritonBackend
+
+
+@pytest.fixture(scope="module")
+def echo_url(tmp_path_factory):
+    with _tritonserver(tmp_path_factory.mktemp("triton-raise")) as url:
+        yield url
+
+
+class RaisingOnRequest:
+    """TritonBackend, except that a request mentioning RAISE reaches the echo model with
+    unparseable messages, so the model's `execute` raises (json.loads)."""
+
+    def __init__(self, inner: TritonBackend) -> None:
+        self._inner = inner
+
+    def generate(self, request, request_id):
+        if "RAISE" in request.messages_json:
+            request = dataclasses.replace(request, messages_json="{not json")
+        return self._inner.generate(request, request_id)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+async def test_model_exception_fails_that_request_alone(echo_url, caplog):
+    backend = TritonBackend(echo_url)
+    config = dataclasses.replace(TEST_CONFIG, triton_model="echo")
+    client = TestClient(TestServer(create_app(config, RaisingOnRequest(backend))))
+    await client.start_server()
+    try:
+        for stream in (False, True):
+            body = {
+                "model": SERVED_MODEL,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "RAISE"}],
+            }
+            response = await client.post(CHAT, json=body)
+            text = await response.text()
+            assert response.status == 500, text
+            assert_no_leak(text)
+            assert_envelope(json.loads(text), "internal_error")
+            assert response.headers["X-Request-Id"] in text
+        # The log has what the client did not get.
+        assert "JSONDecodeError" in caplog.text or "Expecting" in caplog.text
+        ok = await client.post(CHAT, json={"messages": [{"role": "user", "content": "fine now"}]})
+        assert ok.status == 200
+        assert (await ok.json())["choices"][0]["message"]["content"].endswith("fine now")
+    finally:
+        await client.close()
+        await backend.close()
