@@ -99,6 +99,12 @@ class StackConfig:
         return f"{_connect_host(self.host)}:{self.grpc_port}"
 
 
+def loopback_config(model: str, **overrides) -> StackConfig:
+    """A stack on 127.0.0.1 with free ports: for tests and benchmarks beside other stacks."""
+    ports = {name: free_port() for name in ("http_port", "grpc_port", "metrics_port", "proxy_port")}
+    return StackConfig(model=model, host="127.0.0.1", **{**ports, **overrides})
+
+
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
@@ -160,9 +166,12 @@ class Stack:
         self.proxy_log = config.log_dir / f"proxy-{config.proxy_port}.log"
 
     def start(self) -> None:
-        env = _env(self.config)
-        self.triton = self._spawn(triton_command(self.config), self.triton_log, env)
-        self.proxy = self._spawn(proxy_command(self.config), self.proxy_log, env)
+        self.start_triton()
+        self.proxy = self._spawn(proxy_command(self.config), self.proxy_log, _env(self.config))
+
+    def start_triton(self) -> None:
+        """(Re)start tritonserver on the configured ports; the proxy reconnects by itself."""
+        self.triton = self._spawn(triton_command(self.config), self.triton_log, _env(self.config))
 
     def _spawn(self, cmd, log_path: Path, env) -> subprocess.Popen:
         log = open(log_path, "ab", buffering=0)

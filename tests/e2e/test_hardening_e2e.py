@@ -17,18 +17,14 @@ import concurrent.futures
 import json
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT, data_url
 from sse import read_events
+from stacks import running_stack
 from test_model_metrics_e2e import scrape
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import stack as stack_launcher  # noqa: E402
 
 SERVED = "qwen2.5-vl-7b-instruct"
 IN_FLIGHT_CAP = 2
@@ -104,21 +100,9 @@ def test_client_disconnect_frees_the_model_slot(stack, base_url):
 
 @pytest.fixture(scope="module")
 def own_stack(tiny_checkpoint_path):
-    config = stack_launcher.StackConfig(
-        model=tiny_checkpoint_path, host="127.0.0.1",
-        http_port=stack_launcher.free_port(), grpc_port=stack_launcher.free_port(),
-        metrics_port=stack_launcher.free_port(), proxy_port=stack_launcher.free_port(),
-        proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)],
-    )
-    running = stack_launcher.Stack(config)
-    for log in (running.triton_log, running.proxy_log):
-        log.unlink(missing_ok=True)
-    running.start()
-    try:
-        running.wait_ready(timeout=240)
+    with running_stack(tiny_checkpoint_path,
+                       proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)]) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_load_at_four_times_the_cap(own_stack):
@@ -149,8 +133,7 @@ def test_load_at_four_times_the_cap(own_stack):
 
 
 def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
-    config = own_stack.config
-    base_url = config.proxy_url
+    base_url = own_stack.config.proxy_url
     proxy_pid = own_stack.proxy.pid
     with chat(base_url, "talk for a while", stream=True, **LONG) as response:
         assert response.status_code == 200
@@ -169,8 +152,7 @@ def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
 
     # The same tritonserver command on the same ports; the proxy is not restarted.
-    own_stack.triton = own_stack._spawn(stack_launcher.triton_command(config), own_stack.triton_log,
-                                        stack_launcher._env(config))
+    own_stack.start_triton()
     wait_until(lambda: status_of(f"{base_url}/ready") == 200, timeout=240, step=0.5)
     response = chat(base_url, "back again", max_tokens=4)
     assert response.status_code == 200, response.text

@@ -4,21 +4,17 @@ own image token counts."""
 import base64
 import io
 import json
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 from PIL import Image
+from stacks import running_stack, stack_launcher
 from qwen_vl_utils import smart_resize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import stack as stack_launcher  # noqa: E402
 
 SERVED = "qwen2.5-vl-7b-instruct"
 MIN_PIXELS, MAX_PIXELS, LOW_MAX_PIXELS = 3136, 1003520, 200704
@@ -235,19 +231,9 @@ def test_unsupported_part_and_models(base_url):
 
 @pytest.fixture(scope="module")
 def lazy_stack(tiny_checkpoint_path):
-    config = stack_launcher.StackConfig(
-        model=tiny_checkpoint_path, host="127.0.0.1", lazy_load=True,
-        http_port=stack_launcher.free_port(), grpc_port=stack_launcher.free_port(),
-        metrics_port=stack_launcher.free_port(), proxy_port=stack_launcher.free_port())
-    running = stack_launcher.Stack(config)
-    for log in (running.triton_log, running.proxy_log):
-        log.unlink(missing_ok=True)
-    running.start()
-    try:
-        running.wait_ready(timeout=120)  # /health: nothing is loaded yet
+    # wait_ready waits for /health here: nothing is loaded yet
+    with running_stack(tiny_checkpoint_path, ready_timeout=120, lazy_load=True) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_lazy_load_loads_once_on_the_first_requests(lazy_stack):

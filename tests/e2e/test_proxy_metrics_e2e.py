@@ -4,16 +4,12 @@ import dataclasses
 import json
 import re
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import requests
 from sample_images import data_url
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import stack as stack_launcher  # noqa: E402
+from stacks import stack_launcher
 
 SERVED = "qwen2.5-vl-7b-instruct"
 TRITON_MODEL = "qwen2_5_vl"

@@ -1,0 +1,21 @@
+"""Starting whole stacks (tritonserver + proxy) of the tests' own on loopback."""
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import stack as stack_launcher  # noqa: E402
+
+
+@contextlib.contextmanager
+def running_stack(model: str, ready_timeout: float = 240, **overrides):
+    """A stack of its own on free loopback ports, with fresh logs, stopped on exit."""
+    running = stack_launcher.Stack(stack_launcher.loopback_config(model, **overrides))
+    for log in (running.triton_log, running.proxy_log):
+        log.unlink(missing_ok=True)
+    running.start()
+    try:
+        running.wait_ready(timeout=ready_timeout)
+        yield running
+    finally:
+        running.stop()
