@@ -6,7 +6,11 @@ classes with a small byte-level BPE tokenizer, Qwen's special tokens and Qwen's 
 so every code path the 7B checkpoint takes runs here too, in milliseconds on a CPU. Its
 outputs are random text. The build is deterministic and cached: a second run is a no-op.
 
-    python scripts/build_tiny_checkpoint.py [--out DIR] [--force]
+    python scripts/build_tiny_checkpoint.py [--preset tiny|bench] [--out DIR] [--force]
+
+`--preset bench` builds the same architecture, tokenizer and processor at a size where compute
+dominates serving overhead on a CPU (a ~60M-parameter text model and a small real vision tower),
+for bench/chat_bench.py; it goes to .cache/bench-qwen2.5-vl unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -21,7 +25,37 @@ from pathlib import Path
 # Bump when the recipe changes so cached copies are rebuilt.
 RECIPE_VERSION = "3"
 MARKER_FILE = "RANDOM_WEIGHTS"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / ".cache" / "tiny-qwen2.5-vl"
+CACHE = Path(__file__).resolve().parent.parent / ".cache"
+DEFAULT_OUT = CACHE / "tiny-qwen2.5-vl"
+
+# Model sizes per preset. `tiny` is what the tests use; `bench` is big enough that a decode step
+# is dominated by matmuls (not Python and serving overhead) on a 2-core CPU, so batching shows.
+# mrope sections (temporal, height, width) must sum to head_dim / 2 = hidden / heads / 2.
+PRESETS = {
+    "tiny": dict(
+        out=DEFAULT_OUT,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                    fullatt_block_indexes=[1]),
+        greedy_whole_characters=False,
+    ),
+    "bench": dict(
+        out=CACHE / "bench-qwen2.5-vl",
+        # ~60M text parameters (7.3M per layer; the ~500-token vocabulary adds little), head_dim 64.
+        text=dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=8,
+                  num_attention_heads=12, num_key_value_heads=2, mrope_section=[8, 12, 12]),
+        vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
+                    fullatt_block_indexes=[1, 3]),
+        # Zero the output-projection rows of the special tokens (EOS included) and of the byte
+        # tokens that are not whole UTF-8 characters: their logit is then exactly 0, while the
+        # largest of the other ~300 random logits is far above it. So greedy decoding never
+        # stops early (every request runs to max_tokens: servers compare equal work) and every
+        # token streams as one text chunk (no half characters held back), so inter-token
+        # latency is measured per token on every server.
+        greedy_whole_characters=True,
+    ),
+}
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -86,23 +120,22 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
-def build_model_config(tokenizer):
+def build_model_config(tokenizer, preset: str = "tiny"):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = len(tokenizer)
+    sizes = dict(PRESETS[preset]["text"])
+    mrope_section = sizes.pop("mrope_section")
     text_config = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-        # mrope sections (temporal, height, width) must sum to head_dim / 2 = 8.
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        vocab_size=vocab_size, **sizes, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     vision_config = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        **PRESETS[preset]["vision"], out_hidden_size=sizes["hidden_size"],
         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        fullatt_block_indexes=[1],
     )
     return Qwen2_5_VLConfig(
         text_config=text_config, vision_config=vision_config,
@@ -142,12 +175,20 @@ def build_processor(tokenizer):
     )
 
 
-def build(out: Path, seed: int = 0) -> Path:
+def build(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
     from transformers import GenerationConfig
 
     tokenizer = build_tokenizer()
-    config = build_model_config(tokenizer)
+    config = build_model_config(tokenizer, preset)
     model = build_model(config, seed)
+    if PRESETS[preset]["greedy_whole_characters"]:
+        import torch
+
+        special = set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+        never = [i for i in range(len(tokenizer))
+                 if i in special or not tokenizer.decode([i]) or "\ufffd" in tokenizer.decode([i])]
+        with torch.no_grad():
+            model.lm_head.weight[never] = 0.0
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -164,7 +205,10 @@ def build(out: Path, seed: int = 0) -> Path:
             "This checkpoint has random weights (built by scripts/build_tiny_checkpoint.py).\n"
             "It exercises the serving stack; its answers are meaningless.\n"
         )
-        (staging / "recipe.json").write_text(json.dumps({"recipe": RECIPE_VERSION, "seed": seed}))
+        recipe = {"recipe": RECIPE_VERSION, "seed": seed}
+        if preset != "tiny":  # tiny's recipe.json stays byte-identical to before presets existed
+            recipe["preset"] = preset
+        (staging / "recipe.json").write_text(json.dumps(recipe))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -173,25 +217,30 @@ def build(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def is_current(out: Path) -> bool:
+def is_current(out: Path, preset: str = "tiny") -> bool:
     try:
-        return json.loads((out / "recipe.json").read_text())["recipe"] == RECIPE_VERSION
+        recipe = json.loads((out / "recipe.json").read_text())
+        return recipe["recipe"] == RECIPE_VERSION and recipe.get("preset", "tiny") == preset
     except (OSError, ValueError, KeyError):
         return False
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="model size: tiny (tests, the default) or bench (benchmarks)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint directory (default: .cache/tiny-qwen2.5-vl or "
+                             ".cache/bench-qwen2.5-vl by preset)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = args.out.resolve()
-    if is_current(out) and not args.force:
+    out = (args.out or PRESETS[args.preset]["out"]).resolve()
+    if is_current(out, args.preset) and not args.force:
         print(out)
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    build(out, args.seed)
+    build(out, args.seed, args.preset)
     print(out)
     return 0
 
