@@ -36,6 +36,7 @@ from .errors import (
     SERVICE_UNAVAILABLE,
     APIError,
 )
+from .limits import MIB
 
 log = logging.getLogger("proxy")
 
@@ -51,7 +52,7 @@ RATE_LIMIT = "requests"  # OpenAI's `type` for request-rate 429s
 @dataclass(frozen=True)
 class AdmissionSettings:
     max_in_flight: int = 64
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 64 * MIB
     body_timeout_s: float = 30.0
     request_timeout_s: float = 600.0
     idle_timeout_s: float = 60.0

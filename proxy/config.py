@@ -7,10 +7,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .admission import AdmissionSettings
 from .auth import APIKeyError, read_api_key
+from .fetch import FetchPolicy
+from .limits import RequestLimits
 from .logs import log_format
+from .pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-MIB = 1024 * 1024
+# Each component's settings class holds its defaults; the flags start from them.
+_LIMITS = RequestLimits()
+_ADMISSION = AdmissionSettings()
+_FETCH = FetchPolicy()
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -25,32 +32,32 @@ class ProxyConfig:
     served_model_name: str = "qwen2.5-vl-7b-instruct"
     # Extra served names, each mapped to a Triton model: ((name, triton_model), ...).
     model_map: tuple[tuple[str, str], ...] = ()
-    max_request_bytes: int = 64 * MIB
+    max_request_bytes: int = _ADMISSION.max_body_bytes
     # Hardening (proxy/limits.py, proxy/admission.py, proxy/auth.py, proxy/shutdown.py).
-    request_body_timeout_s: float = 30.0
-    max_messages: int = 512
-    max_text_chars: int = 1_000_000
-    max_images: int = 16
-    max_image_bytes: int = 20 * MIB
-    max_image_source_pixels: int = 40_000_000
-    min_image_side: int = 1
-    max_image_aspect_ratio: float = 200.0
-    max_request_pixels: int = 200_000_000
-    max_concurrent_requests: int = 64
-    request_timeout_s: float = 600.0
-    stream_idle_timeout_s: float = 60.0
+    request_body_timeout_s: float = _ADMISSION.body_timeout_s
+    max_messages: int = _LIMITS.max_messages
+    max_text_chars: int = _LIMITS.max_text_chars
+    max_images: int = _LIMITS.max_images
+    max_image_bytes: int = _LIMITS.max_image_bytes
+    max_image_source_pixels: int = _LIMITS.max_image_pixels
+    min_image_side: int = _LIMITS.min_image_side
+    max_image_aspect_ratio: float = _LIMITS.max_aspect_ratio
+    max_request_pixels: int = _LIMITS.max_request_pixels
+    max_concurrent_requests: int = _ADMISSION.max_in_flight
+    request_timeout_s: float = _ADMISSION.request_timeout_s
+    stream_idle_timeout_s: float = _ADMISSION.idle_timeout_s
     shutdown_timeout_s: float = 30.0
     api_key: str = field(default="", repr=False)  # "" = no key required
     max_tokens_limit: int = 8192
-    image_min_pixels: int = 3136
-    image_max_pixels: int = 1003520
+    image_min_pixels: int = DEFAULT_MIN_PIXELS
+    image_max_pixels: int = DEFAULT_MAX_PIXELS
     image_fetch: bool = True
-    image_fetch_allowed_domains: tuple[str, ...] = ()
-    image_fetch_allow_private_hosts: tuple[str, ...] = ()
-    image_fetch_max_bytes: int = 20 * MIB
-    image_fetch_connect_timeout_s: float = 5.0
-    image_fetch_timeout_s: float = 20.0
-    image_fetch_concurrency: int = 4
+    image_fetch_allowed_domains: tuple[str, ...] = _FETCH.allowed_domains
+    image_fetch_allow_private_hosts: tuple[str, ...] = _FETCH.allow_private_hosts
+    image_fetch_max_bytes: int = _FETCH.max_bytes
+    image_fetch_connect_timeout_s: float = _FETCH.connect_timeout_s
+    image_fetch_timeout_s: float = _FETCH.timeout_s
+    image_fetch_concurrency: int = _FETCH.concurrency
     lazy_load: bool = False
     load_timeout_s: float = 600.0
     log_level: str = "INFO"

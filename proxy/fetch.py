@@ -42,6 +42,7 @@ from yarl import URL
 
 from .errors import APIError
 from .images import REMOTE_SCHEMES, ImageRef, is_known_image, not_an_image
+from .limits import MIB
 
 log = logging.getLogger("proxy.fetch")
 
@@ -79,7 +80,7 @@ class FetchPolicy:
     allowed_domains: tuple[str, ...] = ()
     # Test-only: URL hosts (as written in the URL) exempt from the public-address rule.
     allow_private_hosts: tuple[str, ...] = ()
-    max_bytes: int = 20 * 1024 * 1024
+    max_bytes: int = 20 * MIB
     connect_timeout_s: float = 5.0
     timeout_s: float = 20.0
     concurrency: int = 4
