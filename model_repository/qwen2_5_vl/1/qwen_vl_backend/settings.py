@@ -11,6 +11,8 @@ from typing import Mapping
 
 from .images import ImageLimits
 
+_IMAGE_LIMITS = ImageLimits()
+
 ENV_PREFIX = "QWEN_VL_"
 
 
@@ -34,9 +36,9 @@ class ModelSettings:
     max_pixels: int = 1280 * 28 * 28
     # Hostile-input bounds, checked before decoding: source pixels from the image header,
     # elongation (Qwen's resize refuses beyond 200:1), images per request.
-    max_source_pixels: int = 40_000_000
-    max_aspect_ratio: float = 200.0
-    max_images: int = 16
+    max_source_pixels: int = _IMAGE_LIMITS.max_source_pixels
+    max_aspect_ratio: float = _IMAGE_LIMITS.max_aspect_ratio
+    max_images: int = _IMAGE_LIMITS.max_images
     # Sequences decoded together; more requests wait for a free slot.
     max_batch_size: int = 16
     # KV-cache budget: the sum of (prompt + max_tokens) over running sequences stays below it,
