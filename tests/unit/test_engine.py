@@ -23,7 +23,7 @@ class RecordingSink:
         return self._cancel_after is not None and len(self.sends) >= self._cancel_after
 
     def send(self, chunk):
-        if chunk.finish_reason:
+        if chunk.final:
             self.final = chunk
             self.done.set()
         else:
@@ -198,19 +198,18 @@ def test_cancel_stops_within_a_step_and_the_next_request_is_served(engine):
 
 
 def test_engine_refuses_beyond_its_queue(checkpoint):
+    """Requests still being prepared count against the queue: nothing piles up unbounded."""
     engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_queued_requests=1))
     gate = threading.Event()
     try:
         blocker = RecordingSink()
-        blocker.is_cancelled = lambda: not gate.wait(30)  # holds the worker until released
+        blocker.is_cancelled = lambda: not gate.wait(30)  # holds its preparation until released
         engine.submit(raw_request("x"), blocker)
-        for _ in range(100):  # wait until the worker has taken the blocker off the queue
-            if engine._queue.empty():
-                break
-            threading.Event().wait(0.02)
-        engine.submit(raw_request("x"), RecordingSink())
         with pytest.raises(EngineFullError):
             engine.submit(raw_request("x"), RecordingSink())
+        gate.set()
+        blocker.wait()
+        run(engine, "room again")
     finally:
         gate.set()
         assert engine.shutdown(30)
@@ -239,5 +238,161 @@ def test_a_failing_metrics_observer_does_not_break_generation(checkpoint):
     engine = BatchingEngine(checkpoint, SETTINGS, observer=Broken())
     try:
         assert run(engine, "still works").final.num_tokens == 24
+    finally:
+        assert engine.shutdown(30)
+
+
+# ---- the token-budget scheduler, the slot cache, n > 1, the image cache ----------------------
+
+MIXED_PROMPTS = [("Describe a cat.", []), ("这张图片里有什么？请详细描述一下。", []),
+                 (IMAGE_PROMPT, [encoded_image(size=(112, 84))]),
+                 ([{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
+                  [encoded_image(size=(56, 56), color=(0, 90, 0)), encoded_image("PNG", size=(140, 84))])]
+
+
+def alone_texts(checkpoint, prompts, max_tokens=32):
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_batch_size=1))
+    try:
+        return [run(engine, c, images=i, max_tokens=max_tokens).final.text for c, i in prompts]
+    finally:
+        assert engine.shutdown(30)
+
+
+def test_chunked_prefill_and_requests_joining_mid_way_are_token_identical(checkpoint):
+    """A 16-token budget splits every prompt (image tokens included) across steps, and the
+    later requests arrive while the first is decoding: each still gets its alone-tokens."""
+    alone = alone_texts(checkpoint, MIXED_PROMPTS)
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_step_tokens=16))
+    try:
+        first = RecordingSink()
+        engine.submit(raw_request(MIXED_PROMPTS[0][0], stream=True, max_tokens=32), first)
+        for _ in range(500):  # the first request is decoding before the others arrive
+            if first.sends:
+                break
+            threading.Event().wait(0.01)
+        assert first.sends, "the first request never started streaming"
+        sinks = [RecordingSink() for _ in MIXED_PROMPTS[1:]]
+        for (content, images), sink in zip(MIXED_PROMPTS[1:], sinks):
+            engine.submit(raw_request(content, images=images, max_tokens=32), sink)
+        texts = [first.wait().streamed_text] + [s.wait().final.text for s in sinks]
+        assert engine.stats.partial_chunks >= 6, "the prompts were never chunked"
+        assert engine.stats.largest_step_tokens <= 16
+        assert engine.stats.largest_batch >= 3
+    finally:
+        assert engine.shutdown(30)
+    assert texts == alone
+
+
+def test_a_prompt_longer_than_the_step_budget_equals_hf_generate(checkpoint):
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_step_tokens=8))
+    content = [{"type": "text", "text": "Look closely: "}, {"type": "image"},
+               {"type": "text", "text": "and now tell me everything about it."}]
+    images = [encoded_image(size=(140, 112))]
+    try:
+        text = run(engine, content, images=images, max_tokens=16).final.text
+        assert engine.stats.partial_chunks >= 5
+    finally:
+        assert engine.shutdown(30)
+    assert text == hf_generate_text(checkpoint, raw_request(content, images=images, max_tokens=16))
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(checkpoint, engine):
+    alone = run(engine, "hello there", temperature=0.9, top_p=0.8, top_k=40, seed=11, max_tokens=30)
+    sinks = [RecordingSink() for _ in range(4)]
+    engine.submit(raw_request("hello there", temperature=0.9, top_p=0.8, top_k=40, seed=11, max_tokens=30), sinks[0])
+    for i, sink in enumerate(sinks[1:]):
+        engine.submit(raw_request(f"noise {i}", temperature=1.0, seed=i, max_tokens=30,
+                                  repetition_penalty=1.3), sink)
+    assert sinks[0].wait().final.text == alone.final.text
+    for sink in sinks[1:]:
+        sink.wait()
+
+
+class ChoiceSink(RecordingSink):
+    """Records every choice's chunks; `final` is the response flagged last."""
+
+    def __init__(self):
+        super().__init__()
+        self.finals = {}
+
+    def send(self, chunk):
+        if chunk.finish_reason:
+            assert chunk.index not in self.finals, "a choice finished twice"
+            self.finals[chunk.index] = chunk
+        else:
+            self.sends.append(chunk)
+        if chunk.final:
+            assert not self.done.is_set(), "two final responses"
+            self.final = chunk
+            self.done.set()
+
+    def text(self, index):
+        return "".join(c.text for c in self.sends if c.index == index) + self.finals[index].text
+
+
+def run_choices(engine, content, n, stream=True, **sampling):
+    sink = ChoiceSink()
+    engine.submit(raw_request(content, stream, n=n, **sampling), sink)
+    return sink.wait()
+
+
+def test_n_greedy_choices_share_one_prefill_and_agree(engine):
+    single = run(engine, "Describe a cat.").final.text
+    result = run_choices(engine, "Describe a cat.", 3)
+    assert sorted(result.finals) == [0, 1, 2]
+    assert {result.text(i) for i in range(3)} == {single}
+    assert result.final.final and sum(c.num_tokens for c in result.finals.values()) + sum(
+        c.num_tokens for c in result.sends) == 3 * 24
+
+
+def test_n_sampled_choices_differ_and_choice_zero_matches_n1(engine):
+    sampling = dict(temperature=1.0, seed=5, max_tokens=30)
+    one = run(engine, [{"type": "image"}, {"type": "text", "text": "x"}], True,
+              [encoded_image(size=(56, 56))], **sampling).streamed_text
+    sink = ChoiceSink()
+    engine.submit(raw_request([{"type": "image"}, {"type": "text", "text": "x"}], False,
+                              [encoded_image(size=(56, 56))], n=3, **sampling), sink)
+    sink.wait()
+    texts = [sink.finals[i].text for i in range(3)]
+    assert texts[0] == one  # choice i samples with seed + i
+    assert len(set(texts)) == 3
+
+
+def test_n_above_the_cap_is_refused(checkpoint):
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_choices=2))
+    try:
+        sink = RecordingSink()
+        engine.submit(raw_request("hi", n=3), sink)
+        assert sink.done.wait(30) and isinstance(sink.error, RequestError) and sink.error.param == "n"
+    finally:
+        assert engine.shutdown(30)
+
+
+def test_cancelling_an_n_request_frees_every_slot(checkpoint):
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_batch_size=4))
+    try:
+        sink = ChoiceSink()
+        sink.is_cancelled = lambda: len(sink.sends) >= 4
+        engine.submit(raw_request("go", True, n=4, temperature=1.0, seed=3, max_tokens=400), sink)
+        assert sink.done.wait(30) and sink.final == "cancelled"
+        # all four slots are free again: a request for four choices runs
+        assert sorted(run_choices(engine, "again", 4).finals) == [0, 1, 2, 3]
+    finally:
+        assert engine.shutdown(30)
+
+
+def test_a_repeated_image_skips_the_vision_tower_and_gives_the_same_tokens(checkpoint):
+    engine = BatchingEngine(checkpoint, SETTINGS)
+    image = [encoded_image(size=(112, 112), color=(10, 20, 200))]
+    try:
+        first = run(engine, IMAGE_PROMPT, images=image).final.text
+        assert (engine.stats.image_cache_hits, engine.stats.image_cache_misses) == (0, 1)
+        again = run(engine, IMAGE_PROMPT, images=image).final.text
+        assert (engine.stats.image_cache_hits, engine.stats.image_cache_misses) == (1, 1)
+        assert first == again
+        # The same bytes under another pixel budget are other pixels: a miss.
+        smaller = [{"type": "image", "max_pixels": 56 * 56}, {"type": "text", "text": "What is it?"}]
+        run(engine, smaller, images=image)
+        assert (engine.stats.image_cache_hits, engine.stats.image_cache_misses) == (1, 2)
     finally:
         assert engine.shutdown(30)

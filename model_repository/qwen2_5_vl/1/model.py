@@ -76,7 +76,7 @@ class TritonSink:
         return self._sender.is_cancelled()
 
     def send(self, chunk: OutputChunk):
-        self._sender.send(self._response(chunk), flags=FINAL if chunk.finish_reason else 0)
+        self._sender.send(self._response(chunk), flags=FINAL if chunk.final else 0)
 
     def fail(self, error):
         self._sender.send(pb_utils.InferenceResponse(error=_triton_error(error, self._raw)), flags=FINAL)
@@ -86,7 +86,8 @@ class TritonSink:
 
     def _response(self, chunk: OutputChunk):
         raw = self._raw
-        outputs = [_text_tensor("text_output", chunk.text)]
+        outputs = [_text_tensor("text_output", chunk.text),
+                   pb_utils.Tensor("index", np.array([chunk.index], dtype=np.uint32))]
         if raw.return_finish_reason:
             outputs.append(_text_tensor("finish_reason", chunk.finish_reason or ""))
         if raw.return_num_input_tokens:
@@ -149,6 +150,10 @@ class TritonMetrics(EngineObserver):
         self._waiting = gauge("qwen_vl_waiting_requests", "Requests waiting to join the batch")
         outcomes = self._family("qwen_vl_requests_finished_total",
                                 "Requests finished, by outcome (stop, length, cancelled, error)", "COUNTER")
+        self._image_cache_hits = counter("qwen_vl_image_cache_hits_total",
+                                         "Images whose vision-tower output came from the cache")
+        self._image_cache_misses = counter("qwen_vl_image_cache_misses_total",
+                                           "Images run through the vision tower")
         self._finished = {outcome: outcomes.Metric(labels={**labels, "outcome": outcome})
                           for outcome in ("stop", "length", "cancelled", "error")}
 
@@ -170,6 +175,10 @@ class TritonMetrics(EngineObserver):
 
     def finished(self, outcome):
         self._finished[outcome].increment(1)
+
+    def images_encoded(self, cache_hits, cache_misses):
+        self._image_cache_hits.increment(cache_hits)
+        self._image_cache_misses.increment(cache_misses)
 
 
 class TritonPythonModel:

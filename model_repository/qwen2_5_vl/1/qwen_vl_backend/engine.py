@@ -1,31 +1,42 @@
-"""Generation engine with in-flight batching.
+"""Generation engine: a token-budget scheduler over a slot KV cache (continuous batching).
 
-One worker thread owns the model. New requests are prepared (images, chat template), prefilled
-alone (vision encoder + prompt) and join the running decode batch at the next step boundary;
-sequences that finish or are cancelled leave at once and their cache rows are freed. Each
-sequence keeps its own sampler (seeded generator), stop strings and output stream.
+Requests are prepared (chat template, image decoding and resizing, the processor, mrope
+positions) on a small worker pool; the engine thread only runs the model and samples. Each
+engine step is one packed forward (see `kv_cache`): every running sequence's next token plus as
+many prompt tokens of admitted requests as the step's token budget allows. So long prompts are
+chunked across steps, short ones share a step, and a running stream never waits for more than
+one budgeted step when requests arrive.
 
-Qwen2.5-VL specifics: positions are 3-D (mrope) and shifted by a per-sequence `rope_delta`
-after images, so the engine passes `position_ids` itself on every forward instead of relying
-on the `rope_deltas` the model keeps as state between calls; caches of different lengths are
-merged by left padding, and the attention mask hides the padding.
+Qwen2.5-VL specifics:
+- positions are 3-D (mrope) and shifted after images by a per-request `rope_delta`; prompt
+  positions come from `get_rope_index` at preparation, decode positions are
+  `next_position + rope_delta`, and the engine passes them on every forward (the model's own
+  `rope_deltas` state would mix sequences up);
+- the vision tower runs once per request at admission, on all newly admitted requests' images
+  in one call (repeated images come from the embedding cache); a prompt chunk takes the
+  embeddings of the image tokens it contains, so a chunk boundary may fall inside an image.
+
+`n` > 1: the prompt is prefilled once, then its slot is copied into one slot per extra choice;
+each choice samples with its own generator (seed + index when a seed is given).
 """
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
+from . import cpu_linear
 from .checkpoint import Checkpoint
 from .detokenize import TextAssembler
+from .embedding_cache import EmbeddingCache
 from .errors import EngineFullError, RequestError
+from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
 from .prepare import PreparedRequest, RawRequest, prepare
 from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
 from .settings import ModelSettings
@@ -35,17 +46,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OutputChunk:
-    """One response's worth of output; `finish_reason` is set on the last one only."""
+    """One response's worth of output for choice `index`; `finish_reason` is set on a choice's
+    last chunk, and `final` on the request's last response (the last choice to finish)."""
     text: str
     num_tokens: int
     prompt_tokens: int
     image_tokens: int
     finish_reason: str | None = None
     logprobs: list[dict] | None = None
+    index: int = 0
+    final: bool = False
 
 
 class ResponseSink(Protocol):
-    """Where one request's output goes. Exactly one final call: a chunk with a finish_reason,
+    """Where one request's output goes. Exactly one final call: a chunk with `final` set,
     `fail` or `cancelled`."""
 
     def is_cancelled(self) -> bool: ...
@@ -55,157 +69,6 @@ class ResponseSink(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
     def cancelled(self) -> None: ...
-
-
-class _Sequence:
-    """One request being generated: sampler, text assembly and what it has sent."""
-
-    def __init__(self, request: PreparedRequest, sink: ResponseSink, checkpoint: Checkpoint,
-                 arrived: float):
-        self.request = request
-        self.sink = sink
-        self.assembler = TextAssembler(checkpoint.decode, request.sampling.stop)
-        settings = resolve_sampling(request.sampling, checkpoint.model.generation_config)
-        self.sampler = TokenSampler(settings, request.inputs["input_ids"],
-                                    checkpoint.model.config.text_config.vocab_size)
-        self.eos = checkpoint.eos_token_ids
-        self.max_model_len = checkpoint.max_model_len
-        self.next_position = request.prompt_tokens  # text position of the next token fed in
-        self.rope_delta = 0
-        self.last_token: int | None = None
-        self.logprobs: list[dict] = []
-        self.unsent_logprobs: list[dict] = []
-        self.started = arrived
-        self.first_token_at: float | None = None
-        self.finish_reason: str | None = None
-        self._held = ("", 0)
-
-    @property
-    def reserved_tokens(self) -> int:
-        return self.request.prompt_tokens + self.request.max_new_tokens
-
-    def accept(self, token: int, logits: torch.Tensor, texts: TokenTexts) -> None:
-        """Take the sampled token: stream its text, decide whether the sequence is done."""
-        self.first_token_at = self.first_token_at or time.monotonic()
-        self.last_token = token
-        sampling = self.request.sampling
-        if sampling.logprobs:
-            entry = logprob_entry(logits, token, sampling.top_logprobs, texts)
-            self.logprobs.append(entry)
-            self.unsent_logprobs.append(entry)
-        text, tokens = self.assembler.push(token)
-        if token in self.eos or self.assembler.stopped:
-            self.finish_reason = "stop"
-        elif (self.assembler.num_tokens >= self.request.max_new_tokens
-              or self.next_position + 1 >= self.max_model_len):
-            self.finish_reason = "length"
-        if self.finish_reason is None and self.request.raw.stream:
-            if text:
-                self.sink.send(self._chunk(text, tokens))
-        else:  # the last token's text goes out with the final chunk
-            self._held = (self._held[0] + text, self._held[1] + tokens)
-
-    def finish(self) -> None:
-        tail, tail_tokens = self.assembler.finish()
-        text, tokens = self._held[0] + tail, self._held[1] + tail_tokens
-        if not self.request.raw.stream:
-            text, tokens = self.assembler.text, self.assembler.num_tokens
-            self.unsent_logprobs = self.logprobs
-            if not self.request.raw.exclude_input_in_output:
-                text = self.request.prompt + text
-        self.sink.send(self._chunk(text, tokens, self.finish_reason))
-        elapsed = time.monotonic() - self.started
-        log.info("request %s done: %d prompt (%d image) + %d completion tokens, finish_reason=%s, "
-                 "ttft %.3fs, total %.3fs", self.request.raw.request_id, self.request.prompt_tokens,
-                 self.request.image_tokens, self.assembler.num_tokens, self.finish_reason,
-                 (self.first_token_at or time.monotonic()) - self.started, elapsed)
-
-    def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
-        logprobs = self.unsent_logprobs if self.request.sampling.logprobs else None
-        self.unsent_logprobs = []
-        return OutputChunk(text, tokens, self.request.prompt_tokens, self.request.image_tokens,
-                           finish_reason, logprobs)
-
-
-def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - (dim % tensor.dim())) + [missing, 0]
-    return F.pad(tensor, pad)
-
-
-class _DecodeBatch:
-    """The running sequences, their merged KV cache (left-padded) and attention mask."""
-
-    def __init__(self, model):
-        self._model = model
-        self.sequences: list[_Sequence] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def add(self, sequence: _Sequence, cache, mask: torch.Tensor) -> None:
-        if not self.sequences:
-            self.sequences, self._cache, self._mask = [sequence], cache, mask
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        for ours, theirs in zip(self._cache.layers, cache.layers):
-            ours.keys = torch.cat([_pad_left(ours.keys, length, 2), _pad_left(theirs.keys, length, 2)])
-            ours.values = torch.cat([_pad_left(ours.values, length, 2), _pad_left(theirs.values, length, 2)])
-        self._mask = torch.cat([_pad_left(self._mask, length, 1), _pad_left(mask, length, 1)])
-        self.sequences.append(sequence)
-
-    def keep(self, rows: list[int]) -> None:
-        """Drop every other row; trim columns that became padding in all remaining rows."""
-        if not rows:
-            self.sequences, self._cache, self._mask = [], None, None
-            return
-        index = torch.tensor(rows, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0])
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self._mask = mask[:, start:]
-        self.sequences = [self.sequences[i] for i in rows]
-
-    def forward(self) -> torch.Tensor:
-        """One decode step for every sequence; the next-token logits, one row each."""
-        device = self._mask.device
-        batch = len(self.sequences)
-        input_ids = torch.tensor([[s.last_token] for s in self.sequences], device=device)
-        mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
-        positions = torch.tensor([s.next_position + s.rope_delta for s in self.sequences], device=device)
-        out = self._model(input_ids=input_ids, attention_mask=mask, cache=self._cache, use_cache=True,
-                          position_ids=positions.view(1, batch, 1).expand(3, batch, 1))
-        self._mask = mask
-        for sequence in self.sequences:
-            sequence.next_position += 1
-        return out.logits[:, -1, :].float()
-
-
-def prefill(model, request: PreparedRequest):
-    """Run the prompt (and images) alone: (next-token logits, cache, mask, rope_delta)."""
-    from transformers import DynamicCache
-
-    inputs = request.inputs
-    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if inputs.get("image_grid_thw") is not None:
-        positions, deltas = model.model.get_rope_index(
-            input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=mask)
-        delta = int(deltas.reshape(-1)[0])
-    else:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1).expand(3, 1, -1)
-        delta = 0
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, pixel_values=inputs.get("pixel_values"),
-                image_grid_thw=inputs.get("image_grid_thw"), logits_to_keep=1)
-    return out.logits[0, -1].float(), cache, mask, delta
 
 
 class EngineObserver:
@@ -220,6 +83,123 @@ class EngineObserver:
     def finished(self, outcome: str) -> None:
         """outcome: stop, length, cancelled or error."""
 
+    def images_encoded(self, cache_hits: int, cache_misses: int) -> None:
+        pass
+
+
+class _Request:
+    """A prepared request and its choices: one sink, finished when every choice is."""
+
+    def __init__(self, prepared: PreparedRequest, sink: ResponseSink, arrived: float, observe):
+        self.prepared = prepared
+        self.sink = sink
+        self.arrived = arrived
+        self.choices: list[_Sequence] = []
+        self.open_choices = prepared.sampling.n
+        self.done = False
+        self._observe = observe
+
+    def choice_finished(self, chunk: OutputChunk) -> None:
+        self.open_choices -= 1
+        chunk.final = self.open_choices == 0
+        self.sink.send(chunk)
+        if chunk.final:
+            self.done = True
+            self._observe.finished(chunk.finish_reason)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.sink.fail(error)
+            self._observe.finished("error")
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.sink.cancelled()
+            self._observe.finished("cancelled")
+
+
+class _Sequence:
+    """One choice being generated: its slot, sampler, text assembly and what it has sent."""
+
+    def __init__(self, request: _Request, checkpoint: Checkpoint, sampler: TokenSampler,
+                 slot: int, index: int = 0):
+        prepared = request.prepared
+        self.request = request
+        self.prepared = prepared
+        self._checkpoint = checkpoint
+        self.slot = slot
+        self.index = index
+        self.sampler = sampler
+        self.assembler = TextAssembler(checkpoint.decode, prepared.sampling.stop)
+        self.eos = checkpoint.eos_token_ids
+        self.max_model_len = checkpoint.max_model_len
+        self.cached = 0  # tokens of this sequence in its slot
+        self.next_position = prepared.prompt_tokens  # text position of the next token fed in
+        self.last_token: int | None = None
+        self.logprobs: list[dict] = []
+        self.unsent_logprobs: list[dict] = []
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.image_embeddings: torch.Tensor | None = None  # while prefilling
+        self._held = ("", 0)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < self.prepared.prompt_tokens
+
+    def fork(self, slot: int, index: int) -> "_Sequence":
+        seed = self.prepared.sampling.seed
+        sampler = self.sampler.fork(None if seed is None else seed + index)
+        twin = _Sequence(self.request, self._checkpoint, sampler, slot, index)
+        twin.cached = self.cached
+        return twin
+
+    def accept(self, token: int, logits: torch.Tensor, texts: TokenTexts) -> None:
+        """Take the sampled token: stream its text, decide whether the choice is done."""
+        self.first_token_at = self.first_token_at or time.monotonic()
+        self.last_token = token
+        sampling = self.prepared.sampling
+        if sampling.logprobs:
+            entry = logprob_entry(logits, token, sampling.top_logprobs, texts)
+            self.logprobs.append(entry)
+            self.unsent_logprobs.append(entry)
+        text, tokens = self.assembler.push(token)
+        if token in self.eos or self.assembler.stopped:
+            self.finish_reason = "stop"
+        elif (self.assembler.num_tokens >= self.prepared.max_new_tokens
+              or self.next_position + 1 >= self.max_model_len):
+            self.finish_reason = "length"
+        if self.finish_reason is None and self.prepared.raw.stream:
+            if text:
+                self.request.sink.send(self._chunk(text, tokens))
+        else:  # the last token's text goes out with the final chunk
+            self._held = (self._held[0] + text, self._held[1] + tokens)
+
+    def finish(self) -> None:
+        tail, tail_tokens = self.assembler.finish()
+        text, tokens = self._held[0] + tail, self._held[1] + tail_tokens
+        prepared = self.prepared
+        if not prepared.raw.stream:
+            text, tokens = self.assembler.text, self.assembler.num_tokens
+            self.unsent_logprobs = self.logprobs
+            if not prepared.raw.exclude_input_in_output:
+                text = prepared.prompt + text
+        log.info("request %s done: %d prompt (%d image) + %d completion tokens (choice %d), "
+                 "finish_reason=%s, ttft %.3fs, total %.3fs", prepared.raw.request_id,
+                 prepared.prompt_tokens, prepared.image_tokens, self.assembler.num_tokens,
+                 self.index, self.finish_reason, (self.first_token_at or time.monotonic()) - self.request.arrived,
+                 time.monotonic() - self.request.arrived)
+        self.request.choice_finished(self._chunk(text, tokens, self.finish_reason))
+
+    def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
+        logprobs = self.unsent_logprobs if self.prepared.sampling.logprobs else None
+        self.unsent_logprobs = []
+        prepared = self.prepared
+        return OutputChunk(text, tokens, prepared.prompt_tokens, prepared.image_tokens,
+                           finish_reason, logprobs, self.index)
+
 
 @dataclass
 class EngineStats(EngineObserver):
@@ -229,6 +209,10 @@ class EngineStats(EngineObserver):
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    image_cache_hits: int = 0
+    image_cache_misses: int = 0
+    largest_step_tokens: int = 0  # decode + prompt tokens of the biggest forward
+    partial_chunks: int = 0  # prompt chunks that left the rest of their prompt for later steps
 
     def decoded(self, batch_size: int, waiting: int) -> None:
         self.decode_steps += batch_size > 0
@@ -241,6 +225,10 @@ class EngineStats(EngineObserver):
             self.failed += 1
         else:
             self.completed += 1
+
+    def images_encoded(self, cache_hits: int, cache_misses: int) -> None:
+        self.image_cache_hits += cache_hits
+        self.image_cache_misses += cache_misses
 
 
 class _Observers(EngineObserver):
@@ -265,9 +253,20 @@ class _Observers(EngineObserver):
     def finished(self, *args) -> None:
         self._call("finished", *args)
 
+    def images_encoded(self, *args) -> None:
+        self._call("images_encoded", *args)
+
+
+@dataclass
+class _Step:
+    """What one engine step computes: decode tokens first, then prompt chunks."""
+    decode: list[_Sequence]
+    chunks: list[tuple[_Sequence, int, int]]  # (sequence, start, length)
+    admitted: list[_Sequence]  # need their images encoded before their first chunk
+
 
 class BatchingEngine:
-    """In-flight batching over one model; bounded queue and cache budget in front."""
+    """Continuous batching over one model: worker-pool preparation, token-budget steps."""
 
     def __init__(self, checkpoint: Checkpoint, settings: ModelSettings,
                  prepare_fn: Callable[..., PreparedRequest] = prepare,
@@ -276,165 +275,331 @@ class BatchingEngine:
         self._settings = settings
         self._prepare = prepare_fn
         self._texts = TokenTexts(checkpoint.tokenizer)
-        self._queue: queue.Queue = queue.Queue(maxsize=settings.max_queued_requests)
-        self._waiting: collections.deque[_Sequence] = collections.deque()  # prepared, no room yet
-        self._batch = _DecodeBatch(checkpoint.model)
+        self._model = checkpoint.model
+        install(self._model)
+        if settings.cpu_packed_linear and cpu_linear.available(self._model):
+            cpu_linear.pack_text_linears(self._model)
+        self.slot_len = min(checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size)
+        self._cache = SlotKVCache.for_model(self._model, settings.max_batch_size, self.slot_len)
+        self._free_slots = list(range(settings.max_batch_size))  # lowest first keeps the decode view small
+        self._step_tokens = settings.step_tokens(str(checkpoint.device))
+        self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
+        self._pool = ThreadPoolExecutor(max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep")
+        self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
+        self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
+        self._unadmitted = 0  # submitted and not yet admitted or refused (queue bound)
+        self._lock = threading.Lock()
+        self._running: list[_Sequence] = []  # in slot order of admission: prefilling and decoding
         self._stopping = threading.Event()
         self.stats = EngineStats()
         self._observe = _Observers(self.stats, observer or EngineObserver())
+        log.info("KV cache: %d slots x %d tokens (%.1f MiB); %d tokens per step",
+                 settings.max_batch_size, self.slot_len, self._cache.bytes / 2**20, self._step_tokens)
         self._thread = threading.Thread(target=self._run, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
     @property
     def running(self) -> int:
-        return len(self._batch)
+        return len(self._running)
 
     def submit(self, raw: RawRequest, sink: ResponseSink) -> None:
         if self._stopping.is_set():
             raise EngineFullError("the model is shutting down")
-        try:
-            self._queue.put_nowait((raw, sink, time.monotonic()))
-        except queue.Full:
-            raise EngineFullError(
-                f"{self._settings.max_queued_requests} requests are already waiting") from None
+        with self._lock:
+            if self._unadmitted >= self._settings.max_queued_requests:
+                raise EngineFullError(f"{self._settings.max_queued_requests} requests are already waiting")
+            self._unadmitted += 1
+        self._pool.submit(self._prepared, raw, sink, time.monotonic())
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop taking work, let running generations finish; False if they outlast `timeout`."""
         self._stopping.set()
         self._thread.join(self._settings.shutdown_timeout_s if timeout is None else timeout)
-        return not self._thread.is_alive()
+        finished = not self._thread.is_alive()
+        if finished:
+            self._pool.shutdown(wait=False)
+        return finished
+
+    # ---- preparation (worker threads) ---------------------------------------------------
+
+    def _prepared(self, raw: RawRequest, sink: ResponseSink, arrived: float) -> None:
+        try:
+            if sink.is_cancelled():
+                self._refused()
+                sink.cancelled()
+                self._observe.finished("cancelled")
+                return
+            prepared = self._prepare(raw, self._checkpoint, self._settings)
+            self._check_fits(prepared)
+            self._ready.put(_Request(prepared, sink, arrived, self._observe))
+        except Exception as exc:
+            self._refused()
+            sink.fail(exc)
+            self._observe.finished("error")
+
+    def _refused(self) -> None:
+        with self._lock:
+            self._unadmitted -= 1
+
+    def _check_fits(self, prepared: PreparedRequest) -> None:
+        n, cap = prepared.sampling.n, min(self._settings.max_choices, self._settings.max_batch_size)
+        if n > cap:
+            raise RequestError(f"'n' must be at most {cap} on this server", "n")
+        needed = prepared.prompt_tokens + prepared.max_new_tokens
+        if needed > self.slot_len:
+            raise RequestError(
+                f"the request needs {needed} tokens of cache (prompt + max_tokens) but the server "
+                f"allows {self.slot_len} per sequence", "max_tokens", "context_length_exceeded")
+
+    # ---- the engine thread --------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while not (self._stopping.is_set() and not self._batch and not self._waiting):
+            while not (self._stopping.is_set() and self._idle()):
                 try:
-                    self._admit()
-                    if self._batch:
-                        self._step()
-                        if not self._batch:  # idle now: gauges go back to zero
-                            self._observe.decoded(0, self._queue.qsize() + len(self._waiting))
+                    self._take_ready(block=not self._running and not self._waiting)
+                    self._drop_cancelled()
+                    step = self._schedule()
+                    if step.decode or step.chunks or step.admitted:
+                        self._execute(step)
+                    if not self._running:  # idle now: gauges go back to zero
+                        self._observe.decoded(0, self._waiting_count())
                 except Exception:  # a bug here must not strand every running request
                     log.exception("engine step failed; failing the running requests")
-                    self._fail_all()
-            self._refuse_queued()
+                    self._fail_running()
+            self._refuse_waiting()
 
-    # ---- admission ----------------------------------------------------------------------
+    def _idle(self) -> bool:
+        with self._lock:
+            return not self._running and not self._waiting and self._unadmitted == 0
 
-    def _admit(self) -> None:
-        while len(self._batch) < self._settings.max_batch_size:
-            sequence = self._next_sequence(block=not self._batch)
-            if sequence is None:
-                return
-            if not self._fits(sequence):
-                self._waiting.appendleft(sequence)
-                return
-            self._start(sequence)
+    def _waiting_count(self) -> int:
+        with self._lock:
+            return self._unadmitted
 
-    def _next_sequence(self, block: bool) -> _Sequence | None:
-        if self._waiting:
-            return self._waiting.popleft()
-        while not self._stopping.is_set():
-            try:
-                raw, sink, arrived = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
-            except queue.Empty:
-                if not block:
-                    return None
-                continue
-            sequence = self._prepared(raw, sink, arrived)
-            if sequence is not None:
-                return sequence
-        return None
-
-    def _prepared(self, raw: RawRequest, sink: ResponseSink, arrived: float) -> _Sequence | None:
+    def _take_ready(self, block: bool) -> None:
         try:
-            if sink.is_cancelled():
-                sink.cancelled()
-                self._observe.finished("cancelled")
-                return None
-            request = self._prepare(raw, self._checkpoint, self._settings)
-            sequence = _Sequence(request, sink, self._checkpoint, arrived)
-            if sequence.reserved_tokens > self._settings.max_cache_tokens:
-                raise RequestError(
-                    f"the request needs {sequence.reserved_tokens} tokens of cache (prompt + "
-                    f"max_tokens) but the server allows {self._settings.max_cache_tokens}",
-                    "max_tokens", "context_length_exceeded")
-            return sequence
-        except Exception as exc:
-            sink.fail(exc)
-            self._observe.finished("error")
-            return None
-
-    def _fits(self, sequence: _Sequence) -> bool:
-        reserved = sum(s.reserved_tokens for s in self._batch.sequences)
-        return reserved + sequence.reserved_tokens <= self._settings.max_cache_tokens
-
-    def _start(self, sequence: _Sequence) -> None:
-        """Prefill, first token, then finish at once or join the batch; failures stay local."""
-        try:
-            logits, cache, mask, delta = prefill(self._checkpoint.model, sequence.request)
-            sequence.rope_delta = delta
-            token = choose_tokens(logits[None], [sequence.sampler])[0]
-            sequence.accept(token, logits, self._texts)
-            request = sequence.request
-            self._observe.prefilled(request.prompt_tokens, request.image_tokens,
-                                    sequence.first_token_at - sequence.started)
-            if sequence.finish_reason:
-                sequence.finish()
-                self._observe.finished(sequence.finish_reason)
-            else:
-                self._batch.add(sequence, cache, mask)
-        except Exception as exc:
-            sequence.sink.fail(exc)
-            self._observe.finished("error")
-
-    # ---- decoding -----------------------------------------------------------------------
-
-    def _step(self) -> None:
-        self._drop_cancelled()
-        if not self._batch:
-            return
-        logits = self._batch.forward()
-        sequences = self._batch.sequences
-        self._observe.decoded(len(sequences), self._queue.qsize() + len(self._waiting))
-        tokens = choose_tokens(logits, [s.sampler for s in sequences])
-        keep = []
-        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
-            try:
-                sequence.accept(token, logits[row], self._texts)
-                if sequence.finish_reason:
-                    sequence.finish()
-                    self._observe.finished(sequence.finish_reason)
-                else:
-                    keep.append(row)
-            except Exception as exc:  # one request's failure (e.g. its sink) is its own
-                sequence.sink.fail(exc)
-                self._observe.finished("error")
-        if len(keep) < len(sequences):
-            self._batch.keep(keep)
+            if block:
+                self._waiting.append(self._ready.get(timeout=0.05))
+            while True:
+                self._waiting.append(self._ready.get_nowait())
+        except queue.Empty:
+            pass
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for row, sequence in enumerate(self._batch.sequences):
-            if sequence.sink.is_cancelled():
-                log.info("request %s cancelled after %d tokens", sequence.request.raw.request_id,
-                         sequence.assembler.num_tokens)
-                sequence.sink.cancelled()
-                self._observe.finished("cancelled")
-            else:
-                keep.append(row)
-        if len(keep) < len(self._batch):
-            self._batch.keep(keep)
+        for request in {id(s.request): s.request for s in self._running}.values():
+            if not request.done and request.sink.is_cancelled():
+                log.info("request %s cancelled after %d tokens", request.prepared.raw.request_id,
+                         max(s.assembler.num_tokens for s in request.choices))
+                request.cancel()
+        self._retire([s for s in self._running if s.request.done])
+        for request in [r for r in self._waiting if r.sink.is_cancelled()]:
+            self._waiting.remove(request)
+            self._refused()
+            request.cancel()
 
-    def _fail_all(self) -> None:
-        for sequence in self._batch.sequences:
-            sequence.sink.fail(RuntimeError("engine step failed"))
-            self._observe.finished("error")
-        self._batch.keep([])
+    # ---- scheduling ---------------------------------------------------------------------
 
-    def _refuse_queued(self) -> None:
-        while True:
+    def _schedule(self) -> _Step:
+        """Decode tokens of every running sequence, then prompt chunks within the budget:
+        requests already prefilling first (oldest first), then new ones while slots are free."""
+        decode = [s for s in self._running if not s.prefilling]
+        budget = self._step_tokens - len(decode)
+        chunks, admitted = [], []
+        for sequence in self._running:
+            if sequence.prefilling and budget > 0:
+                length = min(sequence.prepared.prompt_tokens - sequence.cached, budget)
+                chunks.append((sequence, sequence.cached, length))
+                budget -= length
+        while self._waiting and budget > 0:
+            request = self._waiting[0]
+            if request.prepared.sampling.n > len(self._free_slots):
+                break
+            vision_cost = self._uncached_image_tokens(request.prepared)
+            if vision_cost > budget and (chunks or admitted):
+                break  # a large image goes first in a later step, alone with the decodes
+            self._waiting.pop(0)
+            sequence = self._admit(request)
+            admitted.append(sequence)
+            budget -= vision_cost
+            if budget > 0:
+                length = min(request.prepared.prompt_tokens, budget)
+                chunks.append((sequence, 0, length))
+                budget -= length
+        return _Step(decode, chunks, admitted)
+
+    def _uncached_image_tokens(self, prepared: PreparedRequest) -> int:
+        grid = prepared.inputs.get("image_grid_thw")
+        if grid is None:
+            return 0
+        merge = self._model.model.visual.spatial_merge_size ** 2
+        return sum(int(thw.prod()) // merge for key, thw in zip(prepared.image_keys, grid)
+                   if key not in self._images)
+
+    def _admit(self, request: _Request) -> _Sequence:
+        with self._lock:
+            self._unadmitted -= 1
+        prepared = request.prepared
+        settings = resolve_sampling(prepared.sampling, self._model.generation_config)
+        sampler = TokenSampler(settings, prepared.inputs["input_ids"].to(self._checkpoint.device),
+                               self._model.config.text_config.vocab_size)
+        sequence = _Sequence(request, self._checkpoint, sampler, self._free_slots.pop(0))
+        request.choices.append(sequence)
+        self._running.append(sequence)
+        return sequence
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def _execute(self, step: _Step) -> None:
+        self._encode_images(step.admitted)
+        if not step.decode and not step.chunks:
+            return
+        stats = self.stats
+        stats.largest_step_tokens = max(stats.largest_step_tokens,
+                                        len(step.decode) + sum(length for _, _, length in step.chunks))
+        stats.partial_chunks += sum(start + length < s.prepared.prompt_tokens for s, start, length in step.chunks)
+        logits, finishing = self._forward(step)
+        for sequence in step.decode:
+            sequence.cached += 1
+            sequence.next_position += 1
+        for sequence, _start, length in step.chunks:
+            sequence.cached += length
+        sampled, rows = list(step.decode), list(range(len(step.decode)))
+        for row, leader in enumerate(finishing, start=len(step.decode)):
+            leader.image_embeddings = None
+            choices = self._forked(leader)
+            sampled += choices
+            rows += [row] * len(choices)  # every choice samples from the prompt's logits
+        if len(rows) != len(logits):
+            logits = logits[rows]
+        self._sample(sampled, logits, first_tokens=len(step.decode))
+        waiting = self._waiting_count()
+        if step.decode:
+            self._observe.decoded(len(step.decode), waiting)
+
+    def _forward(self, step: _Step) -> tuple[torch.Tensor, list[_Sequence]]:
+        """One packed forward; logits of each decode token and of each finished prompt."""
+        device = self._checkpoint.device
+        ids = [s.last_token for s in step.decode]
+        positions = [torch.tensor([s.next_position + s.prepared.rope_delta for s in step.decode],
+                                  dtype=torch.long).expand(3, -1)]
+        chunks, offset, finishing, rows = [], len(step.decode), [], list(range(len(step.decode)))
+        for sequence, start, length in step.chunks:
+            prompt = sequence.prepared.inputs["input_ids"][0]
+            ids += prompt[start:start + length].tolist()
+            positions.append(sequence.prepared.positions[:, start:start + length])
+            chunks.append(PrefillChunk(sequence.slot, start, length, offset))
+            offset += length
+            if start + length == sequence.prepared.prompt_tokens:
+                finishing.append(sequence)
+                rows.append(offset - 1)
+        input_ids = torch.tensor(ids, device=device)
+        embeds = self._model.model.language_model.embed_tokens(input_ids)
+        for (sequence, start, length), chunk in zip(step.chunks, chunks):
+            self._place_image_embeddings(embeds, sequence, start, length, chunk.offset)
+        position_ids = torch.cat(positions, dim=1).to(device)[:, None, :]
+        layout = StepLayout([s.slot for s in step.decode], [s.cached + 1 for s in step.decode], chunks, device)
+        with packed_step(self._cache, layout):
+            hidden = self._model.model.language_model(
+                inputs_embeds=embeds[None], position_ids=position_ids, cache=self._cache,
+                attention_mask={"full_attention": None}, use_cache=True).last_hidden_state
+        return self._model.lm_head(hidden[0, rows]).float(), finishing
+
+    def _place_image_embeddings(self, embeds, sequence: _Sequence, start: int, length: int,
+                                offset: int) -> None:
+        """The chunk's image tokens take their rows of the request's vision-tower output."""
+        if sequence.image_embeddings is None:
+            return
+        is_image = sequence.prepared.inputs["input_ids"][0] == self._checkpoint.image_token_id
+        before = int(is_image[:start].sum())
+        inside = is_image[start:start + length]
+        count = int(inside.sum())
+        if count:
+            where = inside.nonzero()[:, 0].to(embeds.device) + offset
+            embeds[where] = sequence.image_embeddings[before:before + count].to(embeds.dtype)
+
+    def _encode_images(self, admitted: list[_Sequence]) -> None:
+        """Vision tower on every uncached image of the newly admitted requests, in one call."""
+        pending, pending_keys, hits = [], set(), 0
+        for sequence in admitted:
+            inputs = sequence.prepared.inputs
+            grid = inputs.get("image_grid_thw")
+            if grid is None:
+                continue
+            start = 0
+            for key, thw in zip(sequence.prepared.image_keys, grid):
+                patches = int(thw.prod())
+                if key in pending_keys or self._images.get(key) is not None:
+                    hits += 1
+                else:
+                    pending_keys.add(key)
+                    pending.append((key, inputs["pixel_values"][start:start + patches], thw))
+                start += patches
+        if pending:
+            device = self._checkpoint.device
+            pixels = torch.cat([p for _, p, _ in pending]).to(device)
+            grid = torch.stack([g for _, _, g in pending]).to(device)
+            encoded = self._model.model.get_image_features(pixels, grid).pooler_output
+            fresh = {key: embeddings for (key, _, _), embeddings in zip(pending, encoded)}
+        else:
+            fresh = {}
+        for sequence in admitted:
+            keys = sequence.prepared.image_keys
+            if keys:
+                parts = [fresh[k] if k in fresh else self._images.peek(k) for k in keys]
+                sequence.image_embeddings = torch.cat(parts)
+        for key, embeddings in fresh.items():
+            self._images.put(key, embeddings)
+        if pending or hits:
+            self._observe.images_encoded(hits, len(pending))
+
+    def _forked(self, leader: _Sequence) -> list[_Sequence]:
+        """The leader and, for n > 1, one copy of its prompt cache per extra choice."""
+        request = leader.request
+        for index in range(1, request.prepared.sampling.n):
+            slot = self._free_slots.pop(0)
+            self._cache.copy_slot(leader.slot, slot, leader.cached)
+            twin = leader.fork(slot, index)
+            request.choices.append(twin)
+            self._running.append(twin)
+        return list(request.choices)
+
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, first_tokens: int) -> None:
+        tokens = choose_tokens(logits, [s.sampler for s in sequences])
+        done = []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
+            request = sequence.request
+            if request.done:
+                done.append(sequence)
+                continue
             try:
-                _raw, sink, _arrived = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            sink.fail(EngineFullError("the model is shutting down"))
+                sequence.accept(token, logits[row], self._texts)
+                if row >= first_tokens and sequence.index == 0:
+                    prepared = request.prepared
+                    self._observe.prefilled(prepared.prompt_tokens, prepared.image_tokens,
+                                            sequence.first_token_at - request.arrived)
+                if sequence.finish_reason:
+                    sequence.finish()
+                    done.append(sequence)
+            except Exception as exc:  # one request's failure (e.g. its sink) is its own
+                request.fail(exc)
+                done.append(sequence)
+        self._retire(done + [s for s in self._running if s.request.done and s not in done])
+
+    def _retire(self, sequences: list[_Sequence]) -> None:
+        if not sequences:
+            return
+        gone = {id(s) for s in sequences}
+        self._running = [s for s in self._running if id(s) not in gone]
+        self._free_slots = sorted(self._free_slots + [s.slot for s in sequences])
+
+    def _fail_running(self) -> None:
+        for sequence in self._running:
+            sequence.request.fail(RuntimeError("engine step failed"))
+        self._retire(list(self._running))
+
+    def _refuse_waiting(self) -> None:
+        self._take_ready(block=False)
+        for request in self._waiting:
+            request.fail(EngineFullError("the model is shutting down"))
+        self._waiting = []

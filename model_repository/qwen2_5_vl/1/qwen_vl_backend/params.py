@@ -24,6 +24,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    n: int = 1  # choices; the server's cap is checked where the settings are known
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +78,7 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
         stop=_stop_strings(raw),
         presence_penalty=_number(raw, "presence_penalty", -2.0, 2.0) or 0.0,
         frequency_penalty=_number(raw, "frequency_penalty", -2.0, 2.0) or 0.0,
+        n=_number(raw, "n", 1, 2**31 - 1, integer=True) or 1,
         **_logprobs(raw),
     )
 

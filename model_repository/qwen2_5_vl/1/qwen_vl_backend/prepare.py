@@ -1,8 +1,11 @@
 """A Triton request's raw inputs → model-ready tensors and generation limits."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .chat import decode_image_elements, parse_messages
 from .checkpoint import Checkpoint
@@ -31,12 +34,17 @@ class RawRequest:
 @dataclass
 class PreparedRequest:
     raw: RawRequest
-    inputs: dict[str, Any]
+    inputs: dict[str, Any]  # the processor's tensors, on the CPU
     prompt: str
     prompt_tokens: int
     image_tokens: int
     sampling: SamplingParams
     max_new_tokens: int
+    # mrope positions [3, prompt_tokens] and the shift decode positions get after the images
+    positions: torch.Tensor | None = None
+    rope_delta: int = 0
+    # one digest per image of its exact vision-tower input (pixels and grid): the embedding cache key
+    image_keys: list[bytes] = field(default_factory=list)
 
 
 def _vision_inputs(messages: list[dict]):
@@ -91,18 +99,51 @@ def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,
     return wanted
 
 
+def _positions(model, inputs) -> tuple[torch.Tensor, int]:
+    """mrope positions of the prompt [3, L] and the decode shift; text-only prompts count 0…L-1."""
+    input_ids = inputs["input_ids"]
+    if inputs.get("image_grid_thw") is None:
+        return torch.arange(input_ids.shape[1]).expand(3, -1), 0
+    positions, deltas = model.model.get_rope_index(
+        input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"])
+    return positions[:, 0], int(deltas.reshape(-1)[0])
+
+
+def _image_keys(inputs) -> list[bytes]:
+    grid = inputs.get("image_grid_thw")
+    if grid is None:
+        return []
+    keys, start = [], 0
+    for thw in grid.tolist():
+        patches = thw[0] * thw[1] * thw[2]
+        pixels = inputs["pixel_values"][start:start + patches].contiguous()
+        digest = hashlib.blake2b(str(thw).encode(), digest_size=20)
+        digest.update(pixels.numpy().tobytes())
+        keys.append(digest.digest())
+        start += patches
+    return keys
+
+
 def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) -> PreparedRequest:
+    """Everything a request needs before the engine sees it; runs on a worker thread."""
     sampling = parse_sampling_parameters(raw.sampling_parameters)
     prompt, images = _prompt_and_images(raw, checkpoint, settings)
     inputs = checkpoint.processor(text=[prompt], images=images or None, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
     image_tokens = int((inputs["input_ids"] == checkpoint.image_token_id).sum())
+    max_new_tokens = _max_new_tokens(sampling, prompt_tokens, checkpoint, settings)
+    with torch.no_grad():
+        positions, rope_delta = _positions(checkpoint.model, inputs)
     return PreparedRequest(
         raw=raw,
-        inputs=inputs.to(checkpoint.device),
+        inputs=inputs,
         prompt=prompt,
         prompt_tokens=prompt_tokens,
         image_tokens=image_tokens,
         sampling=sampling,
-        max_new_tokens=_max_new_tokens(sampling, prompt_tokens, checkpoint, settings),
+        max_new_tokens=max_new_tokens,
+        positions=positions,
+        rope_delta=rope_delta,
+        image_keys=_image_keys(inputs),
     )

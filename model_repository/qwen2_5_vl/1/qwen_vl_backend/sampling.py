@@ -59,61 +59,112 @@ def resolve_sampling(params: SamplingParams, generation_config: Any) -> Resolved
 
 
 class TokenSampler:
+    """One sequence's sampling state: settings, seeded generator, tokens seen (for penalties).
+
+    The arithmetic runs batched across rows in `choose_tokens`; what is per sequence is only the
+    state, so a sequence's tokens do not depend on which others share the step.
+    """
+
     def __init__(self, settings: ResolvedSampling, prompt_ids: torch.Tensor, vocab_size: int):
         self.settings = settings
         device = prompt_ids.device
-        self._generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)
         seed = settings.seed if settings.seed is not None else random.getrandbits(63)
-        self._generator.manual_seed(seed % (2**63))
-        self._seen = torch.unique(prompt_ids.reshape(-1)) if settings.repetition_penalty != 1.0 else None
+        self.generator.manual_seed(seed % (2**63))
+        self.seen = None
+        if settings.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[prompt_ids.reshape(-1)] = True
         needs_counts = settings.presence_penalty != 0.0 or settings.frequency_penalty != 0.0
-        self._counts = torch.zeros(vocab_size, device=device) if needs_counts else None
+        self.counts = torch.zeros(vocab_size, device=device) if needs_counts else None
+
+    def fork(self, seed: int | None) -> "TokenSampler":
+        """A sampler with the same settings and history and its own generator (another choice)."""
+        twin = TokenSampler.__new__(TokenSampler)
+        twin.settings = self.settings
+        twin.generator = torch.Generator(device=self.generator.device)
+        twin.generator.manual_seed((seed if seed is not None else random.getrandbits(63)) % (2**63))
+        twin.seen = None if self.seen is None else self.seen.clone()
+        twin.counts = None if self.counts is None else self.counts.clone()
+        return twin
 
     def observe(self, token: int) -> None:
-        if self._seen is not None:
-            self._seen = torch.unique(torch.cat([self._seen, self._seen.new_tensor([token])]))
-        if self._counts is not None:
-            self._counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from one row of raw logits (float32)."""
-        s = self.settings
-        scores = logits
-        if self._seen is not None:
-            picked = scores[self._seen]
-            picked = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
-            scores = scores.clone()
-            scores[self._seen] = picked
-        if self._counts is not None:
-            scores = scores - s.frequency_penalty * self._counts - s.presence_penalty * (self._counts > 0)
-        if s.greedy:
-            return int(scores.argmax())
-        scores = scores / s.temperature
-        if 0 < s.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, s.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if s.top_p < 1.0:
-            scores = _top_p_filter(scores, s.top_p)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+        return choose_tokens(logits[None], [self], observe=False)[0]
 
 
-def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    ordered, order = torch.sort(scores, descending=True)
+def _column(samplers: list[TokenSampler], name: str, device) -> torch.Tensor:
+    return torch.tensor([getattr(s.settings, name) for s in samplers], device=device)[:, None]
+
+
+def _penalised(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+    """Repetition (HF's rule) and presence/frequency (OpenAI's) penalties, all rows at once."""
+    device, vocab = scores.device, scores.shape[-1]
+    if any(s.seen is not None for s in samplers):
+        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(vocab, dtype=torch.bool, device=device)
+                            for s in samplers])
+        penalty = _column(samplers, "repetition_penalty", device)
+        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if any(s.counts is not None for s in samplers):
+        counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, device=device)
+                              for s in samplers])
+        scores = (scores - _column(samplers, "frequency_penalty", device) * counts
+                  - _column(samplers, "presence_penalty", device) * (counts > 0))
+    return scores
+
+
+def _filtered(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (keeping the token that crosses top_p), per row."""
+    device, vocab = scores.device, scores.shape[-1]
+    scores = scores / _column(samplers, "temperature", device)
+    top_k = _column(samplers, "top_k", device)
+    top_p = _column(samplers, "top_p", device)
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    keep_k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = ordered.gather(1, keep_k - 1)
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
-    drop_sorted = probs.cumsum(-1) - probs > top_p  # keeps the token that crosses top_p
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    drop_sorted = (probs.cumsum(-1) - probs > top_p) | (ordered == float("-inf"))
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[int]:
-    """One token per row; plain greedy rows share one argmax."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, sampler in enumerate(samplers):
-        if not sampler.settings.plain_greedy:
-            tokens[row] = sampler.choose(logits[row])
-        sampler.observe(tokens[row])
-    return tokens
+def _sampled(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+    """One draw per row: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race);
+    each row's noise comes from its own generator, so seeds reproduce whatever the batch."""
+    probs = torch.softmax(scores, dim=-1)
+    noise = torch.stack([torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=s.generator)
+                         for s in samplers])
+    return (probs / noise).argmax(dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler], observe: bool = True) -> list[int]:
+    """One token per row of float32 logits: plain greedy rows share one argmax, the others go
+    through the batched penalties, filters and draws."""
+    tokens = logits.argmax(dim=-1)
+    special = [row for row, s in enumerate(samplers) if not s.settings.plain_greedy]
+    if special:
+        rows = torch.tensor(special, device=logits.device)
+        group = [samplers[row] for row in special]
+        scores = _penalised(logits.index_select(0, rows), group)
+        chosen = scores.argmax(dim=-1)
+        drawn = [i for i, s in enumerate(group) if not s.settings.greedy]
+        if drawn:
+            index = torch.tensor(drawn, device=logits.device)
+            subset = [group[i] for i in drawn]
+            chosen[index] = _sampled(_filtered(scores.index_select(0, index), subset), subset)
+        tokens[rows] = chosen
+    result = tokens.tolist()
+    if observe:
+        for sampler, token in zip(samplers, result):
+            sampler.observe(token)
+    return result
 
 
 # ---- logprobs, OpenAI shape ---------------------------------------------------------------

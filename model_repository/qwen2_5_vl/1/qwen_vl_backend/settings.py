@@ -39,11 +39,27 @@ class ModelSettings:
     max_source_pixels: int = _IMAGE_LIMITS.max_source_pixels
     max_aspect_ratio: float = _IMAGE_LIMITS.max_aspect_ratio
     max_images: int = _IMAGE_LIMITS.max_images
-    # Sequences decoded together; more requests wait for a free slot.
+    # Sequences decoded together (KV-cache slots); more requests wait for a free slot.
     max_batch_size: int = 16
-    # KV-cache budget: the sum of (prompt + max_tokens) over running sequences stays below it,
-    # so memory is bounded by configuration, not by traffic.
+    # KV-cache size in tokens, preallocated at load as max_batch_size slots of
+    # max_cache_tokens / max_batch_size tokens each (capped at the context length): memory is
+    # bounded by configuration, not by traffic, and a request needing more (prompt + max_tokens)
+    # than one slot is refused.
     max_cache_tokens: int = 131072
+    # Tokens one engine step may compute: every running sequence's next token plus as many
+    # prompt tokens (and image tokens through the vision tower) as fit. It bounds how long a
+    # running stream waits when requests arrive. 0: 512 on CPU, 2048 on GPU.
+    max_step_tokens: int = 0
+    # Threads that decode images and run the processor and chat template, so the engine thread
+    # only runs the model.
+    preprocess_workers: int = 2
+    # Vision-tower outputs kept for repeated images (LRU); 0 turns the cache off.
+    image_cache_mb: int = 256
+    # Most choices (`n`) one request may ask for; each takes a KV-cache slot.
+    max_choices: int = 8
+    # CPU float32 only: hold the text model's weights in oneDNN's prepacked layout, about twice
+    # as fast for decode-sized matrix products (see qwen_vl_backend/cpu_linear.py).
+    cpu_packed_linear: bool = True
     # Requests waiting beyond this are refused with UNAVAILABLE instead of queuing forever.
     max_queued_requests: int = 64
     # How long finalize waits for in-flight generations before abandoning them.
@@ -67,6 +83,11 @@ class ModelSettings:
     @property
     def image_limits(self) -> ImageLimits:
         return ImageLimits(self.max_source_pixels, self.max_aspect_ratio, self.max_images)
+
+    def step_tokens(self, device: str) -> int:
+        if self.max_step_tokens > 0:
+            return self.max_step_tokens
+        return 2048 if device.startswith("cuda") else 512
 
     def resolve_device(self, instance_kind: str, device_id: int | str) -> str:
         if self.device != "auto":
