@@ -44,6 +44,7 @@ from .translate import (
     ServerLimits,
     TokenUsage,
     chunk_body,
+    ChoiceText,
     completion_body,
     prepare_chat,
     usage_chunk_body,
@@ -285,16 +286,18 @@ async def collect_completion(
     usage: TokenUsage,
     with_logprobs: bool,
 ) -> web.Response:
-    texts = []
-    logprobs: list[dict[str, Any]] | None = [] if with_logprobs else None
-    finish_reason = "stop"
+    choices: dict[int, ChoiceText] = {}
     async for chunk in chunks:
         record_usage(usage, chunk)
-        texts.append(chunk.text)
-        if logprobs is not None and chunk.logprobs:
-            logprobs.extend(chunk.logprobs)
-        finish_reason = chunk.finish_reason or finish_reason
-    body = completion_body(identity, "".join(texts), finish_reason, usage, logprobs)
+        choice = choices.get(chunk.index)
+        if choice is None:
+            choice = choices[chunk.index] = ChoiceText(logprobs=[] if with_logprobs else None)
+        choice.text += chunk.text
+        if choice.logprobs is not None and chunk.logprobs:
+            choice.logprobs.extend(chunk.logprobs)
+        choice.finish_reason = chunk.finish_reason or choice.finish_reason
+    ordered = [choices[i] for i in sorted(choices)] or [ChoiceText(logprobs=[] if with_logprobs else None)]
+    body = completion_body(identity, ordered, usage)
     return web.json_response(body, dumps=json_dumps)
 
 
@@ -345,16 +348,27 @@ async def completion_events(
     """
     role_delta = {"role": "assistant", "content": ""}
     yield sse_event(chunk_body(identity, role_delta, include_usage=include_usage))
-    finish_reason = "stop"
+    finish_reasons = {0: "stop"}  # per choice; each choice's first chunk carries the role
     try:
         async for chunk in _prepend(first, rest):
             record_usage(usage, chunk)
-            finish_reason = chunk.finish_reason or finish_reason
+            if chunk.index not in finish_reasons:
+                finish_reasons[chunk.index] = "stop"
+                yield sse_event(
+                    chunk_body(identity, role_delta, include_usage=include_usage, index=chunk.index)
+                )
+            finish_reasons[chunk.index] = chunk.finish_reason or finish_reasons[chunk.index]
             logprobs = (chunk.logprobs or []) if with_logprobs else None
             if chunk.text or logprobs:
                 delta = {"content": chunk.text}
                 yield sse_event(
-                    chunk_body(identity, delta, include_usage=include_usage, logprobs=logprobs)
+                    chunk_body(
+                        identity,
+                        delta,
+                        include_usage=include_usage,
+                        logprobs=logprobs,
+                        index=chunk.index,
+                    )
                 )
     except APIError as exc:
         log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
@@ -364,7 +378,10 @@ async def completion_events(
         log.exception("request %s: failed mid-stream", request_id)
         yield sse_error(internal_error(request_id))
         return
-    yield sse_event(chunk_body(identity, {}, finish_reason, include_usage=include_usage))
+    for index, finish_reason in sorted(finish_reasons.items()):
+        yield sse_event(
+            chunk_body(identity, {}, finish_reason, include_usage=include_usage, index=index)
+        )
     if include_usage:
         yield sse_event(usage_chunk_body(identity, usage))
     yield DONE_EVENT

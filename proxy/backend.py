@@ -60,6 +60,7 @@ class GenerationChunk:
     image_tokens: int | None = None  # image placeholder tokens in the prompt, when reported
     # One OpenAI logprobs entry per token this response covers; None unless requested.
     logprobs: list[dict[str, Any]] | None = None
+    index: int = 0  # the choice this chunk belongs to (n > 1)
 
 
 class Backend(Protocol):
@@ -263,6 +264,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     completion_tokens = result.as_numpy("num_output_tokens")
     image_tokens = result.as_numpy("num_image_tokens")
     logprobs = result.as_numpy("logprobs")
+    index = result.as_numpy("index")
     return GenerationChunk(
         text="".join(item.decode("utf-8") for item in text.ravel()),
         finish_reason=_first_text(finish_reason) or None,
@@ -270,6 +272,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
         completion_tokens=int(completion_tokens.sum()) if _has_items(completion_tokens) else 0,
         image_tokens=int(image_tokens.ravel()[0]) if _has_items(image_tokens) else None,
         logprobs=parse_logprobs(_first_text(logprobs)) if _has_items(logprobs) else None,
+        index=int(index.ravel()[0]) if _has_items(index) else 0,
     )
 
 
@@ -305,7 +308,8 @@ def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | N
     parameters = result.get_response().parameters
     if "triton_final_response" in parameters:
         return parameters["triton_final_response"].bool_param
-    # Servers that do not flag final responses: the model sets finish_reason only at the end.
+    # Servers that do not flag final responses: the model sets finish_reason only at the end
+    # (of the only choice: with n > 1 only the FINAL flag tells).
     return chunk is not None and chunk.finish_reason is not None
 
 

@@ -104,7 +104,8 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    n: int | None = None
+    # Choices per request; the model refuses more than its `max_choices` parameter allows.
+    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
@@ -145,8 +146,6 @@ def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_api_error(exc, body) from None
-    if chat.n not in (None, 1):
-        raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
     if chat.top_logprobs is not None and not chat.logprobs:
         raise APIError(
             400,

@@ -179,6 +179,7 @@ def sampling_parameters(chat: ChatCompletionRequest, max_tokens_limit: int = 0) 
         "frequency_penalty": chat.frequency_penalty,
         "seed": chat.seed,
         "stop": stop or None,
+        "n": chat.n if chat.n and chat.n > 1 else None,
     }
     if chat.wants_logprobs:
         params["logprobs"] = True
@@ -189,14 +190,19 @@ def sampling_parameters(chat: ChatCompletionRequest, max_tokens_limit: int = 0) 
 # ---- responses: Triton -> OpenAI -------------------------------------------------------
 
 
+@dataclass
+class ChoiceText:
+    """One choice of a non-streamed completion, assembled from its chunks."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    # every token's entry when the client asked for logprobs, else None
+    logprobs: list[dict[str, Any]] | None = None
+
+
 def completion_body(
-    identity: CompletionIdentity,
-    text: str,
-    finish_reason: str,
-    usage: TokenUsage,
-    logprobs: list[dict[str, Any]] | None = None,
+    identity: CompletionIdentity, choices: list[ChoiceText], usage: TokenUsage
 ) -> dict[str, Any]:
-    """`logprobs`: every token's entry when the client asked for logprobs, else None."""
     return {
         "id": identity.id,
         "object": "chat.completion",
@@ -204,11 +210,12 @@ def completion_body(
         "model": identity.model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs_field(logprobs),
-                "finish_reason": finish_reason,
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": logprobs_field(choice.logprobs),
+                "finish_reason": choice.finish_reason,
             }
+            for index, choice in enumerate(choices)
         ],
         "usage": usage.as_dict(),
     }
@@ -221,12 +228,13 @@ def chunk_body(
     *,
     include_usage: bool = False,
     logprobs: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """A `chat.completion.chunk` with one choice; `usage: null` when usage was asked for."""
     body = _chunk_envelope(identity)
     body["choices"] = [
         {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": logprobs_field(logprobs),
             "finish_reason": finish_reason,

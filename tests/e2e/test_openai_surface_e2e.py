@@ -177,6 +177,44 @@ def test_logprobs_cover_every_completion_token(base_url, stream):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
 
 
+def _n_request(stream):
+    small = "data:image/png;base64," + base64.b64encode(SMALL_PNG).decode()
+    return dict(model=SERVED, n=3, max_tokens=10, temperature=1.0, seed=4, stream=stream, logprobs=True,
+                messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": small}},
+                    {"type": "text", "text": "Three captions, please."}]}])
+
+
+def test_n_choices_stream_and_non_stream_agree_and_usage_counts_every_choice(base_url):
+    client = sdk(base_url)
+    completion = client.chat.completions.create(**_n_request(False))
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    whole = [c.message.content for c in completion.choices]
+    assert len(set(whole)) == 3, "seed + index: the choices sample differently"
+    assert all(c.finish_reason in ("stop", "length") for c in completion.choices)
+    chunks = list(client.chat.completions.create(**_n_request(True), stream_options={"include_usage": True}))
+    streamed, finishes = {}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == whole
+    assert finishes == {i: c.finish_reason for i, c in enumerate(completion.choices)}
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+    # every choice's tokens, not one choice's (logprobs: one entry per token)
+    assert completion.usage.completion_tokens == sum(len(c.logprobs.content) for c in completion.choices)
+    assert completion.usage.completion_tokens > max(len(c.logprobs.content) for c in completion.choices)
+    assert completion.usage.prompt_tokens > 0
+
+
+def test_n_beyond_the_models_cap_is_a_400_on_n(base_url):
+    response = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": SERVED, "n": 9, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "n"
+
+
 def test_request_fields_and_ignored_fields(base_url):
     response = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
         "model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3,

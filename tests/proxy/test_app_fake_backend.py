@@ -311,13 +311,11 @@ async def test_remote_image_url_is_400_forbidden_when_fetch_is_disabled(make_cli
     assert backend.requests == []
 
 
-async def test_n_greater_than_one_is_400(make_client):
+async def test_n_below_one_is_400(make_client):
     client = await make_client()
-    resp = await client.post("/v1/chat/completions", json={**TEXT_REQUEST, "n": 2})
+    resp = await client.post("/v1/chat/completions", json={**TEXT_REQUEST, "n": 0})
     assert resp.status == 400
-    assert_error(
-        await resp.json(), type="invalid_request_error", code="unsupported_parameter", param="n"
-    )
+    assert_error(await resp.json(), type="invalid_request_error", code="invalid_value", param="n")
 
 
 async def test_known_optional_fields_are_accepted_without_ignored_header(make_client):
@@ -556,3 +554,47 @@ async def test_one_log_line_per_request(make_client, caplog):
     lines = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
     assert len(lines) == 1
     assert "200" in lines[0] and "prompt_tokens=9" in lines[0] and "completion_tokens=2" in lines[0]
+
+
+def interleaved_choices() -> list[GenerationChunk]:
+    """Two choices as the model streams them: chunks interleaved, each with its own end."""
+    return [
+        GenerationChunk("a", None, 4, 1, index=0),
+        GenerationChunk("x", None, 4, 1, index=1),
+        GenerationChunk("b", "length", 4, 1, index=0),
+        GenerationChunk("y", None, 4, 1, index=1),
+        GenerationChunk("z", "stop", 4, 1, index=1),
+    ]
+
+
+async def test_n_non_stream_has_one_choice_per_index_and_usage_counts_all(make_client):
+    backend = FakeBackend(interleaved_choices())
+    client = await make_client(backend)
+    resp = await client.post("/v1/chat/completions", json={**TEXT_REQUEST, "n": 2})
+    body = await resp.json()
+    assert backend.last_request.sampling_parameters["n"] == 2
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "ab", "length"),
+        (1, "xyz", "stop"),
+    ]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+
+
+async def test_n_stream_tags_every_chunk_with_its_choice(make_client):
+    client = await make_client(FakeBackend(interleaved_choices()))
+    body = {**TEXT_REQUEST, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_payloads(await (await client.post("/v1/chat/completions", json=body)).text())
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 5
+    choices = [(c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
+               for c in events[:-2]]
+    assert choices == [
+        (0, {"role": "assistant", "content": ""}, None),
+        (0, {"content": "a"}, None),
+        (1, {"role": "assistant", "content": ""}, None),
+        (1, {"content": "x"}, None),
+        (0, {"content": "b"}, None),
+        (1, {"content": "y"}, None),
+        (1, {"content": "z"}, None),
+        (0, {}, "length"),
+        (1, {}, "stop"),
+    ]

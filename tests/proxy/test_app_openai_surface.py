@@ -91,7 +91,7 @@ async def test_sampling_fields_reach_the_model_and_max_tokens_is_clamped(make_cl
 @pytest.mark.parametrize(
     "fields, param, code",
     [
-        ({"n": 3}, "n", "unsupported_parameter"),
+        ({"n": 0}, "n", "invalid_value"),
         ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
         ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
         ({"stop": [str(i) for i in range(17)]}, "stop", "invalid_value"),

@@ -176,7 +176,7 @@ HOSTILE_BODIES = [
         id="top-k-big",
     ),
     pytest.param(
-        json_bytes({**NORMAL_REQUEST, "n": 2**64}), 400, "unsupported_parameter", "n", id="n-2^64"
+        json_bytes({**NORMAL_REQUEST, "n": 2**64}), 400, "invalid_value", "n", id="n-2^64"
     ),
     pytest.param(
         json_bytes({**NORMAL_REQUEST, "min_pixels": 2**64}),

@@ -351,7 +351,7 @@ async def test_stop_as_a_string(sdk):
 @pytest.mark.parametrize(
     "fields, param, code",
     [
-        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"n": 0}, "n", "invalid_value"),
         ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
         ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
         ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),

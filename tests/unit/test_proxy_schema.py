@@ -190,11 +190,15 @@ def test_sixteen_stop_strings_are_accepted():
     assert len(parse({"messages": [USER_HI], "stop": ["s"] * 16}).stop) == 16
 
 
-@pytest.mark.parametrize("n", [0, 2, 5])
-def test_n_other_than_one_is_400(n):
+@pytest.mark.parametrize("n", [0, -1, 2**31])
+def test_n_outside_its_type_is_400(n):
     error = error_for({"messages": [USER_HI], "n": n})
-    assert (error.status, error.param, error.code) == (400, "n", "unsupported_parameter")
-    assert "n=1" in error.message
+    assert (error.status, error.param, error.code) == (400, "n", "invalid_value")
+
+
+def test_n_above_one_is_passed_to_the_model():
+    """The model owns the cap (its max_choices parameter) and refuses beyond it."""
+    assert parse({"messages": [USER_HI], "n": 3}).n == 3
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from proxy.translate import (
     ServerLimits,
     TokenUsage,
     chunk_body,
+    ChoiceText,
     completion_body,
     prepare_chat,
     usage_chunk_body,
@@ -430,7 +431,7 @@ def test_completion_identity_is_unique_and_prefixed():
 
 def test_completion_body():
     body = completion_body(
-        IDENTITY, "a cat", "length", TokenUsage(prompt_tokens=5, completion_tokens=2)
+        IDENTITY, [ChoiceText("a cat", "length")], TokenUsage(prompt_tokens=5, completion_tokens=2)
     )
     assert body == {
         "id": "chatcmpl-abc",
@@ -490,9 +491,11 @@ def test_usage_with_image_tokens_has_prompt_tokens_details():
 
 def test_completion_body_with_logprobs():
     entries = [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}]
-    body = completion_body(IDENTITY, "a", "stop", TokenUsage(), entries)
+    body = completion_body(IDENTITY, [ChoiceText("a", "stop", entries)], TokenUsage())
     assert body["choices"][0]["logprobs"] == {"content": entries}
-    assert completion_body(IDENTITY, "a", "stop", TokenUsage(), [])["choices"][0]["logprobs"] == {
+    assert completion_body(IDENTITY, [ChoiceText("a", "stop", [])], TokenUsage())["choices"][0][
+        "logprobs"
+    ] == {
         "content": []
     }
 
