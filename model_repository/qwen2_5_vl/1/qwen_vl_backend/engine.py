@@ -12,9 +12,11 @@ Qwen2.5-VL specifics:
   positions come from `get_rope_index` at preparation, decode positions are
   `next_position + rope_delta`, and the engine passes them on every forward (the model's own
   `rope_deltas` state would mix sequences up);
-- the vision tower runs once per request at admission, on all newly admitted requests' images
-  in one call (repeated images come from the embedding cache); a prompt chunk takes the
-  embeddings of the image tokens it contains, so a chunk boundary may fall inside an image.
+- the vision tower runs once on all uncached images of the requests admitted in one step (one
+  call, repeated images come from the embedding cache), block by block over as many steps as
+  the budget needs (`vision_stages`); a request's prompt chunks start once its images are
+  encoded, and a chunk takes the embeddings of the image tokens it contains, so a chunk
+  boundary may fall inside an image.
 
 `n` > 1: the prompt is prefilled once, then its slot is copied into one slot per extra choice;
 each choice samples with its own generator (seed + index when a seed is given).
@@ -40,6 +42,7 @@ from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_ste
 from .prepare import PreparedRequest, RawRequest, prepare
 from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
 from .settings import ModelSettings
+from .vision_stages import VisionJob
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +145,26 @@ class _Sequence:
         self.unsent_logprobs: list[dict] = []
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
-        self.image_embeddings: torch.Tensor | None = None  # while prefilling
+        # While prefilling: each image's vision-tower output (None until its job is done), and
+        # all of them joined once every one is there.
+        self.image_parts: list[torch.Tensor | None] = []
+        self.image_embeddings: torch.Tensor | None = None
         self._held = ("", 0)
 
     @property
     def prefilling(self) -> bool:
         return self.cached < self.prepared.prompt_tokens
+
+    @property
+    def vision_ready(self) -> bool:
+        return not self.image_parts or self.image_embeddings is not None
+
+    def take_image(self, key: bytes, embeddings: torch.Tensor) -> None:
+        for i, k in enumerate(self.prepared.image_keys):
+            if k == key and self.image_parts[i] is None:
+                self.image_parts[i] = embeddings
+        if self.image_parts and self.image_embeddings is None and all(p is not None for p in self.image_parts):
+            self.image_embeddings = torch.cat(self.image_parts)
 
     def fork(self, slot: int, index: int) -> "_Sequence":
         seed = self.prepared.sampling.seed
@@ -259,10 +276,27 @@ class _Observers(EngineObserver):
 
 @dataclass
 class _Step:
-    """What one engine step computes: decode tokens first, then prompt chunks."""
+    """What one engine step computes: vision-tower stages, then one forward of the decode
+    tokens followed by prompt chunks."""
     decode: list[_Sequence]
     chunks: list[tuple[_Sequence, int, int]]  # (sequence, start, length)
-    admitted: list[_Sequence]  # need their images encoded before their first chunk
+    vision: list[tuple["_VisionWork", int]]  # (job, stages to run)
+
+
+class _VisionWork:
+    """One vision-tower call over the uncached images of the requests admitted in one step."""
+
+    def __init__(self, job: VisionJob, keys: list[bytes], image_tokens: int):
+        self.job = job
+        self.keys = keys
+        self.planned = 0  # stages scheduled so far
+        # The tower's cost in prompt-token units, spread evenly over its stages (a merged image
+        # token costs about as much in the vision tower as a prompt token in the text model).
+        self.stage_cost = max(1, -(-image_tokens // job.stages))
+
+    @property
+    def unplanned(self) -> int:
+        return self.job.stages - self.planned
 
 
 class BatchingEngine:
@@ -284,6 +318,8 @@ class BatchingEngine:
         self._free_slots = list(range(settings.max_batch_size))  # lowest first keeps the decode view small
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
         self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
+        self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
+        self._encoding: set[bytes] = set()  # image keys those jobs are encoding
         self._pool = ThreadPoolExecutor(max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep")
         self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
         self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
@@ -360,7 +396,7 @@ class BatchingEngine:
                     self._take_ready(block=not self._running and not self._waiting)
                     self._drop_cancelled()
                     step = self._schedule()
-                    if step.decode or step.chunks or step.admitted:
+                    if step.decode or step.chunks or step.vision:
                         self._execute(step)
                     if not self._running:  # idle now: gauges go back to zero
                         self._observe.decoded(0, self._waiting_count())
@@ -401,40 +437,51 @@ class BatchingEngine:
     # ---- scheduling ---------------------------------------------------------------------
 
     def _schedule(self) -> _Step:
-        """Decode tokens of every running sequence, then prompt chunks within the budget:
-        requests already prefilling first (oldest first), then new ones while slots are free."""
+        """Every running sequence's decode token, then prefill work within the step budget:
+        prompt chunks of admitted requests (oldest first), vision-tower stages, new admissions.
+        A quarter of the budget is kept for prefill work however many sequences decode, so
+        arrivals always make progress."""
         decode = [s for s in self._running if not s.prefilling]
-        budget = self._step_tokens - len(decode)
-        chunks, admitted = [], []
+        budget = max(self._step_tokens - len(decode), self._step_tokens // 4)
+        step = _Step(decode, [], [])
         for sequence in self._running:
-            if sequence.prefilling and budget > 0:
-                length = min(sequence.prepared.prompt_tokens - sequence.cached, budget)
-                chunks.append((sequence, sequence.cached, length))
-                budget -= length
+            if budget > 0 and sequence.prefilling and sequence.vision_ready:
+                budget -= self._plan_chunk(step, sequence, budget)
+        for work in self._vision:
+            budget -= self._plan_stages(step, work, budget)
+        admitted = []
         while self._waiting and budget > 0:
             request = self._waiting[0]
             if request.prepared.sampling.n > len(self._free_slots):
                 break
-            vision_cost = self._uncached_image_tokens(request.prepared)
-            if vision_cost > budget and (chunks or admitted):
-                break  # a large image goes first in a later step, alone with the decodes
             self._waiting.pop(0)
-            sequence = self._admit(request)
-            admitted.append(sequence)
-            budget -= vision_cost
-            if budget > 0:
-                length = min(request.prepared.prompt_tokens, budget)
-                chunks.append((sequence, 0, length))
-                budget -= length
-        return _Step(decode, chunks, admitted)
+            admitted.append(self._admit(request))
+        if admitted:
+            work = self._start_vision(admitted)
+            if work is not None:
+                budget -= self._plan_stages(step, work, budget)
+            for sequence in admitted:
+                if budget > 0 and sequence.vision_ready:
+                    budget -= self._plan_chunk(step, sequence, budget)
+        return step
 
-    def _uncached_image_tokens(self, prepared: PreparedRequest) -> int:
-        grid = prepared.inputs.get("image_grid_thw")
-        if grid is None:
-            return 0
-        merge = self._model.model.visual.spatial_merge_size ** 2
-        return sum(int(thw.prod()) // merge for key, thw in zip(prepared.image_keys, grid)
-                   if key not in self._images)
+    @staticmethod
+    def _plan_chunk(step: _Step, sequence: _Sequence, budget: int) -> int:
+        length = min(sequence.prepared.prompt_tokens - sequence.cached, budget)
+        step.chunks.append((sequence, sequence.cached, length))
+        return length
+
+    @staticmethod
+    def _plan_stages(step: _Step, work: "_VisionWork", budget: int) -> int:
+        """As many stages as the budget pays for; one at least when the step has no other
+        prefill work, so a tower costlier than the budget still finishes."""
+        stages = min(work.unplanned, max(budget, 0) // work.stage_cost)
+        if stages == 0 and work.unplanned and not step.chunks and not step.vision:
+            stages = 1
+        if stages:
+            step.vision.append((work, stages))
+            work.planned += stages
+        return stages * work.stage_cost
 
     def _admit(self, request: _Request) -> _Sequence:
         with self._lock:
@@ -446,12 +493,58 @@ class BatchingEngine:
         sequence = _Sequence(request, self._checkpoint, sampler, self._free_slots.pop(0))
         request.choices.append(sequence)
         self._running.append(sequence)
+        sequence.image_parts = [None] * len(prepared.image_keys)
         return sequence
+
+    def _start_vision(self, admitted: list[_Sequence]) -> "_VisionWork | None":
+        """Cached images go to their sequences now; the others (each once, even if several
+        requests or one request twice show it, or an earlier job is already encoding it) are
+        encoded by one new staged vision job."""
+        pixels, grids, keys, tokens, hits = [], [], [], 0, 0
+        merge = self._model.model.visual.spatial_merge_size ** 2
+        for sequence in admitted:
+            inputs, start = sequence.prepared.inputs, 0
+            grid = inputs.get("image_grid_thw")
+            for key, thw in zip(sequence.prepared.image_keys, [] if grid is None else grid):
+                patches = int(thw.prod())
+                cached = self._images.get(key)
+                if cached is not None:
+                    sequence.take_image(key, cached)
+                    hits += 1
+                elif key not in keys and key not in self._encoding:
+                    keys.append(key)
+                    pixels.append(inputs["pixel_values"][start:start + patches])
+                    grids.append(thw)
+                    tokens += patches // merge
+                start += patches
+        if hits or keys:
+            self._observe.images_encoded(hits, len(keys))
+        if not keys:
+            return None
+        device = self._checkpoint.device
+        job = VisionJob(self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device))
+        work = _VisionWork(job, keys, tokens)
+        self._vision.append(work)
+        self._encoding.update(keys)
+        return work
+
+    def _run_vision(self, planned: list[tuple["_VisionWork", int]]) -> None:
+        for work, stages in planned:
+            for _ in range(stages):
+                work.job.advance()
+            if work.job.done:
+                self._vision.remove(work)
+                self._encoding.difference_update(work.keys)
+                for key, embeddings in zip(work.keys, work.job.embeddings):
+                    self._images.put(key, embeddings)
+                    for sequence in self._running:
+                        if sequence.prefilling:
+                            sequence.take_image(key, embeddings)
 
     # ---- one step -----------------------------------------------------------------------
 
     def _execute(self, step: _Step) -> None:
-        self._encode_images(step.admitted)
+        self._run_vision(step.vision)
         if not step.decode and not step.chunks:
             return
         stats = self.stats
@@ -466,16 +559,15 @@ class BatchingEngine:
             sequence.cached += length
         sampled, rows = list(step.decode), list(range(len(step.decode)))
         for row, leader in enumerate(finishing, start=len(step.decode)):
-            leader.image_embeddings = None
+            leader.image_embeddings, leader.image_parts = None, []
             choices = self._forked(leader)
             sampled += choices
             rows += [row] * len(choices)  # every choice samples from the prompt's logits
         if len(rows) != len(logits):
             logits = logits[rows]
+        if step.decode:  # before the responses go out, so a client that sees them sees this too
+            self._observe.decoded(len(step.decode), self._waiting_count())
         self._sample(sampled, logits, first_tokens=len(step.decode))
-        waiting = self._waiting_count()
-        if step.decode:
-            self._observe.decoded(len(step.decode), waiting)
 
     def _forward(self, step: _Step) -> tuple[torch.Tensor, list[_Sequence]]:
         """One packed forward; logits of each decode token and of each finished prompt."""
@@ -517,41 +609,6 @@ class BatchingEngine:
         if count:
             where = inside.nonzero()[:, 0].to(embeds.device) + offset
             embeds[where] = sequence.image_embeddings[before:before + count].to(embeds.dtype)
-
-    def _encode_images(self, admitted: list[_Sequence]) -> None:
-        """Vision tower on every uncached image of the newly admitted requests, in one call."""
-        pending, pending_keys, hits = [], set(), 0
-        for sequence in admitted:
-            inputs = sequence.prepared.inputs
-            grid = inputs.get("image_grid_thw")
-            if grid is None:
-                continue
-            start = 0
-            for key, thw in zip(sequence.prepared.image_keys, grid):
-                patches = int(thw.prod())
-                if key in pending_keys or self._images.get(key) is not None:
-                    hits += 1
-                else:
-                    pending_keys.add(key)
-                    pending.append((key, inputs["pixel_values"][start:start + patches], thw))
-                start += patches
-        if pending:
-            device = self._checkpoint.device
-            pixels = torch.cat([p for _, p, _ in pending]).to(device)
-            grid = torch.stack([g for _, _, g in pending]).to(device)
-            encoded = self._model.model.get_image_features(pixels, grid).pooler_output
-            fresh = {key: embeddings for (key, _, _), embeddings in zip(pending, encoded)}
-        else:
-            fresh = {}
-        for sequence in admitted:
-            keys = sequence.prepared.image_keys
-            if keys:
-                parts = [fresh[k] if k in fresh else self._images.peek(k) for k in keys]
-                sequence.image_embeddings = torch.cat(parts)
-        for key, embeddings in fresh.items():
-            self._images.put(key, embeddings)
-        if pending or hits:
-            self._observe.images_encoded(hits, len(pending))
 
     def _forked(self, leader: _Sequence) -> list[_Sequence]:
         """The leader and, for n > 1, one copy of its prompt cache per extra choice."""
@@ -597,6 +654,7 @@ class BatchingEngine:
         for sequence in self._running:
             sequence.request.fail(RuntimeError("engine step failed"))
         self._retire(list(self._running))
+        self._vision, self._encoding = [], set()
 
     def _refuse_waiting(self) -> None:
         self._take_ready(block=False)
