@@ -396,3 +396,28 @@ def test_a_repeated_image_skips_the_vision_tower_and_gives_the_same_tokens(check
         assert (engine.stats.image_cache_hits, engine.stats.image_cache_misses) == (1, 2)
     finally:
         assert engine.shutdown(30)
+
+
+def test_a_freed_slot_serves_the_same_prompt_prefix_and_the_tokens_do_not_change(checkpoint):
+    engine = BatchingEngine(checkpoint, SETTINGS)
+    image = [encoded_image(size=(112, 112), color=(200, 20, 10))]
+    other = [encoded_image(size=(112, 112), color=(10, 200, 10))]
+    ask = lambda text: [{"type": "image"}, {"type": "text", "text": text}]  # noqa: E731
+    try:
+        first = run(engine, ask("What is it?"), images=image).final.text
+        assert engine.stats.reused_prompt_tokens == 0
+        again = run(engine, ask("What is it?"), images=image).final.text
+        reused = engine.stats.reused_prompt_tokens
+        assert reused > 16 and again == first
+        # Same image, another question: the shared part (template + image) is reused.
+        follow_up = run(engine, ask("And its colour?"), images=image).final.text
+        assert engine.stats.reused_prompt_tokens > reused
+        # Another image behind identical placeholder tokens: only what comes before the image.
+        before = engine.stats.reused_prompt_tokens
+        different = run(engine, ask("What is it?"), images=other).final.text
+        image_start = prepare(raw_request(ask("What is it?"), images=other), checkpoint, SETTINGS).image_starts[0]
+        assert 0 < engine.stats.reused_prompt_tokens - before <= image_start
+    finally:
+        assert engine.shutdown(30)
+    assert alone_texts(checkpoint, [(ask("And its colour?"), image), (ask("What is it?"), other)],
+                       max_tokens=24) == [follow_up, different]

@@ -42,6 +42,7 @@ from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_ste
 from .prepare import PreparedRequest, RawRequest, prepare
 from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
 from .settings import ModelSettings
+from .slots import SlotContent, SlotPool
 from .vision_stages import VisionJob
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class _Sequence:
         # all of them joined once every one is there.
         self.image_parts: list[torch.Tensor | None] = []
         self.image_embeddings: torch.Tensor | None = None
+        self.awaiting: list[_VisionWork] = []  # vision jobs encoding its missing images
         self._held = ("", 0)
 
     @property
@@ -158,6 +160,11 @@ class _Sequence:
     @property
     def vision_ready(self) -> bool:
         return not self.image_parts or self.image_embeddings is not None
+
+    def vision_ready_this_step(self) -> bool:
+        """Ready now, or the last stages of every job it waits for run in this step (before
+        the forward), so its first chunk can go in the same step."""
+        return self.vision_ready or all(work.unplanned == 0 for work in self.awaiting)
 
     def take_image(self, key: bytes, embeddings: torch.Tensor) -> None:
         for i, k in enumerate(self.prepared.image_keys):
@@ -228,6 +235,7 @@ class EngineStats(EngineObserver):
     failed: int = 0
     image_cache_hits: int = 0
     image_cache_misses: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens a freed slot still held (not prefilled)
     largest_step_tokens: int = 0  # decode + prompt tokens of the biggest forward
     partial_chunks: int = 0  # prompt chunks that left the rest of their prompt for later steps
 
@@ -274,6 +282,56 @@ class _Observers(EngineObserver):
         self._call("images_encoded", *args)
 
 
+def _content(prepared: PreparedRequest, length: int) -> SlotContent:
+    """The first `length` prompt tokens of a request, as a slot holds them."""
+    images = tuple((start, key) for start, key in zip(prepared.image_starts, prepared.image_keys)
+                   if start < length)
+    return SlotContent(prepared.inputs["input_ids"][0, :length], images)
+
+
+def _image_token_cost(model) -> float:
+    """What one merged image token costs in the vision tower, in prompt tokens of the text
+    model, estimated by the weights each passes through: a merged token is
+    `spatial_merge_size²` patches through the patch embedding and the blocks, then the merger.
+    (An estimate: on the bench checkpoint the tower ran ~1.5x slower than this says.)"""
+    visual, text = model.model.visual, model.model.language_model
+    weights = lambda module: sum(t.numel() for t in [*module.parameters(), *module.buffers()])  # noqa: E731
+    per_token = (visual.spatial_merge_size ** 2 * (weights(visual.patch_embed) + weights(visual.blocks))
+                 + weights(visual.merger))
+    return per_token / max(1, weights(text.layers))
+
+
+class _VisionCost:
+    """How much a budget unit of vision-tower work really costs next to a prompt token,
+    measured as the engine runs (moving averages), so a step's vision share takes about the
+    time its budget says. The weight-count estimate alone was ~2x low on the development CPU
+    (the tower's narrow matrices and window attention run below the text model's FLOP rate).
+    Measured on CPU only: on a GPU, kernels run asynchronously and the estimate stands."""
+
+    def __init__(self, measure: bool):
+        self._measure = measure
+        self._token_s: float | None = None
+        self._unit_s: float | None = None
+
+    @staticmethod
+    def _average(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def forward_took(self, tokens: int, seconds: float) -> None:
+        if self._measure and tokens >= 32:  # prompt-sized: the per-token cost dominates
+            self._token_s = self._average(self._token_s, seconds / tokens)
+
+    def vision_took(self, units: int, seconds: float) -> None:
+        if self._measure and units:
+            self._unit_s = self._average(self._unit_s, seconds / units)
+
+    @property
+    def factor(self) -> float:
+        if self._token_s is None or self._unit_s is None:
+            return 1.0
+        return min(8.0, max(0.25, self._unit_s / self._token_s))
+
+
 @dataclass
 class _Step:
     """What one engine step computes: vision-tower stages, then one forward of the decode
@@ -286,13 +344,11 @@ class _Step:
 class _VisionWork:
     """One vision-tower call over the uncached images of the requests admitted in one step."""
 
-    def __init__(self, job: VisionJob, keys: list[bytes], image_tokens: int):
+    def __init__(self, job: VisionJob, keys: list[bytes], cost: float):
         self.job = job
         self.keys = keys
         self.planned = 0  # stages scheduled so far
-        # The tower's cost in prompt-token units, spread evenly over its stages (a merged image
-        # token costs about as much in the vision tower as a prompt token in the text model).
-        self.stage_cost = max(1, -(-image_tokens // job.stages))
+        self.stage_cost = max(1, round(cost / job.stages))  # prompt-token units per stage
 
     @property
     def unplanned(self) -> int:
@@ -315,11 +371,13 @@ class BatchingEngine:
             cpu_linear.pack_text_linears(self._model)
         self.slot_len = min(checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size)
         self._cache = SlotKVCache.for_model(self._model, settings.max_batch_size, self.slot_len)
-        self._free_slots = list(range(settings.max_batch_size))  # lowest first keeps the decode view small
+        self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
         self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
         self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
-        self._encoding: set[bytes] = set()  # image keys those jobs are encoding
+        self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
+        self._image_token_cost = _image_token_cost(self._model)
+        self._vision_cost = _VisionCost(measure=str(checkpoint.device) == "cpu")
         self._pool = ThreadPoolExecutor(max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep")
         self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
         self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
@@ -445,14 +503,14 @@ class BatchingEngine:
         budget = max(self._step_tokens - len(decode), self._step_tokens // 4)
         step = _Step(decode, [], [])
         for sequence in self._running:
-            if budget > 0 and sequence.prefilling and sequence.vision_ready:
+            if budget > 0 and sequence.prefilling and sequence.vision_ready_this_step():
                 budget -= self._plan_chunk(step, sequence, budget)
         for work in self._vision:
             budget -= self._plan_stages(step, work, budget)
         admitted = []
         while self._waiting and budget > 0:
             request = self._waiting[0]
-            if request.prepared.sampling.n > len(self._free_slots):
+            if request.prepared.sampling.n > len(self._slots):
                 break
             self._waiting.pop(0)
             admitted.append(self._admit(request))
@@ -461,7 +519,7 @@ class BatchingEngine:
             if work is not None:
                 budget -= self._plan_stages(step, work, budget)
             for sequence in admitted:
-                if budget > 0 and sequence.vision_ready:
+                if budget > 0 and sequence.vision_ready_this_step():
                     budget -= self._plan_chunk(step, sequence, budget)
         return step
 
@@ -471,17 +529,17 @@ class BatchingEngine:
         step.chunks.append((sequence, sequence.cached, length))
         return length
 
-    @staticmethod
-    def _plan_stages(step: _Step, work: "_VisionWork", budget: int) -> int:
+    def _plan_stages(self, step: _Step, work: "_VisionWork", budget: int) -> int:
         """As many stages as the budget pays for; one at least when the step has no other
         prefill work, so a tower costlier than the budget still finishes."""
-        stages = min(work.unplanned, max(budget, 0) // work.stage_cost)
+        stage_cost = max(1, round(work.stage_cost * self._vision_cost.factor))
+        stages = min(work.unplanned, max(budget, 0) // stage_cost)
         if stages == 0 and work.unplanned and not step.chunks and not step.vision:
             stages = 1
         if stages:
             step.vision.append((work, stages))
             work.planned += stages
-        return stages * work.stage_cost
+        return stages * stage_cost
 
     def _admit(self, request: _Request) -> _Sequence:
         with self._lock:
@@ -490,7 +548,10 @@ class BatchingEngine:
         settings = resolve_sampling(prepared.sampling, self._model.generation_config)
         sampler = TokenSampler(settings, prepared.inputs["input_ids"].to(self._checkpoint.device),
                                self._model.config.text_config.vocab_size)
-        sequence = _Sequence(request, self._checkpoint, sampler, self._free_slots.pop(0))
+        slot, reused = self._slots.take(_content(prepared, prepared.prompt_tokens))
+        sequence = _Sequence(request, self._checkpoint, sampler, slot)
+        sequence.cached = reused  # the slot still holds this much of the prompt
+        self.stats.reused_prompt_tokens += reused
         request.choices.append(sequence)
         self._running.append(sequence)
         sequence.image_parts = [None] * len(prepared.image_keys)
@@ -511,7 +572,9 @@ class BatchingEngine:
                 if cached is not None:
                     sequence.take_image(key, cached)
                     hits += 1
-                elif key not in keys and key not in self._encoding:
+                elif key in self._encoding:
+                    sequence.awaiting.append(self._encoding[key])
+                elif key not in keys:
                     keys.append(key)
                     pixels.append(inputs["pixel_values"][start:start + patches])
                     grids.append(thw)
@@ -523,18 +586,24 @@ class BatchingEngine:
             return None
         device = self._checkpoint.device
         job = VisionJob(self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device))
-        work = _VisionWork(job, keys, tokens)
+        work = _VisionWork(job, keys, tokens * self._image_token_cost)
         self._vision.append(work)
-        self._encoding.update(keys)
+        self._encoding.update(dict.fromkeys(keys, work))
+        for sequence in admitted:
+            if any(key in keys for key in sequence.prepared.image_keys):
+                sequence.awaiting.append(work)
         return work
 
     def _run_vision(self, planned: list[tuple["_VisionWork", int]]) -> None:
         for work, stages in planned:
+            started = time.perf_counter()
             for _ in range(stages):
                 work.job.advance()
+            self._vision_cost.vision_took(stages * work.stage_cost, time.perf_counter() - started)
             if work.job.done:
                 self._vision.remove(work)
-                self._encoding.difference_update(work.keys)
+                for key in work.keys:
+                    del self._encoding[key]
                 for key, embeddings in zip(work.keys, work.job.embeddings):
                     self._images.put(key, embeddings)
                     for sequence in self._running:
@@ -559,7 +628,7 @@ class BatchingEngine:
             sequence.cached += length
         sampled, rows = list(step.decode), list(range(len(step.decode)))
         for row, leader in enumerate(finishing, start=len(step.decode)):
-            leader.image_embeddings, leader.image_parts = None, []
+            leader.image_embeddings, leader.image_parts, leader.awaiting = None, [], []
             choices = self._forked(leader)
             sampled += choices
             rows += [row] * len(choices)  # every choice samples from the prompt's logits
@@ -591,11 +660,14 @@ class BatchingEngine:
             self._place_image_embeddings(embeds, sequence, start, length, chunk.offset)
         position_ids = torch.cat(positions, dim=1).to(device)[:, None, :]
         layout = StepLayout([s.slot for s in step.decode], [s.cached + 1 for s in step.decode], chunks, device)
+        started = time.perf_counter()
         with packed_step(self._cache, layout):
             hidden = self._model.model.language_model(
                 inputs_embeds=embeds[None], position_ids=position_ids, cache=self._cache,
                 attention_mask={"full_attention": None}, use_cache=True).last_hidden_state
-        return self._model.lm_head(hidden[0, rows]).float(), finishing
+        logits = self._model.lm_head(hidden[0, rows]).float()
+        self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
+        return logits, finishing
 
     def _place_image_embeddings(self, embeds, sequence: _Sequence, start: int, length: int,
                                 offset: int) -> None:
@@ -614,7 +686,7 @@ class BatchingEngine:
         """The leader and, for n > 1, one copy of its prompt cache per extra choice."""
         request = leader.request
         for index in range(1, request.prepared.sampling.n):
-            slot = self._free_slots.pop(0)
+            slot, _ = self._slots.take()
             self._cache.copy_slot(leader.slot, slot, leader.cached)
             twin = leader.fork(slot, index)
             request.choices.append(twin)
@@ -648,13 +720,15 @@ class BatchingEngine:
             return
         gone = {id(s) for s in sequences}
         self._running = [s for s in self._running if id(s) not in gone]
-        self._free_slots = sorted(self._free_slots + [s.slot for s in sequences])
+        for sequence in sequences:
+            prompt = min(sequence.cached, sequence.prepared.prompt_tokens)
+            self._slots.release(sequence.slot, _content(sequence.prepared, prompt))
 
     def _fail_running(self) -> None:
         for sequence in self._running:
             sequence.request.fail(RuntimeError("engine step failed"))
         self._retire(list(self._running))
-        self._vision, self._encoding = [], set()
+        self._vision, self._encoding = [], {}
 
     def _refuse_waiting(self) -> None:
         self._take_ready(block=False)

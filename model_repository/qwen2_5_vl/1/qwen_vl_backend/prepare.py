@@ -45,6 +45,7 @@ class PreparedRequest:
     rope_delta: int = 0
     # one digest per image of its exact vision-tower input (pixels and grid): the embedding cache key
     image_keys: list[bytes] = field(default_factory=list)
+    image_starts: list[int] = field(default_factory=list)  # each image's first token position
 
 
 def _vision_inputs(messages: list[dict]):
@@ -125,6 +126,18 @@ def _image_keys(inputs) -> list[bytes]:
     return keys
 
 
+def _image_starts(inputs, image_token_id: int, merge: int) -> list[int]:
+    grid = inputs.get("image_grid_thw")
+    if grid is None:
+        return []
+    positions = (inputs["input_ids"][0] == image_token_id).nonzero()[:, 0].tolist()
+    starts, index = [], 0
+    for thw in grid.tolist():
+        starts.append(positions[index])
+        index += thw[0] * thw[1] * thw[2] // merge
+    return starts
+
+
 def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) -> PreparedRequest:
     """Everything a request needs before the engine sees it; runs on a worker thread."""
     sampling = parse_sampling_parameters(raw.sampling_parameters)
@@ -146,4 +159,6 @@ def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) ->
         positions=positions,
         rope_delta=rope_delta,
         image_keys=_image_keys(inputs),
+        image_starts=_image_starts(inputs, checkpoint.image_token_id,
+                                   checkpoint.model.model.visual.spatial_merge_size ** 2),
     )

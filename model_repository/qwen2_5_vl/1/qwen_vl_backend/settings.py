@@ -48,7 +48,8 @@ class ModelSettings:
     max_cache_tokens: int = 131072
     # Tokens one engine step may compute: every running sequence's next token plus as many
     # prompt tokens (and image tokens through the vision tower) as fit. It bounds how long a
-    # running stream waits when requests arrive. 0: 512 on CPU, 2048 on GPU.
+    # running stream waits when requests arrive. 0: 256 on CPU, 2048 on GPU (docs/engine.md
+    # has the CPU measurements behind 256).
     max_step_tokens: int = 0
     # Threads that decode images and run the processor and chat template, so the engine thread
     # only runs the model.
@@ -87,7 +88,7 @@ class ModelSettings:
     def step_tokens(self, device: str) -> int:
         if self.max_step_tokens > 0:
             return self.max_step_tokens
-        return 2048 if device.startswith("cuda") else 512
+        return 2048 if device.startswith("cuda") else 256
 
     def resolve_device(self, instance_kind: str, device_id: int | str) -> str:
         if self.device != "auto":
