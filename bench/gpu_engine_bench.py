@@ -111,6 +111,10 @@ class CountingSink:
         self.done.set()
 
 
+# Tokens per KV slot: the prompt (~3 tokens a word with the tiny tokenizer) and max_tokens fit.
+SLOT_TOKENS = 4096
+
+
 def request(prompt_words: int, max_tokens: int, index: int) -> RawRequest:
     text = " ".join(f"word{(index * 7 + i) % 50}" for i in range(prompt_words))
     return RawRequest(request_id=f"bench-{index}", stream=True, exclude_input_in_output=True,
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
     # No EOS: every request generates exactly max_tokens, so the numbers compare.
     checkpoint = Checkpoint(model=model, processor=processor, device=args.device,
                             eos_token_ids=frozenset(), max_model_len=32768, random_weights=True)
-    settings = ModelSettings(max_batch_size=max(levels), max_cache_tokens=10**7,
+    # The KV cache is preallocated (max_batch_size slots): size each slot for this workload.
+    settings = ModelSettings(max_batch_size=max(levels), max_cache_tokens=max(levels) * SLOT_TOKENS,
                              max_queued_requests=max(levels) * 2)
     clock = StepClock()
     engine = BatchingEngine(checkpoint, settings, observer=clock)
