@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel as _PydanticModel
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import APIError
@@ -29,6 +30,25 @@ MAX_TOP_LOGPROBS = 20
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_REPETITION_PENALTY = 10.0
+
+
+class BaseModel(_PydanticModel):
+    """Strict, as OpenAI's API: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not coerced
+    (integers still count as numbers)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+# pydantic's error types for a value of the wrong JSON type → OpenAI's word for the type.
+_TYPE_ERRORS = {
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "an array",
+    "model_type": "an object",
+    "dict_type": "an object",
+}
 
 
 class ImageURL(BaseModel):
@@ -73,10 +93,18 @@ ContentPart = Annotated[
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
     # `developer` is OpenAI's newer name for `system`; `tool` carries tool results.
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    # Required, but null is allowed: assistant turns that only carried tool calls have none.
+    # Required; null only on an assistant turn that carried tool calls instead (as OpenAI).
     content: str | list[ContentPart] | None
+
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+            raise ValueError("content may be null only on an assistant message with tool_calls")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -84,13 +112,13 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     type: str
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -171,6 +199,12 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
     param = format_param(path)
     if err["type"] == "unsupported_content_type":
         return _content_part_error(err["input"], param)
+    at_path = [e for p, e in candidates if p == path]
+    if all(e["type"] in _TYPE_ERRORS for e in at_path):
+        expected = " or ".join(dict.fromkeys(_TYPE_ERRORS[e["type"]] for e in at_path))
+        message = (f"Invalid type for '{param}': expected {expected}, "
+                   f"but got {_json_type(err['input'])} instead.")
+        return APIError(400, message, param=param or None, code="invalid_type")
     if err["type"] == "missing":
         message = f"Missing required parameter: '{param}'."
         return APIError(400, message, param=param or None, code="missing_required_parameter")
@@ -178,6 +212,14 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
     reasons = dict.fromkeys(e["msg"] for p, e in candidates if p == path)
     message = f"Invalid value for '{param}': {' or '.join(reasons)}."
     return APIError(400, message, param=param or None, code="invalid_value")
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                       (str, "a string"), (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else "another type"
 
 
 def _content_part_error(part: Any, param: str) -> APIError:

@@ -218,7 +218,7 @@ def test_n_beyond_the_models_cap_is_a_400_on_n(base_url):
 def test_request_fields_and_ignored_fields(base_url):
     response = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
         "model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3,
-        "top_p": 0.9, "top_k": 20, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
+        "seed": 0, "top_p": 0.9, "top_k": 20, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
         "n": 1, "user": "e2e", "response_format": {"type": "text"}, "tools": [], "logit_bias": {}})
     assert response.status_code == 200, response.text
     assert response.headers["X-Ignored-Fields"] == "tools, logit_bias"

@@ -74,13 +74,13 @@ HOSTILE_BODIES = [
         json_bytes({"messages": []}), 400, "invalid_value", "messages", id="empty-messages"
     ),
     pytest.param(
-        json_bytes({"messages": None}), 400, "invalid_value", "messages", id="null-messages"
+        json_bytes({"messages": None}), 400, "invalid_type", "messages", id="null-messages"
     ),
     pytest.param(
-        json_bytes({"messages": "hi"}), 400, "invalid_value", "messages", id="str-messages"
+        json_bytes({"messages": "hi"}), 400, "invalid_type", "messages", id="str-messages"
     ),
     pytest.param(
-        json_bytes({"messages": [None]}), 400, "invalid_value", "messages[0]", id="null-msg"
+        json_bytes({"messages": [None]}), 400, "invalid_type", "messages[0]", id="null-msg"
     ),
     pytest.param(
         json_bytes({"messages": [{"role": "hacker", "content": "x"}]}),
@@ -97,7 +97,7 @@ HOSTILE_BODIES = [
         id="no-content",
     ),
     pytest.param(
-        json_bytes(user(5)), 400, "invalid_value", "messages[0].content", id="int-content"
+        json_bytes(user(5)), 400, "invalid_type", "messages[0].content", id="int-content"
     ),
     pytest.param(
         json_bytes(user([{"type": "text"}])), 400, None, None, id="text-part-without-text"
@@ -147,7 +147,7 @@ HOSTILE_BODIES = [
     pytest.param(
         json_bytes(NORMAL_REQUEST)[:-1] + b', "max_tokens": 1e309}',
         400,
-        "invalid_value",
+        "invalid_type",
         "max_tokens",
         id="max-1e309",
     ),
@@ -186,7 +186,7 @@ HOSTILE_BODIES = [
         id="pixels-2^64",
     ),
     pytest.param(
-        json_bytes({**NORMAL_REQUEST, "model": 5}), 400, "invalid_value", "model", id="int-model"
+        json_bytes({**NORMAL_REQUEST, "model": 5}), 400, "invalid_type", "model", id="int-model"
     ),
     pytest.param(
         json_bytes({**NORMAL_REQUEST, "model": "../../etc/passwd"}),

@@ -206,14 +206,14 @@ def test_n_above_one_is_passed_to_the_model():
     [
         ({}, "messages", "missing_required_parameter"),
         ({"messages": []}, "messages", "invalid_value"),
-        ({"messages": "hi"}, "messages", "invalid_value"),
+        ({"messages": "hi"}, "messages", "invalid_type"),
         ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
         (
             {"messages": [USER_HI, {"role": "user", "content": 42}]},
             "messages[1].content",
-            "invalid_value",
+            "invalid_type",
         ),
         (
             {
@@ -262,13 +262,13 @@ def test_n_above_one_is_passed_to_the_model():
                 ]
             },
             "messages[0].content[0].image_url.url",
-            "invalid_value",
+            "invalid_type",
         ),
         ({"messages": [USER_HI], "temperature": 3}, "temperature", "invalid_value"),
         ({"messages": [USER_HI], "top_p": 0}, "top_p", "invalid_value"),
         ({"messages": [USER_HI], "max_tokens": 0}, "max_tokens", "invalid_value"),
-        ({"messages": [USER_HI], "max_tokens": "many"}, "max_tokens", "invalid_value"),
-        ({"messages": [USER_HI], "stop": [1, 2]}, "stop[0]", "invalid_value"),
+        ({"messages": [USER_HI], "max_tokens": "many"}, "max_tokens", "invalid_type"),
+        ({"messages": [USER_HI], "stop": [1, 2]}, "stop[0]", "invalid_type"),
         ({"messages": [USER_HI], "stop": ["s"] * 17}, "stop", "invalid_value"),
         ({"messages": [USER_HI], "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
         ({"messages": [USER_HI], "frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
@@ -282,8 +282,8 @@ def test_n_above_one_is_passed_to_the_model():
             "top_logprobs",
             "invalid_value",
         ),
-        ({"messages": [USER_HI], "logprobs": "maybe"}, "logprobs", "invalid_value"),
-        ({"messages": [USER_HI], "user": 5}, "user", "invalid_value"),
+        ({"messages": [USER_HI], "logprobs": "maybe"}, "logprobs", "invalid_type"),
+        ({"messages": [USER_HI], "user": 5}, "user", "invalid_type"),
         ({"messages": [USER_HI], "max_pixels": 0}, "max_pixels", "invalid_value"),
         (
             {"messages": [USER_HI], "response_format": {}},
@@ -293,7 +293,7 @@ def test_n_above_one_is_passed_to_the_model():
         (
             {"messages": [USER_HI], "stream_options": {"include_usage": "maybe"}},
             "stream_options.include_usage",
-            "invalid_value",
+            "invalid_type",
         ),
     ],
 )
@@ -316,8 +316,8 @@ def test_stop_list_error_points_into_the_list():
 def test_union_mismatch_names_every_accepted_type():
     error = error_for({"messages": [{"role": "user", "content": 42}]})
     assert error.message == (
-        "Invalid value for 'messages[0].content': "
-        "Input should be a valid string or Input should be a valid list."
+        "Invalid type for 'messages[0].content': expected a string or an array, "
+        "but got an integer instead."
     )
 
 
@@ -335,3 +335,36 @@ def test_missing_message_says_missing():
 )
 def test_format_param(path, text):
     assert format_param(path) == text
+
+
+@pytest.mark.parametrize(
+    "field, value, expected, got",
+    [
+        ("stream", "yes", "a boolean", "a string"),
+        ("stream", 1, "a boolean", "an integer"),
+        ("temperature", "0.5", "a number", "a string"),
+        ("max_tokens", 5.5, "an integer", "a number"),
+        ("seed", True, "an integer", "a boolean"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_not_coerced(field, value, expected, got):
+    """OpenAI answers `Invalid type for 'stream'` instead of reading "yes" as true."""
+    error = error_for({"messages": [USER_HI], field: value})
+    assert (error.status, error.param, error.code) == (400, field, "invalid_type")
+    assert error.message == f"Invalid type for '{field}': expected {expected}, but got {got} instead."
+
+
+def test_integers_still_count_as_numbers():
+    assert parse({"messages": [USER_HI], "temperature": 1, "top_p": 1}).temperature == 1.0
+
+
+@pytest.mark.parametrize("role", ["user", "system", "tool", "assistant"])
+def test_null_content_is_refused_except_on_assistant_tool_calls(role):
+    error = error_for({"messages": [USER_HI, {"role": role, "content": None}]})
+    assert (error.status, error.param) == (400, "messages[1]")
+    assert "tool_calls" in error.message
+
+
+def test_assistant_turn_with_tool_calls_may_have_null_content():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert parse({"messages": [USER_HI, {"role": "assistant", "content": None, "tool_calls": [call]}, USER_HI]})

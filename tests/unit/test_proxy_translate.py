@@ -153,11 +153,12 @@ def test_bare_string_image_url_is_accepted():
 
 
 def test_developer_role_becomes_system_and_null_content_becomes_empty():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     body = {
         "messages": [
             {"role": "developer", "content": "rules"},
             {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": None},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
         ]
     }
     messages = messages_of(body)
