@@ -165,8 +165,12 @@ class ChatCompletionRequest(BaseModel):
 
     @property
     def ignored_fields(self) -> list[str]:
-        """Top-level fields the client sent that this server does not know, in body order."""
-        return list(self.model_extra or {})
+        """Fields the client sent that this server does not use: top-level ones by name in
+        body order, then message-level ones by path (`messages[2].name`)."""
+        ignored = list(self.model_extra or {})
+        for index, message in enumerate(self.messages):
+            ignored += [f"messages[{index}].{name}" for name in message.model_extra or {}]
+        return ignored
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
