@@ -21,16 +21,11 @@ from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from .errors import RETRY_AFTER_S, SERVICE_UNAVAILABLE, APIError, internal_error
+from .model_contract import ModelError, decode_error
 from .translate import TritonRequest
 
 log = logging.getLogger("proxy.backend")
 
-# The model marks errors the client caused with this prefix; gRPC streams carry no status code.
-INVALID_REQUEST_PREFIX = "invalid_request: "
-# The model's UNAVAILABLE errors (model.py `_triton_error`): its queue is full, or it is
-# shutting down ("server busy: the model is shutting down").
-SERVER_BUSY_PREFIX = "server busy:"
-MODEL_SHUTTING_DOWN = "the model is shutting down"
 # Triton's own words when the model cannot take requests right now: the server is stopping,
 # or the model is unloaded, loading or being replaced.
 _TRITON_UNAVAILABLE = (
@@ -314,41 +309,28 @@ def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | N
 
 
 def model_error(error: InferenceServerException, request_id: str) -> APIError:
-    """A model or Triton error as the client sees it: the model's own `invalid_request:`
-    text (written for clients) as a 400; busy or unavailable as a 503 with Retry-After;
-    anything else as a generic 500. Only the log gets the original text."""
+    """A model or Triton error as the client sees it. The model's errors are data
+    (`model_contract`): a request error (written for clients) becomes a 400, busy or
+    unavailable a 503 with Retry-After, internal a generic 500. Triton's own errors are only
+    text: its phrases for a model that cannot take requests become 503, anything else 500.
+    Only the log gets the original text."""
     message = error.message() or ""
-    if message.startswith(INVALID_REQUEST_PREFIX):
-        return client_error(message[len(INVALID_REQUEST_PREFIX) :])
-    if MODEL_SHUTTING_DOWN in message:
-        log.warning("request %s: model unavailable: %s", request_id, message)
-        return model_unavailable()
-    if message.startswith(SERVER_BUSY_PREFIX):
-        log.warning("request %s: model busy: %s", request_id, message)
-        return model_busy()
-    if any(phrase in message for phrase in _TRITON_UNAVAILABLE):
+    reported = decode_error(message)
+    if reported is not None and reported.kind == "invalid_request":
+        return client_error(reported)
+    if reported is not None and reported.kind in ("busy", "unavailable"):
+        log.warning("request %s: model %s: %s", request_id, reported.kind, reported.message)
+        return model_busy() if reported.kind == "busy" else model_unavailable()
+    if reported is None and any(phrase in message for phrase in _TRITON_UNAVAILABLE):
         log.warning("request %s: model unavailable: %s", request_id, message)
         return model_unavailable()
     log.error("request %s: model error: %s", request_id, message)
     return internal_error(request_id)
 
 
-def client_error(detail: str) -> APIError:
-    """A 400 from the model's error text: JSON `{"message", "param", "code"}`, or plain text
-    from models that predate the JSON form."""
-    try:
-        fields = json.loads(detail)
-    except ValueError:
-        fields = None
-    if not isinstance(fields, dict) or not isinstance(fields.get("message"), str):
-        return APIError(400, detail)
-    param, code = fields.get("param"), fields.get("code")
-    return APIError(
-        400,
-        fields["message"],
-        param=param if isinstance(param, str) else None,
-        code=code if isinstance(code, str) else None,
-    )
+def client_error(reported: ModelError) -> APIError:
+    """A 400 from the model's request error."""
+    return APIError(400, reported.message, param=reported.param, code=reported.code)
 
 
 def _first_text(array: np.ndarray | None) -> str:

@@ -7,6 +7,7 @@ scripted by the last user message, `key=value` words:
     tokens=N     stream N text responses "t0 ", "t1 ", ... (default 3), then the final flag
     delay=S      sleep S seconds before each text response
     error=TEXT   answer with an error response whose message is TEXT (`_` for spaces)
+    model_error=KIND  answer with the model's error of that kind (proxy/model_contract.py)
 
 It counts streams started, completed and cancelled (the client went away), and answers
 ModelReady / RepositoryIndex for one model, ready unless `ready` is False.
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from proxy.model_contract import ModelError
 
 MODEL = "qwen2_5_vl"
 
@@ -99,8 +102,9 @@ class FakeTritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state.requests.append(text)
         script = dict(word.split("=", 1) for word in text.split() if "=" in word)
         try:
-            if "error" in script:
-                message = script["error"].replace("_", " ")
+            if "error" in script or "model_error" in script:
+                message = (ModelError(script["model_error"], "the model says no").encode()
+                           if "model_error" in script else script["error"].replace("_", " "))
                 yield service_pb2.ModelStreamInferResponse(error_message=message)
                 return
             count = int(script.get("tokens", 3))

@@ -21,6 +21,7 @@ from proxy_fakes import (
 )
 
 from proxy.backend import client_error, model_load_failed
+from proxy.model_contract import ModelError
 
 TEXT_REQUEST = {"messages": [{"role": "user", "content": "hi"}]}
 URL = "/v1/chat/completions"
@@ -420,7 +421,7 @@ async def test_without_lazy_load_nothing_is_loaded_and_ready_says_not_ready(make
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_model_errors_about_image_elements_point_at_the_client_part(make_client, stream):
-    error = client_error('{"message": "image could not be decoded", "param": "image[1]"}')
+    error = client_error(ModelError("invalid_request", "image could not be decoded", "image[1]"))
     client = await make_client(FakeBackend(error_at=0, error=error))
     body = {
         "messages": [
@@ -443,7 +444,7 @@ async def test_model_errors_about_image_elements_point_at_the_client_part(make_c
 
 async def test_other_model_error_params_pass_through(make_client):
     error = client_error(
-        '{"message": "too long", "param": "max_tokens", "code": "context_length_exceeded"}'
+        ModelError("invalid_request", "too long", "max_tokens", "context_length_exceeded")
     )
     client = await make_client(FakeBackend(error_at=0, error=error))
     _, envelope = await post_json(client, TEXT_REQUEST, status=400)

@@ -17,6 +17,7 @@ from hardening_helpers import (
     raw_http,
     sse_events,
 )
+from proxy.model_contract import ModelError
 from proxy_fakes import TEST_CONFIG, FakeBackend, script
 from tritonclient.utils import InferenceServerException
 
@@ -125,7 +126,8 @@ async def test_a_slow_body_does_not_hold_a_slot(make_client):
 
 
 def busy():
-    return model_error(InferenceServerException(msg="server busy: 64 requests are waiting"), "r")
+    busy = ModelError("busy", "64 requests are waiting").encode()
+    return model_error(InferenceServerException(msg=busy), "r")
 
 
 async def test_model_busy_is_503_with_retry_after_before_streaming(make_client):

@@ -71,8 +71,9 @@ async def proxy_client(fake_triton):
 @pytest.mark.parametrize(
     "message, status, code",
     [
-        ("server_busy:_64_requests_are_already_waiting", 503, "server_busy"),
-        ("server_busy:_the_model_is_shutting_down", 503, "model_unavailable"),
+        ("model_error=busy", 503, "server_busy"),
+        ("model_error=unavailable", 503, "model_unavailable"),
+        ("model_error=internal", 500, "internal_error"),
         ("Server_is_stopping,_scheduler_for_model_has_stopped", 503, "model_unavailable"),
         (
             "Failed_to_process:_RuntimeError:_CUDA_OOM_at_/opt/x/model.py(12)_0x7f3a2b1c0d00"
@@ -84,7 +85,8 @@ async def proxy_client(fake_triton):
 )
 async def test_a_failing_request_fails_alone_without_leaking(proxy_client, message, status, code):
     for stream in (False, True):
-        response = await proxy_client.post(CHAT, json=chat(f"error={message}", stream=stream))
+        directive = message if message.startswith("model_error=") else f"error={message}"
+        response = await proxy_client.post(CHAT, json=chat(directive, stream=stream))
         text = await response.text()
         assert response.status == status, text
         assert_no_leak(text)

@@ -24,6 +24,7 @@ from proxy_fakes import (
 from sample_images import encoded_image
 
 from proxy.backend import client_error
+from proxy.model_contract import ModelError
 
 
 class SDK:
@@ -425,12 +426,11 @@ async def test_no_logprobs_unless_asked(sdk, stream):
 
 async def test_model_json_errors_reach_the_client(sdk, stream):
     error = client_error(
-        json.dumps(
-            {
-                "message": "This model's maximum context length is 8192 tokens.",
-                "param": "max_tokens",
-                "code": "context_length_exceeded",
-            }
+        ModelError(
+            "invalid_request",
+            "This model's maximum context length is 8192 tokens.",
+            "max_tokens",
+            "context_length_exceeded",
         )
     )
     client = await sdk(FakeBackend(error_at=0, error=error))

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 from aiohttp.test_utils import TestClient, TestServer
+from proxy.model_contract import ModelError
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, data_url, sse_payloads
 
 from proxy.app import create_app
@@ -189,10 +190,8 @@ async def test_image_tokens_and_logprobs_cross_the_wire(backend):
 
 
 async def test_model_json_error_fills_the_envelope(backend):
-    detail = json.dumps(
-        {"message": "too long", "param": "max_tokens", "code": "context_length_exceeded"}
-    )
-    request = triton_request(stream=False, echo_error="invalid_request: " + detail)
+    detail = ModelError("invalid_request", "too long", "max_tokens", "context_length_exceeded")
+    request = triton_request(stream=False, echo_error=detail.encode())
     with pytest.raises(APIError) as caught:
         [chunk async for chunk in backend.generate(request, "live-json")]
     assert (caught.value.status, caught.value.message) == (400, "too long")
@@ -227,7 +226,7 @@ async def test_stream_yields_deltas_until_final(backend, flag_last):
 
 
 async def test_invalid_request_error_is_400_with_model_message(backend):
-    request = triton_request(stream=True, echo_error="invalid_request: at most 4 images")
+    request = triton_request(stream=True, echo_error=ModelError("invalid_request", "at most 4 images").encode())
     with pytest.raises(APIError) as caught:
         [chunk async for chunk in backend.generate(request, "live-3")]
     assert caught.value.status == 400

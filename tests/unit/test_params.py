@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from qwen_vl_backend.errors import INVALID_REQUEST_PREFIX, RequestError
+from qwen_vl_backend.contract import ERROR_PREFIX
+from qwen_vl_backend.errors import RequestError
 from qwen_vl_backend.params import parse_sampling_parameters
 
 
@@ -36,4 +37,4 @@ def test_invalid_values_are_request_errors_naming_the_field(raw, param):
     with pytest.raises(RequestError) as err:
         parse_sampling_parameters(raw)
     assert err.value.param == param
-    assert err.value.client_message().startswith(INVALID_REQUEST_PREFIX)
+    assert err.value.model_error().encode().startswith(ERROR_PREFIX)

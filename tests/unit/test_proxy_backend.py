@@ -18,6 +18,7 @@ from tritonclient.utils import (
 )
 
 from proxy import backend as backend_module
+from proxy.model_contract import ModelError
 from proxy.backend import (
     GenerationChunk,
     TritonBackend,
@@ -212,37 +213,30 @@ def test_without_final_flag_finish_reason_ends_the_stream():
     assert not is_final_response(result, parse_response(result))
 
 
-def test_invalid_request_prefix_maps_to_400_with_the_rest():
-    error = model_error(InferenceServerException("invalid_request: image 3 is not decodable"), "r1")
-    assert (error.status, error.type, error.message) == (
-        400,
-        "invalid_request_error",
-        "image 3 is not decodable",
-    )
+def model_says(kind, message, param=None, code=None) -> InferenceServerException:
+    return InferenceServerException(ModelError(kind, message, param, code).encode())
 
 
 @pytest.mark.parametrize(
-    "detail, message, param, code",
-    [
-        (
-            '{"message": "prompt is 9000 tokens; the limit is 8192", "param": "max_tokens", '
-            '"code": "context_length_exceeded"}',
-            "prompt is 9000 tokens; the limit is 8192",
-            "max_tokens",
-            "context_length_exceeded",
-        ),
-        ('{"message": "bad image", "param": null, "code": null}', "bad image", None, None),
-        ('{"message": "x", "param": 3, "code": ["y"]}', "x", None, None),  # wrong types dropped
-        ("plain text (messages[0])", "plain text (messages[0])", None, None),
-        ('{"no_message": 1}', '{"no_message": 1}', None, None),
-        ("[1, 2]", "[1, 2]", None, None),
-    ],
-    ids=["json", "json-nulls", "json-bad-types", "text", "json-without-message", "json-list"],
+    "param, code",
+    [("max_tokens", "context_length_exceeded"), (None, None)],
 )
-def test_invalid_request_json_detail_fills_the_envelope(detail, message, param, code):
-    error = model_error(InferenceServerException("invalid_request: " + detail), "r1")
+def test_the_models_request_errors_fill_the_400_envelope(param, code):
+    error = model_error(model_says("invalid_request", "prompt is 9000 tokens", param, code), "r1")
     assert (error.status, error.type) == (400, "invalid_request_error")
-    assert (error.message, error.param, error.code) == (message, param, code)
+    assert (error.message, error.param, error.code) == ("prompt is 9000 tokens", param, code)
+
+
+@pytest.mark.parametrize("kind, code", [("busy", "server_busy"), ("unavailable", "model_unavailable")])
+def test_busy_and_unavailable_models_are_503(kind, code):
+    error = model_error(model_says(kind, "64 requests are already waiting"), "r1")
+    assert (error.status, error.code) == (503, code)
+
+
+def test_old_prose_errors_are_no_longer_trusted_as_client_errors():
+    """Only the contract's data is shown to clients; prose from elsewhere is a generic 500."""
+    error = model_error(InferenceServerException("invalid_request: image 3 is not decodable"), "r1")
+    assert error.status == 500 and "image 3" not in error.message
 
 
 def test_other_model_errors_are_generic_500_and_logged(caplog):
@@ -399,7 +393,7 @@ async def test_closing_early_cancels_the_stream(make_backend):
 
 async def test_model_error_raises_and_cancels(make_backend):
     backend, client = make_backend(
-        make_result("a", final=False), InferenceServerException("invalid_request: too long")
+        make_result("a", final=False), model_says("invalid_request", "too long")
     )
     with pytest.raises(APIError) as caught:
         await collect(backend)

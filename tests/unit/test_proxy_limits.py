@@ -28,6 +28,7 @@ from hostile_samples import (
 )
 from tritonclient.utils import InferenceServerException
 
+from proxy.model_contract import ModelError
 from proxy.admission import Admission, AdmissionSettings
 from proxy.auth import APIKeyError, read_api_key
 from proxy.backend import model_error
@@ -251,10 +252,10 @@ def test_api_key_problems_are_startup_errors(tmp_path):
 @pytest.mark.parametrize(
     "message, status, code",
     [
-        ('invalid_request: {"message": "bad", "param": "x", "code": "c"}', 400, "c"),
-        ("server busy: 64 requests are already waiting", 503, "server_busy"),
-        ("server busy: the model is shutting down", 503, "model_unavailable"),
-        ("the model is shutting down", 503, "model_unavailable"),
+        (ModelError("invalid_request", "bad", "x", "c").encode(), 400, "c"),
+        (ModelError("busy", "64 requests are already waiting").encode(), 503, "server_busy"),
+        (ModelError("unavailable", "the model is shutting down").encode(), 503, "model_unavailable"),
+        (ModelError("internal", "internal error (request id 1)").encode(), 500, "internal_error"),
         (
             "Server is stopping, scheduler for model has stopped accepting new inference requests",
             503,

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen_vl_backend.checkpoint import load_checkpoint  # noqa: E402
 from qwen_vl_backend.engine import BatchingEngine, EngineObserver, OutputChunk  # noqa: E402
+from qwen_vl_backend.contract import ModelError  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.prepare import RawRequest  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
@@ -105,15 +106,16 @@ def _text_tensor(name, text):
 
 
 def _triton_error(error, raw):
+    """The error as data (qwen_vl_backend/contract.py); the Triton code for other clients."""
     if isinstance(error, RequestError):
-        return pb_utils.TritonError(error.client_message(), pb_utils.TritonError.INVALID_ARG)
+        return pb_utils.TritonError(error.model_error().encode(), pb_utils.TritonError.INVALID_ARG)
     if isinstance(error, EngineFullError):
-        return pb_utils.TritonError(f"server busy: {error}", pb_utils.TritonError.UNAVAILABLE)
-    logging.getLogger("qwen_vl_backend").error(
-        "request %s failed", raw.request_id if raw else "?", exc_info=error)
-    return pb_utils.TritonError(
-        f"internal error while generating (request id {raw.request_id if raw else ''})",
-        pb_utils.TritonError.INTERNAL)
+        return pb_utils.TritonError(ModelError(error.kind, str(error)).encode(),
+                                    pb_utils.TritonError.UNAVAILABLE)
+    request_id = raw.request_id if raw else ""
+    logging.getLogger("qwen_vl_backend").error("request %s failed", request_id or "?", exc_info=error)
+    message = f"internal error while generating (request id {request_id})"
+    return pb_utils.TritonError(ModelError("internal", message).encode(), pb_utils.TritonError.INTERNAL)
 
 
 class _EarlySink:

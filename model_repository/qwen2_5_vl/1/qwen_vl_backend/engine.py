@@ -37,7 +37,7 @@ from . import cpu_linear
 from .checkpoint import Checkpoint
 from .detokenize import TextAssembler
 from .embedding_cache import EmbeddingCache
-from .errors import EngineFullError, RequestError
+from .errors import EngineFullError, EngineStoppingError, RequestError
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
 from .prepare import PreparedRequest, RawRequest, prepare
 from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
@@ -398,7 +398,7 @@ class BatchingEngine:
 
     def submit(self, raw: RawRequest, sink: ResponseSink) -> None:
         if self._stopping.is_set():
-            raise EngineFullError("the model is shutting down")
+            raise EngineStoppingError("the model is shutting down")
         with self._lock:
             if self._unadmitted >= self._settings.max_queued_requests:
                 raise EngineFullError(f"{self._settings.max_queued_requests} requests are already waiting")
@@ -733,5 +733,5 @@ class BatchingEngine:
     def _refuse_waiting(self) -> None:
         self._take_ready(block=False)
         for request in self._waiting:
-            request.fail(EngineFullError("the model is shutting down"))
+            request.fail(EngineStoppingError("the model is shutting down"))
         self._waiting = []

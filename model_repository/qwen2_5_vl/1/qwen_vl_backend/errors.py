@@ -1,11 +1,5 @@
-"""Errors the model reports back to its caller."""
-import json
-
-# gRPC streaming carries only an error *message* to the client, not a status code, so
-# errors caused by the request start with this prefix, followed by a JSON object
-# {"message", "param", "code"}: a client can tell "your request is wrong" from "the server
-# failed" and point at the offending field without parsing prose.
-INVALID_REQUEST_PREFIX = "invalid_request: "
+"""Errors the model reports back to its caller, as `contract.ModelError`s."""
+from .contract import ModelError
 
 
 class RequestError(ValueError):
@@ -17,10 +11,17 @@ class RequestError(ValueError):
         self.param = param
         self.code = code
 
-    def client_message(self) -> str:
-        detail = {"message": self.message, "param": self.param, "code": self.code}
-        return INVALID_REQUEST_PREFIX + json.dumps(detail, ensure_ascii=False)
+    def model_error(self) -> ModelError:
+        return ModelError("invalid_request", self.message, self.param, self.code)
 
 
 class EngineFullError(RuntimeError):
     """The engine's queue is full; the caller should retry later."""
+
+    kind = "busy"
+
+
+class EngineStoppingError(EngineFullError):
+    """The model is shutting down; the caller should go elsewhere."""
+
+    kind = "unavailable"
