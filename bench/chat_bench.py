@@ -29,6 +29,7 @@ inflates a rate. The default checkpoint is the `bench` preset of scripts/build_t
 (random weights, ~60M text parameters, built on first use). See docs/benchmarks.md for how to
 read the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,20 +86,55 @@ TARGET_LEVEL = 8
 # (what, numerator, denominator, goal, higher is better); a term is (mode, concurrency, field),
 # the pseudo-mode "inprocess" being the in-process baseline.
 TARGETS = [
-    ("out tok/s: batched / vLLM", ("batched", TARGET_LEVEL, "output_tok_s"),
-     ("vllm", TARGET_LEVEL, "output_tok_s"), 1.2, True),
-    ("TTFT p50: batched / vLLM", ("batched", TARGET_LEVEL, "ttft_p50_ms"),
-     ("vllm", TARGET_LEVEL, "ttft_p50_ms"), 1.0, False),
-    ("ITL of batched: p99 / p50", ("batched", TARGET_LEVEL, "itl_p99_ms"),
-     ("batched", TARGET_LEVEL, "itl_p50_ms"), 1.5, False),
-    ("out tok/s: batched / unbatched", ("batched", TARGET_LEVEL, "output_tok_s"),
-     ("unbatched", TARGET_LEVEL, "output_tok_s"), 3.0, True),
-    ("out tok/s: batched / unbatched (within 3 %)", ("batched", 1, "output_tok_s"),
-     ("unbatched", 1, "output_tok_s"), 0.97, True),
-    ("out tok/s: batched / transformers serve", ("batched", TARGET_LEVEL, "output_tok_s"),
-     ("hf-serve", TARGET_LEVEL, "output_tok_s"), 2.0, True),
-    ("TTFT p50: batched / in-process generate", ("batched", 1, "ttft_p50_ms"),
-     ("inprocess", 1, "ttft_p50_ms"), 1.25, False),
+    (
+        "out tok/s: batched / vLLM",
+        ("batched", TARGET_LEVEL, "output_tok_s"),
+        ("vllm", TARGET_LEVEL, "output_tok_s"),
+        1.2,
+        True,
+    ),
+    (
+        "TTFT p50: batched / vLLM",
+        ("batched", TARGET_LEVEL, "ttft_p50_ms"),
+        ("vllm", TARGET_LEVEL, "ttft_p50_ms"),
+        1.0,
+        False,
+    ),
+    (
+        "ITL of batched: p99 / p50",
+        ("batched", TARGET_LEVEL, "itl_p99_ms"),
+        ("batched", TARGET_LEVEL, "itl_p50_ms"),
+        1.5,
+        False,
+    ),
+    (
+        "out tok/s: batched / unbatched",
+        ("batched", TARGET_LEVEL, "output_tok_s"),
+        ("unbatched", TARGET_LEVEL, "output_tok_s"),
+        3.0,
+        True,
+    ),
+    (
+        "out tok/s: batched / unbatched (within 3 %)",
+        ("batched", 1, "output_tok_s"),
+        ("unbatched", 1, "output_tok_s"),
+        0.97,
+        True,
+    ),
+    (
+        "out tok/s: batched / transformers serve",
+        ("batched", TARGET_LEVEL, "output_tok_s"),
+        ("hf-serve", TARGET_LEVEL, "output_tok_s"),
+        2.0,
+        True,
+    ),
+    (
+        "TTFT p50: batched / in-process generate",
+        ("batched", 1, "ttft_p50_ms"),
+        ("inprocess", 1, "ttft_p50_ms"),
+        1.25,
+        False,
+    ),
 ]
 TARGET_REPEAT_TTFT = 0.6  # batched: TTFT of an image seen before / of its first sight
 BUSY_SHARE = 0.10  # other processes' share of the CPUs above which a warning says "not quiet"
@@ -108,7 +144,9 @@ IDLE_SERVERS_SHARE = 0.05  # the idle servers' share above which a warning says 
 SETTLE_QUIET_CPU = 0.05
 SETTLE_WINDOW_S = 0.5
 SETTLE_MAX_S = 10.0
-LOW_MEMORY_GIB = 2.0  # MemAvailable with every server up below which a warning suggests one at a time
+LOW_MEMORY_GIB = (
+    2.0  # MemAvailable with every server up below which a warning suggests one at a time
+)
 
 
 def log(message: str) -> None:
@@ -117,6 +155,7 @@ def log(message: str) -> None:
 
 # ---- the request set ----------------------------------------------------------------------
 
+
 def make_image(width: int, height: int, seed: int) -> bytes:
     """A deterministic picture (gradient, shapes, a little noise) as JPEG bytes."""
     import numpy as np
@@ -124,8 +163,14 @@ def make_image(width: int, height: int, seed: int) -> bytes:
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                     (x + y) * 255 // max(width + height - 2, 1)], axis=-1)
+    base = np.stack(
+        [
+            x * 255 // max(width - 1, 1),
+            y * 255 // max(height - 1, 1),
+            (x + y) * 255 // max(width + height - 2, 1),
+        ],
+        axis=-1,
+    )
     noise = rng.integers(-12, 12, size=base.shape)
     image = Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"))
     draw = ImageDraw.Draw(image)
@@ -161,7 +206,9 @@ class ImageSource:
 
     def __init__(self, width: int, height: int, seed: int, repeat: bool):
         self.width, self.height = width, height
-        self.cycle = [make_image(width, height, seed + i) for i in range(REPEATED_IMAGES)] if repeat else []
+        self.cycle = (
+            [make_image(width, height, seed + i) for i in range(REPEATED_IMAGES)] if repeat else []
+        )
         self.next_seed = seed + len(self.cycle)
 
     def take(self, count: int) -> list[bytes]:
@@ -183,6 +230,7 @@ def request_specs(count: int, images: ImageSource | None) -> list[RequestSpec]:
 @dataclass
 class Cell:
     """One measurement slot: every mode gets exactly these requests at this concurrency."""
+
     max_tokens: int
     round: int
     concurrency: int
@@ -202,29 +250,56 @@ def requests_per_level(args, concurrency: int) -> int:
 
 def request_plan(args) -> Plan:
     """Every request of the run, built up front so that every mode gets the same ones."""
-    images = None if args.text_only else ImageSource(args.width, args.height, args.seed, args.repeat_images)
+    images = (
+        None
+        if args.text_only
+        else ImageSource(args.width, args.height, args.seed, args.repeat_images)
+    )
     warmup = request_specs(args.warmup, images)
-    cells = [Cell(max_tokens, round_index, concurrency, request_specs(requests_per_level(args, concurrency), images))
-             for max_tokens in args.max_tokens for round_index in range(args.rounds) for concurrency in args.levels]
+    cells = [
+        Cell(
+            max_tokens,
+            round_index,
+            concurrency,
+            request_specs(requests_per_level(args, concurrency), images),
+        )
+        for max_tokens in args.max_tokens
+        for round_index in range(args.rounds)
+        for concurrency in args.levels
+    ]
     probe = []
     if images and args.repeat_images:
         for i in range(PROBE_IMAGES):  # the follow-up asks something else about the same picture
             picture = images.fresh()
-            probe.append((RequestSpec(PROMPTS[i % len(PROMPTS)], picture),
-                          RequestSpec(PROMPTS[(i + 1) % len(PROMPTS)], picture)))
+            probe.append(
+                (
+                    RequestSpec(PROMPTS[i % len(PROMPTS)], picture),
+                    RequestSpec(PROMPTS[(i + 1) % len(PROMPTS)], picture),
+                )
+            )
     return Plan(warmup, cells, probe)
 
 
 @dataclass(frozen=True)
 class Dialect:
     """What one server's chat API needs beyond the common request body."""
-    include_usage: bool  # the proxy and vLLM send usage only when asked; transformers serve refuses the field
-    ignore_eos: bool  # vLLM's extension: generate exactly max_tokens (the proxy would ignore the field)
+
+    include_usage: (
+        bool  # the proxy and vLLM send usage only when asked; transformers serve refuses the field
+    )
+    ignore_eos: (
+        bool  # vLLM's extension: generate exactly max_tokens (the proxy would ignore the field)
+    )
 
 
 def request_body(spec: RequestSpec, model: str, max_tokens: int, dialect: Dialect) -> bytes:
-    body = {"model": model, "messages": spec.messages(), "stream": True,
-            "max_tokens": max_tokens, "temperature": 0}
+    body = {
+        "model": model,
+        "messages": spec.messages(),
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     if dialect.include_usage:
         body["stream_options"] = {"include_usage": True}
     if dialect.ignore_eos:
@@ -233,6 +308,7 @@ def request_body(spec: RequestSpec, model: str, max_tokens: int, dialect: Dialec
 
 
 # ---- the client ---------------------------------------------------------------------------
+
 
 @dataclass
 class RequestResult:
@@ -249,7 +325,9 @@ class RequestResult:
     @property
     def tokens(self) -> int:
         """Output tokens: the server's count, else the content chunks seen (never more)."""
-        return self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+        return (
+            self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+        )
 
 
 async def stream_one(session, url: str, body: bytes, timeout: float) -> RequestResult:
@@ -257,8 +335,12 @@ async def stream_one(session, url: str, body: bytes, timeout: float) -> RequestR
 
     result = RequestResult(ok=False, start=time.perf_counter())
     try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"},
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with session.post(
+            url,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
@@ -287,15 +369,16 @@ async def stream_one(session, url: str, body: bytes, timeout: float) -> RequestR
         result.ok = result.finish_reason is not None
         if not result.ok:
             result.error = "stream ended without a finish_reason"
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     finally:
         result.end = time.perf_counter()
     return result
 
 
-async def closed_loop(session, url: str, bodies: list[bytes], concurrency: int,
-                      timeout: float) -> tuple[list[RequestResult], float]:
+async def closed_loop(
+    session, url: str, bodies: list[bytes], concurrency: int, timeout: float
+) -> tuple[list[RequestResult], float]:
     """`concurrency` clients, each sending the next body as soon as its last one is done;
     the results and the wall time from the first request sent to the last one finished."""
     pending = iter(bodies)
@@ -351,9 +434,11 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float, max_t
 
 # ---- servers ------------------------------------------------------------------------------
 
+
 @dataclass
 class Server:
     """A started server of one mode."""
+
     name: str
     base_url: str
     model: str
@@ -395,8 +480,15 @@ def _tail(path: Path, lines: int = 25) -> str:
 def triton_stack(checkpoint: str, extra_env: dict, ready_timeout: float):
     free = stack_launcher.free_port
     config = stack_launcher.StackConfig(
-        model=checkpoint, host="127.0.0.1", http_port=free(), grpc_port=free(), metrics_port=free(),
-        proxy_port=free(), log_dir=LOG_DIR, extra_env=dict(extra_env))
+        model=checkpoint,
+        host="127.0.0.1",
+        http_port=free(),
+        grpc_port=free(),
+        metrics_port=free(),
+        proxy_port=free(),
+        log_dir=LOG_DIR,
+        extra_env=dict(extra_env),
+    )
     stack = stack_launcher.Stack(config)
     for path in (stack.triton_log, stack.proxy_log):
         path.unlink(missing_ok=True)
@@ -404,9 +496,14 @@ def triton_stack(checkpoint: str, extra_env: dict, ready_timeout: float):
         started = time.monotonic()
         stack.start()
         stack.wait_ready(ready_timeout)
-        yield config.proxy_url, {"logs": [str(stack.triton_log), str(stack.proxy_log)],
-                                 "pids": [stack.triton.pid, stack.proxy.pid],
-                                 "ready_s": round(time.monotonic() - started, 1)}
+        yield (
+            config.proxy_url,
+            {
+                "logs": [str(stack.triton_log), str(stack.proxy_log)],
+                "pids": [stack.triton.pid, stack.proxy.pid],
+                "ready_s": round(time.monotonic() - started, 1),
+            },
+        )
     finally:
         stack.stop()
 
@@ -425,21 +522,36 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def http_server(name: str, cmd: list[str], env: dict, log_path: Path, ready_url: str,
-                ready_timeout: float, info: dict):
+def http_server(
+    name: str,
+    cmd: list[str],
+    env: dict,
+    log_path: Path,
+    ready_url: str,
+    ready_timeout: float,
+    info: dict,
+):
     """`cmd` in its own process group, ready once GET ready_url answers 200; stopped with the block.
     Fills info's pids and ready_s."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         started = time.monotonic()
         while _http_get(ready_url)[0] != 200:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{_tail(log_path)}")
             if time.monotonic() - started > ready_timeout:
-                raise RuntimeError(f"{name} not ready after {ready_timeout:.0f}s:\n{_tail(log_path)}")
+                raise RuntimeError(
+                    f"{name} not ready after {ready_timeout:.0f}s:\n{_tail(log_path)}"
+                )
             time.sleep(0.5)
         info.update(pids=[proc.pid], ready_s=round(time.monotonic() - started, 1))
         yield proc
@@ -449,10 +561,16 @@ def http_server(name: str, cmd: list[str], env: dict, log_path: Path, ready_url:
 
 def hf_serve_problem() -> str | None:
     """Why `transformers serve` cannot run here, or None."""
-    missing = [name for name in ("fastapi", "uvicorn", "transformers") if importlib.util.find_spec(name) is None]
+    missing = [
+        name
+        for name in ("fastapi", "uvicorn", "transformers")
+        if importlib.util.find_spec(name) is None
+    ]
     if missing:
-        return (f"transformers[serving] extras are not installed (missing: {', '.join(missing)}); "
-                f"install them with: {sys.executable} -m pip install -r requirements/bench.txt")
+        return (
+            f"transformers[serving] extras are not installed (missing: {', '.join(missing)}); "
+            f"install them with: {sys.executable} -m pip install -r requirements/bench.txt"
+        )
     return None
 
 
@@ -466,13 +584,32 @@ def hf_serve(checkpoint: str, device: str, dtype: str, ready_timeout: float, thr
     cli = Path(sys.executable).parent / "transformers"
     if not cli.exists():
         cli = Path(shutil.which("transformers") or cli)
-    cmd = [str(cli), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
-           "--continuous-batching", checkpoint]
+    cmd = [
+        str(cli),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--continuous-batching",
+        checkpoint,
+    ]
     base_url = f"http://127.0.0.1:{port}"
     info = {"logs": [str(log_path)], "command": "transformers " + " ".join(cmd[1:])}
     try:
-        with http_server("transformers serve", cmd, _server_env(checkpoint, threads), log_path,
-                         f"{base_url}/health", ready_timeout, info):
+        with http_server(
+            "transformers serve",
+            cmd,
+            _server_env(checkpoint, threads),
+            log_path,
+            f"{base_url}/health",
+            ready_timeout,
+            info,
+        ):
             yield base_url, info
     finally:
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -488,9 +625,12 @@ def vllm_server(checkpoint: str, args):
     cmd = vllm_peer.server_command(python, checkpoint, Path(checkpoint).name, port)
     env = vllm_peer.server_env(checkpoint, args.vllm_threads, args.vllm_kvcache_gib)
     base_url = f"http://127.0.0.1:{port}"
-    info = {"logs": [str(log_path)], "command": "python " + " ".join(cmd[1:]),
-            "omp_threads_bind": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-            "kvcache_gib": args.vllm_kvcache_gib}
+    info = {
+        "logs": [str(log_path)],
+        "command": "python " + " ".join(cmd[1:]),
+        "omp_threads_bind": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "kvcache_gib": args.vllm_kvcache_gib,
+    }
     with http_server("vLLM", cmd, env, log_path, f"{base_url}/v1/models", args.ready_timeout, info):
         yield base_url, info
 
@@ -511,7 +651,9 @@ def _server_env(checkpoint: str, threads: int = 0) -> dict:
 def mode_server(name: str, checkpoint: str, args, device: str, dtype: str):
     """(context manager yielding (base_url, info), Dialect) for one mode."""
     if name == "hf-serve":
-        return hf_serve(checkpoint, device, dtype, args.ready_timeout, args.threads), Dialect(False, False)
+        return hf_serve(checkpoint, device, dtype, args.ready_timeout, args.threads), Dialect(
+            False, False
+        )
     if name == "vllm":
         return vllm_server(checkpoint, args), Dialect(True, True)
     extra_env = _threads_env(args.threads)
@@ -522,6 +664,7 @@ def mode_server(name: str, checkpoint: str, args, device: str, dtype: str):
 
 # ---- the in-process baseline --------------------------------------------------------------
 
+
 def inprocess_worker(spec_path: str) -> int:
     """Runs in its own process: HF generate on each request, TTFT via a streamer. JSON on stdout."""
     import torch
@@ -530,9 +673,15 @@ def inprocess_worker(spec_path: str) -> int:
     from transformers.generation.streamers import BaseStreamer
 
     spec = json.loads(Path(spec_path).read_text())
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        spec["checkpoint"], dtype=getattr(torch, spec["dtype"]), attn_implementation="sdpa",
-    ).to(spec["device"]).eval()
+    model = (
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            spec["checkpoint"],
+            dtype=getattr(torch, spec["dtype"]),
+            attn_implementation="sdpa",
+        )
+        .to(spec["device"])
+        .eval()
+    )
     processor = AutoProcessor.from_pretrained(spec["checkpoint"])
     params = sum(p.numel() for p in model.parameters())
     vision_params = sum(p.numel() for p in model.model.visual.parameters())
@@ -558,16 +707,26 @@ def inprocess_worker(spec_path: str) -> int:
         if image_b64 is not None:
             image = Image.open(io.BytesIO(base64.b64decode(image_b64)))
             image.load()
-            content.append({"type": "image", "image": image.convert("RGB"),
-                            "min_pixels": spec["min_pixels"], "max_pixels": spec["max_pixels"]})
+            content.append(
+                {
+                    "type": "image",
+                    "image": image.convert("RGB"),
+                    "min_pixels": spec["min_pixels"],
+                    "max_pixels": spec["max_pixels"],
+                }
+            )
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images, _ = process_vision_info(messages)
-        inputs = processor(text=[text], images=images or None, return_tensors="pt").to(spec["device"])
+        inputs = processor(text=[text], images=images or None, return_tensors="pt").to(
+            spec["device"]
+        )
         streamer = FirstToken()
         with torch.inference_mode():
-            model.generate(**inputs, streamer=streamer, max_new_tokens=spec["max_tokens"], do_sample=False)
+            model.generate(
+                **inputs, streamer=streamer, max_new_tokens=spec["max_tokens"], do_sample=False
+            )
         if spec["device"].startswith("cuda"):
             torch.cuda.synchronize()
         done = time.perf_counter()
@@ -581,41 +740,59 @@ def inprocess_worker(spec_path: str) -> int:
         ttft.append(first)
         total += elapsed
         tokens += count
-    print(json.dumps({
-        "requests": len(requests),
-        "ttft_p50_ms": round(percentile(ttft, 50) * 1000, 1),
-        "ttft_p99_ms": round(percentile(ttft, 99) * 1000, 1),
-        "output_tok_s": round(tokens / total, 2),
-        "completion_tokens": tokens,
-        "torch_threads": torch.get_num_threads(),
-        "parameters_total": params,
-        "parameters_vision": vision_params,
-    }))
+    print(
+        json.dumps(
+            {
+                "requests": len(requests),
+                "ttft_p50_ms": round(percentile(ttft, 50) * 1000, 1),
+                "ttft_p99_ms": round(percentile(ttft, 99) * 1000, 1),
+                "output_tok_s": round(tokens / total, 2),
+                "completion_tokens": tokens,
+                "torch_threads": torch.get_num_threads(),
+                "parameters_total": params,
+                "parameters_vision": vision_params,
+            }
+        )
+    )
     return 0
 
 
 def run_inprocess(checkpoint: str, cell: Cell, args, device: str, dtype: str) -> dict:
     """The baseline on (up to 8 of) the cell's requests, one at a time, in its own process."""
-    specs = cell.specs[:args.requests or 8]
+    specs = cell.specs[: args.requests or 8]
     payload = {
-        "checkpoint": checkpoint, "device": device, "dtype": dtype, "max_tokens": cell.max_tokens,
-        "min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28,  # the model's config.pbtxt defaults
-        "requests": [[s.prompt, base64.b64encode(s.image).decode() if s.image else None] for s in specs],
+        "checkpoint": checkpoint,
+        "device": device,
+        "dtype": dtype,
+        "max_tokens": cell.max_tokens,
+        "min_pixels": 4 * 28 * 28,
+        "max_pixels": 1280 * 28 * 28,  # the model's config.pbtxt defaults
+        "requests": [
+            [s.prompt, base64.b64encode(s.image).decode() if s.image else None] for s in specs
+        ],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec_file:
         json.dump(payload, spec_file)
     try:
-        out = subprocess.run([sys.executable, __file__, "--inprocess-worker", spec_file.name],
-                             capture_output=True, text=True, timeout=args.ready_timeout + 60 * len(specs),
-                             env=_server_env(checkpoint, args.threads), cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, __file__, "--inprocess-worker", spec_file.name],
+            capture_output=True,
+            text=True,
+            timeout=args.ready_timeout + 60 * len(specs),
+            env=_server_env(checkpoint, args.threads),
+            cwd=ROOT,
+        )
         if out.returncode != 0:
-            raise RuntimeError(f"in-process worker failed ({out.returncode}):\n{out.stderr[-2000:]}")
+            raise RuntimeError(
+                f"in-process worker failed ({out.returncode}):\n{out.stderr[-2000:]}"
+            )
         return {**json.loads(out.stdout.strip().splitlines()[-1]), "max_tokens": cell.max_tokens}
     finally:
         os.unlink(spec_file.name)
 
 
 # ---- processes: CPU time and memory -------------------------------------------------------
+
 
 def _process_table() -> tuple[dict[int, int], dict[int, float]]:
     """Every live process's parent, and its CPU time with that of its reaped children, from /proc."""
@@ -678,7 +855,7 @@ def mem_available_gib() -> float | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return round(int(line.split()[1]) / 1024 ** 2, 1)
+                return round(int(line.split()[1]) / 1024**2, 1)
     return None
 
 
@@ -713,13 +890,19 @@ class CpuWatch:
         wall = time.monotonic() - self.wall
         others = max(0.0, (busy - self.busy) - (_own_cpu_s(table) - self.own))
         capacity = wall * (os.cpu_count() or 1)
-        return {"wall_s": round(wall, 2), "other_cpu_s": round(others, 2),
-                "other_share": round(others / capacity, 3) if capacity else None,
-                "servers_cpu_s": {name: round(max(0.0, _tree_cpu_s(roots, table) - self.server_cpu[name]), 2)
-                                  for name, roots in self.servers.items()}}
+        return {
+            "wall_s": round(wall, 2),
+            "other_cpu_s": round(others, 2),
+            "other_share": round(others / capacity, 3) if capacity else None,
+            "servers_cpu_s": {
+                name: round(max(0.0, _tree_cpu_s(roots, table) - self.server_cpu[name]), 2)
+                for name, roots in self.servers.items()
+            },
+        }
 
 
 # ---- the schedule -------------------------------------------------------------------------
+
 
 def run_modes(plan: Plan, args, checkpoint: str, device: str, dtype: str, report: dict) -> dict:
     """Start the servers (all at once, or one at a time) and measure every cell with each.
@@ -733,12 +916,21 @@ def run_modes(plan: Plan, args, checkpoint: str, device: str, dtype: str, report
             if servers:
                 asyncio.run(measure_modes(servers, plan, args, report, raw))
         for server in servers.values():  # stopped: hf-serve's log now says which path it took
-            report["modes"][server.name].update({k: v for k, v in server.info.items() if v is not None})
+            report["modes"][server.name].update(
+                {k: v for k, v in server.info.items() if v is not None}
+            )
     return raw
 
 
-def start_servers(names: list[str], running: contextlib.ExitStack, checkpoint: str, args, device: str,
-                  dtype: str, report: dict) -> dict[str, Server]:
+def start_servers(
+    names: list[str],
+    running: contextlib.ExitStack,
+    checkpoint: str,
+    args,
+    device: str,
+    dtype: str,
+    report: dict,
+) -> dict[str, Server]:
     """The servers that started, kept up until `running` closes; the others are marked skipped."""
     servers = {}
     for name in names:
@@ -760,7 +952,9 @@ def rotated(names: list[str], index: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-async def measure_modes(servers: dict[str, Server], plan: Plan, args, report: dict, raw: dict) -> None:
+async def measure_modes(
+    servers: dict[str, Server], plan: Plan, args, report: dict, raw: dict
+) -> None:
     """Warm every server up, then each cell with every mode in turn (rotated), then the probe."""
     import aiohttp
 
@@ -776,17 +970,28 @@ async def measure_modes(servers: dict[str, Server], plan: Plan, args, report: di
         record_memory(live, report, "idle")
         pids = {name: server.info["pids"] for name, server in live.items()}
         for index, cell in enumerate(plan.cells):
-            log(f"max_tokens {cell.max_tokens}, round {cell.round + 1}/{args.rounds}, c={cell.concurrency}")
+            log(
+                f"max_tokens {cell.max_tokens}, round {cell.round + 1}/{args.rounds}, c={cell.concurrency}"
+            )
             for position, name in enumerate(rotated(list(live), index)):
                 await settle(pids)
                 summary = await measure_cell(session, live[name], cell, args, pids, raw)
-                report["measurements"].append({"mode": name, "max_tokens": cell.max_tokens, "round": cell.round,
-                                               "position": position, **summary})
+                report["measurements"].append(
+                    {
+                        "mode": name,
+                        "max_tokens": cell.max_tokens,
+                        "round": cell.round,
+                        "position": position,
+                        **summary,
+                    }
+                )
         record_memory(live, report, "after_run")
         if plan.probe:
             for name, server in live.items():
                 log(f"repeated-image probe: {name}")
-                report["modes"][name]["repeat_probe"] = await repeat_probe(session, server, plan.probe, args)
+                report["modes"][name]["repeat_probe"] = await repeat_probe(
+                    session, server, plan.probe, args
+                )
 
 
 async def settle(pids: dict[str, list[int]]) -> None:
@@ -815,18 +1020,26 @@ async def warm_up(session, server: Server, specs: list[RequestSpec], args) -> st
 
 async def measure_cell(session, server: Server, cell: Cell, args, pids: dict, raw: dict) -> dict:
     """One mode on one cell: its summary, with the CPU time used meanwhile by everyone else."""
-    bodies = [request_body(spec, server.model, cell.max_tokens, server.dialect) for spec in cell.specs]
+    bodies = [
+        request_body(spec, server.model, cell.max_tokens, server.dialect) for spec in cell.specs
+    ]
     watch = CpuWatch(pids)
-    results, wall = await closed_loop(session, server.chat_url, bodies, cell.concurrency, args.request_timeout)
+    results, wall = await closed_loop(
+        session, server.chat_url, bodies, cell.concurrency, args.request_timeout
+    )
     cpu = watch.done()
     raw.setdefault((server.name, cell.max_tokens, cell.concurrency), []).append((results, wall))
     summary = summarize(cell.concurrency, results, wall, cell.max_tokens)
-    log(f"  {server.name:<10} {summary['ok']}/{summary['requests']} ok  {summary['output_tok_s']} tok/s  "
-        f"TTFT p50 {summary['ttft_p50_ms']} ms  ITL p50 {summary['itl_p50_ms']} ms")
+    log(
+        f"  {server.name:<10} {summary['ok']}/{summary['requests']} ok  {summary['output_tok_s']} tok/s  "
+        f"TTFT p50 {summary['ttft_p50_ms']} ms  ITL p50 {summary['itl_p50_ms']} ms"
+    )
     return {**summary, "cpu": cpu}
 
 
-async def repeat_probe(session, server: Server, pairs: list[tuple[RequestSpec, RequestSpec]], args) -> dict:
+async def repeat_probe(
+    session, server: Server, pairs: list[tuple[RequestSpec, RequestSpec]], args
+) -> dict:
     """At c=1: TTFT of each new picture's first request, and of a second request about it."""
     first, repeat, failed = [], [], 0
     for pair in pairs:
@@ -838,9 +1051,13 @@ async def repeat_probe(session, server: Server, pairs: list[tuple[RequestSpec, R
             else:
                 failed += 1
     first_p50, repeat_p50 = _ms(percentile(first, 50)), _ms(percentile(repeat, 50))
-    return {"images": len(pairs), "failed": failed, "first_ttft_p50_ms": first_p50,
-            "repeat_ttft_p50_ms": repeat_p50,
-            "ratio": round(repeat_p50 / first_p50, 2) if first_p50 and repeat_p50 is not None else None}
+    return {
+        "images": len(pairs),
+        "failed": failed,
+        "first_ttft_p50_ms": first_p50,
+        "repeat_ttft_p50_ms": repeat_p50,
+        "ratio": round(repeat_p50 / first_p50, 2) if first_p50 and repeat_p50 is not None else None,
+    }
 
 
 def record_memory(servers: dict[str, Server], report: dict, moment: str) -> None:
@@ -854,6 +1071,7 @@ def record_memory(servers: dict[str, Server], report: dict, moment: str) -> None
 
 
 # ---- the report ---------------------------------------------------------------------------
+
 
 def machine_info(device: str) -> dict:
     import torch
@@ -869,11 +1087,13 @@ def machine_info(device: str) -> dict:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 1024 ** 2, 1)
+                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "memory_gib": mem_gib,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -892,12 +1112,20 @@ def _loadavg() -> str | None:
     return None
 
 
-def pooled_level(concurrency: int, rounds: list[tuple[list[RequestResult], float]], max_tokens: int) -> dict:
+def pooled_level(
+    concurrency: int, rounds: list[tuple[list[RequestResult], float]], max_tokens: int
+) -> dict:
     """One level over all its rounds: rates over the summed wall time, percentiles over every request."""
-    level = summarize(concurrency, [r for results, _ in rounds for r in results],
-                      sum(wall for _, wall in rounds), max_tokens)
-    level["round_tok_s"] = [summarize(concurrency, results, wall, max_tokens)["output_tok_s"]
-                            for results, wall in rounds]
+    level = summarize(
+        concurrency,
+        [r for results, _ in rounds for r in results],
+        sum(wall for _, wall in rounds),
+        max_tokens,
+    )
+    level["round_tok_s"] = [
+        summarize(concurrency, results, wall, max_tokens)["output_tok_s"]
+        for results, wall in rounds
+    ]
     return level
 
 
@@ -907,8 +1135,11 @@ def result_tables(raw: dict, args) -> dict[str, dict[str, list[dict]]]:
     for max_tokens in args.max_tokens:
         table = {}
         for name in args.modes:
-            levels = [pooled_level(c, raw[(name, max_tokens, c)], max_tokens)
-                      for c in args.levels if (name, max_tokens, c) in raw]
+            levels = [
+                pooled_level(c, raw[(name, max_tokens, c)], max_tokens)
+                for c in args.levels
+                if (name, max_tokens, c) in raw
+            ]
             if levels:
                 table[name] = levels
         tables[str(max_tokens)] = table
@@ -922,9 +1153,16 @@ def mode_cpu(report: dict, name: str) -> dict | None:
     capacity = sum(cpu["wall_s"] for cpu in rows) * (os.cpu_count() or 1)
     if not capacity:
         return None
-    idle = sum(seconds for cpu in rows for server, seconds in cpu["servers_cpu_s"].items() if server != name)
-    return {"other_share": round(sum(cpu["other_cpu_s"] for cpu in rows) / capacity, 3),
-            "idle_servers_share": round(idle / capacity, 3)}
+    idle = sum(
+        seconds
+        for cpu in rows
+        for server, seconds in cpu["servers_cpu_s"].items()
+        if server != name
+    )
+    return {
+        "other_share": round(sum(cpu["other_cpu_s"] for cpu in rows) / capacity, 3),
+        "idle_servers_share": round(idle / capacity, 3),
+    }
 
 
 def _level(levels: list[dict] | None, concurrency: int) -> dict | None:
@@ -946,8 +1184,14 @@ def _selected(report: dict, mode: str) -> bool:
     return report.get("inprocess") is not None if mode == "inprocess" else mode in report["modes"]
 
 
-def ratio_row(what: str, where: str, numerator, denominator, goal: float, higher_is_better: bool) -> dict:
-    row = {"target": f"{what} {'≥' if higher_is_better else '≤'} {goal:g}×", "where": where, "goal": goal}
+def ratio_row(
+    what: str, where: str, numerator, denominator, goal: float, higher_is_better: bool
+) -> dict:
+    row = {
+        "target": f"{what} {'≥' if higher_is_better else '≤'} {goal:g}×",
+        "where": where,
+        "goal": goal,
+    }
     if numerator is None or not denominator:
         return {**row, "ratio": None, "verdict": "n/a"}
     ratio = numerator / denominator
@@ -961,13 +1205,28 @@ def targets(report: dict) -> list[dict]:
     for max_tokens, table in report["tables"].items():
         for what, numerator, denominator, goal, higher in TARGETS:
             if _selected(report, numerator[0]) and _selected(report, denominator[0]):
-                rows.append(ratio_row(what, f"c={numerator[1]}, max_tokens {max_tokens}",
-                                      _term_value(report, table, numerator),
-                                      _term_value(report, table, denominator), goal, higher))
+                rows.append(
+                    ratio_row(
+                        what,
+                        f"c={numerator[1]}, max_tokens {max_tokens}",
+                        _term_value(report, table, numerator),
+                        _term_value(report, table, denominator),
+                        goal,
+                        higher,
+                    )
+                )
     probe = report["modes"].get("batched", {}).get("repeat_probe")
     if probe:
-        rows.append(ratio_row("TTFT p50 of batched: repeated image / first sight", "c=1, probe",
-                              probe["repeat_ttft_p50_ms"], probe["first_ttft_p50_ms"], TARGET_REPEAT_TTFT, False))
+        rows.append(
+            ratio_row(
+                "TTFT p50 of batched: repeated image / first sight",
+                "c=1, probe",
+                probe["repeat_ttft_p50_ms"],
+                probe["first_ttft_p50_ms"],
+                TARGET_REPEAT_TTFT,
+                False,
+            )
+        )
     return rows
 
 
@@ -978,8 +1237,10 @@ def report_warnings(report: dict, args) -> list[str]:
             for level in levels:
                 where = f"{name} max_tokens {max_tokens} c={level['concurrency']}"
                 if level["short_completions"]:
-                    warnings.append(f"{where}: {level['short_completions']} completions ended before "
-                                    f"max_tokens (rates use the real counts)")
+                    warnings.append(
+                        f"{where}: {level['short_completions']} completions ended before "
+                        f"max_tokens (rates use the real counts)"
+                    )
                 if not level["usage_reported"]:
                     warnings.append(f"{where}: no usage counts; content chunks counted")
                 if level["errors"]:
@@ -989,23 +1250,37 @@ def report_warnings(report: dict, args) -> list[str]:
 
 def _busy_notes(report: dict, args) -> list[str]:
     """Warnings when other processes, or the idle servers, took a noticeable share of the CPUs."""
-    parts = [("in-process", (report.get("inprocess") or {}).get("other_cpu")),
-             *((name, mode.get("cpu")) for name, mode in report["modes"].items())]
-    busy = [f"{name} {cpu['other_share']:.0%}" for name, cpu in parts
-            if cpu and cpu.get("other_share") is not None and cpu["other_share"] > BUSY_SHARE]
-    idle = [f"{name} {cpu['idle_servers_share']:.0%}" for name, cpu in parts
-            if cpu and cpu.get("idle_servers_share", 0) > IDLE_SERVERS_SHARE]
+    parts = [
+        ("in-process", (report.get("inprocess") or {}).get("other_cpu")),
+        *((name, mode.get("cpu")) for name, mode in report["modes"].items()),
+    ]
+    busy = [
+        f"{name} {cpu['other_share']:.0%}"
+        for name, cpu in parts
+        if cpu and cpu.get("other_share") is not None and cpu["other_share"] > BUSY_SHARE
+    ]
+    idle = [
+        f"{name} {cpu['idle_servers_share']:.0%}"
+        for name, cpu in parts
+        if cpu and cpu.get("idle_servers_share", 0) > IDLE_SERVERS_SHARE
+    ]
     notes = []
     if busy:
-        notes.append(f"the machine was not quiet: other processes used this share of all CPUs during "
-                     f"{', '.join(busy)}; rerun on a quiet machine before trusting ratios")
+        notes.append(
+            f"the machine was not quiet: other processes used this share of all CPUs during "
+            f"{', '.join(busy)}; rerun on a quiet machine before trusting ratios"
+        )
     if idle:
-        notes.append(f"the idle servers were not idle: they used this share of all CPUs while these modes "
-                     f"were measured: {', '.join(idle)}; consider --one-server-at-a-time")
+        notes.append(
+            f"the idle servers were not idle: they used this share of all CPUs while these modes "
+            f"were measured: {', '.join(idle)}; consider --one-server-at-a-time"
+        )
     available = report["memory_available_gib"].get("idle")
     if available is not None and available < LOW_MEMORY_GIB and not args.one_server_at_a_time:
-        notes.append(f"only {available} GiB of memory was available with every server up; "
-                     f"consider --one-server-at-a-time")
+        notes.append(
+            f"only {available} GiB of memory was available with every server up; "
+            f"consider --one-server-at-a-time"
+        )
     return notes
 
 
@@ -1023,8 +1298,10 @@ def markdown(report: dict) -> str:
         lines += ["", f"## max_tokens {max_tokens}", ""] + _table_lines(table)
     lines += _inprocess_lines(report) + _mode_lines(report) + _probe_lines(report)
     lines += ["", "## Targets", "", "| target | where | ratio | verdict |", "|---|---|---:|---|"]
-    lines += [f"| {row['target']} | {row['where']} | {_fmt(row['ratio'])} | {row['verdict']} |"
-              for row in report["targets"]]
+    lines += [
+        f"| {row['target']} | {row['where']} | {_fmt(row['ratio'])} | {row['verdict']} |"
+        for row in report["targets"]
+    ]
     if report["warnings"]:
         lines += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
@@ -1034,7 +1311,8 @@ def _header_lines(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
     memory = report["memory_available_gib"]
     return [
-        "# chat_bench results", "",
+        "# chat_bench results",
+        "",
         f"- machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
         f"{m['memory_gib']} GiB RAM; device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}",
         f"- software: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
@@ -1052,16 +1330,19 @@ def _header_lines(report: dict) -> list[str]:
 
 
 def _table_lines(table: dict) -> list[str]:
-    lines = ["| mode | c | ok/sent | out tokens | out tok/s | per round | req/s | TTFT p50 ms | TTFT p99 ms "
-             "| ITL p50 ms | ITL p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | c | ok/sent | out tokens | out tok/s | per round | req/s | TTFT p50 ms | TTFT p99 ms "
+        "| ITL p50 ms | ITL p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, levels in table.items():
         for lv in levels:
             lines.append(
                 f"| {name} | {lv['concurrency']} | {lv['ok']}/{lv['requests']} | {lv['completion_tokens']} "
                 f"| {_fmt(lv['output_tok_s'])} | {' / '.join(_fmt(v) for v in lv['round_tok_s'])} "
                 f"| {_fmt(lv['requests_s'])} | {_fmt(lv['ttft_p50_ms'])} | {_fmt(lv['ttft_p99_ms'])} "
-                f"| {_fmt(lv['itl_p50_ms'])} | {_fmt(lv['itl_p99_ms'])} |")
+                f"| {_fmt(lv['itl_p50_ms'])} | {_fmt(lv['itl_p99_ms'])} |"
+            )
     return lines
 
 
@@ -1071,39 +1352,59 @@ def _inprocess_lines(report: dict) -> list[str]:
         return []
     if inproc.get("skipped"):
         return ["", f"In-process generate: skipped ({inproc['skipped'].splitlines()[0][:200]})."]
-    return ["", f"In-process `model.generate` (one request at a time, {inproc['requests']} requests, "
-                f"max_tokens {inproc['max_tokens']}, {inproc['torch_threads']} torch threads): TTFT p50 "
-                f"{_fmt(inproc['ttft_p50_ms'])} ms, p99 {_fmt(inproc['ttft_p99_ms'])} ms, "
-                f"{_fmt(inproc['output_tok_s'])} output tok/s{_other_cpu(inproc.get('other_cpu'))}."]
+    return [
+        "",
+        f"In-process `model.generate` (one request at a time, {inproc['requests']} requests, "
+        f"max_tokens {inproc['max_tokens']}, {inproc['torch_threads']} torch threads): TTFT p50 "
+        f"{_fmt(inproc['ttft_p50_ms'])} ms, p99 {_fmt(inproc['ttft_p99_ms'])} ms, "
+        f"{_fmt(inproc['output_tok_s'])} output tok/s{_other_cpu(inproc.get('other_cpu'))}.",
+    ]
 
 
 def _mode_lines(report: dict) -> list[str]:
     lines = ["", "Modes:"]
     for name, mode in report["modes"].items():
         if mode.get("skipped"):
-            lines.append(f"- `{name}`: {mode['title']}; skipped: {mode['skipped'].splitlines()[0][:200]}")
+            lines.append(
+                f"- `{name}`: {mode['title']}; skipped: {mode['skipped'].splitlines()[0][:200]}"
+            )
             continue
-        facts = [f"ready in {_fmt(mode.get('ready_s'))} s",
-                 f"{_fmt(mode.get('pss_mib_idle'))} MiB idle, {_fmt(mode.get('pss_mib_after_run'))} MiB after "
-                 f"the run (PSS of its processes)"]
+        facts = [
+            f"ready in {_fmt(mode.get('ready_s'))} s",
+            f"{_fmt(mode.get('pss_mib_idle'))} MiB idle, {_fmt(mode.get('pss_mib_after_run'))} MiB after "
+            f"the run (PSS of its processes)",
+        ]
         if mode.get("omp_threads_bind"):
             facts.append(f"VLLM_CPU_OMP_THREADS_BIND={mode['omp_threads_bind']}")
         if mode.get("note"):
             facts.append(mode["note"])
-        lines.append(f"- `{name}`: {mode['title']}; {'; '.join(facts)}{_other_cpu(mode.get('cpu'))}")
+        lines.append(
+            f"- `{name}`: {mode['title']}; {'; '.join(facts)}{_other_cpu(mode.get('cpu'))}"
+        )
     return lines
 
 
 def _probe_lines(report: dict) -> list[str]:
-    probes = {name: mode["repeat_probe"] for name, mode in report["modes"].items() if mode.get("repeat_probe")}
+    probes = {
+        name: mode["repeat_probe"]
+        for name, mode in report["modes"].items()
+        if mode.get("repeat_probe")
+    }
     if not probes:
         return []
-    lines = ["", f"Repeated images (c=1, {PROBE_IMAGES} new pictures, each sent twice with different prompts, "
-                 f"max_tokens {PROBE_MAX_TOKENS}):", "",
-             "| mode | TTFT p50 first sight ms | TTFT p50 repeat ms | repeat / first | failed |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {_fmt(p['first_ttft_p50_ms'])} | {_fmt(p['repeat_ttft_p50_ms'])} | {_fmt(p['ratio'])} "
-              f"| {p['failed']} |" for name, p in probes.items()]
+    lines = [
+        "",
+        f"Repeated images (c=1, {PROBE_IMAGES} new pictures, each sent twice with different prompts, "
+        f"max_tokens {PROBE_MAX_TOKENS}):",
+        "",
+        "| mode | TTFT p50 first sight ms | TTFT p50 repeat ms | repeat / first | failed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {_fmt(p['first_ttft_p50_ms'])} | {_fmt(p['repeat_ttft_p50_ms'])} | {_fmt(p['ratio'])} "
+        f"| {p['failed']} |"
+        for name, p in probes.items()
+    ]
     return lines
 
 
@@ -1118,7 +1419,9 @@ def _other_cpu(cpu: dict | None) -> str:
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = (out.with_suffix(".md"), out) if out.suffix == ".json" else (out, out.with_suffix(".json"))
+    md_path, json_path = (
+        (out.with_suffix(".md"), out) if out.suffix == ".json" else (out, out.with_suffix(".json"))
+    )
     md_path.write_text(markdown(report))
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     return md_path, json_path
@@ -1126,61 +1429,135 @@ def write_report(report: dict, out: Path) -> tuple[Path, Path]:
 
 # ---- main ---------------------------------------------------------------------------------
 
+
 def bench_checkpoint() -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py"), "--preset", "bench"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py"), "--preset", "bench"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See docs/benchmarks.md.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See docs/benchmarks.md.",
+    )
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
-    parser.add_argument("--checkpoint", help="model directory or HF id (default: the bench preset of "
-                                             "scripts/build_tiny_checkpoint.py, built if missing)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {','.join(MODES)} (default: all)")
-    parser.add_argument("--levels", type=ints, default=[1, 2, 4, 8, 16], help="concurrency levels (default 1,2,4,8,16)")
-    parser.add_argument("--requests", type=int, default=0,
-                        help="requests per level (default: max(2*c, 8))")
-    parser.add_argument("--max-tokens", type=ints, default=[64, 256],
-                        help="max_tokens of every request, one workload (and report table) each "
-                             "(default 64,256)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="times each workload runs every level with every mode (default 2); the report "
-                             "pools the rounds")
-    parser.add_argument("--repeat-images", action="store_true",
-                        help=f"cycle through {REPEATED_IMAGES} images instead of a new one per request, and "
-                             f"probe the TTFT of a repeated image against its first sight")
-    parser.add_argument("--image-size", default="448x336", help="WIDTHxHEIGHT of the JPEG (default 448x336)")
-    parser.add_argument("--text-only", action="store_true", help="send no image (text prompts only)")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up requests per mode (default 1)")
-    parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process generate baseline")
-    parser.add_argument("--one-server-at-a-time", action="store_true",
-                        help="run each mode's rounds with only its server up (for machines short of memory; "
-                             "the modes are then no longer interleaved)")
-    parser.add_argument("--device", default="auto", help="auto (cuda:0 if torch sees a GPU, else cpu), cpu, cuda:N; "
-                        "for transformers serve and the in-process baseline (the stack picks its own)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="OMP_NUM_THREADS for every server and the in-process baseline (default: unset, "
-                             "torch's default of one thread per core)")
-    parser.add_argument("--vllm-threads", type=int, default=0,
-                        help="vLLM's OpenMP threads, bound to the first N usable cores (VLLM_CPU_OMP_THREADS_BIND); "
-                             "default 0: vLLM's own binding, which keeps one core for its scheduler and API "
-                             "server (on 2 cores: one thread; as fast as or faster than 2 bound threads here)")
-    parser.add_argument("--vllm-kvcache-gib", type=int, default=vllm_peer.DEFAULT_KVCACHE_GIB,
-                        help="VLLM_CPU_KVCACHE_SPACE (default %(default)s)")
-    parser.add_argument("--vllm-venv", type=Path, default=vllm_peer.DEFAULT_VENV,
-                        help=f"where vLLM is installed on first use (default {vllm_peer.DEFAULT_VENV.relative_to(ROOT)})")
-    parser.add_argument("--install-timeout", type=float, default=vllm_peer.DEFAULT_INSTALL_TIMEOUT_S,
-                        help="seconds the vLLM install may take (default %(default)s)")
-    parser.add_argument("--ready-timeout", type=float, default=300, help="seconds a server may take to start")
-    parser.add_argument("--request-timeout", type=float, default=300,
-                        help="seconds one request may take, queueing included (default 300)")
+    parser.add_argument(
+        "--checkpoint",
+        help="model directory or HF id (default: the bench preset of "
+        "scripts/build_tiny_checkpoint.py, built if missing)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)} (default: all)",
+    )
+    parser.add_argument(
+        "--levels",
+        type=ints,
+        default=[1, 2, 4, 8, 16],
+        help="concurrency levels (default 1,2,4,8,16)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: max(2*c, 8))"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=ints,
+        default=[64, 256],
+        help="max_tokens of every request, one workload (and report table) each (default 64,256)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="times each workload runs every level with every mode (default 2); the report "
+        "pools the rounds",
+    )
+    parser.add_argument(
+        "--repeat-images",
+        action="store_true",
+        help=f"cycle through {REPEATED_IMAGES} images instead of a new one per request, and "
+        f"probe the TTFT of a repeated image against its first sight",
+    )
+    parser.add_argument(
+        "--image-size", default="448x336", help="WIDTHxHEIGHT of the JPEG (default 448x336)"
+    )
+    parser.add_argument(
+        "--text-only", action="store_true", help="send no image (text prompts only)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="warm-up requests per mode (default 1)"
+    )
+    parser.add_argument(
+        "--no-inprocess", action="store_true", help="skip the in-process generate baseline"
+    )
+    parser.add_argument(
+        "--one-server-at-a-time",
+        action="store_true",
+        help="run each mode's rounds with only its server up (for machines short of memory; "
+        "the modes are then no longer interleaved)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda:0 if torch sees a GPU, else cpu), cpu, cuda:N; "
+        "for transformers serve and the in-process baseline (the stack picks its own)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS for every server and the in-process baseline (default: unset, "
+        "torch's default of one thread per core)",
+    )
+    parser.add_argument(
+        "--vllm-threads",
+        type=int,
+        default=0,
+        help="vLLM's OpenMP threads, bound to the first N usable cores (VLLM_CPU_OMP_THREADS_BIND); "
+        "default 0: vLLM's own binding, which keeps one core for its scheduler and API "
+        "server (on 2 cores: one thread; as fast as or faster than 2 bound threads here)",
+    )
+    parser.add_argument(
+        "--vllm-kvcache-gib",
+        type=int,
+        default=vllm_peer.DEFAULT_KVCACHE_GIB,
+        help="VLLM_CPU_KVCACHE_SPACE (default %(default)s)",
+    )
+    parser.add_argument(
+        "--vllm-venv",
+        type=Path,
+        default=vllm_peer.DEFAULT_VENV,
+        help=f"where vLLM is installed on first use (default {vllm_peer.DEFAULT_VENV.relative_to(ROOT)})",
+    )
+    parser.add_argument(
+        "--install-timeout",
+        type=float,
+        default=vllm_peer.DEFAULT_INSTALL_TIMEOUT_S,
+        help="seconds the vLLM install may take (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=300, help="seconds a server may take to start"
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300,
+        help="seconds one request may take, queueing included (default 300)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"report file: FILE.md and FILE.json are both written (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"report file: FILE.md and FILE.json are both written (default {DEFAULT_OUT.relative_to(ROOT)})",
+    )
     parser.add_argument("--inprocess-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -1213,16 +1590,28 @@ def new_report(args, checkpoint: str, device: str, dtype: str) -> dict:
         workload = f"one {args.width}x{args.height} JPEG (the same {REPEATED_IMAGES} in turn) + a short text prompt"
     else:
         workload = f"one {args.width}x{args.height} JPEG (a new one for every request, seeded) + a short text prompt"
-    schedule = (f"one server at a time, {args.rounds} round(s) each" if args.one_server_at_a_time else
-                f"every server up at once; {args.rounds} round(s), in which each level runs every mode in "
-                f"turn, the order rotated from one level to the next")
+    schedule = (
+        f"one server at a time, {args.rounds} round(s) each"
+        if args.one_server_at_a_time
+        else f"every server up at once; {args.rounds} round(s), in which each level runs every mode in "
+        f"turn, the order rotated from one level to the next"
+    )
     return {
         "machine": machine_info(device),
         "settings": {
-            "checkpoint": checkpoint, "levels": args.levels, "max_tokens": args.max_tokens, "rounds": args.rounds,
-            "requests_per_level": args.requests or "max(2*c, 8)", "workload": workload, "schedule": schedule,
-            "warmup": args.warmup, "device": device, "dtype": dtype,
-            "OMP_NUM_THREADS": str(args.threads) if args.threads > 0 else os.environ.get("OMP_NUM_THREADS"),
+            "checkpoint": checkpoint,
+            "levels": args.levels,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "requests_per_level": args.requests or "max(2*c, 8)",
+            "workload": workload,
+            "schedule": schedule,
+            "warmup": args.warmup,
+            "device": device,
+            "dtype": dtype,
+            "OMP_NUM_THREADS": str(args.threads)
+            if args.threads > 0
+            else os.environ.get("OMP_NUM_THREADS"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         },
         "modes": {name: {"title": MODE_TITLES[name]} for name in args.modes},
@@ -1233,7 +1622,9 @@ def new_report(args, checkpoint: str, device: str, dtype: str) -> dict:
     }
 
 
-def inprocess_baseline(checkpoint: str, plan: Plan, args, device: str, dtype: str, report: dict) -> dict:
+def inprocess_baseline(
+    checkpoint: str, plan: Plan, args, device: str, dtype: str, report: dict
+) -> dict:
     """The baseline on the first c=1 cell's requests (or the first cell's), before any server starts."""
     log("in-process generate baseline")
     cell = next((c for c in plan.cells if c.concurrency == 1), plan.cells[0])
@@ -1244,9 +1635,11 @@ def inprocess_baseline(checkpoint: str, plan: Plan, args, device: str, dtype: st
         log(f"  in-process baseline failed: {exc}")
         return {"skipped": str(exc)}
     result["other_cpu"] = watch.done()
-    report["settings"]["parameters"] = (f"{result['parameters_total'] / 1e6:.1f}M parameters, "
-                                        f"{(result['parameters_total'] - result['parameters_vision']) / 1e6:.1f}M "
-                                        f"outside the vision tower")
+    report["settings"]["parameters"] = (
+        f"{result['parameters_total'] / 1e6:.1f}M parameters, "
+        f"{(result['parameters_total'] - result['parameters_vision']) / 1e6:.1f}M "
+        f"outside the vision tower"
+    )
     log(f"  TTFT p50 {result['ttft_p50_ms']} ms, {result['output_tok_s']} tok/s")
     return result
 
@@ -1264,11 +1657,15 @@ def finish_report(report: dict, raw: dict, args, started: float) -> None:
 
 
 def hf_serve_note(used: bool | None) -> str:
-    return "started with --continuous-batching; " + {
-        True: "requests ran through continuous batching",
-        False: "it fell back to sequential generate (one request at a time) for this model: its CB path "
-               "takes text-only LLMs",
-        None: "the log does not say which path ran"}[used]
+    return (
+        "started with --continuous-batching; "
+        + {
+            True: "requests ran through continuous batching",
+            False: "it fell back to sequential generate (one request at a time) for this model: its CB path "
+            "takes text-only LLMs",
+            None: "the log does not say which path ran",
+        }[used]
+    )
 
 
 def main(argv=None) -> int:
@@ -1280,7 +1677,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    device = ("cuda:0" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = (
+        ("cuda:0" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     dtype = "bfloat16" if device.startswith("cuda") else "float32"  # as the stack's dtype=auto
     checkpoint = args.checkpoint or bench_checkpoint()
     log(f"checkpoint {checkpoint}")

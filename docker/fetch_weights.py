@@ -11,6 +11,7 @@ The checkpoint is QWEN_VL_MODEL, else the `model` parameter of the model's confi
 
 Exit status 0 when the checkpoint is ready to load, 1 otherwise (with the reason on stderr).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,9 @@ def configured_model(env, repository: str = MODEL_REPOSITORY, model_name: str = 
     if model:
         return model
     config = Path(env.get("TRITON_MODEL_REPOSITORY") or repository) / model_name / "config.pbtxt"
-    match = re.search(r'key:\s*"model"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', config.read_text())
+    match = re.search(
+        r'key:\s*"model"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', config.read_text()
+    )
     if not match or not match.group(1):
         raise ValueError(f"no QWEN_VL_MODEL and no `model` parameter in {config}")
     return match.group(1)
@@ -46,7 +49,8 @@ def ensure_checkpoint(model: str, offline: bool, download: Callable[..., str]) -
         path = Path(model).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"{model} is not a checkpoint directory (no config.json): mount the weights there")
+                f"{model} is not a checkpoint directory (no config.json): mount the weights there"
+            )
         return str(path)
     return download(repo_id=model, local_files_only=offline)
 
@@ -57,14 +61,22 @@ def main() -> int:
         model = configured_model(env)
         offline = (env.get("HF_HUB_OFFLINE") or "").strip().lower() in _TRUE
         if not is_local_path(model):
-            print(f"fetch_weights: {'checking the cache for' if offline else 'fetching'} {model} "
-                  f"into {env.get('HF_HOME', '~/.cache/huggingface')}", file=sys.stderr, flush=True)
+            print(
+                f"fetch_weights: {'checking the cache for' if offline else 'fetching'} {model} "
+                f"into {env.get('HF_HOME', '~/.cache/huggingface')}",
+                file=sys.stderr,
+                flush=True,
+            )
         from huggingface_hub import snapshot_download  # the model image has it (transformers)
 
         path = ensure_checkpoint(model, offline, snapshot_download)
     except Exception as exc:  # noqa: BLE001 - one readable line for the compose logs, then exit 1
-        print(f"fetch_weights: {model if 'model' in locals() else 'checkpoint'} is not available: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(
+            f"fetch_weights: {model if 'model' in locals() else 'checkpoint'} is not available: "
+            f"{type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     print(f"fetch_weights: ready: {path}", file=sys.stderr, flush=True)
     return 0

@@ -17,6 +17,7 @@ parameters already have their own environment overrides (QWEN_VL_<NAME>).
 
 Standard library only: it runs under the Triton image's system python3 before anything else.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,9 @@ def instance_override(env) -> tuple[int | None, str | None] | None:
     count = None
     if raw_count:
         if not raw_count.isdigit() or int(raw_count) < 1:
-            raise LaunchError(f"TRITON_INSTANCE_COUNT must be a positive integer, got {raw_count!r}")
+            raise LaunchError(
+                f"TRITON_INSTANCE_COUNT must be a positive integer, got {raw_count!r}"
+            )
         count = int(raw_count)
     kind = None
     if raw_kind:
@@ -51,7 +54,9 @@ def instance_override(env) -> tuple[int | None, str | None] | None:
         if not kind.startswith("KIND_"):
             kind = "KIND_" + kind
         if kind not in KINDS:
-            raise LaunchError(f"TRITON_INSTANCE_KIND must be one of {', '.join(KINDS)}, got {raw_kind!r}")
+            raise LaunchError(
+                f"TRITON_INSTANCE_KIND must be one of {', '.join(KINDS)}, got {raw_kind!r}"
+            )
     return count, kind
 
 
@@ -117,7 +122,9 @@ def render_repository(source: Path, target: Path, count: int | None, kind: str |
         text = rewrite_instance_group(config.read_text(), count, kind)
         config.write_text(text)
         group = _INSTANCE_GROUP.search(text)
-        lines.append(f"{config.parent.name}: {text[group.start():_block_end(text, group.end() - 1)].strip()}")
+        lines.append(
+            f"{config.parent.name}: {text[group.start() : _block_end(text, group.end() - 1)].strip()}"
+        )
     return lines
 
 
@@ -128,7 +135,7 @@ def split_repository_flag(argv: list[str]) -> tuple[int, str, str] | None:
     for i, arg in enumerate(argv):
         for flag in REPOSITORY_FLAGS:
             if arg.startswith(flag + "="):
-                found.append((i, flag + "=", arg[len(flag) + 1:]))
+                found.append((i, flag + "=", arg[len(flag) + 1 :]))
             elif arg == flag and i + 1 < len(argv):
                 found.append((i + 1, "", argv[i + 1]))
     if len(found) > 1:

@@ -40,11 +40,11 @@ from .pixels import PixelLimits
 from .schema import ChatCompletionRequest, parse_chat_request
 from .sse import DONE_EVENT, sse_error, sse_event
 from .translate import (
+    ChoiceText,
     CompletionIdentity,
     ServerLimits,
     TokenUsage,
     chunk_body,
-    ChoiceText,
     completion_body,
     prepare_chat,
     usage_chunk_body,
@@ -190,9 +190,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
     prepared = prepare_chat(chat, app[LIMITS_KEY])
     images = await load_images_timed(request, prepared.images, app.get(FETCHER_KEY))
-    await timed_image_check(
-        request, check_images(images, prepared.images, app[REQUEST_LIMITS_KEY])
-    )
+    await timed_image_check(request, check_images(images, prepared.images, app[REQUEST_LIMITS_KEY]))
     if LOADER_KEY in app:
         await app[LOADER_KEY].ensure_loaded(triton_model)
     triton_request = prepared.to_triton(triton_model, images)
@@ -296,7 +294,9 @@ async def collect_completion(
         if choice.logprobs is not None and chunk.logprobs:
             choice.logprobs.extend(chunk.logprobs)
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
-    ordered = [choices[i] for i in sorted(choices)] or [ChoiceText(logprobs=[] if with_logprobs else None)]
+    ordered = [choices[i] for i in sorted(choices)] or [
+        ChoiceText(logprobs=[] if with_logprobs else None)
+    ]
     body = completion_body(identity, ordered, usage)
     return web.json_response(body, dumps=json_dumps)
 

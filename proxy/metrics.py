@@ -177,8 +177,7 @@ class ProxyMetrics:
         )
         self.ttft = histogram(
             "time_to_first_token_seconds",
-            "Streamed chat completions: time from the request's arrival to its first content "
-            "chunk",
+            "Streamed chat completions: time from the request's arrival to its first content chunk",
             ("model",),
             TTFT_BUCKETS,
         )

@@ -102,7 +102,9 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _content_or_tool_calls(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+        if self.content is None and not (
+            self.role == "assistant" and (self.model_extra or {}).get("tool_calls")
+        ):
             raise ValueError("content may be null only on an assistant message with tool_calls")
         return self
 
@@ -206,8 +208,10 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
     at_path = [e for p, e in candidates if p == path]
     if all(e["type"] in _TYPE_ERRORS for e in at_path):
         expected = " or ".join(dict.fromkeys(_TYPE_ERRORS[e["type"]] for e in at_path))
-        message = (f"Invalid type for '{param}': expected {expected}, "
-                   f"but got {_json_type(err['input'])} instead.")
+        message = (
+            f"Invalid type for '{param}': expected {expected}, "
+            f"but got {_json_type(err['input'])} instead."
+        )
         return APIError(400, message, param=param or None, code="invalid_type")
     if err["type"] == "missing":
         message = f"Missing required parameter: '{param}'."
@@ -219,8 +223,14 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
 
 
 def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
-                       (str, "a string"), (list, "an array"), (dict, "an object")):
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "an object"),
+    ):
         if isinstance(value, kind):
             return name
     return "null" if value is None else "another type"

@@ -12,6 +12,7 @@ outputs are random text. The build is deterministic and cached: a second run is 
 dominates serving overhead on a CPU (a ~60M-parameter text model and a small real vision tower),
 for bench/chat_bench.py; it goes to .cache/bench-qwen2.5-vl unless --out says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,19 +35,37 @@ DEFAULT_OUT = CACHE / "tiny-qwen2.5-vl"
 PRESETS = {
     "tiny": dict(
         out=DEFAULT_OUT,
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3]),
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                    fullatt_block_indexes=[1]),
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=[2, 3, 3],
+        ),
+        vision=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]
+        ),
         greedy_whole_characters=False,
     ),
     "bench": dict(
         out=CACHE / "bench-qwen2.5-vl",
         # ~60M text parameters (7.3M per layer; the ~500-token vocabulary adds little), head_dim 64.
-        text=dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=8,
-                  num_attention_heads=12, num_key_value_heads=2, mrope_section=[8, 12, 12]),
-        vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
-                    fullatt_block_indexes=[1, 3]),
+        text=dict(
+            hidden_size=768,
+            intermediate_size=2560,
+            num_hidden_layers=8,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            mrope_section=[8, 12, 12],
+        ),
+        vision=dict(
+            depth=4,
+            hidden_size=256,
+            intermediate_size=512,
+            num_heads=4,
+            fullatt_block_indexes=[1, 3],
+        ),
         # Zero the output-projection rows of the special tokens (EOS included) and of the byte
         # tokens that are not whole UTF-8 characters: their logit is then exactly 0, while the
         # largest of the other ~300 random logits is far above it. So greedy decoding never
@@ -58,10 +77,20 @@ PRESETS = {
 }
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 
 # Qwen2.5-VL-Instruct's chat template, so prompts are built exactly as for the real model.
@@ -128,19 +157,33 @@ def build_model_config(tokenizer, preset: str = "tiny"):
     sizes = dict(PRESETS[preset]["text"])
     mrope_section = sizes.pop("mrope_section")
     text_config = dict(
-        vocab_size=vocab_size, **sizes, max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        vocab_size=vocab_size,
+        **sizes,
+        max_position_embeddings=32768,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": mrope_section,
+        },
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     vision_config = dict(
-        **PRESETS[preset]["vision"], out_hidden_size=sizes["hidden_size"],
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        **PRESETS[preset]["vision"],
+        out_hidden_size=sizes["hidden_size"],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
     )
     return Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
 
@@ -166,12 +209,17 @@ def build_processor(tokenizer):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(
-        patch_size=14, merge_size=2, temporal_patch_size=2,
-        min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=4 * 28 * 28,
+        max_pixels=16384 * 28 * 28,
     )
     return Qwen2_5_VLProcessor(
-        image_processor=image_processor, video_processor=Qwen2VLVideoProcessor(),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -185,14 +233,19 @@ def build(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
         import torch
 
         special = set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
-        never = [i for i in range(len(tokenizer))
-                 if i in special or not tokenizer.decode([i]) or "\ufffd" in tokenizer.decode([i])]
+        never = [
+            i
+            for i in range(len(tokenizer))
+            if i in special or not tokenizer.decode([i]) or "\ufffd" in tokenizer.decode([i])
+        ]
         with torch.no_grad():
             model.lm_head.weight[never] = 0.0
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                      tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        ],
         pad_token_id=config.text_config.pad_token_id,
         do_sample=False,
     )
@@ -227,11 +280,19 @@ def is_current(out: Path, preset: str = "tiny") -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="model size: tiny (tests, the default) or bench (benchmarks)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint directory (default: .cache/tiny-qwen2.5-vl or "
-                             ".cache/bench-qwen2.5-vl by preset)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="model size: tiny (tests, the default) or bench (benchmarks)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="checkpoint directory (default: .cache/tiny-qwen2.5-vl or "
+        ".cache/bench-qwen2.5-vl by preset)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@
 
 The same functions start the stack for the end-to-end tests (on loopback, on free ports).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,22 +35,30 @@ def find_tritonserver() -> tuple[str, str | None]:
         return on_path, None
     spec = importlib.util.find_spec("pytriton")
     if spec is None or spec.origin is None:
-        raise SystemExit("no tritonserver on PATH and nvidia-pytriton is not installed: run scripts/setup")
+        raise SystemExit(
+            "no tritonserver on PATH and nvidia-pytriton is not installed: run scripts/setup"
+        )
     home = Path(spec.origin).parent / "tritonserver"
     return str(home / "bin" / "tritonserver"), str(home / "backends")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     try:
-        urllib.request.urlopen("https://huggingface.co/api/models/" + DEFAULT_HUB_MODEL, timeout=timeout)
+        urllib.request.urlopen(
+            "https://huggingface.co/api/models/" + DEFAULT_HUB_MODEL, timeout=timeout
+        )
         return True
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
 def tiny_checkpoint() -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py")],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -59,9 +68,11 @@ def choose_model(requested: str | None) -> tuple[str, str]:
         return requested, "as configured"
     if hub_reachable():
         return DEFAULT_HUB_MODEL, "the default checkpoint from the Hugging Face hub"
-    return tiny_checkpoint(), ("the hub is unreachable and no model was configured: serving a TINY "
-                               "RANDOM-WEIGHT checkpoint built locally, its answers are meaningless "
-                               "(set QWEN_VL_MODEL to a real checkpoint)")
+    return tiny_checkpoint(), (
+        "the hub is unreachable and no model was configured: serving a TINY "
+        "RANDOM-WEIGHT checkpoint built locally, its answers are meaningless "
+        "(set QWEN_VL_MODEL to a real checkpoint)"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -121,12 +132,18 @@ def _env(config: StackConfig) -> dict:
 
 def triton_command(config: StackConfig) -> list[str]:
     binary, backends = find_tritonserver()
-    cmd = [binary, f"--model-repository={MODEL_REPOSITORY}",
-           f"--http-port={config.http_port}", f"--grpc-port={config.grpc_port}",
-           f"--metrics-port={config.metrics_port}",
-           f"--http-address={config.host}", f"--grpc-address={config.host}",
-           f"--metrics-address={config.host}",
-           "--exit-timeout-secs=30", "--log-info=true"]
+    cmd = [
+        binary,
+        f"--model-repository={MODEL_REPOSITORY}",
+        f"--http-port={config.http_port}",
+        f"--grpc-port={config.grpc_port}",
+        f"--metrics-port={config.metrics_port}",
+        f"--http-address={config.host}",
+        f"--grpc-address={config.host}",
+        f"--metrics-address={config.host}",
+        "--exit-timeout-secs=30",
+        "--log-info=true",
+    ]
     if config.lazy_load:
         cmd.append("--model-control-mode=explicit")
     if backends:
@@ -135,8 +152,19 @@ def triton_command(config: StackConfig) -> list[str]:
 
 
 def proxy_command(config: StackConfig) -> list[str]:
-    cmd = [sys.executable, "-m", "proxy", "--host", config.host, "--port", str(config.proxy_port),
-           "--triton-url", config.triton_grpc_url, "--triton-model", TRITON_MODEL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "--host",
+        config.host,
+        "--port",
+        str(config.proxy_port),
+        "--triton-url",
+        config.triton_grpc_url,
+        "--triton-model",
+        TRITON_MODEL,
+    ]
     if config.served_model_name:
         cmd += ["--served-model-name", config.served_model_name]
     if config.lazy_load:
@@ -175,8 +203,9 @@ class Stack:
 
     def _spawn(self, cmd, log_path: Path, env) -> subprocess.Popen:
         log = open(log_path, "ab", buffering=0)
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 300.0, progress=None) -> None:
         """Until the proxy's /ready is 200 (which means Triton has the model loaded); with
@@ -185,8 +214,10 @@ class Stack:
         deadline = time.monotonic() + timeout
         started = time.monotonic()
         while time.monotonic() < deadline:
-            for name, proc, log in (("tritonserver", self.triton, self.triton_log),
-                                    ("proxy", self.proxy, self.proxy_log)):
+            for name, proc, log in (
+                ("tritonserver", self.triton, self.triton_log),
+                ("proxy", self.proxy, self.proxy_log),
+            ):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{_tail(log)}")
             triton = _get_status(f"{self.config.triton_http_url}/v2/models/{TRITON_MODEL}/ready")
@@ -196,7 +227,9 @@ class Stack:
             if proxy == 200:
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"stack not ready after {timeout:.0f}s; triton log:\n{_tail(self.triton_log)}")
+        raise TimeoutError(
+            f"stack not ready after {timeout:.0f}s; triton log:\n{_tail(self.triton_log)}"
+        )
 
     def stop(self, timeout: float = 40.0) -> None:
         for proc in (self.proxy, self.triton):
@@ -231,21 +264,34 @@ def _interrupt(signum, frame):
 def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description="Serve Qwen2.5-VL: tritonserver + OpenAI proxy.")
-    parser.add_argument("--model", default=env("QWEN_VL_MODEL"),
-                        help="HF id or local path (env QWEN_VL_MODEL); default: the 7B from the hub, "
-                             "or a tiny random checkpoint when the hub is unreachable")
-    parser.add_argument("--host", default=env("SERVE_HOST", "0.0.0.0"),
-                        help="address both servers bind (env SERVE_HOST)")
+    parser.add_argument(
+        "--model",
+        default=env("QWEN_VL_MODEL"),
+        help="HF id or local path (env QWEN_VL_MODEL); default: the 7B from the hub, "
+        "or a tiny random checkpoint when the hub is unreachable",
+    )
+    parser.add_argument(
+        "--host",
+        default=env("SERVE_HOST", "0.0.0.0"),
+        help="address both servers bind (env SERVE_HOST)",
+    )
     parser.add_argument("--proxy-port", type=int, default=int(env("PROXY_PORT", "9000")))
     parser.add_argument("--http-port", type=int, default=int(env("TRITON_HTTP_PORT", "8000")))
     parser.add_argument("--grpc-port", type=int, default=int(env("TRITON_GRPC_PORT", "8001")))
     parser.add_argument("--metrics-port", type=int, default=int(env("TRITON_METRICS_PORT", "8002")))
-    parser.add_argument("--ready-timeout", type=float, default=float(env("SERVE_READY_TIMEOUT", "1800")),
-                        help="seconds to wait for the model to load (a 7B download takes a while)")
-    parser.add_argument("--lazy-load", action=argparse.BooleanOptionalAction,
-                        default=env("SERVE_LAZY_LOAD", "").strip().lower() in ("1", "true", "yes", "on"),
-                        help="start Triton with no model loaded; the first chat request loads it "
-                             "(env SERVE_LAZY_LOAD)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=float(env("SERVE_READY_TIMEOUT", "1800")),
+        help="seconds to wait for the model to load (a 7B download takes a while)",
+    )
+    parser.add_argument(
+        "--lazy-load",
+        action=argparse.BooleanOptionalAction,
+        default=env("SERVE_LAZY_LOAD", "").strip().lower() in ("1", "true", "yes", "on"),
+        help="start Triton with no model loaded; the first chat request loads it "
+        "(env SERVE_LAZY_LOAD)",
+    )
     return parser.parse_args(argv)
 
 
@@ -253,20 +299,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model, why = choose_model(args.model)
     print(f"[serve] model: {model} ({why})", file=sys.stderr)
-    stack = Stack(StackConfig(model=model, host=args.host, http_port=args.http_port,
-                              grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                              proxy_port=args.proxy_port, lazy_load=args.lazy_load))
+    stack = Stack(
+        StackConfig(
+            model=model,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            proxy_port=args.proxy_port,
+            lazy_load=args.lazy_load,
+        )
+    )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start()
         print(f"[serve] logs: {stack.triton_log} {stack.proxy_log}", file=sys.stderr)
         stack.wait_ready(args.ready_timeout, _progress_line)
         cfg = stack.config
-        print(f"\n[serve] ready\n"
-              f"  OpenAI API      {cfg.proxy_url}/v1/chat/completions\n"
-              f"  Triton HTTP     {cfg.triton_http_url}   gRPC {cfg.triton_grpc_url}\n"
-              f"  Triton metrics  http://{_connect_host(cfg.host)}:{cfg.metrics_port}/metrics\n"
-              f"[serve] Ctrl-C stops both", file=sys.stderr)
+        print(
+            f"\n[serve] ready\n"
+            f"  OpenAI API      {cfg.proxy_url}/v1/chat/completions\n"
+            f"  Triton HTTP     {cfg.triton_http_url}   gRPC {cfg.triton_grpc_url}\n"
+            f"  Triton metrics  http://{_connect_host(cfg.host)}:{cfg.metrics_port}/metrics\n"
+            f"[serve] Ctrl-C stops both",
+            file=sys.stderr,
+        )
         while stack.triton.poll() is None and stack.proxy.poll() is None:
             time.sleep(1)
         print("[serve] a server exited; stopping", file=sys.stderr)

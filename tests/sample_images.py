@@ -1,4 +1,5 @@
 """Small images for tests, encoded in memory."""
+
 import base64
 import io
 

@@ -19,6 +19,7 @@ Your own images and prompts (one request per image, or per group of images; prom
 
 writes text.json (one request per prompt), image.json and image_b64.json in /tmp/my-inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ DEFAULT_TEXT_PROMPTS = (
     "请用一句话介绍长城。",
 )
 DEFAULT_IMAGE_PROMPT = "Describe this image."
-FLAGS = {"stream": [True], "exclude_input_in_output": [True],
-         "return_finish_reason": [True], "return_num_output_tokens": [True]}
+FLAGS = {
+    "stream": [True],
+    "exclude_input_in_output": [True],
+    "return_finish_reason": [True],
+    "return_num_output_tokens": [True],
+}
 
 
 def sample_jpeg_bytes(size=(448, 336)) -> bytes:
@@ -76,9 +81,11 @@ def bytes_tensor_b64(elements) -> str:
 def case(messages, images=(), max_tokens=64, raw_images=False):
     """One request: `messages` JSON plus the flags the proxy sends; images as data URLs, or
     with raw_images as length-prefixed raw bytes in a `b64` element."""
-    entry = {"messages": [json.dumps(messages, ensure_ascii=False)],
-             "sampling_parameters": [json.dumps({"max_tokens": max_tokens, "temperature": 0})],
-             **FLAGS}
+    entry = {
+        "messages": [json.dumps(messages, ensure_ascii=False)],
+        "sampling_parameters": [json.dumps({"max_tokens": max_tokens, "temperature": 0})],
+        **FLAGS,
+    }
     if images:
         if raw_images:
             entry["image"] = {"b64": bytes_tensor_b64(images), "shape": [len(images)]}
@@ -88,7 +95,12 @@ def case(messages, images=(), max_tokens=64, raw_images=False):
 
 
 def image_messages(prompt: str, count: int) -> list:
-    return [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": prompt}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image"}] * count + [{"type": "text", "text": prompt}],
+        }
+    ]
 
 
 def build(prompts=None, images=None, images_per_request=1, max_tokens=64) -> dict:
@@ -96,14 +108,22 @@ def build(prompts=None, images=None, images_per_request=1, max_tokens=64) -> dic
     text_prompts = list(prompts or DEFAULT_TEXT_PROMPTS)
     image_prompts = list(prompts or [DEFAULT_IMAGE_PROMPT])
     image_bytes = list(images or [sample_jpeg_bytes()])
-    groups = [image_bytes[i:i + images_per_request]
-              for i in range(0, len(image_bytes), images_per_request)]
+    groups = [
+        image_bytes[i : i + images_per_request]
+        for i in range(0, len(image_bytes), images_per_request)
+    ]
     text = [case([{"role": "user", "content": p}], max_tokens=max_tokens) for p in text_prompts]
     docs = {"text.json": text}
     for name, raw in (("image.json", False), ("image_b64.json", True)):
-        docs[name] = [case(image_messages(image_prompts[n % len(image_prompts)], len(group)), group,
-                           max_tokens=max_tokens, raw_images=raw)
-                      for n, group in enumerate(groups)]
+        docs[name] = [
+            case(
+                image_messages(image_prompts[n % len(image_prompts)], len(group)),
+                group,
+                max_tokens=max_tokens,
+                raw_images=raw,
+            )
+            for n, group in enumerate(groups)
+        ]
     return {name: {"data": data} for name, data in docs.items()}
 
 
@@ -120,11 +140,20 @@ def write(docs: dict, out_dir: Path) -> list[Path]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=HERE, help="default: next to this script")
-    parser.add_argument("--image", action="append", type=Path, default=[],
-                        help="an image file (JPEG/PNG/WebP/GIF); repeat for more (default: a synthetic JPEG)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        type=Path,
+        default=[],
+        help="an image file (JPEG/PNG/WebP/GIF); repeat for more (default: a synthetic JPEG)",
+    )
     parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--prompt", action="append", default=[],
-                        help="a prompt; repeat for more (text.json: one request each; image files cycle them)")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="a prompt; repeat for more (text.json: one request each; image files cycle them)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     images = [p.read_bytes() for p in args.image]
@@ -133,8 +162,9 @@ def main(argv=None) -> None:
             data_url(data)
         except ValueError as err:
             parser.error(f"{path}: {err}")
-    for path in write(build(args.prompt, images, max(1, args.images_per_request), args.max_tokens),
-                      args.out_dir):
+    for path in write(
+        build(args.prompt, images, max(1, args.images_per_request), args.max_tokens), args.out_dir
+    ):
         print(path)
 
 

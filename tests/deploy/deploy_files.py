@@ -3,6 +3,7 @@
 No Docker engine runs on the development or CI machines, so the images are linted and their
 files checked for structure here, never built.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,6 +27,7 @@ MODEL_CONFIG = ROOT / "model_repository" / "qwen2_5_vl" / "config.pbtxt"
 
 
 # --- Dockerfiles -------------------------------------------------------------------------------
+
 
 @dataclass
 class Instruction:
@@ -173,6 +175,7 @@ def healthcheck_url(test) -> str:
 
 # --- .dockerignore -----------------------------------------------------------------------------
 
+
 def dockerignore_patterns() -> list[str]:
     lines = (line.strip() for line in DOCKERIGNORE.read_text().splitlines())
     return [line for line in lines if line and not line.startswith("#")]
@@ -187,8 +190,9 @@ def _pattern_regex(pattern: str) -> re.Pattern:
         if segment == "**":
             out.append(".*" if is_last else "(?:[^/]+/)*")
             continue
-        body = "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch)
-                       for ch in segment)
+        body = "".join(
+            "[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in segment
+        )
         out.append(body if is_last else body + "/")
     return re.compile("^" + "".join(out) + "$")
 
@@ -208,6 +212,7 @@ def ignored(path: str, patterns: list[str]) -> bool:
 
 
 # --- helper scripts under docker/ --------------------------------------------------------------
+
 
 def load_script(name: str) -> ModuleType:
     """Import docker/<name>.py (docker/ is not a package; the name `docker` is taken)."""

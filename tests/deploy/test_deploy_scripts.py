@@ -1,14 +1,14 @@
 """docker/triton_launch.py (instance_group from the environment) and docker/fetch_weights.py."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
+from deploy_files import MODEL_CONFIG, ROOT, load_script, model_config_parameters
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
-
-from deploy_files import MODEL_CONFIG, ROOT, load_script, model_config_parameters
 
 launch = load_script("triton_launch")
 fetch = load_script("fetch_weights")
@@ -23,33 +23,45 @@ def _parse(text: str) -> model_config_pb2.ModelConfig:
 @pytest.fixture
 def repository(tmp_path) -> Path:
     source = tmp_path / "models"
-    shutil.copytree(ROOT / "model_repository", source,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "model_repository", source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     return source
 
 
 # --- triton_launch -----------------------------------------------------------------------------
 
+
 def test_without_instance_variables_the_command_runs_unchanged(repository, tmp_path):
     argv = ["tritonserver", f"--model-repository={repository}", "--exit-timeout-secs=30"]
     env = {"TRITON_RUNTIME_REPOSITORY": str(tmp_path / "rendered")}
     assert launch.plan(argv, env) == (argv, [])
-    assert launch.plan(argv, {**env, "TRITON_INSTANCE_COUNT": "", "TRITON_INSTANCE_KIND": " "}) == (argv, [])
+    assert launch.plan(argv, {**env, "TRITON_INSTANCE_COUNT": "", "TRITON_INSTANCE_KIND": " "}) == (
+        argv,
+        [],
+    )
     assert not (tmp_path / "rendered").exists()
 
 
 @pytest.mark.parametrize("flag_form", ["equals", "separate"])
 def test_instance_variables_render_a_copy_with_that_instance_group(repository, tmp_path, flag_form):
     rendered = tmp_path / "rendered"
-    argv = (["tritonserver", f"--model-repository={repository}", "--exit-timeout-secs=30"]
-            if flag_form == "equals" else
-            ["tritonserver", "--model-repository", str(repository), "--exit-timeout-secs=30"])
-    env = {"TRITON_INSTANCE_COUNT": "2", "TRITON_INSTANCE_KIND": "gpu",
-           "TRITON_RUNTIME_REPOSITORY": str(rendered)}
+    argv = (
+        ["tritonserver", f"--model-repository={repository}", "--exit-timeout-secs=30"]
+        if flag_form == "equals"
+        else ["tritonserver", "--model-repository", str(repository), "--exit-timeout-secs=30"]
+    )
+    env = {
+        "TRITON_INSTANCE_COUNT": "2",
+        "TRITON_INSTANCE_KIND": "gpu",
+        "TRITON_RUNTIME_REPOSITORY": str(rendered),
+    }
     command, lines = launch.plan(argv, env)
-    expected = (["tritonserver", f"--model-repository={rendered}", "--exit-timeout-secs=30"]
-                if flag_form == "equals" else
-                ["tritonserver", "--model-repository", str(rendered), "--exit-timeout-secs=30"])
+    expected = (
+        ["tritonserver", f"--model-repository={rendered}", "--exit-timeout-secs=30"]
+        if flag_form == "equals"
+        else ["tritonserver", "--model-repository", str(rendered), "--exit-timeout-secs=30"]
+    )
     assert command == expected
     assert any("count: 2" in line and "KIND_GPU" in line for line in lines), lines
 
@@ -78,33 +90,58 @@ def test_a_second_start_renders_afresh(repository, tmp_path):
     assert [(g.count, g.kind) for g in config.instance_group] == [(1, original_kind)]
 
 
-@pytest.mark.parametrize("count, kind, old, expected", [
-    (4, None, 'instance_group [ { count: 1, kind: KIND_AUTO } ]', (4, KIND.KIND_AUTO, [])),
-    (None, "KIND_CPU", 'instance_group [ { count: 2 kind: KIND_GPU } ]', (2, KIND.KIND_CPU, [])),
-    (2, None, 'instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n    gpus: [ 0, 1 ]\n  }\n]',
-     (2, KIND.KIND_GPU, [0, 1])),
-    (3, "KIND_GPU", '', (3, KIND.KIND_GPU, [])),  # no instance_group: one is added
-    (1, None, '# instance_group [ { count: 9 } ] in a comment\ninstance_group: [ { count: 5 } ]',
-     (1, KIND.KIND_AUTO, [])),
-])
+@pytest.mark.parametrize(
+    "count, kind, old, expected",
+    [
+        (4, None, "instance_group [ { count: 1, kind: KIND_AUTO } ]", (4, KIND.KIND_AUTO, [])),
+        (
+            None,
+            "KIND_CPU",
+            "instance_group [ { count: 2 kind: KIND_GPU } ]",
+            (2, KIND.KIND_CPU, []),
+        ),
+        (
+            2,
+            None,
+            "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n    gpus: [ 0, 1 ]\n  }\n]",
+            (2, KIND.KIND_GPU, [0, 1]),
+        ),
+        (3, "KIND_GPU", "", (3, KIND.KIND_GPU, [])),  # no instance_group: one is added
+        (
+            1,
+            None,
+            "# instance_group [ { count: 9 } ] in a comment\ninstance_group: [ { count: 5 } ]",
+            (1, KIND.KIND_AUTO, []),
+        ),
+    ],
+)
 def test_rewrite_instance_group(count, kind, old, expected):
-    base = 'backend: "python"\n' + old + '\nparameters [ { key: "model" value: { string_value: "m]" } } ]\n'
+    base = (
+        'backend: "python"\n'
+        + old
+        + '\nparameters [ { key: "model" value: { string_value: "m]" } } ]\n'
+    )
     config = _parse(launch.rewrite_instance_group(base, count, kind))
     assert [(g.count, g.kind, list(g.gpus)) for g in config.instance_group] == [expected]
     assert config.parameters["model"].string_value == "m]"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"TRITON_INSTANCE_COUNT": "0"}, "positive integer"),
-    ({"TRITON_INSTANCE_COUNT": "two"}, "positive integer"),
-    ({"TRITON_INSTANCE_KIND": "KIND_TPU"}, "must be one of"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"TRITON_INSTANCE_COUNT": "0"}, "positive integer"),
+        ({"TRITON_INSTANCE_COUNT": "two"}, "positive integer"),
+        ({"TRITON_INSTANCE_KIND": "KIND_TPU"}, "must be one of"),
+    ],
+)
 def test_bad_instance_settings_are_refused(env, message):
     with pytest.raises(launch.LaunchError, match=message):
         launch.instance_override(env)
 
 
-def test_main_execs_tritonserver_and_reports_bad_settings(repository, tmp_path, monkeypatch, capsys):
+def test_main_execs_tritonserver_and_reports_bad_settings(
+    repository, tmp_path, monkeypatch, capsys
+):
     calls = []
     monkeypatch.setattr(launch.os, "execvp", lambda file, args: calls.append((file, args)))
     monkeypatch.delenv("TRITON_INSTANCE_COUNT", raising=False)
@@ -120,6 +157,7 @@ def test_main_execs_tritonserver_and_reports_bad_settings(repository, tmp_path, 
 
 
 # --- fetch_weights -----------------------------------------------------------------------------
+
 
 def test_the_checkpoint_is_qwen_vl_model_else_config_pbtxt(tmp_path):
     repo = tmp_path / "models"

@@ -1,4 +1,5 @@
 """Reading an OpenAI SSE stream the way a plain-HTTP client does."""
+
 import json
 
 
@@ -9,7 +10,7 @@ def read_events(response):
         if not line:
             continue
         assert line.startswith(b"data: "), line
-        data = line[len(b"data: "):]
+        data = line[len(b"data: ") :]
         if data == b"[DONE]":
             events.append("[DONE]")
             break

@@ -1,4 +1,5 @@
 """Starting whole stacks (tritonserver + proxy) of the tests' own on loopback."""
+
 import contextlib
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The whole stack: OpenAI clients → proxy → tritonserver → the Qwen2.5-VL model."""
+
 import base64
 import json
 import re
@@ -8,7 +9,6 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-
 from sample_images import data_url, encoded_image
 from sse import read_events
 
@@ -27,8 +27,10 @@ def test_original_client_example_prints_a_completion(base_url, tmp_path, capsys,
     source = (ROOT / "client" / "example_requests.py").read_text()
     assert "http://localhost:9000/v1/chat/completions" in source
     monkeypatch.setattr("sys.argv", ["example_requests.py", str(image)])
-    exec(compile(source.replace("http://localhost:9000", base_url), "example_requests.py", "exec"),
-         {"__name__": "__main__"})
+    exec(
+        compile(source.replace("http://localhost:9000", base_url), "example_requests.py", "exec"),
+        {"__name__": "__main__"},
+    )
     body = json.loads(capsys.readouterr().out)
     assert body["object"] == "chat.completion" and body["model"] == SERVED
     assert body["id"].startswith("chatcmpl-") and len(body["id"]) > len("chatcmpl-")
@@ -43,19 +45,39 @@ def test_original_client_example_prints_a_completion(base_url, tmp_path, capsys,
 
 
 def test_ids_are_unique_per_request(base_url):
-    ids = {chat(base_url, messages=[{"role": "user", "content": "hi"}], max_tokens=2).json()["id"]
-           for _ in range(3)}
+    ids = {
+        chat(base_url, messages=[{"role": "user", "content": "hi"}], max_tokens=2).json()["id"]
+        for _ in range(3)
+    }
     assert len(ids) == 3
 
 
 def test_streaming_chunk_by_chunk_matches_non_stream(base_url):
-    request = dict(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "Describe:"}, {"type": "image_url", "image_url": {"url": data_url("PNG")}}]}],
-        max_tokens=20, temperature=0)
+    request = dict(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe:"},
+                    {"type": "image_url", "image_url": {"url": data_url("PNG")}},
+                ],
+            }
+        ],
+        max_tokens=20,
+        temperature=0,
+    )
     whole = chat(base_url, **request).json()
-    with requests.post(f"{base_url}/v1/chat/completions", stream=True, timeout=60,
-                       json={**request, "model": SERVED, "stream": True,
-                             "stream_options": {"include_usage": True}}) as response:
+    with requests.post(
+        f"{base_url}/v1/chat/completions",
+        stream=True,
+        timeout=60,
+        json={
+            **request,
+            "model": SERVED,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = read_events(response)
@@ -76,29 +98,46 @@ def test_streaming_chunk_by_chunk_matches_non_stream(base_url):
 def test_openai_sdk_non_stream(base_url):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
     completion = client.chat.completions.create(
-        model=SERVED, max_tokens=12,
-        messages=[{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": data_url()}}]}])
+        model=SERVED,
+        max_tokens=12,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": data_url()}},
+                ],
+            }
+        ],
+    )
     assert completion.object == "chat.completion"
     assert completion.choices[0].message.content
-    assert completion.usage.completion_tokens == 12 and completion.choices[0].finish_reason == "length"
+    assert (
+        completion.usage.completion_tokens == 12 and completion.choices[0].finish_reason == "length"
+    )
 
 
 def test_openai_sdk_stream_yields_role_deltas_and_finish_reason(base_url):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
-    chunks = list(client.chat.completions.create(
-        model=SERVED, max_tokens=16, stream=True, messages=[{"role": "user", "content": "Tell me a story."}]))
+    chunks = list(
+        client.chat.completions.create(
+            model=SERVED,
+            max_tokens=16,
+            stream=True,
+            messages=[{"role": "user", "content": "Tell me a story."}],
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def _streamed_deltas(base_url, payload):
-    with requests.post(f"{base_url}/v1/chat/completions", stream=True, timeout=60,
-                       json={**payload, "stream": True}) as response:
+    with requests.post(
+        f"{base_url}/v1/chat/completions", stream=True, timeout=60, json={**payload, "stream": True}
+    ) as response:
         lines = [line for line in response.iter_lines() if line.startswith(b"data: {")]
-    events = [json.loads(line[len(b"data: "):].decode("utf-8")) for line in lines]  # strict UTF-8
+    events = [json.loads(line[len(b"data: ") :].decode("utf-8")) for line in lines]  # strict UTF-8
     return [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
 
 
@@ -106,8 +145,13 @@ def test_chinese_round_trip_streams_whole_characters(base_url):
     """Seeded sampling makes stream and non-stream produce the same tokens to compare."""
     outputs = []
     for seed in range(4):
-        payload = {"model": SERVED, "max_tokens": 64, "temperature": 1.0, "seed": seed,
-                   "messages": [{"role": "user", "content": "这张图片里有什么？请用中文详细描述。"}]}
+        payload = {
+            "model": SERVED,
+            "max_tokens": 64,
+            "temperature": 1.0,
+            "seed": seed,
+            "messages": [{"role": "user", "content": "这张图片里有什么？请用中文详细描述。"}],
+        }
         whole = chat(base_url, **payload).json()["choices"][0]["message"]["content"]
         # A character split across deltas would surface as extra U+FFFD in the stream, which
         # the one-shot decode of the same tokens does not have.
@@ -122,9 +166,19 @@ def _cancel_count(stack) -> int:
 
 def test_client_disconnect_cancels_generation_and_next_request_is_prompt(stack, base_url):
     before = _cancel_count(stack)
-    response = requests.post(f"{base_url}/v1/chat/completions", stream=True, timeout=60, json={
-        "model": SERVED, "stream": True, "max_tokens": 4000, "temperature": 1.0, "seed": 1,
-        "messages": [{"role": "user", "content": "go"}]})
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        stream=True,
+        timeout=60,
+        json={
+            "model": SERVED,
+            "stream": True,
+            "max_tokens": 4000,
+            "temperature": 1.0,
+            "seed": 1,
+            "messages": [{"role": "user", "content": "go"}],
+        },
+    )
     lines = response.iter_lines()
     for _ in range(4):
         next(lines)
@@ -134,33 +188,88 @@ def test_client_disconnect_cancels_generation_and_next_request_is_prompt(stack, 
         time.sleep(0.1)
     assert _cancel_count(stack) == before + 1, "the model never saw the cancellation"
     started = time.monotonic()
-    assert chat(base_url, messages=[{"role": "user", "content": "hi"}], max_tokens=4).status_code == 200
+    assert (
+        chat(base_url, messages=[{"role": "user", "content": "hi"}], max_tokens=4).status_code
+        == 200
+    )
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("body, status, code", [
-    (b"{not json", 400, None),
-    (json.dumps({"model": SERVED}).encode(), 400, None),
-    (json.dumps({"model": SERVED, "messages": []}).encode(), 400, None),
-    (json.dumps({"model": SERVED, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@notbase64"}}]}]}).encode(),
-     400, "invalid_image"),
-    (json.dumps({"model": SERVED, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
-                                            + base64.b64encode(encoded_image("PNG")[:60]).decode()}}]}]}).encode(),
-     400, None),
-    (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model_not_found"),
-])
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, None),
+        (json.dumps({"model": SERVED}).encode(), 400, None),
+        (json.dumps({"model": SERVED, "messages": []}).encode(), 400, None),
+        (
+            json.dumps(
+                {
+                    "model": SERVED,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": "data:image/png;base64,@@@notbase64"},
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ).encode(),
+            400,
+            "invalid_image",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": SERVED,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {
+                                        "url": "data:image/png;base64,"
+                                        + base64.b64encode(encoded_image("PNG")[:60]).decode()
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ).encode(),
+            400,
+            None,
+        ),
+        (
+            json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            404,
+            "model_not_found",
+        ),
+    ],
+)
 def test_bad_requests_get_the_error_envelope(base_url, body, status, code):
-    response = requests.post(f"{base_url}/v1/chat/completions", data=body, timeout=30,
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        data=body,
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"] and "Traceback" not in response.text and "/work" not in response.text
     if code:
         assert error["code"] == code
-    assert chat(base_url, messages=[{"role": "user", "content": "still alive?"}], max_tokens=2).status_code == 200
+    assert (
+        chat(
+            base_url, messages=[{"role": "user", "content": "still alive?"}], max_tokens=2
+        ).status_code
+        == 200
+    )
 
 
 def test_models_health_and_ready(base_url):

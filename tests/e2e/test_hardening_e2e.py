@@ -33,13 +33,24 @@ LONG = {"max_tokens": 2000, "temperature": 2.0, "seed": 7}
 
 
 def chat(base_url, content, *, stream=False, timeout=120, **fields):
-    return requests.post(f"{base_url}/v1/chat/completions", stream=stream, timeout=timeout, json={
-        "model": SERVED, "stream": stream, "messages": [{"role": "user", "content": content}],
-        **fields})
+    return requests.post(
+        f"{base_url}/v1/chat/completions",
+        stream=stream,
+        timeout=timeout,
+        json={
+            "model": SERVED,
+            "stream": stream,
+            "messages": [{"role": "user", "content": content}],
+            **fields,
+        },
+    )
 
 
 def image_message(url):
-    return [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": url}}]
+    return [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
 
 
 def wait_until(predicate, timeout, step=0.2):
@@ -88,7 +99,8 @@ def test_client_disconnect_frees_the_model_slot(stack, base_url):
     def freed():
         after = scrape(stack)
         cancelled = after.get("qwen_vl_requests_finished_total:cancelled", 0) - before.get(
-            "qwen_vl_requests_finished_total:cancelled", 0)
+            "qwen_vl_requests_finished_total:cancelled", 0
+        )
         return after["qwen_vl_batch_size"] == 0 and cancelled == 1
 
     wait_until(freed, timeout=10)
@@ -100,8 +112,9 @@ def test_client_disconnect_frees_the_model_slot(stack, base_url):
 
 @pytest.fixture(scope="module")
 def own_stack(tiny_checkpoint_path):
-    with running_stack(tiny_checkpoint_path,
-                       proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)]) as running:
+    with running_stack(
+        tiny_checkpoint_path, proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)]
+    ) as running:
         yield running
 
 
@@ -112,10 +125,16 @@ def test_load_at_four_times_the_cap(own_stack):
         if i % 2:
             response = chat(base_url, f"request {i}", max_tokens=16, temperature=1.0, seed=i)
             return response.status_code, response.headers, response.text, None
-        with chat(base_url, f"request {i}", stream=True, max_tokens=16, temperature=1.0,
-                  seed=i) as response:
+        with chat(
+            base_url, f"request {i}", stream=True, max_tokens=16, temperature=1.0, seed=i
+        ) as response:
             events = read_events(response) if response.status_code == 200 else None
-            return response.status_code, response.headers, response.text if events is None else "", events
+            return (
+                response.status_code,
+                response.headers,
+                response.text if events is None else "",
+                events,
+            )
 
     with concurrent.futures.ThreadPoolExecutor(4 * IN_FLIGHT_CAP) as pool:
         results = list(pool.map(one, range(4 * IN_FLIGHT_CAP)))
@@ -142,7 +161,7 @@ def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
         assert all(line.startswith(b"data: {") for line in seen)
         os.killpg(own_stack.triton.pid, signal.SIGKILL)  # the backend stubs go with it
         own_stack.triton.wait()
-        rest = [line[len(b"data: "):] for line in lines]
+        rest = [line[len(b"data: ") :] for line in lines]
     assert rest[-1] == b"[DONE]"
     error = json.loads(rest[-2])["error"]
     assert error["code"] == "backend_unavailable" and error["type"] == "service_unavailable"

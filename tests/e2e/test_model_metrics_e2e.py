@@ -1,4 +1,5 @@
 """The model's custom metrics on Triton's metrics port move as requests are served."""
+
 import re
 import time
 
@@ -22,9 +23,16 @@ def scrape(stack) -> dict[str, float]:
 
 def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
     before = scrape(stack)
-    usage = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
-        "model": SERVED, "max_tokens": 9, "temperature": 0,
-        "messages": [{"role": "user", "content": "count my tokens"}]}).json()["usage"]
+    usage = requests.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": SERVED,
+            "max_tokens": 9,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "count my tokens"}],
+        },
+    ).json()["usage"]
     time.sleep(0.2)
     after = scrape(stack)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -32,5 +40,9 @@ def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
     assert delta["qwen_vl_prompt_tokens_total"] == usage["prompt_tokens"]
     assert delta["qwen_vl_time_to_first_token_seconds_count"] == 1
     assert delta["qwen_vl_time_to_first_token_seconds_sum"] > 0
-    assert delta["qwen_vl_requests_finished_total:length"] + delta["qwen_vl_requests_finished_total:stop"] == 1
+    assert (
+        delta["qwen_vl_requests_finished_total:length"]
+        + delta["qwen_vl_requests_finished_total:stop"]
+        == 1
+    )
     assert after["qwen_vl_batch_size"] == 0, "the batch gauge returns to zero when idle"

@@ -1,6 +1,7 @@
 """The OpenAI chat surface end to end: the `openai` SDK → proxy (fetching http images from a
 server on 127.0.0.1) → tritonserver → the tiny Qwen2.5-VL, checked against the processor's
 own image token counts."""
+
 import base64
 import io
 import json
@@ -13,8 +14,8 @@ import openai
 import pytest
 import requests
 from PIL import Image
-from stacks import running_stack, stack_launcher
 from qwen_vl_utils import smart_resize
+from stacks import running_stack, stack_launcher
 
 SERVED = "qwen2.5-vl-7b-instruct"
 MIN_PIXELS, MAX_PIXELS, LOW_MAX_PIXELS = 3136, 1003520, 200704
@@ -23,7 +24,10 @@ MIN_PIXELS, MAX_PIXELS, LOW_MAX_PIXELS = 3136, 1003520, 200704
 def encode(size, fmt, color):
     buf = io.BytesIO()
     image = Image.new("RGB", size, color)
-    image.paste((255 - color[0], color[1], 255 - color[2]), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    image.paste(
+        (255 - color[0], color[1], 255 - color[2]),
+        (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2),
+    )
     image.save(buf, fmt)
     return buf.getvalue()
 
@@ -46,7 +50,7 @@ class _Images(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.startswith("/redirect?to="):
             self.send_response(302)
-            self.send_header("Location", self.path[len("/redirect?to="):])
+            self.send_header("Location", self.path[len("/redirect?to=") :])
             self.end_headers()
             return
         if self.path not in self.routes:
@@ -66,8 +70,10 @@ class _Images(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def image_server():
     """Base URL of an HTTP server on 127.0.0.1 serving the test images."""
-    _Images.routes = {"/big.jpg": (BIG_JPEG, "image/jpeg"),
-                      "/mid.png": (MID_PNG, "application/octet-stream")}  # sniffed, not trusted
+    _Images.routes = {
+        "/big.jpg": (BIG_JPEG, "image/jpeg"),
+        "/mid.png": (MID_PNG, "application/octet-stream"),
+    }  # sniffed, not trusted
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -84,28 +90,42 @@ def _messages(image_server):
     small = "data:image/png;base64," + base64.b64encode(SMALL_PNG).decode()
     return [
         {"role": "system", "content": "You compare pictures."},
-        {"role": "user", "content": [
-            {"type": "text", "text": "Compare these two pictures."},
-            {"type": "image_url", "image_url": {"url": f"{image_server}/big.jpg", "detail": "low"}},
-            {"type": "image_url", "image_url": {"url": f"{image_server}/mid.png", "max_pixels": 100352}},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare these two pictures."},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": f"{image_server}/big.jpg", "detail": "low"},
+                },
+                {
+                    "type": "image_url",
+                    "image_url": {"url": f"{image_server}/mid.png", "max_pixels": 100352},
+                },
+            ],
+        },
         {"role": "assistant", "content": "They differ in colour."},
-        {"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": small, "detail": "high"}},
-            {"type": "text", "text": "And this one?"},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": small, "detail": "high"}},
+                {"type": "text", "text": "And this one?"},
+            ],
+        },
     ]
 
 
-EXPECTED_IMAGE_TOKENS = (image_tokens(1000, 700, LOW_MAX_PIXELS)
-                         + image_tokens(640, 480, 100352)
-                         + image_tokens(300, 200, MAX_PIXELS))
+EXPECTED_IMAGE_TOKENS = (
+    image_tokens(1000, 700, LOW_MAX_PIXELS)
+    + image_tokens(640, 480, 100352)
+    + image_tokens(300, 200, MAX_PIXELS)
+)
 
 
 def _stop_string(text):
     """Two printable characters of `text` (after its start) to use as a stop sequence."""
     for k in range(2, len(text) - 1):
-        candidate = text[k:k + 2]
+        candidate = text[k : k + 2]
         if candidate.isprintable() and candidate.strip() and "\ufffd" not in candidate:
             return candidate
     pytest.fail(f"no usable stop string in {text!r}")
@@ -113,7 +133,9 @@ def _stop_string(text):
 
 def test_acceptance_http_and_base64_images_detail_stop_seed_include_usage(base_url, image_server):
     client = sdk(base_url)
-    request = dict(model=SERVED, messages=_messages(image_server), max_tokens=24, temperature=0.9, seed=1234)
+    request = dict(
+        model=SERVED, messages=_messages(image_server), max_tokens=24, temperature=0.9, seed=1234
+    )
 
     free = client.chat.completions.create(**request)
     details = free.usage.prompt_tokens_details
@@ -125,8 +147,14 @@ def test_acceptance_http_and_base64_images_detail_stop_seed_include_usage(base_u
     expected_text = free.choices[0].message.content.split(stop)[0]
 
     whole = client.chat.completions.create(**request, stop=[stop, "\u241e never"])
-    chunks = list(client.chat.completions.create(**request, stop=[stop, "\u241e never"], stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            **request,
+            stop=[stop, "\u241e never"],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
 
     # The seed makes the sampled tokens repeat, so the stop cuts the same text in both modes.
     assert whole.choices[0].message.content == expected_text
@@ -137,7 +165,9 @@ def test_acceptance_http_and_base64_images_detail_stop_seed_include_usage(base_u
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == []
     assert usage_chunk.usage.model_dump() == whole.usage.model_dump()
-    assert usage_chunk.usage.prompt_tokens_details.model_extra["image_tokens"] == EXPECTED_IMAGE_TOKENS
+    assert (
+        usage_chunk.usage.prompt_tokens_details.model_extra["image_tokens"] == EXPECTED_IMAGE_TOKENS
+    )
     assert whole.usage.prompt_tokens == free.usage.prompt_tokens
 
 
@@ -145,26 +175,50 @@ def test_detail_and_pixel_bounds_change_the_image_token_count(base_url, image_se
     client = sdk(base_url)
 
     def count(**image_url):
-        content = [{"type": "image_url", "image_url": {"url": f"{image_server}/big.jpg", **image_url}},
-                   {"type": "text", "text": "?"}]
-        completion = client.chat.completions.create(model=SERVED, max_tokens=1,
-                                                    messages=[{"role": "user", "content": content}])
+        content = [
+            {"type": "image_url", "image_url": {"url": f"{image_server}/big.jpg", **image_url}},
+            {"type": "text", "text": "?"},
+        ]
+        completion = client.chat.completions.create(
+            model=SERVED, max_tokens=1, messages=[{"role": "user", "content": content}]
+        )
         return completion.usage.prompt_tokens_details.model_extra["image_tokens"]
 
-    assert count() == count(detail="auto") == count(detail="high") == image_tokens(1000, 700, MAX_PIXELS)
+    assert (
+        count()
+        == count(detail="auto")
+        == count(detail="high")
+        == image_tokens(1000, 700, MAX_PIXELS)
+    )
     assert count(detail="low") == image_tokens(1000, 700, LOW_MAX_PIXELS) <= 256
-    assert count(min_pixels=MAX_PIXELS) == image_tokens(1000, 700, MAX_PIXELS, min_pixels=MAX_PIXELS)
+    assert count(min_pixels=MAX_PIXELS) == image_tokens(
+        1000, 700, MAX_PIXELS, min_pixels=MAX_PIXELS
+    )
     assert count(max_pixels=50176) == image_tokens(1000, 700, 50176)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_logprobs_cover_every_completion_token(base_url, stream):
     client = sdk(base_url)
-    request = dict(model=SERVED, max_tokens=12, logprobs=True, top_logprobs=3,
-                   messages=[{"role": "user", "content": "Tell me something."}])
+    request = dict(
+        model=SERVED,
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=3,
+        messages=[{"role": "user", "content": "Tell me something."}],
+    )
     if stream:
-        chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
-        entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        chunks = list(
+            client.chat.completions.create(
+                **request, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        entries = [
+            e
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for e in c.choices[0].logprobs.content
+        ]
         completion_tokens = chunks[-1].usage.completion_tokens
     else:
         completion = client.chat.completions.create(**request)
@@ -179,10 +233,24 @@ def test_logprobs_cover_every_completion_token(base_url, stream):
 
 def _n_request(stream):
     small = "data:image/png;base64," + base64.b64encode(SMALL_PNG).decode()
-    return dict(model=SERVED, n=3, max_tokens=10, temperature=1.0, seed=4, stream=stream, logprobs=True,
-                messages=[{"role": "user", "content": [
+    return dict(
+        model=SERVED,
+        n=3,
+        max_tokens=10,
+        temperature=1.0,
+        seed=4,
+        stream=stream,
+        logprobs=True,
+        messages=[
+            {
+                "role": "user",
+                "content": [
                     {"type": "image_url", "image_url": {"url": small}},
-                    {"type": "text", "text": "Three captions, please."}]}])
+                    {"type": "text", "text": "Three captions, please."},
+                ],
+            }
+        ],
+    )
 
 
 def test_n_choices_stream_and_non_stream_agree_and_usage_counts_every_choice(base_url):
@@ -192,7 +260,9 @@ def test_n_choices_stream_and_non_stream_agree_and_usage_counts_every_choice(bas
     whole = [c.message.content for c in completion.choices]
     assert len(set(whole)) == 3, "seed + index: the choices sample differently"
     assert all(c.finish_reason in ("stop", "length") for c in completion.choices)
-    chunks = list(client.chat.completions.create(**_n_request(True), stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**_n_request(True), stream_options={"include_usage": True})
+    )
     streamed, finishes = {}, {}
     for chunk in chunks:
         for choice in chunk.choices:
@@ -203,51 +273,99 @@ def test_n_choices_stream_and_non_stream_agree_and_usage_counts_every_choice(bas
     assert finishes == {i: c.finish_reason for i, c in enumerate(completion.choices)}
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
     # every choice's tokens, not one choice's (logprobs: one entry per token)
-    assert completion.usage.completion_tokens == sum(len(c.logprobs.content) for c in completion.choices)
-    assert completion.usage.completion_tokens > max(len(c.logprobs.content) for c in completion.choices)
+    assert completion.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in completion.choices
+    )
+    assert completion.usage.completion_tokens > max(
+        len(c.logprobs.content) for c in completion.choices
+    )
     assert completion.usage.prompt_tokens > 0
 
 
 def test_n_beyond_the_models_cap_is_a_400_on_n(base_url):
-    response = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
-        "model": SERVED, "n": 9, "messages": [{"role": "user", "content": "hi"}]})
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": SERVED, "n": 9, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "n"
 
 
 def test_request_fields_and_ignored_fields(base_url):
-    response = requests.post(f"{base_url}/v1/chat/completions", timeout=60, json={
-        "model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3,
-        "seed": 0, "top_p": 0.9, "top_k": 20, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
-        "n": 1, "user": "e2e", "response_format": {"type": "text"}, "tools": [], "logit_bias": {}})
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": SERVED,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 3,
+            "seed": 0,
+            "top_p": 0.9,
+            "top_k": 20,
+            "presence_penalty": 0.5,
+            "frequency_penalty": 0.5,
+            "repetition_penalty": 1.1,
+            "n": 1,
+            "user": "e2e",
+            "response_format": {"type": "text"},
+            "tools": [],
+            "logit_bias": {},
+        },
+    )
     assert response.status_code == 200, response.text
     assert response.headers["X-Ignored-Fields"] == "tools, logit_bias"
     assert response.json()["usage"]["completion_tokens"] == 3
 
 
-@pytest.mark.parametrize("url_path, code", [
-    ("http://169.254.169.254/latest/meta-data/", "image_url_forbidden"),
-    ("http://localhost:{port}/big.jpg", "image_url_forbidden"),  # only 127.0.0.1 is allowed
-    ("{server}/redirect?to=http://localhost:{port}/big.jpg", "image_url_forbidden"),
-    ("{server}/missing.png", "image_fetch_failed"),
-    ("file:///etc/passwd", "image_url_forbidden"),
-])
+@pytest.mark.parametrize(
+    "url_path, code",
+    [
+        ("http://169.254.169.254/latest/meta-data/", "image_url_forbidden"),
+        ("http://localhost:{port}/big.jpg", "image_url_forbidden"),  # only 127.0.0.1 is allowed
+        ("{server}/redirect?to=http://localhost:{port}/big.jpg", "image_url_forbidden"),
+        ("{server}/missing.png", "image_fetch_failed"),
+        ("file:///etc/passwd", "image_url_forbidden"),
+    ],
+)
 def test_image_url_refusals(base_url, image_server, url_path, code):
     port = image_server.rsplit(":", 1)[1]
     url = url_path.format(server=image_server, port=port)
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk(base_url).chat.completions.create(model=SERVED, messages=[
-            {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]}])
+        sdk(base_url).chat.completions.create(
+            model=SERVED,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "x"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ],
+        )
     assert caught.value.code == code
     assert caught.value.param == "messages[0].content[1].image_url"
 
 
 def test_model_errors_point_at_the_client_part(base_url):
-    broken = "data:image/png;base64," + base64.b64encode(MID_PNG[:80]).decode()  # PNG magic, no image
+    broken = (
+        "data:image/png;base64," + base64.b64encode(MID_PNG[:80]).decode()
+    )  # PNG magic, no image
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk(base_url).chat.completions.create(model=SERVED, messages=[
-            {"role": "user", "content": "first"},
-            {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": broken}}]}])
+        sdk(base_url).chat.completions.create(
+            model=SERVED,
+            messages=[
+                {"role": "user", "content": "first"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "x"},
+                        {"type": "image_url", "image_url": {"url": broken}},
+                    ],
+                },
+            ],
+        )
     assert caught.value.param == "messages[1].content[1].image_url"
     assert "Traceback" not in caught.value.message
 
@@ -255,9 +373,24 @@ def test_model_errors_point_at_the_client_part(base_url):
 def test_unsupported_part_and_models(base_url):
     client = sdk(base_url)
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}])
-    assert (caught.value.code, caught.value.param) == ("unsupported_content_type", "messages[0].content[0]")
+        client.chat.completions.create(
+            model=SERVED,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "input_audio",
+                            "input_audio": {"data": "UklGRg==", "format": "wav"},
+                        }
+                    ],
+                }
+            ],
+        )
+    assert (caught.value.code, caught.value.param) == (
+        "unsupported_content_type",
+        "messages[0].content[0]",
+    )
     assert [m.id for m in client.models.list().data] == [SERVED]
     assert client.models.retrieve(SERVED).id == SERVED
     with pytest.raises(openai.NotFoundError):
@@ -280,13 +413,23 @@ def test_lazy_load_loads_once_on_the_first_requests(lazy_stack):
     ready = requests.get(f"{base_url}/ready", timeout=5)
     assert ready.status_code == 503
     assert ready.json()["error"]["code"] == "model_not_loaded"
-    assert ready.json()["error"]["message"] == "model not loaded yet (lazy loading: the first request loads it)"
+    assert (
+        ready.json()["error"]["message"]
+        == "model not loaded yet (lazy loading: the first request loads it)"
+    )
     models = requests.get(f"{base_url}/v1/models", timeout=5).json()
     assert [m["id"] for m in models["data"]] == [SERVED]  # listed before it is loaded
 
     def ask(i):
-        return requests.post(f"{base_url}/v1/chat/completions", timeout=240, json={
-            "model": SERVED, "max_tokens": 3, "messages": [{"role": "user", "content": f"hello {i}"}]})
+        return requests.post(
+            f"{base_url}/v1/chat/completions",
+            timeout=240,
+            json={
+                "model": SERVED,
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": f"hello {i}"}],
+            },
+        )
 
     started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:

@@ -1,4 +1,5 @@
 """perf_analyzer drives the Triton model directly over gRPC streaming with the shipped inputs."""
+
 import base64
 import json
 import os
@@ -28,8 +29,11 @@ def perf_analyzer_env() -> dict:
 
 
 def image_tokens_served(stack) -> float:
-    text = urllib.request.urlopen(
-        f"http://127.0.0.1:{stack.config.metrics_port}/metrics", timeout=5).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{stack.config.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
     match = re.search(r"^qwen_vl_image_tokens_total\{[^}]*\} ([\d.e+]+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
@@ -46,8 +50,10 @@ def test_b64_image_is_a_length_prefixed_serialized_bytes_tensor():
     (length,) = struct.unpack("<I", blob[:4])
     assert entry["shape"] == [1] and length == len(blob) - 4
     assert blob[4:7] == b"\xff\xd8\xff"  # the raw JPEG itself, not base64 text or a data: URL
-    assert base64.b64decode(make_inputs.bytes_tensor_b64([b"ab", b"c"])) == \
-        b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+    assert (
+        base64.b64decode(make_inputs.bytes_tensor_b64([b"ab", b"c"]))
+        == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+    )
 
 
 @pytest.mark.parametrize("inputs", ["text.json", "image.json", "image_b64.json"])
@@ -56,10 +62,27 @@ def test_perf_analyzer_streams_against_the_model(stack, inputs):
     assert binary, "perf_analyzer ships in the tritonclient wheel"
     image_tokens_before = image_tokens_served(stack)
     result = subprocess.run(
-        [binary, "-m", "qwen2_5_vl", "-i", "grpc", "--streaming", "-u", stack.config.triton_grpc_url,
-         "--input-data", str(INPUTS / inputs),
-         "--request-count", "12", "--concurrency-range", "2"],
-        capture_output=True, text=True, timeout=240, env=perf_analyzer_env())
+        [
+            binary,
+            "-m",
+            "qwen2_5_vl",
+            "-i",
+            "grpc",
+            "--streaming",
+            "-u",
+            stack.config.triton_grpc_url,
+            "--input-data",
+            str(INPUTS / inputs),
+            "--request-count",
+            "12",
+            "--concurrency-range",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=perf_analyzer_env(),
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     match = re.search(r"Concurrency: 2, throughput: ([\d.]+) infer/sec", result.stdout)
     assert match and float(match.group(1)) > 0, result.stdout[-2000:]
@@ -69,13 +92,33 @@ def test_perf_analyzer_streams_against_the_model(stack, inputs):
 
 def test_run_script_prints_a_table_against_the_stack(stack, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(INPUTS / "run.py"), "--url", stack.config.triton_grpc_url,
-         "--inputs", "text.json", "image_b64.json", "--concurrency", "1", "--request-count", "6",
-         "--warmup", "0", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            str(INPUTS / "run.py"),
+            "--url",
+            stack.config.triton_grpc_url,
+            "--inputs",
+            "text.json",
+            "image_b64.json",
+            "--concurrency",
+            "1",
+            "--request-count",
+            "6",
+            "--warmup",
+            "0",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
-            if line.startswith(("text.json", "image_b64.json"))}
+    rows = {
+        line.split()[0]: line.split()
+        for line in result.stdout.splitlines()
+        if line.startswith(("text.json", "image_b64.json"))
+    }
     assert set(rows) == {"text.json", "image_b64.json"}, result.stdout
     for cells in rows.values():
         assert cells[1] == "1" and cells[2] == "6" and float(cells[3]) > 0, cells
@@ -86,8 +129,24 @@ def test_run_script_fails_when_perf_analyzer_fails(tmp_path):
     from stack import free_port  # noqa: E402  (tests/e2e/conftest.py puts scripts/ on sys.path)
 
     result = subprocess.run(
-        [sys.executable, str(INPUTS / "run.py"), "--url", f"127.0.0.1:{free_port()}",
-         "--inputs", "text.json", "--concurrency", "1", "--request-count", "2", "--warmup", "0",
-         "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(INPUTS / "run.py"),
+            "--url",
+            f"127.0.0.1:{free_port()}",
+            "--inputs",
+            "text.json",
+            "--concurrency",
+            "1",
+            "--request-count",
+            "2",
+            "--warmup",
+            "0",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "FAILED" in result.stdout, result.stdout + result.stderr

@@ -103,8 +103,11 @@ class FakeTritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         script = dict(word.split("=", 1) for word in text.split() if "=" in word)
         try:
             if "error" in script or "model_error" in script:
-                message = (ModelError(script["model_error"], "the model says no").encode()
-                           if "model_error" in script else script["error"].replace("_", " "))
+                message = (
+                    ModelError(script["model_error"], "the model says no").encode()
+                    if "model_error" in script
+                    else script["error"].replace("_", " ")
+                )
                 yield service_pb2.ModelStreamInferResponse(error_message=message)
                 return
             count = int(script.get("tokens", 3))

@@ -585,8 +585,10 @@ async def test_n_stream_tags_every_chunk_with_its_choice(make_client):
     body = {**TEXT_REQUEST, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
     events = sse_payloads(await (await client.post("/v1/chat/completions", json=body)).text())
     assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 5
-    choices = [(c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
-               for c in events[:-2]]
+    choices = [
+        (c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
+        for c in events[:-2]
+    ]
     assert choices == [
         (0, {"role": "assistant", "content": ""}, None),
         (0, {"content": "a"}, None),

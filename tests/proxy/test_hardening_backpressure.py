@@ -17,13 +17,13 @@ from hardening_helpers import (
     raw_http,
     sse_events,
 )
-from proxy.model_contract import ModelError
 from proxy_fakes import TEST_CONFIG, FakeBackend, script
 from tritonclient.utils import InferenceServerException
 
 from proxy.admission import ADMISSION_KEY
 from proxy.app import create_app
 from proxy.backend import model_error
+from proxy.model_contract import ModelError
 
 STREAM_REQUEST = {**NORMAL_REQUEST, "stream": True}
 

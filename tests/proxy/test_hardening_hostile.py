@@ -96,9 +96,7 @@ HOSTILE_BODIES = [
         "messages[0].content",
         id="no-content",
     ),
-    pytest.param(
-        json_bytes(user(5)), 400, "invalid_type", "messages[0].content", id="int-content"
-    ),
+    pytest.param(json_bytes(user(5)), 400, "invalid_type", "messages[0].content", id="int-content"),
     pytest.param(
         json_bytes(user([{"type": "text"}])), 400, None, None, id="text-part-without-text"
     ),

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 from aiohttp.test_utils import TestClient, TestServer
-from proxy.model_contract import ModelError
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, data_url, sse_payloads
 
 from proxy.app import create_app
 from proxy.backend import TritonBackend
 from proxy.errors import APIError
+from proxy.model_contract import ModelError
 from proxy.translate import TritonRequest
 
 ECHO_MODEL_DIR = Path(__file__).parent / "triton_models" / "echo"
@@ -226,7 +226,9 @@ async def test_stream_yields_deltas_until_final(backend, flag_last):
 
 
 async def test_invalid_request_error_is_400_with_model_message(backend):
-    request = triton_request(stream=True, echo_error=ModelError("invalid_request", "at most 4 images").encode())
+    request = triton_request(
+        stream=True, echo_error=ModelError("invalid_request", "at most 4 images").encode()
+    )
     with pytest.raises(APIError) as caught:
         [chunk async for chunk in backend.generate(request, "live-3")]
     assert caught.value.status == 400

@@ -1,5 +1,6 @@
 """bench/chat_bench.py's bookkeeping: the request plan, the rotation, pooling rounds, targets.
 No server runs here."""
+
 import sys
 from pathlib import Path
 
@@ -48,8 +49,15 @@ def test_rotation_moves_the_first_mode_each_cell():
 
 def result(start, first, gaps, tokens):
     times = [first + sum(gaps[:i]) for i in range(len(gaps) + 1)]
-    return chat_bench.RequestResult(ok=True, start=start, end=times[-1], first_content=first,
-                                    chunk_times=times, completion_tokens=tokens, finish_reason="length")
+    return chat_bench.RequestResult(
+        ok=True,
+        start=start,
+        end=times[-1],
+        first_content=first,
+        chunk_times=times,
+        completion_tokens=tokens,
+        finish_reason="length",
+    )
 
 
 def test_pooled_level_adds_walls_and_keeps_each_rounds_rate():
@@ -62,13 +70,22 @@ def test_pooled_level_adds_walls_and_keeps_each_rounds_rate():
 
 
 def level(concurrency, tok_s, ttft, itl50=10.0, itl99=12.0):
-    return {"concurrency": concurrency, "ok": 1, "output_tok_s": tok_s, "ttft_p50_ms": ttft,
-            "itl_p50_ms": itl50, "itl_p99_ms": itl99}
+    return {
+        "concurrency": concurrency,
+        "ok": 1,
+        "output_tok_s": tok_s,
+        "ttft_p50_ms": ttft,
+        "itl_p50_ms": itl50,
+        "itl_p99_ms": itl99,
+    }
 
 
 def test_targets_compare_batched_with_vllm_and_skip_unselected_modes():
-    report = {"modes": {"batched": {}, "vllm": {}}, "inprocess": None,
-              "tables": {"64": {"batched": [level(8, 130.0, 900.0)], "vllm": [level(8, 100.0, 1000.0)]}}}
+    report = {
+        "modes": {"batched": {}, "vllm": {}},
+        "inprocess": None,
+        "tables": {"64": {"batched": [level(8, 130.0, 900.0)], "vllm": [level(8, 100.0, 1000.0)]}},
+    }
     rows = {row["target"]: row for row in chat_bench.targets(report)}
     assert rows["out tok/s: batched / vLLM ≥ 1.2×"]["verdict"] == "PASS"
     assert rows["TTFT p50: batched / vLLM ≤ 1×"]["ratio"] == 0.9
@@ -77,8 +94,13 @@ def test_targets_compare_batched_with_vllm_and_skip_unselected_modes():
 
 
 def test_a_missing_level_is_not_applicable():
-    report = {"modes": {"batched": {}, "unbatched": {}}, "inprocess": None,
-              "tables": {"64": {"batched": [level(1, 30.5, 300.0)], "unbatched": [level(1, 31.0, 300.0)]}}}
+    report = {
+        "modes": {"batched": {}, "unbatched": {}},
+        "inprocess": None,
+        "tables": {
+            "64": {"batched": [level(1, 30.5, 300.0)], "unbatched": [level(1, 31.0, 300.0)]}
+        },
+    }
     rows = {row["target"]: row for row in chat_bench.targets(report)}
     assert rows["out tok/s: batched / unbatched ≥ 3×"]["verdict"] == "n/a"
     assert rows["out tok/s: batched / unbatched (within 3 %) ≥ 0.97×"]["verdict"] == "PASS"

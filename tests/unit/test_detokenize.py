@@ -6,8 +6,23 @@ from qwen_vl_backend.detokenize import IncrementalDetokenizer, StopStringMatcher
 
 # A byte-level "tokenizer": token i is VOCAB[i]; decoding joins the bytes, as byte-level BPE does.
 ZH = "你好世界".encode()  # 12 bytes, 3 per character
-VOCAB = [b"a", b" b", ZH[:1], ZH[1:2], ZH[2:4], ZH[4:6], ZH[6:], b"\x80", b"\xff", "é".encode()[:1],
-         "é".encode()[1:], b"STOP", b"ST", b"OP", b""]
+VOCAB = [
+    b"a",
+    b" b",
+    ZH[:1],
+    ZH[1:2],
+    ZH[2:4],
+    ZH[4:6],
+    ZH[6:],
+    b"\x80",
+    b"\xff",
+    "é".encode()[:1],
+    "é".encode()[1:],
+    b"STOP",
+    b"ST",
+    b"OP",
+    b"",
+]
 
 
 def decode(ids):

@@ -1,11 +1,12 @@
 """The batching engine in-process with the tiny checkpoint (no Triton)."""
+
 import dataclasses
 import json
 import threading
 
 import pytest
-
 from sample_images import encoded_image
+
 from qwen_vl_backend.checkpoint import load_checkpoint
 from qwen_vl_backend.engine import BatchingEngine
 from qwen_vl_backend.errors import EngineFullError, RequestError
@@ -64,9 +65,14 @@ def engine(checkpoint):
 
 def raw_request(content, stream=False, images=(), **sampling):
     sampling = {"max_tokens": 24, "temperature": 0, **sampling}
-    return RawRequest(request_id="t", messages=json.dumps([{"role": "user", "content": content}]),
-                      images=list(images), stream=stream, exclude_input_in_output=True,
-                      sampling_parameters=json.dumps(sampling))
+    return RawRequest(
+        request_id="t",
+        messages=json.dumps([{"role": "user", "content": content}]),
+        images=list(images),
+        stream=stream,
+        exclude_input_in_output=True,
+        sampling_parameters=json.dumps(sampling),
+    )
 
 
 def run(engine, content, stream=False, images=(), **sampling):
@@ -84,7 +90,11 @@ def test_stream_equals_non_stream_and_counts_match(engine, content):
     streamed = run(engine, content, True, images)
     whole = run(engine, content, False, images)
     assert streamed.streamed_text == whole.final.text != ""
-    assert sum(c.num_tokens for c in streamed.sends) + streamed.final.num_tokens == whole.final.num_tokens == 24
+    assert (
+        sum(c.num_tokens for c in streamed.sends) + streamed.final.num_tokens
+        == whole.final.num_tokens
+        == 24
+    )
     assert whole.final.finish_reason == "length"
     assert all(c.text for c in streamed.sends)
 
@@ -96,8 +106,11 @@ def test_output_depends_on_the_prompt(engine):
 
 def test_image_tokens_are_counted(engine):
     text_only = run(engine, [{"type": "text", "text": "x"}])
-    with_image = run(engine, [{"type": "image"}, {"type": "text", "text": "x"}],
-                     images=[encoded_image(size=(112, 112))])
+    with_image = run(
+        engine,
+        [{"type": "image"}, {"type": "text", "text": "x"}],
+        images=[encoded_image(size=(112, 112))],
+    )
     # 112x112 → a 4x4 grid of 28-pixel patches merged 2x2 → 16 image tokens (+2 vision markers).
     assert with_image.final.image_tokens == 16 and text_only.final.image_tokens == 0
     assert with_image.final.prompt_tokens - text_only.final.prompt_tokens == 16 + 2
@@ -114,7 +127,7 @@ def test_stop_string_ends_generation_with_stop(engine):
     full = run(engine, "Describe a cat.").final.text
     stop = full[5:8]
     stopped = run(engine, "Describe a cat.", stop=[stop])
-    assert stopped.final.text == full[:full.index(stop)]
+    assert stopped.final.text == full[: full.index(stop)]
     assert stopped.final.finish_reason == "stop"
 
 
@@ -130,8 +143,14 @@ def test_logprobs_cover_every_token_and_greedy_picks_the_top_one(engine):
 
 def test_penalties_change_the_output(engine):
     plain = run(engine, "repeat after me", max_tokens=40).final.text
-    penalised = run(engine, "repeat after me", max_tokens=40, frequency_penalty=2.0,
-                    presence_penalty=2.0, repetition_penalty=3.0).final.text
+    penalised = run(
+        engine,
+        "repeat after me",
+        max_tokens=40,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+        repetition_penalty=3.0,
+    ).final.text
     assert plain != penalised
 
 
@@ -147,10 +166,15 @@ def test_context_overflow_uses_vllms_wording(checkpoint):
 
 def test_greedy_tokens_are_identical_alone_and_batched(checkpoint):
     """Prompts of different lengths, with and without images, decoded together in fp32."""
-    prompts = [("Describe a cat.", []), ("这张图片里有什么？请详细描述一下。", []),
-               (IMAGE_PROMPT, [encoded_image(size=(112, 84))]),
-               ([{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
-                [encoded_image(size=(56, 56), color=(0, 90, 0)), encoded_image("PNG", size=(140, 84))])]
+    prompts = [
+        ("Describe a cat.", []),
+        ("这张图片里有什么？请详细描述一下。", []),
+        (IMAGE_PROMPT, [encoded_image(size=(112, 84))]),
+        (
+            [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
+            [encoded_image(size=(56, 56), color=(0, 90, 0)), encoded_image("PNG", size=(140, 84))],
+        ),
+    ]
     alone_engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_batch_size=1))
     try:
         alone = [run(alone_engine, c, images=i, max_tokens=32).final for c, i in prompts]
@@ -170,7 +194,9 @@ def test_greedy_tokens_are_identical_alone_and_batched(checkpoint):
         assert one.text == other.text and one.num_tokens == other.num_tokens
     # And both equal HF `generate`, the reference implementation of the model's decoding.
     for (content, images), one in zip(prompts, alone):
-        assert one.text == hf_generate_text(checkpoint, raw_request(content, images=images, max_tokens=32))
+        assert one.text == hf_generate_text(
+            checkpoint, raw_request(content, images=images, max_tokens=32)
+        )
 
 
 def hf_generate_text(checkpoint, raw):
@@ -178,9 +204,10 @@ def hf_generate_text(checkpoint, raw):
 
     request = prepare(raw, checkpoint, SETTINGS)
     with torch.inference_mode():
-        out = checkpoint.model.generate(**request.inputs, max_new_tokens=request.max_new_tokens,
-                                        do_sample=False)
-    return checkpoint.decode(out[0, request.prompt_tokens:])
+        out = checkpoint.model.generate(
+            **request.inputs, max_new_tokens=request.max_new_tokens, do_sample=False
+        )
+    return checkpoint.decode(out[0, request.prompt_tokens :])
 
 
 def test_cancel_stops_within_a_step_and_the_next_request_is_served(engine):
@@ -244,10 +271,15 @@ def test_a_failing_metrics_observer_does_not_break_generation(checkpoint):
 
 # ---- the token-budget scheduler, the slot cache, n > 1, the image cache ----------------------
 
-MIXED_PROMPTS = [("Describe a cat.", []), ("这张图片里有什么？请详细描述一下。", []),
-                 (IMAGE_PROMPT, [encoded_image(size=(112, 84))]),
-                 ([{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
-                  [encoded_image(size=(56, 56), color=(0, 90, 0)), encoded_image("PNG", size=(140, 84))])]
+MIXED_PROMPTS = [
+    ("Describe a cat.", []),
+    ("这张图片里有什么？请详细描述一下。", []),
+    (IMAGE_PROMPT, [encoded_image(size=(112, 84))]),
+    (
+        [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
+        [encoded_image(size=(56, 56), color=(0, 90, 0)), encoded_image("PNG", size=(140, 84))],
+    ),
+]
 
 
 def alone_texts(checkpoint, prompts, max_tokens=32):
@@ -285,8 +317,11 @@ def test_chunked_prefill_and_requests_joining_mid_way_are_token_identical(checkp
 
 def test_a_prompt_longer_than_the_step_budget_equals_hf_generate(checkpoint):
     engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_step_tokens=8))
-    content = [{"type": "text", "text": "Look closely: "}, {"type": "image"},
-               {"type": "text", "text": "and now tell me everything about it."}]
+    content = [
+        {"type": "text", "text": "Look closely: "},
+        {"type": "image"},
+        {"type": "text", "text": "and now tell me everything about it."},
+    ]
     images = [encoded_image(size=(140, 112))]
     try:
         text = run(engine, content, images=images, max_tokens=16).final.text
@@ -299,10 +334,17 @@ def test_a_prompt_longer_than_the_step_budget_equals_hf_generate(checkpoint):
 def test_seeded_sampling_does_not_depend_on_the_batch(checkpoint, engine):
     alone = run(engine, "hello there", temperature=0.9, top_p=0.8, top_k=40, seed=11, max_tokens=30)
     sinks = [RecordingSink() for _ in range(4)]
-    engine.submit(raw_request("hello there", temperature=0.9, top_p=0.8, top_k=40, seed=11, max_tokens=30), sinks[0])
+    engine.submit(
+        raw_request("hello there", temperature=0.9, top_p=0.8, top_k=40, seed=11, max_tokens=30),
+        sinks[0],
+    )
     for i, sink in enumerate(sinks[1:]):
-        engine.submit(raw_request(f"noise {i}", temperature=1.0, seed=i, max_tokens=30,
-                                  repetition_penalty=1.3), sink)
+        engine.submit(
+            raw_request(
+                f"noise {i}", temperature=1.0, seed=i, max_tokens=30, repetition_penalty=1.3
+            ),
+            sink,
+        )
     assert sinks[0].wait().final.text == alone.final.text
     for sink in sinks[1:]:
         sink.wait()
@@ -341,17 +383,34 @@ def test_n_greedy_choices_share_one_prefill_and_agree(engine):
     result = run_choices(engine, "Describe a cat.", 3)
     assert sorted(result.finals) == [0, 1, 2]
     assert {result.text(i) for i in range(3)} == {single}
-    assert result.final.final and sum(c.num_tokens for c in result.finals.values()) + sum(
-        c.num_tokens for c in result.sends) == 3 * 24
+    assert (
+        result.final.final
+        and sum(c.num_tokens for c in result.finals.values())
+        + sum(c.num_tokens for c in result.sends)
+        == 3 * 24
+    )
 
 
 def test_n_sampled_choices_differ_and_choice_zero_matches_n1(engine):
     sampling = dict(temperature=1.0, seed=5, max_tokens=30)
-    one = run(engine, [{"type": "image"}, {"type": "text", "text": "x"}], True,
-              [encoded_image(size=(56, 56))], **sampling).streamed_text
+    one = run(
+        engine,
+        [{"type": "image"}, {"type": "text", "text": "x"}],
+        True,
+        [encoded_image(size=(56, 56))],
+        **sampling,
+    ).streamed_text
     sink = ChoiceSink()
-    engine.submit(raw_request([{"type": "image"}, {"type": "text", "text": "x"}], False,
-                              [encoded_image(size=(56, 56))], n=3, **sampling), sink)
+    engine.submit(
+        raw_request(
+            [{"type": "image"}, {"type": "text", "text": "x"}],
+            False,
+            [encoded_image(size=(56, 56))],
+            n=3,
+            **sampling,
+        ),
+        sink,
+    )
     sink.wait()
     texts = [sink.finals[i].text for i in range(3)]
     assert texts[0] == one  # choice i samples with seed + i
@@ -363,7 +422,9 @@ def test_n_above_the_cap_is_refused(checkpoint):
     try:
         sink = RecordingSink()
         engine.submit(raw_request("hi", n=3), sink)
-        assert sink.done.wait(30) and isinstance(sink.error, RequestError) and sink.error.param == "n"
+        assert (
+            sink.done.wait(30) and isinstance(sink.error, RequestError) and sink.error.param == "n"
+        )
     finally:
         assert engine.shutdown(30)
 
@@ -391,7 +452,10 @@ def test_a_repeated_image_skips_the_vision_tower_and_gives_the_same_tokens(check
         assert (engine.stats.image_cache_hits, engine.stats.image_cache_misses) == (1, 1)
         assert first == again
         # The same bytes under another pixel budget are other pixels: a miss.
-        smaller = [{"type": "image", "max_pixels": 56 * 56}, {"type": "text", "text": "What is it?"}]
+        smaller = [
+            {"type": "image", "max_pixels": 56 * 56},
+            {"type": "text", "text": "What is it?"},
+        ]
         run(engine, smaller, images=image)
         assert (engine.stats.image_cache_hits, engine.stats.image_cache_misses) == (1, 2)
     finally:
@@ -415,9 +479,12 @@ def test_a_freed_slot_serves_the_same_prompt_prefix_and_the_tokens_do_not_change
         # Another image behind identical placeholder tokens: only what comes before the image.
         before = engine.stats.reused_prompt_tokens
         different = run(engine, ask("What is it?"), images=other).final.text
-        image_start = prepare(raw_request(ask("What is it?"), images=other), checkpoint, SETTINGS).image_starts[0]
+        image_start = prepare(
+            raw_request(ask("What is it?"), images=other), checkpoint, SETTINGS
+        ).image_starts[0]
         assert 0 < engine.stats.reused_prompt_tokens - before <= image_start
     finally:
         assert engine.shutdown(30)
-    assert alone_texts(checkpoint, [(ask("And its colour?"), image), (ask("What is it?"), other)],
-                       max_tokens=24) == [follow_up, different]
+    assert alone_texts(
+        checkpoint, [(ask("And its colour?"), image), (ask("What is it?"), other)], max_tokens=24
+    ) == [follow_up, different]

@@ -1,4 +1,5 @@
 """Odd and hostile images: decoded the way a viewer shows them, or refused with a RequestError."""
+
 import io
 import json
 import struct
@@ -21,21 +22,45 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims a size its (tiny, broken) data never delivers: a bomb's shape."""
+
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("name, data, expected_pixel", [
-    ("cmyk jpeg", encode(Image.new("CMYK", (16, 16), (0, 255, 0, 0)), "JPEG"), None),
-    ("16-bit png", encode(Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)), "PNG"), (255, 255, 255)),
-    ("half 16-bit", encode(Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)), "PNG"), (128, 128, 128)),
-    ("transparent png", encode(Image.new("RGBA", (16, 16), (0, 0, 0, 0)), "PNG"), (255, 255, 255)),
-    ("grey+alpha", encode(Image.new("LA", (16, 16), (0, 255)), "PNG"), (0, 0, 0)),
-    ("palette gif", encode(Image.new("P", (16, 16), 3), "GIF"), None),
-    ("1x1", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), (9, 9, 9)),
-])
+@pytest.mark.parametrize(
+    "name, data, expected_pixel",
+    [
+        ("cmyk jpeg", encode(Image.new("CMYK", (16, 16), (0, 255, 0, 0)), "JPEG"), None),
+        (
+            "16-bit png",
+            encode(Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)), "PNG"),
+            (255, 255, 255),
+        ),
+        (
+            "half 16-bit",
+            encode(Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)), "PNG"),
+            (128, 128, 128),
+        ),
+        (
+            "transparent png",
+            encode(Image.new("RGBA", (16, 16), (0, 0, 0, 0)), "PNG"),
+            (255, 255, 255),
+        ),
+        ("grey+alpha", encode(Image.new("LA", (16, 16), (0, 255)), "PNG"), (0, 0, 0)),
+        ("palette gif", encode(Image.new("P", (16, 16), 3), "GIF"), None),
+        ("1x1", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), (9, 9, 9)),
+    ],
+)
 def test_unusual_modes_decode_to_rgb(name, data, expected_pixel):
     image = decode_image(data, "image[0]")
     assert image.mode == "RGB"
@@ -49,13 +74,16 @@ def test_animated_gif_uses_its_first_frame():
     assert decode_image(data, "image[0]").getpixel((0, 0))[0] > 200
 
 
-@pytest.mark.parametrize("data, code", [
-    (png_header_only(100_000, 100_000), "image_too_large"),   # 10 gigapixels claimed
-    (png_header_only(1, 10_000), "invalid_image"),            # 1:10000 aspect ratio
-    (encode(Image.new("RGB", (64, 64)), "PNG")[:-30], "invalid_image"),  # truncated
-    (b"\xff\xd8\xff" + b"\0" * 64, "invalid_image"),          # JPEG magic, garbage after
-    (b"GIF89a" + b"\xff" * 32, "invalid_image"),
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (png_header_only(100_000, 100_000), "image_too_large"),  # 10 gigapixels claimed
+        (png_header_only(1, 10_000), "invalid_image"),  # 1:10000 aspect ratio
+        (encode(Image.new("RGB", (64, 64)), "PNG")[:-30], "invalid_image"),  # truncated
+        (b"\xff\xd8\xff" + b"\0" * 64, "invalid_image"),  # JPEG magic, garbage after
+        (b"GIF89a" + b"\xff" * 32, "invalid_image"),
+    ],
+)
 def test_hostile_images_are_refused_before_decoding(data, code):
     with pytest.raises(RequestError) as err:
         decode_image(data, "image[3]")
@@ -72,6 +100,10 @@ def test_images_per_request_are_capped_across_references_and_inline_urls():
     png = encode(Image.new("RGB", (8, 8)), "PNG")
     content = [{"type": "image"}] * 3
     with pytest.raises(RequestError) as err:
-        parse_messages(json.dumps([{"role": "user", "content": content}]), [png] * 3, None,
-                       ImageLimits(max_images=2))
+        parse_messages(
+            json.dumps([{"role": "user", "content": content}]),
+            [png] * 3,
+            None,
+            ImageLimits(max_images=2),
+        )
     assert err.value.code == "too_many_images"

@@ -1,4 +1,5 @@
 """The error contract between the model and the proxy: one text, two copies, round trips."""
+
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,22 @@ def test_the_proxy_and_the_model_carry_the_same_contract():
 
 @pytest.mark.parametrize("kind", model_side.ERROR_KINDS)
 def test_an_error_the_model_encodes_decodes_on_the_proxy_side(kind):
-    sent = model_side.ModelError(kind, "größer als 40 MP", "messages[0].content[1]", "image_too_large")
+    sent = model_side.ModelError(
+        kind, "größer als 40 MP", "messages[0].content[1]", "image_too_large"
+    )
     assert proxy_side.decode_error(sent.encode()) == proxy_side.ModelError(
-        kind, "größer als 40 MP", "messages[0].content[1]", "image_too_large")
+        kind, "größer als 40 MP", "messages[0].content[1]", "image_too_large"
+    )
 
 
-@pytest.mark.parametrize("text", [
-    "Request for unknown model: 'x' is not found",  # Triton's own words
-    "qwen_vl_error: not json",
-    'qwen_vl_error: {"kind": "tea", "message": "x"}',
-    'qwen_vl_error: ["internal"]',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Request for unknown model: 'x' is not found",  # Triton's own words
+        "qwen_vl_error: not json",
+        'qwen_vl_error: {"kind": "tea", "message": "x"}',
+        'qwen_vl_error: ["internal"]',
+    ],
+)
 def test_other_texts_are_not_model_errors(text):
     assert proxy_side.decode_error(text) is None

@@ -13,26 +13,40 @@ def test_empty_means_defaults():
 
 
 def test_fields_are_parsed_and_stop_becomes_a_tuple():
-    params = parse_sampling_parameters(json.dumps(
-        {"max_tokens": 7, "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 42, "stop": "END",
-         "repetition_penalty": 1.1, "unknown_key": 1}))
+    params = parse_sampling_parameters(
+        json.dumps(
+            {
+                "max_tokens": 7,
+                "temperature": 0,
+                "top_p": 0.5,
+                "top_k": 3,
+                "seed": 42,
+                "stop": "END",
+                "repetition_penalty": 1.1,
+                "unknown_key": 1,
+            }
+        )
+    )
     assert (params.max_tokens, params.top_p, params.top_k, params.seed) == (7, 0.5, 3, 42)
     assert params.greedy and params.stop == ("END",) and params.repetition_penalty == 1.1
 
 
-@pytest.mark.parametrize("raw, param", [
-    ("not json", "sampling_parameters"),
-    ("[1]", "sampling_parameters"),
-    ('{"max_tokens": 0}', "max_tokens"),
-    ('{"max_tokens": -5}', "max_tokens"),
-    ('{"max_tokens": 1.5}', "max_tokens"),
-    ('{"max_tokens": "10"}', "max_tokens"),
-    ('{"temperature": 3}', "temperature"),
-    ('{"temperature": true}', "temperature"),
-    ('{"top_p": 0}', "top_p"),
-    ('{"stop": [1, 2]}', "stop"),
-    ('{"stop": ' + json.dumps(["x"] * 17) + '}', "stop"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ("not json", "sampling_parameters"),
+        ("[1]", "sampling_parameters"),
+        ('{"max_tokens": 0}', "max_tokens"),
+        ('{"max_tokens": -5}', "max_tokens"),
+        ('{"max_tokens": 1.5}', "max_tokens"),
+        ('{"max_tokens": "10"}', "max_tokens"),
+        ('{"temperature": 3}', "temperature"),
+        ('{"temperature": true}', "temperature"),
+        ('{"top_p": 0}', "top_p"),
+        ('{"stop": [1, 2]}', "stop"),
+        ('{"stop": ' + json.dumps(["x"] * 17) + "}", "stop"),
+    ],
+)
 def test_invalid_values_are_request_errors_naming_the_field(raw, param):
     with pytest.raises(RequestError) as err:
         parse_sampling_parameters(raw)

@@ -18,7 +18,6 @@ from tritonclient.utils import (
 )
 
 from proxy import backend as backend_module
-from proxy.model_contract import ModelError
 from proxy.backend import (
     GenerationChunk,
     TritonBackend,
@@ -28,6 +27,7 @@ from proxy.backend import (
     parse_response,
 )
 from proxy.errors import APIError
+from proxy.model_contract import ModelError
 from proxy.translate import TritonRequest
 
 REQUEST = TritonRequest(
@@ -227,7 +227,9 @@ def test_the_models_request_errors_fill_the_400_envelope(param, code):
     assert (error.message, error.param, error.code) == ("prompt is 9000 tokens", param, code)
 
 
-@pytest.mark.parametrize("kind, code", [("busy", "server_busy"), ("unavailable", "model_unavailable")])
+@pytest.mark.parametrize(
+    "kind, code", [("busy", "server_busy"), ("unavailable", "model_unavailable")]
+)
 def test_busy_and_unavailable_models_are_503(kind, code):
     error = model_error(model_says(kind, "64 requests are already waiting"), "r1")
     assert (error.status, error.code) == (503, code)

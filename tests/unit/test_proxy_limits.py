@@ -28,7 +28,6 @@ from hostile_samples import (
 )
 from tritonclient.utils import InferenceServerException
 
-from proxy.model_contract import ModelError
 from proxy.admission import Admission, AdmissionSettings
 from proxy.auth import APIKeyError, read_api_key
 from proxy.backend import model_error
@@ -44,6 +43,7 @@ from proxy.limits import (
     check_json_text,
     read_image_header,
 )
+from proxy.model_contract import ModelError
 from proxy.schema import parse_chat_request
 from proxy.shutdown import Drain
 
@@ -254,7 +254,11 @@ def test_api_key_problems_are_startup_errors(tmp_path):
     [
         (ModelError("invalid_request", "bad", "x", "c").encode(), 400, "c"),
         (ModelError("busy", "64 requests are already waiting").encode(), 503, "server_busy"),
-        (ModelError("unavailable", "the model is shutting down").encode(), 503, "model_unavailable"),
+        (
+            ModelError("unavailable", "the model is shutting down").encode(),
+            503,
+            "model_unavailable",
+        ),
         (ModelError("internal", "internal error (request id 1)").encode(), 500, "internal_error"),
         (
             "Server is stopping, scheduler for model has stopped accepting new inference requests",

@@ -351,7 +351,9 @@ def test_values_of_the_wrong_json_type_are_not_coerced(field, value, expected, g
     """OpenAI answers `Invalid type for 'stream'` instead of reading "yes" as true."""
     error = error_for({"messages": [USER_HI], field: value})
     assert (error.status, error.param, error.code) == (400, field, "invalid_type")
-    assert error.message == f"Invalid type for '{field}': expected {expected}, but got {got} instead."
+    assert (
+        error.message == f"Invalid type for '{field}': expected {expected}, but got {got} instead."
+    )
 
 
 def test_integers_still_count_as_numbers():
@@ -367,4 +369,12 @@ def test_null_content_is_refused_except_on_assistant_tool_calls(role):
 
 def test_assistant_turn_with_tool_calls_may_have_null_content():
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    assert parse({"messages": [USER_HI, {"role": "assistant", "content": None, "tool_calls": [call]}, USER_HI]})
+    assert parse(
+        {
+            "messages": [
+                USER_HI,
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                USER_HI,
+            ]
+        }
+    )

@@ -13,11 +13,11 @@ from proxy.images import ImageRef, load_images, load_inline_image
 from proxy.pixels import LOW_DETAIL_MAX_PIXELS, PixelLimits
 from proxy.schema import parse_chat_request
 from proxy.translate import (
+    ChoiceText,
     CompletionIdentity,
     ServerLimits,
     TokenUsage,
     chunk_body,
-    ChoiceText,
     completion_body,
     prepare_chat,
     usage_chunk_body,
@@ -496,9 +496,7 @@ def test_completion_body_with_logprobs():
     assert body["choices"][0]["logprobs"] == {"content": entries}
     assert completion_body(IDENTITY, [ChoiceText("a", "stop", [])], TokenUsage())["choices"][0][
         "logprobs"
-    ] == {
-        "content": []
-    }
+    ] == {"content": []}
 
 
 def test_chunk_body_with_logprobs():

@@ -2,10 +2,15 @@ from qwen_vl_backend.settings import ModelSettings, config_parameters
 
 
 def test_config_parameters_then_environment_override():
-    config = {"parameters": {"model": {"string_value": "/models/a"},
-                             "max_pixels": {"string_value": "1000"}}}
-    settings = ModelSettings.from_parameters(config_parameters(config),
-                                             env={"QWEN_VL_MAX_PIXELS": "2000"})
+    config = {
+        "parameters": {
+            "model": {"string_value": "/models/a"},
+            "max_pixels": {"string_value": "1000"},
+        }
+    }
+    settings = ModelSettings.from_parameters(
+        config_parameters(config), env={"QWEN_VL_MAX_PIXELS": "2000"}
+    )
     assert settings.model == "/models/a"
     assert settings.max_pixels == 2000
     assert settings.default_max_tokens == ModelSettings().default_max_tokens
@@ -18,7 +23,9 @@ def test_device_and_dtype_follow_the_instance_kind():
     assert settings.resolve_dtype("cuda:3") == "bfloat16"
     assert settings.resolve_dtype("cpu") == "float32"
     pinned = ModelSettings(device="cuda:1", dtype="float16")
-    assert pinned.resolve_device("GPU", 0) == "cuda:1" and pinned.resolve_dtype("cuda:1") == "float16"
+    assert (
+        pinned.resolve_device("GPU", 0) == "cuda:1" and pinned.resolve_dtype("cuda:1") == "float16"
+    )
 
 
 def test_bad_number_names_the_parameter():

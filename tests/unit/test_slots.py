@@ -1,4 +1,5 @@
 """Slot handout and the prompt prefixes freed slots hold (pure)."""
+
 import torch
 
 from qwen_vl_backend.slots import MIN_REUSED_TOKENS, SlotContent, SlotPool, shared_prefix

@@ -1,5 +1,6 @@
 """scripts/stack.py's lazy-load switch: Triton in explicit model control, the proxy told so,
 and the flag with its SERVE_LAZY_LOAD fallback."""
+
 import sys
 from pathlib import Path
 
@@ -28,13 +29,16 @@ def test_eager_by_default():
     assert "--lazy-load" not in stack.proxy_command(config)
 
 
-@pytest.mark.parametrize("argv, env, expected", [
-    ([], None, False),
-    (["--lazy-load"], None, True),
-    ([], "true", True),
-    ([], "0", False),
-    (["--no-lazy-load"], "1", False),
-])
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        ([], None, False),
+        (["--lazy-load"], None, True),
+        ([], "true", True),
+        ([], "0", False),
+        (["--no-lazy-load"], "1", False),
+    ],
+)
 def test_flag_and_environment(monkeypatch, argv, env, expected):
     if env is not None:
         monkeypatch.setenv("SERVE_LAZY_LOAD", env)

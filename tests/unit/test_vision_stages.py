@@ -1,10 +1,11 @@
 """The staged vision tower equals the model's own forward, stage by stage (tiny checkpoint)."""
+
 import pytest
 import torch
-
 from sample_images import encoded_image
-from qwen_vl_backend.checkpoint import load_checkpoint
+
 from qwen_vl_backend.chat import decode_image_elements
+from qwen_vl_backend.checkpoint import load_checkpoint
 from qwen_vl_backend.images import ImageLimits
 from qwen_vl_backend.vision_stages import VisionJob
 
@@ -15,12 +16,15 @@ def checkpoint(tiny_checkpoint_path):
 
 
 def test_staged_encoding_equals_the_models_forward(checkpoint):
-    images = decode_image_elements([encoded_image(size=(112, 84)), encoded_image("PNG", size=(140, 56))],
-                                   ImageLimits())
+    images = decode_image_elements(
+        [encoded_image(size=(112, 84)), encoded_image("PNG", size=(140, 56))], ImageLimits()
+    )
     inputs = checkpoint.processor.image_processor(images=images, return_tensors="pt")
     model = checkpoint.model
     with torch.inference_mode():
-        expected = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        expected = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]
+        ).pooler_output
         job = VisionJob(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"])
         assert job.stages == len(model.model.visual.blocks) + 2
         for _ in range(job.stages - 1):

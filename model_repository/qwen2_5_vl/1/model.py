@@ -3,6 +3,7 @@
 This file is only the Triton lifecycle; parsing, images and generation live in
 `qwen_vl_backend/`, importable and testable without Triton.
 """
+
 import json
 import logging
 import os
@@ -14,8 +15,8 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen_vl_backend.checkpoint import load_checkpoint  # noqa: E402
-from qwen_vl_backend.engine import BatchingEngine, EngineObserver, OutputChunk  # noqa: E402
 from qwen_vl_backend.contract import ModelError  # noqa: E402
+from qwen_vl_backend.engine import BatchingEngine, EngineObserver, OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.prepare import RawRequest  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
@@ -44,7 +45,13 @@ def _scalar(request, name, default=None):
     if value.size == 0:
         return default
     item = value[0]
-    return item.decode("utf-8") if isinstance(item, bytes) else item.item() if hasattr(item, "item") else item
+    return (
+        item.decode("utf-8")
+        if isinstance(item, bytes)
+        else item.item()
+        if hasattr(item, "item")
+        else item
+    )
 
 
 def _raw_request(request) -> RawRequest:
@@ -80,22 +87,34 @@ class TritonSink:
         self._sender.send(self._response(chunk), flags=FINAL if chunk.final else 0)
 
     def fail(self, error):
-        self._sender.send(pb_utils.InferenceResponse(error=_triton_error(error, self._raw)), flags=FINAL)
+        self._sender.send(
+            pb_utils.InferenceResponse(error=_triton_error(error, self._raw)), flags=FINAL
+        )
 
     def cancelled(self):
         self._sender.send(flags=FINAL)
 
     def _response(self, chunk: OutputChunk):
         raw = self._raw
-        outputs = [_text_tensor("text_output", chunk.text),
-                   pb_utils.Tensor("index", np.array([chunk.index], dtype=np.uint32))]
+        outputs = [
+            _text_tensor("text_output", chunk.text),
+            pb_utils.Tensor("index", np.array([chunk.index], dtype=np.uint32)),
+        ]
         if raw.return_finish_reason:
             outputs.append(_text_tensor("finish_reason", chunk.finish_reason or ""))
         if raw.return_num_input_tokens:
-            outputs.append(pb_utils.Tensor("num_input_tokens", np.array([chunk.prompt_tokens], dtype=np.uint32)))
-            outputs.append(pb_utils.Tensor("num_image_tokens", np.array([chunk.image_tokens], dtype=np.uint32)))
+            outputs.append(
+                pb_utils.Tensor(
+                    "num_input_tokens", np.array([chunk.prompt_tokens], dtype=np.uint32)
+                )
+            )
+            outputs.append(
+                pb_utils.Tensor("num_image_tokens", np.array([chunk.image_tokens], dtype=np.uint32))
+            )
         if raw.return_num_output_tokens:
-            outputs.append(pb_utils.Tensor("num_output_tokens", np.array([chunk.num_tokens], dtype=np.uint32)))
+            outputs.append(
+                pb_utils.Tensor("num_output_tokens", np.array([chunk.num_tokens], dtype=np.uint32))
+            )
         if chunk.logprobs is not None:
             outputs.append(_text_tensor("logprobs", json.dumps(chunk.logprobs, ensure_ascii=False)))
         return pb_utils.InferenceResponse(output_tensors=outputs)
@@ -110,12 +129,17 @@ def _triton_error(error, raw):
     if isinstance(error, RequestError):
         return pb_utils.TritonError(error.model_error().encode(), pb_utils.TritonError.INVALID_ARG)
     if isinstance(error, EngineFullError):
-        return pb_utils.TritonError(ModelError(error.kind, str(error)).encode(),
-                                    pb_utils.TritonError.UNAVAILABLE)
+        return pb_utils.TritonError(
+            ModelError(error.kind, str(error)).encode(), pb_utils.TritonError.UNAVAILABLE
+        )
     request_id = raw.request_id if raw else ""
-    logging.getLogger("qwen_vl_backend").error("request %s failed", request_id or "?", exc_info=error)
+    logging.getLogger("qwen_vl_backend").error(
+        "request %s failed", request_id or "?", exc_info=error
+    )
     message = f"internal error while generating (request id {request_id})"
-    return pb_utils.TritonError(ModelError("internal", message).encode(), pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(
+        ModelError("internal", message).encode(), pb_utils.TritonError.INTERNAL
+    )
 
 
 class _EarlySink:
@@ -126,8 +150,10 @@ class _EarlySink:
         self._id = request.request_id()
 
     def fail(self, error):
-        self._sender.send(pb_utils.InferenceResponse(
-            error=_triton_error(error, RawRequest(request_id=self._id))), flags=FINAL)
+        self._sender.send(
+            pb_utils.InferenceResponse(error=_triton_error(error, RawRequest(request_id=self._id))),
+            flags=FINAL,
+        )
 
 
 # Seconds; spans a tiny model on CPU (ms) to a 7B prefill of several images on a busy GPU.
@@ -140,24 +166,35 @@ class TritonMetrics(EngineObserver):
     def __init__(self, labels: dict):
         # Triton invalidates a Metric whose MetricFamily is garbage-collected: keep them all.
         self._families = []
-        self._ttft = self._family("qwen_vl_time_to_first_token_seconds",
-                                  "Time from a request's arrival at the engine to its first token",
-                                  "HISTOGRAM").Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self._ttft = self._family(
+            "qwen_vl_time_to_first_token_seconds",
+            "Time from a request's arrival at the engine to its first token",
+            "HISTOGRAM",
+        ).Metric(labels=labels, buckets=TTFT_BUCKETS)
         counter = lambda name, text: self._family(name, text, "COUNTER").Metric(labels=labels)  # noqa: E731
         gauge = lambda name, text: self._family(name, text, "GAUGE").Metric(labels=labels)  # noqa: E731
         self._prompt_tokens = counter("qwen_vl_prompt_tokens_total", "Prompt tokens prefilled")
-        self._image_tokens = counter("qwen_vl_image_tokens_total", "Image tokens among the prompt tokens")
+        self._image_tokens = counter(
+            "qwen_vl_image_tokens_total", "Image tokens among the prompt tokens"
+        )
         self._generated = counter("qwen_vl_generated_tokens_total", "Tokens generated")
         self._batch = gauge("qwen_vl_batch_size", "Sequences in the running decode batch")
         self._waiting = gauge("qwen_vl_waiting_requests", "Requests waiting to join the batch")
-        outcomes = self._family("qwen_vl_requests_finished_total",
-                                "Requests finished, by outcome (stop, length, cancelled, error)", "COUNTER")
-        self._image_cache_hits = counter("qwen_vl_image_cache_hits_total",
-                                         "Images whose vision-tower output came from the cache")
-        self._image_cache_misses = counter("qwen_vl_image_cache_misses_total",
-                                           "Images run through the vision tower")
-        self._finished = {outcome: outcomes.Metric(labels={**labels, "outcome": outcome})
-                          for outcome in ("stop", "length", "cancelled", "error")}
+        outcomes = self._family(
+            "qwen_vl_requests_finished_total",
+            "Requests finished, by outcome (stop, length, cancelled, error)",
+            "COUNTER",
+        )
+        self._image_cache_hits = counter(
+            "qwen_vl_image_cache_hits_total", "Images whose vision-tower output came from the cache"
+        )
+        self._image_cache_misses = counter(
+            "qwen_vl_image_cache_misses_total", "Images run through the vision tower"
+        )
+        self._finished = {
+            outcome: outcomes.Metric(labels={**labels, "outcome": outcome})
+            for outcome in ("stop", "length", "cancelled", "error")
+        }
 
     def _family(self, name, description, kind):
         family = pb_utils.MetricFamily(name, description, getattr(pb_utils.MetricFamily, kind))
@@ -188,17 +225,28 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
             raise pb_utils.TritonModelException(
-                "this model streams tokens: set model_transaction_policy { decoupled: true }")
+                "this model streams tokens: set model_transaction_policy { decoupled: true }"
+            )
         self._setup_logging()
         self.settings = ModelSettings.from_parameters(config_parameters(self.model_config))
-        device = self.settings.resolve_device(args["model_instance_kind"], args["model_instance_device_id"])
+        device = self.settings.resolve_device(
+            args["model_instance_kind"], args["model_instance_device_id"]
+        )
         dtype = self.settings.resolve_dtype(device)
         self.log.info("loading %s on %s (%s)", self.settings.model, device, dtype)
-        self.checkpoint = load_checkpoint(self.settings.model, device, dtype,
-                                          self.settings.attn_implementation, self.settings.max_model_len)
+        self.checkpoint = load_checkpoint(
+            self.settings.model,
+            device,
+            dtype,
+            self.settings.attn_implementation,
+            self.settings.max_model_len,
+        )
         if self.checkpoint.random_weights:
-            self.log.warning("%s has RANDOM weights: it exercises the serving stack, its answers "
-                             "are meaningless. Set QWEN_VL_MODEL to a real checkpoint.", self.settings.model)
+            self.log.warning(
+                "%s has RANDOM weights: it exercises the serving stack, its answers "
+                "are meaningless. Set QWEN_VL_MODEL to a real checkpoint.",
+                self.settings.model,
+            )
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.engine = BatchingEngine(self.checkpoint, self.settings, observer=TritonMetrics(labels))
         self.log.info("ready: max context %d tokens", self.checkpoint.max_model_len)

@@ -4,10 +4,12 @@ Image parts are `{"type": "image"}` (the next element of the `image` input, in o
 appearance) or `{"type": "image_url", "image_url": {"url": "data:..."}}` (inline). Either may
 carry `min_pixels` / `max_pixels`, a resize budget inside the server's own bounds.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -22,7 +24,9 @@ class _ImageSource:
 
     def __init__(self, elements: Sequence[bytes], limits: ImageLimits):
         if len(elements) > limits.max_images:
-            raise RequestError(f"at most {limits.max_images} images per request", "image", "too_many_images")
+            raise RequestError(
+                f"at most {limits.max_images} images per request", "image", "too_many_images"
+            )
         self._elements = list(elements)
         self._limits = limits
         self.used = 0
@@ -33,7 +37,9 @@ class _ImageSource:
             raise RequestError("message refers to more images than the image input holds", param)
         index = self.used
         self.used += 1
-        return self._decode(element_bytes(self._elements[index], f"image[{index}]"), f"image[{index}]")
+        return self._decode(
+            element_bytes(self._elements[index], f"image[{index}]"), f"image[{index}]"
+        )
 
     def inline(self, url: str, param: str) -> Image.Image:
         return self._decode(data_url_bytes(url, param), param)
@@ -41,8 +47,9 @@ class _ImageSource:
     def _decode(self, data: bytes, param: str) -> Image.Image:
         self.decoded += 1
         if self.decoded > self._limits.max_images:
-            raise RequestError(f"at most {self._limits.max_images} images per request", param,
-                               "too_many_images")
+            raise RequestError(
+                f"at most {self._limits.max_images} images per request", param, "too_many_images"
+            )
         return decode_image(data, param, self._limits)
 
 
@@ -83,8 +90,10 @@ class _Converter:
             return {"role": role, "content": content}
         if not isinstance(content, list):
             raise RequestError("content must be a string or a list of parts", f"{param}.content")
-        return {"role": role,
-                "content": [self.part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]}
+        return {
+            "role": role,
+            "content": [self.part(p, f"{param}.content[{j}]") for j, p in enumerate(content)],
+        }
 
     def part(self, part: Any, param: str) -> dict:
         if not isinstance(part, dict):
@@ -101,10 +110,13 @@ class _Converter:
             url = _image_url(part, param)
             if not url.startswith("data:"):
                 raise RequestError(
-                    "the model does not fetch image URLs; send the bytes in the image input", param)
+                    "the model does not fetch image URLs; send the bytes in the image input", param
+                )
             budget = pixel_budget(part, self.vision, param)
             return {"type": "image", "image": self.images.inline(url, param), **budget}
-        raise RequestError(f"unsupported content part type {kind!r}", param, "unsupported_content_type")
+        raise RequestError(
+            f"unsupported content part type {kind!r}", param, "unsupported_content_type"
+        )
 
 
 def _image_url(part: dict, param: str) -> str:
@@ -115,8 +127,15 @@ def _image_url(part: dict, param: str) -> str:
     return url
 
 
-def parse_messages(messages_json: str, image_elements: Sequence[bytes],
-                   vision: dict | None = None, limits: ImageLimits = ImageLimits()) -> list[dict]:
+DEFAULT_LIMITS = ImageLimits()
+
+
+def parse_messages(
+    messages_json: str,
+    image_elements: Sequence[bytes],
+    vision: dict | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> list[dict]:
     """Validate and convert. `vision` holds the server's min_pixels/max_pixels: the default
     budget of every image and the bounds of the budgets image parts may ask for."""
     try:
@@ -131,12 +150,14 @@ def parse_messages(messages_json: str, image_elements: Sequence[bytes],
     if images.used != len(image_elements):
         raise RequestError(
             f"image input holds {len(image_elements)} images but messages refer to {images.used}",
-            "image")
+            "image",
+        )
     return converted
 
 
-def decode_image_elements(image_elements: Sequence[bytes],
-                          limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
+def decode_image_elements(
+    image_elements: Sequence[bytes], limits: ImageLimits = DEFAULT_LIMITS
+) -> list[Image.Image]:
     """All images of the `image` input, for the ready-prompt (`text_input`) path."""
     source = _ImageSource(image_elements, limits)
     return [source.next("image") for _ in image_elements]

@@ -1,4 +1,5 @@
 """Loading a Qwen2.5-VL checkpoint (model + processor) onto one device."""
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,25 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_checkpoint(name_or_path: str, device: str, dtype: str,
-                    attn_implementation: str = "sdpa", max_model_len: int = 0) -> Checkpoint:
+def load_checkpoint(
+    name_or_path: str,
+    device: str,
+    dtype: str,
+    attn_implementation: str = "sdpa",
+    max_model_len: int = 0,
+) -> Checkpoint:
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
-    ).to(device).eval()
+    model = (
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name_or_path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+        )
+        .to(device)
+        .eval()
+    )
     processor = AutoProcessor.from_pretrained(name_or_path)
     limit = model.config.text_config.max_position_embeddings
     return Checkpoint(

@@ -13,6 +13,7 @@ This file exists twice, byte for byte: here (the model folder deploys on its own
 proxy/model_contract.py (the proxy image has no model folder).
 tests/unit/test_model_contract.py fails when the copies differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,12 @@ class ModelError:
     code: str | None = None
 
     def encode(self) -> str:
-        fields = {"kind": self.kind, "message": self.message, "param": self.param, "code": self.code}
+        fields = {
+            "kind": self.kind,
+            "message": self.message,
+            "param": self.param,
+            "code": self.code,
+        }
         return ERROR_PREFIX + json.dumps(fields, ensure_ascii=False)
 
 
@@ -39,11 +45,15 @@ def decode_error(text: str) -> ModelError | None:
     if not text.startswith(ERROR_PREFIX):
         return None
     try:
-        fields = json.loads(text[len(ERROR_PREFIX):])
+        fields = json.loads(text[len(ERROR_PREFIX) :])
     except ValueError:
         return None
     if not isinstance(fields, dict) or fields.get("kind") not in ERROR_KINDS:
         return None
     text_or_none = lambda value: value if isinstance(value, str) else None  # noqa: E731
-    return ModelError(fields["kind"], str(fields.get("message") or ""),
-                      text_or_none(fields.get("param")), text_or_none(fields.get("code")))
+    return ModelError(
+        fields["kind"],
+        str(fields.get("message") or ""),
+        text_or_none(fields.get("param")),
+        text_or_none(fields.get("code")),
+    )

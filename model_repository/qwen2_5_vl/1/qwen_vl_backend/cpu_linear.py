@@ -7,6 +7,7 @@ weight reordered once, at load, into oneDNN's blocked layout (what torch.compile
 and vLLM's CPU backend do). Prompt-sized products (hundreds of rows) run at the same speed either
 way. The reordered copy replaces the dense weight, so memory does not grow.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,18 +27,26 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(
-            linear.weight.detach(), _PACKED_FOR_ROWS), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_buffer(
+            "packed_weight",
+            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _PACKED_FOR_ROWS),
+            persistent=False,
+        )
+        self.register_buffer(
+            "bias", None if linear.bias is None else linear.bias.detach(), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 def available(model) -> bool:
-    return (model.device.type == "cpu" and model.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return (
+        model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 def pack_text_linears(model) -> int:

@@ -6,9 +6,10 @@ such a prefix yields U+FFFD, so a delta ending in U+FFFD is held back until late
 complete the character. At the end the remainder is flushed exactly as a one-shot decode of all
 tokens would produce it, so the concatenated stream always equals the non-stream text.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -25,11 +26,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        window = self._decode(self._ids[self._prefix_offset:])
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        window = self._decode(self._ids[self._prefix_offset :])
         if len(window) <= len(prefix) or window.endswith(REPLACEMENT_CHAR):
             return ""
-        delta = window[len(prefix):]
+        delta = window[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self._emitted.append(delta)
         return delta
@@ -39,7 +40,7 @@ class IncrementalDetokenizer:
         full = self._decode(self._ids)
         emitted = "".join(self._emitted)
         # Equal prefixes hold by construction: windows start where a decode ended cleanly.
-        rest = full[len(emitted):] if full.startswith(emitted) else ""
+        rest = full[len(emitted) :] if full.startswith(emitted) else ""
         self._emitted.append(rest)
         self._prefix_offset = self._read_offset = len(self._ids)
         return rest
@@ -63,7 +64,7 @@ class StopStringMatcher:
         hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
         if hits:
             self.stopped = True
-            out, self._pending = self._pending[:min(hits)], ""
+            out, self._pending = self._pending[: min(hits)], ""
             return out
         keep = self._partial_match_length()
         cut = len(self._pending) - keep

@@ -3,6 +3,7 @@
 A repeated image (same pixels after resizing, so the same pixel budget) skips the vision tower.
 Only the engine thread touches it, so it needs no lock.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

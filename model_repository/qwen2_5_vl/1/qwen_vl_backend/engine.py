@@ -21,15 +21,17 @@ Qwen2.5-VL specifics:
 `n` > 1: the prompt is prefilled once, then its slot is copied into one slot per extra choice;
 each choice samples with its own generator (seed + index when a seed is given).
 """
+
 from __future__ import annotations
 
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 class OutputChunk:
     """One response's worth of output for choice `index`; `finish_reason` is set on a choice's
     last chunk, and `final` on the request's last response (the last choice to finish)."""
+
     text: str
     num_tokens: int
     prompt_tokens: int
@@ -127,8 +130,14 @@ class _Request:
 class _Sequence:
     """One choice being generated: its slot, sampler, text assembly and what it has sent."""
 
-    def __init__(self, request: _Request, checkpoint: Checkpoint, sampler: TokenSampler,
-                 slot: int, index: int = 0):
+    def __init__(
+        self,
+        request: _Request,
+        checkpoint: Checkpoint,
+        sampler: TokenSampler,
+        slot: int,
+        index: int = 0,
+    ):
         prepared = request.prepared
         self.request = request
         self.prepared = prepared
@@ -170,10 +179,14 @@ class _Sequence:
         for i, k in enumerate(self.prepared.image_keys):
             if k == key and self.image_parts[i] is None:
                 self.image_parts[i] = embeddings
-        if self.image_parts and self.image_embeddings is None and all(p is not None for p in self.image_parts):
+        if (
+            self.image_parts
+            and self.image_embeddings is None
+            and all(p is not None for p in self.image_parts)
+        ):
             self.image_embeddings = torch.cat(self.image_parts)
 
-    def fork(self, slot: int, index: int) -> "_Sequence":
+    def fork(self, slot: int, index: int) -> _Sequence:
         seed = self.prepared.sampling.seed
         sampler = self.sampler.fork(None if seed is None else seed + index)
         twin = _Sequence(self.request, self._checkpoint, sampler, slot, index)
@@ -192,8 +205,10 @@ class _Sequence:
         text, tokens = self.assembler.push(token)
         if token in self.eos or self.assembler.stopped:
             self.finish_reason = "stop"
-        elif (self.assembler.num_tokens >= self.prepared.max_new_tokens
-              or self.next_position + 1 >= self.max_model_len):
+        elif (
+            self.assembler.num_tokens >= self.prepared.max_new_tokens
+            or self.next_position + 1 >= self.max_model_len
+        ):
             self.finish_reason = "length"
         if self.finish_reason is None and self.prepared.raw.stream:
             if text:
@@ -210,24 +225,39 @@ class _Sequence:
             self.unsent_logprobs = self.logprobs
             if not prepared.raw.exclude_input_in_output:
                 text = prepared.prompt + text
-        log.info("request %s done: %d prompt (%d image) + %d completion tokens (choice %d), "
-                 "finish_reason=%s, ttft %.3fs, total %.3fs", prepared.raw.request_id,
-                 prepared.prompt_tokens, prepared.image_tokens, self.assembler.num_tokens,
-                 self.index, self.finish_reason, (self.first_token_at or time.monotonic()) - self.request.arrived,
-                 time.monotonic() - self.request.arrived)
+        log.info(
+            "request %s done: %d prompt (%d image) + %d completion tokens (choice %d), "
+            "finish_reason=%s, ttft %.3fs, total %.3fs",
+            prepared.raw.request_id,
+            prepared.prompt_tokens,
+            prepared.image_tokens,
+            self.assembler.num_tokens,
+            self.index,
+            self.finish_reason,
+            (self.first_token_at or time.monotonic()) - self.request.arrived,
+            time.monotonic() - self.request.arrived,
+        )
         self.request.choice_finished(self._chunk(text, tokens, self.finish_reason))
 
     def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
         logprobs = self.unsent_logprobs if self.prepared.sampling.logprobs else None
         self.unsent_logprobs = []
         prepared = self.prepared
-        return OutputChunk(text, tokens, prepared.prompt_tokens, prepared.image_tokens,
-                           finish_reason, logprobs, self.index)
+        return OutputChunk(
+            text,
+            tokens,
+            prepared.prompt_tokens,
+            prepared.image_tokens,
+            finish_reason,
+            logprobs,
+            self.index,
+        )
 
 
 @dataclass
 class EngineStats(EngineObserver):
     """Counters for tests and logs (read from other threads; ints are updated atomically)."""
+
     decode_steps: int = 0
     largest_batch: int = 0
     completed: int = 0
@@ -284,8 +314,11 @@ class _Observers(EngineObserver):
 
 def _content(prepared: PreparedRequest, length: int) -> SlotContent:
     """The first `length` prompt tokens of a request, as a slot holds them."""
-    images = tuple((start, key) for start, key in zip(prepared.image_starts, prepared.image_keys)
-                   if start < length)
+    images = tuple(
+        (start, key)
+        for start, key in zip(prepared.image_starts, prepared.image_keys)
+        if start < length
+    )
     return SlotContent(prepared.inputs["input_ids"][0, :length], images)
 
 
@@ -296,8 +329,9 @@ def _image_token_cost(model) -> float:
     (An estimate: on the bench checkpoint the tower ran ~1.5x slower than this says.)"""
     visual, text = model.model.visual, model.model.language_model
     weights = lambda module: sum(t.numel() for t in [*module.parameters(), *module.buffers()])  # noqa: E731
-    per_token = (visual.spatial_merge_size ** 2 * (weights(visual.patch_embed) + weights(visual.blocks))
-                 + weights(visual.merger))
+    per_token = visual.spatial_merge_size**2 * (
+        weights(visual.patch_embed) + weights(visual.blocks)
+    ) + weights(visual.merger)
     return per_token / max(1, weights(text.layers))
 
 
@@ -336,9 +370,10 @@ class _VisionCost:
 class _Step:
     """What one engine step computes: vision-tower stages, then one forward of the decode
     tokens followed by prompt chunks."""
+
     decode: list[_Sequence]
     chunks: list[tuple[_Sequence, int, int]]  # (sequence, start, length)
-    vision: list[tuple["_VisionWork", int]]  # (job, stages to run)
+    vision: list[tuple[_VisionWork, int]]  # (job, stages to run)
 
 
 class _VisionWork:
@@ -358,9 +393,13 @@ class _VisionWork:
 class BatchingEngine:
     """Continuous batching over one model: worker-pool preparation, token-budget steps."""
 
-    def __init__(self, checkpoint: Checkpoint, settings: ModelSettings,
-                 prepare_fn: Callable[..., PreparedRequest] = prepare,
-                 observer: EngineObserver | None = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        settings: ModelSettings,
+        prepare_fn: Callable[..., PreparedRequest] = prepare,
+        observer: EngineObserver | None = None,
+    ):
         self._checkpoint = checkpoint
         self._settings = settings
         self._prepare = prepare_fn
@@ -369,7 +408,9 @@ class BatchingEngine:
         install(self._model)
         if settings.cpu_packed_linear and cpu_linear.available(self._model):
             cpu_linear.pack_text_linears(self._model)
-        self.slot_len = min(checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size)
+        self.slot_len = min(
+            checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size
+        )
         self._cache = SlotKVCache.for_model(self._model, settings.max_batch_size, self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
@@ -378,7 +419,9 @@ class BatchingEngine:
         self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
         self._image_token_cost = _image_token_cost(self._model)
         self._vision_cost = _VisionCost(measure=str(checkpoint.device) == "cpu")
-        self._pool = ThreadPoolExecutor(max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep")
+        self._pool = ThreadPoolExecutor(
+            max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep"
+        )
         self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
         self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
         self._unadmitted = 0  # submitted and not yet admitted or refused (queue bound)
@@ -387,8 +430,13 @@ class BatchingEngine:
         self._stopping = threading.Event()
         self.stats = EngineStats()
         self._observe = _Observers(self.stats, observer or EngineObserver())
-        log.info("KV cache: %d slots x %d tokens (%.1f MiB); %d tokens per step",
-                 settings.max_batch_size, self.slot_len, self._cache.bytes / 2**20, self._step_tokens)
+        log.info(
+            "KV cache: %d slots x %d tokens (%.1f MiB); %d tokens per step",
+            settings.max_batch_size,
+            self.slot_len,
+            self._cache.bytes / 2**20,
+            self._step_tokens,
+        )
         self._thread = threading.Thread(target=self._run, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
@@ -401,7 +449,9 @@ class BatchingEngine:
             raise EngineStoppingError("the model is shutting down")
         with self._lock:
             if self._unadmitted >= self._settings.max_queued_requests:
-                raise EngineFullError(f"{self._settings.max_queued_requests} requests are already waiting")
+                raise EngineFullError(
+                    f"{self._settings.max_queued_requests} requests are already waiting"
+                )
             self._unadmitted += 1
         self._pool.submit(self._prepared, raw, sink, time.monotonic())
 
@@ -443,7 +493,10 @@ class BatchingEngine:
         if needed > self.slot_len:
             raise RequestError(
                 f"the request needs {needed} tokens of cache (prompt + max_tokens) but the server "
-                f"allows {self.slot_len} per sequence", "max_tokens", "context_length_exceeded")
+                f"allows {self.slot_len} per sequence",
+                "max_tokens",
+                "context_length_exceeded",
+            )
 
     # ---- the engine thread --------------------------------------------------------------
 
@@ -483,8 +536,11 @@ class BatchingEngine:
     def _drop_cancelled(self) -> None:
         for request in {id(s.request): s.request for s in self._running}.values():
             if not request.done and request.sink.is_cancelled():
-                log.info("request %s cancelled after %d tokens", request.prepared.raw.request_id,
-                         max(s.assembler.num_tokens for s in request.choices))
+                log.info(
+                    "request %s cancelled after %d tokens",
+                    request.prepared.raw.request_id,
+                    max(s.assembler.num_tokens for s in request.choices),
+                )
                 request.cancel()
         self._retire([s for s in self._running if s.request.done])
         for request in [r for r in self._waiting if r.sink.is_cancelled()]:
@@ -529,7 +585,7 @@ class BatchingEngine:
         step.chunks.append((sequence, sequence.cached, length))
         return length
 
-    def _plan_stages(self, step: _Step, work: "_VisionWork", budget: int) -> int:
+    def _plan_stages(self, step: _Step, work: _VisionWork, budget: int) -> int:
         """As many stages as the budget pays for; one at least when the step has no other
         prefill work, so a tower costlier than the budget still finishes."""
         stage_cost = max(1, round(work.stage_cost * self._vision_cost.factor))
@@ -546,8 +602,11 @@ class BatchingEngine:
             self._unadmitted -= 1
         prepared = request.prepared
         settings = resolve_sampling(prepared.sampling, self._model.generation_config)
-        sampler = TokenSampler(settings, prepared.inputs["input_ids"].to(self._checkpoint.device),
-                               self._model.config.text_config.vocab_size)
+        sampler = TokenSampler(
+            settings,
+            prepared.inputs["input_ids"].to(self._checkpoint.device),
+            self._model.config.text_config.vocab_size,
+        )
         slot, reused = self._slots.take(_content(prepared, prepared.prompt_tokens))
         sequence = _Sequence(request, self._checkpoint, sampler, slot)
         sequence.cached = reused  # the slot still holds this much of the prompt
@@ -557,12 +616,12 @@ class BatchingEngine:
         sequence.image_parts = [None] * len(prepared.image_keys)
         return sequence
 
-    def _start_vision(self, admitted: list[_Sequence]) -> "_VisionWork | None":
+    def _start_vision(self, admitted: list[_Sequence]) -> _VisionWork | None:
         """Cached images go to their sequences now; the others (each once, even if several
         requests or one request twice show it, or an earlier job is already encoding it) are
         encoded by one new staged vision job."""
         pixels, grids, keys, tokens, hits = [], [], [], 0, 0
-        merge = self._model.model.visual.spatial_merge_size ** 2
+        merge = self._model.model.visual.spatial_merge_size**2
         for sequence in admitted:
             inputs, start = sequence.prepared.inputs, 0
             grid = inputs.get("image_grid_thw")
@@ -576,7 +635,7 @@ class BatchingEngine:
                     sequence.awaiting.append(self._encoding[key])
                 elif key not in keys:
                     keys.append(key)
-                    pixels.append(inputs["pixel_values"][start:start + patches])
+                    pixels.append(inputs["pixel_values"][start : start + patches])
                     grids.append(thw)
                     tokens += patches // merge
                 start += patches
@@ -585,7 +644,9 @@ class BatchingEngine:
         if not keys:
             return None
         device = self._checkpoint.device
-        job = VisionJob(self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device))
+        job = VisionJob(
+            self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device)
+        )
         work = _VisionWork(job, keys, tokens * self._image_token_cost)
         self._vision.append(work)
         self._encoding.update(dict.fromkeys(keys, work))
@@ -594,7 +655,7 @@ class BatchingEngine:
                 sequence.awaiting.append(work)
         return work
 
-    def _run_vision(self, planned: list[tuple["_VisionWork", int]]) -> None:
+    def _run_vision(self, planned: list[tuple[_VisionWork, int]]) -> None:
         for work, stages in planned:
             started = time.perf_counter()
             for _ in range(stages):
@@ -617,9 +678,13 @@ class BatchingEngine:
         if not step.decode and not step.chunks:
             return
         stats = self.stats
-        stats.largest_step_tokens = max(stats.largest_step_tokens,
-                                        len(step.decode) + sum(length for _, _, length in step.chunks))
-        stats.partial_chunks += sum(start + length < s.prepared.prompt_tokens for s, start, length in step.chunks)
+        stats.largest_step_tokens = max(
+            stats.largest_step_tokens,
+            len(step.decode) + sum(length for _, _, length in step.chunks),
+        )
+        stats.partial_chunks += sum(
+            start + length < s.prepared.prompt_tokens for s, start, length in step.chunks
+        )
         logits, finishing = self._forward(step)
         for sequence in step.decode:
             sequence.cached += 1
@@ -642,13 +707,16 @@ class BatchingEngine:
         """One packed forward; logits of each decode token and of each finished prompt."""
         device = self._checkpoint.device
         ids = [s.last_token for s in step.decode]
-        positions = [torch.tensor([s.next_position + s.prepared.rope_delta for s in step.decode],
-                                  dtype=torch.long).expand(3, -1)]
+        positions = [
+            torch.tensor(
+                [s.next_position + s.prepared.rope_delta for s in step.decode], dtype=torch.long
+            ).expand(3, -1)
+        ]
         chunks, offset, finishing, rows = [], len(step.decode), [], list(range(len(step.decode)))
         for sequence, start, length in step.chunks:
             prompt = sequence.prepared.inputs["input_ids"][0]
-            ids += prompt[start:start + length].tolist()
-            positions.append(sequence.prepared.positions[:, start:start + length])
+            ids += prompt[start : start + length].tolist()
+            positions.append(sequence.prepared.positions[:, start : start + length])
             chunks.append(PrefillChunk(sequence.slot, start, length, offset))
             offset += length
             if start + length == sequence.prepared.prompt_tokens:
@@ -659,28 +727,35 @@ class BatchingEngine:
         for (sequence, start, length), chunk in zip(step.chunks, chunks):
             self._place_image_embeddings(embeds, sequence, start, length, chunk.offset)
         position_ids = torch.cat(positions, dim=1).to(device)[:, None, :]
-        layout = StepLayout([s.slot for s in step.decode], [s.cached + 1 for s in step.decode], chunks, device)
+        layout = StepLayout(
+            [s.slot for s in step.decode], [s.cached + 1 for s in step.decode], chunks, device
+        )
         started = time.perf_counter()
         with packed_step(self._cache, layout):
             hidden = self._model.model.language_model(
-                inputs_embeds=embeds[None], position_ids=position_ids, cache=self._cache,
-                attention_mask={"full_attention": None}, use_cache=True).last_hidden_state
+                inputs_embeds=embeds[None],
+                position_ids=position_ids,
+                cache=self._cache,
+                attention_mask={"full_attention": None},
+                use_cache=True,
+            ).last_hidden_state
         logits = self._model.lm_head(hidden[0, rows]).float()
         self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
         return logits, finishing
 
-    def _place_image_embeddings(self, embeds, sequence: _Sequence, start: int, length: int,
-                                offset: int) -> None:
+    def _place_image_embeddings(
+        self, embeds, sequence: _Sequence, start: int, length: int, offset: int
+    ) -> None:
         """The chunk's image tokens take their rows of the request's vision-tower output."""
         if sequence.image_embeddings is None:
             return
         is_image = sequence.prepared.inputs["input_ids"][0] == self._checkpoint.image_token_id
         before = int(is_image[:start].sum())
-        inside = is_image[start:start + length]
+        inside = is_image[start : start + length]
         count = int(inside.sum())
         if count:
             where = inside.nonzero()[:, 0].to(embeds.device) + offset
-            embeds[where] = sequence.image_embeddings[before:before + count].to(embeds.dtype)
+            embeds[where] = sequence.image_embeddings[before : before + count].to(embeds.dtype)
 
     def _forked(self, leader: _Sequence) -> list[_Sequence]:
         """The leader and, for n > 1, one copy of its prompt cache per extra choice."""
@@ -705,8 +780,11 @@ class BatchingEngine:
                 sequence.accept(token, logits[row], self._texts)
                 if row >= first_tokens and sequence.index == 0:
                     prepared = request.prepared
-                    self._observe.prefilled(prepared.prompt_tokens, prepared.image_tokens,
-                                            sequence.first_token_at - request.arrived)
+                    self._observe.prefilled(
+                        prepared.prompt_tokens,
+                        prepared.image_tokens,
+                        sequence.first_token_at - request.arrived,
+                    )
                 if sequence.finish_reason:
                     sequence.finish()
                     done.append(sequence)

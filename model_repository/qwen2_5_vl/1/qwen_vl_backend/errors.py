@@ -1,4 +1,5 @@
 """Errors the model reports back to its caller, as `contract.ModelError`s."""
+
 from .contract import ModelError
 
 

@@ -3,6 +3,7 @@
 An element may be raw encoded bytes, base64 of them, or a `data:` URL. The model never
 fetches URLs: network I/O belongs to the caller (the proxy), which hands over bytes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -95,11 +96,19 @@ def _check_size(size: tuple[int, int], param: str, limits: ImageLimits) -> None:
     if width < 1 or height < 1:
         raise RequestError("image has no pixels", param, "invalid_image")
     if width * height > limits.max_source_pixels:
-        raise RequestError(f"image is {width}x{height} pixels; at most {limits.max_source_pixels} "
-                           "pixels are accepted", param, "image_too_large")
+        raise RequestError(
+            f"image is {width}x{height} pixels; at most {limits.max_source_pixels} "
+            "pixels are accepted",
+            param,
+            "image_too_large",
+        )
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise RequestError(f"image is {width}x{height}; its aspect ratio must be at most "
-                           f"{limits.max_aspect_ratio:g}:1", param, "invalid_image")
+        raise RequestError(
+            f"image is {width}x{height}; its aspect ratio must be at most "
+            f"{limits.max_aspect_ratio:g}:1",
+            param,
+            "invalid_image",
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

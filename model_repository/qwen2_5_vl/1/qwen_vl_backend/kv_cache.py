@@ -18,6 +18,7 @@ attention modules (projections, rotary, output) run unchanged and hand it the qu
 slot buffers back from `SlotKVCache.update`. Outside a packed step (e.g. `model.generate` on the
 same model object) it defers to SDPA, so the checkpoint stays usable the ordinary way.
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,6 +33,7 @@ ATTENTION_NAME = "qwen_vl_slots"
 @dataclass
 class PrefillChunk:
     """Prompt tokens [start, start + length) of the sequence in `slot`, at `offset` in the row."""
+
     slot: int
     start: int
     length: int
@@ -45,6 +47,7 @@ class StepLayout:
     decode_slots[i] is the slot of the i-th token of the row (decode tokens come first);
     decode_lengths[i] is that slot's valid length once the token is written.
     """
+
     decode_slots: list[int]
     decode_lengths: list[int]
     chunks: list[PrefillChunk]
@@ -69,8 +72,12 @@ class StepLayout:
             lengths = torch.ones(span, dtype=torch.long)  # idle slots see one (ignored) key
             lengths[self.decode_slots] = torch.tensor(self.decode_lengths)
             mask = torch.arange(longest)[None, :] < lengths[:, None]
-            self._decode_view = (span, longest, self.token_slots[:self.num_decode],
-                                 mask.to(self.device)[:, None, None, :])
+            self._decode_view = (
+                span,
+                longest,
+                self.token_slots[: self.num_decode],
+                mask.to(self.device)[:, None, None, :],
+            )
         return self._decode_view
 
 
@@ -79,8 +86,16 @@ class SlotKVCache:
 
     is_compileable = False
 
-    def __init__(self, num_layers: int, slots: int, slot_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        slot_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (slots, kv_heads, slot_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -88,11 +103,18 @@ class SlotKVCache:
         self.layout: StepLayout | None = None
 
     @classmethod
-    def for_model(cls, model, slots: int, slot_len: int) -> "SlotKVCache":
+    def for_model(cls, model, slots: int, slot_len: int) -> SlotKVCache:
         text = model.config.text_config
         head_dim = text.hidden_size // text.num_attention_heads
-        return cls(text.num_hidden_layers, slots, slot_len, text.num_key_value_heads, head_dim,
-                   model.dtype, model.device)
+        return cls(
+            text.num_hidden_layers,
+            slots,
+            slot_len,
+            text.num_key_value_heads,
+            head_dim,
+            model.dtype,
+            model.device,
+        )
 
     @property
     def bytes(self) -> int:
@@ -142,29 +164,44 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     if cache is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     layout = cache.layout
     heads, head_dim = query.shape[1], query.shape[3]
     out = query.new_empty(layout.num_tokens, heads, head_dim)
     if layout.num_decode:
         span, longest, rows, mask = layout.decode_view()
         q = query.new_zeros(span, heads, 1, head_dim)
-        q[rows] = query[0, :, :layout.num_decode].transpose(0, 1)[:, :, None]
+        q[rows] = query[0, :, : layout.num_decode].transpose(0, 1)[:, :, None]
         attended = F.scaled_dot_product_attention(
-            q, key[:span, :, :longest], value[:span, :, :longest], attn_mask=mask, scale=scaling,
-            enable_gqa=True)
-        out[:layout.num_decode] = attended[rows, :, 0]
+            q,
+            key[:span, :, :longest],
+            value[:span, :, :longest],
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        out[: layout.num_decode] = attended[rows, :, 0]
     for chunk in layout.chunks:
         end = chunk.start + chunk.length
-        q = query[:, :, chunk.offset:chunk.offset + chunk.length]
-        k, v = key[chunk.slot:chunk.slot + 1, :, :end], value[chunk.slot:chunk.slot + 1, :, :end]
+        q = query[:, :, chunk.offset : chunk.offset + chunk.length]
+        k, v = (
+            key[chunk.slot : chunk.slot + 1, :, :end],
+            value[chunk.slot : chunk.slot + 1, :, :end],
+        )
         if chunk.start == 0:
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            attended = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=True
+            )
         else:  # query i sits at absolute position start + i: it sees keys 0 … start + i
-            mask = torch.ones(chunk.length, end, dtype=torch.bool, device=q.device).tril(chunk.start)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        out[chunk.offset:chunk.offset + chunk.length] = attended[0].transpose(0, 1)
+            mask = torch.ones(chunk.length, end, dtype=torch.bool, device=q.device).tril(
+                chunk.start
+            )
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
+            )
+        out[chunk.offset : chunk.offset + chunk.length] = attended[0].transpose(0, 1)
     return out[None], None
 
 

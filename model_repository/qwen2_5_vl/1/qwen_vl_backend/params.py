@@ -1,4 +1,5 @@
 """Sampling parameters: the `sampling_parameters` JSON input, validated."""
+
 from __future__ import annotations
 
 import json

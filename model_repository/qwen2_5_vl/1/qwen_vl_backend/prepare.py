@@ -1,4 +1,5 @@
 """A Triton request's raw inputs → model-ready tensors and generation limits."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,7 @@ IMAGE_PLACEHOLDER = "<|image_pad|>"
 @dataclass
 class RawRequest:
     """The inputs exactly as they arrived (tensor names of the model's contract)."""
+
     request_id: str = ""
     messages: str | None = None
     text_input: str | None = None
@@ -58,8 +60,12 @@ def _vision_inputs(messages: list[dict]):
 def _resize(images, settings: ModelSettings):
     from qwen_vl_utils import fetch_image
 
-    return [fetch_image({"image": image, "min_pixels": settings.min_pixels,
-                         "max_pixels": settings.max_pixels}) for image in images]
+    return [
+        fetch_image(
+            {"image": image, "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+        )
+        for image in images
+    ]
 
 
 def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings):
@@ -67,19 +73,26 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
         vision = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
         messages = parse_messages(raw.messages, raw.images, vision, settings.image_limits)
         prompt = checkpoint.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True)
+            messages, tokenize=False, add_generation_prompt=True
+        )
         return prompt, _vision_inputs(messages)
     if raw.text_input is None:
         raise RequestError("one of 'messages' or 'text_input' is required", "messages")
     placeholders = raw.text_input.count(IMAGE_PLACEHOLDER)
     if placeholders != len(raw.images):
-        raise RequestError(f"text_input has {placeholders} {IMAGE_PLACEHOLDER} placeholders "
-                           f"but {len(raw.images)} images were sent", "text_input")
-    return raw.text_input, _resize(decode_image_elements(raw.images, settings.image_limits), settings)
+        raise RequestError(
+            f"text_input has {placeholders} {IMAGE_PLACEHOLDER} placeholders "
+            f"but {len(raw.images)} images were sent",
+            "text_input",
+        )
+    return raw.text_input, _resize(
+        decode_image_elements(raw.images, settings.image_limits), settings
+    )
 
 
-def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,
-                    checkpoint: Checkpoint, settings: ModelSettings) -> int:
+def _max_new_tokens(
+    sampling: SamplingParams, prompt_tokens: int, checkpoint: Checkpoint, settings: ModelSettings
+) -> int:
     """The request's max_tokens clamped to the server cap; the context must hold it (vLLM's rule)."""
     limit = checkpoint.max_model_len
     room = limit - prompt_tokens
@@ -87,7 +100,9 @@ def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,
         raise RequestError(
             f"This model's maximum context length is {limit} tokens. However, your messages "
             f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
-            "messages", "context_length_exceeded")
+            "messages",
+            "context_length_exceeded",
+        )
     if sampling.max_tokens is None:
         return max(1, min(settings.default_max_tokens, settings.max_tokens_cap, room))
     wanted = min(sampling.max_tokens, settings.max_tokens_cap)
@@ -96,7 +111,9 @@ def _max_new_tokens(sampling: SamplingParams, prompt_tokens: int,
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the messages, {wanted} in the "
             "completion). Please reduce the length of the messages or completion.",
-            "max_tokens", "context_length_exceeded")
+            "max_tokens",
+            "context_length_exceeded",
+        )
     return wanted
 
 
@@ -106,8 +123,11 @@ def _positions(model, inputs) -> tuple[torch.Tensor, int]:
     if inputs.get("image_grid_thw") is None:
         return torch.arange(input_ids.shape[1]).expand(3, -1), 0
     positions, deltas = model.model.get_rope_index(
-        input_ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"])
+        input_ids,
+        inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
     return positions[:, 0], int(deltas.reshape(-1)[0])
 
 
@@ -118,7 +138,7 @@ def _image_keys(inputs) -> list[bytes]:
     keys, start = [], 0
     for thw in grid.tolist():
         patches = thw[0] * thw[1] * thw[2]
-        pixels = inputs["pixel_values"][start:start + patches].contiguous()
+        pixels = inputs["pixel_values"][start : start + patches].contiguous()
         digest = hashlib.blake2b(str(thw).encode(), digest_size=20)
         digest.update(pixels.numpy().tobytes())
         keys.append(digest.digest())
@@ -159,6 +179,7 @@ def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) ->
         positions=positions,
         rope_delta=rope_delta,
         image_keys=_image_keys(inputs),
-        image_starts=_image_starts(inputs, checkpoint.image_token_id,
-                                   checkpoint.model.model.visual.spatial_merge_size ** 2),
+        image_starts=_image_starts(
+            inputs, checkpoint.image_token_id, checkpoint.model.model.visual.spatial_merge_size**2
+        ),
     )

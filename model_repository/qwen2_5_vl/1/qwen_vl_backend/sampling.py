@@ -3,12 +3,14 @@
 Each sequence owns its sampler (and its own seeded `torch.Generator`), so its output does not
 depend on which other sequences share the decode batch.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -18,6 +20,7 @@ from .params import SamplingParams
 @dataclass(frozen=True)
 class ResolvedSampling:
     """A request's sampling settings with the checkpoint's generation_config defaults filled in."""
+
     greedy: bool
     temperature: float = 1.0
     top_p: float = 1.0
@@ -32,8 +35,13 @@ class ResolvedSampling:
     @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: rows like this are decided for the whole batch at once."""
-        return (self.greedy and self.repetition_penalty == 1.0 and not self.logprobs
-                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and not self.logprobs
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+        )
 
 
 def resolve_sampling(params: SamplingParams, generation_config: Any) -> ResolvedSampling:
@@ -78,7 +86,7 @@ class TokenSampler:
         needs_counts = settings.presence_penalty != 0.0 or settings.frequency_penalty != 0.0
         self.counts = torch.zeros(vocab_size, device=device) if needs_counts else None
 
-    def fork(self, seed: int | None) -> "TokenSampler":
+    def fork(self, seed: int | None) -> TokenSampler:
         """A sampler with the same settings and history and its own generator (another choice)."""
         twin = TokenSampler.__new__(TokenSampler)
         twin.settings = self.settings
@@ -107,15 +115,30 @@ def _penalised(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tens
     """Repetition (HF's rule) and presence/frequency (OpenAI's) penalties, all rows at once."""
     device, vocab = scores.device, scores.shape[-1]
     if any(s.seen is not None for s in samplers):
-        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(vocab, dtype=torch.bool, device=device)
-                            for s in samplers])
+        seen = torch.stack(
+            [
+                s.seen
+                if s.seen is not None
+                else torch.zeros(vocab, dtype=torch.bool, device=device)
+                for s in samplers
+            ]
+        )
         penalty = _column(samplers, "repetition_penalty", device)
-        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+        scores = torch.where(
+            seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores
+        )
     if any(s.counts is not None for s in samplers):
-        counts = torch.stack([s.counts if s.counts is not None else torch.zeros(vocab, device=device)
-                              for s in samplers])
-        scores = (scores - _column(samplers, "frequency_penalty", device) * counts
-                  - _column(samplers, "presence_penalty", device) * (counts > 0))
+        counts = torch.stack(
+            [
+                s.counts if s.counts is not None else torch.zeros(vocab, device=device)
+                for s in samplers
+            ]
+        )
+        scores = (
+            scores
+            - _column(samplers, "frequency_penalty", device) * counts
+            - _column(samplers, "presence_penalty", device) * (counts > 0)
+        )
     return scores
 
 
@@ -139,12 +162,18 @@ def _sampled(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor
     """One draw per row: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race);
     each row's noise comes from its own generator, so seeds reproduce whatever the batch."""
     probs = torch.softmax(scores, dim=-1)
-    noise = torch.stack([torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=s.generator)
-                         for s in samplers])
+    noise = torch.stack(
+        [
+            torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=s.generator)
+            for s in samplers
+        ]
+    )
     return (probs / noise).argmax(dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler], observe: bool = True) -> list[int]:
+def choose_tokens(
+    logits: torch.Tensor, samplers: list[TokenSampler], observe: bool = True
+) -> list[int]:
     """One token per row of float32 logits: plain greedy rows share one argmax, the others go
     through the batched penalties, filters and draws."""
     tokens = logits.argmax(dim=-1)
@@ -169,11 +198,15 @@ def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler], observe: b
 
 # ---- logprobs, OpenAI shape ---------------------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2 byte-level BPE's printable-character alphabet → the byte each stands for."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -204,8 +237,9 @@ class TokenTexts:
         return self._cache[token_id]
 
 
-def logprob_entry(logits: torch.Tensor, token: int, top: int,
-                  texts: Callable[[int], tuple[str, list[int]]]) -> dict:
+def logprob_entry(
+    logits: torch.Tensor, token: int, top: int, texts: Callable[[int], tuple[str, list[int]]]
+) -> dict:
     """OpenAI's `{"token", "logprob", "bytes", "top_logprobs"}` from the raw model logits."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
 

@@ -3,11 +3,12 @@
 Every parameter `name` can be overridden by `QWEN_VL_<NAME>` (e.g. `QWEN_VL_MODEL`), so one
 model repository serves any checkpoint without editing files inside a container image.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
 from .images import ImageLimits
 
@@ -67,8 +68,9 @@ class ModelSettings:
     shutdown_timeout_s: float = 30.0
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str],
-                        env: Mapping[str, str] = os.environ) -> "ModelSettings":
+    def from_parameters(
+        cls, parameters: Mapping[str, str], env: Mapping[str, str] = os.environ
+    ) -> ModelSettings:
         values = {}
         for field in fields(cls):
             # An empty variable (compose's `${X:-}`) means "not set", not "use the built-in default".
@@ -109,5 +111,7 @@ def _cast(default, raw: str):
 
 def config_parameters(model_config: Mapping) -> dict[str, str]:
     """`parameters { key: "name" value: { string_value: "..." } }` → {name: value}."""
-    return {name: spec.get("string_value", "")
-            for name, spec in model_config.get("parameters", {}).items()}
+    return {
+        name: spec.get("string_value", "")
+        for name, spec in model_config.get("parameters", {}).items()
+    }

@@ -6,6 +6,7 @@ showed); a new request whose prompt starts the same way takes that slot and skip
 the shared part. Image placeholder tokens are all the same id, so a prefix only counts as
 shared up to the first image that differs (compared by the digest of its pixels).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ MIN_REUSED_TOKENS = 16
 @dataclass(frozen=True)
 class SlotContent:
     """What a slot's cache holds: these prompt tokens, with images at these spans."""
+
     tokens: torch.Tensor  # 1-D token ids
     images: tuple[tuple[int, bytes], ...]  # (first token position, image key), in order
 

@@ -9,6 +9,7 @@ share of it (as prompt chunks share the token budget), so no step is much longer
 merger. tests/unit/test_vision_stages.py checks that its output equals the model's own forward,
 so a transformers upgrade that changes the tower fails there, not in production.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,18 +54,29 @@ class VisionJob:
     def _prologue(self) -> None:
         visual, grid = self._visual, self._grid
         self._positions = get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})
-        self._cu_seqlens, self._max_seqlen = get_vision_attention_seqlens(grid, visual.config, kwargs={})
+        self._cu_seqlens, self._max_seqlen = get_vision_attention_seqlens(
+            grid, visual.config, kwargs={}
+        )
         self._window_index, self._cu_window_seqlens = get_vision_window_index(
-            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-            patch_size=visual.patch_size, kwargs={})
-        self._max_window_seqlen = get_max_seqlen(self._cu_window_seqlens, visual.config, kwargs={},
-                                                 kwarg_name="max_window_seqlen")
+            grid,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+            kwargs={},
+        )
+        self._max_window_seqlen = get_max_seqlen(
+            self._cu_window_seqlens, visual.config, kwargs={}, kwarg_name="max_window_seqlen"
+        )
         hidden = visual.patch_embed(self._pixels)
         length = hidden.shape[0]
-        self._hidden = visual.permute_input_for_window_attn(hidden, self._window_index, seq_len=length)
+        self._hidden = visual.permute_input_for_window_attn(
+            hidden, self._window_index, seq_len=length
+        )
         rotary = visual.rotary_pos_emb(self._hidden, self._positions)
-        self._rotary = tuple(visual.permute_input_for_window_attn(f, self._window_index, seq_len=length)
-                             for f in rotary)
+        self._rotary = tuple(
+            visual.permute_input_for_window_attn(f, self._window_index, seq_len=length)
+            for f in rotary
+        )
 
     def _block(self, index: int) -> None:
         full = index in self._visual.fullatt_block_indexes
@@ -72,7 +84,8 @@ class VisionJob:
             self._hidden,
             cu_seqlens=self._cu_seqlens if full else self._cu_window_seqlens,
             max_seqlen=self._max_seqlen if full else self._max_window_seqlen,
-            position_embeddings=self._rotary)
+            position_embeddings=self._rotary,
+        )
 
     def _merge(self) -> None:
         merged = self._visual.merger(self._hidden)[torch.argsort(self._window_index)]
