@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import struct
 import zlib
 
 import numpy as np
+from helpers import data_url  # noqa: F401  (re-exported: the hostile tests build data URLs)
 from PIL import Image
 
 
@@ -15,10 +15,6 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
     return buf.getvalue()
-
-
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -17,10 +17,10 @@ import concurrent.futures
 import json
 import os
 import signal
-import time
 
 import pytest
 import requests
+from helpers import wait_until
 from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT, data_url
 from sse import read_events
 from stacks import running_stack
@@ -51,15 +51,6 @@ def image_message(url):
         {"type": "text", "text": "what is it?"},
         {"type": "image_url", "image_url": {"url": url}},
     ]
-
-
-def wait_until(predicate, timeout, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 def status_of(url):

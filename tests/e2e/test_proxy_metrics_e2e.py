@@ -5,10 +5,10 @@ import dataclasses
 import json
 import re
 import subprocess
-import time
 import uuid
 
 import requests
+from helpers import sse_line_payloads, wait_until
 from sample_images import data_url
 from stacks import stack_launcher
 
@@ -44,16 +44,6 @@ def triton_metrics_url(stack) -> str:
     return f"http://127.0.0.1:{stack.config.metrics_port}"
 
 
-def wait_until(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def wait_idle(stack, base_url):
     """Earlier tests' generations (cancelled ones included) have left the model and proxy."""
 
@@ -69,12 +59,7 @@ def wait_idle(stack, base_url):
 
 
 def sse_events(response) -> list:
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
+    return sse_line_payloads(response.iter_lines(decode_unicode=True))
 
 
 def test_streamed_image_request_moves_proxy_and_triton_metrics_alike(stack, base_url):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 
+from helpers import sse_payloads
 from proxy_fakes import SERVED_MODEL
 
 CHAT = "/v1/chat/completions"
@@ -108,10 +109,5 @@ def json_bytes(obj: object) -> bytes:
 
 
 def sse_events(raw: str) -> list[object]:
-    """The `data:` payloads of an SSE body (JSON, or the literal [DONE])."""
-    events: list[object] = []
-    for block in raw.split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
+    """The `data:` payloads of a possibly cut-off SSE body (other blocks skipped)."""
+    return sse_payloads(raw, strict=False)

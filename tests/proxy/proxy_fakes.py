@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 from collections.abc import AsyncGenerator
 
+from helpers import data_url, sse_payloads  # noqa: F401  (re-exported for the proxy tests)
 from sample_images import encoded_image
 
 from proxy.backend import GenerationChunk
@@ -22,10 +21,6 @@ TEST_CONFIG = ProxyConfig(
 # Real (tiny) images: the proxy reads each image's header before sending it on.
 PNG_BYTES = encoded_image("PNG", size=(4, 3))
 JPEG_BYTES = encoded_image("JPEG", size=(8, 6))
-
-
-def data_url(image: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(image).decode()}"
 
 
 def script(
@@ -129,14 +124,3 @@ class FakeBackend:
 
     async def close(self) -> None:
         self.closed = True
-
-
-def sse_payloads(raw: str) -> list[object]:
-    """The `data:` payloads of an SSE body, parsed as JSON except the literal `[DONE]`."""
-    assert raw.endswith("\n\n"), raw
-    payloads: list[object] = []
-    for event in raw.split("\n\n")[:-1]:
-        assert event.startswith("data: "), event
-        data = event[len("data: ") :]
-        payloads.append(data if data == "[DONE]" else json.loads(data))
-    return payloads

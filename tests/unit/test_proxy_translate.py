@@ -7,6 +7,7 @@ import base64
 import json
 
 import pytest
+from helpers import data_url
 
 from proxy.errors import APIError
 from proxy.images import ImageRef, load_images, load_inline_image
@@ -31,10 +32,6 @@ WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"webp-body"
 LIMITS = ServerLimits(max_tokens=8192)  # as the default --max-tokens-limit
 MIN, MAX = 3136, 1003520  # the model's own defaults, the proxy's too
 DEFAULT_IMAGE = {"type": "image", "min_pixels": MIN, "max_pixels": MAX}
-
-
-def data_url(image: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(image).decode()}"
 
 
 def image_part(url: str, **image_url) -> dict:
