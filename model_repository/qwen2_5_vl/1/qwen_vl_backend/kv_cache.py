@@ -84,8 +84,6 @@ class StepLayout:
 class SlotKVCache:
     """Per-layer key/value buffers of `slots` × `slot_len` tokens; see the module docstring."""
 
-    is_compileable = False
-
     def __init__(
         self,
         num_layers: int,
