@@ -76,9 +76,7 @@ class TokenSampler:
     def __init__(self, settings: ResolvedSampling, prompt_ids: torch.Tensor, vocab_size: int):
         self.settings = settings
         device = prompt_ids.device
-        self.generator = torch.Generator(device=device)
-        seed = settings.seed if settings.seed is not None else random.getrandbits(63)
-        self.generator.manual_seed(seed % (2**63))
+        self.generator = _seeded_generator(device, settings.seed)
         self.seen = None
         if settings.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -90,8 +88,7 @@ class TokenSampler:
         """A sampler with the same settings and history and its own generator (another choice)."""
         twin = TokenSampler.__new__(TokenSampler)
         twin.settings = self.settings
-        twin.generator = torch.Generator(device=self.generator.device)
-        twin.generator.manual_seed((seed if seed is not None else random.getrandbits(63)) % (2**63))
+        twin.generator = _seeded_generator(self.generator.device, seed)
         twin.seen = None if self.seen is None else self.seen.clone()
         twin.counts = None if self.counts is None else self.counts.clone()
         return twin
@@ -102,9 +99,12 @@ class TokenSampler:
         if self.counts is not None:
             self.counts[token] += 1
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from one row of raw logits (float32)."""
-        return choose_tokens(logits[None], [self], observe=False)[0]
+
+def _seeded_generator(device, seed: int | None) -> torch.Generator:
+    """A generator of its own, seeded by the request (or at random when it names no seed)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed if seed is not None else random.getrandbits(63)) % (2**63))
+    return generator
 
 
 def _column(samplers: list[TokenSampler], name: str, device) -> torch.Tensor:
@@ -171,9 +171,7 @@ def _sampled(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor
     return (probs / noise).argmax(dim=-1)
 
 
-def choose_tokens(
-    logits: torch.Tensor, samplers: list[TokenSampler], observe: bool = True
-) -> list[int]:
+def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[int]:
     """One token per row of float32 logits: plain greedy rows share one argmax, the others go
     through the batched penalties, filters and draws."""
     tokens = logits.argmax(dim=-1)
@@ -190,9 +188,8 @@ def choose_tokens(
             chosen[index] = _sampled(_filtered(scores.index_select(0, index), subset), subset)
         tokens[rows] = chosen
     result = tokens.tolist()
-    if observe:
-        for sampler, token in zip(samplers, result):
-            sampler.observe(token)
+    for sampler, token in zip(samplers, result):
+        sampler.observe(token)
     return result
 
 
