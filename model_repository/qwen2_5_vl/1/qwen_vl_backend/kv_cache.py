@@ -63,6 +63,16 @@ class StepLayout:
         self.num_decode = len(self.decode_slots)
         self.num_tokens = len(slots)
         self._decode_view = None
+        # Per chunk: None (it starts the prompt: plain causal), else its mask; built once per
+        # step, since every layer asks.
+        self.chunk_masks = [
+            None
+            if chunk.start == 0
+            else torch.ones(
+                chunk.length, chunk.start + chunk.length, dtype=torch.bool, device=self.device
+            ).tril(chunk.start)  # query i sits at position start + i: it sees keys 0 … start + i
+            for chunk in self.chunks
+        ]
 
     def decode_view(self):
         """(slot span, longest length, query scatter index, key mask), computed once per step."""
@@ -181,24 +191,17 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
             enable_gqa=True,
         )
         out[: layout.num_decode] = attended[rows, :, 0]
-    for chunk in layout.chunks:
+    for chunk, mask in zip(layout.chunks, layout.chunk_masks):
         end = chunk.start + chunk.length
-        q = query[:, :, chunk.offset : chunk.offset + chunk.length]
-        k, v = (
+        attended = F.scaled_dot_product_attention(
+            query[:, :, chunk.offset : chunk.offset + chunk.length],
             key[chunk.slot : chunk.slot + 1, :, :end],
             value[chunk.slot : chunk.slot + 1, :, :end],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=True,
         )
-        if chunk.start == 0:
-            attended = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=True
-            )
-        else:  # query i sits at absolute position start + i: it sees keys 0 … start + i
-            mask = torch.ones(chunk.length, end, dtype=torch.bool, device=q.device).tril(
-                chunk.start
-            )
-            attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
-            )
         out[chunk.offset : chunk.offset + chunk.length] = attended[0].transpose(0, 1)
     return out[None], None
 
