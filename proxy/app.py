@@ -284,20 +284,18 @@ async def collect_completion(
     usage: TokenUsage,
     with_logprobs: bool,
 ) -> web.Response:
-    choices: dict[int, ChoiceText] = {}
+    def new_choice() -> ChoiceText:
+        return ChoiceText(logprobs=[] if with_logprobs else None)
+
+    choices = {0: new_choice()}  # choice 0 is answered even when the model sent no text
     async for chunk in chunks:
         record_usage(usage, chunk)
-        choice = choices.get(chunk.index)
-        if choice is None:
-            choice = choices[chunk.index] = ChoiceText(logprobs=[] if with_logprobs else None)
+        choice = choices.setdefault(chunk.index, new_choice())
         choice.text += chunk.text
         if choice.logprobs is not None and chunk.logprobs:
             choice.logprobs.extend(chunk.logprobs)
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
-    ordered = [choices[i] for i in sorted(choices)] or [
-        ChoiceText(logprobs=[] if with_logprobs else None)
-    ]
-    body = completion_body(identity, ordered, usage)
+    body = completion_body(identity, [choices[i] for i in sorted(choices)], usage)
     return web.json_response(body, dumps=json_dumps)
 
 
