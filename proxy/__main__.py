@@ -18,31 +18,32 @@ log = logging.getLogger("proxy")
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    configure_logging(config.log_level, config.log_format)
+    server = config.server
+    configure_logging(server.log_level, server.log_format)
     log.info(
         "serving %r on %s:%d, Triton model %r at %s",
-        config.served_model_name,
-        config.host,
-        config.port,
-        config.triton_model,
-        config.triton_url,
+        server.served_model_name,
+        server.host,
+        server.port,
+        server.triton_model,
+        server.triton_url,
     )
     log.info(
         "served names: %s; image URL fetching %s; %s",
         ", ".join(f"{name} -> {model}" for name, model in config.served_models.items()),
-        "on" if config.image_fetch else "off (data: URLs only)",
-        "lazy loading (the first request loads a model)" if config.lazy_load else "eager loading",
+        "on" if config.fetch.enabled else "off (data: URLs only)",
+        "lazy loading (the first request loads a model)" if server.lazy_load else "eager loading",
     )
     log.info("%s", describe_limits(config))
     app = create_app(config)
     # SIGINT/SIGTERM drain first (proxy/shutdown.py): not ready, new requests refused, the
     # admitted ones finish within --shutdown-timeout-s. Then run_app stops accepting,
     # cancels what is left, and runs the app's cleanup, which closes the Triton gRPC channel.
-    install_signal_drain(app, config.shutdown_timeout_s)
+    install_signal_drain(app, server.shutdown_timeout_s)
     web.run_app(
         app,
-        host=config.host,
-        port=config.port,
+        host=server.host,
+        port=server.port,
         handle_signals=False,
         shutdown_timeout=CANCEL_GRACE_S,
         # A client that disconnects cancels its handler, so Triton stops generating for it

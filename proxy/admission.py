@@ -51,11 +51,13 @@ RATE_LIMIT = "requests"  # OpenAI's `type` for request-rate 429s
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    max_in_flight: int = 64
-    max_body_bytes: int = 64 * MIB
-    body_timeout_s: float = 30.0
+    """Each field is the flag `--<field>` (proxy/config.py)."""
+
+    max_concurrent_requests: int = 64
+    max_request_bytes: int = 64 * MIB
+    request_body_timeout_s: float = 30.0
     request_timeout_s: float = 600.0
-    idle_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = 60.0
 
 
 class Admission:
@@ -72,7 +74,7 @@ class Admission:
         self._waiting: set[asyncio.Timeout] = set()
 
     def try_enter(self) -> bool:
-        if self.in_flight >= self.settings.max_in_flight:
+        if self.in_flight >= self.settings.max_concurrent_requests:
             return False
         self.in_flight += 1
         self._idle.clear()
@@ -190,16 +192,16 @@ async def admission_middleware(request: web.Request, handler: Any) -> web.Stream
     if route == READY_ROUTE and admission.draining:
         raise shutting_down()
     length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
+    if length is not None and length > settings.max_request_bytes:
         # Unread bodies are drained by aiohttp (for at most its lingering time, 10 s), never
         # kept: closing on unread data would reset the connection before the client reads.
-        raise body_too_large(settings.max_body_bytes)
+        raise body_too_large(settings.max_request_bytes)
     if route != CHAT_ROUTE or request.method != "POST":
         return await handler(request)
     if admission.draining:
         raise shutting_down()
     if not admission.try_enter():
-        raise over_capacity(settings.max_in_flight)
+        raise over_capacity(settings.max_concurrent_requests)
     loop = asyncio.get_running_loop()
     deadline = request[DEADLINE_KEY] = loop.time() + settings.request_timeout_s
     try:
@@ -215,10 +217,10 @@ async def admission_middleware(request: web.Request, handler: Any) -> web.Stream
 async def _read_body(request: web.Request, settings: AdmissionSettings) -> None:
     """Reads the body now (aiohttp keeps it for the handler's own `read`)."""
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
+        async with asyncio.timeout(settings.request_body_timeout_s):
             await request.read()
     except TimeoutError:
-        raise body_timeout(settings.body_timeout_s) from None
+        raise body_timeout(settings.request_body_timeout_s) from None
 
 
 def _past_deadline(request: web.Request, settings: AdmissionSettings) -> web.StreamResponse:
@@ -246,9 +248,9 @@ async def _note_prepared(request: web.Request, response: web.StreamResponse) -> 
 async def with_stream_timeouts(
     request: web.Request, chunks: AsyncGenerator[Any, None]
 ) -> AsyncGenerator[Any, None]:
-    """`chunks` within the request's deadline, with at most `idle_timeout_s` between two of
-    them (the first may take longer: queueing and prefill); raises APIError 504 otherwise.
-    Closing this closes `chunks`."""
+    """`chunks` within the request's deadline, with at most `stream_idle_timeout_s` between
+    two of them (the first may take longer: queueing and prefill); raises APIError 504
+    otherwise. Closing this closes `chunks`."""
     admission = request.app[ADMISSION_KEY]
     settings = admission.settings
     loop = asyncio.get_running_loop()
@@ -258,7 +260,7 @@ async def with_stream_timeouts(
         while True:
             if admission.aborting:
                 raise shutting_down()
-            idle_limit = loop.time() + settings.idle_timeout_s
+            idle_limit = loop.time() + settings.stream_idle_timeout_s
             limit = deadline if first else min(deadline, idle_limit)
             try:
                 async with asyncio.timeout_at(limit) as timeout:
@@ -271,7 +273,7 @@ async def with_stream_timeouts(
                     raise shutting_down() from None
                 if limit == deadline:
                     raise deadline_exceeded(settings.request_timeout_s) from None
-                raise stream_stalled(settings.idle_timeout_s) from None
+                raise stream_stalled(settings.stream_idle_timeout_s) from None
             first = False
             yield chunk
     finally:

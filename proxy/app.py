@@ -24,7 +24,7 @@ from .errors import (
     internal_error,
     json_dumps,
 )
-from .fetch import FetchPolicy, GuardedFetcher
+from .fetch import GuardedFetcher
 from .hardening import REQUEST_LIMITS_KEY, install_hardening
 from .images import ImageFetcher, ImageRef
 from .limits import check_chat, check_images, check_json_text
@@ -36,7 +36,6 @@ from .observe import (
     observe_request,
     timed_image_check,
 )
-from .pixels import PixelLimits
 from .schema import ChatCompletionRequest, parse_chat_request
 from .sse import DONE_EVENT, sse_error, sse_event
 from .translate import (
@@ -88,21 +87,18 @@ def create_app(
     """The proxy application; without `backend` it connects to Triton at startup.
 
     `fetcher` replaces the guarded image fetcher built from `config` (tests); with
-    `config.image_fetch` false there is none either way.
+    `config.fetch.enabled` false there is none either way.
     """
     app = web.Application(
-        client_max_size=config.max_request_bytes,
+        client_max_size=config.admission.max_request_bytes,
         middlewares=[request_log_middleware, error_middleware],
     )
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = int(time.time())
     app[METRICS_KEY] = ProxyMetrics()
-    app[LIMITS_KEY] = ServerLimits(
-        pixels=PixelLimits(config.image_min_pixels, config.image_max_pixels),
-        max_tokens=config.max_tokens_limit,
-    )
-    if config.image_fetch:
-        app[FETCHER_KEY] = fetcher or GuardedFetcher(fetch_policy(config))
+    app[LIMITS_KEY] = ServerLimits(pixels=config.pixels, max_tokens=config.server.max_tokens_limit)
+    if config.fetch.enabled:
+        app[FETCHER_KEY] = fetcher or GuardedFetcher(config.fetch)
     if backend is not None:
         app[BACKEND_KEY] = backend
     app.cleanup_ctx.append(backend_context)
@@ -118,28 +114,17 @@ def create_app(
     return app
 
 
-def fetch_policy(config: ProxyConfig) -> FetchPolicy:
-    return FetchPolicy(
-        allowed_domains=config.image_fetch_allowed_domains,
-        allow_private_hosts=config.image_fetch_allow_private_hosts,
-        max_bytes=config.image_fetch_max_bytes,
-        connect_timeout_s=config.image_fetch_connect_timeout_s,
-        timeout_s=config.image_fetch_timeout_s,
-        concurrency=config.image_fetch_concurrency,
-    )
-
-
 async def backend_context(app: web.Application) -> AsyncIterator[None]:
     # The gRPC channel binds to the running event loop, so it is made here, not in create_app.
     config = app[CONFIG_KEY]
     if BACKEND_KEY not in app:
-        app[BACKEND_KEY] = TritonBackend(config.triton_url)
-    if config.lazy_load:
-        app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.load_timeout_s)
-    if config.image_fetch_allow_private_hosts:
+        app[BACKEND_KEY] = TritonBackend(config.server.triton_url)
+    if config.server.lazy_load:
+        app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.server.load_timeout_s)
+    if config.fetch.allow_private_hosts:
         log.warning(
             "image fetch may reach private addresses of %s (a test-only setting)",
-            ", ".join(config.image_fetch_allow_private_hosts),
+            ", ".join(config.fetch.allow_private_hosts),
         )
     yield
     if LOADER_KEY in app:
@@ -250,7 +235,7 @@ def note_request_fields(request: web.Request, chat: ChatCompletionRequest) -> No
 def resolve_model(config: ProxyConfig, requested: str | None) -> tuple[str, str]:
     """(served name, Triton model) for a request's `model`; no model means the default."""
     served = config.served_models
-    name = config.served_model_name if requested is None else requested
+    name = config.server.served_model_name if requested is None else requested
     if name not in served:
         names = ", ".join(f"`{n}`" for n in served)
         raise APIError(
@@ -456,7 +441,7 @@ async def ready(request: web.Request) -> web.Response:
     chat request loads it.
     """
     app = request.app
-    model = app[CONFIG_KEY].triton_model
+    model = app[CONFIG_KEY].server.triton_model
     if await app[BACKEND_KEY].is_ready(model):
         return web.json_response({"status": "ready"})
     if LOADER_KEY in app and not app[LOADER_KEY].is_loaded(model):

@@ -77,6 +77,10 @@ _BROADCAST = ipaddress.ip_address("255.255.255.255")
 
 @dataclass(frozen=True)
 class FetchPolicy:
+    """Each field is the flag `--image-fetch-<field>` (proxy/config.py), but `enabled`, which
+    is `--image-fetch` itself: whether remote image URLs are fetched at all."""
+
+    enabled: bool = True
     allowed_domains: tuple[str, ...] = ()
     # Test-only: URL hosts (as written in the URL) exempt from the public-address rule.
     allow_private_hosts: tuple[str, ...] = ()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .admission import AdmissionSettings, install_admission
+from .admission import install_admission
 from .auth import auth_middleware, exempt_routes
 from .config import ProxyConfig
 from .limits import RequestLimits
@@ -20,64 +20,48 @@ from .limits import RequestLimits
 REQUEST_LIMITS_KEY = web.AppKey("request_limits", RequestLimits)
 
 
-def request_limits(config: ProxyConfig) -> RequestLimits:
-    return RequestLimits(
-        max_messages=config.max_messages,
-        max_text_chars=config.max_text_chars,
-        max_images=config.max_images,
-        max_image_bytes=config.max_image_bytes,
-        max_image_pixels=config.max_image_source_pixels,
-        min_image_side=config.min_image_side,
-        max_aspect_ratio=config.max_image_aspect_ratio,
-        max_request_pixels=config.max_request_pixels,
-    )
-
-
-def admission_settings(config: ProxyConfig) -> AdmissionSettings:
-    return AdmissionSettings(
-        max_in_flight=config.max_concurrent_requests,
-        max_body_bytes=config.max_request_bytes,
-        body_timeout_s=config.request_body_timeout_s,
-        request_timeout_s=config.request_timeout_s,
-        idle_timeout_s=config.stream_idle_timeout_s,
-    )
-
-
 def install_hardening(app: web.Application, config: ProxyConfig) -> None:
     """Adds the API-key and admission middlewares (inside the error middleware, so their
     refusals are envelopes) and the request limits the chat handler checks."""
-    app[REQUEST_LIMITS_KEY] = request_limits(config)
-    if config.api_key:
+    app[REQUEST_LIMITS_KEY] = config.limits
+    server = config.server
+    if server.api_key:
         app.middlewares.append(
-            auth_middleware(config.api_key, exempt_routes(config.metrics_require_auth))
+            auth_middleware(server.api_key, exempt_routes(server.metrics_require_auth))
         )
-    install_admission(app, admission_settings(config))
+    install_admission(app, config.admission)
 
 
 def describe_limits(config: ProxyConfig) -> str:
     """One block for the startup log: every limit in force."""
     mib = 1024 * 1024
+    server, admission, limits, pixels = (
+        config.server,
+        config.admission,
+        config.limits,
+        config.pixels,
+    )
     api_key = "not required"
-    if config.api_key:
-        metrics = "too" if config.metrics_require_auth else "exempt"
+    if server.api_key:
+        metrics = "too" if server.metrics_require_auth else "exempt"
         api_key = f"required on every route but /health and /ready (/metrics {metrics})"
     lines = [
         "limits:",
-        f"  request body          {config.max_request_bytes / mib:g} MiB, received within "
-        f"{config.request_body_timeout_s:g} s",
-        f"  messages              {config.max_messages} per request, "
-        f"{config.max_text_chars} text characters",
-        f"  images                {config.max_images} per request, "
-        f"{config.max_image_bytes / mib:g} MiB and {config.max_image_source_pixels} pixels "
-        f"each, {config.max_request_pixels} pixels in all",
-        f"  image shape           sides >= {config.min_image_side} px, aspect ratio <= "
-        f"{config.max_image_aspect_ratio:g}:1, resized into [{config.image_min_pixels}, "
-        f"{config.image_max_pixels}] pixels",
-        f"  max_tokens            {config.max_tokens_limit or 'no proxy limit'}",
-        f"  in flight             {config.max_concurrent_requests} chat completions (then 429)",
-        f"  timeouts              {config.request_timeout_s:g} s per request, "
-        f"{config.stream_idle_timeout_s:g} s between model responses",
-        f"  shutdown              {config.shutdown_timeout_s:g} s for in-flight requests",
+        f"  request body          {admission.max_request_bytes / mib:g} MiB, received within "
+        f"{admission.request_body_timeout_s:g} s",
+        f"  messages              {limits.max_messages} per request, "
+        f"{limits.max_text_chars} text characters",
+        f"  images                {limits.max_images} per request, "
+        f"{limits.max_image_bytes / mib:g} MiB and {limits.max_image_source_pixels} pixels "
+        f"each, {limits.max_request_pixels} pixels in all",
+        f"  image shape           sides >= {limits.min_image_side} px, aspect ratio <= "
+        f"{limits.max_image_aspect_ratio:g}:1, resized into [{pixels.min_pixels}, "
+        f"{pixels.max_pixels}] pixels",
+        f"  max_tokens            {server.max_tokens_limit or 'no proxy limit'}",
+        f"  in flight             {admission.max_concurrent_requests} chat completions (then 429)",
+        f"  timeouts              {admission.request_timeout_s:g} s per request, "
+        f"{admission.stream_idle_timeout_s:g} s between model responses",
+        f"  shutdown              {server.shutdown_timeout_s:g} s for in-flight requests",
         f"  API key               {api_key}",
     ]
     return "\n".join(lines)

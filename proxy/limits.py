@@ -58,15 +58,15 @@ _RAW_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Ceilings on one chat request (proxy/config.py flags)."""
+    """Ceilings on one chat request; each field is the flag `--<field>` (proxy/config.py)."""
 
     max_messages: int = 512
     max_text_chars: int = 1_000_000
     max_images: int = 16
     max_image_bytes: int = 20 * MIB
-    max_image_pixels: int = 40_000_000
+    max_image_source_pixels: int = 40_000_000
     min_image_side: int = 1
-    max_aspect_ratio: float = 200.0
+    max_image_aspect_ratio: float = 200.0
     max_request_pixels: int = 200_000_000
 
 
@@ -258,7 +258,7 @@ def check_image_header(header: ImageHeader | str, param: str, limits: RequestLim
     width, height = header.width, header.height
     if width < 1 or height < 1:
         raise invalid_image(param)
-    if header.pixels > limits.max_image_pixels:
+    if header.pixels > limits.max_image_source_pixels:
         raise _too_many_pixels(param, limits, f" ({width}x{height})")
     if min(width, height) < limits.min_image_side:
         raise limit_error(
@@ -267,10 +267,10 @@ def check_image_header(header: ImageHeader | str, param: str, limits: RequestLim
             param,
             "image_too_small",
         )
-    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+    if max(width, height) / min(width, height) > limits.max_image_aspect_ratio:
         raise limit_error(
             f"The image is {width}x{height} pixels; its aspect ratio must be at most "
-            f"{limits.max_aspect_ratio:g}:1.",
+            f"{limits.max_image_aspect_ratio:g}:1.",
             param,
             "image_aspect_ratio_too_large",
         )
@@ -279,7 +279,7 @@ def check_image_header(header: ImageHeader | str, param: str, limits: RequestLim
 def _too_many_pixels(param: str, limits: RequestLimits, size: str = "") -> APIError:
     return limit_error(
         f"The image is too large{size}: this server accepts at most "
-        f"{limits.max_image_pixels} pixels per image.",
+        f"{limits.max_image_source_pixels} pixels per image.",
         param,
         "image_too_large",
     )

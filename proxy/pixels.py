@@ -42,7 +42,8 @@ class PixelBudget:
 
 @dataclass(frozen=True)
 class PixelLimits:
-    """The server-wide bounds: defaults for every image and the range clients may ask for."""
+    """The server-wide bounds: defaults for every image and the range clients may ask for
+    (`--image-min-pixels`, `--image-max-pixels`)."""
 
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS

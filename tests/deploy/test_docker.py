@@ -414,10 +414,9 @@ def test_proxy_bridges_the_internal_and_a_public_network():
 
 
 def _proxy_env_names() -> set[str]:
-    source = (ROOT / "proxy" / "config.py").read_text()
-    return set(re.findall(r"""_env\(\s*["']([A-Z][A-Z0-9_]*)["']""", source)) | set(
-        re.findall(r"""environ(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]*)["']""", source)
-    )
+    from proxy.config import env_names
+
+    return env_names()
 
 
 def test_proxy_environment_in_compose_is_what_the_proxy_reads(monkeypatch):
@@ -443,11 +442,11 @@ def test_proxy_environment_in_compose_is_what_the_proxy_reads(monkeypatch):
     for key, value in env.items():
         if value is not None:
             monkeypatch.setenv(key, str(value))
-    config = parse_config([])
-    host, port = config.triton_url.rsplit(":", 1)
-    assert host in compose["services"] and host == "triton" and port == "8001", config.triton_url
-    assert (ROOT / "model_repository" / config.triton_model / "config.pbtxt").is_file()
-    assert config.port == 9000 and config.host == "0.0.0.0"
+    server = parse_config([]).server
+    host, port = server.triton_url.rsplit(":", 1)
+    assert host in compose["services"] and host == "triton" and port == "8001", server.triton_url
+    assert (ROOT / "model_repository" / server.triton_model / "config.pbtxt").is_file()
+    assert server.port == 9000 and server.host == "0.0.0.0"
 
 
 # --- compose: offline weights ------------------------------------------------------------------

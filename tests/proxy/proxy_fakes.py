@@ -9,13 +9,17 @@ from helpers import data_url, sse_payloads  # noqa: F401  (re-exported for the p
 from sample_images import encoded_image
 
 from proxy.backend import GenerationChunk
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, with_settings
 from proxy.translate import TritonRequest
 
 SERVED_MODEL = "qwen2.5-vl-7b-instruct"
 TRITON_MODEL = "qwen2_5_vl"
-TEST_CONFIG = ProxyConfig(
-    host="127.0.0.1", port=0, served_model_name=SERVED_MODEL, triton_model=TRITON_MODEL
+TEST_CONFIG = with_settings(
+    ProxyConfig(),
+    host="127.0.0.1",
+    port=0,
+    served_model_name=SERVED_MODEL,
+    triton_model=TRITON_MODEL,
 )
 
 # Real (tiny) images: the proxy reads each image's header before sending it on.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from proxy.admission import ADMISSION_KEY
 from proxy.app import create_app
 from proxy.backend import model_error
+from proxy.config import with_settings
 from proxy.model_contract import ModelError
 
 STREAM_REQUEST = {**NORMAL_REQUEST, "stream": True}
@@ -205,7 +205,7 @@ async def test_a_stuck_image_fetch_is_ended_by_the_deadline():
         async def fetch_all(self, refs):
             await asyncio.Event().wait()
 
-    config = dataclasses.replace(TEST_CONFIG, request_timeout_s=0.2)
+    config = with_settings(TEST_CONFIG, request_timeout_s=0.2)
     client = TestClient(TestServer(create_app(config, FakeBackend(), fetcher=StuckFetcher())))
     await client.start_server()
     try:

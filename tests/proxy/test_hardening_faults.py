@@ -5,7 +5,6 @@ drained by SIGTERM with streams in flight."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from hardening_helpers import CHAT, assert_envelope, assert_no_leak, sse_events
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG
 
 from proxy.app import create_app
+from proxy.config import with_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ async def fake_triton():
 @pytest.fixture
 async def proxy_client(fake_triton):
     """The in-process app with its real TritonBackend, pointed at the fake Triton."""
-    config = dataclasses.replace(TEST_CONFIG, triton_url=fake_triton.url)
+    config = with_settings(TEST_CONFIG, triton_url=fake_triton.url)
     client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
     await client.start_server()
     yield client

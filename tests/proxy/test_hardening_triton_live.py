@@ -15,6 +15,7 @@ from test_triton_backend_live import _tritonserver
 
 from proxy.app import create_app
 from proxy.backend import TritonBackend
+from proxy.config import with_settings
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ class RaisingOnRequest:
 
 async def test_model_exception_fails_that_request_alone(echo_url, caplog):
     backend = TritonBackend(echo_url)
-    config = dataclasses.replace(TEST_CONFIG, triton_model="echo")
+    config = with_settings(TEST_CONFIG, triton_model="echo")
     client = TestClient(TestServer(create_app(config, RaisingOnRequest(backend))))
     await client.start_server()
     try:

@@ -23,7 +23,8 @@ from proxy_fakes import TEST_CONFIG, FakeBackend, data_url
 from sample_images import encoded_image
 from yarl import URL
 
-from proxy.app import create_app, fetch_policy
+from proxy.app import FETCHER_KEY, create_app
+from proxy.config import parse_config, with_settings
 from proxy.errors import APIError
 from proxy.fetch import FetchPolicy, GuardedFetcher
 from proxy.images import ImageRef
@@ -539,7 +540,7 @@ async def test_https_keeps_the_host_name_for_sni_and_certificate_checks(tls_file
 async def test_app_fetches_remote_images_in_order_with_inline_ones(server):
     state, base = server
     backend = FakeBackend()
-    config = dataclasses.replace(TEST_CONFIG, image_fetch_allow_private_hosts=("127.0.0.1",))
+    config = with_settings(TEST_CONFIG, image_fetch_allow_private_hosts=("127.0.0.1",))
     client = TestClient(TestServer(create_app(config, backend), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -579,17 +580,18 @@ async def test_first_failure_fails_the_request_and_cancels_the_rest(server):
     assert time.monotonic() - started < 3  # did not wait for the slow ones
 
 
-def test_fetch_policy_follows_the_config():
-    config = dataclasses.replace(
-        TEST_CONFIG,
-        image_fetch_allowed_domains=("example.org",),
-        image_fetch_allow_private_hosts=("127.0.0.1",),
-        image_fetch_max_bytes=1000,
-        image_fetch_connect_timeout_s=1.5,
-        image_fetch_timeout_s=7.0,
-        image_fetch_concurrency=3,
+def test_the_image_fetch_flags_make_the_apps_fetch_policy():
+    config = parse_config(
+        [
+            "--image-fetch-allowed-domains=example.org",
+            "--image-fetch-allow-private-hosts=127.0.0.1",
+            "--image-fetch-max-bytes=1000",
+            "--image-fetch-connect-timeout-s=1.5",
+            "--image-fetch-timeout-s=7",
+            "--image-fetch-concurrency=3",
+        ]
     )
-    assert fetch_policy(config) == FetchPolicy(
+    policy = FetchPolicy(
         allowed_domains=("example.org",),
         allow_private_hosts=("127.0.0.1",),
         max_bytes=1000,
@@ -597,6 +599,10 @@ def test_fetch_policy_follows_the_config():
         timeout_s=7.0,
         concurrency=3,
     )
+    assert config.fetch == policy
+    fetcher = create_app(config, FakeBackend())[FETCHER_KEY]
+    assert isinstance(fetcher, GuardedFetcher) and fetcher.policy == policy
+    assert FETCHER_KEY not in create_app(with_settings(config, image_fetch=False), FakeBackend())
 
 
 async def test_environment_proxies_are_not_used(server, monkeypatch):

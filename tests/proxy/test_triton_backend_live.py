@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -28,6 +27,7 @@ from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, data_url, sse_payloa
 
 from proxy.app import create_app
 from proxy.backend import TritonBackend
+from proxy.config import with_settings
 from proxy.errors import APIError
 from proxy.model_contract import ModelError
 from proxy.translate import TritonRequest
@@ -273,7 +273,7 @@ async def test_unreachable_triton_is_503_and_not_ready():
 
 
 async def test_app_over_real_triton_streams_and_completes(triton_url):
-    config = dataclasses.replace(TEST_CONFIG, triton_url=triton_url, triton_model="echo")
+    config = with_settings(TEST_CONFIG, triton_url=triton_url, triton_model="echo")
     client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -307,14 +307,14 @@ async def test_app_over_real_triton_streams_and_completes(triton_url):
 async def test_lazy_load_over_real_triton_in_explicit_mode(explicit_triton_url):
     """--lazy-load against Triton's explicit model control: listed before loading, /ready 503
     until the first request, one load shared by concurrent first requests, then 200."""
-    config = dataclasses.replace(
+    config = with_settings(
         TEST_CONFIG, triton_url=explicit_triton_url, triton_model="echo", lazy_load=True
     )
     client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
     await client.start_server()
     try:
         models = await (await client.get("/v1/models")).json()
-        assert [m["id"] for m in models["data"]] == [config.served_model_name]
+        assert [m["id"] for m in models["data"]] == [config.server.served_model_name]
         resp = await client.get("/ready")
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "model_not_loaded"

@@ -26,19 +26,19 @@ def clean_env(monkeypatch):
 
 
 def test_log_format_defaults_to_text_and_metrics_to_no_auth():
-    config = parse_config([])
+    config = parse_config([]).server
     assert config.log_format == "text"
     assert config.metrics_require_auth is False
 
 
 def test_flags_and_environment(monkeypatch):
-    assert parse_config(["--log-format", "json"]).log_format == "json"
-    assert parse_config(["--metrics-require-auth"]).metrics_require_auth is True
+    assert parse_config(["--log-format", "json"]).server.log_format == "json"
+    assert parse_config(["--metrics-require-auth"]).server.metrics_require_auth is True
     monkeypatch.setenv("PROXY_LOG_FORMAT", "JSON")
     monkeypatch.setenv("PROXY_METRICS_REQUIRE_AUTH", "true")
-    config = parse_config([])
+    config = parse_config([]).server
     assert config.log_format == "json" and config.metrics_require_auth is True
-    assert parse_config(["--log-format=text"]).log_format == "text"  # the flag wins
+    assert parse_config(["--log-format=text"]).server.log_format == "text"  # the flag wins
 
 
 @pytest.mark.parametrize("argv, env", [(["--log-format", "yaml"], None), ([], "xml")])

@@ -1,189 +1,385 @@
-"""Proxy settings: defaults, environment fallbacks, and flags overriding both."""
+"""Proxy settings: the table of flags, defaults, environment fallbacks, flags overriding both,
+and `with_settings`."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
-from proxy.config import ProxyConfig, parse_config
-
-ENV_VARS = (
-    "PROXY_HOST",
-    "PROXY_PORT",
-    "TRITON_GRPC_URL",
-    "TRITON_MODEL",
-    "SERVED_MODEL_NAME",
-    "PROXY_MAX_REQUEST_BYTES",
-    "PROXY_LOG_LEVEL",
-    "PROXY_MODEL_MAP",
-    "PROXY_MAX_TOKENS_LIMIT",
-    "PROXY_IMAGE_MIN_PIXELS",
-    "PROXY_IMAGE_MAX_PIXELS",
-    "PROXY_IMAGE_FETCH",
-    "PROXY_IMAGE_FETCH_ALLOWED_DOMAINS",
-    "PROXY_IMAGE_FETCH_ALLOW_PRIVATE_HOSTS",
-    "PROXY_IMAGE_FETCH_MAX_BYTES",
-    "PROXY_IMAGE_FETCH_CONNECT_TIMEOUT_S",
-    "PROXY_IMAGE_FETCH_TIMEOUT_S",
-    "PROXY_IMAGE_FETCH_CONCURRENCY",
-    "PROXY_LAZY_LOAD",
-    "PROXY_LOAD_TIMEOUT_S",
+from proxy.admission import AdmissionSettings
+from proxy.config import (
+    API_KEY_FILE_FLAG,
+    SETTINGS,
+    ProxyConfig,
+    ServerSettings,
+    build_parser,
+    env_names,
+    parse_config,
+    with_settings,
 )
+from proxy.fetch import FetchPolicy
+from proxy.limits import RequestLimits
+from proxy.pixels import PixelLimits
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = {setting.key: setting for setting in SETTINGS}
+
+# One value per row, as flag/env text and as parsed, none of them the default.
+SAMPLES: dict[str, tuple[str, object]] = {
+    "host": ("127.0.0.1", "127.0.0.1"),
+    "port": ("9100", 9100),
+    "triton_url": ("triton:8001", "triton:8001"),
+    "triton_model": ("qwen_test", "qwen_test"),
+    "served_model_name": ("my-model", "my-model"),
+    "model_map": (
+        "alias=qwen2_5_vl, small = qwen_small",
+        (("alias", "qwen2_5_vl"), ("small", "qwen_small")),
+    ),
+    "max_request_bytes": ("1024", 1024),
+    "request_body_timeout_s": ("2.5", 2.5),
+    "max_messages": ("7", 7),
+    "max_text_chars": ("100", 100),
+    "max_images": ("3", 3),
+    "max_image_bytes": ("4096", 4096),
+    "max_image_source_pixels": ("1000000", 1_000_000),
+    "min_image_side": ("7", 7),
+    "max_image_aspect_ratio": ("50", 50.0),
+    "max_request_pixels": ("5000000", 5_000_000),
+    "max_concurrent_requests": ("3", 3),
+    "request_timeout_s": ("9.5", 9.5),
+    "stream_idle_timeout_s": ("4", 4.0),
+    "shutdown_timeout_s": ("12", 12.0),
+    "api_key": (" s3cret ", "s3cret"),
+    "max_tokens_limit": ("2048", 2048),
+    "image_min_pixels": ("784", 784),
+    "image_max_pixels": ("200704", 200704),
+    "image_fetch": ("off", False),
+    "image_fetch_allowed_domains": ("*.Example.org, cdn.test.", ("example.org", "cdn.test")),
+    "image_fetch_allow_private_hosts": (
+        "127.0.0.1,[::1],LocalHost",
+        ("127.0.0.1", "::1", "localhost"),
+    ),
+    "image_fetch_max_bytes": ("1000", 1000),
+    "image_fetch_connect_timeout_s": ("1.5", 1.5),
+    "image_fetch_timeout_s": ("3", 3.0),
+    "image_fetch_concurrency": ("2", 2),
+    "lazy_load": ("yes", True),
+    "load_timeout_s": ("30", 30.0),
+    "log_level": ("debug", "DEBUG"),
+    "log_format": ("JSON", "json"),
+    "metrics_require_auth": ("true", True),
+}
+
+# A value each row's parser refuses (rows of free text have none).
+BAD = {
+    "port": "ninety",
+    "model_map": "no-equals-sign",
+    "max_request_bytes": "0",
+    "request_body_timeout_s": "0",
+    "max_messages": "-1",
+    "max_text_chars": "many",
+    "max_images": "0",
+    "max_image_bytes": "1.5",
+    "max_image_source_pixels": "0",
+    "min_image_side": "0",
+    "max_image_aspect_ratio": "0.5",  # positive, but below 1 (a parse_config check)
+    "max_request_pixels": "0",
+    "max_concurrent_requests": "0",
+    "request_timeout_s": "-1",
+    "stream_idle_timeout_s": "nan",
+    "shutdown_timeout_s": "0",
+    "max_tokens_limit": "-1",  # an int, but negative (a parse_config check)
+    "image_min_pixels": "2000000",  # above the default max (a parse_config check)
+    "image_max_pixels": "0",
+    "image_fetch": "maybe",
+    "image_fetch_max_bytes": "0",
+    "image_fetch_connect_timeout_s": "0",
+    "image_fetch_timeout_s": "0",
+    "image_fetch_concurrency": "0",
+    "lazy_load": "sometimes",
+    "load_timeout_s": "0",
+    "log_level": "verbose",
+    "log_format": "yaml",
+    "metrics_require_auth": "2",
+}
+FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key"}
+FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ENV_VARS:
+    for name in env_names():
         monkeypatch.delenv(name, raising=False)
 
 
-def test_defaults():
-    assert parse_config([]) == ProxyConfig(
-        host="0.0.0.0",
-        port=9000,
-        triton_url="localhost:8001",
-        triton_model="qwen2_5_vl",
-        served_model_name="qwen2.5-vl-7b-instruct",
-        model_map=(),
-        max_request_bytes=64 * 1024 * 1024,
-        max_tokens_limit=8192,
-        image_min_pixels=3136,
-        image_max_pixels=1003520,
-        image_fetch=True,
-        image_fetch_allowed_domains=(),
-        image_fetch_allow_private_hosts=(),
-        image_fetch_max_bytes=20 * 1024 * 1024,
-        image_fetch_connect_timeout_s=5.0,
-        image_fetch_timeout_s=20.0,
-        image_fetch_concurrency=4,
-        lazy_load=False,
-        load_timeout_s=600.0,
-        log_level="INFO",
+def value_of(config: ProxyConfig, key: str) -> object:
+    setting = ROWS[key]
+    return getattr(getattr(config, setting.section), setting.name)
+
+
+def as_text(value: object) -> str:
+    """A default as flag text."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(item if isinstance(item, str) else "=".join(item) for item in value)
+    return str(value)
+
+
+# ---- the table -------------------------------------------------------------------------
+
+
+def test_every_section_field_has_exactly_one_row():
+    rows = sorted((setting.section, setting.name) for setting in SETTINGS)
+    fields = sorted(
+        (section.name, field.name)
+        for section in dataclasses.fields(ProxyConfig)
+        for field in dataclasses.fields(getattr(ProxyConfig(), section.name))
     )
+    assert rows == fields
 
 
-def test_environment_fallbacks(monkeypatch):
-    monkeypatch.setenv("PROXY_HOST", "127.0.0.1")
-    monkeypatch.setenv("PROXY_PORT", "9100")
-    monkeypatch.setenv("TRITON_GRPC_URL", "triton:8001")
-    monkeypatch.setenv("TRITON_MODEL", "qwen_test")
-    monkeypatch.setenv("SERVED_MODEL_NAME", "my-model")
-    monkeypatch.setenv("PROXY_MAX_REQUEST_BYTES", "1024")
-    monkeypatch.setenv("PROXY_LOG_LEVEL", "debug")
-    config = parse_config([])
-    assert (config.host, config.port, config.triton_url) == ("127.0.0.1", 9100, "triton:8001")
-    assert (config.triton_model, config.served_model_name) == ("qwen_test", "my-model")
-    assert (config.max_request_bytes, config.log_level) == (1024, "DEBUG")
+def test_no_flag_or_env_var_is_named_twice():
+    options = [o for action in build_parser()._actions for o in action.option_strings]
+    assert len(options) == len(set(options)), options
+    envs = [setting.env_name for setting in SETTINGS] + ["PROXY_API_KEY_FILE"]
+    assert len(envs) == len(set(envs)) == len(env_names())
 
 
-def test_flags_override_environment(monkeypatch):
-    monkeypatch.setenv("PROXY_PORT", "9100")
-    monkeypatch.setenv("SERVED_MODEL_NAME", "env-name")
-    config = parse_config(["--port", "9200", "--served-model-name", "flag-name"])
-    assert (config.port, config.served_model_name) == (9200, "flag-name")
-
-
-def test_bad_environment_value_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setenv("PROXY_PORT", "ninety")
-    with pytest.raises(SystemExit):
-        parse_config([])
-    assert "--port" in capsys.readouterr().err
-
-
-def test_non_positive_body_limit_is_rejected():
-    with pytest.raises(SystemExit):
-        parse_config(["--max-request-bytes", "0"])
-
-
-def test_config_is_frozen():
-    with pytest.raises(AttributeError):
-        parse_config([]).port = 1
-
-
-def test_new_settings_from_environment(monkeypatch):
-    monkeypatch.setenv("PROXY_MODEL_MAP", "alias=qwen2_5_vl, small = qwen_small")
-    monkeypatch.setenv("PROXY_MAX_TOKENS_LIMIT", "2048")
-    monkeypatch.setenv("PROXY_IMAGE_MIN_PIXELS", "784")
-    monkeypatch.setenv("PROXY_IMAGE_MAX_PIXELS", "200704")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH", "off")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH_ALLOWED_DOMAINS", "*.Example.org, cdn.test.")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH_ALLOW_PRIVATE_HOSTS", "127.0.0.1,[::1],LocalHost")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH_MAX_BYTES", "1000")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH_CONNECT_TIMEOUT_S", "1.5")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH_TIMEOUT_S", "3")
-    monkeypatch.setenv("PROXY_IMAGE_FETCH_CONCURRENCY", "2")
-    monkeypatch.setenv("PROXY_LAZY_LOAD", "yes")
-    monkeypatch.setenv("PROXY_LOAD_TIMEOUT_S", "30")
-    config = parse_config([])
-    assert config.model_map == (("alias", "qwen2_5_vl"), ("small", "qwen_small"))
-    assert config.served_models == {
-        "qwen2.5-vl-7b-instruct": "qwen2_5_vl",
-        "alias": "qwen2_5_vl",
-        "small": "qwen_small",
+def test_the_rule_names_flags_and_env_vars():
+    # Explicit names are the exceptions, kept because deployments use them.
+    explicit = {(s.key, s.flag, s.env) for s in SETTINGS if s.flag or s.env}
+    assert explicit == {
+        ("triton_url", "", "TRITON_GRPC_URL"),
+        ("triton_model", "", "TRITON_MODEL"),
+        ("served_model_name", "", "SERVED_MODEL_NAME"),
+        ("image_fetch", "image-fetch", ""),
     }
-    assert (config.max_tokens_limit, config.image_min_pixels, config.image_max_pixels) == (
-        2048,
-        784,
-        200704,
+    rows = {s.option: s for s in SETTINGS}
+    assert rows["--image-fetch-max-bytes"].env_name == "PROXY_IMAGE_FETCH_MAX_BYTES"
+    assert (rows["--image-fetch-max-bytes"].section, rows["--image-fetch-max-bytes"].name) == (
+        "fetch",
+        "max_bytes",
     )
-    assert config.image_fetch is False
-    assert config.image_fetch_allowed_domains == ("example.org", "cdn.test")
-    assert config.image_fetch_allow_private_hosts == ("127.0.0.1", "::1", "localhost")
-    assert (config.image_fetch_max_bytes, config.image_fetch_concurrency) == (1000, 2)
-    assert (config.image_fetch_connect_timeout_s, config.image_fetch_timeout_s) == (1.5, 3.0)
-    assert (config.lazy_load, config.load_timeout_s) == (True, 30.0)
+    assert (rows["--image-min-pixels"].section, rows["--image-min-pixels"].name) == (
+        "pixels",
+        "min_pixels",
+    )
+    assert rows["--max-concurrent-requests"].section == "admission"
+    assert rows["--image-fetch"].env_name == "PROXY_IMAGE_FETCH"
+
+
+def test_every_help_names_its_env_var():
+    for action in build_parser()._actions:
+        setting = ROWS.get(action.dest)
+        if setting is not None and action.option_strings == [setting.option]:
+            assert action.help.endswith(f" [{setting.env_name}]"), action.help
+
+
+def test_samples_and_bad_values_cover_the_table():
+    assert set(SAMPLES) == set(ROWS)
+    assert set(BAD) | FREE_TEXT == set(ROWS) and not set(BAD) & FREE_TEXT
+
+
+# ---- defaults, env, flags --------------------------------------------------------------
+
+
+def test_defaults_are_the_section_classes_defaults():
+    config = parse_config([])
+    assert config == ProxyConfig()
+    assert config.server == ServerSettings()
+    assert config.admission == AdmissionSettings()
+    assert config.limits == RequestLimits()
+    assert config.pixels == PixelLimits()
+    assert config.fetch == FetchPolicy()
+
+
+def test_default_values():
+    config = parse_config([])
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+    assert (config.server.triton_url, config.server.triton_model) == (
+        "localhost:8001",
+        "qwen2_5_vl",
+    )
+    assert config.server.served_model_name == "qwen2.5-vl-7b-instruct"
+    assert (config.server.max_tokens_limit, config.server.log_level) == (8192, "INFO")
+    assert config.admission.max_request_bytes == 64 * 1024 * 1024
+    assert (config.pixels.min_pixels, config.pixels.max_pixels) == (3136, 1003520)
+    assert config.fetch.enabled is True and config.fetch.max_bytes == 20 * 1024 * 1024
+    assert config.served_models == {"qwen2.5-vl-7b-instruct": "qwen2_5_vl"}
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLES))
+def test_each_flag_parses(key):
+    text, value = SAMPLES[key]
+    config = parse_config([ROWS[key].option, text])
+    assert value_of(config, key) == value
+    # Only that setting changed.
+    assert with_settings(config, **{key: value_of(ProxyConfig(), key)}) == ProxyConfig()
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLES))
+def test_each_env_var_is_the_fallback(key, monkeypatch):
+    text, value = SAMPLES[key]
+    monkeypatch.setenv(ROWS[key].env_name, text)
+    assert value_of(parse_config([]), key) == value
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLES))
+def test_each_flag_beats_its_env_var(key, monkeypatch):
+    monkeypatch.setenv(ROWS[key].env_name, SAMPLES[key][0])
+    default = value_of(ProxyConfig(), key)
+    assert value_of(parse_config([f"{ROWS[key].option}={as_text(default)}"]), key) == default
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_bad_flag_values_are_usage_errors(key, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config([f"{ROWS[key].option}={BAD[key]}"])
+    assert exit_info.value.code == 2
+    assert ROWS[key].option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_bad_env_values_are_usage_errors(key, monkeypatch, capsys):
+    monkeypatch.setenv(ROWS[key].env_name, BAD[key])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config([])
+    assert exit_info.value.code == 2
+    assert ROWS[key].option in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    "argv, field, value",
+    "argv, key, value",
     [
         (["--lazy-load"], "lazy_load", True),
         (["--lazy-load", "false"], "lazy_load", False),
+        (["--metrics-require-auth"], "metrics_require_auth", True),
         (["--no-image-fetch"], "image_fetch", False),
         (["--image-fetch"], "image_fetch", True),
         (["--image-fetch=0"], "image_fetch", False),
         (["--max-tokens-limit", "0"], "max_tokens_limit", 0),
-        (
-            ["--image-fetch-allow-private-hosts", "127.0.0.1"],
-            "image_fetch_allow_private_hosts",
-            ("127.0.0.1",),
-        ),
         (["--model-map", ""], "model_map", ()),
+        (["--image-min-pixels", "1003520"], "image_min_pixels", 1003520),  # min == max
     ],
 )
-def test_new_flags(argv, field, value):
-    assert getattr(parse_config(argv), field) == value
+def test_special_forms(argv, key, value):
+    assert value_of(parse_config(argv), key) == value
 
 
-def test_flag_beats_environment_for_booleans(monkeypatch):
+def test_no_image_fetch_beats_the_environment(monkeypatch):
     monkeypatch.setenv("PROXY_IMAGE_FETCH", "true")
-    assert parse_config(["--no-image-fetch"]).image_fetch is False
-    monkeypatch.setenv("PROXY_LAZY_LOAD", "1")
-    assert parse_config(["--lazy-load", "no"]).lazy_load is False
+    assert parse_config(["--no-image-fetch"]).fetch.enabled is False
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--model-map", "no-equals-sign"],
         ["--model-map", "a=b,a=c"],
         ["--model-map", "=b"],
         ["--model-map", "qwen2.5-vl-7b-instruct=other"],  # would shadow the default name
-        ["--image-min-pixels", "2000000"],  # above the default max
-        ["--image-max-pixels", "0"],
-        ["--max-tokens-limit", "-1"],
-        ["--image-fetch-timeout-s", "0"],
-        ["--image-fetch-concurrency", "0"],
-        ["--lazy-load", "maybe"],
+        ["--image-min-pixels", "5000", "--image-max-pixels", "4000"],
         ["--image-fetch", "--no-image-fetch"],
+        ["--api-key", "a", API_KEY_FILE_FLAG, "/nonexistent"],
+        [API_KEY_FILE_FLAG, "/nonexistent/key"],
+        ["--log-level", "TRACE"],
     ],
 )
-def test_bad_new_values_are_usage_errors(argv):
-    with pytest.raises(SystemExit):
+def test_inconsistent_values_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as exit_info:
         parse_config(argv)
+    assert exit_info.value.code == 2
 
 
-def test_bad_boolean_environment_value_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setenv("PROXY_LAZY_LOAD", "sometimes")
-    with pytest.raises(SystemExit):
-        parse_config([])
-    assert "--lazy-load" in capsys.readouterr().err
+def test_model_map_names_more_served_models(monkeypatch):
+    monkeypatch.setenv("PROXY_MODEL_MAP", "alias=qwen2_5_vl, small = qwen_small")
+    assert parse_config([]).served_models == {
+        "qwen2.5-vl-7b-instruct": "qwen2_5_vl",
+        "alias": "qwen2_5_vl",
+        "small": "qwen_small",
+    }
+
+
+def test_config_is_frozen():
+    config = parse_config([])
+    with pytest.raises(AttributeError):
+        config.server = ServerSettings()
+    with pytest.raises(AttributeError):
+        config.server.port = 1
+
+
+# ---- with_settings ---------------------------------------------------------------------
+
+
+def test_with_settings_takes_flag_names():
+    base = ProxyConfig()
+    config = with_settings(
+        base, max_images=2, image_fetch=False, image_max_pixels=200704, lazy_load=True
+    )
+    assert config.limits == dataclasses.replace(base.limits, max_images=2)
+    assert config.fetch == dataclasses.replace(base.fetch, enabled=False)
+    assert config.pixels == dataclasses.replace(base.pixels, max_pixels=200704)
+    assert config.server == dataclasses.replace(base.server, lazy_load=True)
+    assert config.admission is base.admission  # sections not named are kept
+    assert base == ProxyConfig()  # a new config; the old one is unchanged
+    assert with_settings(base) == base
+
+
+@pytest.mark.parametrize("name", ["max_image_pixels", "enabled", "fetch", "api_key_file", "bogus"])
+def test_with_settings_rejects_unknown_names(name):
+    with pytest.raises(TypeError, match=name):
+        with_settings(ProxyConfig(), **{name: 1})
+
+
+# ---- the documentation -----------------------------------------------------------------
+
+_DOCUMENTS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted(path for path in (ROOT / "docker").rglob("*") if path.is_file()),
+]
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
+_NAME = re.compile(r"\b[A-Z][A-Z0-9_]*\b")
+# Flags of other programs on lines that also name a proxy setting.
+_NOT_PROXY_FLAGS = {"--rm": "docker run", "--exit-timeout-secs": "tritonserver"}
+
+
+def test_documented_flags_and_env_vars_exist():
+    """Lines of README.md, docs/ and docker/ that name a proxy env var or `python -m proxy`
+    name only flags that exist; every PROXY_* variable they name is read by the proxy, but
+    the compose file's own ${PROXY_*} substitutions."""
+    options = {o for action in build_parser()._actions for o in action.option_strings}
+    envs = env_names()
+    texts = {path: path.read_text() for path in _DOCUMENTS}
+    compose_variables = {
+        name for text in texts.values() for name in re.findall(r"\$\{(PROXY_[A-Z0-9_]+)", text)
+    }
+    documented_flags: dict[str, str] = {}
+    documented_envs: dict[str, str] = {}
+    for path, text in texts.items():
+        for number, line in enumerate(text.splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            names = set(_NAME.findall(line))
+            for name in names:
+                if name.startswith("PROXY_") and name != "PROXY_":  # not `PROXY_*`
+                    documented_envs.setdefault(name, where)
+            if names & envs or "python -m proxy" in line:
+                for flag in _FLAG.findall(line):
+                    documented_flags.setdefault(flag, where)
+    missing_flags = {
+        flag: where
+        for flag, where in documented_flags.items()
+        if flag not in options and flag not in _NOT_PROXY_FLAGS
+    }
+    assert not missing_flags, f"documented, but python -m proxy has no such flag: {missing_flags}"
+    missing_envs = {
+        name: where
+        for name, where in documented_envs.items()
+        if name not in envs and name not in compose_variables
+    }
+    assert not missing_envs, f"documented, but the proxy reads no such variable: {missing_envs}"
+    # The check has teeth: the configuration tables are found.
+    assert {"--max-concurrent-requests", "--image-fetch-allowed-domains"} <= set(documented_flags)

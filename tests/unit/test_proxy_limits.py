@@ -181,7 +181,7 @@ async def test_min_side_bytes_and_aspect_limits_are_configurable():
     with pytest.raises(APIError) as caught:
         await check_one(GOOD_PNG, RequestLimits(max_image_bytes=len(GOOD_PNG) - 1))
     assert caught.value.code == "image_too_large"
-    await check_one(png_header_only(1, 300), RequestLimits(max_aspect_ratio=300))
+    await check_one(png_header_only(1, 300), RequestLimits(max_image_aspect_ratio=300))
 
 
 async def test_request_pixels_add_up_across_images():
@@ -205,17 +205,17 @@ def test_hardening_flags_have_env_fallbacks_and_flags_win(monkeypatch):
     monkeypatch.setenv("PROXY_MAX_CONCURRENT_REQUESTS", "3")
     monkeypatch.setenv("PROXY_REQUEST_TIMEOUT_S", "9.5")
     config = parse_config(["--max-images", "5", "--min-image-side", "7"])
-    assert (config.max_images, config.max_concurrent_requests) == (5, 3)
-    assert (config.request_timeout_s, config.min_image_side) == (9.5, 7)
+    assert (config.limits.max_images, config.admission.max_concurrent_requests) == (5, 3)
+    assert (config.admission.request_timeout_s, config.limits.min_image_side) == (9.5, 7)
 
 
 def test_hardening_defaults_match_or_tighten_the_model():
     config = parse_config([])
-    assert config.max_images == 16
-    assert config.max_image_source_pixels == 40_000_000
-    assert config.max_image_aspect_ratio == 200
-    assert config.shutdown_timeout_s == 30  # tritonserver --exit-timeout-secs in stack.py
-    assert config.api_key == ""
+    assert config.limits.max_images == 16
+    assert config.limits.max_image_source_pixels == 40_000_000
+    assert config.limits.max_image_aspect_ratio == 200
+    assert config.server.shutdown_timeout_s == 30  # tritonserver --exit-timeout-secs in stack.py
+    assert config.server.api_key == ""
 
 
 @pytest.mark.parametrize(
@@ -230,9 +230,9 @@ def test_bad_limit_values_are_refused(argv):
 def test_api_key_from_flag_env_or_file(tmp_path, monkeypatch):
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-from-file\n")
-    assert parse_config(["--api-key-file", str(key_file)]).api_key == "s3cret-from-file"
+    assert parse_config(["--api-key-file", str(key_file)]).server.api_key == "s3cret-from-file"
     monkeypatch.setenv("PROXY_API_KEY", "from-env")
-    assert parse_config([]).api_key == "from-env"
+    assert parse_config([]).server.api_key == "from-env"
     assert "from-env" not in repr(parse_config([]))  # the config may be logged
 
 
@@ -287,7 +287,7 @@ def test_model_errors_map_to_statuses_without_their_text(message, status, code):
 
 
 async def test_drain_waits_for_in_flight_then_stops():
-    admission = Admission(AdmissionSettings(max_in_flight=2))
+    admission = Admission(AdmissionSettings(max_concurrent_requests=2))
     assert admission.try_enter() and admission.try_enter() and not admission.try_enter()
     stopped = asyncio.Event()
     drain = Drain(admission, timeout_s=5, stop=stopped.set)
