@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -21,39 +22,30 @@ from .errors import (
     SERVICE_UNAVAILABLE,
     APIError,
     error_middleware,
-    internal_error,
     json_dumps,
 )
 from .fetch import GuardedFetcher
-from .hardening import REQUEST_LIMITS_KEY, install_hardening
-from .images import ImageFetcher, ImageRef
-from .limits import check_chat, check_images, check_json_text
+from .hardening import install_hardening
+from .images import ImageFetcher
+from .limits import RequestLimits, check_chat, check_images, check_json_text
 from .loader import ModelLoader, model_not_loaded
 from .metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
+from .model_limits import ModelLimitsBook, narrower
 from .observe import (
     load_images_timed,
     observe_generation,
     observe_request,
     timed_image_check,
 )
+from .responses import CompletionIdentity, TokenUsage, collect_completion, completion_events
 from .schema import ChatCompletionRequest, parse_chat_request
-from .sse import DONE_EVENT, sse_error, sse_event
-from .translate import (
-    ChoiceText,
-    CompletionIdentity,
-    ServerLimits,
-    TokenUsage,
-    chunk_body,
-    completion_body,
-    prepare_chat,
-    usage_chunk_body,
-)
+from .translate import ServerLimits, prepare_chat
 
 log = logging.getLogger("proxy")
 
 CONFIG_KEY = web.AppKey("config", ProxyConfig)
 BACKEND_KEY = web.AppKey("backend", Backend)
-LIMITS_KEY = web.AppKey("limits", ServerLimits)
+MODEL_LIMITS_KEY = web.AppKey("model_limits", ModelLimitsBook)
 FETCHER_KEY = web.AppKey("fetcher", ImageFetcher)  # absent: remote image fetch disabled
 LOADER_KEY = web.AppKey("loader", ModelLoader)  # present only with --lazy-load
 STARTED_AT_KEY = web.AppKey("started_at", int)
@@ -66,7 +58,6 @@ _CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Ignored field names are the client's text: kept printable, short and few in a header.
 _HEADER_UNSAFE = re.compile(r"[^\x21-\x7e]|,")
 _MAX_IGNORED_LISTED = 32
-_IMAGE_ELEMENT = re.compile(r"image\[(\d+)\]")
 
 SSE_HEADERS = {
     # Without the charset, `requests` decodes text/* as ISO-8859-1 and garbles Chinese;
@@ -96,7 +87,6 @@ def create_app(
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = int(time.time())
     app[METRICS_KEY] = ProxyMetrics()
-    app[LIMITS_KEY] = ServerLimits(pixels=config.pixels, max_tokens=config.server.max_tokens_limit)
     if config.fetch.enabled:
         app[FETCHER_KEY] = fetcher or GuardedFetcher(config.fetch)
     if backend is not None:
@@ -119,14 +109,22 @@ async def backend_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     if BACKEND_KEY not in app:
         app[BACKEND_KEY] = TritonBackend(config.server.triton_url)
+    book = app[MODEL_LIMITS_KEY] = ModelLimitsBook(app[BACKEND_KEY])
     if config.server.lazy_load:
         app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.server.load_timeout_s)
+        prefetch = None  # unloaded models cannot answer; the first request loads and asks
+    else:
+        prefetch = asyncio.create_task(
+            book.prefetch(list(dict.fromkeys(config.served_models.values())))
+        )
     if config.fetch.allow_private_hosts:
         log.warning(
             "image fetch may reach private addresses of %s (a test-only setting)",
             ", ".join(config.fetch.allow_private_hosts),
         )
     yield
+    if prefetch is not None:
+        prefetch.cancel()
     if LOADER_KEY in app:
         await app[LOADER_KEY].close()
     await app[BACKEND_KEY].close()
@@ -171,13 +169,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = parse_chat_request(await read_json_object(request))
     note_request_fields(request, chat)
-    check_chat(chat, app[REQUEST_LIMITS_KEY])
     served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
-    prepared = prepare_chat(chat, app[LIMITS_KEY])
+    limits, translation = await limits_for(app, triton_model)
+    check_chat(chat, limits)
+    prepared = prepare_chat(chat, translation)
     images = await load_images_timed(request, prepared.images, app.get(FETCHER_KEY))
-    await timed_image_check(request, check_images(images, prepared.images, app[REQUEST_LIMITS_KEY]))
-    if LOADER_KEY in app:
-        await app[LOADER_KEY].ensure_loaded(triton_model)
+    await timed_image_check(request, check_images(images, prepared.images, limits))
     triton_request = prepared.to_triton(triton_model, images)
     identity = CompletionIdentity.new(served_name)
     usage = request[USAGE_KEY] = TokenUsage()
@@ -185,37 +182,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         request,
         with_stream_timeouts(
             request,
-            with_client_params(
-                app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY]),
-                prepared.images,
-            ),
+            app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY]),
         ),
         model=served_name,
         stream=chat.is_stream,
         usage=usage,
     )
     # Closing the generator is what cancels the Triton stream when the client goes away.
-    async with contextlib.aclosing(chunks):
-        if chat.is_stream:
-            return await stream_completion(request, chunks, identity, usage, chat)
-        return await collect_completion(chunks, identity, usage, chat.wants_logprobs)
+    with app[MODEL_LIMITS_KEY].forgotten_on_outage(triton_model):
+        async with contextlib.aclosing(chunks):
+            if chat.is_stream:
+                return await stream_completion(request, chunks, identity, usage, chat)
+            body = await collect_completion(chunks, identity, usage, chat.wants_logprobs)
+            return web.json_response(body, dumps=json_dumps)
 
 
-async def with_client_params(
-    chunks: AsyncGenerator[GenerationChunk, None], images: list[ImageRef]
-) -> AsyncGenerator[GenerationChunk, None]:
-    """The model names images by their `image` input element (`image[2]`); the client knows
-    them by message part, so errors are re-pointed there. Closing this closes `chunks`."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except APIError as exc:
-        match = _IMAGE_ELEMENT.fullmatch(exc.param or "")
-        if match and int(match[1]) < len(images):
-            exc.param = images[int(match[1])].param
-        raise
-    finally:
-        await chunks.aclose()
+async def limits_for(app: web.Application, triton_model: str) -> tuple[RequestLimits, ServerLimits]:
+    """What a request to `triton_model` is held to: the model's limits (it is asked through
+    Triton; a lazily loaded model is loaded first, as only it knows them), narrowed by the
+    proxy's flags."""
+    if LOADER_KEY in app:
+        await app[LOADER_KEY].ensure_loaded(triton_model)
+    model = await app[MODEL_LIMITS_KEY].get(triton_model)
+    config = app[CONFIG_KEY]
+    max_tokens = int(narrower(config.server.max_tokens_limit, model.max_tokens))
+    translation = ServerLimits(pixels=config.pixels.within(model), max_tokens=max_tokens)
+    return config.limits.within(model), translation
 
 
 def note_request_fields(request: web.Request, chat: ChatCompletionRequest) -> None:
@@ -263,27 +255,6 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def collect_completion(
-    chunks: AsyncIterator[GenerationChunk],
-    identity: CompletionIdentity,
-    usage: TokenUsage,
-    with_logprobs: bool,
-) -> web.Response:
-    def new_choice() -> ChoiceText:
-        return ChoiceText(logprobs=[] if with_logprobs else None)
-
-    choices = {0: new_choice()}  # choice 0 is answered even when the model sent no text
-    async for chunk in chunks:
-        record_usage(usage, chunk)
-        choice = choices.setdefault(chunk.index, new_choice())
-        choice.text += chunk.text
-        if choice.logprobs is not None and chunk.logprobs:
-            choice.logprobs.extend(chunk.logprobs)
-        choice.finish_reason = chunk.finish_reason or choice.finish_reason
-    body = completion_body(identity, [choices[i] for i in sorted(choices)], usage)
-    return web.json_response(body, dumps=json_dumps)
-
-
 async def stream_completion(
     request: web.Request,
     chunks: AsyncIterator[GenerationChunk],
@@ -315,88 +286,21 @@ async def stream_completion(
     return response
 
 
-async def completion_events(
-    first: GenerationChunk | None,
-    rest: AsyncIterator[GenerationChunk],
-    identity: CompletionIdentity,
-    usage: TokenUsage,
-    request_id: str,
-    *,
-    include_usage: bool = False,
-    with_logprobs: bool = False,
-) -> AsyncGenerator[bytes, None]:
-    """The SSE events of one streamed completion, errors included, ending with [DONE].
-
-    Each content chunk carries the logprobs of the tokens it covers when they were asked for.
-    """
-    role_delta = {"role": "assistant", "content": ""}
-    yield sse_event(chunk_body(identity, role_delta, include_usage=include_usage))
-    finish_reasons = {0: "stop"}  # per choice; each choice's first chunk carries the role
-    try:
-        async for chunk in _prepend(first, rest):
-            record_usage(usage, chunk)
-            if chunk.index not in finish_reasons:
-                finish_reasons[chunk.index] = "stop"
-                yield sse_event(
-                    chunk_body(identity, role_delta, include_usage=include_usage, index=chunk.index)
-                )
-            finish_reasons[chunk.index] = chunk.finish_reason or finish_reasons[chunk.index]
-            logprobs = (chunk.logprobs or []) if with_logprobs else None
-            if chunk.text or logprobs:
-                delta = {"content": chunk.text}
-                yield sse_event(
-                    chunk_body(
-                        identity,
-                        delta,
-                        include_usage=include_usage,
-                        logprobs=logprobs,
-                        index=chunk.index,
-                    )
-                )
-    except APIError as exc:
-        log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
-        yield sse_error(exc)
-        return
-    except Exception:
-        log.exception("request %s: failed mid-stream", request_id)
-        yield sse_error(internal_error(request_id))
-        return
-    for index, finish_reason in sorted(finish_reasons.items()):
-        yield sse_event(
-            chunk_body(identity, {}, finish_reason, include_usage=include_usage, index=index)
-        )
-    if include_usage:
-        yield sse_event(usage_chunk_body(identity, usage))
-    yield DONE_EVENT
-
-
-async def _prepend(
-    first: GenerationChunk | None, rest: AsyncIterator[GenerationChunk]
-) -> AsyncIterator[GenerationChunk]:
-    if first is not None:
-        yield first
-    async for chunk in rest:
-        yield chunk
-
-
-def record_usage(usage: TokenUsage, chunk: GenerationChunk) -> None:
-    if chunk.prompt_tokens is not None:
-        usage.prompt_tokens = chunk.prompt_tokens
-    if chunk.image_tokens is not None:
-        usage.image_tokens = chunk.image_tokens
-    usage.completion_tokens += chunk.completion_tokens
-
-
 # ---- models and probes -----------------------------------------------------------------
 
 
 def model_card(app: web.Application, name: str) -> dict[str, Any]:
-    return {
+    card: dict[str, Any] = {
         "id": name,
         "object": "model",
         "created": app[STARTED_AT_KEY],
         "owned_by": "triton",
     }
+    # vLLM's field: the context one request can use, once the model has told it.
+    known = app[MODEL_LIMITS_KEY].known(app[CONFIG_KEY].served_models[name])
+    if known is not None and known.context_length > 0:
+        card["max_model_len"] = known.context_length
+    return card
 
 
 async def served_models(app: web.Application) -> list[str]:

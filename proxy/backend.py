@@ -21,8 +21,7 @@ from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from .errors import RETRY_AFTER_S, SERVICE_UNAVAILABLE, APIError, internal_error
-from .model_contract import ModelError, decode_error
-from .translate import TritonRequest
+from .model_contract import DESCRIBE_INPUT, ModelError, ModelLimits, decode_error
 
 log = logging.getLogger("proxy.backend")
 
@@ -39,9 +38,23 @@ _TRITON_UNAVAILABLE = (
 # take up to two minutes to notice a restarted tritonserver; a few seconds is plenty.
 _MAX_RECONNECT_BACKOFF_MS = 2000
 
+# The model answers `describe` in its execute loop, which a busy CPU engine can hold up.
+_DESCRIBE_TIMEOUT_S = 10.0
+
 # Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
 # tell "done" from "more to come" when the last text response was not flagged final.
 _STREAM_PARAMETERS = {"triton_enable_empty_final_response": True}
+
+
+@dataclass(frozen=True)
+class TritonRequest:
+    """What the proxy sends to the Triton model, before it becomes tensors."""
+
+    model: str
+    messages_json: str
+    images: list[bytes]
+    sampling_parameters: dict[str, Any]
+    stream: bool
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,11 @@ class Backend(Protocol):
 
     async def load_model(self, model: str) -> None:
         """Loads `model` (Triton's explicit model control); raises APIError 503 on failure."""
+        ...
+
+    async def describe(self, model: str) -> ModelLimits | None:
+        """The limits `model` holds requests to (its `describe` answer); None when the model
+        does not answer it. Raises APIError 503 when Triton or the model cannot be asked."""
         ...
 
     async def close(self) -> None: ...
@@ -198,6 +216,32 @@ class TritonBackend:
         except InferenceServerException as exc:
             log.error("loading model %r failed: %s", model, exc.message())
             raise model_load_failed() from None
+
+    async def describe(self, model: str) -> ModelLimits | None:
+        finished = asyncio.Event()
+        inputs = [_bool_input(DESCRIBE_INPUT, True)]
+        responses = self._client.stream_infer(
+            self._requests(model, inputs, f"describe-{model}", finished)
+        )
+        try:
+            async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
+                async for result, error in responses:
+                    if error is not None:
+                        reported = decode_error(error.message() or "")
+                        if reported is None and _is_triton_unavailable(error.message() or ""):
+                            raise model_unavailable()
+                        # an older model that has no `describe` input, or a model error
+                        log.warning("model %r did not describe its limits: %s", model, error)
+                        return None
+                    text = result.as_numpy("text_output")
+                    if _has_items(text):
+                        return ModelLimits.decode(_first_text(text))
+        except (grpc.RpcError, TimeoutError):
+            raise backend_unavailable() from None
+        finally:
+            finished.set()
+            responses.cancel()
+        return None
 
     async def close(self) -> None:
         await self._client.close()
@@ -321,11 +365,15 @@ def model_error(error: InferenceServerException, request_id: str) -> APIError:
     if reported is not None and reported.kind in ("busy", "unavailable"):
         log.warning("request %s: model %s: %s", request_id, reported.kind, reported.message)
         return model_busy() if reported.kind == "busy" else model_unavailable()
-    if reported is None and any(phrase in message for phrase in _TRITON_UNAVAILABLE):
+    if reported is None and _is_triton_unavailable(message):
         log.warning("request %s: model unavailable: %s", request_id, message)
         return model_unavailable()
     log.error("request %s: model error: %s", request_id, message)
     return internal_error(request_id)
+
+
+def _is_triton_unavailable(message: str) -> bool:
+    return any(phrase in message for phrase in _TRITON_UNAVAILABLE)
 
 
 def client_error(reported: ModelError) -> APIError:

@@ -11,6 +11,10 @@ naming it and saying why it exists. Everything else follows from the row:
     default  the section field's default; a set env var replaces it, a given flag both
 
 A row names its flag or env var only where the rule does not give the established one.
+
+Limits the model has too (images per request, source pixels, aspect ratio, pixel budgets,
+max_tokens) default to 0: the model's own value, learned through Triton at the first request
+(proxy/model_limits.py). A flag can only narrow what the model allows.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class ServerSettings:
     served_model_name: str = "qwen2.5-vl-7b-instruct"
     # Extra served names, each mapped to a Triton model: ((name, triton_model), ...).
     model_map: tuple[tuple[str, str], ...] = ()
-    max_tokens_limit: int = 8192
+    max_tokens_limit: int = 0  # 0: the model's max_tokens
     shutdown_timeout_s: float = 30.0
     api_key: str = field(default="", repr=False)  # "" = no key required
     lazy_load: bool = False
@@ -120,6 +124,21 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _limit_int(text: str) -> int:
+    """A limit the model also has: 0 means the model's own, a value may only narrow it."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (the model's) or positive, got {value}")
+    return value
+
+
+def _limit_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (the model's) or positive, got {text}")
     return value
 
 
@@ -235,9 +254,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S(
         "limits",
         "max_images",
-        _positive_int,
-        "images per request; the model's max_images (16), refused here before any image is "
-        "fetched or decoded",
+        _limit_int,
+        "images per request, refused here before any image is fetched or decoded; 0 = the "
+        "model's max_images (16 unless it was set otherwise), which a value can only lower",
     ),
     _S(
         "limits",
@@ -248,9 +267,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S(
         "limits",
         "max_image_source_pixels",
-        _positive_int,
+        _limit_int,
         "width x height per image, read from its header before anything decodes it "
-        "(decompression bombs); the model's max_source_pixels, 40 MP = 120 MB of RGB",
+        "(decompression bombs); 0 = the model's max_source_pixels (40 MP = 120 MB of RGB)",
     ),
     _S(
         "limits",
@@ -262,8 +281,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S(
         "limits",
         "max_image_aspect_ratio",
-        _positive_float,
-        "longest over shortest side; Qwen's resize (and the model) refuse beyond 200",
+        _limit_float,
+        "longest over shortest side; 0 = the model's max_aspect_ratio (Qwen's resize refuses "
+        "beyond 200)",
     ),
     _S(
         "limits",
@@ -311,23 +331,24 @@ SETTINGS: tuple[Setting, ...] = (
     _S(
         "server",
         "max_tokens_limit",
-        int,
+        _limit_int,
         "larger max_tokens/max_completion_tokens are clamped to this, so one request cannot "
-        "hold a model slot for long (the model's max_tokens_cap); 0 = no proxy limit",
+        "hold a model slot for long; 0 = the model's max_tokens_cap (8192 by default)",
     ),
     _S(
         "pixels",
         "min_pixels",
-        _positive_int,
-        "smallest area an image is resized to (28x28 px = 1 visual token); the model's own "
-        "default, and the floor for a request's min_pixels",
+        _limit_int,
+        "smallest area an image is resized to (28x28 px = 1 visual token), and the floor for "
+        "a request's min_pixels; 0 = the model's min_pixels (3136), which a value can only raise",
     ),
     _S(
         "pixels",
         "max_pixels",
-        _positive_int,
-        "largest area an image is resized to (1003520 = 1280 visual tokens, the model's "
-        "default); bounds memory and prefill time per image, and caps a request's max_pixels",
+        _limit_int,
+        "largest area an image is resized to; bounds memory and prefill time per image, and "
+        "caps a request's max_pixels; 0 = the model's max_pixels (1003520 = 1280 visual "
+        "tokens), which a value can only lower",
     ),
     _S(
         "fetch",
@@ -501,11 +522,9 @@ def parse_config(argv: Sequence[str] | None = None) -> ProxyConfig:
 
 def _inconsistency(config: ProxyConfig) -> str | None:
     """What no single flag's parser can see: a bound, or two settings at odds."""
-    if config.limits.max_image_aspect_ratio < 1:
-        return "--max-image-aspect-ratio must be at least 1"
-    if config.server.max_tokens_limit < 0:
-        return "--max-tokens-limit must be 0 (no limit) or positive"
-    if config.pixels.min_pixels > config.pixels.max_pixels:
+    if 0 < config.limits.max_image_aspect_ratio < 1:
+        return "--max-image-aspect-ratio must be 0 (the model's) or at least 1"
+    if 0 < config.pixels.max_pixels < config.pixels.min_pixels:
         return "--image-min-pixels must not exceed --image-max-pixels"
     if config.server.served_model_name in dict(config.server.model_map):
         return "--model-map must not remap --served-model-name"

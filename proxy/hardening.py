@@ -15,15 +15,11 @@ from aiohttp import web
 from .admission import install_admission
 from .auth import auth_middleware, exempt_routes
 from .config import ProxyConfig
-from .limits import RequestLimits
-
-REQUEST_LIMITS_KEY = web.AppKey("request_limits", RequestLimits)
 
 
 def install_hardening(app: web.Application, config: ProxyConfig) -> None:
     """Adds the API-key and admission middlewares (inside the error middleware, so their
-    refusals are envelopes) and the request limits the chat handler checks."""
-    app[REQUEST_LIMITS_KEY] = config.limits
+    refusals are envelopes)."""
     server = config.server
     if server.api_key:
         app.middlewares.append(
@@ -46,18 +42,18 @@ def describe_limits(config: ProxyConfig) -> str:
         metrics = "too" if server.metrics_require_auth else "exempt"
         api_key = f"required on every route but /health and /ready (/metrics {metrics})"
     lines = [
-        "limits:",
+        'limits ("model\'s": what the model allows, asked at the first request):',
         f"  request body          {admission.max_request_bytes / mib:g} MiB, received within "
         f"{admission.request_body_timeout_s:g} s",
         f"  messages              {limits.max_messages} per request, "
         f"{limits.max_text_chars} text characters",
-        f"  images                {limits.max_images} per request, "
-        f"{limits.max_image_bytes / mib:g} MiB and {limits.max_image_source_pixels} pixels "
-        f"each, {limits.max_request_pixels} pixels in all",
+        f"  images                {_own(limits.max_images)} per request, "
+        f"{limits.max_image_bytes / mib:g} MiB and {_own(limits.max_image_source_pixels)} "
+        f"pixels each, {limits.max_request_pixels} pixels in all",
         f"  image shape           sides >= {limits.min_image_side} px, aspect ratio <= "
-        f"{limits.max_image_aspect_ratio:g}:1, resized into [{pixels.min_pixels}, "
-        f"{pixels.max_pixels}] pixels",
-        f"  max_tokens            {server.max_tokens_limit or 'no proxy limit'}",
+        f"{_own(limits.max_image_aspect_ratio)}, resized into [{_own(pixels.min_pixels)}, "
+        f"{_own(pixels.max_pixels)}] pixels",
+        f"  max_tokens            {_own(server.max_tokens_limit)}",
         f"  in flight             {admission.max_concurrent_requests} chat completions (then 429)",
         f"  timeouts              {admission.request_timeout_s:g} s per request, "
         f"{admission.stream_idle_timeout_s:g} s between model responses",
@@ -65,3 +61,8 @@ def describe_limits(config: ProxyConfig) -> str:
         f"  API key               {api_key}",
     ]
     return "\n".join(lines)
+
+
+def _own(value: float) -> str:
+    """A flag that narrows the model's limit: its value, or the model's when it is 0."""
+    return f"{value:g}" if value > 0 else "model's"

@@ -22,6 +22,7 @@ Every refusal is an APIError with a specific `code` and the offending `param`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import re
 import warnings
@@ -34,6 +35,8 @@ from PIL import Image
 
 from .errors import SURROGATE, APIError
 from .images import ImageRef, is_known_image, url_scheme
+from .model_contract import ModelLimits
+from .model_limits import narrower
 from .schema import ChatCompletionRequest, ImagePart, TextPart
 
 MIB = 1024 * 1024
@@ -62,12 +65,24 @@ class RequestLimits:
 
     max_messages: int = 512
     max_text_chars: int = 1_000_000
-    max_images: int = 16
+    # 0: the model's own limit (what it answers to `describe`); a value may only narrow it.
+    max_images: int = 0
     max_image_bytes: int = 20 * MIB
-    max_image_source_pixels: int = 40_000_000
+    max_image_source_pixels: int = 0  # 0: the model's
     min_image_side: int = 1
-    max_image_aspect_ratio: float = 200.0
+    max_image_aspect_ratio: float = 0  # 0: the model's
     max_request_pixels: int = 200_000_000
+
+    def within(self, model: ModelLimits) -> RequestLimits:
+        """These limits with the model's in place of 0 and over any laxer flag."""
+        return dataclasses.replace(
+            self,
+            max_images=int(narrower(self.max_images, model.max_images)),
+            max_image_source_pixels=int(
+                narrower(self.max_image_source_pixels, model.max_source_pixels)
+            ),
+            max_image_aspect_ratio=narrower(self.max_image_aspect_ratio, model.max_aspect_ratio),
+        )
 
 
 @dataclass(frozen=True)

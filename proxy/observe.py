@@ -36,7 +36,7 @@ from .metrics import (
     ProxyMetrics,
     error_cause,
 )
-from .translate import TokenUsage
+from .responses import TokenUsage
 
 access_log = logging.getLogger("proxy.access")
 

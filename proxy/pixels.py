@@ -8,9 +8,10 @@ part: `{"type": "image", "min_pixels": N, "max_pixels": M}`.
 
 Budgets, in pixels (visual tokens = pixels / 784 after resizing):
 
-    server bounds   --image-min-pixels 3136 (4 tokens) .. --image-max-pixels 1003520 (1280
-                    tokens): the model's own defaults; every image gets them unless the
-                    request says otherwise
+    server bounds   the model's [min_pixels, max_pixels] (3136 = 4 tokens .. 1003520 = 1280
+                    tokens by default, learned from the model), narrowed by
+                    --image-min-pixels / --image-max-pixels; every image gets them unless
+                    the request says otherwise
     detail "low"    min: server min; max: 200704 = 448 x 448 (at most 256 tokens), never
                     above the server max
     detail "high"   min: server min; max: the server max (at most 1280 tokens by default)
@@ -27,11 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import APIError
+from .model_contract import ModelLimits
+from .model_limits import narrower
 
-PIXELS_PER_TOKEN = 28 * 28
 LOW_DETAIL_MAX_PIXELS = 448 * 448  # 200704: at most 256 visual tokens
-DEFAULT_MIN_PIXELS = 4 * PIXELS_PER_TOKEN  # 3136
-DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN  # 1003520
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,18 @@ class PixelLimits:
     """The server-wide bounds: defaults for every image and the range clients may ask for
     (`--image-min-pixels`, `--image-max-pixels`)."""
 
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    # 0: the model's bound; a value may only narrow the model's range.
+    min_pixels: int = 0
+    max_pixels: int = 0
+
+    def within(self, model: ModelLimits) -> PixelLimits:
+        """The model's range, narrowed by these bounds; the model's alone when the two do not
+        overlap (the model would refuse every budget in the gap)."""
+        low = max(self.min_pixels, model.min_pixels)
+        high = int(narrower(self.max_pixels, model.max_pixels))
+        if low > high:
+            return PixelLimits(model.min_pixels, model.max_pixels)
+        return PixelLimits(low, high)
 
     def detail_max_pixels(self, detail: str | None) -> int:
         if detail == "low":

@@ -7,65 +7,23 @@ and `PreparedChat.to_triton` (proxy/images.py, proxy/fetch.py).
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backend import TritonRequest
 from .images import ImageRef
+from .model_contract import ModelLimits
 from .pixels import PixelLimits, image_budget
 from .schema import ChatCompletionRequest, ChatMessage, ImagePart
-
-
-@dataclass(frozen=True)
-class TritonRequest:
-    """What the proxy sends to the Triton model, before it becomes tensors."""
-
-    model: str
-    messages_json: str
-    images: list[bytes]
-    sampling_parameters: dict[str, Any]
-    stream: bool
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     """Server-wide bounds a request is translated within (from ProxyConfig)."""
 
-    pixels: PixelLimits = field(default_factory=PixelLimits)
+    # the model's default range; the proxy passes the model's own, narrowed by its flags
+    pixels: PixelLimits = field(default_factory=lambda: PixelLimits().within(ModelLimits()))
     max_tokens: int = 0  # 0: no proxy-side limit
-
-
-@dataclass
-class TokenUsage:
-    """Token counts of one completion, filled in as responses arrive."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    image_tokens: int | None = None  # None: the model did not report it
-
-    def as_dict(self) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-        if self.image_tokens is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": 0, "image_tokens": self.image_tokens}
-        return usage
-
-
-@dataclass(frozen=True)
-class CompletionIdentity:
-    """The fields every response body and chunk of one completion share."""
-
-    id: str
-    created: int
-    model: str
-
-    @classmethod
-    def new(cls, model: str) -> CompletionIdentity:
-        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
 # ---- request: OpenAI -> Triton ---------------------------------------------------------
@@ -185,82 +143,3 @@ def sampling_parameters(chat: ChatCompletionRequest, max_tokens_limit: int = 0) 
         params["logprobs"] = True
         params["top_logprobs"] = chat.top_logprobs or 0
     return {name: value for name, value in params.items() if value is not None}
-
-
-# ---- responses: Triton -> OpenAI -------------------------------------------------------
-
-
-@dataclass
-class ChoiceText:
-    """One choice of a non-streamed completion, assembled from its chunks."""
-
-    text: str = ""
-    finish_reason: str = "stop"
-    # every token's entry when the client asked for logprobs, else None
-    logprobs: list[dict[str, Any]] | None = None
-
-
-def completion_body(
-    identity: CompletionIdentity, choices: list[ChoiceText], usage: TokenUsage
-) -> dict[str, Any]:
-    return {
-        "id": identity.id,
-        "object": "chat.completion",
-        "created": identity.created,
-        "model": identity.model,
-        "choices": [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": choice.text},
-                "logprobs": logprobs_field(choice.logprobs),
-                "finish_reason": choice.finish_reason,
-            }
-            for index, choice in enumerate(choices)
-        ],
-        "usage": usage.as_dict(),
-    }
-
-
-def chunk_body(
-    identity: CompletionIdentity,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-    *,
-    include_usage: bool = False,
-    logprobs: list[dict[str, Any]] | None = None,
-    index: int = 0,
-) -> dict[str, Any]:
-    """A `chat.completion.chunk` with one choice; `usage: null` when usage was asked for."""
-    body = _chunk_envelope(identity)
-    body["choices"] = [
-        {
-            "index": index,
-            "delta": delta,
-            "logprobs": logprobs_field(logprobs),
-            "finish_reason": finish_reason,
-        }
-    ]
-    if include_usage:
-        body["usage"] = None
-    return body
-
-
-def usage_chunk_body(identity: CompletionIdentity, usage: TokenUsage) -> dict[str, Any]:
-    """The last chunk when `stream_options.include_usage` is set: no choices, the totals."""
-    body = _chunk_envelope(identity)
-    body["choices"] = []
-    body["usage"] = usage.as_dict()
-    return body
-
-
-def logprobs_field(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    return None if entries is None else {"content": entries}
-
-
-def _chunk_envelope(identity: CompletionIdentity) -> dict[str, Any]:
-    return {
-        "id": identity.id,
-        "object": "chat.completion.chunk",
-        "created": identity.created,
-        "model": identity.model,
-    }

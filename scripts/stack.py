@@ -120,7 +120,7 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-def _env(config: StackConfig) -> dict:
+def stack_env(config: StackConfig) -> dict:
     env = dict(os.environ)
     # The Python-backend stub finds its interpreter (and so torch, transformers) through PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -195,11 +195,13 @@ class Stack:
 
     def start(self) -> None:
         self.start_triton()
-        self.proxy = self._spawn(proxy_command(self.config), self.proxy_log, _env(self.config))
+        self.proxy = self._spawn(proxy_command(self.config), self.proxy_log, stack_env(self.config))
 
     def start_triton(self) -> None:
         """(Re)start tritonserver on the configured ports; the proxy reconnects by itself."""
-        self.triton = self._spawn(triton_command(self.config), self.triton_log, _env(self.config))
+        self.triton = self._spawn(
+            triton_command(self.config), self.triton_log, stack_env(self.config)
+        )
 
     def _spawn(self, cmd, log_path: Path, env) -> subprocess.Popen:
         log = open(log_path, "ab", buffering=0)

@@ -1,11 +1,14 @@
-"""Helpers every test tier shares: data URLs, SSE bodies, waiting for a condition."""
+"""Helpers every test tier shares: data URLs, SSE bodies, waiting for a condition, config.pbtxt
+parameters."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -48,3 +51,9 @@ def wait_until(
             return result
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(step)
+
+
+def config_pbtxt_parameters(path) -> dict[str, str]:
+    """`parameters [{ key: "name" value: { string_value: "..." } }, ...]` of a config.pbtxt."""
+    text = Path(path).read_text()
+    return dict(re.findall(r'key: "([a-z_]+)",? value: \{ string_value: "([^"]*)" \}', text))

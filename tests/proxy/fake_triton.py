@@ -9,6 +9,7 @@ scripted by the last user message, `key=value` words:
     error=TEXT   answer with an error response whose message is TEXT (`_` for spaces)
     model_error=KIND  answer with the model's error of that kind (proxy/model_contract.py)
 
+A `describe` request gets `FakeTritonState.limits` (the contract's defaults unless changed).
 It counts streams started, completed and cancelled (the client went away), and answers
 ModelReady / RepositoryIndex for one model, ready unless `ready` is False.
 """
@@ -24,7 +25,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from proxy.model_contract import ModelError
+from proxy.model_contract import DESCRIBE_INPUT, ModelError, ModelLimits
 
 MODEL = "qwen2_5_vl"
 
@@ -36,6 +37,8 @@ class FakeTritonState:
     completed: int = 0
     cancelled: int = 0
     requests: list[str] = field(default_factory=list)  # the last user text of each stream
+    limits: ModelLimits = field(default_factory=ModelLimits)
+    describes: int = 0
 
 
 def _bytes_tensor(
@@ -97,6 +100,11 @@ class FakeTritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         request = await anext(aiter(request_iterator))
+        if any(tensor.name == DESCRIBE_INPUT for tensor in request.inputs):
+            self.state.describes += 1
+            limits = self.state.limits.encode().encode()
+            yield _response(request.id, [_bytes_tensor("text_output", [limits])], final=True)
+            return
         text = _last_user_text(request)
         self.state.started += 1
         self.state.requests.append(text)

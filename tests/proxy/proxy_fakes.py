@@ -8,9 +8,9 @@ from collections.abc import AsyncGenerator
 from helpers import data_url, sse_payloads  # noqa: F401  (re-exported for the proxy tests)
 from sample_images import encoded_image
 
-from proxy.backend import GenerationChunk
+from proxy.backend import GenerationChunk, TritonRequest
 from proxy.config import ProxyConfig, with_settings
-from proxy.translate import TritonRequest
+from proxy.model_contract import ModelLimits
 
 SERVED_MODEL = "qwen2.5-vl-7b-instruct"
 TRITON_MODEL = "qwen2_5_vl"
@@ -85,6 +85,10 @@ class FakeBackend:
         self.stopped_early = asyncio.Event()  # closed or cancelled before the last chunk
         self.finished = False
         self.closed = False
+        # What `describe` answers: the model's limits; None plays a model without describe,
+        # an exception a model that cannot be asked.
+        self.limits: ModelLimits | BaseException | None = ModelLimits()
+        self.describe_calls: list[str] = []
 
     @property
     def last_request(self) -> TritonRequest:
@@ -125,6 +129,12 @@ class FakeBackend:
             error, self.load_error = self.load_error, None
             raise error
         self.ready = True
+
+    async def describe(self, model: str) -> ModelLimits | None:
+        self.describe_calls.append(model)
+        if isinstance(self.limits, BaseException):
+            raise self.limits
+        return self.limits
 
     async def close(self) -> None:
         self.closed = True

@@ -419,29 +419,6 @@ async def test_without_lazy_load_nothing_is_loaded_and_ready_says_not_ready(make
 # ---- model errors --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_model_errors_about_image_elements_point_at_the_client_part(make_client, stream):
-    error = client_error(ModelError("invalid_request", "image could not be decoded", "image[1]"))
-    client = await make_client(FakeBackend(error_at=0, error=error))
-    body = {
-        "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": data_url(PNG_BYTES)}]},
-            {"role": "assistant", "content": "ok"},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "and"},
-                    {"type": "image_url", "image_url": data_url(JPEG_BYTES, "image/jpeg")},
-                ],
-            },
-        ],
-        "stream": stream,
-    }
-    _, envelope = await post_json(client, body, status=400)
-    assert envelope["error"]["param"] == "messages[2].content[1].image_url"
-    assert envelope["error"]["message"] == "image could not be decoded"
-
-
 async def test_other_model_error_params_pass_through(make_client):
     error = client_error(
         ModelError("invalid_request", "too long", "max_tokens", "context_length_exceeded")

@@ -26,11 +26,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, data_url, sse_payloads
 
 from proxy.app import create_app
-from proxy.backend import TritonBackend
+from proxy.backend import TritonBackend, TritonRequest
 from proxy.config import with_settings
 from proxy.errors import APIError
-from proxy.model_contract import ModelError
-from proxy.translate import TritonRequest
+from proxy.model_contract import ModelError, ModelLimits
 
 ECHO_MODEL_DIR = Path(__file__).parent / "triton_models" / "echo"
 STARTUP_TIMEOUT_S = 60
@@ -178,6 +177,17 @@ async def test_repository_index_lists_the_model(backend):
     assert (await backend.repository_index())["echo"] == "READY"
 
 
+async def test_the_model_describes_its_limits(backend):
+    # the echo model's config.pbtxt parameters; what it does not name keeps the defaults
+    assert await backend.describe("echo") == ModelLimits(max_images=3, max_tokens=64)
+
+
+async def test_describing_a_model_triton_does_not_have_is_unavailable(backend):
+    with pytest.raises(APIError) as raised:
+        await backend.describe("no_such_model")
+    assert raised.value.status == 503
+
+
 async def test_image_tokens_and_logprobs_cross_the_wire(backend):
     request = triton_request(stream=True, images=[PNG_BYTES], logprobs=True, top_logprobs=2)
     chunks = [chunk async for chunk in backend.generate(request, "live-lp")]
@@ -302,6 +312,27 @@ async def test_app_over_real_triton_streams_and_completes(triton_url):
     assert streamed == expected
     assert completion["choices"][0]["message"]["content"] == expected
     assert completion["usage"]["completion_tokens"] == len(expected.split())
+
+
+async def test_the_proxy_holds_requests_to_the_limits_the_model_describes(triton_url):
+    """The echo model allows 3 images (its config.pbtxt); the proxy's own default is 16."""
+    config = with_settings(TEST_CONFIG, triton_url=triton_url, triton_model="echo")
+    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        image = {"type": "image_url", "image_url": {"url": data_url(PNG_BYTES)}}
+        resp = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": [image] * 4}]}
+        )
+        error = (await resp.json())["error"]
+    finally:
+        await client.close()
+    assert resp.status == 400
+    assert (error["code"], error["param"]) == (
+        "too_many_images",
+        "messages[0].content[3].image_url",
+    )
+    assert "at most 3" in error["message"]
 
 
 async def test_lazy_load_over_real_triton_in_explicit_mode(explicit_triton_url):

@@ -85,7 +85,7 @@ def test_inline_data_urls_and_string_content():
         ("[]", [], "messages"),
         (json.dumps([{"role": "wizard", "content": "x"}]), [], "messages[0].role"),
         (json.dumps([{"role": "user", "content": 5}]), [], "messages[0].content"),
-        (_messages([{"type": "image"}]), [], "messages[0].content[0]"),
+        (_messages([{"type": "image"}]), [], "messages[0].content[0].image_url"),
         (_messages("hi"), [encoded_image()], "image"),
         (
             _messages([{"type": "image_url", "image_url": {"url": "http://example.com/a.jpg"}}]),

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from qwen_vl_backend.chat import parse_messages
+from qwen_vl_backend.contract import ModelLimits
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.images import ImageLimits, decode_image
+from qwen_vl_backend.images import decode_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -93,7 +94,7 @@ def test_hostile_images_are_refused_before_decoding(data, code):
 def test_decoded_pixel_limit_is_configurable():
     data = encode(Image.new("RGB", (100, 100)), "PNG")
     with pytest.raises(RequestError, match="at most 5000 pixels"):
-        decode_image(data, "image[0]", ImageLimits(max_source_pixels=5000))
+        decode_image(data, "image[0]", ModelLimits(max_source_pixels=5000))
 
 
 def test_images_per_request_are_capped_across_references_and_inline_urls():
@@ -104,6 +105,6 @@ def test_images_per_request_are_capped_across_references_and_inline_urls():
             json.dumps([{"role": "user", "content": content}]),
             [png] * 3,
             None,
-            ImageLimits(max_images=2),
+            ModelLimits(max_images=2),
         )
     assert err.value.code == "too_many_images"

@@ -21,6 +21,7 @@ from proxy import backend as backend_module
 from proxy.backend import (
     GenerationChunk,
     TritonBackend,
+    TritonRequest,
     build_inputs,
     is_final_response,
     model_error,
@@ -28,7 +29,6 @@ from proxy.backend import (
 )
 from proxy.errors import APIError
 from proxy.model_contract import ModelError
-from proxy.translate import TritonRequest
 
 REQUEST = TritonRequest(
     model="qwen2_5_vl",

@@ -81,9 +81,9 @@ BAD = {
     "request_body_timeout_s": "0",
     "max_messages": "-1",
     "max_text_chars": "many",
-    "max_images": "0",
+    "max_images": "-1",
     "max_image_bytes": "1.5",
-    "max_image_source_pixels": "0",
+    "max_image_source_pixels": "-1",
     "min_image_side": "0",
     "max_image_aspect_ratio": "0.5",  # positive, but below 1 (a parse_config check)
     "max_request_pixels": "0",
@@ -92,8 +92,8 @@ BAD = {
     "stream_idle_timeout_s": "nan",
     "shutdown_timeout_s": "0",
     "max_tokens_limit": "-1",  # an int, but negative (a parse_config check)
-    "image_min_pixels": "2000000",  # above the default max (a parse_config check)
-    "image_max_pixels": "0",
+    "image_min_pixels": "-5",
+    "image_max_pixels": "-1",
     "image_fetch": "maybe",
     "image_fetch_max_bytes": "0",
     "image_fetch_connect_timeout_s": "0",
@@ -205,9 +205,12 @@ def test_default_values():
         "qwen2_5_vl",
     )
     assert config.server.served_model_name == "qwen2.5-vl-7b-instruct"
-    assert (config.server.max_tokens_limit, config.server.log_level) == (8192, "INFO")
+    assert (config.server.max_tokens_limit, config.server.log_level) == (
+        0,
+        "INFO",
+    )  # 0: the model's
     assert config.admission.max_request_bytes == 64 * 1024 * 1024
-    assert (config.pixels.min_pixels, config.pixels.max_pixels) == (3136, 1003520)
+    assert (config.pixels.min_pixels, config.pixels.max_pixels) == (0, 0)  # the model's
     assert config.fetch.enabled is True and config.fetch.max_bytes == 20 * 1024 * 1024
     assert config.served_models == {"qwen2.5-vl-7b-instruct": "qwen2_5_vl"}
 
@@ -383,3 +386,9 @@ def test_documented_flags_and_env_vars_exist():
     assert not missing_envs, f"documented, but the proxy reads no such variable: {missing_envs}"
     # The check has teeth: the configuration tables are found.
     assert {"--max-concurrent-requests", "--image-fetch-allowed-domains"} <= set(documented_flags)
+
+
+def test_pixel_bounds_at_odds_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--image-min-pixels", "5000", "--image-max-pixels", "4000"])
+    assert "--image-min-pixels" in capsys.readouterr().err

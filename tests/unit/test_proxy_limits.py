@@ -4,6 +4,7 @@ model errors to statuses and the shutdown drain: pure logic, no server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -43,7 +44,7 @@ from proxy.limits import (
     check_json_text,
     read_image_header,
 )
-from proxy.model_contract import ModelError
+from proxy.model_contract import ModelError, ModelLimits
 from proxy.schema import parse_chat_request
 from proxy.shutdown import Drain
 
@@ -69,22 +70,27 @@ def refused(call) -> APIError:
     return caught.value
 
 
+def limits_of(**flags) -> RequestLimits:
+    """Request limits as the proxy applies them: its flags over the model's defaults."""
+    return RequestLimits(**flags).within(ModelLimits())
+
+
 async def check_one(data: bytes, limits: RequestLimits | None = None) -> None:
-    await check_images([data], [ImageRef("data:", PARAM)], limits or RequestLimits())
+    await check_images([data], [ImageRef("data:", PARAM)], limits or limits_of())
 
 
 # ---- counts before decoding ----------------------------------------------------------------
 
 
 def test_message_count_limit():
-    assert refused(lambda: check_chat(chat("a", "b", "c"), RequestLimits(max_messages=2))).code == (
+    assert refused(lambda: check_chat(chat("a", "b", "c"), limits_of(max_messages=2))).code == (
         "too_many_messages"
     )
-    check_chat(chat("a", "b"), RequestLimits(max_messages=2))
+    check_chat(chat("a", "b"), limits_of(max_messages=2))
 
 
 def test_text_limit_counts_all_messages_and_names_where_it_was_crossed():
-    limits = RequestLimits(max_text_chars=10)
+    limits = limits_of(max_text_chars=10)
     check_chat(chat("12345", [{"type": "text", "text": "12345"}]), limits)
     error = refused(lambda: check_chat(chat("12345", [{"type": "text", "text": "123456"}]), limits))
     assert (error.status, error.code, error.param) == (
@@ -96,17 +102,15 @@ def test_text_limit_counts_all_messages_and_names_where_it_was_crossed():
 
 def test_image_count_limit_names_the_first_image_over_it():
     parts = [image_part(data_url(GOOD_PNG))] * 3
-    error = refused(lambda: check_chat(chat(parts), RequestLimits(max_images=2)))
+    error = refused(lambda: check_chat(chat(parts), limits_of(max_images=2)))
     assert (error.code, error.param) == ("too_many_images", "messages[0].content[2].image_url")
 
 
 def test_inline_image_too_large_is_refused_from_its_base64_length_before_decoding():
     url = "data:image/png;base64," + "A" * 4000  # 3000 bytes once decoded
-    error = refused(
-        lambda: check_chat(chat([image_part(url)]), RequestLimits(max_image_bytes=1000))
-    )
+    error = refused(lambda: check_chat(chat([image_part(url)]), limits_of(max_image_bytes=1000)))
     assert (error.code, error.param) == ("image_too_large", PARAM)
-    check_chat(chat([image_part(url)]), RequestLimits(max_image_bytes=3000))
+    check_chat(chat([image_part(url)]), limits_of(max_image_bytes=3000))
 
 
 def test_lone_surrogates_are_refused_but_escaped_pairs_are_fine():
@@ -176,16 +180,21 @@ def test_a_decompression_bomb_warning_is_an_error():
 
 async def test_min_side_bytes_and_aspect_limits_are_configurable():
     with pytest.raises(APIError) as caught:
-        await check_one(ONE_BY_ONE, RequestLimits(min_image_side=2))
+        await check_one(ONE_BY_ONE, limits_of(min_image_side=2))
     assert caught.value.code == "image_too_small"
     with pytest.raises(APIError) as caught:
-        await check_one(GOOD_PNG, RequestLimits(max_image_bytes=len(GOOD_PNG) - 1))
+        await check_one(GOOD_PNG, limits_of(max_image_bytes=len(GOOD_PNG) - 1))
     assert caught.value.code == "image_too_large"
-    await check_one(png_header_only(1, 300), RequestLimits(max_image_aspect_ratio=300))
+    elongated = png_header_only(1, 300)
+    with pytest.raises(APIError) as caught:  # a flag cannot allow more than the model's 200:1
+        await check_one(elongated, limits_of(max_image_aspect_ratio=300))
+    assert caught.value.code == "image_aspect_ratio_too_large"
+    lax_model = ModelLimits(max_aspect_ratio=400)
+    await check_one(elongated, RequestLimits(max_image_aspect_ratio=300).within(lax_model))
 
 
 async def test_request_pixels_add_up_across_images():
-    limits = RequestLimits(max_request_pixels=32 * 24 * 2)
+    limits = limits_of(max_request_pixels=32 * 24 * 2)
     refs = [ImageRef("data:", f"messages[0].content[{i}].image_url") for i in range(3)]
     await check_images([GOOD_PNG] * 2, refs[:2], limits)
     with pytest.raises(APIError) as caught:
@@ -209,18 +218,22 @@ def test_hardening_flags_have_env_fallbacks_and_flags_win(monkeypatch):
     assert (config.admission.request_timeout_s, config.limits.min_image_side) == (9.5, 7)
 
 
-def test_hardening_defaults_match_or_tighten_the_model():
+def test_limits_the_model_has_default_to_the_models_and_flags_only_narrow_them():
     config = parse_config([])
-    assert config.limits.max_images == 16
-    assert config.limits.max_image_source_pixels == 40_000_000
-    assert config.limits.max_image_aspect_ratio == 200
+    assert config.limits.within(ModelLimits()) == dataclasses.replace(
+        config.limits, max_images=16, max_image_source_pixels=40_000_000, max_image_aspect_ratio=200
+    )
+    assert config.limits.within(ModelLimits(max_images=32)).max_images == 32  # QWEN_VL_MAX_IMAGES
+    narrowed = parse_config(["--max-images", "4", "--max-image-aspect-ratio", "300"]).limits
+    assert narrowed.within(ModelLimits(max_images=32)).max_images == 4
+    assert narrowed.within(ModelLimits()).max_image_aspect_ratio == 200  # never laxer
     assert config.server.shutdown_timeout_s == 30  # tritonserver --exit-timeout-secs in stack.py
     assert config.server.api_key == ""
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--max-images", "0"], ["--max-image-aspect-ratio", "0.5"], ["--request-timeout-s", "-1"]],
+    [["--max-images", "-1"], ["--max-image-aspect-ratio", "0.5"], ["--request-timeout-s", "-1"]],
 )
 def test_bad_limit_values_are_refused(argv):
     with pytest.raises(SystemExit):

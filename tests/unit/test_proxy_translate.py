@@ -12,17 +12,16 @@ from helpers import data_url
 from proxy.errors import APIError
 from proxy.images import ImageRef, load_images, load_inline_image
 from proxy.pixels import LOW_DETAIL_MAX_PIXELS, PixelLimits
-from proxy.schema import parse_chat_request
-from proxy.translate import (
+from proxy.responses import (
     ChoiceText,
     CompletionIdentity,
-    ServerLimits,
     TokenUsage,
     chunk_body,
     completion_body,
-    prepare_chat,
     usage_chunk_body,
 )
+from proxy.schema import parse_chat_request
+from proxy.translate import ServerLimits, prepare_chat
 
 SERVED = "qwen2.5-vl-7b-instruct"
 PNG = b"\x89PNG\r\n\x1a\n" + b"png-body"

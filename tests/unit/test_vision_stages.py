@@ -6,7 +6,7 @@ from sample_images import encoded_image
 
 from qwen_vl_backend.chat import decode_image_elements
 from qwen_vl_backend.checkpoint import load_checkpoint
-from qwen_vl_backend.images import ImageLimits
+from qwen_vl_backend.contract import ModelLimits
 from qwen_vl_backend.vision_stages import VisionJob
 
 
@@ -17,7 +17,7 @@ def checkpoint(tiny_checkpoint_path):
 
 def test_staged_encoding_equals_the_models_forward(checkpoint):
     images = decode_image_elements(
-        [encoded_image(size=(112, 84)), encoded_image("PNG", size=(140, 56))], ImageLimits()
+        [encoded_image(size=(112, 84)), encoded_image("PNG", size=(140, 56))], ModelLimits()
     )
     inputs = checkpoint.processor.image_processor(images=images, return_tensors="pt")
     model = checkpoint.model

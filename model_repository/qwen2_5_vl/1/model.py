@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen_vl_backend.checkpoint import load_checkpoint  # noqa: E402
-from qwen_vl_backend.contract import ModelError  # noqa: E402
+from qwen_vl_backend.contract import DESCRIBE_INPUT, ModelError  # noqa: E402
 from qwen_vl_backend.engine import BatchingEngine, EngineObserver, OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.prepare import RawRequest  # noqa: E402
@@ -260,6 +260,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
+            if _scalar(request, DESCRIBE_INPUT, False):
+                self._describe(request)
+                continue
             try:
                 raw = _raw_request(request)
             except Exception as exc:  # the request must still get its final response
@@ -271,6 +274,12 @@ class TritonPythonModel:
             except Exception as exc:
                 sink.fail(exc)
         return None
+
+    def _describe(self, request):
+        """Answers with the limits requests are held to (contract.ModelLimits), then FINAL."""
+        text = _text_tensor("text_output", self.engine.limits.encode())
+        response = pb_utils.InferenceResponse(output_tensors=[text])
+        request.get_response_sender().send(response, flags=FINAL)
 
     def finalize(self):
         if not self.engine.shutdown():

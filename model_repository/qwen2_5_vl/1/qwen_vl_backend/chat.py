@@ -13,8 +13,9 @@ from typing import Any
 
 from PIL import Image
 
+from .contract import ModelLimits
 from .errors import RequestError
-from .images import ImageLimits, data_url_bytes, decode_image, element_bytes
+from .images import DEFAULT_LIMITS, data_url_bytes, decode_image, element_bytes
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -22,7 +23,7 @@ ROLES = {"system", "user", "assistant", "tool"}
 class _ImageSource:
     """Hands out decoded images in order: `image` elements by reference, inline data URLs."""
 
-    def __init__(self, elements: Sequence[bytes], limits: ImageLimits):
+    def __init__(self, elements: Sequence[bytes], limits: ModelLimits):
         if len(elements) > limits.max_images:
             raise RequestError(
                 f"at most {limits.max_images} images per request", "image", "too_many_images"
@@ -33,13 +34,12 @@ class _ImageSource:
         self.decoded = 0
 
     def next(self, param: str) -> Image.Image:
+        """The next `image` element, decoded; its errors name `param`."""
         if self.used >= len(self._elements):
             raise RequestError("message refers to more images than the image input holds", param)
         index = self.used
         self.used += 1
-        return self._decode(
-            element_bytes(self._elements[index], f"image[{index}]"), f"image[{index}]"
-        )
+        return self._decode(element_bytes(self._elements[index], param), param)
 
     def inline(self, url: str, param: str) -> Image.Image:
         return self._decode(data_url_bytes(url, param), param)
@@ -105,7 +105,9 @@ class _Converter:
             return {"type": "text", "text": part["text"]}
         if kind == "image":
             budget = pixel_budget(part, self.vision, param)
-            return {"type": "image", "image": self.images.next(param), **budget}
+            # The client sent this image as an image_url part; the proxy sent its bytes.
+            image = self.images.next(f"{param}.image_url")
+            return {"type": "image", "image": image, **budget}
         if kind == "image_url":
             url = _image_url(part, param)
             if not url.startswith("data:"):
@@ -113,7 +115,8 @@ class _Converter:
                     "the model does not fetch image URLs; send the bytes in the image input", param
                 )
             budget = pixel_budget(part, self.vision, param)
-            return {"type": "image", "image": self.images.inline(url, param), **budget}
+            image = self.images.inline(url, f"{param}.image_url")
+            return {"type": "image", "image": image, **budget}
         raise RequestError(
             f"unsupported content part type {kind!r}", param, "unsupported_content_type"
         )
@@ -127,14 +130,11 @@ def _image_url(part: dict, param: str) -> str:
     return url
 
 
-DEFAULT_LIMITS = ImageLimits()
-
-
 def parse_messages(
     messages_json: str,
     image_elements: Sequence[bytes],
     vision: dict | None = None,
-    limits: ImageLimits = DEFAULT_LIMITS,
+    limits: ModelLimits = DEFAULT_LIMITS,
 ) -> list[dict]:
     """Validate and convert. `vision` holds the server's min_pixels/max_pixels: the default
     budget of every image and the bounds of the budgets image parts may ask for."""
@@ -156,8 +156,8 @@ def parse_messages(
 
 
 def decode_image_elements(
-    image_elements: Sequence[bytes], limits: ImageLimits = DEFAULT_LIMITS
+    image_elements: Sequence[bytes], limits: ModelLimits = DEFAULT_LIMITS
 ) -> list[Image.Image]:
     """All images of the `image` input, for the ready-prompt (`text_input`) path."""
     source = _ImageSource(image_elements, limits)
-    return [source.next("image") for _ in image_elements]
+    return [source.next(f"image[{index}]") for index in range(len(image_elements))]

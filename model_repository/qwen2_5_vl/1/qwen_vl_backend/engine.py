@@ -412,6 +412,8 @@ class BatchingEngine:
             checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size
         )
         self._cache = SlotKVCache.for_model(self._model, settings.max_batch_size, self.slot_len)
+        # what a request may ask for; one sequence holds at most a slot of tokens
+        self.limits = settings.limits(context_length=self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
         self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
@@ -486,7 +488,7 @@ class BatchingEngine:
             self._unadmitted -= 1
 
     def _check_fits(self, prepared: PreparedRequest) -> None:
-        n, cap = prepared.sampling.n, min(self._settings.max_choices, self._settings.max_batch_size)
+        n, cap = prepared.sampling.n, self.limits.max_choices
         if n > cap:
             raise RequestError(f"'n' must be at most {cap} on this server", "n")
         needed = prepared.prompt_tokens + prepared.max_new_tokens

@@ -10,11 +10,11 @@ import base64
 import binascii
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from .contract import ModelLimits
 from .errors import RequestError
 
 _MAGIC = (
@@ -23,15 +23,6 @@ _MAGIC = (
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 )
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    # Decoded size, checked from the header before any pixel is decoded (40 MP ≈ 120 MB RGB).
-    max_source_pixels: int = 40_000_000
-    # qwen-vl-utils refuses to resize images more elongated than this.
-    max_aspect_ratio: float = 200.0
-    max_images: int = 16
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -71,7 +62,10 @@ def element_bytes(element: bytes, param: str) -> bytes:
     return _b64decode(element, param)
 
 
-def decode_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
+DEFAULT_LIMITS = ModelLimits()
+
+
+def decode_image(data: bytes, param: str, limits: ModelLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode and fully load an image as RGB; bad or hostile input becomes a RequestError."""
     if sniff_format(data) is None:
         raise RequestError("image is not a JPEG, PNG, WebP or GIF file", param, "invalid_image")
@@ -91,7 +85,7 @@ def decode_image(data: bytes, param: str, limits: ImageLimits = ImageLimits()) -
         raise RequestError("image could not be decoded", param, "invalid_image") from exc
 
 
-def _check_size(size: tuple[int, int], param: str, limits: ImageLimits) -> None:
+def _check_size(size: tuple[int, int], param: str, limits: ModelLimits) -> None:
     width, height = size
     if width < 1 or height < 1:
         raise RequestError("image has no pixels", param, "invalid_image")

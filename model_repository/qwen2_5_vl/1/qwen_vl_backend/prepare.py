@@ -71,7 +71,7 @@ def _resize(images, settings: ModelSettings):
 def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings):
     if raw.messages is not None:
         vision = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
-        messages = parse_messages(raw.messages, raw.images, vision, settings.image_limits)
+        messages = parse_messages(raw.messages, raw.images, vision, settings.limits())
         prompt = checkpoint.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -85,9 +85,7 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
             f"but {len(raw.images)} images were sent",
             "text_input",
         )
-    return raw.text_input, _resize(
-        decode_image_elements(raw.images, settings.image_limits), settings
-    )
+    return raw.text_input, _resize(decode_image_elements(raw.images, settings.limits()), settings)
 
 
 def _max_new_tokens(

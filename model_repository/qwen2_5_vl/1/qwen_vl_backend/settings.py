@@ -10,9 +10,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .images import ImageLimits
+from .contract import ModelLimits
 
-_IMAGE_LIMITS = ImageLimits()
+# What the proxy learns through `describe`; its defaults are the defaults here.
+_LIMITS = ModelLimits()
 
 ENV_PREFIX = "QWEN_VL_"
 
@@ -29,17 +30,17 @@ class ModelSettings:
     # Completion length when the request names none.
     default_max_tokens: int = 1024
     # Server-wide ceiling on a request's max_tokens; larger requests are clamped.
-    max_tokens_cap: int = 8192
+    max_tokens_cap: int = _LIMITS.max_tokens
     # 0: the checkpoint's max_position_embeddings.
     max_model_len: int = 0
     # Qwen's 28-pixel grid: images are resized into [min_pixels, max_pixels].
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 1280 * 28 * 28
+    min_pixels: int = _LIMITS.min_pixels
+    max_pixels: int = _LIMITS.max_pixels
     # Hostile-input bounds, checked before decoding: source pixels from the image header,
     # elongation (Qwen's resize refuses beyond 200:1), images per request.
-    max_source_pixels: int = _IMAGE_LIMITS.max_source_pixels
-    max_aspect_ratio: float = _IMAGE_LIMITS.max_aspect_ratio
-    max_images: int = _IMAGE_LIMITS.max_images
+    max_source_pixels: int = _LIMITS.max_source_pixels
+    max_aspect_ratio: float = _LIMITS.max_aspect_ratio
+    max_images: int = _LIMITS.max_images
     # Sequences decoded together (KV-cache slots); more requests wait for a free slot.
     max_batch_size: int = 16
     # KV-cache size in tokens, preallocated at load as max_batch_size slots of
@@ -58,7 +59,7 @@ class ModelSettings:
     # Vision-tower outputs kept for repeated images (LRU); 0 turns the cache off.
     image_cache_mb: int = 256
     # Most choices (`n`) one request may ask for; each takes a KV-cache slot.
-    max_choices: int = 8
+    max_choices: int = _LIMITS.max_choices
     # CPU float32 only: hold the text model's weights in oneDNN's prepacked layout, about twice
     # as fast for decode-sized matrix products (see qwen_vl_backend/cpu_linear.py).
     cpu_packed_linear: bool = True
@@ -83,9 +84,20 @@ class ModelSettings:
                 raise ValueError(f"parameter {field.name}={raw!r}: {exc}") from exc
         return cls(**values)
 
-    @property
-    def image_limits(self) -> ImageLimits:
-        return ImageLimits(self.max_source_pixels, self.max_aspect_ratio, self.max_images)
+    def limits(self, context_length: int = 0) -> ModelLimits:
+        """What requests may ask of this model (the `describe` answer); `context_length` is
+        the loaded checkpoint's."""
+        return ModelLimits(
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            max_images=self.max_images,
+            max_source_pixels=self.max_source_pixels,
+            max_aspect_ratio=self.max_aspect_ratio,
+            max_tokens=self.max_tokens_cap,
+            # each choice takes a slot, so no more choices than slots
+            max_choices=min(self.max_choices, self.max_batch_size),
+            context_length=context_length,
+        )
 
     def step_tokens(self, device: str) -> int:
         if self.max_step_tokens > 0:

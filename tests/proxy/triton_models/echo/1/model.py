@@ -7,7 +7,8 @@ message), `echo_delay_s` sleeps between words and stops when the request is canc
 writing `cancelled` to `echo_cancel_marker`; `echo_flag_last` sends the FINAL flag with the
 last word instead of an empty final response. Like the real model it reports
 `num_image_tokens` (10 per image here) and, when `logprobs` is true, one logprobs entry per
-word (logprob -1, top alternatives: the word and "~").
+word (logprob -1, top alternatives: the word and "~"). A `describe` request gets the limits in
+config.pbtxt's parameters as JSON, as the real model answers with its ModelLimits.
 """
 
 import hashlib
@@ -21,8 +22,19 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.limits = {name: int(spec["string_value"]) for name, spec in parameters.items()}
+
     def execute(self, requests):
         for request in requests:
+            describe = _input(request, "describe")
+            if describe.size and bool(describe[0]):
+                limits = json.dumps(self.limits).encode("utf-8")
+                text = pb_utils.Tensor("text_output", np.array([limits], dtype=np.object_))
+                response = pb_utils.InferenceResponse(output_tensors=[text])
+                request.get_response_sender().send(response, flags=FINAL)
+                continue
             self._answer(request)
         return None
 

@@ -1,0 +1,227 @@
+"""Response assembly: the model's chunks -> OpenAI chat completion bodies and SSE events.
+
+Pure of HTTP: proxy/app.py writes what these build. A non-streamed completion is collected
+into one `chat.completion` body; a streamed one becomes `chat.completion.chunk` events (one
+role chunk per choice first, content chunks, one finish chunk per choice, the usage chunk
+when asked, `[DONE]`), with an error mid-stream sent as an error event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import GenerationChunk
+from .errors import APIError, internal_error
+from .sse import DONE_EVENT, sse_error, sse_event
+
+log = logging.getLogger("proxy")
+
+
+@dataclass
+class TokenUsage:
+    """Token counts of one completion, filled in as responses arrive."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int | None = None  # None: the model did not report it
+
+    def as_dict(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        if self.image_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": 0, "image_tokens": self.image_tokens}
+        return usage
+
+
+@dataclass(frozen=True)
+class CompletionIdentity:
+    """The fields every response body and chunk of one completion share."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, model: str) -> CompletionIdentity:
+        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+
+
+@dataclass
+class ChoiceText:
+    """One choice of a non-streamed completion, assembled from its chunks."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    # every token's entry when the client asked for logprobs, else None
+    logprobs: list[dict[str, Any]] | None = None
+
+
+def completion_body(
+    identity: CompletionIdentity, choices: list[ChoiceText], usage: TokenUsage
+) -> dict[str, Any]:
+    return {
+        "id": identity.id,
+        "object": "chat.completion",
+        "created": identity.created,
+        "model": identity.model,
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": logprobs_field(choice.logprobs),
+                "finish_reason": choice.finish_reason,
+            }
+            for index, choice in enumerate(choices)
+        ],
+        "usage": usage.as_dict(),
+    }
+
+
+def chunk_body(
+    identity: CompletionIdentity,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    *,
+    include_usage: bool = False,
+    logprobs: list[dict[str, Any]] | None = None,
+    index: int = 0,
+) -> dict[str, Any]:
+    """A `chat.completion.chunk` with one choice; `usage: null` when usage was asked for."""
+    body = _chunk_envelope(identity)
+    body["choices"] = [
+        {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs_field(logprobs),
+            "finish_reason": finish_reason,
+        }
+    ]
+    if include_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk_body(identity: CompletionIdentity, usage: TokenUsage) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the totals."""
+    body = _chunk_envelope(identity)
+    body["choices"] = []
+    body["usage"] = usage.as_dict()
+    return body
+
+
+def logprobs_field(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": entries}
+
+
+def _chunk_envelope(identity: CompletionIdentity) -> dict[str, Any]:
+    return {
+        "id": identity.id,
+        "object": "chat.completion.chunk",
+        "created": identity.created,
+        "model": identity.model,
+    }
+
+
+# ---- assembling a completion from its chunks ----------------------------------------
+
+
+async def collect_completion(
+    chunks: AsyncIterator[GenerationChunk],
+    identity: CompletionIdentity,
+    usage: TokenUsage,
+    with_logprobs: bool,
+) -> dict[str, Any]:
+    """The `chat.completion` body of a non-streamed completion; fills in `usage`."""
+
+    def new_choice() -> ChoiceText:
+        return ChoiceText(logprobs=[] if with_logprobs else None)
+
+    choices = {0: new_choice()}  # choice 0 is answered even when the model sent no text
+    async for chunk in chunks:
+        record_usage(usage, chunk)
+        choice = choices.setdefault(chunk.index, new_choice())
+        choice.text += chunk.text
+        if choice.logprobs is not None and chunk.logprobs:
+            choice.logprobs.extend(chunk.logprobs)
+        choice.finish_reason = chunk.finish_reason or choice.finish_reason
+    return completion_body(identity, [choices[i] for i in sorted(choices)], usage)
+
+
+async def completion_events(
+    first: GenerationChunk | None,
+    rest: AsyncIterator[GenerationChunk],
+    identity: CompletionIdentity,
+    usage: TokenUsage,
+    request_id: str,
+    *,
+    include_usage: bool = False,
+    with_logprobs: bool = False,
+) -> AsyncGenerator[bytes, None]:
+    """The SSE events of one streamed completion, errors included, ending with [DONE].
+
+    Each content chunk carries the logprobs of the tokens it covers when they were asked for.
+    """
+    role_delta = {"role": "assistant", "content": ""}
+    yield sse_event(chunk_body(identity, role_delta, include_usage=include_usage))
+    finish_reasons = {0: "stop"}  # per choice; each choice's first chunk carries the role
+    try:
+        async for chunk in _prepend(first, rest):
+            record_usage(usage, chunk)
+            if chunk.index not in finish_reasons:
+                finish_reasons[chunk.index] = "stop"
+                yield sse_event(
+                    chunk_body(identity, role_delta, include_usage=include_usage, index=chunk.index)
+                )
+            finish_reasons[chunk.index] = chunk.finish_reason or finish_reasons[chunk.index]
+            logprobs = (chunk.logprobs or []) if with_logprobs else None
+            if chunk.text or logprobs:
+                delta = {"content": chunk.text}
+                yield sse_event(
+                    chunk_body(
+                        identity,
+                        delta,
+                        include_usage=include_usage,
+                        logprobs=logprobs,
+                        index=chunk.index,
+                    )
+                )
+    except APIError as exc:
+        log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
+        yield sse_error(exc)
+        return
+    except Exception:
+        log.exception("request %s: failed mid-stream", request_id)
+        yield sse_error(internal_error(request_id))
+        return
+    for index, finish_reason in sorted(finish_reasons.items()):
+        yield sse_event(
+            chunk_body(identity, {}, finish_reason, include_usage=include_usage, index=index)
+        )
+    if include_usage:
+        yield sse_event(usage_chunk_body(identity, usage))
+    yield DONE_EVENT
+
+
+async def _prepend(
+    first: GenerationChunk | None, rest: AsyncIterator[GenerationChunk]
+) -> AsyncIterator[GenerationChunk]:
+    if first is not None:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def record_usage(usage: TokenUsage, chunk: GenerationChunk) -> None:
+    if chunk.prompt_tokens is not None:
+        usage.prompt_tokens = chunk.prompt_tokens
+    if chunk.image_tokens is not None:
+        usage.image_tokens = chunk.image_tokens
+    usage.completion_tokens += chunk.completion_tokens
