@@ -29,13 +29,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import (
-    REQUEST_ID_KEY,
-    RETRY_AFTER_S,
-    SERVER_ERROR,
-    SERVICE_UNAVAILABLE,
+from .error_catalogue import (
+    RATE_LIMIT_EXCEEDED,
+    REQUEST_TIMEOUT,
+    REQUEST_TOO_LARGE,
+    SERVER_SHUTTING_DOWN,
+    TIMEOUT,
     APIError,
 )
+from .errors import REQUEST_ID_KEY
 from .limits import MIB
 
 log = logging.getLogger("proxy")
@@ -45,8 +47,6 @@ READY_ROUTE = "/ready"
 # How long after the deadline the handler is cancelled, when the stream could not report
 # the deadline itself (it was not reading from Triton, or its client was not reading).
 DEADLINE_BACKSTOP_S = 2.0
-
-RATE_LIMIT = "requests"  # OpenAI's `type` for request-rate 429s
 
 
 @dataclass(frozen=True)
@@ -123,56 +123,12 @@ def install_admission(app: web.Application, settings: AdmissionSettings) -> None
 # ---- errors ----------------------------------------------------------------------------
 
 
-def over_capacity(capacity: int) -> APIError:
-    return APIError(
-        429,
-        f"The server is at capacity ({capacity} requests in flight); retry shortly.",
-        type=RATE_LIMIT,
-        code="rate_limit_exceeded",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-def shutting_down() -> APIError:
-    return APIError(
-        503,
-        "The server is shutting down; retry on another instance.",
-        type=SERVICE_UNAVAILABLE,
-        code="server_shutting_down",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-def body_too_large(limit: int) -> APIError:
-    return APIError(
-        413, f"Request body too large: the limit is {limit} bytes", code="request_too_large"
-    )
-
-
-def body_timeout(seconds: float) -> APIError:
-    return APIError(
-        408,
-        f"The request body did not arrive within {seconds:g} s.",
-        code="request_timeout",
-    )
-
-
 def deadline_exceeded(seconds: float) -> APIError:
-    return APIError(
-        504,
-        f"The request did not complete within {seconds:g} s.",
-        type=SERVER_ERROR,
-        code="timeout",
-    )
+    return TIMEOUT(message=f"The request did not complete within {seconds:g} s.")
 
 
 def stream_stalled(seconds: float) -> APIError:
-    return APIError(
-        504,
-        f"The model sent nothing for {seconds:g} s.",
-        type=SERVER_ERROR,
-        code="timeout",
-    )
+    return TIMEOUT(message=f"The model sent nothing for {seconds:g} s.")
 
 
 # ---- the middleware --------------------------------------------------------------------
@@ -190,18 +146,18 @@ async def admission_middleware(request: web.Request, handler: Any) -> web.Stream
     settings = admission.settings
     route = matched_route(request)
     if route == READY_ROUTE and admission.draining:
-        raise shutting_down()
+        raise SERVER_SHUTTING_DOWN()
     length = request.content_length
     if length is not None and length > settings.max_request_bytes:
         # Unread bodies are drained by aiohttp (for at most its lingering time, 10 s), never
         # kept: closing on unread data would reset the connection before the client reads.
-        raise body_too_large(settings.max_request_bytes)
+        raise REQUEST_TOO_LARGE(limit=settings.max_request_bytes)
     if route != CHAT_ROUTE or request.method != "POST":
         return await handler(request)
     if admission.draining:
-        raise shutting_down()
+        raise SERVER_SHUTTING_DOWN()
     if not admission.try_enter():
-        raise over_capacity(settings.max_concurrent_requests)
+        raise RATE_LIMIT_EXCEEDED(capacity=settings.max_concurrent_requests)
     loop = asyncio.get_running_loop()
     deadline = request[DEADLINE_KEY] = loop.time() + settings.request_timeout_s
     try:
@@ -220,7 +176,7 @@ async def _read_body(request: web.Request, settings: AdmissionSettings) -> None:
         async with asyncio.timeout(settings.request_body_timeout_s):
             await request.read()
     except TimeoutError:
-        raise body_timeout(settings.request_body_timeout_s) from None
+        raise REQUEST_TIMEOUT(seconds=settings.request_body_timeout_s) from None
 
 
 def _past_deadline(request: web.Request, settings: AdmissionSettings) -> web.StreamResponse:
@@ -259,7 +215,7 @@ async def with_stream_timeouts(
     try:
         while True:
             if admission.aborting:
-                raise shutting_down()
+                raise SERVER_SHUTTING_DOWN()
             idle_limit = loop.time() + settings.stream_idle_timeout_s
             limit = deadline if first else min(deadline, idle_limit)
             try:
@@ -270,7 +226,7 @@ async def with_stream_timeouts(
                 return
             except TimeoutError:
                 if admission.aborting:
-                    raise shutting_down() from None
+                    raise SERVER_SHUTTING_DOWN() from None
                 if limit == deadline:
                     raise deadline_exceeded(settings.request_timeout_s) from None
                 raise stream_stalled(settings.stream_idle_timeout_s) from None

@@ -17,18 +17,19 @@ from aiohttp import web
 from .admission import with_stream_timeouts
 from .backend import Backend, GenerationChunk, TritonBackend
 from .config import ProxyConfig
-from .errors import (
-    REQUEST_ID_KEY,
-    SERVICE_UNAVAILABLE,
-    APIError,
-    error_middleware,
-    json_dumps,
+from .error_catalogue import (
+    INVALID_BODY,
+    INVALID_JSON,
+    MODEL_NOT_FOUND,
+    MODEL_NOT_LOADED,
+    MODEL_NOT_READY,
 )
+from .errors import REQUEST_ID_KEY, error_middleware, json_dumps
 from .fetch import GuardedFetcher
 from .hardening import install_hardening
 from .images import ImageFetcher
 from .limits import RequestLimits, check_chat, check_images, check_json_text
-from .loader import ModelLoader, model_not_loaded
+from .loader import ModelLoader
 from .metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
 from .model_limits import ModelLimitsBook, narrower
 from .observe import (
@@ -230,11 +231,8 @@ def resolve_model(config: ProxyConfig, requested: str | None) -> tuple[str, str]
     name = config.server.served_model_name if requested is None else requested
     if name not in served:
         names = ", ".join(f"`{n}`" for n in served)
-        raise APIError(
-            404,
-            f"The model `{name}` does not exist. This server serves {names}.",
-            param="model",
-            code="model_not_found",
+        raise MODEL_NOT_FOUND(
+            "model", message=f"The model `{name}` does not exist. This server serves {names}."
         )
     return name, served[name]
 
@@ -244,13 +242,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's
-        raise APIError(
-            400,
-            "We could not parse the JSON body of your request. Send valid JSON.",
-            code="invalid_json",
-        ) from None
+        raise INVALID_JSON() from None
     if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_body")
+        raise INVALID_BODY()
     check_json_text(raw, body)
     return body
 
@@ -324,12 +318,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if name not in await served_models(request.app):
-        raise APIError(
-            404,
-            f"The model `{name}` does not exist.",
-            param="model",
-            code="model_not_found",
-        )
+        raise MODEL_NOT_FOUND("model", message=f"The model `{name}` does not exist.")
     return web.json_response(model_card(request.app, name))
 
 
@@ -349,10 +338,5 @@ async def ready(request: web.Request) -> web.Response:
     if await app[BACKEND_KEY].is_ready(model):
         return web.json_response({"status": "ready"})
     if LOADER_KEY in app and not app[LOADER_KEY].is_loaded(model):
-        raise model_not_loaded()
-    raise APIError(
-        503,
-        "The model is not ready to serve requests.",
-        type=SERVICE_UNAVAILABLE,
-        code="model_not_ready",
-    )
+        raise MODEL_NOT_LOADED()
+    raise MODEL_NOT_READY()

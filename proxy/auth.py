@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from .admission import matched_route
-from .errors import APIError
+from .error_catalogue import INVALID_API_KEY
 from .metrics import METRICS_PATH
 
 PROBE_ROUTES = frozenset({"/health", "/ready"})
@@ -47,15 +47,6 @@ def read_api_key(key: str, key_file: str) -> str:
     return key
 
 
-def invalid_api_key() -> APIError:
-    return APIError(
-        401,
-        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-        code="invalid_api_key",
-        headers={"WWW-Authenticate": 'Bearer realm="api"'},
-    )
-
-
 def exempt_routes(metrics_require_auth: bool) -> frozenset[str]:
     return PROBE_ROUTES if metrics_require_auth else PROBE_ROUTES | {METRICS_PATH}
 
@@ -71,7 +62,7 @@ def auth_middleware(api_key: str, exempt: frozenset[str]) -> Any:
         presented = token.strip().encode("utf-8", "replace")
         # compare_digest first, so the time taken does not depend on which check failed.
         if not hmac.compare_digest(presented, expected) or scheme.lower() != "bearer":
-            raise invalid_api_key()
+            raise INVALID_API_KEY()
         return await handler(request)
 
     return require_api_key

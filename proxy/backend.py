@@ -20,7 +20,16 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from .errors import RETRY_AFTER_S, SERVICE_UNAVAILABLE, APIError, internal_error
+from .error_catalogue import (
+    BACKEND_UNAVAILABLE,
+    INTERNAL_ERROR,
+    MODEL_ERRORS,
+    MODEL_LOAD_FAILED,
+    MODEL_REQUEST_ERROR,
+    MODEL_UNAVAILABLE,
+    SERVER_BUSY,
+    APIError,
+)
 from .model_contract import DESCRIBE_INPUT, ModelError, ModelLimits, decode_error
 
 log = logging.getLogger("proxy.backend")
@@ -103,43 +112,9 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-def backend_unavailable() -> APIError:
-    return APIError(
-        503,
-        "The inference backend is unavailable; retry later.",
-        type=SERVICE_UNAVAILABLE,
-        code="backend_unavailable",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-def model_busy() -> APIError:
-    return APIError(
-        503,
-        "The model is at capacity; retry shortly.",
-        type=SERVICE_UNAVAILABLE,
-        code="server_busy",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-def model_unavailable() -> APIError:
-    return APIError(
-        503,
-        "The model is not available right now (restarting or reloading); retry shortly.",
-        type=SERVICE_UNAVAILABLE,
-        code="model_unavailable",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-def model_load_failed() -> APIError:
-    return APIError(
-        503,
-        "The model could not be loaded; retry later.",
-        type=SERVICE_UNAVAILABLE,
-        code="model_load_failed",
-    )
+# Older names of two catalogue entries, which tests still import.
+backend_unavailable = BACKEND_UNAVAILABLE
+model_load_failed = MODEL_LOAD_FAILED
 
 
 class TritonBackend:
@@ -167,10 +142,10 @@ class TritonBackend:
                 if completed:
                     return
             log.error("request %s: Triton closed the stream before the final response", request_id)
-            raise internal_error(request_id)
+            raise INTERNAL_ERROR(request_id=request_id)
         except grpc.RpcError as exc:
             log.warning("request %s: Triton unreachable: %s", request_id, _rpc_summary(exc))
-            raise backend_unavailable() from None
+            raise BACKEND_UNAVAILABLE() from None
         finally:
             # Ends the request iterator, so a completed stream half-closes normally; anything
             # else (client gone, error) cancels it and Triton tells the model to stop.
@@ -215,7 +190,7 @@ class TritonBackend:
             await self._client.load_model(model)
         except InferenceServerException as exc:
             log.error("loading model %r failed: %s", model, exc.message())
-            raise model_load_failed() from None
+            raise MODEL_LOAD_FAILED() from None
 
     async def describe(self, model: str) -> ModelLimits | None:
         finished = asyncio.Event()
@@ -229,7 +204,7 @@ class TritonBackend:
                     if error is not None:
                         reported = decode_error(error.message() or "")
                         if reported is None and _is_triton_unavailable(error.message() or ""):
-                            raise model_unavailable()
+                            raise MODEL_UNAVAILABLE()
                         # an older model that has no `describe` input, or a model error
                         log.warning("model %r did not describe its limits: %s", model, error)
                         return None
@@ -237,7 +212,7 @@ class TritonBackend:
                     if _has_items(text):
                         return ModelLimits.decode(_first_text(text))
         except (grpc.RpcError, TimeoutError):
-            raise backend_unavailable() from None
+            raise BACKEND_UNAVAILABLE() from None
         finally:
             finished.set()
             responses.cancel()
@@ -364,12 +339,12 @@ def model_error(error: InferenceServerException, request_id: str) -> APIError:
         return client_error(reported)
     if reported is not None and reported.kind in ("busy", "unavailable"):
         log.warning("request %s: model %s: %s", request_id, reported.kind, reported.message)
-        return model_busy() if reported.kind == "busy" else model_unavailable()
+        return SERVER_BUSY() if reported.kind == "busy" else MODEL_UNAVAILABLE()
     if reported is None and _is_triton_unavailable(message):
         log.warning("request %s: model unavailable: %s", request_id, message)
-        return model_unavailable()
+        return MODEL_UNAVAILABLE()
     log.error("request %s: model error: %s", request_id, message)
-    return internal_error(request_id)
+    return INTERNAL_ERROR(request_id=request_id)
 
 
 def _is_triton_unavailable(message: str) -> bool:
@@ -377,8 +352,13 @@ def _is_triton_unavailable(message: str) -> bool:
 
 
 def client_error(reported: ModelError) -> APIError:
-    """A 400 from the model's request error."""
-    return APIError(400, reported.message, param=reported.param, code=reported.code)
+    """The model's request error, in the model's words and with its param and code; the
+    catalogue gives its status, type and cause (`MODEL_ERRORS`)."""
+    entry = MODEL_ERRORS.get(reported.code or "", MODEL_REQUEST_ERROR)
+    error = entry.with_message(reported.message, reported.param)
+    # A code of a newer model, not catalogued yet, still reaches the client.
+    error.code = reported.code
+    return error
 
 
 def _first_text(array: np.ndarray | None) -> str:

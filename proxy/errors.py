@@ -1,7 +1,8 @@
 """OpenAI error envelopes and the one middleware that turns exceptions into them.
 
 Clients only ever see messages written for them: exception text, file paths and backend
-addresses stay in the log.
+addresses stay in the log. The errors themselves, `APIError` and one entry per `error.code`,
+are proxy/error_catalogue.py's; `APIError` and `error_envelope` are importable from here too.
 """
 
 from __future__ import annotations
@@ -9,68 +10,40 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
+from .error_catalogue import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    REQUEST_TOO_LARGE,
+    SERVER_ERROR,
+    APIError,
+    error_envelope,
+)
+
+__all__ = [
+    "REQUEST_ID_KEY",
+    "SURROGATE",
+    "APIError",
+    "error_envelope",
+    "error_middleware",
+    "error_response",
+    "json_dumps",
+]
+
 log = logging.getLogger("proxy")
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
-
-INVALID_REQUEST = "invalid_request_error"
-SERVER_ERROR = "server_error"
-SERVICE_UNAVAILABLE = "service_unavailable"
-# Seconds a 429 or 503 tells clients to wait (Retry-After): capacity frees up as fast as
-# completions end, and a restarted backend is reconnected within seconds.
-RETRY_AFTER_S = 1
 
 # Echoing a client's own path back is useful (OpenAI does it); capping it keeps the body small.
 _MAX_ECHOED_PATH = 200
 # A surrogate code point in a Python str: always unpaired (pairs decode to one character),
 # and without any UTF-8 form.
 SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class APIError(Exception):
-    """An error with a message meant for the client, rendered as an OpenAI error envelope."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = INVALID_REQUEST,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        # Sent with the envelope: Retry-After on 429/503, WWW-Authenticate on 401.
-        self.headers = dict(headers) if headers else None
-
-    def envelope(self) -> dict[str, Any]:
-        return error_envelope(self.message, type=self.type, param=self.param, code=self.code)
-
-
-def error_envelope(
-    message: str, *, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def internal_error(request_id: str) -> APIError:
-    return APIError(
-        500,
-        f"internal server error (request id {request_id})",
-        type=SERVER_ERROR,
-        code="internal_error",
-    )
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> web.Response:
@@ -91,15 +64,11 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> APIErr
     """Maps aiohttp's routing/body-size exceptions; any other HTTP status keeps its reason."""
     route = f"{request.method} {request.path[:_MAX_ECHOED_PATH]}"
     if isinstance(exc, web.HTTPNotFound):
-        return APIError(404, f"Invalid URL ({route})", code="not_found")
+        return NOT_FOUND(route=route)
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        return APIError(405, f"Method not allowed ({route})", code="method_not_allowed")
+        return METHOD_NOT_ALLOWED(route=route)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return APIError(
-            413,
-            f"Request body too large: the limit is {request.client_max_size} bytes",
-            code="request_too_large",
-        )
+        return REQUEST_TOO_LARGE(limit=request.client_max_size)
     error_type = INVALID_REQUEST if exc.status < 500 else SERVER_ERROR
     return APIError(exc.status, exc.reason, type=error_type)
 
@@ -118,4 +87,4 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except Exception:
         request_id = request.get(REQUEST_ID_KEY, "-")
         log.exception("request %s failed with an unexpected error", request_id)
-        return error_response(internal_error(request_id))
+        return error_response(INTERNAL_ERROR(request_id=request_id))

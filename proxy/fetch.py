@@ -40,9 +40,15 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from .errors import APIError
+from .error_catalogue import (
+    IMAGE_FETCH_FAILED,
+    IMAGE_FETCH_TIMEOUT,
+    IMAGE_URL_FORBIDDEN,
+    INVALID_IMAGE_URL,
+    APIError,
+)
 from .images import REMOTE_SCHEMES, ImageRef, is_known_image, not_an_image
-from .limits import MIB
+from .limits import MIB, image_too_large_bytes
 
 log = logging.getLogger("proxy.fetch")
 
@@ -94,33 +100,7 @@ class FetchPolicy:
 
 
 def forbidden(param: str, reason: str) -> APIError:
-    return APIError(
-        400, f"The image URL is not allowed: {reason}.", param=param, code="image_url_forbidden"
-    )
-
-
-def fetch_failed(param: str, reason: str) -> APIError:
-    return APIError(
-        400, f"The image could not be fetched: {reason}.", param=param, code="image_fetch_failed"
-    )
-
-
-def fetch_timeout(param: str, seconds: float) -> APIError:
-    return APIError(
-        400,
-        f"Fetching the image took longer than {seconds:g} s.",
-        param=param,
-        code="image_fetch_timeout",
-    )
-
-
-def too_large(param: str, limit: int) -> APIError:
-    return APIError(
-        400,
-        f"The image is larger than this server's limit of {limit} bytes.",
-        param=param,
-        code="image_too_large",
-    )
+    return IMAGE_URL_FORBIDDEN(param, message=f"The image URL is not allowed: {reason}.")
 
 
 # ---- address and URL rules (pure) ------------------------------------------------------
@@ -179,9 +159,7 @@ def parse_image_url(url: str, param: str) -> URL:
     try:
         parsed = URL(url.strip())
     except (ValueError, TypeError):
-        raise APIError(
-            400, "The image URL is not a valid URL.", param=param, code="invalid_image_url"
-        ) from None
+        raise INVALID_IMAGE_URL(param, message="The image URL is not a valid URL.") from None
     return parsed
 
 
@@ -199,7 +177,7 @@ def check_url(url: URL, policy: FetchPolicy, param: str) -> str:
     # IP literals in their parsed form; names as aiohttp will look them up (IDNA-encoded).
     host = str(literal) if literal is not None else (url.raw_host or "").lower().rstrip(".")
     if not host:
-        raise APIError(400, "The image URL has no host.", param=param, code="invalid_image_url")
+        raise INVALID_IMAGE_URL(param, message="The image URL has no host.")
     if literal is None:
         if not _HOST_NAME.fullmatch(host):
             raise forbidden(param, "the host is not a valid host name")
@@ -317,10 +295,12 @@ class GuardedFetcher:
                 return await self._follow(session, resolver, ref)
         except TimeoutError:
             log.info("image fetch for %s timed out", ref.param)
-            raise fetch_timeout(ref.param, self.policy.timeout_s) from None
+            raise IMAGE_FETCH_TIMEOUT(ref.param, seconds=self.policy.timeout_s) from None
         except aiohttp.ClientError as exc:
             log.info("image fetch for %s failed: %r", ref.param, exc)
-            raise fetch_failed(ref.param, "the image server could not be reached") from None
+            raise IMAGE_FETCH_FAILED(
+                ref.param, reason="the image server could not be reached"
+            ) from None
 
     async def _follow(
         self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: ImageRef
@@ -334,11 +314,11 @@ class GuardedFetcher:
                     log.debug("image fetch for %s: redirect %d", ref.param, hop + 1)
                     continue
                 if response.status != 200:
-                    raise fetch_failed(
-                        ref.param, f"the image server answered HTTP {response.status}"
+                    raise IMAGE_FETCH_FAILED(
+                        ref.param, reason=f"the image server answered HTTP {response.status}"
                     )
                 return await read_capped(response, self.policy.max_bytes, ref.param)
-        raise fetch_failed(ref.param, f"more than {MAX_REDIRECTS} redirects")
+        raise IMAGE_FETCH_FAILED(ref.param, reason=f"more than {MAX_REDIRECTS} redirects")
 
     async def _vet(self, url: URL, resolver: PinnedResolver, param: str) -> None:
         """Refuses the URL unless its host and every address it resolves to are allowed."""
@@ -350,10 +330,10 @@ class GuardedFetcher:
             addresses = await self._resolve(host, url.port)
         except OSError as exc:
             log.info("image fetch for %s: resolving %r failed: %r", param, host, exc)
-            raise fetch_failed(param, "the host name could not be resolved") from None
+            raise IMAGE_FETCH_FAILED(param, reason="the host name could not be resolved") from None
         parsed = [ip_literal(address.split("%", 1)[0]) for address in addresses]
         if not parsed or any(ip is None for ip in parsed):
-            raise fetch_failed(param, "the host name could not be resolved")
+            raise IMAGE_FETCH_FAILED(param, reason="the host name could not be resolved")
         if host not in self.policy.allow_private_hosts and not all(
             is_public_address(ip) for ip in parsed if ip is not None
         ):
@@ -369,7 +349,7 @@ def _redirect_target(url: URL, response: aiohttp.ClientResponse, param: str) -> 
     except (ValueError, TypeError):
         target = None
     if target is None or not target.scheme:
-        raise fetch_failed(param, "a redirect had no valid Location")
+        raise IMAGE_FETCH_FAILED(param, reason="a redirect had no valid Location")
     return target  # vetted like any URL before it is fetched
 
 
@@ -378,14 +358,14 @@ async def read_capped(response: aiohttp.ClientResponse, max_bytes: int, param: s
     as its first bytes are not an image signature."""
     if response.content_length is not None and response.content_length > max_bytes:
         response.close()
-        raise too_large(param, max_bytes)
+        raise image_too_large_bytes(param, max_bytes)
     body = bytearray()
     sniffed = False
     async for chunk in response.content.iter_chunked(_READ_CHUNK):
         body += chunk
         if len(body) > max_bytes:
             response.close()
-            raise too_large(param, max_bytes)
+            raise image_too_large_bytes(param, max_bytes)
         if not sniffed and len(body) >= _SNIFF_BYTES:
             sniffed = True
             if not is_known_image(bytes(body[:_SNIFF_BYTES])):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import APIError
+from .error_catalogue import IMAGE_URL_FORBIDDEN, INVALID_IMAGE, INVALID_IMAGE_URL, APIError
 
 # Clients often write image/jpg; the bytes are checked against known signatures anyway.
 _DATA_URL = re.compile(
@@ -52,12 +52,10 @@ async def load_images(refs: Sequence[ImageRef], fetcher: ImageFetcher | None) ->
     ]
     remote = [i for i, ref in enumerate(refs) if ref.is_remote]
     if remote and fetcher is None:
-        raise APIError(
-            400,
-            "Fetching image URLs is disabled on this server; send the image inline as a "
-            "base64 data: URL.",
-            param=refs[remote[0]].param,
-            code="image_url_forbidden",
+        raise IMAGE_URL_FORBIDDEN(
+            refs[remote[0]].param,
+            message="Fetching image URLs is disabled on this server; send the image inline as "
+            "a base64 data: URL.",
         )
     if remote:
         assert fetcher is not None
@@ -76,20 +74,16 @@ def load_inline_image(url: str, param: str) -> bytes:
     """The bytes of a non-remote image URL: only `data:image/...;base64,` is accepted."""
     scheme = url_scheme(url)
     if scheme is None:
-        raise APIError(
-            400,
-            "Unsupported image URL: expected an http(s) URL or a data:image/...;base64 URL.",
-            param=param,
-            code="invalid_image_url",
+        raise INVALID_IMAGE_URL(
+            param,
+            message="Unsupported image URL: expected an http(s) URL or a data:image/...;base64 "
+            "URL.",
         )
     if scheme != "data":
         # file:, ftp:, gopher:, ... would make the proxy read local files or speak other
         # protocols on the client's behalf.
-        raise APIError(
-            400,
-            "Image URLs must use http, https or data; this scheme is not allowed.",
-            param=param,
-            code="image_url_forbidden",
+        raise IMAGE_URL_FORBIDDEN(
+            param, message="Image URLs must use http, https or data; this scheme is not allowed."
         )
     return decode_data_url(url, param)
 
@@ -97,31 +91,23 @@ def load_inline_image(url: str, param: str) -> bytes:
 def decode_data_url(url: str, param: str) -> bytes:
     match = _DATA_URL.fullmatch(url)
     if match is None:
-        raise APIError(
-            400,
-            "Invalid image data URL: expected data:image/(jpeg|png|webp|gif);base64,<data>.",
-            param=param,
-            code="invalid_image",
+        raise INVALID_IMAGE(
+            param,
+            message="Invalid image data URL: expected data:image/(jpeg|png|webp|gif);base64,"
+            "<data>.",
         )
     payload = _WHITESPACE.sub(b"", match["payload"].encode("ascii", "replace"))
     try:
         image = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(
-            400, "Invalid base64 image data.", param=param, code="invalid_image"
-        ) from None
+        raise INVALID_IMAGE(param, message="Invalid base64 image data.") from None
     if not is_known_image(image):
         raise not_an_image(param)
     return image
 
 
 def not_an_image(param: str) -> APIError:
-    return APIError(
-        400,
-        "The image data is not a JPEG, PNG, WebP or GIF image.",
-        param=param,
-        code="invalid_image",
-    )
+    return INVALID_IMAGE(param, message="The image data is not a JPEG, PNG, WebP or GIF image.")
 
 
 def is_known_image(data: bytes) -> bool:

@@ -16,7 +16,7 @@ A public multimodal endpoint receives huge base64 bodies, decompression-bomb ima
 
 Defaults are those of the model (`max_images` 16, `max_source_pixels` 40 MP, aspect 200:1)
 or stricter, so the proxy answers first and the model's own checks stay a second line.
-Every refusal is an APIError with a specific `code` and the offending `param`.
+Every refusal is an error of proxy/error_catalogue.py with the offending `param`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,19 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import SURROGATE, APIError
+from .error_catalogue import (
+    IMAGE_ASPECT_RATIO_TOO_LARGE,
+    IMAGE_TOO_LARGE,
+    IMAGE_TOO_SMALL,
+    INVALID_IMAGE,
+    INVALID_UNICODE,
+    TEXT_TOO_LONG,
+    TOO_MANY_IMAGES,
+    TOO_MANY_MESSAGES,
+    TOO_MANY_PIXELS,
+    APIError,
+)
+from .errors import SURROGATE
 from .images import ImageRef, is_known_image, url_scheme
 from .model_contract import ModelLimits
 from .model_limits import narrower
@@ -99,15 +111,24 @@ class ImageHeader:
 # ---- errors ----------------------------------------------------------------------------
 
 
-def limit_error(message: str, param: str | None, code: str, status: int = 400) -> APIError:
-    return APIError(status, message, param=param, code=code)
-
-
 def invalid_image(param: str) -> APIError:
-    return limit_error(
-        "The image could not be read: it is not a complete JPEG, PNG, WebP or GIF image.",
+    return INVALID_IMAGE(
         param,
-        "invalid_image",
+        message="The image could not be read: it is not a complete JPEG, PNG, WebP or GIF image.",
+    )
+
+
+def image_too_large_bytes(param: str, max_bytes: int) -> APIError:
+    return IMAGE_TOO_LARGE(
+        param, message=f"The image is larger than this server's limit of {max_bytes} bytes."
+    )
+
+
+def _too_many_pixels(param: str, limits: RequestLimits, size: str = "") -> APIError:
+    return IMAGE_TOO_LARGE(
+        param,
+        message=f"The image is too large{size}: this server accepts at most "
+        f"{limits.max_image_source_pixels} pixels per image.",
     )
 
 
@@ -121,12 +142,7 @@ def check_json_text(raw: bytes, body: Any) -> None:
         return
     for path, text in _strings(body, "body"):
         if SURROGATE.search(text):
-            raise limit_error(
-                "The request contains an unpaired UTF-16 surrogate (such as \\ud800), which "
-                "is not valid Unicode text.",
-                None if path == "body" else path.removeprefix("body."),
-                "invalid_unicode",
-            )
+            raise INVALID_UNICODE(None if path == "body" else path.removeprefix("body."))
 
 
 def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
@@ -148,12 +164,7 @@ def check_chat(chat: ChatCompletionRequest, limits: RequestLimits) -> None:
     """Counts messages, text and images, and sizes inline images from their base64 length,
     before anything is decoded or fetched."""
     if len(chat.messages) > limits.max_messages:
-        raise limit_error(
-            f"Too many messages: {len(chat.messages)}; this server accepts at most "
-            f"{limits.max_messages} per request.",
-            "messages",
-            "too_many_messages",
-        )
+        raise TOO_MANY_MESSAGES("messages", count=len(chat.messages), limit=limits.max_messages)
     text_chars = 0
     images = 0
     for i, message in enumerate(chat.messages):
@@ -164,22 +175,12 @@ def check_chat(chat: ChatCompletionRequest, limits: RequestLimits) -> None:
             if isinstance(part, str | TextPart):
                 text_chars += len(part if isinstance(part, str) else part.text)
                 if text_chars > limits.max_text_chars:
-                    raise limit_error(
-                        f"The messages hold more than {limits.max_text_chars} characters of "
-                        "text; shorten them.",
-                        param,
-                        "text_too_long",
-                    )
+                    raise TEXT_TOO_LONG(param, limit=limits.max_text_chars)
             elif isinstance(part, ImagePart):
                 images += 1
                 param += ".image_url"
                 if images > limits.max_images:
-                    raise limit_error(
-                        f"Too many images: this server accepts at most {limits.max_images} "
-                        "per request.",
-                        param,
-                        "too_many_images",
-                    )
+                    raise TOO_MANY_IMAGES(param, limit=limits.max_images)
                 _check_inline_size(part.image_url.url, param, limits)
 
 
@@ -194,15 +195,7 @@ def _check_inline_size(url: str, param: str, limits: RequestLimits) -> None:
     # measured exactly once decoded.
     estimated = (len(url) - match.end()) * 3 // 4
     if estimated > limits.max_image_bytes + limits.max_image_bytes // 16 + 3:
-        raise image_too_large_bytes(param, limits)
-
-
-def image_too_large_bytes(param: str, limits: RequestLimits) -> APIError:
-    return limit_error(
-        f"The image is larger than this server's limit of {limits.max_image_bytes} bytes.",
-        param,
-        "image_too_large",
-    )
+        raise image_too_large_bytes(param, limits.max_image_bytes)
 
 
 # ---- the images, from their headers ----------------------------------------------------
@@ -250,19 +243,14 @@ async def check_images(
         return
     for data, ref in zip(images, refs, strict=True):
         if len(data) > limits.max_image_bytes:
-            raise image_too_large_bytes(ref.param, limits)
+            raise image_too_large_bytes(ref.param, limits.max_image_bytes)
     total = 0
     for header, ref in zip(await read_headers(images), refs, strict=True):
         check_image_header(header, ref.param, limits)
         assert isinstance(header, ImageHeader)
         total += header.pixels
         if total > limits.max_request_pixels:
-            raise limit_error(
-                f"The images of this request hold more than {limits.max_request_pixels} "
-                "pixels in all; send fewer or smaller images.",
-                ref.param,
-                "too_many_pixels",
-            )
+            raise TOO_MANY_PIXELS(ref.param, limit=limits.max_request_pixels)
 
 
 def check_image_header(header: ImageHeader | str, param: str, limits: RequestLimits) -> None:
@@ -276,25 +264,8 @@ def check_image_header(header: ImageHeader | str, param: str, limits: RequestLim
     if header.pixels > limits.max_image_source_pixels:
         raise _too_many_pixels(param, limits, f" ({width}x{height})")
     if min(width, height) < limits.min_image_side:
-        raise limit_error(
-            f"The image is {width}x{height} pixels; both sides must be at least "
-            f"{limits.min_image_side} pixels.",
-            param,
-            "image_too_small",
-        )
+        raise IMAGE_TOO_SMALL(param, width=width, height=height, min_side=limits.min_image_side)
     if max(width, height) / min(width, height) > limits.max_image_aspect_ratio:
-        raise limit_error(
-            f"The image is {width}x{height} pixels; its aspect ratio must be at most "
-            f"{limits.max_image_aspect_ratio:g}:1.",
-            param,
-            "image_aspect_ratio_too_large",
+        raise IMAGE_ASPECT_RATIO_TOO_LARGE(
+            param, width=width, height=height, limit=limits.max_image_aspect_ratio
         )
-
-
-def _too_many_pixels(param: str, limits: RequestLimits, size: str = "") -> APIError:
-    return limit_error(
-        f"The image is too large{size}: this server accepts at most "
-        f"{limits.max_image_source_pixels} pixels per image.",
-        param,
-        "image_too_large",
-    )

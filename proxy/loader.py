@@ -13,27 +13,9 @@ import asyncio
 import logging
 
 from .backend import Backend
-from .errors import SERVICE_UNAVAILABLE, APIError
+from .error_catalogue import MODEL_LOADING
 
 log = logging.getLogger("proxy.loader")
-
-
-def model_not_loaded() -> APIError:
-    return APIError(
-        503,
-        "model not loaded yet (lazy loading: the first request loads it)",
-        type=SERVICE_UNAVAILABLE,
-        code="model_not_loaded",
-    )
-
-
-def still_loading(timeout_s: float) -> APIError:
-    return APIError(
-        503,
-        f"The model is still loading after {timeout_s:g} s; retry later.",
-        type=SERVICE_UNAVAILABLE,
-        code="model_loading",
-    )
 
 
 class ModelLoader:
@@ -58,7 +40,7 @@ class ModelLoader:
             # shield: a waiter that gives up (timeout, client gone) leaves the load running.
             await asyncio.wait_for(asyncio.shield(task), self._timeout_s)
         except TimeoutError:
-            raise still_loading(self._timeout_s) from None
+            raise MODEL_LOADING(timeout_s=self._timeout_s) from None
 
     async def _load(self, model: str) -> None:
         if await self._backend.is_ready(model):

@@ -24,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from .error_catalogue import CATALOGUE
+
 # `<name>_created` series double the series count and no dashboard here uses them.
 prometheus_client.disable_created_metrics()
 
@@ -73,35 +75,8 @@ CAUSES = (
     "shutting_down",
     "internal_error",
 )
-# Codes whose cause their status would not tell.
-_CAUSE_BY_CODE = {
-    "request_too_large": "body_too_large",
-    "image_fetch_failed": "image_fetch",
-    "image_fetch_timeout": "image_fetch",
-    # Also fetched images over the byte cap, but mostly inline ones over the limits.
-    "image_too_large": "invalid_request",
-    "image_aspect_ratio_too_large": "invalid_request",
-    "backend_unavailable": "backend_unavailable",
-    "model_unavailable": "backend_unavailable",
-    "server_shutting_down": "shutting_down",
-    "model_not_ready": "backend_unavailable",
-    "model_not_loaded": "backend_unavailable",
-    "model_loading": "backend_unavailable",
-    "model_load_failed": "backend_unavailable",
-    "model_not_found": "not_found",
-    "internal_error": "internal_error",
-}
-# Unknown codes (new errors) by a word they contain, then by status.
-_CAUSE_BY_CODE_WORD = (
-    ("timeout", "timeout"),
-    ("timed_out", "timeout"),
-    ("rate_limit", "rate_limited"),
-    ("overload", "overloaded"),
-    ("busy", "overloaded"),
-    ("capacity", "overloaded"),
-    ("api_key", "auth"),
-    ("auth", "auth"),
-)
+# Errors with no code the catalogue knows (aiohttp's other HTTP errors, other middlewares',
+# the model's request errors without a code) count by their status.
 _CAUSE_BY_STATUS = {
     400: "invalid_request",
     401: "auth",
@@ -120,14 +95,11 @@ _CAUSE_BY_STATUS = {
 
 
 def error_cause(status: int, code: str | None) -> str:
-    """The `cause` label of an error envelope (its HTTP status and `error.code`): always one
-    of `CAUSES`, so errors added later are counted without touching this table."""
-    if code:
-        if code in _CAUSE_BY_CODE:
-            return _CAUSE_BY_CODE[code]
-        for word, cause in _CAUSE_BY_CODE_WORD:
-            if word in code:
-                return cause
+    """The `cause` label of an error envelope (its HTTP status and `error.code`): the cause
+    its code has in proxy/error_catalogue.py, else the status's; always one of `CAUSES`."""
+    entry = CATALOGUE.get(code) if code else None
+    if entry is not None:
+        return entry.cause
     if status in _CAUSE_BY_STATUS:
         return _CAUSE_BY_STATUS[status]
     return "invalid_request" if status < 500 else "internal_error"

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .errors import APIError
+from .error_catalogue import APIError
 from .model_contract import ModelLimits
 
 if TYPE_CHECKING:

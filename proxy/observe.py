@@ -26,7 +26,8 @@ from typing import Any
 from aiohttp import web
 
 from .backend import GenerationChunk
-from .errors import REQUEST_ID_KEY, APIError
+from .error_catalogue import INTERNAL_ERROR, APIError
+from .errors import REQUEST_ID_KEY
 from .images import ImageFetcher, ImageRef, load_images
 from .metrics import (
     METHODS,
@@ -257,7 +258,7 @@ async def observe_generation(
         record.interrupted = True
         raise
     except Exception:
-        record.error = (500, "internal_error")
+        record.error = (INTERNAL_ERROR.status, INTERNAL_ERROR.code)
         raise
     finally:
         await chunks.aclose()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import APIError
+from .error_catalogue import INVALID_VALUE
 from .model_contract import ModelLimits
 from .model_limits import narrower
 
@@ -68,12 +68,10 @@ class PixelLimits:
     def check(self, value: int | None, param: str) -> int | None:
         """A client's explicit bound, refused unless inside the server's range."""
         if value is not None and not self.min_pixels <= value <= self.max_pixels:
-            raise APIError(
-                400,
-                f"Invalid value for '{param}': {value} is outside this server's range "
+            raise INVALID_VALUE(
+                param,
+                message=f"Invalid value for '{param}': {value} is outside this server's range "
                 f"[{self.min_pixels}, {self.max_pixels}] pixels.",
-                param=param,
-                code="invalid_value",
             )
         return value
 
@@ -89,11 +87,9 @@ def image_budget(
     low = min_pixels if min_pixels is not None else limits.min_pixels
     high = max_pixels if max_pixels is not None else limits.detail_max_pixels(detail)
     if low > high:
-        raise APIError(
-            400,
-            f"Invalid value for '{param}': min_pixels ({low}) exceeds max_pixels ({high}) "
-            "for this image.",
-            param=param,
-            code="invalid_value",
+        raise INVALID_VALUE(
+            param,
+            message=f"Invalid value for '{param}': min_pixels ({low}) exceeds max_pixels "
+            f"({high}) for this image.",
         )
     return PixelBudget(min_pixels=low, max_pixels=high)

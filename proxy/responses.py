@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import GenerationChunk
-from .errors import APIError, internal_error
+from .error_catalogue import INTERNAL_ERROR, APIError
 from .sse import DONE_EVENT, sse_error, sse_event
 
 log = logging.getLogger("proxy")
@@ -199,7 +199,7 @@ async def completion_events(
         return
     except Exception:
         log.exception("request %s: failed mid-stream", request_id)
-        yield sse_error(internal_error(request_id))
+        yield sse_error(INTERNAL_ERROR(request_id=request_id))
         return
     for index, finish_reason in sorted(finish_reasons.items()):
         yield sse_event(

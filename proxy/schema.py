@@ -20,7 +20,14 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import APIError
+from .error_catalogue import (
+    INVALID_TYPE,
+    INVALID_VALUE,
+    MISSING_REQUIRED_PARAMETER,
+    UNSUPPORTED_CONTENT_TYPE,
+    UNSUPPORTED_PARAMETER,
+    APIError,
+)
 
 SUPPORTED_PART_TYPES = ("text", "image_url")
 MAX_STOP_STRINGS = 16  # as OpenAI's API and the model
@@ -181,19 +188,15 @@ def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     except ValidationError as exc:
         raise validation_api_error(exc, body) from None
     if chat.top_logprobs is not None and not chat.logprobs:
-        raise APIError(
-            400,
-            "Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
-            param="top_logprobs",
-            code="invalid_value",
+        raise INVALID_VALUE(
+            "top_logprobs",
+            message="Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
         )
     if chat.response_format is not None and chat.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format type {chat.response_format.type!r} is not supported; "
+        raise UNSUPPORTED_PARAMETER(
+            "response_format",
+            message=f"response_format type {chat.response_format.type!r} is not supported; "
             "only {'type': 'text'} is.",
-            param="response_format",
-            code="unsupported_parameter",
         )
     return chat
 
@@ -212,14 +215,13 @@ def validation_api_error(exc: ValidationError, body: Any) -> APIError:
             f"Invalid type for '{param}': expected {expected}, "
             f"but got {_json_type(err['input'])} instead."
         )
-        return APIError(400, message, param=param or None, code="invalid_type")
+        return INVALID_TYPE(param or None, message=message)
     if err["type"] == "missing":
-        message = f"Missing required parameter: '{param}'."
-        return APIError(400, message, param=param or None, code="missing_required_parameter")
+        return MISSING_REQUIRED_PARAMETER(param or None, path=param)
     # A value that fits none of a union's members fails once per member; name them all.
     reasons = dict.fromkeys(e["msg"] for p, e in candidates if p == path)
     message = f"Invalid value for '{param}': {' or '.join(reasons)}."
-    return APIError(400, message, param=param or None, code="invalid_value")
+    return INVALID_VALUE(param or None, message=message)
 
 
 def _json_type(value: Any) -> str:
@@ -240,16 +242,11 @@ def _content_part_error(part: Any, param: str) -> APIError:
     supported = " and ".join(f"'{kind}'" for kind in SUPPORTED_PART_TYPES)
     if not isinstance(part, dict):
         message = f"Invalid value for '{param}': a content part must be an object."
-        return APIError(400, message, param=param, code="invalid_value")
+        return INVALID_VALUE(param, message=message)
     if "type" not in part:
-        message = f"Missing required parameter: '{param}.type'."
-        return APIError(400, message, param=f"{param}.type", code="missing_required_parameter")
+        return MISSING_REQUIRED_PARAMETER(f"{param}.type", path=f"{param}.type")
     kind = str(part["type"])[:40]
-    message = (
-        f"Unsupported content part type '{kind}' in '{param}': this server accepts "
-        f"{supported} parts."
-    )
-    return APIError(400, message, param=param, code="unsupported_content_type")
+    return UNSUPPORTED_CONTENT_TYPE(param, kind=kind, path=param, supported=supported)
 
 
 def _input_path(loc: tuple[int | str, ...], body: Any, error_type: str) -> list[int | str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import APIError
+from .error_catalogue import APIError
 
 DONE_EVENT = b"data: [DONE]\n\n"
 

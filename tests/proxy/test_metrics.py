@@ -393,7 +393,7 @@ def failing_middleware(error: APIError):
         (APIError(401, "no key", code="invalid_api_key"), "auth"),
         (APIError(403, "forbidden"), "auth"),
         (APIError(429, "slow down", code="rate_limit_exceeded"), "rate_limited"),
-        (APIError(503, "busy", code="server_overloaded"), "overloaded"),
+        (APIError(503, "busy", code="server_busy"), "overloaded"),
         (APIError(504, "too slow", code="generation_timeout"), "timeout"),
         (APIError(408, "too slow"), "timeout"),
         (APIError(503, "nope", code="something_new"), "backend_unavailable"),
