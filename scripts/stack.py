@@ -28,17 +28,26 @@ TRITON_MODEL = "qwen2_5_vl"
 DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
+def pytriton_home() -> Path | None:
+    """The tritonserver folder of the nvidia-pytriton wheel (bin/, backends/, the Python-backend
+    stubs), found without importing pytriton; None when the wheel is not installed."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        return None
+    home = Path(spec.origin).parent / "tritonserver"
+    return home if (home / "bin" / "tritonserver").exists() else None
+
+
 def find_tritonserver() -> tuple[str, str | None]:
     """(binary, backend directory): a tritonserver on PATH wins over the pytriton wheel's."""
     on_path = shutil.which("tritonserver")
     if on_path:
         return on_path, None
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or spec.origin is None:
+    home = pytriton_home()
+    if home is None:
         raise SystemExit(
             "no tritonserver on PATH and nvidia-pytriton is not installed: run scripts/setup"
         )
-    home = Path(spec.origin).parent / "tritonserver"
     return str(home / "bin" / "tritonserver"), str(home / "backends")
 
 
@@ -52,9 +61,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def tiny_checkpoint() -> str:
+def tiny_checkpoint(preset: str = "tiny") -> str:
+    """The path of scripts/build_tiny_checkpoint.py's `preset` checkpoint, built if missing."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py")],
+        [sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py"), "--preset", preset],
         check=True,
         capture_output=True,
         text=True,

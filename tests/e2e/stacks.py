@@ -1,11 +1,8 @@
 """Starting whole stacks (tritonserver + proxy) of the tests' own on loopback."""
 
 import contextlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import stack as stack_launcher  # noqa: E402
+import stack as stack_launcher  # scripts/stack.py
 
 
 @contextlib.contextmanager

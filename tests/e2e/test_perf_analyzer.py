@@ -2,7 +2,6 @@
 
 import base64
 import json
-import os
 import re
 import shutil
 import struct
@@ -12,20 +11,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 INPUTS = ROOT / "bench" / "perf_analyzer"
 sys.path.insert(0, str(INPUTS))
 import make_inputs  # noqa: E402
+from run import perf_analyzer_env  # noqa: E402  (bench/perf_analyzer/run.py)
 
 
-def perf_analyzer_env() -> dict:
-    import nvidia.cuda_runtime  # libcudart.so.12, which perf_analyzer links even on CPU
-
-    lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = f"{lib}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
-    return env
+def run_script(url: str, output_dir: Path, *flags: str, timeout: float):
+    """bench/perf_analyzer/run.py against `url`, without warm-up."""
+    return subprocess.run(
+        [sys.executable, str(INPUTS / "run.py"), "--url", url, *flags]
+        + ["--warmup", "0", "--output-dir", str(output_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def image_tokens_served(stack) -> float:
@@ -91,26 +94,10 @@ def test_perf_analyzer_streams_against_the_model(stack, inputs):
 
 
 def test_run_script_prints_a_table_against_the_stack(stack, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(INPUTS / "run.py"),
-            "--url",
-            stack.config.triton_grpc_url,
-            "--inputs",
-            "text.json",
-            "image_b64.json",
-            "--concurrency",
-            "1",
-            "--request-count",
-            "6",
-            "--warmup",
-            "0",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_script(
+        stack.config.triton_grpc_url,
+        tmp_path,
+        *("--inputs", "text.json", "image_b64.json", "--concurrency", "1", "--request-count", "6"),
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -126,27 +113,10 @@ def test_run_script_prints_a_table_against_the_stack(stack, tmp_path):
 
 
 def test_run_script_fails_when_perf_analyzer_fails(tmp_path):
-    from stack import free_port  # noqa: E402  (tests/e2e/conftest.py puts scripts/ on sys.path)
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(INPUTS / "run.py"),
-            "--url",
-            f"127.0.0.1:{free_port()}",
-            "--inputs",
-            "text.json",
-            "--concurrency",
-            "1",
-            "--request-count",
-            "2",
-            "--warmup",
-            "0",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_script(
+        f"127.0.0.1:{free_port()}",
+        tmp_path,
+        *("--inputs", "text.json", "--concurrency", "1", "--request-count", "2"),
         timeout=120,
     )
     assert result.returncode == 1 and "FAILED" in result.stdout, result.stdout + result.stderr

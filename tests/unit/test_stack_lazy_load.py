@@ -1,13 +1,8 @@
 """scripts/stack.py's lazy-load switch: Triton in explicit model control, the proxy told so,
 and the flag with its SERVE_LAZY_LOAD fallback."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import stack  # noqa: E402
+import stack
 
 
 @pytest.fixture(autouse=True)
