@@ -1,17 +1,17 @@
-"""Small images for tests, encoded in memory."""
+"""Small images for tests, encoded in memory (`helpers.data_url` makes a data URL of one)."""
 
-import base64
 import io
 
 from PIL import Image
 
 
-def encoded_image(fmt: str = "JPEG", size=(64, 48), color=(200, 30, 30)) -> bytes:
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    """`image` as a file of format `fmt` (Pillow's name: "PNG", "JPEG", ...) would hold it."""
     buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, fmt)
+    image.save(buf, fmt, **kwargs)
     return buf.getvalue()
 
 
-def data_url(fmt: str = "JPEG", **kwargs) -> str:
-    mime = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}[fmt]
-    return f"data:image/{mime};base64," + base64.b64encode(encoded_image(fmt, **kwargs)).decode()
+def encoded_image(fmt: str = "JPEG", size=(64, 48), color=(200, 30, 30)) -> bytes:
+    """A plain `color` RGB image of `size`, encoded as `fmt`."""
+    return encode(Image.new("RGB", size, color), fmt)

@@ -1,6 +1,5 @@
 """The whole stack: OpenAI clients → proxy → tritonserver → the Qwen2.5-VL model."""
 
-import base64
 import json
 import re
 import time
@@ -9,8 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from sample_images import data_url, encoded_image
-from sse import read_events
+from helpers import data_url, sse_line_payloads, wait_until
+from sample_images import encoded_image
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVED = "qwen2.5-vl-7b-instruct"
@@ -59,7 +58,7 @@ def test_streaming_chunk_by_chunk_matches_non_stream(base_url):
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "Describe:"},
-                    {"type": "image_url", "image_url": {"url": data_url("PNG")}},
+                    {"type": "image_url", "image_url": {"url": data_url(encoded_image("PNG"))}},
                 ],
             }
         ],
@@ -80,7 +79,7 @@ def test_streaming_chunk_by_chunk_matches_non_stream(base_url):
     ) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        events = read_events(response)
+        events = sse_line_payloads(response.iter_lines(), strict=True)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
@@ -105,7 +104,10 @@ def test_openai_sdk_non_stream(base_url):
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "What is this?"},
-                    {"type": "image_url", "image_url": {"url": data_url()}},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": data_url(encoded_image(), "image/jpeg")},
+                    },
                 ],
             }
         ],
@@ -136,9 +138,9 @@ def _streamed_deltas(base_url, payload):
     with requests.post(
         f"{base_url}/v1/chat/completions", stream=True, timeout=60, json={**payload, "stream": True}
     ) as response:
-        lines = [line for line in response.iter_lines() if line.startswith(b"data: {")]
-    events = [json.loads(line[len(b"data: ") :].decode("utf-8")) for line in lines]  # strict UTF-8
-    return [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+        events = sse_line_payloads(response.iter_lines())  # decoded as strict UTF-8
+    deltas = [e["choices"] for e in events if e != "[DONE]"]
+    return [choices[0]["delta"].get("content") or "" for choices in deltas if choices]
 
 
 def test_chinese_round_trip_streams_whole_characters(base_url):
@@ -183,10 +185,8 @@ def test_client_disconnect_cancels_generation_and_next_request_is_prompt(stack, 
     for _ in range(4):
         next(lines)
     response.close()
-    deadline = time.monotonic() + 20
-    while _cancel_count(stack) == before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _cancel_count(stack) == before + 1, "the model never saw the cancellation"
+    wait_until(lambda: _cancel_count(stack) != before, what="the model to see the cancellation")
+    assert _cancel_count(stack) == before + 1
     started = time.monotonic()
     assert (
         chat(base_url, messages=[{"role": "user", "content": "hi"}], max_tokens=4).status_code
@@ -195,55 +195,20 @@ def test_client_disconnect_cancels_generation_and_next_request_is_prompt(stack, 
     assert time.monotonic() - started < 10
 
 
+def image_only_body(url: str) -> bytes:
+    """A chat request whose one message is one image part."""
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return json.dumps({"model": SERVED, "messages": [{"role": "user", "content": [part]}]}).encode()
+
+
 @pytest.mark.parametrize(
     "body, status, code",
     [
         (b"{not json", 400, None),
         (json.dumps({"model": SERVED}).encode(), 400, None),
         (json.dumps({"model": SERVED, "messages": []}).encode(), 400, None),
-        (
-            json.dumps(
-                {
-                    "model": SERVED,
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {
-                                    "type": "image_url",
-                                    "image_url": {"url": "data:image/png;base64,@@@notbase64"},
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ).encode(),
-            400,
-            "invalid_image",
-        ),
-        (
-            json.dumps(
-                {
-                    "model": SERVED,
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {
-                                    "type": "image_url",
-                                    "image_url": {
-                                        "url": "data:image/png;base64,"
-                                        + base64.b64encode(encoded_image("PNG")[:60]).decode()
-                                    },
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ).encode(),
-            400,
-            None,
-        ),
+        (image_only_body("data:image/png;base64,@@@notbase64"), 400, "invalid_image"),
+        (image_only_body(data_url(encoded_image("PNG")[:60])), 400, None),
         (
             json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(),
             404,

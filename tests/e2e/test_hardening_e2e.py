@@ -20,9 +20,8 @@ import signal
 
 import pytest
 import requests
-from helpers import wait_until
-from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT, data_url
-from sse import read_events
+from helpers import data_url, sse_line_payloads, wait_until
+from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT
 from stacks import running_stack
 from test_model_metrics_e2e import scrape
 
@@ -119,7 +118,11 @@ def test_load_at_four_times_the_cap(own_stack):
         with chat(
             base_url, f"request {i}", stream=True, max_tokens=16, temperature=1.0, seed=i
         ) as response:
-            events = read_events(response) if response.status_code == 200 else None
+            events = (
+                sse_line_payloads(response.iter_lines(), strict=True)
+                if response.status_code == 200
+                else None
+            )
             return (
                 response.status_code,
                 response.headers,
@@ -152,9 +155,9 @@ def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
         assert all(line.startswith(b"data: {") for line in seen)
         os.killpg(own_stack.triton.pid, signal.SIGKILL)  # the backend stubs go with it
         own_stack.triton.wait()
-        rest = [line[len(b"data: ") :] for line in lines]
-    assert rest[-1] == b"[DONE]"
-    error = json.loads(rest[-2])["error"]
+        rest = sse_line_payloads(lines)
+    assert rest[-1] == "[DONE]"
+    error = rest[-2]["error"]
     assert error["code"] == "backend_unavailable" and error["type"] == "service_unavailable"
 
     wait_until(lambda: status_of(f"{base_url}/ready") == 503, timeout=10)

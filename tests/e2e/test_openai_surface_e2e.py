@@ -2,8 +2,6 @@
 server on 127.0.0.1) → tritonserver → the tiny Qwen2.5-VL, checked against the processor's
 own image token counts."""
 
-import base64
-import io
 import json
 import threading
 import time
@@ -13,29 +11,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 import requests
+from helpers import data_url
 from PIL import Image
 from qwen_vl_utils import smart_resize
+from sample_images import encode
 from stacks import running_stack, stack_launcher
 
 SERVED = "qwen2.5-vl-7b-instruct"
 MIN_PIXELS, MAX_PIXELS, LOW_MAX_PIXELS = 3136, 1003520, 200704
 
 
-def encode(size, fmt, color):
-    buf = io.BytesIO()
+def two_tone(size, fmt, color):
+    """A `color` image with a patch of another colour, encoded as `fmt`."""
     image = Image.new("RGB", size, color)
     image.paste(
         (255 - color[0], color[1], 255 - color[2]),
         (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2),
     )
-    image.save(buf, fmt)
-    return buf.getvalue()
+    return encode(image, fmt)
 
 
 # (width, height): large enough that the pixel budgets change the token counts.
-BIG_JPEG = encode((1000, 700), "JPEG", (200, 40, 40))
-MID_PNG = encode((640, 480), "PNG", (30, 160, 60))
-SMALL_PNG = encode((300, 200), "PNG", (20, 40, 220))
+BIG_JPEG = two_tone((1000, 700), "JPEG", (200, 40, 40))
+MID_PNG = two_tone((640, 480), "PNG", (30, 160, 60))
+SMALL_PNG = two_tone((300, 200), "PNG", (20, 40, 220))
 
 
 def image_tokens(width, height, max_pixels, min_pixels=MIN_PIXELS):
@@ -87,7 +86,7 @@ def sdk(base_url):
 
 
 def _messages(image_server):
-    small = "data:image/png;base64," + base64.b64encode(SMALL_PNG).decode()
+    small = data_url(SMALL_PNG)
     return [
         {"role": "system", "content": "You compare pictures."},
         {
@@ -232,7 +231,7 @@ def test_logprobs_cover_every_completion_token(base_url, stream):
 
 
 def _n_request(stream):
-    small = "data:image/png;base64," + base64.b64encode(SMALL_PNG).decode()
+    small = data_url(SMALL_PNG)
     return dict(
         model=SERVED,
         n=3,
@@ -349,9 +348,7 @@ def test_image_url_refusals(base_url, image_server, url_path, code):
 
 
 def test_model_errors_point_at_the_client_part(base_url):
-    broken = (
-        "data:image/png;base64," + base64.b64encode(MID_PNG[:80]).decode()
-    )  # PNG magic, no image
+    broken = data_url(MID_PNG[:80])  # PNG magic, no image
     with pytest.raises(openai.BadRequestError) as caught:
         sdk(base_url).chat.completions.create(
             model=SERVED,

@@ -5,11 +5,10 @@ import dataclasses
 import json
 import re
 import subprocess
-import uuid
 
 import requests
-from helpers import sse_line_payloads, wait_until
-from sample_images import data_url
+from helpers import data_url, sse_line_payloads, wait_until
+from sample_images import encoded_image
 from stacks import stack_launcher
 
 SERVED = "qwen2.5-vl-7b-instruct"
@@ -58,14 +57,10 @@ def wait_idle(stack, base_url):
     wait_until(idle, what="an idle stack")
 
 
-def sse_events(response) -> list:
-    return sse_line_payloads(response.iter_lines(decode_unicode=True))
-
-
 def test_streamed_image_request_moves_proxy_and_triton_metrics_alike(stack, base_url):
     wait_idle(stack, base_url)
     proxy_before, model_before = scrape(base_url), scrape(triton_metrics_url(stack))
-    request_id = f"metrics-e2e-{uuid.uuid4().hex[:12]}"
+    request_id = "metrics-e2e-streamed-image"
 
     with requests.post(
         f"{base_url}{CHAT}",
@@ -83,7 +78,7 @@ def test_streamed_image_request_moves_proxy_and_triton_metrics_alike(stack, base
                     "role": "user",
                     "content": [
                         {"type": "text", "text": "Describe this image."},
-                        {"type": "image_url", "image_url": {"url": data_url("PNG")}},
+                        {"type": "image_url", "image_url": {"url": data_url(encoded_image("PNG"))}},
                     ],
                 }
             ],
@@ -91,7 +86,7 @@ def test_streamed_image_request_moves_proxy_and_triton_metrics_alike(stack, base
     ) as resp:
         assert resp.status_code == 200
         assert resp.headers["X-Request-Id"] == request_id
-        events = sse_events(resp)
+        events = sse_line_payloads(resp.iter_lines())
     assert events[-1] == "[DONE]"
     usage = events[-2]["usage"]
     content_chunks = sum(
@@ -192,7 +187,10 @@ def chat(base_url: str, request_id: str):
                     "role": "user",
                     "content": [
                         {"type": "text", "text": "What color is it?"},
-                        {"type": "image_url", "image_url": {"url": data_url("JPEG")}},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": data_url(encoded_image(), "image/jpeg")},
+                        },
                     ],
                 }
             ],
@@ -203,7 +201,7 @@ def chat(base_url: str, request_id: str):
 
 
 def test_proxy_and_triton_text_logs_join_by_request_id(stack, base_url):
-    request_id = f"join-{uuid.uuid4().hex[:12]}"
+    request_id = "join-text-logs"
     usage = chat(base_url, request_id)
 
     proxy_pattern = re.compile(rf"request {re.escape(request_id)} POST {CHAT} -> 200 .*")
@@ -241,7 +239,7 @@ def test_json_log_lines_join_triton_by_request_id(stack, tmp_path):
             lambda: stack_launcher._get_status(f"{config.proxy_url}/ready") == 200,
             what="the JSON-logging proxy",
         )
-        request_id = f"json-{uuid.uuid4().hex[:12]}"
+        request_id = "join-json-logs"
         usage = chat(config.proxy_url, request_id)
 
         def request_entry():

@@ -2,7 +2,8 @@ import base64
 import json
 
 import pytest
-from sample_images import data_url, encoded_image
+from helpers import data_url
+from sample_images import encoded_image
 
 from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.errors import RequestError
@@ -22,7 +23,7 @@ def test_every_supported_format_decodes_to_rgb(fmt):
     [
         lambda b: b,
         lambda b: base64.b64encode(b),
-        lambda b: b"data:image/png;base64," + base64.b64encode(b),
+        lambda b: data_url(b).encode(),
     ],
 )
 def test_image_elements_may_be_raw_base64_or_data_urls(wrap):
@@ -68,7 +69,12 @@ def test_inline_data_urls_and_string_content():
                 {"role": "system", "content": "be brief"},
                 {
                     "role": "user",
-                    "content": [{"type": "image_url", "image_url": {"url": data_url()}}],
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": data_url(encoded_image(), "image/jpeg")},
+                        }
+                    ],
                 },
             ]
         ),

@@ -1,41 +1,17 @@
 """Odd and hostile images: decoded the way a viewer shows them, or refused with a RequestError."""
 
-import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from hostile_samples import png_header_only
 from PIL import Image
+from sample_images import encode
 
 from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.contract import ModelLimits
 from qwen_vl_backend.errors import RequestError
 from qwen_vl_backend.images import decode_image
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims a size its (tiny, broken) data never delivers: a bomb's shape."""
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+from helpers import data_url
 from hostile_samples import (
     ANIMATED_GIF,
     BOMB_PNG,
@@ -24,7 +25,6 @@ from hostile_samples import (
     TRUNCATED_HEADER_PNG,
     TRUNCATED_JPEG,
     WEBP,
-    data_url,
     png_header_only,
 )
 from tritonclient.utils import InferenceServerException

@@ -180,7 +180,7 @@ def test_to_triton_needs_one_image_per_ref():
     [
         data_url(PNG).replace("image/png", "IMAGE/PNG"),
         data_url(JPEG, "image/jpg"),
-        "data:image/png;name=x.png;base64," + base64.b64encode(PNG).decode(),
+        data_url(PNG, "image/png;name=x.png"),
         # MIME-wrapped base64 (line breaks every 76 characters) from some encoders.
         "data:image/png;base64," + base64.encodebytes(PNG * 20).decode(),
     ],
@@ -286,9 +286,9 @@ def bad_image_body(url: str) -> dict:
         "data:image/png;base64,iVBORw0KGgo",  # truncated: bad padding
         "data:image/png;base64,",
         "data:image/png;base64,5Lit5paH",  # valid base64, not an image
-        "data:text/plain;base64," + base64.b64encode(PNG).decode(),
+        data_url(PNG, "text/plain"),
         "data:text/html,<script>alert(1)</script>",
-        "data:image/svg+xml;base64," + base64.b64encode(b"<svg/>").decode(),
+        data_url(b"<svg/>", "image/svg+xml"),
         "data:image/png," + PNG.decode("latin-1"),  # not base64-encoded
     ],
     ids=[
