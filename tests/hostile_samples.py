@@ -1,20 +1,13 @@
-"""Odd, broken and hostile images (and their data: URLs) for the hardening tests."""
+"""Odd, broken and hostile images for the hardening tests."""
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
-from helpers import data_url  # noqa: F401  (re-exported: the hostile tests build data URLs)
 from PIL import Image
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
+from sample_images import encode
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

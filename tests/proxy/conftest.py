@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from proxy_fakes import TEST_CONFIG, FakeBackend
+from aiohttp.test_utils import TestClient
+from proxy_fakes import TEST_CONFIG, FakeBackend, serving
 
-from proxy.app import create_app
 from proxy.config import with_settings
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
@@ -18,16 +18,11 @@ ClientFactory = Callable[..., Awaitable[TestClient]]
 async def make_client() -> AsyncGenerator[ClientFactory, None]:
     """`await make_client(backend, **settings)`: a test client for a fresh app, its config
     TEST_CONFIG with `settings` (named by flag: `max_images=2`, `image_fetch=False`)."""
-    clients: list[TestClient] = []
+    async with contextlib.AsyncExitStack() as servers:
 
-    async def make(backend: FakeBackend | None = None, **settings: object) -> TestClient:
-        config = with_settings(TEST_CONFIG, **settings)
-        app = create_app(config, backend if backend is not None else FakeBackend())
-        client = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()
-        clients.append(client)
-        return client
+        async def make(backend: FakeBackend | None = None, **settings: object) -> TestClient:
+            config = with_settings(TEST_CONFIG, **settings)
+            backend = backend if backend is not None else FakeBackend()
+            return await servers.enter_async_context(serving(config, backend))
 
-    yield make
-    for client in clients:
-        await client.close()
+        yield make

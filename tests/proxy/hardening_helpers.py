@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 
-from helpers import sse_payloads
 from proxy_fakes import SERVED_MODEL
 
 CHAT = "/v1/chat/completions"
@@ -106,8 +105,3 @@ def post_head(path: str = CHAT, extra: str = "", length: int | None = None) -> b
 
 def json_bytes(obj: object) -> bytes:
     return json.dumps(obj).encode()
-
-
-def sse_events(raw: str) -> list[object]:
-    """The `data:` payloads of a possibly cut-off SSE body (other blocks skipped)."""
-    return sse_payloads(raw, strict=False)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import contextlib
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator
 
-from helpers import data_url, sse_payloads  # noqa: F401  (re-exported for the proxy tests)
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from sample_images import encoded_image
 
-from proxy.backend import GenerationChunk, TritonRequest
+from proxy.app import create_app
+from proxy.backend import Backend, GenerationChunk, TritonRequest
 from proxy.config import ProxyConfig, with_settings
 from proxy.model_contract import ModelLimits
 
@@ -138,3 +142,51 @@ class FakeBackend:
 
     async def close(self) -> None:
         self.closed = True
+
+
+# ---- serving an app on loopback -------------------------------------------------------------
+
+
+class _LoopbackServer(TestServer):
+    """aiohttp's TestServer on 127.0.0.1, handler cancellation as asked (aiohttp's turns it on
+    always, as `python -m proxy` does)."""
+
+    def __init__(self, app: web.Application, handler_cancellation: bool) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self.handler_cancellation = handler_cancellation
+
+    async def _make_runner(self, **kwargs: object) -> web.AppRunner:
+        return await super()._make_runner(
+            **{**kwargs, "handler_cancellation": self.handler_cancellation}
+        )
+
+
+@contextlib.asynccontextmanager
+async def serving_app(
+    app: web.Application,
+    *,
+    handler_cancellation: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[TestClient]:
+    """`app` served on a free port of 127.0.0.1 (over TLS with `ssl_context`) until the block
+    ends: a TestClient for it (`client.server.port`, `client.make_url(path)`)."""
+    server = _LoopbackServer(app, handler_cancellation)
+    await server.start_server(ssl=ssl_context)
+    async with TestClient(server) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    config: ProxyConfig = TEST_CONFIG,
+    backend: Backend | None = None,
+    *,
+    fetcher: object | None = None,
+    handler_cancellation: bool = True,
+) -> AsyncIterator[TestClient]:
+    """The proxy app for `config` served as `serving_app` does, over `backend` (None: the real
+    TritonBackend, connected to `config`'s Triton when the app starts) and `fetcher` (None: the
+    app's own)."""
+    app = create_app(config, backend, fetcher=fetcher)
+    async with serving_app(app, handler_cancellation=handler_cancellation) as client:
+        yield client

@@ -7,19 +7,17 @@ import json
 
 import aiohttp
 import pytest
-from aiohttp import web
+from helpers import data_url, sse_payloads
 from proxy_fakes import (
     JPEG_BYTES,
     PNG_BYTES,
     SERVED_MODEL,
     TEST_CONFIG,
     FakeBackend,
-    data_url,
     script,
-    sse_payloads,
+    serving,
 )
 
-from proxy.app import create_app
 from proxy.backend import GenerationChunk, backend_unavailable
 from proxy.errors import APIError
 
@@ -457,17 +455,10 @@ async def test_disconnect_detected_on_write_without_handler_cancellation():
     # `python -m proxy` enables handler cancellation; without it, the failed write must
     # still close the backend generator.
     backend = FakeBackend(script(*(f"t{i}" for i in range(100))), delay_s=0.05)
-    runner = web.AppRunner(create_app(TEST_CONFIG, backend), handler_cancellation=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        host, port = runner.addresses[0][:2]
-        await _disconnect_after_first_token(f"http://{host}:{port}/v1/chat/completions")
+    async with serving(TEST_CONFIG, backend, handler_cancellation=False) as client:
+        await _disconnect_after_first_token(str(client.make_url("/v1/chat/completions")))
         await asyncio.wait_for(backend.stopped_early.wait(), 2.0)
         assert not backend.finished
-    finally:
-        await runner.cleanup()
 
 
 # ---- other routes --------------------------------------------------------------------------
@@ -539,10 +530,8 @@ async def test_wrong_method_is_405_envelope(make_client):
 
 async def test_backend_closed_on_app_cleanup():
     backend = FakeBackend()
-    client_app = create_app(TEST_CONFIG, backend)
-    runner = web.AppRunner(client_app)
-    await runner.setup()
-    await runner.cleanup()
+    async with serving(TEST_CONFIG, backend):
+        assert not backend.closed
     assert backend.closed
 
 

@@ -8,16 +8,15 @@ import json
 import logging
 
 import pytest
+from helpers import data_url, sse_payloads
 from proxy_fakes import (
     JPEG_BYTES,
     PNG_BYTES,
     SERVED_MODEL,
     TRITON_MODEL,
     FakeBackend,
-    data_url,
     logprob_entry,
     script,
-    sse_payloads,
 )
 
 from proxy.backend import client_error, model_load_failed

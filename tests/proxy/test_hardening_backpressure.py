@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiohttp.test_utils import TestClient, TestServer
 from hardening_helpers import (
     CHAT,
     NORMAL_REQUEST,
@@ -14,13 +13,12 @@ from hardening_helpers import (
     json_bytes,
     post_head,
     raw_http,
-    sse_events,
 )
-from proxy_fakes import TEST_CONFIG, FakeBackend, script
+from helpers import sse_payloads, wait_until_async
+from proxy_fakes import TEST_CONFIG, FakeBackend, script, serving
 from tritonclient.utils import InferenceServerException
 
 from proxy.admission import ADMISSION_KEY
-from proxy.app import create_app
 from proxy.backend import model_error
 from proxy.config import with_settings
 from proxy.model_contract import ModelError
@@ -50,16 +48,8 @@ def admission(client):
     return client.server.app[ADMISSION_KEY]
 
 
-async def until(condition, timeout: float = 5.0) -> None:
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 async def read_stream(response) -> list[object]:
-    return sse_events(await response.text())
+    return sse_payloads(await response.text(), strict=False)
 
 
 # ---- load: 4x the cap ----------------------------------------------------------------------
@@ -90,7 +80,7 @@ async def test_four_times_the_cap_gets_200_or_429_and_every_stream_ends(make_cli
             assert headers["Retry-After"] == "1"
             assert assert_envelope(json.loads(text), "rate_limit_exceeded")["type"] == "requests"
         elif streamed:
-            events = sse_events(text)
+            events = sse_payloads(text, strict=False)
             assert events[-1] == "[DONE]"
             assert not any(isinstance(e, dict) and "error" in e for e in events)
         else:
@@ -103,7 +93,7 @@ async def test_429_is_decided_before_the_body_is_read(make_client):
     backend = HangingBackend()
     client = await make_client(backend, max_concurrent_requests=1)
     holder = asyncio.ensure_future(client.post(CHAT, json=STREAM_REQUEST))
-    await until(lambda: backend.requests)
+    await wait_until_async(lambda: backend.requests, timeout=5)
     # Only the head of a 50 MB request: the 429 comes without waiting for its body.
     status, headers, body = await raw_http(client.server.port, post_head(length=50_000_000))
     assert status == 429 and headers["retry-after"] == "1"
@@ -206,16 +196,12 @@ async def test_a_stuck_image_fetch_is_ended_by_the_deadline():
             await asyncio.Event().wait()
 
     config = with_settings(TEST_CONFIG, request_timeout_s=0.2)
-    client = TestClient(TestServer(create_app(config, FakeBackend(), fetcher=StuckFetcher())))
-    await client.start_server()
-    try:
+    async with serving(config, FakeBackend(), fetcher=StuckFetcher()) as client:
         part = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
         response = await client.post(CHAT, json={"messages": [{"role": "user", "content": [part]}]})
         assert response.status == 504  # at the deadline plus the backstop's 2 s
         assert_envelope(await response.json(), "timeout")
         assert admission(client).in_flight == 0
-    finally:
-        await client.close()
 
 
 async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(make_client):
@@ -226,8 +212,9 @@ async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(
     body = json_bytes(STREAM_REQUEST)
     writer.write(post_head(length=len(body)) + body)  # ... and never read the answer
     await writer.drain()
-    await until(lambda: backend.requests)
-    await until(lambda: admission(client).in_flight == 0, timeout=10)  # 0.5 s + 2 s backstop
+    await wait_until_async(lambda: backend.requests, timeout=5)
+    # The deadline (0.5 s) and the backstop's 2 s, with room to spare.
+    await wait_until_async(lambda: admission(client).in_flight == 0, timeout=10)
     assert backend.stopped_early.is_set() and not backend.finished
     writer.close()
     assert (await client.post(CHAT, json=NORMAL_REQUEST)).status == 200
@@ -252,7 +239,7 @@ async def test_aborting_ends_running_streams_with_an_error_and_done(make_client)
     client = await make_client(backend)
     pending = asyncio.ensure_future(client.post(CHAT, json=STREAM_REQUEST))
     plain = asyncio.ensure_future(client.post(CHAT, json=NORMAL_REQUEST))
-    await until(lambda: len(backend.requests) == 2)
+    await wait_until_async(lambda: len(backend.requests) == 2, timeout=5)
     await asyncio.sleep(0.05)
     admission(client).abort_streams()
     response = await pending

@@ -8,28 +8,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from fake_triton import FakeTriton
-from hardening_helpers import CHAT, assert_envelope, assert_no_leak, sse_events
-from proxy_fakes import SERVED_MODEL, TEST_CONFIG
+from hardening_helpers import CHAT, assert_envelope, assert_no_leak
+from helpers import sse_payloads, wait_until_async
+from proxy_fakes import SERVED_MODEL, TEST_CONFIG, serving
+from stack import ROOT, StackConfig, free_port, proxy_command
 
-from proxy.app import create_app
 from proxy.config import with_settings
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chat(script: str, *, stream: bool = True) -> dict:
@@ -38,13 +28,6 @@ def chat(script: str, *, stream: bool = True) -> dict:
         "stream": stream,
         "messages": [{"role": "user", "content": script}],
     }
-
-
-async def wait_for(predicate, timeout: float, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(step)
 
 
 @pytest.fixture
@@ -58,11 +41,8 @@ async def fake_triton():
 @pytest.fixture
 async def proxy_client(fake_triton):
     """The in-process app with its real TritonBackend, pointed at the fake Triton."""
-    config = with_settings(TEST_CONFIG, triton_url=fake_triton.url)
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-    await client.start_server()
-    yield client
-    await client.close()
+    async with serving(with_settings(TEST_CONFIG, triton_url=fake_triton.url)) as client:
+        yield client
 
 
 # ---- model errors over real gRPC -----------------------------------------------------------
@@ -109,7 +89,7 @@ async def test_triton_killed_mid_stream_then_back_on_the_same_port(proxy_client,
     await response.content.readuntil(b"\n\n")  # the role chunk
     await response.content.readuntil(b"\n\n")  # a first token
     await fake_triton.stop()
-    events = sse_events((await response.read()).decode())
+    events = sse_payloads((await response.read()).decode(), strict=False)
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "backend_unavailable"
     assert_no_leak(json.dumps(events[-2]))
@@ -124,7 +104,7 @@ async def test_triton_killed_mid_stream_then_back_on_the_same_port(proxy_client,
     async def ready() -> bool:
         return (await proxy_client.get("/ready")).status == 200
 
-    await wait_for(ready, timeout=10)
+    await wait_until_async(ready, timeout=10)
     again = await proxy_client.post(CHAT, json=chat("tokens=3", stream=False))
     assert (await again.json())["choices"][0]["message"]["content"] == "t0 t1 t2 "
 
@@ -137,7 +117,7 @@ async def test_client_disconnect_cancels_the_triton_stream(proxy_client, fake_tr
     async def cancelled() -> bool:
         return fake_triton.state.cancelled == 1
 
-    await wait_for(cancelled, timeout=5)
+    await wait_until_async(cancelled, timeout=5)
     assert fake_triton.state.completed == 0
 
 
@@ -145,14 +125,20 @@ async def test_client_disconnect_cancels_the_triton_stream(proxy_client, fake_tr
 
 
 class ProxyProcess:
-    def __init__(self, triton_url: str, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [
-            "--host", "127.0.0.1", "--port", str(self.port), "--triton-url", triton_url,
-            "--triton-model", "qwen2_5_vl", "--served-model-name", SERVED_MODEL,
-            "--no-image-fetch", *args,
-        ]  # fmt: skip
+    """`python -m proxy` on loopback, as scripts/stack.py starts it, in front of the fake
+    Triton on `triton_port`; started and awaited on the test's event loop, which the fake
+    Triton shares."""
+
+    def __init__(self, triton_port: int, log_path: Path, *args: str) -> None:
+        self.config = StackConfig(
+            model="",  # the model is Triton's business: the proxy is not told it
+            host="127.0.0.1",
+            grpc_port=triton_port,
+            proxy_port=free_port(),
+            served_model_name=SERVED_MODEL,
+            proxy_args=["--no-image-fetch", *args],
+        )
+        self.url = self.config.proxy_url
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None
 
@@ -162,9 +148,12 @@ class ProxyProcess:
             del env[name]
         with open(self.log_path, "wb") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", *self.args,
-                cwd=ROOT, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
+                *proxy_command(self.config),
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
 
         async def ready() -> bool:
             assert self.process.returncode is None, self.log()
@@ -174,7 +163,7 @@ class ProxyProcess:
             except aiohttp.ClientConnectionError:
                 return False
 
-        await wait_for(ready, timeout=30, step=0.1)
+        await wait_until_async(ready, timeout=30, step=0.1)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -199,7 +188,7 @@ async def start_stream(session, url: str, script: str):
 
 
 async def test_sigterm_drains_in_flight_streams_then_exits(fake_triton, session, tmp_path):
-    proxy = ProxyProcess(fake_triton.url, tmp_path / "proxy.log", "--shutdown-timeout-s", "20")
+    proxy = ProxyProcess(fake_triton.port, tmp_path / "proxy.log", "--shutdown-timeout-s", "20")
     await proxy.start(session)
     try:
         streams = [await start_stream(session, proxy.url, "tokens=10 delay=0.2") for _ in range(3)]
@@ -210,7 +199,7 @@ async def test_sigterm_drains_in_flight_streams_then_exits(fake_triton, session,
             async with session.get(proxy.url + "/ready") as response:
                 return response.status == 503
 
-        await wait_for(not_ready, timeout=2)
+        await wait_until_async(not_ready, timeout=2)
         async with session.post(proxy.url + CHAT, json=chat("tokens=1")) as refused:
             assert refused.status == 503
             assert_envelope(await refused.json(), "server_shutting_down")
@@ -218,7 +207,7 @@ async def test_sigterm_drains_in_flight_streams_then_exits(fake_triton, session,
             assert health.status == 200  # alive while draining
 
         for response in streams:
-            events = sse_events((await response.read()).decode())
+            events = sse_payloads((await response.read()).decode(), strict=False)
             assert events[-1] == "[DONE]"
             assert not any(isinstance(e, dict) and "error" in e for e in events)
             deltas = [e["choices"][0]["delta"] for e in events[:-1]]  # after the role chunk
@@ -235,13 +224,13 @@ async def test_sigterm_drains_in_flight_streams_then_exits(fake_triton, session,
 async def test_sigterm_past_the_grace_period_ends_streams_and_cancels_them(
     fake_triton, session, tmp_path
 ):
-    proxy = ProxyProcess(fake_triton.url, tmp_path / "proxy.log", "--shutdown-timeout-s", "1")
+    proxy = ProxyProcess(fake_triton.port, tmp_path / "proxy.log", "--shutdown-timeout-s", "1")
     await proxy.start(session)
     try:
         response = await start_stream(session, proxy.url, "tokens=100 delay=0.1")
         signalled = time.monotonic()
         proxy.process.send_signal(signal.SIGTERM)
-        events = sse_events((await response.read()).decode())
+        events = sse_payloads((await response.read()).decode(), strict=False)
         assert events[-1] == "[DONE]"
         assert events[-2]["error"]["code"] == "server_shutting_down"
         assert await asyncio.wait_for(proxy.process.wait(), 10) == 0
@@ -250,6 +239,6 @@ async def test_sigterm_past_the_grace_period_ends_streams_and_cancels_them(
         async def cancelled() -> bool:
             return fake_triton.state.cancelled == 1
 
-        await wait_for(cancelled, timeout=5)  # the generation stopped in "Triton" too
+        await wait_until_async(cancelled, timeout=5)  # the generation stopped in "Triton" too
     finally:
         await proxy.stop()

@@ -4,7 +4,6 @@ text, and the server answers a normal request right after."""
 
 from __future__ import annotations
 
-import base64
 import gzip
 import json
 
@@ -18,6 +17,7 @@ from hardening_helpers import (
     post_head,
     raw_http,
 )
+from helpers import data_url
 from hostile_samples import (
     ANIMATED_GIF,
     BOMB_PNG,
@@ -32,7 +32,6 @@ from hostile_samples import (
     TRUNCATED_HEADER_PNG,
     TRUNCATED_JPEG,
     WEBP,
-    data_url,
 )
 from proxy_fakes import FakeBackend
 
@@ -285,7 +284,7 @@ HOSTILE_BODIES = [
         id="b64",
     ),
     pytest.param(
-        json_bytes(with_image("data:text/html;base64," + base64.b64encode(b"<b>").decode())),
+        json_bytes(with_image(data_url(b"<b>", "text/html"))),
         400,
         "invalid_image",
         IMAGE,

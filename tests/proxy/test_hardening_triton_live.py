@@ -8,19 +8,17 @@ import dataclasses
 import json
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from echo_triton import echo_tritonserver
 from hardening_helpers import CHAT, assert_envelope, assert_no_leak
-from proxy_fakes import SERVED_MODEL, TEST_CONFIG
-from test_triton_backend_live import _tritonserver
+from proxy_fakes import SERVED_MODEL, TEST_CONFIG, serving
 
-from proxy.app import create_app
 from proxy.backend import TritonBackend
 from proxy.config import with_settings
 
 
 @pytest.fixture(scope="module")
 def echo_url(tmp_path_factory):
-    with _tritonserver(tmp_path_factory.mktemp("triton-raise")) as url:
+    with echo_tritonserver(tmp_path_factory.mktemp("triton-raise")) as url:
         yield url
 
 
@@ -43,26 +41,25 @@ class RaisingOnRequest:
 async def test_model_exception_fails_that_request_alone(echo_url, caplog):
     backend = TritonBackend(echo_url)
     config = with_settings(TEST_CONFIG, triton_model="echo")
-    client = TestClient(TestServer(create_app(config, RaisingOnRequest(backend))))
-    await client.start_server()
     try:
-        for stream in (False, True):
-            body = {
-                "model": SERVED_MODEL,
-                "stream": stream,
-                "messages": [{"role": "user", "content": "RAISE"}],
-            }
-            response = await client.post(CHAT, json=body)
-            text = await response.text()
-            assert response.status == 500, text
-            assert_no_leak(text)
-            assert_envelope(json.loads(text), "internal_error")
-            assert response.headers["X-Request-Id"] in text
-        # The log has what the client did not get.
-        assert "JSONDecodeError" in caplog.text or "Expecting" in caplog.text
-        ok = await client.post(CHAT, json={"messages": [{"role": "user", "content": "fine now"}]})
-        assert ok.status == 200
-        assert (await ok.json())["choices"][0]["message"]["content"].endswith("fine now")
+        async with serving(config, RaisingOnRequest(backend)) as client:
+            for stream in (False, True):
+                body = {
+                    "model": SERVED_MODEL,
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "RAISE"}],
+                }
+                response = await client.post(CHAT, json=body)
+                text = await response.text()
+                assert response.status == 500, text
+                assert_no_leak(text)
+                assert_envelope(json.loads(text), "internal_error")
+                assert response.headers["X-Request-Id"] in text
+            # The log has what the client did not get.
+            assert "JSONDecodeError" in caplog.text or "Expecting" in caplog.text
+            body = {"messages": [{"role": "user", "content": "fine now"}]}
+            ok = await client.post(CHAT, json=body)
+            assert ok.status == 200
+            assert (await ok.json())["choices"][0]["message"]["content"].endswith("fine now")
     finally:
-        await client.close()
         await backend.close()

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from proxy_fakes import TEST_CONFIG, FakeBackend, data_url
+from helpers import data_url
+from proxy_fakes import TEST_CONFIG, FakeBackend, serving, serving_app
 from sample_images import encoded_image
 from yarl import URL
 
@@ -148,10 +148,8 @@ def image_app(state: ServerState) -> web.Application:
 async def server():
     """(state, base url) of an image server on 127.0.0.1."""
     state = ServerState()
-    test_server = TestServer(image_app(state), host="127.0.0.1")
-    await test_server.start_server()
-    yield state, f"http://127.0.0.1:{test_server.port}"
-    await test_server.close()
+    async with serving_app(image_app(state)) as images:
+        yield state, f"http://127.0.0.1:{images.server.port}"
 
 
 # ---- spies -----------------------------------------------------------------------------
@@ -416,15 +414,9 @@ def hostile_body(url: str) -> dict:
 async def test_hostile_urls_are_400_without_any_connection(url, code):
     fetcher, resolver, spy = make_fetcher()
     backend = FakeBackend()
-    client = TestClient(
-        TestServer(create_app(TEST_CONFIG, backend, fetcher=fetcher), host="127.0.0.1")
-    )
-    await client.start_server()
-    try:
+    async with serving(TEST_CONFIG, backend, fetcher=fetcher) as client:
         resp = await client.post("/v1/chat/completions", json=hostile_body(url))
         body = await resp.json()
-    finally:
-        await client.close()
     assert resp.status == 400
     assert body["error"]["code"] == code
     assert body["error"]["param"] == "messages[0].content[1].image_url"
@@ -516,12 +508,8 @@ async def test_https_keeps_the_host_name_for_sni_and_certificate_checks(tls_file
     seen_sni: list[str | None] = []
     server_context.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
     state = ServerState()
-    runner = web.AppRunner(image_app(state))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving_app(image_app(state), ssl_context=server_context) as images:
+        port = images.server.port
         client_context = ssl.create_default_context(cafile=str(cert))
         resolver = StubResolver({"images.test": ["127.0.0.1"]})
         spy = ConnectionSpy(client_context)
@@ -530,8 +518,6 @@ async def test_https_keeps_the_host_name_for_sni_and_certificate_checks(tls_file
         assert await fetcher.fetch_all([ImageRef(url, "p")]) == [PNG]
         assert seen_sni == ["images.test"]
         assert state.host_headers == [f"images.test:{port}"]
-    finally:
-        await runner.cleanup()
 
 
 # ---- through the app -------------------------------------------------------------------
@@ -541,9 +527,7 @@ async def test_app_fetches_remote_images_in_order_with_inline_ones(server):
     state, base = server
     backend = FakeBackend()
     config = with_settings(TEST_CONFIG, image_fetch_allow_private_hosts=("127.0.0.1",))
-    client = TestClient(TestServer(create_app(config, backend), host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with serving(config, backend) as client:
         parts = [
             {"type": "image_url", "image_url": {"url": f"{base}/jpeg-as-text"}},
             {"type": "image_url", "image_url": {"url": data_url(PNG)}},
@@ -552,8 +536,6 @@ async def test_app_fetches_remote_images_in_order_with_inline_ones(server):
         body = {"messages": [{"role": "user", "content": parts}]}
         resp = await client.post("/v1/chat/completions", json=body)
         assert resp.status == 200, await resp.text()
-    finally:
-        await client.close()
     assert backend.last_request.images == [JPEG, PNG, PNG]
 
 

@@ -11,16 +11,10 @@ from collections.abc import Sequence
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
+from helpers import data_url, sse_payloads, wait_until_async
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_fakes import (
-    SERVED_MODEL,
-    TEST_CONFIG,
-    FakeBackend,
-    data_url,
-    script,
-    sse_payloads,
-)
+from proxy_fakes import SERVED_MODEL, TEST_CONFIG, FakeBackend, script, serving, serving_app
 from sample_images import encoded_image
 
 from proxy.app import create_app
@@ -39,8 +33,8 @@ JPEG_BYTES = encoded_image("JPEG", size=(56, 28))
 Samples = dict[tuple[str, frozenset], float]
 
 
-async def scrape(client: TestClient | aiohttp.ClientSession) -> Samples:
-    """Every sample of GET /metrics (a test client, or a session with a base URL)."""
+async def scrape(client: TestClient) -> Samples:
+    """Every sample of GET /metrics."""
     async with client.get("/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
@@ -69,13 +63,6 @@ def image_request(*urls: str, stream: bool = False) -> dict:
     parts = [{"type": "text", "text": "what is this?"}]
     parts += [{"type": "image_url", "image_url": {"url": url}} for url in urls]
     return {"stream": stream, "messages": [{"role": "user", "content": parts}]}
-
-
-async def wait_for(condition, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
 
 
 # ---- the endpoint ----------------------------------------------------------------------
@@ -232,7 +219,7 @@ async def test_in_flight_counts_running_requests_and_returns_to_zero(make_client
     async def both_running() -> bool:
         return value(await scrape(client), "requests_in_flight") == 2
 
-    await wait_for(both_running)
+    await wait_until_async(both_running, timeout=3)
     for resp in await asyncio.gather(*requests):
         await resp.read()
     assert value(await scrape(client), "requests_in_flight") == 0
@@ -275,8 +262,7 @@ class SlowFetcher:
 
 async def test_image_fetch_and_decode_are_timed_per_request():
     backend = FakeBackend(script("ok", prompt_tokens=30, image_tokens=12))
-    app = create_app(TEST_CONFIG, backend, fetcher=SlowFetcher(0.1))
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with serving(TEST_CONFIG, backend, fetcher=SlowFetcher(0.1)) as client:
         before = await scrape(client)
         body = image_request(
             data_url(PNG_BYTES),
@@ -352,16 +338,23 @@ async def test_backend_unavailable_before_the_first_token(make_client, stream):
     assert delta(before, after, "requests_total", route=CHAT, method="POST", status="503") == 1
 
 
+async def stream_ending_in_an_error(client: TestClient) -> tuple[str, Samples, Samples]:
+    """A streamed request that starts (200) and ends in an SSE error event: the event's code,
+    and the metrics before and after it."""
+    before = await scrape(client)
+    resp = await client.post(CHAT, json={**TEXT_REQUEST, "stream": True})
+    assert resp.status == 200
+    code = sse_payloads(await resp.text())[-2]["error"]["code"]
+    return code, before, await scrape(client)
+
+
 async def test_an_error_mid_stream_is_counted_with_the_tokens_before_it(make_client):
     backend = FakeBackend(
         script("a", "b", "c", "d", prompt_tokens=6), error_at=2, error=backend_unavailable()
     )
     client = await make_client(backend)
-    before = await scrape(client)
-    resp = await client.post(CHAT, json={**TEXT_REQUEST, "stream": True})
-    assert resp.status == 200
-    assert sse_payloads(await resp.text())[-2]["error"]["code"] == "backend_unavailable"
-    after = await scrape(client)
+    code, before, after = await stream_ending_in_an_error(client)
+    assert code == "backend_unavailable"
     assert delta(before, after, "rejected_requests_total", cause="backend_unavailable") == 1
     assert delta(before, after, "completion_tokens_total", model=SERVED_MODEL) == 2
     assert delta(before, after, "client_disconnects_total", route=CHAT) == 0
@@ -402,7 +395,7 @@ def failing_middleware(error: APIError):
 async def test_errors_from_other_middlewares_are_counted_by_their_envelope(error, cause):
     app = create_app(TEST_CONFIG, FakeBackend())
     app.middlewares.append(failing_middleware(error))  # inside error_middleware, like theirs
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with serving_app(app) as client:
         before = await scrape(client)
         resp = await client.post(CHAT, json=TEXT_REQUEST)
         assert resp.status == error.status
@@ -411,6 +404,16 @@ async def test_errors_from_other_middlewares_are_counted_by_their_envelope(error
 
 
 # ---- disconnects -----------------------------------------------------------------------
+
+
+async def disconnect_counted(client: TestClient, before: Samples) -> Samples:
+    """The metrics once the proxy has counted one client disconnect since `before`."""
+
+    async def counted() -> bool:
+        return delta(before, await scrape(client), "client_disconnects_total", route=CHAT) == 1
+
+    await wait_until_async(counted, timeout=3, what="the disconnect to be counted")
+    return await scrape(client)
 
 
 async def _disconnect_mid_stream(url: str) -> None:
@@ -424,28 +427,10 @@ async def _disconnect_mid_stream(url: str) -> None:
 @pytest.mark.parametrize("handler_cancellation", [False, True])
 async def test_a_disconnect_mid_stream_is_a_cancellation_not_a_rejection(handler_cancellation):
     backend = FakeBackend(script(*(f"t{i}" for i in range(100))), delay_s=0.05)
-    runner = web.AppRunner(
-        create_app(TEST_CONFIG, backend), handler_cancellation=handler_cancellation
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
-            before = await scrape(session)
-            await _disconnect_mid_stream(f"http://{host}:{port}{CHAT}")
-
-            async def counted() -> bool:
-                return (
-                    delta(before, await scrape(session), "client_disconnects_total", route=CHAT)
-                    == 1
-                )
-
-            await wait_for(counted)
-            after = await scrape(session)
-    finally:
-        await runner.cleanup()
+    async with serving(TEST_CONFIG, backend, handler_cancellation=handler_cancellation) as client:
+        before = await scrape(client)
+        await _disconnect_mid_stream(str(client.make_url(CHAT)))
+        after = await disconnect_counted(client, before)
 
     assert backend.stopped_early.is_set() and not backend.finished
     assert delta(before, after, "requests_total", route=CHAT, method="POST", status="499") == 1
@@ -459,33 +444,16 @@ async def test_a_disconnect_mid_stream_is_a_cancellation_not_a_rejection(handler
 
 async def test_a_disconnect_while_waiting_for_a_non_streamed_answer_is_a_cancellation():
     backend = FakeBackend(script(*(f"t{i}" for i in range(100))), delay_s=0.05)
-    runner = web.AppRunner(create_app(TEST_CONFIG, backend), handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
-    try:
-        async with aiohttp.ClientSession(base) as session:
-            before = await scrape(session)
-            async with aiohttp.ClientSession() as doomed:
-                with pytest.raises(asyncio.TimeoutError):
-                    await doomed.post(
-                        f"{base}{CHAT}",
-                        json=TEXT_REQUEST,
-                        timeout=aiohttp.ClientTimeout(total=0.3),
-                    )
-
-            async def counted() -> bool:
-                return (
-                    delta(before, await scrape(session), "client_disconnects_total", route=CHAT)
-                    == 1
+    async with serving(TEST_CONFIG, backend) as client:
+        before = await scrape(client)
+        async with aiohttp.ClientSession() as doomed:
+            with pytest.raises(asyncio.TimeoutError):
+                await doomed.post(
+                    client.make_url(CHAT),
+                    json=TEXT_REQUEST,
+                    timeout=aiohttp.ClientTimeout(total=0.3),
                 )
-
-            await wait_for(counted)
-            after = await scrape(session)
-    finally:
-        await runner.cleanup()
+        after = await disconnect_counted(client, before)
 
     assert delta(before, after, "requests_total", route=CHAT, method="POST", status="499") == 1
     assert total(after, "rejected_requests_total") == total(before, "rejected_requests_total")
@@ -588,11 +556,8 @@ async def test_over_capacity_is_counted_as_rate_limited(make_client):
 async def test_a_stalled_stream_is_a_timeout_not_a_disconnect(make_client):
     backend = FakeBackend(script("a", "b", "c"), delay_s=1.0)
     client = await make_client(backend, stream_idle_timeout_s=0.2)
-    before = await scrape(client)
-    resp = await client.post(CHAT, json={**TEXT_REQUEST, "stream": True})
-    assert resp.status == 200
-    assert sse_payloads(await resp.text())[-2]["error"]["code"] == "timeout"
-    after = await scrape(client)
+    code, before, after = await stream_ending_in_an_error(client)
+    assert code == "timeout"
     assert delta(before, after, "rejected_requests_total", cause="timeout") == 1
     assert delta(before, after, "client_disconnects_total", route=CHAT) == 0
     assert delta(before, after, "completion_tokens_total", model=SERVED_MODEL) == 1

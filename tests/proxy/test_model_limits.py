@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from proxy_fakes import PNG_BYTES, FakeBackend, data_url
+from helpers import data_url
+from proxy_fakes import PNG_BYTES, FakeBackend
 
 from proxy.backend import backend_unavailable
 from proxy.model_contract import ModelLimits

@@ -11,15 +11,15 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from helpers import data_url
 from proxy_fakes import (
     JPEG_BYTES,
     PNG_BYTES,
     SERVED_MODEL,
     TRITON_MODEL,
     FakeBackend,
-    data_url,
     script,
+    serving_app,
 )
 from sample_images import encoded_image
 
@@ -105,10 +105,8 @@ async def image_server():
     app = web.Application()
     app.router.add_get("/png", png)
     app.router.add_get("/jpeg", jpeg)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with serving_app(app) as server:
+        yield f"http://127.0.0.1:{server.server.port}"
 
 
 LOCAL_FETCH = {"image_fetch_allow_private_hosts": ("127.0.0.1",)}

@@ -8,107 +8,24 @@ without weights. Skipped where the nvidia-pytriton wheel (the tritonserver binar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import importlib.util
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import tritonclient.grpc as grpcclient
-from aiohttp.test_utils import TestClient, TestServer
-from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, data_url, sse_payloads
+from echo_triton import echo_tritonserver
+from helpers import data_url, sse_payloads, wait_until_async
+from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, serving
+from stack import free_port
 
-from proxy.app import create_app
 from proxy.backend import TritonBackend, TritonRequest
 from proxy.config import with_settings
 from proxy.errors import APIError
 from proxy.model_contract import ModelError, ModelLimits
 
-ECHO_MODEL_DIR = Path(__file__).parent / "triton_models" / "echo"
-STARTUP_TIMEOUT_S = 60
-
-
-def _pytriton_server_dir() -> Path | None:
-    spec = importlib.util.find_spec("pytriton")  # locates the wheel without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    server_dir = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-    return server_dir if (server_dir / "bin" / "tritonserver").exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _backend_dir(server_dir: Path, root: Path) -> Path:
-    """A backends/ folder with the Python backend and the stub for this interpreter."""
-    python_dir = root / "backends" / "python"
-    python_dir.mkdir(parents=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy(server_dir / "backends" / "python" / name, python_dir)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy(
-        server_dir / "python_backend_stubs" / version / "triton_python_backend_stub", python_dir
-    )
-    return root / "backends"
-
-
-@contextlib.contextmanager
-def _tritonserver(root: Path, *extra_args: str, ready_model: str | None = "echo"):
-    """A tritonserver with the echo model on loopback; yields its gRPC url."""
-    server_dir = _pytriton_server_dir()
-    if server_dir is None:
-        pytest.skip("tritonserver binary (nvidia-pytriton wheel) not installed")
-    shutil.copytree(ECHO_MODEL_DIR, root / "models" / "echo")
-    port = _free_port()
-    env = dict(os.environ)
-    # The stub finds its Python through PATH, and its bundled libs through the wheel's libs dir.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    libs = server_dir.parent.parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
-    log_path = root / "tritonserver.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                str(server_dir / "bin" / "tritonserver"),
-                f"--model-repository={root / 'models'}",
-                f"--backend-directory={_backend_dir(server_dir, root)}",
-                "--allow-http=false",
-                "--allow-metrics=false",
-                "--grpc-address=127.0.0.1",
-                f"--grpc-port={port}",
-                "--exit-timeout-secs=2",
-                *extra_args,
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    url = f"127.0.0.1:{port}"
-    try:
-        _wait_until_ready(url, process, log_path, ready_model)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
 
 @pytest.fixture(scope="module")
 def triton_url(tmp_path_factory) -> str:
-    with _tritonserver(tmp_path_factory.mktemp("triton")) as url:
+    with echo_tritonserver(tmp_path_factory.mktemp("triton")) as url:
         yield url
 
 
@@ -116,29 +33,8 @@ def triton_url(tmp_path_factory) -> str:
 def explicit_triton_url(tmp_path_factory) -> str:
     """A tritonserver in explicit model control: the echo model is in the repository, unloaded."""
     root = tmp_path_factory.mktemp("triton-explicit")
-    with _tritonserver(root, "--model-control-mode=explicit", ready_model=None) as url:
+    with echo_tritonserver(root, "--model-control-mode=explicit", ready_model=None) as url:
         yield url
-
-
-def _wait_until_ready(
-    url: str, process: subprocess.Popen, log_path: Path, model: str | None
-) -> None:
-    """Until `model` is ready (None: until the server is)."""
-    client = grpcclient.InferenceServerClient(url)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            try:
-                if client.is_model_ready(model) if model else client.is_server_ready():
-                    return
-            except Exception:
-                pass
-            time.sleep(0.2)
-    finally:
-        client.close()
-    pytest.fail("tritonserver did not become ready:\n" + log_path.read_text()[-3000:])
 
 
 @pytest.fixture
@@ -263,14 +159,12 @@ async def test_closing_the_generator_cancels_the_model_request(backend, tmp_path
     await anext(chunks)
     await chunks.aclose()
 
-    deadline = time.monotonic() + 5
-    while not marker.exists() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await wait_until_async(marker.exists, timeout=5, what="the model to see the cancellation")
     assert marker.read_text() == "cancelled"
 
 
 async def test_unreachable_triton_is_503_and_not_ready():
-    backend = TritonBackend(f"127.0.0.1:{_free_port()}", ready_timeout_s=1.0)
+    backend = TritonBackend(f"127.0.0.1:{free_port()}", ready_timeout_s=1.0)
     try:
         assert not await backend.is_ready("echo")
         with pytest.raises(APIError) as caught:
@@ -284,9 +178,7 @@ async def test_unreachable_triton_is_503_and_not_ready():
 
 async def test_app_over_real_triton_streams_and_completes(triton_url):
     config = with_settings(TEST_CONFIG, triton_url=triton_url, triton_model="echo")
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with serving(config) as client:
         assert (await client.get("/ready")).status == 200
         messages = [
             {
@@ -305,8 +197,6 @@ async def test_app_over_real_triton_streams_and_completes(triton_url):
 
         resp = await client.post("/v1/chat/completions", json={"messages": messages})
         completion = await resp.json()
-    finally:
-        await client.close()
 
     expected = f"messages=1 images={digest(PNG_BYTES)} params=- <image>|describe this"
     assert streamed == expected
@@ -317,16 +207,12 @@ async def test_app_over_real_triton_streams_and_completes(triton_url):
 async def test_the_proxy_holds_requests_to_the_limits_the_model_describes(triton_url):
     """The echo model allows 3 images (its config.pbtxt); the proxy's own default is 16."""
     config = with_settings(TEST_CONFIG, triton_url=triton_url, triton_model="echo")
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with serving(config) as client:
         image = {"type": "image_url", "image_url": {"url": data_url(PNG_BYTES)}}
         resp = await client.post(
             "/v1/chat/completions", json={"messages": [{"role": "user", "content": [image] * 4}]}
         )
         error = (await resp.json())["error"]
-    finally:
-        await client.close()
     assert resp.status == 400
     assert (error["code"], error["param"]) == (
         "too_many_images",
@@ -341,9 +227,7 @@ async def test_lazy_load_over_real_triton_in_explicit_mode(explicit_triton_url):
     config = with_settings(
         TEST_CONFIG, triton_url=explicit_triton_url, triton_model="echo", lazy_load=True
     )
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-    await client.start_server()
-    try:
+    async with serving(config) as client:
         models = await (await client.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == [config.server.served_model_name]
         resp = await client.get("/ready")
@@ -356,5 +240,3 @@ async def test_lazy_load_over_real_triton_in_explicit_mode(explicit_triton_url):
         )
         assert [r.status for r in responses] == [200, 200, 200]
         assert (await client.get("/ready")).status == 200
-    finally:
-        await client.close()
