@@ -54,6 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from client.sse import DONE, stream_event  # noqa: E402  (the chat client's stream reader)
+
 sys.path.insert(0, str(ROOT / "scripts"))
 import stack as stack_launcher  # noqa: E402  (scripts/stack.py)
 
@@ -344,14 +347,12 @@ async def stream_one(session, url: str, body: bytes, timeout: float) -> RequestR
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return result
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
+            async for line in response.content:
+                event = stream_event(line)
+                if event is None:
                     continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
+                if event == DONE:
                     break
-                event = json.loads(data)
                 if "error" in event:
                     result.error = f"stream error: {str(event['error'])[:200]}"
                     return result
@@ -1430,16 +1431,6 @@ def write_report(report: dict, out: Path) -> tuple[Path, Path]:
 # ---- main ---------------------------------------------------------------------------------
 
 
-def bench_checkpoint() -> str:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_tiny_checkpoint.py"), "--preset", "bench"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -1681,7 +1672,7 @@ def main(argv=None) -> int:
         ("cuda:0" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     dtype = "bfloat16" if device.startswith("cuda") else "float32"  # as the stack's dtype=auto
-    checkpoint = args.checkpoint or bench_checkpoint()
+    checkpoint = args.checkpoint or stack_launcher.tiny_checkpoint("bench")
     log(f"checkpoint {checkpoint}")
     plan = request_plan(args)
     report = new_report(args, checkpoint, device, dtype)

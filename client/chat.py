@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from client.sse import stream_events
+
 DEFAULT_URL = os.environ.get("QWEN_VL_URL", "http://localhost:9000")
 
 
@@ -47,13 +49,7 @@ def _error_text(body: dict) -> str:
 
 def stream_answer(response: requests.Response, out=sys.stdout) -> int:
     """Print content deltas as they arrive; returns the exit status."""
-    for line in response.iter_lines(decode_unicode=False):
-        if not line.startswith(b"data: "):
-            continue
-        data = line[len(b"data: ") :]
-        if data == b"[DONE]":
-            break
-        event = json.loads(data)
+    for event in stream_events(response.iter_lines(decode_unicode=False)):
         if "error" in event:
             print(f"\n{_error_text(event)}", file=sys.stderr)
             return 1
