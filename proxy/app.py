@@ -27,16 +27,16 @@ from .error_catalogue import (
 from .errors import REQUEST_ID_KEY, error_middleware, json_dumps
 from .fetch import GuardedFetcher
 from .hardening import install_hardening
-from .images import ImageFetcher
-from .limits import RequestLimits, check_chat, check_images, check_json_text
+from .limits import RequestLimits, check_chat, check_json_text, check_media
 from .loader import ModelLoader
+from .media import MediaFetcher
 from .metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
 from .model_limits import ModelLimitsBook, narrower
 from .observe import (
-    load_images_timed,
+    load_media_timed,
     observe_generation,
     observe_request,
-    timed_image_check,
+    timed_media_check,
 )
 from .responses import CompletionIdentity, TokenUsage, collect_completion, completion_events
 from .schema import ChatCompletionRequest, parse_chat_request
@@ -47,7 +47,7 @@ log = logging.getLogger("proxy")
 CONFIG_KEY = web.AppKey("config", ProxyConfig)
 BACKEND_KEY = web.AppKey("backend", Backend)
 MODEL_LIMITS_KEY = web.AppKey("model_limits", ModelLimitsBook)
-FETCHER_KEY = web.AppKey("fetcher", ImageFetcher)  # absent: remote image fetch disabled
+FETCHER_KEY = web.AppKey("fetcher", MediaFetcher)  # absent: remote media fetch disabled
 LOADER_KEY = web.AppKey("loader", ModelLoader)  # present only with --lazy-load
 STARTED_AT_KEY = web.AppKey("started_at", int)
 USAGE_KEY = web.RequestKey("usage", TokenUsage)
@@ -74,7 +74,7 @@ def create_app(
     config: ProxyConfig,
     backend: Backend | None = None,
     *,
-    fetcher: ImageFetcher | None = None,
+    fetcher: MediaFetcher | None = None,
 ) -> web.Application:
     """The proxy application; without `backend` it connects to Triton at startup.
 
@@ -174,9 +174,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     limits, translation = await limits_for(app, triton_model)
     check_chat(chat, limits)
     prepared = prepare_chat(chat, translation)
-    images = await load_images_timed(request, prepared.images, app.get(FETCHER_KEY))
-    await timed_image_check(request, check_images(images, prepared.images, limits))
-    triton_request = prepared.to_triton(triton_model, images)
+    media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
+    await timed_media_check(request, check_media(media, prepared.media, limits))
+    triton_request = prepared.to_triton(triton_model, media)
     identity = CompletionIdentity.new(served_name)
     usage = request[USAGE_KEY] = TokenUsage()
     chunks = observe_generation(

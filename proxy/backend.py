@@ -61,7 +61,7 @@ class TritonRequest:
 
     model: str
     messages_json: str
-    images: list[bytes]
+    media: dict[str, list[bytes]]  # Triton input (e.g. "image") -> encoded elements, in order
     sampling_parameters: dict[str, Any]
     stream: bool
 
@@ -249,8 +249,9 @@ def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
         _bool_input("return_num_input_tokens", True),
         _bool_input("return_num_output_tokens", True),
     ]
-    if request.images:  # Triton rejects a zero-element input; no images means no input
-        inputs.append(_bytes_input("image", request.images))
+    for tensor, elements in request.media.items():
+        if elements:  # Triton rejects a zero-element input; no media means no input
+            inputs.append(_bytes_input(tensor, elements))
     return inputs
 
 

@@ -47,15 +47,14 @@ from .error_catalogue import (
     INVALID_IMAGE_URL,
     APIError,
 )
-from .images import REMOTE_SCHEMES, ImageRef, is_known_image, not_an_image
-from .limits import MIB, image_too_large_bytes
+from .limits import MIB
+from .media import REMOTE_SCHEMES, MediaRef
 
 log = logging.getLogger("proxy.fetch")
 
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _READ_CHUNK = 64 * 1024
-_SNIFF_BYTES = 12  # enough for every signature is_known_image checks
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str, int], Awaitable[list[str]]]
@@ -269,8 +268,8 @@ class GuardedFetcher:
         self._resolve = resolve
         self._connector_factory = connector_factory
 
-    async def fetch_all(self, refs: Sequence[ImageRef]) -> list[bytes]:
-        """The images, fetched concurrently (bounded), in order; the first failure wins."""
+    async def fetch_all(self, refs: Sequence[MediaRef]) -> list[bytes]:
+        """The media, fetched concurrently (bounded), in order; the first failure wins."""
         resolver = PinnedResolver()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.policy.connect_timeout_s)
         async with aiohttp.ClientSession(
@@ -279,7 +278,7 @@ class GuardedFetcher:
             trust_env=False,
             auto_decompress=False,
             headers={
-                "Accept": "image/*",
+                "Accept": ", ".join(dict.fromkeys(f"{ref.kind.name}/*" for ref in refs)),
                 "Accept-Encoding": "identity",
                 "User-Agent": "qwen-vl-openai-proxy (image fetch)",
             },
@@ -288,7 +287,7 @@ class GuardedFetcher:
             return await gather_bounded(fetches, self.policy.concurrency)
 
     async def fetch(
-        self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: ImageRef
+        self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: MediaRef
     ) -> bytes:
         try:
             async with asyncio.timeout(self.policy.timeout_s):
@@ -303,7 +302,7 @@ class GuardedFetcher:
             ) from None
 
     async def _follow(
-        self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: ImageRef
+        self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: MediaRef
     ) -> bytes:
         url = parse_image_url(ref.url, ref.param)
         for hop in range(MAX_REDIRECTS + 1):
@@ -317,7 +316,7 @@ class GuardedFetcher:
                     raise IMAGE_FETCH_FAILED(
                         ref.param, reason=f"the image server answered HTTP {response.status}"
                     )
-                return await read_capped(response, self.policy.max_bytes, ref.param)
+                return await read_capped(response, self.policy.max_bytes, ref)
         raise IMAGE_FETCH_FAILED(ref.param, reason=f"more than {MAX_REDIRECTS} redirects")
 
     async def _vet(self, url: URL, resolver: PinnedResolver, param: str) -> None:
@@ -353,26 +352,27 @@ def _redirect_target(url: URL, response: aiohttp.ClientResponse, param: str) -> 
     return target  # vetted like any URL before it is fetched
 
 
-async def read_capped(response: aiohttp.ClientResponse, max_bytes: int, param: str) -> bytes:
+async def read_capped(response: aiohttp.ClientResponse, max_bytes: int, ref: MediaRef) -> bytes:
     """The body, read in chunks and abandoned (connection closed) past `max_bytes` or as soon
-    as its first bytes are not an image signature."""
+    as its first bytes are not a signature of the part's kind."""
+    kind, param = ref.kind, ref.param
     if response.content_length is not None and response.content_length > max_bytes:
         response.close()
-        raise image_too_large_bytes(param, max_bytes)
+        raise kind.too_many_bytes(param, max_bytes)
     body = bytearray()
     sniffed = False
     async for chunk in response.content.iter_chunked(_READ_CHUNK):
         body += chunk
         if len(body) > max_bytes:
             response.close()
-            raise image_too_large_bytes(param, max_bytes)
-        if not sniffed and len(body) >= _SNIFF_BYTES:
+            raise kind.too_many_bytes(param, max_bytes)
+        if not sniffed and len(body) >= kind.sniff_bytes:
             sniffed = True
-            if not is_known_image(bytes(body[:_SNIFF_BYTES])):
+            if not kind.recognise(bytes(body[: kind.sniff_bytes])):
                 response.close()
-                raise not_an_image(param)
-    if not is_known_image(bytes(body)):
-        raise not_an_image(param)
+                raise kind.not_this_kind(param)
+    if not kind.recognise(bytes(body)):
+        raise kind.not_this_kind(param)
     return bytes(body)
 
 

@@ -11,61 +11,34 @@ A public multimodal endpoint receives huge base64 bodies, decompression-bomb ima
     messages, text characters, images, image bytes (data: URLs, estimated from the base64
                         length before decoding)                                  400
     image bytes, pixels, smallest side, aspect ratio, pixels per request: from the decoded
-                        bytes and the image *header* (Pillow's `Image.open` reads the header;
-                        no pixel is decoded here, the model decodes)              400
+                        bytes and the image *header* (proxy/images.py: Pillow's `Image.open`
+                        reads the header; no pixel is decoded here, the model decodes)  400
 
-Defaults are those of the model (`max_images` 16, `max_source_pixels` 40 MP, aspect 200:1)
-or stricter, so the proxy answers first and the model's own checks stay a second line.
+Limits the model has too (`max_images`, `max_source_pixels`, the aspect ratio) are the
+model's own unless a flag narrows them (proxy/model_limits.py), so the proxy answers first
+and the model's own checks stay a second line. Media parts are counted and sized by kind
+(proxy/media.py); each kind checks its own bytes (`MediaKind.inspect`).
 Every refusal is an error of proxy/error_catalogue.py with the offending `param`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import io
 import re
-import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
-from .error_catalogue import (
-    IMAGE_ASPECT_RATIO_TOO_LARGE,
-    IMAGE_TOO_LARGE,
-    IMAGE_TOO_SMALL,
-    INVALID_IMAGE,
-    INVALID_UNICODE,
-    TEXT_TOO_LONG,
-    TOO_MANY_IMAGES,
-    TOO_MANY_MESSAGES,
-    TOO_MANY_PIXELS,
-    APIError,
-)
+from .error_catalogue import INVALID_UNICODE, TEXT_TOO_LONG, TOO_MANY_MESSAGES
 from .errors import SURROGATE
-from .images import ImageRef, is_known_image, url_scheme
+from .media import MediaKind, MediaRef, url_scheme
 from .model_contract import ModelLimits
 from .model_limits import narrower
-from .schema import ChatCompletionRequest, ImagePart, TextPart
+from .schema import ChatCompletionRequest, MediaPart, TextPart
 
 MIB = 1024 * 1024
-
-# A decompression bomb is an error in this process, never a warning (the proxy only reads
-# headers; nothing else here opens images).
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
-# Pillow's header parsers walk markers and chunks in Python: a hostile 20 MiB image made of
-# tiny JPEG markers or PNG chunks takes seconds. That runs on these threads, never on the
-# event loop; few of them, so such images queue behind each other instead of multiplying.
-_HEADER_THREADS = 4
-_header_executor: ThreadPoolExecutor | None = None
-
-# Only the plugins of the formats the model accepts parse anything.
-_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 _DATA_URL_PAYLOAD = re.compile(r"data:[^,]*;base64,", re.IGNORECASE)
+
 # Cheap pre-test on the raw body: lone surrogates can only come from \uD800-\uDFFF escapes
 # or from CESU-style bytes (json.loads decodes bytes with surrogatepass).
 _RAW_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
@@ -97,41 +70,6 @@ class RequestLimits:
         )
 
 
-@dataclass(frozen=True)
-class ImageHeader:
-    format: str
-    width: int
-    height: int
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
-
-
-# ---- errors ----------------------------------------------------------------------------
-
-
-def invalid_image(param: str) -> APIError:
-    return INVALID_IMAGE(
-        param,
-        message="The image could not be read: it is not a complete JPEG, PNG, WebP or GIF image.",
-    )
-
-
-def image_too_large_bytes(param: str, max_bytes: int) -> APIError:
-    return IMAGE_TOO_LARGE(
-        param, message=f"The image is larger than this server's limit of {max_bytes} bytes."
-    )
-
-
-def _too_many_pixels(param: str, limits: RequestLimits, size: str = "") -> APIError:
-    return IMAGE_TOO_LARGE(
-        param,
-        message=f"The image is too large{size}: this server accepts at most "
-        f"{limits.max_image_source_pixels} pixels per image.",
-    )
-
-
 # ---- the request, before any image is decoded ------------------------------------------
 
 
@@ -161,12 +99,12 @@ def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
 
 
 def check_chat(chat: ChatCompletionRequest, limits: RequestLimits) -> None:
-    """Counts messages, text and images, and sizes inline images from their base64 length,
-    before anything is decoded or fetched."""
+    """Counts messages, text and media parts, and sizes inline media from their base64
+    length, before anything is decoded or fetched."""
     if len(chat.messages) > limits.max_messages:
         raise TOO_MANY_MESSAGES("messages", count=len(chat.messages), limit=limits.max_messages)
     text_chars = 0
-    images = 0
+    counts: dict[str, int] = {}
     for i, message in enumerate(chat.messages):
         content = message.content
         parts = [content] if isinstance(content, str) else content or []
@@ -176,96 +114,36 @@ def check_chat(chat: ChatCompletionRequest, limits: RequestLimits) -> None:
                 text_chars += len(part if isinstance(part, str) else part.text)
                 if text_chars > limits.max_text_chars:
                     raise TEXT_TOO_LONG(param, limit=limits.max_text_chars)
-            elif isinstance(part, ImagePart):
-                images += 1
-                param += ".image_url"
-                if images > limits.max_images:
-                    raise TOO_MANY_IMAGES(param, limit=limits.max_images)
-                _check_inline_size(part.image_url.url, param, limits)
+            elif isinstance(part, MediaPart):
+                kind = part.kind
+                param += f".{kind.part_type}"
+                counts[kind.name] = count = counts.get(kind.name, 0) + 1
+                limit = getattr(limits, kind.count_limit)
+                if count > limit:
+                    raise kind.too_many(param, limit=limit)
+                _check_inline_size(part.source.url, param, kind, getattr(limits, kind.bytes_limit))
 
 
-def _check_inline_size(url: str, param: str, limits: RequestLimits) -> None:
+def _check_inline_size(url: str, param: str, kind: MediaKind, max_bytes: int) -> None:
     if url_scheme(url) != "data":
         return
     match = _DATA_URL_PAYLOAD.match(url)
     if match is None:
-        return  # proxy/images.py explains what is wrong with it
+        return  # proxy/media.py explains what is wrong with it
     # 3 bytes per 4 base64 characters. Whitespace inside the payload (MIME line breaks: under
-    # 2%) makes this an overestimate, hence the 1/16 margin; images near the limit are
+    # 2%) makes this an overestimate, hence the 1/16 margin; media near the limit are
     # measured exactly once decoded.
     estimated = (len(url) - match.end()) * 3 // 4
-    if estimated > limits.max_image_bytes + limits.max_image_bytes // 16 + 3:
-        raise image_too_large_bytes(param, limits.max_image_bytes)
+    if estimated > max_bytes + max_bytes // 16 + 3:
+        raise kind.too_many_bytes(param, max_bytes)
 
 
-# ---- the images, from their headers ----------------------------------------------------
-
-
-def read_image_header(data: bytes) -> ImageHeader | None:
-    """Format and size from the image header, without decoding pixels; None when it is not
-    a JPEG, PNG, GIF or WebP. Raises what Pillow raises for unreadable headers, and
-    `Image.DecompressionBombError` or `DecompressionBombWarning` for bombs."""
-    if not is_known_image(data):
-        return None
-    with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
-        return ImageHeader(image.format.lower(), *image.size)
-
-
-def _safe_header(data: bytes) -> ImageHeader | str:
-    """The header, or why it cannot be used ("bomb", "invalid"); runs on a header thread."""
-    try:
-        header = read_image_header(data)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "bomb"
-    except Exception:  # Pillow raises many types for hostile headers; none is for clients
-        return "invalid"
-    return header if header is not None else "invalid"
-
-
-async def read_headers(images: Sequence[bytes]) -> list[ImageHeader | str]:
-    global _header_executor
-    if _header_executor is None:
-        _header_executor = ThreadPoolExecutor(_HEADER_THREADS, thread_name_prefix="image-header")
-    loop = asyncio.get_running_loop()
-    return list(
-        await asyncio.gather(
-            *(loop.run_in_executor(_header_executor, _safe_header, data) for data in images)
-        )
-    )
-
-
-async def check_images(
-    images: Sequence[bytes], refs: Sequence[ImageRef], limits: RequestLimits
+async def check_media(
+    media: Sequence[bytes], refs: Sequence[MediaRef], limits: RequestLimits
 ) -> None:
-    """Bytes, pixels, smallest side, aspect ratio and the request's total pixels of the
-    encoded `images` (in the order of `refs`), from their headers."""
-    if not images:
-        return
-    for data, ref in zip(images, refs, strict=True):
-        if len(data) > limits.max_image_bytes:
-            raise image_too_large_bytes(ref.param, limits.max_image_bytes)
-    total = 0
-    for header, ref in zip(await read_headers(images), refs, strict=True):
-        check_image_header(header, ref.param, limits)
-        assert isinstance(header, ImageHeader)
-        total += header.pixels
-        if total > limits.max_request_pixels:
-            raise TOO_MANY_PIXELS(ref.param, limit=limits.max_request_pixels)
-
-
-def check_image_header(header: ImageHeader | str, param: str, limits: RequestLimits) -> None:
-    if header == "bomb":
-        raise _too_many_pixels(param, limits)
-    if not isinstance(header, ImageHeader):
-        raise invalid_image(param)
-    width, height = header.width, header.height
-    if width < 1 or height < 1:
-        raise invalid_image(param)
-    if header.pixels > limits.max_image_source_pixels:
-        raise _too_many_pixels(param, limits, f" ({width}x{height})")
-    if min(width, height) < limits.min_image_side:
-        raise IMAGE_TOO_SMALL(param, width=width, height=height, min_side=limits.min_image_side)
-    if max(width, height) / min(width, height) > limits.max_image_aspect_ratio:
-        raise IMAGE_ASPECT_RATIO_TOO_LARGE(
-            param, width=width, height=height, limit=limits.max_image_aspect_ratio
-        )
+    """Each kind's own checks (proxy/images.py for images) of the encoded `media`, in the
+    order of `refs`, before the model decodes anything."""
+    kinds = dict.fromkeys(ref.kind for ref in refs)
+    for kind in kinds:
+        mine = [i for i, ref in enumerate(refs) if ref.kind is kind]
+        await kind.inspect([media[i] for i in mine], [refs[i] for i in mine], limits)

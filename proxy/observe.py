@@ -6,8 +6,8 @@ metrics of proxy/metrics.py.
   its tokens, its error cause or its cancellation, and logs one line.
 - `observe_generation` wraps a completion's chunks: time to first token, gaps between
   chunks, the usage, errors raised mid-stream and early closes (client gone).
-- `load_images_timed` and `timed_image_check` time fetching, decoding and checking a
-  request's images.
+- `load_media_timed` and `timed_media_check` time fetching, decoding and checking a
+  request's media.
 
 An error's cause comes from one place, the error envelope the client got (`error_cause` of
 its status and `error.code`), so any error any middleware or handler renders is counted.
@@ -28,7 +28,7 @@ from aiohttp import web
 from .backend import GenerationChunk
 from .error_catalogue import INTERNAL_ERROR, APIError
 from .errors import REQUEST_ID_KEY
-from .images import ImageFetcher, ImageRef, load_images
+from .media import MediaFetcher, MediaRef, load_media
 from .metrics import (
     METHODS,
     METRICS_KEY,
@@ -267,12 +267,12 @@ async def observe_generation(
 class _TimedFetcher:
     """An `ImageFetcher` that adds up the time its fetches take."""
 
-    def __init__(self, fetcher: ImageFetcher) -> None:
+    def __init__(self, fetcher: MediaFetcher) -> None:
         self._fetcher = fetcher
         self.calls = 0
         self.elapsed = 0.0
 
-    async def fetch_all(self, refs: Sequence[ImageRef]) -> list[bytes]:
+    async def fetch_all(self, refs: Sequence[MediaRef]) -> list[bytes]:
         self.calls += 1
         started = time.perf_counter()
         try:
@@ -281,18 +281,18 @@ class _TimedFetcher:
             self.elapsed += time.perf_counter() - started
 
 
-async def load_images_timed(
-    request: web.Request, refs: Sequence[ImageRef], fetcher: ImageFetcher | None
+async def load_media_timed(
+    request: web.Request, refs: Sequence[MediaRef], fetcher: MediaFetcher | None
 ) -> list[bytes]:
-    """`load_images`, counting the images and timing the fetch (observed here) and the data:
-    URL decoding (the rest of the time `load_images` takes; observed with the checks of
-    `timed_image_check` when the request ends), failures included."""
+    """`load_media`, counting the parts and timing the fetch (observed here) and the data:
+    URL decoding (the rest of the time `load_media` takes; observed with the checks of
+    `timed_media_check` when the request ends), failures included."""
     metrics = request.app[METRICS_KEY]
     request[RECORD_KEY].images = len(refs)
     timed = _TimedFetcher(fetcher) if fetcher is not None else None
     started = time.perf_counter()
     try:
-        return await load_images(refs, timed)
+        return await load_media(refs, timed)
     finally:
         total = time.perf_counter() - started
         remote = sum(ref.is_remote for ref in refs)
@@ -308,9 +308,9 @@ async def load_images_timed(
             _add_image_check(request[RECORD_KEY], max(total - fetch_s, 0.0))
 
 
-async def timed_image_check(request: web.Request, check: Awaitable[None]) -> None:
-    """Awaits `check` (the image checks of proxy/limits.py), adding its time to the
-    request's image decode/validation time."""
+async def timed_media_check(request: web.Request, check: Awaitable[None]) -> None:
+    """Awaits `check` (`limits.check_media`), adding its time to the request's media
+    decode/validation time."""
     started = time.perf_counter()
     try:
         await check

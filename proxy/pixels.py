@@ -26,6 +26,7 @@ must lie within the server's [min, max], and an image's min must not exceed its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .error_catalogue import INVALID_VALUE
 from .model_contract import ModelLimits
@@ -93,3 +94,23 @@ def image_budget(
             f"({high}) for this image.",
         )
     return PixelBudget(min_pixels=low, max_pixels=high)
+
+
+def part_budget(
+    source: Any,
+    limits: PixelLimits,
+    defaults: tuple[int | None, int | None],
+    param: str,
+) -> dict[str, int]:
+    """The chat-part keys of one image: its own min/max_pixels (checked), else the request's
+    `defaults`, else `detail`'s, within the server's `limits`."""
+    own_min = limits.check(source.min_pixels, f"{param}.min_pixels")
+    own_max = limits.check(source.max_pixels, f"{param}.max_pixels")
+    budget = image_budget(
+        limits,
+        source.detail,
+        own_min if own_min is not None else defaults[0],
+        own_max if own_max is not None else defaults[1],
+        param,
+    )
+    return {"min_pixels": budget.min_pixels, "max_pixels": budget.max_pixels}

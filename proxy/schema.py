@@ -7,7 +7,7 @@ not silently dropped either: the app names them in an `X-Ignored-Fields` header 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel as _PydanticModel
 from pydantic import (
@@ -28,6 +28,8 @@ from .error_catalogue import (
     UNSUPPORTED_PARAMETER,
     APIError,
 )
+from .images import IMAGE
+from .media import MediaKind
 
 SUPPORTED_PART_TYPES = ("text", "image_url")
 MAX_STOP_STRINGS = 16  # as OpenAI's API and the model
@@ -71,7 +73,19 @@ class TextPart(BaseModel):
     text: str
 
 
-class ImagePart(BaseModel):
+class MediaPart(BaseModel):
+    """A content part pointing at media of one kind (proxy/media.py); its URL object is the
+    field named like the part type (`image_url`)."""
+
+    kind: ClassVar[MediaKind]
+
+    @property
+    def source(self) -> ImageURL:
+        return getattr(self, self.kind.part_type)
+
+
+class ImagePart(MediaPart):
+    kind: ClassVar[MediaKind] = IMAGE
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -126,6 +140,11 @@ class ResponseFormat(BaseModel):
     type: str
 
 
+# Marks a field the model takes as it is, in `sampling_parameters` under the same name
+# (proxy/translate.py), so a new sampling field is one line here and its parsing in the model.
+TO_MODEL = {"to_model": True}
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -133,13 +152,15 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2, json_schema_extra=TO_MODEL)
+    top_p: float | None = Field(default=None, gt=0, le=1, json_schema_extra=TO_MODEL)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX, json_schema_extra=TO_MODEL)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=MAX_REPETITION_PENALTY, json_schema_extra=TO_MODEL
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, json_schema_extra=TO_MODEL)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, json_schema_extra=TO_MODEL)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX, json_schema_extra=TO_MODEL)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     # Choices per request; the model refuses more than its `max_choices` parameter allows.
     n: int | None = Field(default=None, ge=1, le=INT32_MAX)
@@ -180,6 +201,13 @@ class ChatCompletionRequest(BaseModel):
         for index, message in enumerate(self.messages):
             ignored += [f"messages[{index}].{name}" for name in message.model_extra or {}]
         return ignored
+
+
+SAMPLING_FIELDS = tuple(
+    name
+    for name, field in ChatCompletionRequest.model_fields.items()
+    if field.json_schema_extra == TO_MODEL
+)
 
 
 def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:

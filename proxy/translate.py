@@ -1,7 +1,7 @@
 """Pure translation between OpenAI chat JSON and the Triton model's request/response contract.
 
-The one impure step, loading the images a request points to, sits between `prepare_chat`
-and `PreparedChat.to_triton` (proxy/images.py, proxy/fetch.py).
+The one impure step, loading the media a request points to, sits between `prepare_chat`
+and `PreparedChat.to_triton` (proxy/media.py, proxy/fetch.py).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import TritonRequest
-from .images import ImageRef
+from .media import MediaRef
 from .model_contract import ModelLimits
-from .pixels import PixelLimits, image_budget
-from .schema import ChatCompletionRequest, ChatMessage, ImagePart
+from .pixels import PixelLimits
+from .schema import SAMPLING_FIELDS, ChatCompletionRequest, ChatMessage, MediaPart
 
 
 @dataclass(frozen=True)
@@ -31,21 +31,25 @@ class ServerLimits:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A request translated for the model, except the image bytes its parts point to."""
+    """A request translated for the model, except the media bytes its parts point to."""
 
     messages: list[dict[str, Any]]
-    images: list[ImageRef]
+    media: list[MediaRef]
     sampling_parameters: dict[str, Any]
     stream: bool
 
-    def to_triton(self, model: str, images: list[bytes]) -> TritonRequest:
-        """`images`: the encoded images of `self.images`, in the same order."""
-        if len(images) != len(self.images):
-            raise ValueError(f"expected {len(self.images)} images, got {len(images)}")
+    def to_triton(self, model: str, media: list[bytes]) -> TritonRequest:
+        """`media`: the encoded bytes of `self.media`, in the same order; each kind travels
+        in its own input, in order of appearance."""
+        if len(media) != len(self.media):
+            raise ValueError(f"expected {len(self.media)} media parts, got {len(media)}")
+        tensors: dict[str, list[bytes]] = {}
+        for ref, data in zip(self.media, media, strict=True):
+            tensors.setdefault(ref.kind.tensor, []).append(data)
         return TritonRequest(
             model=model,
             messages_json=json.dumps(self.messages, ensure_ascii=False),
-            images=list(images),
+            media=tensors,
             sampling_parameters=self.sampling_parameters,
             stream=self.stream,
         )
@@ -53,10 +57,10 @@ class PreparedChat:
 
 def prepare_chat(chat: ChatCompletionRequest, limits: ServerLimits) -> PreparedChat:
     """Validates what needs the server's limits (400 APIError) and translates the rest."""
-    messages, images = translate_messages(chat, limits.pixels)
+    messages, media = translate_messages(chat, limits.pixels)
     return PreparedChat(
         messages=messages,
-        images=images,
+        media=media,
         sampling_parameters=sampling_parameters(chat, limits.max_tokens),
         stream=chat.is_stream,
     )
@@ -64,31 +68,34 @@ def prepare_chat(chat: ChatCompletionRequest, limits: ServerLimits) -> PreparedC
 
 def translate_messages(
     chat: ChatCompletionRequest, pixels: PixelLimits
-) -> tuple[list[dict[str, Any]], list[ImageRef]]:
-    """Messages for the model's chat template, and the images their image parts refer to.
+) -> tuple[list[dict[str, Any]], list[MediaRef]]:
+    """Messages for the model's chat template, and the media their media parts refer to.
 
-    Each image part becomes `{"type": "image", "min_pixels": N, "max_pixels": M}`; the model
-    pairs those with the `image` input's elements in order of appearance, across all turns.
+    Each media part becomes its kind's chat part with its budget, e.g. `{"type": "image",
+    "min_pixels": N, "max_pixels": M}`; the model pairs those with its kind's input elements
+    in order of appearance, across all turns. Message and part indices are kept, so the
+    model's error `param`s are the client's paths.
     """
-    default_min = pixels.check(chat.min_pixels, "min_pixels")
-    default_max = pixels.check(chat.max_pixels, "max_pixels")
-    images: list[ImageRef] = []
+    defaults = (
+        pixels.check(chat.min_pixels, "min_pixels"),
+        pixels.check(chat.max_pixels, "max_pixels"),
+    )
+    media: list[MediaRef] = []
     translated = []
     for i, message in enumerate(chat.messages):
         # The chat template knows `system`; `developer` is OpenAI's newer name for it.
         role = "system" if message.role == "developer" else message.role
-        content = _translate_content(message, i, images, pixels, default_min, default_max)
+        content = _translate_content(message, i, media, pixels, defaults)
         translated.append({"role": role, "content": content})
-    return translated, images
+    return translated, media
 
 
 def _translate_content(
     message: ChatMessage,
     index: int,
-    images: list[ImageRef],
+    media: list[MediaRef],
     pixels: PixelLimits,
-    default_min: int | None,
-    default_max: int | None,
+    defaults: tuple[int | None, int | None],
 ) -> str | list[dict[str, Any]]:
     if message.content is None:
         return ""
@@ -96,49 +103,28 @@ def _translate_content(
         return message.content
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(message.content):
-        if isinstance(part, ImagePart):
-            param = f"messages[{index}].content[{j}].image_url"
-            image_url = part.image_url
-            own_min = pixels.check(image_url.min_pixels, f"{param}.min_pixels")
-            own_max = pixels.check(image_url.max_pixels, f"{param}.max_pixels")
-            budget = image_budget(
-                pixels,
-                image_url.detail,
-                own_min if own_min is not None else default_min,
-                own_max if own_max is not None else default_max,
-                param,
-            )
-            images.append(ImageRef(url=image_url.url, param=param))
-            parts.append(
-                {
-                    "type": "image",
-                    "min_pixels": budget.min_pixels,
-                    "max_pixels": budget.max_pixels,
-                }
-            )
+        if isinstance(part, MediaPart):
+            param = f"messages[{index}].content[{j}].{part.kind.part_type}"
+            budget = part.kind.budget(part.source, pixels, defaults, param)
+            ref = MediaRef(part.kind, part.source.url, param, tuple(budget.items()))
+            media.append(ref)
+            parts.append(ref.chat_part())
         else:
             parts.append({"type": "text", "text": part.text})
     return parts
 
 
 def sampling_parameters(chat: ChatCompletionRequest, max_tokens_limit: int = 0) -> dict[str, Any]:
-    """Only what the client set, so the model's own defaults apply to the rest."""
+    """Only what the client set, so the model's own defaults apply to the rest: the fields
+    proxy/schema.py marks as the model's (`SAMPLING_FIELDS`) as they are, and those that need
+    a word of translation."""
+    params = {name: getattr(chat, name) for name in SAMPLING_FIELDS}
     max_tokens = chat.token_limit
     if max_tokens is not None and max_tokens_limit > 0:
         max_tokens = min(max_tokens, max_tokens_limit)
-    stop = [chat.stop] if isinstance(chat.stop, str) else chat.stop
-    params: dict[str, Any] = {
-        "max_tokens": max_tokens,
-        "temperature": chat.temperature,  # 0 means greedy to the model
-        "top_p": chat.top_p,
-        "top_k": chat.top_k,
-        "repetition_penalty": chat.repetition_penalty,
-        "presence_penalty": chat.presence_penalty,
-        "frequency_penalty": chat.frequency_penalty,
-        "seed": chat.seed,
-        "stop": stop or None,
-        "n": chat.n if chat.n and chat.n > 1 else None,
-    }
+    params["max_tokens"] = max_tokens
+    params["stop"] = ([chat.stop] if isinstance(chat.stop, str) else chat.stop) or None
+    params["n"] = chat.n if chat.n and chat.n > 1 else None
     if chat.wants_logprobs:
         params["logprobs"] = True
         params["top_logprobs"] = chat.top_logprobs or 0

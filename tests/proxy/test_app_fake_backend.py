@@ -86,7 +86,7 @@ async def test_non_stream_sends_translated_request_to_backend(make_client):
 
     sent = backend.last_request
     assert sent.stream is False
-    assert sent.images == [JPEG_BYTES]
+    assert sent.media["image"] == [JPEG_BYTES]
     assert sent.sampling_parameters == {"max_tokens": 1280}
     messages = json.loads(sent.messages_json)
     assert messages[1]["content"] == [
@@ -351,7 +351,7 @@ async def test_body_over_aiohttp_default_limit_is_accepted(make_client):
     }
     resp = await client.post("/v1/chat/completions", json=body)
     assert resp.status == 200
-    assert backend.last_request.images == [image]
+    assert backend.last_request.media["image"] == [image]
 
 
 # ---- backend errors ------------------------------------------------------------------------

@@ -167,7 +167,7 @@ async def test_images_across_turns_keep_order_and_budgets(make_client):
     }
     await post_json(client, body)
     sent = backend.last_request
-    assert sent.images == [PNG_BYTES, JPEG_BYTES, PNG_BYTES]
+    assert sent.media["image"] == [PNG_BYTES, JPEG_BYTES, PNG_BYTES]
     images = [
         part
         for message in json.loads(sent.messages_json)

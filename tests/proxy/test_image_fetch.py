@@ -27,7 +27,8 @@ from proxy.app import FETCHER_KEY, create_app
 from proxy.config import parse_config, with_settings
 from proxy.errors import APIError
 from proxy.fetch import FetchPolicy, GuardedFetcher
-from proxy.images import ImageRef
+from proxy.images import IMAGE
+from proxy.media import MediaRef
 
 PNG = encoded_image("PNG", size=(40, 30))
 JPEG = encoded_image("JPEG", size=(56, 28))
@@ -210,7 +211,7 @@ def make_fetcher(
 
 async def fetch_error(fetcher: GuardedFetcher, url: str) -> APIError:
     with pytest.raises(APIError) as caught:
-        await fetcher.fetch_all([ImageRef(url, "messages[0].content[0].image_url")])
+        await fetcher.fetch_all([MediaRef(IMAGE, url, "messages[0].content[0].image_url")])
     return caught.value
 
 
@@ -223,14 +224,14 @@ LOCAL = {"allow_private_hosts": ("127.0.0.1",)}
 async def test_fetches_an_image(server):
     state, base = server
     fetcher, _, spy = make_fetcher(**LOCAL)
-    assert await fetcher.fetch_all([ImageRef(f"{base}/png", "p")]) == [PNG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, f"{base}/png", "p")]) == [PNG]
     assert spy.attempts == [f"{base}/png"]
 
 
 async def test_content_is_sniffed_not_taken_from_content_type(server):
     _, base = server
     fetcher, _, _ = make_fetcher(**LOCAL)
-    assert await fetcher.fetch_all([ImageRef(f"{base}/jpeg-as-text", "p")]) == [JPEG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, f"{base}/jpeg-as-text", "p")]) == [JPEG]
     error = await fetch_error(fetcher, f"{base}/html-as-png")
     assert (error.status, error.code) == (400, "invalid_image")
     assert error.param == "messages[0].content[0].image_url"
@@ -239,7 +240,7 @@ async def test_content_is_sniffed_not_taken_from_content_type(server):
 async def test_chunked_body_is_reassembled(server):
     _, base = server
     fetcher, _, _ = make_fetcher(**LOCAL)
-    assert await fetcher.fetch_all([ImageRef(f"{base}/chunked", "p")]) == [PNG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, f"{base}/chunked", "p")]) == [PNG]
 
 
 async def test_http_error_status_is_image_fetch_failed(server):
@@ -296,7 +297,7 @@ async def test_declared_length_over_the_cap_is_refused_before_reading(server):
 async def test_body_at_the_cap_is_accepted(server):
     _, base = server
     fetcher, _, _ = make_fetcher(max_bytes=len(PNG), **LOCAL)
-    assert await fetcher.fetch_all([ImageRef(f"{base}/png", "p")]) == [PNG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, f"{base}/png", "p")]) == [PNG]
     fetcher, _, _ = make_fetcher(max_bytes=len(PNG) - 1, **LOCAL)
     assert (await fetch_error(fetcher, f"{base}/png")).code == "image_too_large"
 
@@ -317,7 +318,7 @@ async def test_slow_server_is_image_fetch_timeout(server, path):
 async def test_up_to_three_redirects_are_followed(server):
     state, base = server
     fetcher, _, spy = make_fetcher(**LOCAL)
-    assert await fetcher.fetch_all([ImageRef(f"{base}/redirect/3", "p")]) == [PNG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, f"{base}/redirect/3", "p")]) == [PNG]
     assert state.hits == ["/redirect/3", "/redirect/2", "/redirect/1", "/redirect/0"]
 
 
@@ -437,7 +438,7 @@ async def test_names_are_resolved_once_and_the_connection_goes_to_the_vetted_add
     resolver = StubResolver({"images.test": ["127.0.0.1"]})
     fetcher, _, spy = make_fetcher(resolver, allow_private_hosts=("images.test",))
     url = f"http://images.test:{port}/png"
-    assert await fetcher.fetch_all([ImageRef(url, "p")]) == [PNG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, url, "p")]) == [PNG]
     assert resolver.calls == ["images.test"]
     assert spy.attempts == [url]
     assert state.host_headers == [f"images.test:{port}"]
@@ -477,7 +478,7 @@ async def test_domain_allowlist_is_a_suffix_match_on_names(server, url, allowed)
         allow_private_hosts=(*names, "127.0.0.1"),
     )
     if allowed:
-        assert await fetcher.fetch_all([ImageRef(url, "p")]) == [PNG]
+        assert await fetcher.fetch_all([MediaRef(IMAGE, url, "p")]) == [PNG]
     else:
         error = await fetch_error(fetcher, url)
         assert error.code == "image_url_forbidden" and "allowed domains" in error.message
@@ -515,7 +516,7 @@ async def test_https_keeps_the_host_name_for_sni_and_certificate_checks(tls_file
         spy = ConnectionSpy(client_context)
         fetcher, _, _ = make_fetcher(resolver, spy, allow_private_hosts=("images.test",))
         url = f"https://images.test:{port}/png"
-        assert await fetcher.fetch_all([ImageRef(url, "p")]) == [PNG]
+        assert await fetcher.fetch_all([MediaRef(IMAGE, url, "p")]) == [PNG]
         assert seen_sni == ["images.test"]
         assert state.host_headers == [f"images.test:{port}"]
 
@@ -536,13 +537,13 @@ async def test_app_fetches_remote_images_in_order_with_inline_ones(server):
         body = {"messages": [{"role": "user", "content": parts}]}
         resp = await client.post("/v1/chat/completions", json=body)
         assert resp.status == 200, await resp.text()
-    assert backend.last_request.images == [JPEG, PNG, PNG]
+    assert backend.last_request.media["image"] == [JPEG, PNG, PNG]
 
 
 async def test_fetches_of_one_request_run_concurrently_within_the_bound(server):
     state, base = server
     fetcher, _, _ = make_fetcher(concurrency=2, **LOCAL)
-    refs = [ImageRef(f"{base}/slow-png/{i}", f"p{i}") for i in range(5)]
+    refs = [MediaRef(IMAGE, f"{base}/slow-png/{i}", f"p{i}") for i in range(5)]
     assert await fetcher.fetch_all(refs) == [PNG] * 5
     assert state.max_in_flight == 2
 
@@ -551,9 +552,9 @@ async def test_first_failure_fails_the_request_and_cancels_the_rest(server):
     state, base = server
     fetcher, _, _ = make_fetcher(concurrency=4, **LOCAL)
     refs = [
-        ImageRef(f"{base}/slow-headers", "p0"),
-        ImageRef(f"{base}/missing", "p1"),
-        ImageRef(f"{base}/slow-headers", "p2"),
+        MediaRef(IMAGE, f"{base}/slow-headers", "p0"),
+        MediaRef(IMAGE, f"{base}/missing", "p1"),
+        MediaRef(IMAGE, f"{base}/slow-headers", "p2"),
     ]
     started = time.monotonic()
     with pytest.raises(APIError) as caught:
@@ -593,4 +594,4 @@ async def test_environment_proxies_are_not_used(server, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://10.255.255.1:3128")
     monkeypatch.setenv("http_proxy", "http://10.255.255.1:3128")
     fetcher, _, _ = make_fetcher(connect_timeout_s=1.0, **LOCAL)
-    assert await fetcher.fetch_all([ImageRef(f"{base}/png", "p")]) == [PNG]
+    assert await fetcher.fetch_all([MediaRef(IMAGE, f"{base}/png", "p")]) == [PNG]

@@ -20,8 +20,8 @@ from sample_images import encoded_image
 from proxy.app import create_app
 from proxy.backend import backend_unavailable
 from proxy.errors import APIError
-from proxy.images import ImageRef
 from proxy.logs import JsonFormatter
+from proxy.media import MediaRef
 from proxy.metrics import CAUSES
 
 CHAT = "/v1/chat/completions"
@@ -255,7 +255,7 @@ class SlowFetcher:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
 
-    async def fetch_all(self, refs: Sequence[ImageRef]) -> list[bytes]:
+    async def fetch_all(self, refs: Sequence[MediaRef]) -> list[bytes]:
         await asyncio.sleep(self.delay_s)
         return [PNG_BYTES for _ in refs]
 

@@ -156,7 +156,7 @@ async def test_completion_shape(sdk, stream):
         assert result.choices[0].message.role == "assistant"
         assert result.choices[0].finish_reason == "stop"
         assert result.usage.total_tokens == 23
-    assert backend.last_request.images == [JPEG_BYTES]
+    assert backend.last_request.media["image"] == [JPEG_BYTES]
     assert backend.last_request.sampling_parameters == {"max_tokens": 16, "temperature": 0.2}
 
 
@@ -198,7 +198,7 @@ async def test_many_images_across_turns_and_image_only_messages(sdk, stream):
         {"role": "user", "content": "plain string content"},
     ]
     await client.create(model=SERVED_MODEL, messages=messages, stream=stream)
-    assert backend.last_request.images == [PNG_BYTES, gif, webp, JPEG_BYTES]
+    assert backend.last_request.media["image"] == [PNG_BYTES, gif, webp, JPEG_BYTES]
     sent = json.loads(backend.last_request.messages_json)
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "user"]
     assert [p["type"] for p in sent[1]["content"]] == ["image", "image"]
@@ -234,7 +234,7 @@ async def test_http_images_are_fetched_in_order(sdk, stream, image_server):
     await client.create(
         model=SERVED_MODEL, messages=[{"role": "user", "content": content}], stream=stream
     )
-    assert backend.last_request.images == [JPEG_BYTES, PNG_BYTES, PNG_BYTES]
+    assert backend.last_request.media["image"] == [JPEG_BYTES, PNG_BYTES, PNG_BYTES]
 
 
 @pytest.mark.parametrize(

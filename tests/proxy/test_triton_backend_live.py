@@ -54,7 +54,7 @@ def triton_request(*, stream: bool, images=(), **params) -> TritonRequest:
     return TritonRequest(
         model="echo",
         messages_json=json.dumps(messages),
-        images=list(images),
+        media={"image": list(images)},
         sampling_parameters={"max_tokens": 8, **params},
         stream=stream,
     )

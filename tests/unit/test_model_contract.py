@@ -120,5 +120,5 @@ def test_the_model_names_the_clients_image_part_in_what_the_proxy_sends():
     prepared = prepare_chat(parse_chat_request(body), ServerLimits())
     request = prepared.to_triton("qwen2_5_vl", [PNG, b"\xff\xd8\xff not really a JPEG"])
     with pytest.raises(RequestError) as raised:
-        parse_messages(request.messages_json, request.images)
-    assert raised.value.param == prepared.images[1].param == "messages[2].content[1].image_url"
+        parse_messages(request.messages_json, request.media["image"])
+    assert raised.value.param == prepared.media[1].param == "messages[2].content[1].image_url"

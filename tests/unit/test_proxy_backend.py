@@ -36,7 +36,7 @@ REQUEST = TritonRequest(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "猫?"}]}],
         ensure_ascii=False,
     ),
-    images=[b"\x89PNG\r\n\x1a\nA", b"\xff\xd8\xffB\x00"],
+    media={"image": [b"\x89PNG\r\n\x1a\nA", b"\xff\xd8\xffB\x00"]},
     sampling_parameters={"max_tokens": 4, "stop": ["x"]},
     stream=True,
 )
@@ -70,7 +70,7 @@ def test_inputs_follow_the_tensor_contract():
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]
     assert (inputs["image"].datatype(), inputs["image"].shape()) == ("BYTES", [2])
-    assert bytes_values(inputs["image"]) == REQUEST.images
+    assert bytes_values(inputs["image"]) == REQUEST.media["image"]
     assert json.loads(bytes_values(inputs["sampling_parameters"])[0]) == {
         "max_tokens": 4,
         "stop": ["x"],
@@ -88,7 +88,7 @@ def test_inputs_follow_the_tensor_contract():
 
 def test_no_image_input_without_images_and_stream_false():
     request = TritonRequest(
-        model="m", messages_json="[]", images=[], sampling_parameters={}, stream=False
+        model="m", messages_json="[]", media={}, sampling_parameters={}, stream=False
     )
     inputs = tensors(request)
     assert "image" not in inputs
@@ -441,7 +441,7 @@ async def test_is_ready_uses_model_and_timeout(make_backend):
 async def test_generate_sends_the_request_model(make_backend):
     backend, client = make_backend(make_result("a", "stop", final=True))
     request = TritonRequest(
-        model="other_model", messages_json="[]", images=[], sampling_parameters={}, stream=False
+        model="other_model", messages_json="[]", media={}, sampling_parameters={}, stream=False
     )
     await collect(backend, request)
     assert client.sent[0]["model_name"] == "other_model"

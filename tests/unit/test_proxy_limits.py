@@ -34,21 +34,14 @@ from proxy.auth import APIKeyError, read_api_key
 from proxy.backend import model_error
 from proxy.config import parse_config
 from proxy.errors import APIError
-from proxy.images import ImageRef
-from proxy.limits import (
-    ImageHeader,
-    RequestLimits,
-    _safe_header,
-    check_chat,
-    check_images,
-    check_json_text,
-    read_image_header,
-)
+from proxy.images import IMAGE, ImageHeader, _safe_header, check_images, read_image_header
+from proxy.limits import RequestLimits, check_chat, check_json_text
+from proxy.media import MediaRef
 from proxy.model_contract import ModelError, ModelLimits
 from proxy.schema import parse_chat_request
 from proxy.shutdown import Drain
 
-# In the proxy process proxy/limits.py makes this warning an error; pytest resets filters.
+# In the proxy process proxy/images.py makes this warning an error; pytest resets filters.
 pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 PARAM = "messages[0].content[0].image_url"
 LEAK = re.compile(r"PIL|Traceback|\b0x[0-9a-fA-F]{6,}|/\w+/|BytesIO")
@@ -76,7 +69,7 @@ def limits_of(**flags) -> RequestLimits:
 
 
 async def check_one(data: bytes, limits: RequestLimits | None = None) -> None:
-    await check_images([data], [ImageRef("data:", PARAM)], limits or limits_of())
+    await check_images([data], [MediaRef(IMAGE, "data:", PARAM)], limits or limits_of())
 
 
 # ---- counts before decoding ----------------------------------------------------------------
@@ -195,7 +188,7 @@ async def test_min_side_bytes_and_aspect_limits_are_configurable():
 
 async def test_request_pixels_add_up_across_images():
     limits = limits_of(max_request_pixels=32 * 24 * 2)
-    refs = [ImageRef("data:", f"messages[0].content[{i}].image_url") for i in range(3)]
+    refs = [MediaRef(IMAGE, "data:", f"messages[0].content[{i}].image_url") for i in range(3)]
     await check_images([GOOD_PNG] * 2, refs[:2], limits)
     with pytest.raises(APIError) as caught:
         await check_images([GOOD_PNG] * 3, refs, limits)

@@ -10,7 +10,8 @@ import pytest
 from helpers import data_url
 
 from proxy.errors import APIError
-from proxy.images import ImageRef, load_images, load_inline_image
+from proxy.images import IMAGE
+from proxy.media import MediaRef, load_inline, load_media
 from proxy.pixels import LOW_DETAIL_MAX_PIXELS, PixelLimits
 from proxy.responses import (
     ChoiceText,
@@ -44,8 +45,8 @@ def user(*parts) -> dict:
 def translate(body: dict, limits: ServerLimits = LIMITS):
     """The TritonRequest for a body whose images are all inline."""
     prepared = prepare_chat(parse_chat_request(body), limits)
-    images = [load_inline_image(ref.url, ref.param) for ref in prepared.images]
-    return prepared.to_triton("qwen2_5_vl", images)
+    media = [load_inline(ref) for ref in prepared.media]
+    return prepared.to_triton("qwen2_5_vl", media)
 
 
 def api_error(body: dict, limits: ServerLimits = LIMITS) -> APIError:
@@ -78,7 +79,7 @@ def test_images_become_placeholders_and_bytes_in_order_of_appearance():
     request = translate(body)
 
     assert request.model == "qwen2_5_vl"
-    assert request.images == [PNG, JPEG, GIF]
+    assert request.media["image"] == [PNG, JPEG, GIF]
     assert json.loads(request.messages_json) == [
         {"role": "system", "content": "be brief"},
         {
@@ -109,7 +110,7 @@ def test_images_in_assistant_turns_keep_their_place_in_the_order():
         ]
     }
     request = translate(body)
-    assert request.images == [PNG, GIF, JPEG, WEBP]
+    assert request.media["image"] == [PNG, GIF, JPEG, WEBP]
     messages = json.loads(request.messages_json)
     assert messages[1]["content"] == [{"type": "text", "text": "here is another"}, DEFAULT_IMAGE]
 
@@ -122,30 +123,30 @@ def test_image_refs_carry_their_param_and_remote_urls_are_left_for_the_fetcher()
         ]
     }
     prepared = prepare_chat(parse_chat_request(body), LIMITS)
-    assert prepared.images == [
-        ImageRef("https://example.com/a.png", "messages[0].content[1].image_url"),
-        ImageRef(data_url(PNG), "messages[1].content[0].image_url"),
-        ImageRef("HTTP://example.com/b.jpg", "messages[1].content[1].image_url"),
+    assert [(ref.kind, ref.url, ref.param) for ref in prepared.media] == [
+        (IMAGE, "https://example.com/a.png", "messages[0].content[1].image_url"),
+        (IMAGE, data_url(PNG), "messages[1].content[0].image_url"),
+        (IMAGE, "HTTP://example.com/b.jpg", "messages[1].content[1].image_url"),
     ]
-    assert [ref.is_remote for ref in prepared.images] == [True, False, True]
+    assert [ref.is_remote for ref in prepared.media] == [True, False, True]
 
 
 def test_image_only_message():
     request = translate({"messages": [user(image_part(data_url(WEBP, "image/webp")))]})
-    assert request.images == [WEBP]
+    assert request.media["image"] == [WEBP]
     assert json.loads(request.messages_json) == [{"role": "user", "content": [DEFAULT_IMAGE]}]
 
 
 def test_string_content_passes_through_with_unicode_intact():
     request = translate({"messages": [{"role": "user", "content": "这张图片里有什么？"}]})
-    assert request.images == []
+    assert request.media == {}
     assert "这张图片里有什么？" in request.messages_json  # UTF-8, not \u escapes
     assert json.loads(request.messages_json) == [{"role": "user", "content": "这张图片里有什么？"}]
 
 
 def test_bare_string_image_url_is_accepted():
     body = {"messages": [user({"type": "image_url", "image_url": data_url(PNG)})]}
-    assert translate(body).images == [PNG]
+    assert translate(body).media["image"] == [PNG]
 
 
 def test_developer_role_becomes_system_and_null_content_becomes_empty():
@@ -187,7 +188,7 @@ def test_to_triton_needs_one_image_per_ref():
     ids=["upper-case", "jpg-alias", "extra-params", "line-wrapped"],
 )
 def test_data_url_variants_decode(url):
-    assert load_inline_image(url, "p").startswith((PNG[:8], JPEG[:3]))
+    assert load_inline(MediaRef(IMAGE, url, "p")).startswith((PNG[:8], JPEG[:3]))
 
 
 # ---- pixel budgets -------------------------------------------------------------------------
@@ -325,9 +326,9 @@ def test_urls_without_a_scheme_are_invalid(url):
 
 
 async def test_load_images_without_fetcher_refuses_remote_urls():
-    refs = [ImageRef(data_url(PNG), "a"), ImageRef("https://example.com/x.png", "b")]
+    refs = [MediaRef(IMAGE, data_url(PNG), "a"), MediaRef(IMAGE, "https://example.com/x.png", "b")]
     with pytest.raises(APIError) as caught:
-        await load_images(refs, None)
+        await load_media(refs, None)
     assert (caught.value.code, caught.value.param) == ("image_url_forbidden", "b")
     assert "disabled" in caught.value.message
 
@@ -344,19 +345,22 @@ class RecordingFetcher:
 async def test_load_images_interleaves_fetched_and_inline_in_order():
     fetcher = RecordingFetcher()
     refs = [
-        ImageRef("https://a.example/1", "p0"),
-        ImageRef(data_url(PNG), "p1"),
-        ImageRef("http://b.example/2", "p2"),
+        MediaRef(IMAGE, "https://a.example/1", "p0"),
+        MediaRef(IMAGE, data_url(PNG), "p1"),
+        MediaRef(IMAGE, "http://b.example/2", "p2"),
     ]
-    assert await load_images(refs, fetcher) == [b"https://a.example/1", PNG, b"http://b.example/2"]
+    assert await load_media(refs, fetcher) == [b"https://a.example/1", PNG, b"http://b.example/2"]
     assert fetcher.calls == [[refs[0], refs[2]]]  # one batch, so they are fetched together
 
 
 async def test_bad_inline_image_fails_before_any_fetch():
     fetcher = RecordingFetcher()
-    refs = [ImageRef("https://a.example/1", "p0"), ImageRef("data:image/png;base64,@@", "p1")]
+    refs = [
+        MediaRef(IMAGE, "https://a.example/1", "p0"),
+        MediaRef(IMAGE, "data:image/png;base64,@@", "p1"),
+    ]
     with pytest.raises(APIError) as caught:
-        await load_images(refs, fetcher)
+        await load_media(refs, fetcher)
     assert caught.value.param == "p1"
     assert fetcher.calls == []
 
