@@ -15,9 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVED = "qwen2.5-vl-7b-instruct"
 
 
-def chat(base_url, **payload):
+def chat(base_url, *, stream=False, **payload):
+    """POST a chat completion (`stream`: a streamed one, its body left to read)."""
     payload.setdefault("model", SERVED)
-    return requests.post(f"{base_url}/v1/chat/completions", json=payload, timeout=60)
+    if stream:
+        payload["stream"] = True
+    url = f"{base_url}/v1/chat/completions"
+    return requests.post(url, json=payload, timeout=60, stream=stream)
 
 
 def test_original_client_example_prints_a_completion(base_url, tmp_path, capsys, monkeypatch):
@@ -66,17 +70,7 @@ def test_streaming_chunk_by_chunk_matches_non_stream(base_url):
         temperature=0,
     )
     whole = chat(base_url, **request).json()
-    with requests.post(
-        f"{base_url}/v1/chat/completions",
-        stream=True,
-        timeout=60,
-        json={
-            **request,
-            "model": SERVED,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    ) as response:
+    with chat(base_url, stream=True, stream_options={"include_usage": True}, **request) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = sse_line_payloads(response.iter_lines(), strict=True)
@@ -135,9 +129,7 @@ def test_openai_sdk_stream_yields_role_deltas_and_finish_reason(base_url):
 
 
 def _streamed_deltas(base_url, payload):
-    with requests.post(
-        f"{base_url}/v1/chat/completions", stream=True, timeout=60, json={**payload, "stream": True}
-    ) as response:
+    with chat(base_url, stream=True, **payload) as response:
         events = sse_line_payloads(response.iter_lines())  # decoded as strict UTF-8
     deltas = [e["choices"] for e in events if e != "[DONE]"]
     return [choices[0]["delta"].get("content") or "" for choices in deltas if choices]
@@ -168,18 +160,13 @@ def _cancel_count(stack) -> int:
 
 def test_client_disconnect_cancels_generation_and_next_request_is_prompt(stack, base_url):
     before = _cancel_count(stack)
-    response = requests.post(
-        f"{base_url}/v1/chat/completions",
+    response = chat(
+        base_url,
         stream=True,
-        timeout=60,
-        json={
-            "model": SERVED,
-            "stream": True,
-            "max_tokens": 4000,
-            "temperature": 1.0,
-            "seed": 1,
-            "messages": [{"role": "user", "content": "go"}],
-        },
+        max_tokens=4000,
+        temperature=1.0,
+        seed=1,
+        messages=[{"role": "user", "content": "go"}],
     )
     lines = response.iter_lines()
     for _ in range(4):
