@@ -28,7 +28,7 @@ from proxy.backend import (
     parse_response,
 )
 from proxy.errors import APIError
-from proxy.model_contract import ModelError
+from proxy.model_contract import INPUTS, ModelError
 
 REQUEST = TritonRequest(
     model="qwen2_5_vl",
@@ -57,16 +57,8 @@ def bytes_values(tensor) -> list[bytes]:
 def test_inputs_follow_the_tensor_contract():
     inputs = tensors(REQUEST)
 
-    assert set(inputs) == {
-        "messages",
-        "image",
-        "stream",
-        "sampling_parameters",
-        "exclude_input_in_output",
-        "return_finish_reason",
-        "return_num_input_tokens",
-        "return_num_output_tokens",
-    }
+    # every input the contract names but the ready-prompt and describe ones
+    assert set(inputs) == set(INPUTS) - {"text_input", "describe"}
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]
     assert (inputs["image"].datatype(), inputs["image"].shape()) == ("BYTES", [2])
