@@ -16,7 +16,10 @@ from pathlib import Path
 
 import requests
 
-from client.sse import stream_events
+if __package__ in (None, ""):  # run as a file (python client/chat.py), not as a module
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.sse import stream_events  # noqa: E402
 
 DEFAULT_URL = os.environ.get("QWEN_VL_URL", "http://localhost:9000")
 
