@@ -173,7 +173,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
     limits, translation = await limits_for(app, triton_model)
     check_chat(chat, limits)
-    prepared = prepare_chat(chat, translation)
+    prepared = prepare_chat(chat, translation, limits)
     media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
     await timed_media_check(request, check_media(media, prepared.media, limits))
     triton_request = prepared.to_triton(triton_model, media)
@@ -193,8 +193,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with app[MODEL_LIMITS_KEY].forgotten_on_outage(triton_model):
         async with contextlib.aclosing(chunks):
             if chat.is_stream:
-                return await stream_completion(request, chunks, identity, usage, chat)
-            body = await collect_completion(chunks, identity, usage, chat.wants_logprobs)
+                return await stream_completion(
+                    request, chunks, identity, usage, chat, prepared.parse_tool_calls
+                )
+            body = await collect_completion(
+                chunks, identity, usage, chat.wants_logprobs, prepared.parse_tool_calls
+            )
             return web.json_response(body, dumps=json_dumps)
 
 
@@ -255,6 +259,7 @@ async def stream_completion(
     identity: CompletionIdentity,
     usage: TokenUsage,
     chat: ChatCompletionRequest,
+    parse_tool_calls: bool = False,
 ) -> web.StreamResponse:
     # Waiting for the first chunk before sending headers lets an early failure (model
     # rejects the request, Triton down) reach the client as a real HTTP error status.
@@ -269,6 +274,7 @@ async def stream_completion(
         request[REQUEST_ID_KEY],
         include_usage=chat.include_usage,
         with_logprobs=chat.wants_logprobs,
+        parse_tool_calls=parse_tool_calls,
     )
     async with contextlib.aclosing(events):
         try:

@@ -64,6 +64,7 @@ class TritonRequest:
     media: dict[str, list[bytes]]  # Triton input (e.g. "image") -> encoded elements, in order
     sampling_parameters: dict[str, Any]
     stream: bool
+    tools_json: str | None = None  # the `tools` input: tools rendered into the prompt
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,8 @@ def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
         _bool_input("return_num_input_tokens", True),
         _bool_input("return_num_output_tokens", True),
     ]
+    if request.tools_json is not None:
+        inputs.append(_bytes_input("tools", [request.tools_json.encode("utf-8")]))
     for tensor, elements in request.media.items():
         if elements:  # Triton rejects a zero-element input; no media means no input
             inputs.append(_bytes_input(tensor, elements))

@@ -293,6 +293,26 @@ SETTINGS: tuple[Setting, ...] = (
         "full size before resizing (200 MP = 600 MB of RGB; 16 12-MP photos fit)",
     ),
     _S(
+        "limits",
+        "max_tools",
+        _positive_int,
+        "tools per request; each one's schema is compiled into the model's grammar when a call "
+        "is forced",
+    ),
+    _S(
+        "limits",
+        "max_schema_bytes",
+        _positive_int,
+        "bytes of one JSON Schema (a tool's parameters, response_format's schema), bounding "
+        "grammar compile time and memory in the model",
+    ),
+    _S(
+        "limits",
+        "max_schema_depth",
+        _positive_int,
+        "nesting depth of one JSON Schema; hostile schemas nest deeply to stall compilers",
+    ),
+    _S(
         "admission",
         "max_concurrent_requests",
         _positive_int,

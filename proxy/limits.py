@@ -57,6 +57,10 @@ class RequestLimits:
     min_image_side: int = 1
     max_image_aspect_ratio: float = 0  # 0: the model's
     max_request_pixels: int = 200_000_000
+    # What a request may ask the model's grammar compiler for (proxy/structured.py).
+    max_tools: int = 64
+    max_schema_bytes: int = 32 * 1024
+    max_schema_depth: int = 16
 
     def within(self, model: ModelLimits) -> RequestLimits:
         """These limits with the model's in place of 0 and over any laxer flag."""

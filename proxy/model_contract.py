@@ -41,6 +41,7 @@ INPUTS = (
     "return_finish_reason",
     "return_num_input_tokens",
     "return_num_output_tokens",
+    "tools",
     "describe",
 )
 OUTPUTS = (

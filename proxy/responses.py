@@ -8,16 +8,18 @@ when asked, `[DONE]`), with an error mid-stream sent as an error event.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import GenerationChunk
 from .error_catalogue import INTERNAL_ERROR, APIError
 from .sse import DONE_EVENT, sse_error, sse_event
+from .tool_calls import ToolCall, ToolCallStream, split_tool_calls
 
 log = logging.getLogger("proxy")
 
@@ -62,6 +64,22 @@ class ChoiceText:
     finish_reason: str = "stop"
     # every token's entry when the client asked for logprobs, else None
     logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def take_tool_calls(self) -> None:
+        """Moves the `<tool_call>` blocks of the text into `tool_calls`."""
+        self.text, self.tool_calls = split_tool_calls(self.text)
+        if self.tool_calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+
+    def message(self) -> dict[str, Any]:
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.text}
+        return {
+            "role": "assistant",
+            "content": self.text or None,
+            "tool_calls": [call.as_dict() for call in self.tool_calls],
+        }
 
 
 def completion_body(
@@ -75,7 +93,7 @@ def completion_body(
         "choices": [
             {
                 "index": index,
-                "message": {"role": "assistant", "content": choice.text},
+                "message": choice.message(),
                 "logprobs": logprobs_field(choice.logprobs),
                 "finish_reason": choice.finish_reason,
             }
@@ -138,6 +156,7 @@ async def collect_completion(
     identity: CompletionIdentity,
     usage: TokenUsage,
     with_logprobs: bool,
+    parse_tool_calls: bool = False,
 ) -> dict[str, Any]:
     """The `chat.completion` body of a non-streamed completion; fills in `usage`."""
 
@@ -152,6 +171,9 @@ async def collect_completion(
         if choice.logprobs is not None and chunk.logprobs:
             choice.logprobs.extend(chunk.logprobs)
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
+    if parse_tool_calls:
+        for choice in choices.values():
+            choice.take_tool_calls()
     return completion_body(identity, [choices[i] for i in sorted(choices)], usage)
 
 
@@ -164,35 +186,32 @@ async def completion_events(
     *,
     include_usage: bool = False,
     with_logprobs: bool = False,
+    parse_tool_calls: bool = False,
 ) -> AsyncGenerator[bytes, None]:
     """The SSE events of one streamed completion, errors included, ending with [DONE].
 
-    Each content chunk carries the logprobs of the tokens it covers when they were asked for.
+    Each content chunk carries the logprobs of the tokens it covers when they were asked for
+    (with tool calls parsed, text held back as a possible tag start passes its logprobs to
+    the next content chunk, and a call's tokens have none). A tool call is two deltas, as
+    OpenAI sends them: index, id, type and name first, then the arguments.
     """
     role_delta = {"role": "assistant", "content": ""}
     yield sse_event(chunk_body(identity, role_delta, include_usage=include_usage))
-    finish_reasons = {0: "stop"}  # per choice; each choice's first chunk carries the role
+    choices = {0: _StreamedChoice(parse_tool_calls)}  # each one's first chunk has the role
+    event = functools.partial(_chunk_event, identity, include_usage)
     try:
         async for chunk in _prepend(first, rest):
             record_usage(usage, chunk)
-            if chunk.index not in finish_reasons:
-                finish_reasons[chunk.index] = "stop"
-                yield sse_event(
-                    chunk_body(identity, role_delta, include_usage=include_usage, index=chunk.index)
-                )
-            finish_reasons[chunk.index] = chunk.finish_reason or finish_reasons[chunk.index]
-            logprobs = (chunk.logprobs or []) if with_logprobs else None
-            if chunk.text or logprobs:
-                delta = {"content": chunk.text}
-                yield sse_event(
-                    chunk_body(
-                        identity,
-                        delta,
-                        include_usage=include_usage,
-                        logprobs=logprobs,
-                        index=chunk.index,
-                    )
-                )
+            if chunk.index not in choices:
+                choices[chunk.index] = _StreamedChoice(parse_tool_calls)
+                yield event(role_delta, index=chunk.index)
+            choice = choices[chunk.index]
+            choice.finish_reason = chunk.finish_reason or choice.finish_reason
+            for delta, logprobs in choice.deltas(chunk, with_logprobs):
+                yield event(delta, logprobs=logprobs, index=chunk.index)
+        for index, choice in sorted(choices.items()):
+            for delta, logprobs in choice.rest(with_logprobs):
+                yield event(delta, logprobs=logprobs, index=index)
     except APIError as exc:
         log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
         yield sse_error(exc)
@@ -201,13 +220,72 @@ async def completion_events(
         log.exception("request %s: failed mid-stream", request_id)
         yield sse_error(INTERNAL_ERROR(request_id=request_id))
         return
-    for index, finish_reason in sorted(finish_reasons.items()):
-        yield sse_event(
-            chunk_body(identity, {}, finish_reason, include_usage=include_usage, index=index)
-        )
+    for index, choice in sorted(choices.items()):
+        yield event({}, choice.final_reason(), index=index)
     if include_usage:
         yield sse_event(usage_chunk_body(identity, usage))
     yield DONE_EVENT
+
+
+def _chunk_event(
+    identity: CompletionIdentity,
+    include_usage: bool,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    *,
+    logprobs: list[dict[str, Any]] | None = None,
+    index: int = 0,
+) -> bytes:
+    body = chunk_body(
+        identity, delta, finish_reason, include_usage=include_usage, logprobs=logprobs, index=index
+    )
+    return sse_event(body)
+
+
+class _StreamedChoice:
+    """One choice of a stream: its finish reason and, with tools, its tool-call parser."""
+
+    def __init__(self, parse_tool_calls: bool) -> None:
+        self.finish_reason = "stop"
+        self._calls = ToolCallStream() if parse_tool_calls else None
+        self._held_logprobs: list[dict[str, Any]] = []
+
+    def deltas(self, chunk: GenerationChunk, with_logprobs: bool) -> Iterator[tuple[dict, Any]]:
+        """(delta, logprobs) for each event of `chunk`."""
+        logprobs = (chunk.logprobs or []) if with_logprobs else None
+        if self._calls is None:
+            if chunk.text or logprobs:
+                yield {"content": chunk.text}, logprobs
+            return
+        self._held_logprobs += logprobs or []
+        yield from self._events(self._calls.feed(chunk.text), with_logprobs)
+
+    def rest(self, with_logprobs: bool) -> Iterator[tuple[dict, Any]]:
+        if self._calls is not None:
+            yield from self._events(self._calls.finish(), with_logprobs)
+
+    def final_reason(self) -> str:
+        if self._calls is not None and self._calls.calls and self.finish_reason == "stop":
+            return "tool_calls"
+        return self.finish_reason
+
+    def _events(self, events, with_logprobs: bool) -> Iterator[tuple[dict, Any]]:
+        for kind, value in events:
+            if kind == "content":
+                logprobs, self._held_logprobs = self._held_logprobs, []
+                yield {"content": value}, (logprobs if with_logprobs else None)
+                continue
+            self._held_logprobs = []  # a call's tokens carry no content logprobs
+            index = self._calls.calls - 1
+            head = {"index": index, "id": value.id, "type": "function"}
+            yield (
+                {"tool_calls": [{**head, "function": {"name": value.name, "arguments": ""}}]},
+                None,
+            )
+            yield (
+                {"tool_calls": [{"index": index, "function": {"arguments": value.arguments}}]},
+                None,
+            )
 
 
 async def _prepend(

@@ -25,7 +25,6 @@ from .error_catalogue import (
     INVALID_VALUE,
     MISSING_REQUIRED_PARAMETER,
     UNSUPPORTED_CONTENT_TYPE,
-    UNSUPPORTED_PARAMETER,
     APIError,
 )
 from .images import IMAGE
@@ -113,6 +112,17 @@ ContentPart = Annotated[
 ]
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -120,24 +130,59 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Required; null only on an assistant turn that carried tool calls instead (as OpenAI).
     content: str | list[ContentPart] | None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
     @model_validator(mode="after")
     def _content_or_tool_calls(self) -> ChatMessage:
-        if self.content is None and not (
-            self.role == "assistant" and (self.model_extra or {}).get("tool_calls")
-        ):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError("content may be null only on an assistant message with tool_calls")
         return self
+
+
+class FunctionDefinition(BaseModel):
+    # OpenAI's rule for function names.
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema (checked in proxy/structured.py)
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # `schema` would shadow pydantic's BaseModel.schema
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
-    type: str
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
 
 
 # Marks a field the model takes as it is, in `sampling_parameters` under the same name
@@ -169,6 +214,9 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     user: str | None = None
     # Pixel bounds for every image of the request (see proxy/pixels.py).
     min_pixels: int | None = Field(default=None, ge=1)
@@ -219,12 +267,6 @@ def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
         raise INVALID_VALUE(
             "top_logprobs",
             message="Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
-        )
-    if chat.response_format is not None and chat.response_format.type != "text":
-        raise UNSUPPORTED_PARAMETER(
-            "response_format",
-            message=f"response_format type {chat.response_format.type!r} is not supported; "
-            "only {'type': 'text'} is.",
         )
     return chat
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import TritonRequest
+from .limits import RequestLimits
 from .media import MediaRef
 from .model_contract import ModelLimits
 from .pixels import PixelLimits
 from .schema import SAMPLING_FIELDS, ChatCompletionRequest, ChatMessage, MediaPart
+from .structured import structured
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class PreparedChat:
     media: list[MediaRef]
     sampling_parameters: dict[str, Any]
     stream: bool
+    tools_json: str | None = None
+    parse_tool_calls: bool = False  # the output may hold tool calls (proxy/tool_calls.py)
 
     def to_triton(self, model: str, media: list[bytes]) -> TritonRequest:
         """`media`: the encoded bytes of `self.media`, in the same order; each kind travels
@@ -52,17 +56,26 @@ class PreparedChat:
             media=tensors,
             sampling_parameters=self.sampling_parameters,
             stream=self.stream,
+            tools_json=self.tools_json,
         )
 
 
-def prepare_chat(chat: ChatCompletionRequest, limits: ServerLimits) -> PreparedChat:
+def prepare_chat(
+    chat: ChatCompletionRequest, limits: ServerLimits, request_limits: RequestLimits | None = None
+) -> PreparedChat:
     """Validates what needs the server's limits (400 APIError) and translates the rest."""
     messages, media = translate_messages(chat, limits.pixels)
+    tools = structured(chat, request_limits or RequestLimits())
+    sampling = sampling_parameters(chat, limits.max_tokens)
+    if tools.constraint is not None:
+        sampling["structured"] = tools.constraint
     return PreparedChat(
         messages=messages,
         media=media,
-        sampling_parameters=sampling_parameters(chat, limits.max_tokens),
+        sampling_parameters=sampling,
         stream=chat.is_stream,
+        tools_json=tools.tools_json,
+        parse_tool_calls=tools.parse_tool_calls,
     )
 
 
@@ -86,7 +99,12 @@ def translate_messages(
         # The chat template knows `system`; `developer` is OpenAI's newer name for it.
         role = "system" if message.role == "developer" else message.role
         content = _translate_content(message, i, media, pixels, defaults)
-        translated.append({"role": role, "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        translated.append(entry)
     return translated, media
 
 

@@ -308,12 +308,12 @@ def test_request_fields_and_ignored_fields(base_url):
             "n": 1,
             "user": "e2e",
             "response_format": {"type": "text"},
-            "tools": [],
+            "service_tier": "auto",
             "logit_bias": {},
         },
     )
     assert response.status_code == 200, response.text
-    assert response.headers["X-Ignored-Fields"] == "tools, logit_bias"
+    assert response.headers["X-Ignored-Fields"] == "service_tier, logit_bias"
     assert response.json()["usage"]["completion_tokens"] == 3
 
 
@@ -437,3 +437,43 @@ def test_lazy_load_loads_once_on_the_first_requests(lazy_stack):
     log = lazy_stack.triton_log.read_text(errors="replace")
     assert log.count("successfully loaded 'qwen2_5_vl'") == 1, log[-3000:]
     assert json.loads(ask(9).text)["choices"][0]["message"]["content"] is not None
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_a_tool_round_trip_with_an_image_through_the_whole_stack(base_url):
+    """Tools reach the prompt (Qwen's tool section) and a call/result history renders; the
+    random-weight model's answer itself means nothing."""
+    client = sdk(base_url)
+    image = {"type": "image_url", "image_url": {"url": data_url(SMALL_PNG)}}
+    question = {"role": "user", "content": [image, {"type": "text", "text": "Weather there?"}]}
+    plain = client.chat.completions.create(
+        model=SERVED, messages=[question], max_tokens=2, temperature=0
+    )
+    with_tools = client.chat.completions.create(
+        model=SERVED, messages=[question], tools=[WEATHER_TOOL], max_tokens=2, temperature=0
+    )
+    # the tool section (instructions and the schema) is in the prompt
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    history = [
+        question,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 22C"},
+    ]
+    answer = client.chat.completions.create(
+        model=SERVED, messages=history, tools=[WEATHER_TOOL], max_tokens=2, temperature=0
+    )
+    assert answer.usage.prompt_tokens > with_tools.usage.prompt_tokens
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -351,7 +351,7 @@ async def test_stop_as_a_string(sdk):
     "fields, param, code",
     [
         ({"n": 0}, "n", "invalid_value"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "invalid_value"),
         ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
         ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
         ({"stop": [f"s{i}" for i in range(17)]}, "stop", "invalid_value"),
@@ -371,11 +371,11 @@ async def test_unknown_fields_come_back_in_x_ignored_fields(sdk):
     headers, completion = await client.raw(
         model=SERVED_MODEL,
         messages=MESSAGES,
-        parallel_tool_calls=False,
+        service_tier="auto",
         extra_body={"my_custom_field": 1},
     )
     assert completion.choices[0].message.content == "Hello world!"
-    assert headers["x-ignored-fields"] == "parallel_tool_calls, my_custom_field"
+    assert headers["x-ignored-fields"] == "service_tier, my_custom_field"
 
 
 # ---- 5. the model contract: image tokens, logprobs, errors ---------------------------------
@@ -488,3 +488,133 @@ async def test_lazy_load_timeout_is_service_unavailable(sdk):
         await client.create(model=SERVED_MODEL, messages=MESSAGES)
     assert caught.value.status_code == 503
     assert caught.value.code == "model_loading"
+
+
+# ---- tools and structured outputs ----------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CALL_TEXT = (
+    'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+)
+
+
+def tokens_of(text: str, size: int = 4) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+async def test_tool_calls_come_back_in_openais_shape(sdk, stream):
+    backend = FakeBackend(script(*tokens_of(CALL_TEXT)))
+    client = await sdk(backend)
+    result = await client.create(
+        model=SERVED_MODEL, messages=MESSAGES, tools=[WEATHER_TOOL], stream=stream
+    )
+    if stream:
+        content, calls, finish = "", {}, None
+        for chunk in result:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            content += (delta.content or "") if delta else ""
+            for call in (delta.tool_calls or []) if delta else []:
+                entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = call.id or entry["id"]
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+            finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+        assert content == "Checking.\n"
+        (call,) = calls.values()
+        name, arguments, call_id = call["name"], call["arguments"], call["id"]
+    else:
+        message = result.choices[0].message
+        assert message.content == "Checking."
+        (tool_call,) = message.tool_calls
+        name, arguments, call_id = (
+            tool_call.function.name,
+            tool_call.function.arguments,
+            tool_call.id,
+        )
+        finish = result.choices[0].finish_reason
+    assert (name, json.loads(arguments), finish) == ("get_weather", {"city": "Paris"}, "tool_calls")
+    assert call_id.startswith("call_")
+    sent = backend.last_request
+    assert json.loads(sent.tools_json) == [WEATHER_TOOL]
+    assert "structured" not in sent.sampling_parameters  # auto: the model may answer in text
+
+
+async def test_forced_tool_choice_and_json_schema_reach_the_model_as_constraints(sdk):
+    backend = FakeBackend(script('{"a": 1}'))
+    client = await sdk(backend)
+    await client.create(
+        model=SERVED_MODEL, messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    assert backend.last_request.sampling_parameters["structured"]["type"] == "tool_calls"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    await client.create(
+        model=SERVED_MODEL,
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "A", "schema": schema}},
+    )
+    assert backend.last_request.sampling_parameters["structured"] == {
+        "type": "json_schema",
+        "schema": schema,
+        "strict": False,
+    }
+
+
+async def test_the_sdks_parse_helper_gets_a_parsed_object(sdk):
+    import pydantic
+
+    class Answer(pydantic.BaseModel):
+        city: str
+        days: int
+
+    backend = FakeBackend(script('{"city": "Paris", ', '"days": 3}'))
+    client = await sdk(backend)
+    if client.mode == "async":
+        completion = await client.async_client.chat.completions.parse(
+            model=SERVED_MODEL, messages=MESSAGES, response_format=Answer
+        )
+    else:
+        completion = await asyncio.to_thread(
+            client.sync_client.chat.completions.parse,
+            model=SERVED_MODEL,
+            messages=MESSAGES,
+            response_format=Answer,
+        )
+    assert completion.choices[0].message.parsed == Answer(city="Paris", days=3)
+    assert backend.last_request.sampling_parameters["structured"]["type"] == "json_schema"
+
+
+async def test_a_tool_round_trip_reaches_the_model_with_calls_and_results(sdk):
+    backend = FakeBackend(script("It is sunny."))
+    client = await sdk(backend)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(PNG_BYTES)}},
+                {"type": "text", "text": "Weather where this is?"},
+            ],
+        },
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    result = await client.create(model=SERVED_MODEL, messages=messages, tools=[WEATHER_TOOL])
+    assert result.choices[0].message.content == "It is sunny."
+    sent = json.loads(backend.last_request.messages_json)
+    assert sent[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}

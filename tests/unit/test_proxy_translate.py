@@ -160,7 +160,7 @@ def test_developer_role_becomes_system_and_null_content_becomes_empty():
     }
     messages = messages_of(body)
     assert messages[0] == {"role": "system", "content": "rules"}
-    assert messages[2] == {"role": "assistant", "content": ""}
+    assert messages[2] == {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
 def test_only_role_and_content_reach_the_model():

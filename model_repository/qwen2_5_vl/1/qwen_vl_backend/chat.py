@@ -16,6 +16,7 @@ from PIL import Image
 from .contract import ModelLimits
 from .errors import RequestError
 from .images import DEFAULT_LIMITS, data_url_bytes, decode_image, element_bytes
+from .tools import tool_calls
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -86,14 +87,17 @@ class _Converter:
         content = message.get("content")
         if content is None:
             content = ""
-        if isinstance(content, str):
-            return {"role": role, "content": content}
-        if not isinstance(content, list):
+        if isinstance(content, list):
+            content = [self.part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]
+        elif not isinstance(content, str):
             raise RequestError("content must be a string or a list of parts", f"{param}.content")
-        return {
-            "role": role,
-            "content": [self.part(p, f"{param}.content[{j}]") for j, p in enumerate(content)],
-        }
+        converted = {"role": role, "content": content}
+        calls = tool_calls(message, param) if role == "assistant" else None
+        if calls:
+            converted["tool_calls"] = calls
+        if role == "tool" and isinstance(message.get("tool_call_id"), str):
+            converted["tool_call_id"] = message["tool_call_id"]
+        return converted
 
     def part(self, part: Any, param: str) -> dict:
         if not isinstance(part, dict):

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import RequestError
 from .params import SamplingParams, parse_sampling_parameters
 from .settings import ModelSettings
+from .tools import parse_tools, render_prompt
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 
@@ -31,6 +32,7 @@ class RawRequest:
     return_finish_reason: bool = False
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    tools: str | None = None  # JSON list of OpenAI function tools
 
 
 @dataclass
@@ -72,9 +74,7 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
     if raw.messages is not None:
         vision = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
         messages = parse_messages(raw.messages, raw.images, vision, settings.limits())
-        prompt = checkpoint.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        prompt = render_prompt(checkpoint.processor, messages, parse_tools(raw.tools))
         return prompt, _vision_inputs(messages)
     if raw.text_input is None:
         raise RequestError("one of 'messages' or 'text_input' is required", "messages")
