@@ -32,7 +32,7 @@ COPY requirements/model.txt /tmp/requirements/model.txt
 RUN python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; \
 sys.exit(0 if v == '${PYTHON_VERSION}' else 'this image has Python ' + v + ', requirements are pinned for ${PYTHON_VERSION}')" \
     && python3 -m pip install --no-cache-dir --ignore-installed -r /tmp/requirements/model.txt \
-    && python3 -c "import numpy, torch, torchvision, transformers, qwen_vl_utils; \
+    && python3 -c "import numpy, torch, torchvision, transformers, qwen_vl_utils, llguidance; \
 assert numpy.__version__.startswith('1.'), numpy.__version__; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" \
     && rm -rf /tmp/requirements

@@ -63,6 +63,12 @@ class ModelSettings:
     # CPU float32 only: hold the text model's weights in oneDNN's prepacked layout, about twice
     # as fast for decode-sized matrix products (see qwen_vl_backend/cpu_linear.py).
     cpu_packed_linear: bool = True
+    # Constrained output (`structured`, docs/engine.md): the largest schema (compact JSON bytes,
+    # each tool's parameters counted alone) and the deepest nesting of objects and arrays in one
+    # that a request may send; compiled grammars kept for reuse (LRU, estimated bytes; 0: none).
+    max_schema_bytes: int = 32768
+    max_schema_depth: int = 32
+    grammar_cache_mb: int = 64
     # Requests waiting beyond this are refused with UNAVAILABLE instead of queuing forever.
     max_queued_requests: int = 64
     # How long finalize waits for in-flight generations before abandoning them.
