@@ -20,6 +20,10 @@ Qwen2.5-VL specifics:
 
 `n` > 1: the prompt is prefilled once, then its slot is copied into one slot per extra choice;
 each choice samples with its own generator (seed + index when a seed is given).
+
+Constrained output (`structured`): the grammar is compiled where the request is prepared (cached,
+`grammar`); each sequence owns a matcher, and the step masks the logits of its constrained rows
+before sampling (`grammar.TokenMasks`), so constrained and free sequences share a batch.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .checkpoint import Checkpoint
 from .detokenize import TextAssembler
 from .embedding_cache import EmbeddingCache
 from .errors import EngineFullError, EngineStoppingError, RequestError
+from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
 from .prepare import PreparedRequest, RawRequest, prepare
 from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
@@ -93,14 +98,29 @@ class EngineObserver:
     def images_encoded(self, cache_hits: int, cache_misses: int) -> None:
         pass
 
+    def constrained(self, kind: str) -> None:
+        """A request with a `structured` constraint (json_object, json_schema, tool_calls) was
+        accepted; called on a preparation thread."""
+
+    def grammar_compiled(self, seconds: float) -> None:
+        """A grammar was compiled (a cache miss); called on a preparation thread."""
+
 
 class _Request:
     """A prepared request and its choices: one sink, finished when every choice is."""
 
-    def __init__(self, prepared: PreparedRequest, sink: ResponseSink, arrived: float, observe):
+    def __init__(
+        self,
+        prepared: PreparedRequest,
+        sink: ResponseSink,
+        arrived: float,
+        observe,
+        grammar: CompiledGrammar | None = None,
+    ):
         self.prepared = prepared
         self.sink = sink
         self.arrived = arrived
+        self.grammar = grammar  # its `structured` constraint, compiled
         self.choices: list[_Sequence] = []
         self.open_choices = prepared.sampling.n
         self.done = False
@@ -128,7 +148,8 @@ class _Request:
 
 
 class _Sequence:
-    """One choice being generated: its slot, sampler, text assembly and what it has sent."""
+    """One choice being generated: its slot, sampler, grammar matcher, text assembly and what
+    it has sent."""
 
     def __init__(
         self,
@@ -137,6 +158,7 @@ class _Sequence:
         sampler: TokenSampler,
         slot: int,
         index: int = 0,
+        matcher=None,
     ):
         prepared = request.prepared
         self.request = request
@@ -145,6 +167,7 @@ class _Sequence:
         self.slot = slot
         self.index = index
         self.sampler = sampler
+        self.matcher = matcher  # llguidance.LLMatcher of its own when the request is constrained
         self.assembler = TextAssembler(checkpoint.decode, prepared.sampling.stop)
         self.eos = checkpoint.eos_token_ids
         self.max_model_len = checkpoint.max_model_len
@@ -189,21 +212,30 @@ class _Sequence:
     def fork(self, slot: int, index: int) -> _Sequence:
         seed = self.prepared.sampling.seed
         sampler = self.sampler.fork(None if seed is None else seed + index)
-        twin = _Sequence(self.request, self._checkpoint, sampler, slot, index)
+        matcher = None if self.matcher is None else self.matcher.deep_copy()
+        twin = _Sequence(self.request, self._checkpoint, sampler, slot, index, matcher)
         twin.cached = self.cached
         return twin
 
     def accept(self, token: int, logits: torch.Tensor, texts: TokenTexts) -> None:
-        """Take the sampled token: stream its text, decide whether the choice is done."""
+        """Take the sampled token: advance the grammar, stream its text, decide whether the
+        choice is done (a grammar that can take nothing but EOS ends it as EOS would)."""
         self.first_token_at = self.first_token_at or time.monotonic()
         self.last_token = token
+        grammar_done = False
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token):
+                raise GrammarFailure(
+                    f"the grammar refused token {token}: {self.matcher.get_error()[:300]}"
+                )
+            grammar_done = self.matcher.is_stopped()
         sampling = self.prepared.sampling
         if sampling.logprobs:
             entry = logprob_entry(logits, token, sampling.top_logprobs, texts)
             self.logprobs.append(entry)
             self.unsent_logprobs.append(entry)
         text, tokens = self.assembler.push(token)
-        if token in self.eos or self.assembler.stopped:
+        if token in self.eos or self.assembler.stopped or grammar_done:
             self.finish_reason = "stop"
         elif (
             self.assembler.num_tokens >= self.prepared.max_new_tokens
@@ -268,6 +300,8 @@ class EngineStats(EngineObserver):
     reused_prompt_tokens: int = 0  # prompt tokens a freed slot still held (not prefilled)
     largest_step_tokens: int = 0  # decode + prompt tokens of the biggest forward
     partial_chunks: int = 0  # prompt chunks that left the rest of their prompt for later steps
+    constrained_requests: int = 0
+    grammar_compiles: int = 0
 
     def decoded(self, batch_size: int, waiting: int) -> None:
         self.decode_steps += batch_size > 0
@@ -284,6 +318,12 @@ class EngineStats(EngineObserver):
     def images_encoded(self, cache_hits: int, cache_misses: int) -> None:
         self.image_cache_hits += cache_hits
         self.image_cache_misses += cache_misses
+
+    def constrained(self, kind: str) -> None:
+        self.constrained_requests += 1
+
+    def grammar_compiled(self, seconds: float) -> None:
+        self.grammar_compiles += 1
 
 
 class _Observers(EngineObserver):
@@ -310,6 +350,12 @@ class _Observers(EngineObserver):
 
     def images_encoded(self, *args) -> None:
         self._call("images_encoded", *args)
+
+    def constrained(self, *args) -> None:
+        self._call("constrained", *args)
+
+    def grammar_compiled(self, *args) -> None:
+        self._call("grammar_compiled", *args)
 
 
 def _content(prepared: PreparedRequest, length: int) -> SlotContent:
@@ -432,6 +478,17 @@ class BatchingEngine:
         self._stopping = threading.Event()
         self.stats = EngineStats()
         self._observe = _Observers(self.stats, observer or EngineObserver())
+        vocab_size = self._model.config.text_config.vocab_size
+        self.grammars = GrammarCompiler(
+            checkpoint.tokenizer,
+            vocab_size,
+            checkpoint.eos_token_ids,
+            settings.max_schema_bytes,
+            settings.max_schema_depth,
+            settings.grammar_cache_mb * 2**20,
+            on_compiled=self._observe.grammar_compiled,
+        )
+        self._masks = TokenMasks(vocab_size)
         log.info(
             "KV cache: %d slots x %d tokens (%.1f MiB); %d tokens per step",
             settings.max_batch_size,
@@ -477,7 +534,11 @@ class BatchingEngine:
                 return
             prepared = self._prepare(raw, self._checkpoint, self._settings)
             self._check_fits(prepared)
-            self._ready.put(_Request(prepared, sink, arrived, self._observe))
+            structured, grammar = prepared.sampling.structured, None
+            if structured is not None:
+                grammar = self.grammars.compile(structured)
+                self._observe.constrained(structured.type)
+            self._ready.put(_Request(prepared, sink, arrived, self._observe, grammar))
         except Exception as exc:
             self._refused()
             sink.fail(exc)
@@ -610,7 +671,8 @@ class BatchingEngine:
             self._model.config.text_config.vocab_size,
         )
         slot, reused = self._slots.take(_content(prepared, prepared.prompt_tokens))
-        sequence = _Sequence(request, self._checkpoint, sampler, slot)
+        matcher = None if request.grammar is None else request.grammar.matcher()
+        sequence = _Sequence(request, self._checkpoint, sampler, slot, matcher=matcher)
         sequence.cached = reused  # the slot still holds this much of the prompt
         self.stats.reused_prompt_tokens += reused
         request.choices.append(sequence)
@@ -770,7 +832,36 @@ class BatchingEngine:
             self._running.append(twin)
         return list(request.choices)
 
+    def _mask(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """The grammar masks of the constrained rows, in place, before any sampling. A matcher
+        that fails fails its own request."""
+        constrained = [
+            (row, s)
+            for row, s in enumerate(sequences)
+            if s.matcher is not None and not s.request.done
+        ]
+        if not constrained:
+            return
+        try:
+            failed = self._masks.apply(
+                logits, [row for row, _ in constrained], [s.matcher for _, s in constrained]
+            )
+        except Exception:  # llguidance itself: the constrained requests fail, not the step
+            log.exception("grammar mask failed")
+            failed = range(len(constrained))
+        for i in failed:
+            sequence = constrained[i][1]
+            error = sequence.matcher.get_error()[:300] or "no token is allowed"
+            log.error(
+                "request %s: grammar failed after %d tokens: %s",
+                sequence.prepared.raw.request_id,
+                sequence.assembler.num_tokens,
+                error,
+            )
+            sequence.request.fail(GrammarFailure(error))
+
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, first_tokens: int) -> None:
+        self._mask(sequences, logits)
         tokens = choose_tokens(logits, [s.sampler for s in sequences])
         done = []
         for row, (sequence, token) in enumerate(zip(sequences, tokens)):

@@ -237,7 +237,8 @@ class TokenTexts:
 def logprob_entry(
     logits: torch.Tensor, token: int, top: int, texts: Callable[[int], tuple[str, list[int]]]
 ) -> dict:
-    """OpenAI's `{"token", "logprob", "bytes", "top_logprobs"}` from the raw model logits."""
+    """OpenAI's `{"token", "logprob", "bytes", "top_logprobs"}` from the model logits (after the
+    grammar mask, if any: a masked token is -inf and never listed among the top ones)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
 
     def entry(token_id: int, value: float) -> dict:
@@ -248,5 +249,7 @@ def logprob_entry(
     result["top_logprobs"] = []
     if top:
         values, ids = torch.topk(logprobs, top)
-        result["top_logprobs"] = [entry(int(i), float(v)) for v, i in zip(values, ids)]
+        result["top_logprobs"] = [
+            entry(int(i), float(v)) for v, i in zip(values, ids) if v != float("-inf")
+        ]
     return result
