@@ -46,3 +46,37 @@ def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
         == 1
     )
     assert after["qwen_vl_batch_size"] == 0, "the batch gauge returns to zero when idle"
+
+
+def test_constrained_requests_and_grammar_compiles_are_counted(stack, base_url):
+    # a title of its own: the grammar is new to the model's cache, so it is compiled once
+    schema = {
+        "title": f"metrics {time.time_ns()}",
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    before = scrape(stack)
+    for _ in range(2):
+        response = requests.post(
+            f"{base_url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": SERVED,
+                "max_tokens": 20,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "a number"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": schema},
+                },
+            },
+        )
+        assert response.status_code == 200, response.text
+    time.sleep(0.2)
+    after = scrape(stack)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    assert delta["qwen_vl_constrained_requests_total"] == 2
+    assert delta["qwen_vl_grammar_compile_seconds_count"] == 1  # the second hit the cache
+    assert delta["qwen_vl_grammar_compile_seconds_sum"] > 0
