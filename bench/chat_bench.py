@@ -187,10 +187,25 @@ def make_image(width: int, height: int, seed: int) -> bytes:
     return out.getvalue()
 
 
+# The schema `--json-schema-share` constrains requests to: bounded, so a random-weight model
+# finishes it well inside 64 tokens, and typical of extraction prompts.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "objects": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "colour": {"enum": ["red", "green", "blue", "other"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["objects", "colour", "count"],
+    "additionalProperties": False,
+}
+
+
 @dataclass
 class RequestSpec:
     prompt: str
     image: bytes | None  # JPEG
+    constrained: bool = False  # answer as JSON matching BENCH_SCHEMA (response_format)
 
     def messages(self) -> list[dict]:
         content = []
@@ -224,10 +239,20 @@ class ImageSource:
         return make_image(self.width, self.height, self.next_seed - 1)
 
 
-def request_specs(count: int, images: ImageSource | None) -> list[RequestSpec]:
-    """`count` requests cycling through the prompts, with the source's next pictures (or none)."""
+def request_specs(
+    count: int, images: ImageSource | None, constrained_share: float = 0.0
+) -> list[RequestSpec]:
+    """`count` requests cycling through the prompts, with the source's next pictures (or none);
+    `constrained_share` of them, spread evenly, ask for JSON matching BENCH_SCHEMA."""
     pictures = images.take(count) if images else [None] * count
-    return [RequestSpec(PROMPTS[i % len(PROMPTS)], pictures[i]) for i in range(count)]
+    return [
+        RequestSpec(
+            PROMPTS[i % len(PROMPTS)],
+            pictures[i],
+            int((i + 1) * constrained_share) > int(i * constrained_share),
+        )
+        for i in range(count)
+    ]
 
 
 @dataclass
@@ -264,7 +289,7 @@ def request_plan(args) -> Plan:
             max_tokens,
             round_index,
             concurrency,
-            request_specs(requests_per_level(args, concurrency), images),
+            request_specs(requests_per_level(args, concurrency), images, args.json_schema_share),
         )
         for max_tokens in args.max_tokens
         for round_index in range(args.rounds)
@@ -303,6 +328,11 @@ def request_body(spec: RequestSpec, model: str, max_tokens: int, dialect: Dialec
         "max_tokens": max_tokens,
         "temperature": 0,
     }
+    if spec.constrained:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "scene", "schema": BENCH_SCHEMA, "strict": True},
+        }
     if dialect.include_usage:
         body["stream_options"] = {"include_usage": True}
     if dialect.ignore_eos:
@@ -1483,6 +1513,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--text-only", action="store_true", help="send no image (text prompts only)"
     )
     parser.add_argument(
+        "--json-schema-share",
+        type=float,
+        default=0.0,
+        help="fraction of requests (spread evenly) that ask for JSON matching a bounded schema "
+        "(response_format json_schema, enforced by constrained decoding); default 0",
+    )
+    parser.add_argument(
         "--warmup", type=int, default=1, help="warm-up requests per mode (default 1)"
     )
     parser.add_argument(
@@ -1581,6 +1618,11 @@ def new_report(args, checkpoint: str, device: str, dtype: str) -> dict:
         workload = f"one {args.width}x{args.height} JPEG (the same {REPEATED_IMAGES} in turn) + a short text prompt"
     else:
         workload = f"one {args.width}x{args.height} JPEG (a new one for every request, seeded) + a short text prompt"
+    if args.json_schema_share:
+        workload += (
+            f"; {args.json_schema_share:.0%} of requests answer as JSON of a bounded schema "
+            "(response_format json_schema)"
+        )
     schedule = (
         f"one server at a time, {args.rounds} round(s) each"
         if args.one_server_at_a_time
