@@ -56,12 +56,14 @@ def _scalar(request, name, default=None):
 
 def _raw_request(request) -> RawRequest:
     images = pb_utils.get_input_tensor_by_name(request, "image")
+    videos = pb_utils.get_input_tensor_by_name(request, "video")
     try:
         return RawRequest(
             request_id=request.request_id(),
             messages=_scalar(request, "messages"),
             text_input=_scalar(request, "text_input"),
             images=[bytes(x) for x in images.as_numpy().reshape(-1)] if images is not None else [],
+            videos=[bytes(x) for x in videos.as_numpy().reshape(-1)] if videos is not None else [],
             stream=bool(_scalar(request, "stream", False)),
             sampling_parameters=_scalar(request, "sampling_parameters"),
             exclude_input_in_output=bool(_scalar(request, "exclude_input_in_output", False)),
@@ -111,6 +113,9 @@ class TritonSink:
             )
             outputs.append(
                 pb_utils.Tensor("num_image_tokens", np.array([chunk.image_tokens], dtype=np.uint32))
+            )
+            outputs.append(
+                pb_utils.Tensor("num_video_tokens", np.array([chunk.video_tokens], dtype=np.uint32))
             )
         if raw.return_num_output_tokens:
             outputs.append(
@@ -182,6 +187,9 @@ class TritonMetrics(EngineObserver):
         self._image_tokens = counter(
             "qwen_vl_image_tokens_total", "Image tokens among the prompt tokens"
         )
+        self._video_tokens = counter(
+            "qwen_vl_video_tokens_total", "Video tokens among the prompt tokens"
+        )
         self._generated = counter("qwen_vl_generated_tokens_total", "Tokens generated")
         self._batch = gauge("qwen_vl_batch_size", "Sequences in the running decode batch")
         self._waiting = gauge("qwen_vl_waiting_requests", "Requests waiting to join the batch")
@@ -220,9 +228,10 @@ class TritonMetrics(EngineObserver):
         self._families.append(family)
         return family
 
-    def prefilled(self, prompt_tokens, image_tokens, time_to_first_token):
+    def prefilled(self, prompt_tokens, image_tokens, time_to_first_token, video_tokens=0):
         self._prompt_tokens.increment(prompt_tokens)
         self._image_tokens.increment(image_tokens)
+        self._video_tokens.increment(video_tokens)
         self._generated.increment(1)
         self._ttft.observe(time_to_first_token)
 

@@ -3,6 +3,11 @@
 Image parts are `{"type": "image"}` (the next element of the `image` input, in order of
 appearance) or `{"type": "image_url", "image_url": {"url": "data:..."}}` (inline). Either may
 carry `min_pixels` / `max_pixels`, a resize budget inside the server's own bounds.
+
+Video parts are `{"type": "video"}` (the next element of the `video` input) or
+`{"type": "video_url", "video_url": {"url": "data:video/...;base64,..."}}` (inline); either may
+carry `fps`, `max_frames`, `min_pixels`, `max_pixels`, `total_pixels` inside the server's
+bounds. Videos are decoded and resized here (`videos.py`), on the preparation pool.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from .contract import ModelLimits
 from .errors import RequestError
 from .images import DEFAULT_LIMITS, data_url_bytes, decode_image, element_bytes
 from .tools import tool_calls
+from .videos import Video, VideoOptions, load_video
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -54,6 +60,80 @@ class _ImageSource:
         return decode_image(data, param, self._limits)
 
 
+MAX_PART_FPS = 60.0
+
+
+class _VideoSource:
+    """Hands out decoded videos in order: `video` elements by reference, inline data URLs."""
+
+    def __init__(self, elements: Sequence[bytes], limits: ModelLimits, timeout_s: float):
+        if len(elements) > limits.max_videos:
+            raise RequestError(
+                f"at most {limits.max_videos} videos per request", "video", "too_many_videos"
+            )
+        self._elements = list(elements)
+        self._limits = limits
+        self._timeout_s = timeout_s
+        self.used = 0
+        self.decoded = 0
+
+    def options(self, part: dict, param: str) -> VideoOptions:
+        """The server's defaults, narrowed by the part's own keys (errors name `param.<key>`)."""
+        limits = self._limits
+        values = {
+            "fps": limits.video_fps,
+            "max_frames": limits.max_video_frames,
+            "min_pixels": limits.min_pixels,
+            "max_pixels": limits.max_pixels,
+            "total_pixels": limits.video_total_pixels,
+        }
+        bounds = {
+            "fps": (0.0, MAX_PART_FPS),
+            "max_frames": (2, limits.max_video_frames),
+            "min_pixels": (limits.min_pixels, limits.max_pixels),
+            "max_pixels": (limits.min_pixels, limits.max_pixels),
+            "total_pixels": (limits.min_pixels, limits.video_total_pixels),
+        }
+        for key, (low, high) in bounds.items():
+            value = part.get(key)
+            if value is None:
+                continue
+            number = int | float if key == "fps" else int
+            if isinstance(value, bool) or not isinstance(value, number):
+                kind = "a number" if key == "fps" else "an integer"
+                raise RequestError(f"'{key}' must be {kind}", f"{param}.{key}")
+            if not (low < value <= high if key == "fps" else low <= value <= high):
+                side = "above" if key == "fps" else "between"
+                raise RequestError(
+                    f"'{key}' must be {side} {low:g} and {high:g}"
+                    if key != "fps"
+                    else f"'fps' must be above 0 and at most {high:g}",
+                    f"{param}.{key}",
+                )
+            values[key] = value
+        if values["min_pixels"] > values["max_pixels"]:
+            raise RequestError("'min_pixels' must not exceed 'max_pixels'", f"{param}.min_pixels")
+        return VideoOptions(**values, timeout_s=self._timeout_s)
+
+    def next(self, options: VideoOptions, param: str) -> Video:
+        if self.used >= len(self._elements):
+            raise RequestError("message refers to more videos than the video input holds", param)
+        index = self.used
+        self.used += 1
+        return self._decode(self._elements[index], options, param)
+
+    def _decode(self, element, options: VideoOptions, param: str) -> Video:
+        self.decoded += 1
+        if self.decoded > self._limits.max_videos:
+            raise RequestError(
+                f"at most {self._limits.max_videos} videos per request", param, "too_many_videos"
+            )
+        return load_video(element, param, self._limits, options)
+
+    def inline(self, url: str, options: VideoOptions, param: str) -> Video:
+        return self._decode(url, options, param)
+
+
 def pixel_budget(part: dict, limits: dict, param: str) -> dict:
     """The part's own min/max_pixels, allowed only inside the server's [min, max] range."""
     low, high = limits.get("min_pixels"), limits.get("max_pixels")
@@ -73,9 +153,10 @@ def pixel_budget(part: dict, limits: dict, param: str) -> dict:
 
 
 class _Converter:
-    def __init__(self, images: _ImageSource, vision: dict):
+    def __init__(self, images: _ImageSource, vision: dict, videos: _VideoSource):
         self.images = images
         self.vision = vision
+        self.videos = videos
 
     def message(self, message: Any, index: int) -> dict:
         param = f"messages[{index}]"
@@ -121,6 +202,23 @@ class _Converter:
             budget = pixel_budget(part, self.vision, param)
             image = self.images.inline(url, f"{param}.image_url")
             return {"type": "image", "image": image, **budget}
+        if kind == "video":
+            # The client sent this video as a video_url part; the proxy sent its bytes.
+            options = self.videos.options(part, f"{param}.video_url")
+            return {"type": "video", "video": self.videos.next(options, f"{param}.video_url")}
+        if kind == "video_url":
+            value = part.get("video_url")
+            url = value.get("url") if isinstance(value, dict) else value
+            if not isinstance(url, str):
+                raise RequestError("video_url part needs a url", param)
+            if not url.startswith("data:"):
+                raise RequestError(
+                    "the model does not fetch video URLs; send the bytes in the video input", param
+                )
+            keys = {**part, **value} if isinstance(value, dict) else part
+            options = self.videos.options(keys, f"{param}.video_url")
+            video = self.videos.inline(url, options, f"{param}.video_url")
+            return {"type": "video", "video": video}
         raise RequestError(
             f"unsupported content part type {kind!r}", param, "unsupported_content_type"
         )
@@ -139,6 +237,8 @@ def parse_messages(
     image_elements: Sequence[bytes],
     vision: dict | None = None,
     limits: ModelLimits = DEFAULT_LIMITS,
+    video_elements: Sequence[bytes] = (),
+    video_timeout_s: float = 30.0,
 ) -> list[dict]:
     """Validate and convert. `vision` holds the server's min_pixels/max_pixels: the default
     budget of every image and the bounds of the budgets image parts may ask for."""
@@ -149,8 +249,14 @@ def parse_messages(
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
     images = _ImageSource(image_elements, limits)
-    converter = _Converter(images, vision or {})
+    videos = _VideoSource(video_elements, limits, video_timeout_s)
+    converter = _Converter(images, vision or {}, videos)
     converted = [converter.message(m, i) for i, m in enumerate(messages)]
+    if videos.used != len(video_elements):
+        raise RequestError(
+            f"video input holds {len(video_elements)} videos but messages refer to {videos.used}",
+            "video",
+        )
     if images.used != len(image_elements):
         raise RequestError(
             f"image input holds {len(image_elements)} images but messages refer to {images.used}",
@@ -165,3 +271,14 @@ def decode_image_elements(
     """All images of the `image` input, for the ready-prompt (`text_input`) path."""
     source = _ImageSource(image_elements, limits)
     return [source.next(f"image[{index}]") for index in range(len(image_elements))]
+
+
+def decode_video_elements(
+    video_elements: Sequence[bytes], limits: ModelLimits = DEFAULT_LIMITS, timeout_s: float = 30.0
+) -> list[Video]:
+    """All videos of the `video` input with the server's defaults (the `text_input` path)."""
+    source = _VideoSource(video_elements, limits, timeout_s)
+    return [
+        source.next(source.options({}, f"video[{index}]"), f"video[{index}]")
+        for index in range(len(video_elements))
+    ]

@@ -27,6 +27,10 @@ class Checkpoint:
         return self.model.config.image_token_id
 
     @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    @property
     def tokenizer(self):
         return self.processor.tokenizer
 

@@ -35,6 +35,7 @@ INPUTS = (
     "messages",
     "text_input",
     "image",
+    "video",
     "stream",
     "sampling_parameters",
     "exclude_input_in_output",
@@ -50,6 +51,7 @@ OUTPUTS = (
     "num_input_tokens",
     "num_output_tokens",
     "num_image_tokens",
+    "num_video_tokens",
     "logprobs",
     "index",
 )
@@ -74,6 +76,20 @@ class ModelLimits:
     max_tokens: int = 8192
     # Choices (`n`) per request; each takes a KV-cache slot.
     max_choices: int = 8
+    # Videos (the `video` input and inline video_url parts) per request.
+    max_videos: int = 2
+    # Longest clip by its container header, refused before decoding.
+    max_video_seconds: int = 600
+    # Frames sampled from one video (an even count; a frame list may hold at most this many).
+    max_video_frames: int = 64
+    # Frames per second sampled when the part names no fps (qwen-vl-utils' default).
+    video_fps: float = 2.0
+    # One video's pixel budget over all its sampled frames, about total_pixels / 784 visual
+    # tokens: 4096 tokens, half of a default 8192-token slot; at 64 frames each gets 128
+    # tokens (qwen-vl-utils' per-frame minimum), fewer frames get more (up to 768 each).
+    video_total_pixels: int = 4096 * PIXELS_PER_TOKEN
+    # Width x height per frame from the container header, before decoding (4K UHD).
+    max_video_source_pixels: int = 3840 * 2160
     # Prompt plus completion tokens; 0 when not known (the checkpoint is not loaded).
     context_length: int = 0
 

@@ -68,6 +68,7 @@ class OutputChunk:
     logprobs: list[dict] | None = None
     index: int = 0
     final: bool = False
+    video_tokens: int = 0
 
 
 class ResponseSink(Protocol):
@@ -86,7 +87,13 @@ class ResponseSink(Protocol):
 class EngineObserver:
     """Hooks for metrics; called on the engine thread, so they must be quick."""
 
-    def prefilled(self, prompt_tokens: int, image_tokens: int, time_to_first_token: float) -> None:
+    def prefilled(
+        self,
+        prompt_tokens: int,
+        image_tokens: int,
+        time_to_first_token: float,
+        video_tokens: int = 0,
+    ) -> None:
         pass
 
     def decoded(self, batch_size: int, waiting: int) -> None:
@@ -258,11 +265,12 @@ class _Sequence:
             if not prepared.raw.exclude_input_in_output:
                 text = prepared.prompt + text
         log.info(
-            "request %s done: %d prompt (%d image) + %d completion tokens (choice %d), "
+            "request %s done: %d prompt (%d image, %d video) + %d completion tokens (choice %d), "
             "finish_reason=%s, ttft %.3fs, total %.3fs",
             prepared.raw.request_id,
             prepared.prompt_tokens,
             prepared.image_tokens,
+            prepared.video_tokens,
             self.assembler.num_tokens,
             self.index,
             self.finish_reason,
@@ -283,6 +291,7 @@ class _Sequence:
             finish_reason,
             logprobs,
             self.index,
+            video_tokens=prepared.video_tokens,
         )
 
 
@@ -687,9 +696,7 @@ class BatchingEngine:
         pixels, grids, keys, tokens, hits = [], [], [], 0, 0
         merge = self._model.model.visual.spatial_merge_size**2
         for sequence in admitted:
-            inputs, start = sequence.prepared.inputs, 0
-            grid = inputs.get("image_grid_thw")
-            for key, thw in zip(sequence.prepared.image_keys, [] if grid is None else grid):
+            for key, (rows, thw) in zip(sequence.prepared.image_keys, sequence.prepared.visual):
                 patches = int(thw.prod())
                 cached = self._images.get(key)
                 if cached is not None:
@@ -699,10 +706,9 @@ class BatchingEngine:
                     sequence.awaiting.append(self._encoding[key])
                 elif key not in keys:
                     keys.append(key)
-                    pixels.append(inputs["pixel_values"][start : start + patches])
+                    pixels.append(rows)
                     grids.append(thw)
                     tokens += patches // merge
-                start += patches
         if hits or keys:
             self._observe.images_encoded(hits, len(keys))
         if not keys:
@@ -810,10 +816,14 @@ class BatchingEngine:
     def _place_image_embeddings(
         self, embeds, sequence: _Sequence, start: int, length: int, offset: int
     ) -> None:
-        """The chunk's image tokens take their rows of the request's vision-tower output."""
+        """The chunk's image and video tokens take their rows of the request's vision-tower
+        output (its items joined in order of appearance)."""
         if sequence.image_embeddings is None:
             return
-        is_image = sequence.prepared.inputs["input_ids"][0] == self._checkpoint.image_token_id
+        ids = sequence.prepared.inputs["input_ids"][0]
+        is_image = (ids == self._checkpoint.image_token_id) | (
+            ids == self._checkpoint.video_token_id
+        )
         before = int(is_image[:start].sum())
         inside = is_image[start : start + length]
         count = int(inside.sum())
@@ -877,6 +887,7 @@ class BatchingEngine:
                         prepared.prompt_tokens,
                         prepared.image_tokens,
                         sequence.first_token_at - request.arrived,
+                        prepared.video_tokens,
                     )
                 if sequence.finish_reason:
                     sequence.finish()

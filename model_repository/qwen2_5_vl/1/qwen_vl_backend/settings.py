@@ -41,6 +41,17 @@ class ModelSettings:
     max_source_pixels: int = _LIMITS.max_source_pixels
     max_aspect_ratio: float = _LIMITS.max_aspect_ratio
     max_images: int = _LIMITS.max_images
+    # Video (docs/engine.md "Video"): videos per request, the longest clip and the largest
+    # frame by the container header (refused before decoding), frames sampled per video, the
+    # default sampling rate, one video's pixel budget over all its frames (~ tokens x 784),
+    # and how long decoding one video may take on the preparation pool.
+    max_videos: int = _LIMITS.max_videos
+    max_video_seconds: int = _LIMITS.max_video_seconds
+    max_video_frames: int = _LIMITS.max_video_frames
+    video_fps: float = _LIMITS.video_fps
+    video_total_pixels: int = _LIMITS.video_total_pixels
+    max_video_source_pixels: int = _LIMITS.max_video_source_pixels
+    video_decode_timeout_s: float = 30.0
     # Sequences decoded together (KV-cache slots); more requests wait for a free slot.
     max_batch_size: int = 16
     # KV-cache size in tokens, preallocated at load as max_batch_size slots of
@@ -99,6 +110,12 @@ class ModelSettings:
             max_images=self.max_images,
             max_source_pixels=self.max_source_pixels,
             max_aspect_ratio=self.max_aspect_ratio,
+            max_videos=self.max_videos,
+            max_video_seconds=self.max_video_seconds,
+            max_video_frames=self.max_video_frames,
+            video_fps=self.video_fps,
+            video_total_pixels=self.video_total_pixels,
+            max_video_source_pixels=self.max_video_source_pixels,
             max_tokens=self.max_tokens_cap,
             # each choice takes a slot, so no more choices than slots
             max_choices=min(self.max_choices, self.max_batch_size),
