@@ -102,14 +102,10 @@ class _VideoSource:
             if isinstance(value, bool) or not isinstance(value, number):
                 kind = "a number" if key == "fps" else "an integer"
                 raise RequestError(f"'{key}' must be {kind}", f"{param}.{key}")
-            if not (low < value <= high if key == "fps" else low <= value <= high):
-                side = "above" if key == "fps" else "between"
-                raise RequestError(
-                    f"'{key}' must be {side} {low:g} and {high:g}"
-                    if key != "fps"
-                    else f"'fps' must be above 0 and at most {high:g}",
-                    f"{param}.{key}",
-                )
+            if key == "fps" and not low < value <= high:
+                raise RequestError(f"'fps' must be above 0 and at most {high:g}", f"{param}.fps")
+            if key != "fps" and not low <= value <= high:
+                raise RequestError(f"'{key}' must be between {low} and {high}", f"{param}.{key}")
             values[key] = value
         if values["min_pixels"] > values["max_pixels"]:
             raise RequestError("'min_pixels' must not exceed 'max_pixels'", f"{param}.min_pixels")
