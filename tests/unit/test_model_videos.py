@@ -301,3 +301,10 @@ def test_a_video_request_generates_alone_and_batched_with_images_and_text(checkp
                     **request.inputs, max_new_tokens=request.max_new_tokens, do_sample=False
                 )
             assert one.text == checkpoint.decode(out[0, request.prompt_tokens :])
+
+
+def test_decoding_stops_at_the_timeout():
+    expired = dataclasses.replace(OPTIONS, timeout_s=0.0)
+    with pytest.raises(RequestError) as raised:
+        decode_container(clip(seconds=10), "v", LIMITS, expired)
+    assert raised.value.code == "video_too_large" and "longer than" in raised.value.message
