@@ -211,7 +211,7 @@ async def limits_for(app: web.Application, triton_model: str) -> tuple[RequestLi
     model = await app[MODEL_LIMITS_KEY].get(triton_model)
     config = app[CONFIG_KEY]
     max_tokens = int(narrower(config.server.max_tokens_limit, model.max_tokens))
-    translation = ServerLimits(pixels=config.pixels.within(model), max_tokens=max_tokens)
+    translation = ServerLimits(config.pixels.within(model), max_tokens, model)
     return config.limits.within(model), translation
 
 

@@ -76,6 +76,7 @@ class GenerationChunk:
     prompt_tokens: int | None = None
     completion_tokens: int = 0
     image_tokens: int | None = None  # image placeholder tokens in the prompt, when reported
+    video_tokens: int | None = None  # video placeholder tokens in the prompt, when reported
     # One OpenAI logprobs entry per token this response covers; None unless requested.
     logprobs: list[dict[str, Any]] | None = None
     index: int = 0  # the choice this chunk belongs to (n > 1)
@@ -281,6 +282,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     prompt_tokens = result.as_numpy("num_input_tokens")
     completion_tokens = result.as_numpy("num_output_tokens")
     image_tokens = result.as_numpy("num_image_tokens")
+    video_tokens = result.as_numpy("num_video_tokens")
     logprobs = result.as_numpy("logprobs")
     index = result.as_numpy("index")
     return GenerationChunk(
@@ -289,6 +291,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
         prompt_tokens=int(prompt_tokens.ravel()[0]) if _has_items(prompt_tokens) else None,
         completion_tokens=int(completion_tokens.sum()) if _has_items(completion_tokens) else 0,
         image_tokens=int(image_tokens.ravel()[0]) if _has_items(image_tokens) else None,
+        video_tokens=int(video_tokens.ravel()[0]) if _has_items(video_tokens) else None,
         logprobs=parse_logprobs(_first_text(logprobs)) if _has_items(logprobs) else None,
         index=int(index.ravel()[0]) if _has_items(index) else 0,
     )

@@ -294,6 +294,20 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _S(
         "limits",
+        "max_videos",
+        _limit_int,
+        "videos per request, refused before any is fetched; 0 = the model's max_videos, which "
+        "a value can only lower (each video is tens of frames through the vision tower)",
+    ),
+    _S(
+        "limits",
+        "max_video_bytes",
+        _positive_int,
+        "encoded bytes per video (after base64 decoding, or fetched); bounds memory per video "
+        "before the model reads its container header",
+    ),
+    _S(
+        "limits",
         "max_tools",
         _positive_int,
         "tools per request; each one's schema is compiled into the model's grammar when a call "
@@ -419,6 +433,20 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         "image URLs of one request fetched at the same time; bounds what one request can make "
         "the proxy open",
+    ),
+    _S(
+        "fetch",
+        "video_max_bytes",
+        _positive_int,
+        "largest video body fetched (enforced while reading); videos outgrow the image cap",
+        flag="video-fetch-max-bytes",
+    ),
+    _S(
+        "fetch",
+        "video_timeout_s",
+        _positive_float,
+        "seconds for one video fetch in all (DNS, redirects, body)",
+        flag="video-fetch-timeout-s",
     ),
     _S(
         "server",

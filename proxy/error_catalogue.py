@@ -263,6 +263,33 @@ IMAGE_ASPECT_RATIO_TOO_LARGE = _entry(
     template="The image is {width}x{height} pixels; its aspect ratio must be at most {limit:g}:1.",
 )
 
+# ---- videos (proxy/videos.py): the image errors' counterparts ---------------------------
+
+TOO_MANY_VIDEOS = _entry(
+    "too_many_videos",
+    400,
+    cause="invalid_request",
+    template="Too many videos: this server accepts at most {limit} per request.",
+)
+INVALID_VIDEO_URL = _entry("invalid_video_url", 400, cause="invalid_request")
+VIDEO_URL_FORBIDDEN = _entry("video_url_forbidden", 400, cause="invalid_request")
+VIDEO_FETCH_FAILED = _entry(
+    "video_fetch_failed",
+    400,
+    cause="image_fetch",
+    template="The video could not be fetched: {reason}.",
+)
+VIDEO_FETCH_TIMEOUT = _entry(
+    "video_fetch_timeout",
+    400,
+    cause="image_fetch",
+    template="Fetching the video took longer than {seconds:g} s.",
+)
+# Not a container the model decodes, a broken frame list; the model reports it too.
+INVALID_VIDEO = _entry("invalid_video", 400, cause="invalid_request")
+# Over the byte limit, or (the model) too long, too many frames, too high a resolution.
+VIDEO_TOO_LARGE = _entry("video_too_large", 400, cause="invalid_request")
+
 # ---- the backend and the model ---------------------------------------------------------
 
 BACKEND_UNAVAILABLE = _entry(
@@ -331,6 +358,9 @@ MODEL_ERRORS: dict[str, ErrorEntry] = {
         INVALID_IMAGE,
         IMAGE_TOO_LARGE,
         TOO_MANY_IMAGES,
+        INVALID_VIDEO,
+        VIDEO_TOO_LARGE,
+        TOO_MANY_VIDEOS,
         UNSUPPORTED_CONTENT_TYPE,
         CONTEXT_LENGTH_EXCEEDED,
     )

@@ -41,14 +41,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from .error_catalogue import (
-    IMAGE_FETCH_FAILED,
-    IMAGE_FETCH_TIMEOUT,
-    IMAGE_URL_FORBIDDEN,
-    INVALID_IMAGE_URL,
     APIError,
 )
+from .images import IMAGE
 from .limits import MIB
-from .media import REMOTE_SCHEMES, MediaRef
+from .media import REMOTE_SCHEMES, MediaKind, MediaRef
 
 log = logging.getLogger("proxy.fetch")
 
@@ -93,13 +90,16 @@ class FetchPolicy:
     connect_timeout_s: float = 5.0
     timeout_s: float = 20.0
     concurrency: int = 4
+    # Videos are larger and slower to fetch than images (flags --video-fetch-*).
+    video_max_bytes: int = 64 * MIB
+    video_timeout_s: float = 60.0
 
 
 # ---- errors ----------------------------------------------------------------------------
 
 
-def forbidden(param: str, reason: str) -> APIError:
-    return IMAGE_URL_FORBIDDEN(param, message=f"The image URL is not allowed: {reason}.")
+def forbidden(param: str, reason: str, kind: MediaKind = IMAGE) -> APIError:
+    return kind.forbidden_url(param, message=f"The {kind.name} URL is not allowed: {reason}.")
 
 
 # ---- address and URL rules (pure) ------------------------------------------------------
@@ -154,44 +154,44 @@ def ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def parse_image_url(url: str, param: str) -> URL:
+def parse_media_url(url: str, param: str, kind: MediaKind = IMAGE) -> URL:
     try:
         parsed = URL(url.strip())
     except (ValueError, TypeError):
-        raise INVALID_IMAGE_URL(param, message="The image URL is not a valid URL.") from None
+        raise kind.bad_url(param, message=f"The {kind.name} URL is not a valid URL.") from None
     return parsed
 
 
-def check_url(url: URL, policy: FetchPolicy, param: str) -> str:
+def check_url(url: URL, policy: FetchPolicy, param: str, kind: MediaKind = IMAGE) -> str:
     """The URL's normalised host, after the checks that need no DNS; raises 400 otherwise."""
     if (url.scheme or "").lower() not in REMOTE_SCHEMES:
-        raise forbidden(param, "only http and https URLs are fetched")
+        raise forbidden(param, "only http and https URLs are fetched", kind)
     if url.raw_user is not None or url.raw_password is not None:
-        raise forbidden(param, "URLs with credentials are not fetched")
+        raise forbidden(param, "URLs with credentials are not fetched", kind)
     try:
         url.port  # noqa: B018 - raises for an out-of-range port
     except ValueError:
-        raise forbidden(param, "the port is not valid") from None
+        raise forbidden(param, "the port is not valid", kind) from None
     literal = ip_literal(url.host or "")
     # IP literals in their parsed form; names as aiohttp will look them up (IDNA-encoded).
     host = str(literal) if literal is not None else (url.raw_host or "").lower().rstrip(".")
     if not host:
-        raise INVALID_IMAGE_URL(param, message="The image URL has no host.")
+        raise kind.bad_url(param, message=f"The {kind.name} URL has no host.")
     if literal is None:
         if not _HOST_NAME.fullmatch(host):
-            raise forbidden(param, "the host is not a valid host name")
+            raise forbidden(param, "the host is not a valid host name", kind)
         if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
-            raise forbidden(param, "hosts in numeric notation must be standard IP addresses")
+            raise forbidden(param, "hosts in numeric notation must be standard IP addresses", kind)
     if policy.allowed_domains and (
         literal is not None or not domain_allowed(host, policy.allowed_domains)
     ):
-        raise forbidden(param, "the host is not on this server's list of allowed domains")
+        raise forbidden(param, "the host is not on this server's list of allowed domains", kind)
     if host in policy.allow_private_hosts:
         return host
     if literal is not None and not is_public_address(literal):
-        raise forbidden(param, "it points to a private, local or reserved address")
+        raise forbidden(param, "it points to a private, local or reserved address", kind)
     if host == "localhost" or host.endswith(".localhost"):
-        raise forbidden(param, "it points to a private, local or reserved address")
+        raise forbidden(param, "it points to a private, local or reserved address", kind)
     return host
 
 
@@ -280,7 +280,7 @@ class GuardedFetcher:
             headers={
                 "Accept": ", ".join(dict.fromkeys(f"{ref.kind.name}/*" for ref in refs)),
                 "Accept-Encoding": "identity",
-                "User-Agent": "qwen-vl-openai-proxy (image fetch)",
+                "User-Agent": "qwen-vl-openai-proxy (media fetch)",
             },
         ) as session:
             fetches = [functools.partial(self.fetch, session, resolver, ref) for ref in refs]
@@ -289,66 +289,71 @@ class GuardedFetcher:
     async def fetch(
         self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: MediaRef
     ) -> bytes:
+        kind = ref.kind
+        timeout_s = getattr(self.policy, kind.fetch_timeout_field)
         try:
-            async with asyncio.timeout(self.policy.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 return await self._follow(session, resolver, ref)
         except TimeoutError:
-            log.info("image fetch for %s timed out", ref.param)
-            raise IMAGE_FETCH_TIMEOUT(ref.param, seconds=self.policy.timeout_s) from None
+            log.info("%s fetch for %s timed out", kind.name, ref.param)
+            raise kind.fetch_timeout(ref.param, seconds=timeout_s) from None
         except aiohttp.ClientError as exc:
-            log.info("image fetch for %s failed: %r", ref.param, exc)
-            raise IMAGE_FETCH_FAILED(
-                ref.param, reason="the image server could not be reached"
+            log.info("%s fetch for %s failed: %r", kind.name, ref.param, exc)
+            raise kind.fetch_failed(
+                ref.param, reason=f"the {kind.name} server could not be reached"
             ) from None
 
     async def _follow(
         self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: MediaRef
     ) -> bytes:
-        url = parse_image_url(ref.url, ref.param)
+        kind = ref.kind
+        url = parse_media_url(ref.url, ref.param, kind)
         for hop in range(MAX_REDIRECTS + 1):
-            await self._vet(url, resolver, ref.param)
+            await self._vet(url, resolver, ref)
             async with session.get(url, allow_redirects=False) as response:
                 if response.status in REDIRECT_STATUSES:
-                    url = _redirect_target(url, response, ref.param)
-                    log.debug("image fetch for %s: redirect %d", ref.param, hop + 1)
+                    url = _redirect_target(url, response, ref)
+                    log.debug("fetch for %s: redirect %d", ref.param, hop + 1)
                     continue
                 if response.status != 200:
-                    raise IMAGE_FETCH_FAILED(
-                        ref.param, reason=f"the image server answered HTTP {response.status}"
+                    raise kind.fetch_failed(
+                        ref.param, reason=f"the {kind.name} server answered HTTP {response.status}"
                     )
-                return await read_capped(response, self.policy.max_bytes, ref)
-        raise IMAGE_FETCH_FAILED(ref.param, reason=f"more than {MAX_REDIRECTS} redirects")
+                max_bytes = getattr(self.policy, kind.fetch_bytes_field)
+                return await read_capped(response, max_bytes, ref)
+        raise kind.fetch_failed(ref.param, reason=f"more than {MAX_REDIRECTS} redirects")
 
-    async def _vet(self, url: URL, resolver: PinnedResolver, param: str) -> None:
+    async def _vet(self, url: URL, resolver: PinnedResolver, ref: MediaRef) -> None:
         """Refuses the URL unless its host and every address it resolves to are allowed."""
-        host = check_url(url, self.policy, param)
+        param, kind = ref.param, ref.kind
+        host = check_url(url, self.policy, param, kind)
         if ip_literal(host) is not None:
             return  # aiohttp connects to a literal directly; check_url has vetted it
         assert url.port is not None
         try:
             addresses = await self._resolve(host, url.port)
         except OSError as exc:
-            log.info("image fetch for %s: resolving %r failed: %r", param, host, exc)
-            raise IMAGE_FETCH_FAILED(param, reason="the host name could not be resolved") from None
+            log.info("%s fetch for %s: resolving %r failed: %r", kind.name, param, host, exc)
+            raise kind.fetch_failed(param, reason="the host name could not be resolved") from None
         parsed = [ip_literal(address.split("%", 1)[0]) for address in addresses]
         if not parsed or any(ip is None for ip in parsed):
-            raise IMAGE_FETCH_FAILED(param, reason="the host name could not be resolved")
+            raise kind.fetch_failed(param, reason="the host name could not be resolved")
         if host not in self.policy.allow_private_hosts and not all(
             is_public_address(ip) for ip in parsed if ip is not None
         ):
-            log.warning("image fetch for %s refused: %r resolves to %s", param, host, addresses)
-            raise forbidden(param, "it points to a private, local or reserved address")
+            log.warning("fetch for %s refused: %r resolves to %s", param, host, addresses)
+            raise forbidden(param, "it points to a private, local or reserved address", kind)
         resolver.pin(host, addresses)
 
 
-def _redirect_target(url: URL, response: aiohttp.ClientResponse, param: str) -> URL:
+def _redirect_target(url: URL, response: aiohttp.ClientResponse, ref: MediaRef) -> URL:
     location = response.headers.get("Location", "")
     try:
         target = url.join(URL(location)) if location else None
     except (ValueError, TypeError):
         target = None
     if target is None or not target.scheme:
-        raise IMAGE_FETCH_FAILED(param, reason="a redirect had no valid Location")
+        raise ref.kind.fetch_failed(ref.param, reason="a redirect had no valid Location")
     return target  # vetted like any URL before it is fetched
 
 

@@ -21,6 +21,8 @@ from PIL import Image
 
 from .error_catalogue import (
     IMAGE_ASPECT_RATIO_TOO_LARGE,
+    IMAGE_FETCH_FAILED,
+    IMAGE_FETCH_TIMEOUT,
     IMAGE_TOO_LARGE,
     IMAGE_TOO_SMALL,
     IMAGE_URL_FORBIDDEN,
@@ -174,12 +176,15 @@ IMAGE = MediaKind(
     tensor="image",
     # Clients often write image/jpg; the bytes are checked against known signatures anyway.
     media_types=frozenset({"image/jpeg", "image/jpg", "image/png", "image/webp", "image/gif"}),
+    frame_types=frozenset(),
     data_url_form="data:image/(jpeg|png|webp|gif);base64,<data>",
     formats="JPEG, PNG, WebP or GIF",
     recognise=is_known_image,
     sniff_bytes=12,  # enough for every signature is_known_image checks
     count_limit="max_images",
     bytes_limit="max_image_bytes",
+    fetch_bytes_field="max_bytes",
+    fetch_timeout_field="timeout_s",
     budget=part_budget,
     inspect=check_images,
     too_many=TOO_MANY_IMAGES,
@@ -187,4 +192,6 @@ IMAGE = MediaKind(
     bad_url=INVALID_IMAGE_URL,
     forbidden_url=IMAGE_URL_FORBIDDEN,
     too_large=IMAGE_TOO_LARGE,
+    fetch_failed=IMAGE_FETCH_FAILED,
+    fetch_timeout=IMAGE_FETCH_TIMEOUT,
 )

@@ -57,6 +57,8 @@ class RequestLimits:
     min_image_side: int = 1
     max_image_aspect_ratio: float = 0  # 0: the model's
     max_request_pixels: int = 200_000_000
+    max_videos: int = 0  # 0: the model's max_videos
+    max_video_bytes: int = 64 * MIB
     # What a request may ask the model's grammar compiler for (proxy/structured.py).
     max_tools: int = 64
     max_schema_bytes: int = 32 * 1024
@@ -71,6 +73,7 @@ class RequestLimits:
                 narrower(self.max_image_source_pixels, model.max_source_pixels)
             ),
             max_image_aspect_ratio=narrower(self.max_image_aspect_ratio, model.max_aspect_ratio),
+            max_videos=int(narrower(self.max_videos, model.max_videos)),
         )
 
 

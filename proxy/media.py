@@ -41,14 +41,19 @@ class MediaKind:
     name: str  # what the model's chat parts call it: {"type": "image", ...}
     tensor: str  # the Triton input that carries the encoded bytes
     media_types: frozenset[str]  # accepted in data: URLs (lower case)
+    # data: URL types whose payload is a comma-separated list of base64 images (video frames
+    # the client sampled); sent on as the data: URL text, each frame checked here
+    frame_types: frozenset[str]
     data_url_form: str  # for error messages: "data:image/(jpeg|png|webp|gif);base64,<data>"
     formats: str  # for error messages: "JPEG, PNG, WebP or GIF"
     recognise: Callable[[bytes], bool]  # from the first bytes (at most `sniff_bytes`)
     sniff_bytes: int
     count_limit: str  # the RequestLimits field counting these parts per request
     bytes_limit: str  # the RequestLimits field bounding one part's encoded bytes
-    # (the part's URL object, the server's pixel limits, the request's (min, max) pixels,
-    # param) -> the chat-part keys the model resizes by
+    fetch_bytes_field: str  # the FetchPolicy fields bounding one fetch: bytes, seconds
+    fetch_timeout_field: str
+    # (the part's URL object, the translation's ServerLimits, the request's (min, max)
+    # pixels, param) -> the chat-part keys the model resizes and samples by
     budget: Callable[[Any, Any, tuple[int | None, int | None], str], dict[str, Any]]
     # (encoded bytes, their refs, limits): the kind's checks before the model decodes
     inspect: Callable[[Sequence[bytes], Sequence[MediaRef], Any], Awaitable[None]]
@@ -58,6 +63,8 @@ class MediaKind:
     bad_url: ErrorEntry
     forbidden_url: ErrorEntry
     too_large: ErrorEntry
+    fetch_failed: ErrorEntry
+    fetch_timeout: ErrorEntry
 
     def not_this_kind(self, param: str) -> APIError:
         return self.invalid(
@@ -147,6 +154,8 @@ def load_inline(ref: MediaRef) -> bytes:
 def decode_data_url(ref: MediaRef) -> bytes:
     kind = ref.kind
     match = _DATA_URL.fullmatch(ref.url)
+    if match is not None and match["media_type"].lower() in kind.frame_types:
+        return _frame_list(ref, match["payload"])
     if match is None or match["media_type"].lower() not in kind.media_types:
         raise kind.invalid(
             ref.param, message=f"Invalid {kind.name} data URL: expected {kind.data_url_form}."
@@ -159,3 +168,33 @@ def decode_data_url(ref: MediaRef) -> bytes:
     if not kind.recognise(data):
         raise kind.not_this_kind(ref.param)
     return data
+
+
+def _frame_list(ref: MediaRef, payload: str) -> bytes:
+    """A client's frame list (`data:video/jpeg;base64,<frame>,<frame>,...`): every frame must be
+    base64 of a known image; the data: URL goes on as it is (the model reads it)."""
+    frames = [frame for frame in payload.split(",") if frame.strip()]
+    if not frames:
+        raise ref.kind.invalid(ref.param, message=f"The {ref.kind.name} frame list is empty.")
+    for index, frame in enumerate(frames):
+        try:
+            data = base64.b64decode(
+                _WHITESPACE.sub(b"", frame.encode("ascii", "replace")), validate=True
+            )
+        except (binascii.Error, ValueError):
+            data = b""
+        if not is_frame(data):
+            raise ref.kind.invalid(
+                ref.param,
+                message=f"Frame {index} of the {ref.kind.name} frame list is not base64 of a "
+                "JPEG, PNG or WebP image.",
+            )
+    return ref.url.encode("ascii", "replace")
+
+
+def is_frame(data: bytes) -> bool:
+    return (
+        data.startswith(b"\xff\xd8\xff")
+        or data.startswith(b"\x89PNG\r\n\x1a\n")
+        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    )

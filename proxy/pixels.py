@@ -98,12 +98,13 @@ def image_budget(
 
 def part_budget(
     source: Any,
-    limits: PixelLimits,
+    server: Any,
     defaults: tuple[int | None, int | None],
     param: str,
 ) -> dict[str, int]:
     """The chat-part keys of one image: its own min/max_pixels (checked), else the request's
-    `defaults`, else `detail`'s, within the server's `limits`."""
+    `defaults`, else `detail`'s, within the server's pixel limits (`server.pixels`)."""
+    limits: PixelLimits = server.pixels
     own_min = limits.check(source.min_pixels, f"{param}.min_pixels")
     own_max = limits.check(source.max_pixels, f"{param}.max_pixels")
     budget = image_budget(

@@ -31,6 +31,7 @@ class TokenUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     image_tokens: int | None = None  # None: the model did not report it
+    video_tokens: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -39,7 +40,10 @@ class TokenUsage:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
         if self.image_tokens is not None:
-            usage["prompt_tokens_details"] = {"cached_tokens": 0, "image_tokens": self.image_tokens}
+            details = {"cached_tokens": 0, "image_tokens": self.image_tokens}
+            if self.video_tokens:  # only where a request had videos: the image-only shape stays
+                details["video_tokens"] = self.video_tokens
+            usage["prompt_tokens_details"] = details
         return usage
 
 
@@ -302,4 +306,6 @@ def record_usage(usage: TokenUsage, chunk: GenerationChunk) -> None:
         usage.prompt_tokens = chunk.prompt_tokens
     if chunk.image_tokens is not None:
         usage.image_tokens = chunk.image_tokens
+    if chunk.video_tokens is not None:
+        usage.video_tokens = chunk.video_tokens
     usage.completion_tokens += chunk.completion_tokens

@@ -29,8 +29,9 @@ from .error_catalogue import (
 )
 from .images import IMAGE
 from .media import MediaKind
+from .videos import VIDEO
 
-SUPPORTED_PART_TYPES = ("text", "image_url")
+SUPPORTED_PART_TYPES = ("text", "image_url", "video_url")
 MAX_STOP_STRINGS = 16  # as OpenAI's API and the model
 MAX_TOP_LOGPROBS = 20
 # The model's own ranges (qwen_vl_backend/params.py), so out-of-range numbers such as 2**64
@@ -79,7 +80,8 @@ class MediaPart(BaseModel):
     kind: ClassVar[MediaKind]
 
     @property
-    def source(self) -> ImageURL:
+    def source(self) -> Any:
+        """The URL object (`image_url`, `video_url`): `url` and the kind's budget fields."""
         return getattr(self, self.kind.part_type)
 
 
@@ -95,15 +97,38 @@ class ImagePart(MediaPart):
         return {"url": value} if isinstance(value, str) else value
 
 
+class VideoURL(BaseModel):
+    url: str
+    # Sampling and resizing (vLLM's and qwen-vl-utils' names), within the server's bounds.
+    fps: float | None = Field(default=None, gt=0)
+    max_frames: int | None = Field(default=None, ge=2)
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+    total_pixels: int | None = Field(default=None, ge=1)
+
+
+class VideoPart(MediaPart):
+    kind: ClassVar[MediaKind] = VIDEO
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _accept_bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
 def _part_type(part: Any) -> str | None:
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
     return kind if kind in SUPPORTED_PART_TYPES else None
 
 
-# A part of any other type (input_audio, video_url, file, ...) fails with this error type,
+# A part of any other type (input_audio, file, ...) fails with this error type,
 # which `validation_api_error` turns into a 400 naming the part.
 ContentPart = Annotated[
-    Annotated[TextPart, Tag("text")] | Annotated[ImagePart, Tag("image_url")],
+    Annotated[TextPart, Tag("text")]
+    | Annotated[ImagePart, Tag("image_url")]
+    | Annotated[VideoPart, Tag("video_url")],
     Discriminator(
         _part_type,
         custom_error_type="unsupported_content_type",
@@ -309,7 +334,7 @@ def _json_type(value: Any) -> str:
 
 
 def _content_part_error(part: Any, param: str) -> APIError:
-    supported = " and ".join(f"'{kind}'" for kind in SUPPORTED_PART_TYPES)
+    supported = ", ".join(f"'{kind}'" for kind in SUPPORTED_PART_TYPES)
     if not isinstance(part, dict):
         message = f"Invalid value for '{param}': a content part must be an object."
         return INVALID_VALUE(param, message=message)

@@ -26,6 +26,7 @@ class ServerLimits:
     # the model's default range; the proxy passes the model's own, narrowed by its flags
     pixels: PixelLimits = field(default_factory=lambda: PixelLimits().within(ModelLimits()))
     max_tokens: int = 0  # 0: no proxy-side limit
+    model: ModelLimits = field(default_factory=ModelLimits)  # the model's own (video budgets)
 
 
 # ---- request: OpenAI -> Triton ---------------------------------------------------------
@@ -64,7 +65,7 @@ def prepare_chat(
     chat: ChatCompletionRequest, limits: ServerLimits, request_limits: RequestLimits | None = None
 ) -> PreparedChat:
     """Validates what needs the server's limits (400 APIError) and translates the rest."""
-    messages, media = translate_messages(chat, limits.pixels)
+    messages, media = translate_messages(chat, limits)
     tools = structured(chat, request_limits or RequestLimits())
     sampling = sampling_parameters(chat, limits.max_tokens)
     if tools.constraint is not None:
@@ -80,7 +81,7 @@ def prepare_chat(
 
 
 def translate_messages(
-    chat: ChatCompletionRequest, pixels: PixelLimits
+    chat: ChatCompletionRequest, limits: ServerLimits
 ) -> tuple[list[dict[str, Any]], list[MediaRef]]:
     """Messages for the model's chat template, and the media their media parts refer to.
 
@@ -90,15 +91,15 @@ def translate_messages(
     model's error `param`s are the client's paths.
     """
     defaults = (
-        pixels.check(chat.min_pixels, "min_pixels"),
-        pixels.check(chat.max_pixels, "max_pixels"),
+        limits.pixels.check(chat.min_pixels, "min_pixels"),
+        limits.pixels.check(chat.max_pixels, "max_pixels"),
     )
     media: list[MediaRef] = []
     translated = []
     for i, message in enumerate(chat.messages):
         # The chat template knows `system`; `developer` is OpenAI's newer name for it.
         role = "system" if message.role == "developer" else message.role
-        content = _translate_content(message, i, media, pixels, defaults)
+        content = _translate_content(message, i, media, limits, defaults)
         entry: dict[str, Any] = {"role": role, "content": content}
         if message.tool_calls:
             entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
@@ -112,7 +113,7 @@ def _translate_content(
     message: ChatMessage,
     index: int,
     media: list[MediaRef],
-    pixels: PixelLimits,
+    limits: ServerLimits,
     defaults: tuple[int | None, int | None],
 ) -> str | list[dict[str, Any]]:
     if message.content is None:
@@ -123,7 +124,7 @@ def _translate_content(
     for j, part in enumerate(message.content):
         if isinstance(part, MediaPart):
             param = f"messages[{index}].content[{j}].{part.kind.part_type}"
-            budget = part.kind.budget(part.source, pixels, defaults, param)
+            budget = part.kind.budget(part.source, limits, defaults, param)
             ref = MediaRef(part.kind, part.source.url, param, tuple(budget.items()))
             media.append(ref)
             parts.append(ref.chat_part())

@@ -6,6 +6,9 @@ With no arguments it rewrites the three files shipped next to this script:
 - `text.json`: two text-only chat requests (English, Chinese).
 - `image.json`: one image request; the JPEG travels as a `data:` URL string in the BYTES
   `image` tensor (`"content"`), which keeps the JSON plain text.
+- `video.json`: one video request; the video is a frame list (four synthetic JPEG frames,
+  `data:video/jpeg;base64,<frame>,<frame>,...`) in the BYTES `video` tensor, which the model
+  takes as frames already sampled (a container's bytes would go the same way).
 - `image_b64.json`: the same request with the JPEG as raw bytes in the `image` tensor, written
   as perf_analyzer's `{"b64": ...}` form. For a BYTES tensor that field must hold Triton's
   *serialized* tensor, base64-encoded: each element as a 4-byte little-endian length followed
@@ -61,6 +64,25 @@ def sample_jpeg(size=(448, 336)) -> str:
 
 
 _MIME = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif"}
+
+
+def sample_frames(count: int = 4, size=(224, 168)) -> list[bytes]:
+    """JPEG frames of the sun crossing the sky, the same bytes on every run."""
+    frames = []
+    for index in range(count):
+        image = Image.new("RGB", size, (40, 110, 190))
+        draw = ImageDraw.Draw(image)
+        x = 20 + index * (size[0] - 80) // max(count - 1, 1)
+        draw.ellipse((x, 30, x + 60, 90), fill=(240, 200, 40))
+        draw.rectangle((0, size[1] - 40, size[0], size[1]), fill=(30, 150, 60))
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=85)
+        frames.append(buf.getvalue())
+    return frames
+
+
+def frame_list(frames: list[bytes]) -> str:
+    return "data:video/jpeg;base64," + ",".join(base64.b64encode(f).decode() for f in frames)
 
 
 def data_url(data: bytes) -> str:
@@ -124,6 +146,16 @@ def build(prompts=None, images=None, images_per_request=1, max_tokens=64) -> dic
             )
             for n, group in enumerate(groups)
         ]
+    video = {
+        "role": "user",
+        "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}],
+    }
+    docs["video.json"] = [
+        {
+            **case([video], max_tokens=max_tokens),
+            "video": {"content": [frame_list(sample_frames())], "shape": [1]},
+        }
+    ]
     return {name: {"data": data} for name, data in docs.items()}
 
 

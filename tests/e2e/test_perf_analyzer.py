@@ -59,7 +59,7 @@ def test_b64_image_is_a_length_prefixed_serialized_bytes_tensor():
     )
 
 
-@pytest.mark.parametrize("inputs", ["text.json", "image.json", "image_b64.json"])
+@pytest.mark.parametrize("inputs", ["text.json", "image.json", "image_b64.json", "video.json"])
 def test_perf_analyzer_streams_against_the_model(stack, inputs):
     binary = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
     assert binary, "perf_analyzer ships in the tritonclient wheel"

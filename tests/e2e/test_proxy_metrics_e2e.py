@@ -162,7 +162,9 @@ def test_a_rejection_is_counted_by_cause_on_the_live_proxy(base_url):
 
 # ---- logs join by request id ------------------------------------------------------------
 
-TRITON_DONE = r"request {id} done: (\d+) prompt \((\d+) image\) \+ (\d+) completion tokens"
+TRITON_DONE = (
+    r"request {id} done: (\d+) prompt \((\d+) image, \d+ video\) \+ (\d+) completion tokens"
+)
 
 
 def triton_done_line(stack, request_id: str):

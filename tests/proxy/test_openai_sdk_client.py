@@ -210,7 +210,6 @@ async def test_many_images_across_turns_and_image_only_messages(sdk, stream):
     [
         {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
         {"type": "file", "file": {"file_id": "file-abc"}},
-        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
     ],
 )
 async def test_unsupported_parts_are_bad_request(sdk, part):

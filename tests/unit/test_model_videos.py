@@ -3,15 +3,13 @@ hostile inputs, and videos through the batching engine with the tiny checkpoint.
 
 import base64
 import dataclasses
-import io
 import json
 import time
 
-import av
-import numpy as np
 import pytest
 import torch
 from sample_images import encoded_image
+from sample_videos import audio_only, clip, frame_list
 
 from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.checkpoint import load_checkpoint
@@ -26,49 +24,6 @@ LIMITS = ModelLimits()
 OPTIONS = VideoOptions(
     fps=2.0, max_frames=64, min_pixels=3136, max_pixels=1003520, total_pixels=4096 * 784
 )
-
-
-def clip(fmt="mp4", codec="mpeg4", seconds=2.0, fps=30, size=(64, 48), audio=False) -> bytes:
-    width, height = size
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = 12
-        for i in range(int(seconds * fps)):
-            pixels = np.zeros((height, width, 3), np.uint8)
-            pixels[..., 0] = (i * 7) % 255
-            pixels[:, : i % width] = 200
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def audio_only() -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=16000)
-        for i in range(10):
-            frame = av.AudioFrame.from_ndarray(
-                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
-            )
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def frame_list(count=3, fmt="JPEG", media="jpeg", size=(64, 48)) -> str:
-    frames = [
-        base64.b64encode(encoded_image(fmt, size=size, color=(i * 40, 30, 30))).decode()
-        for i in range(count)
-    ]
-    return f"data:video/{media};base64," + ",".join(frames)
 
 
 # ---- decoding and sampling ---------------------------------------------------------------

@@ -58,7 +58,8 @@ def test_inputs_follow_the_tensor_contract():
     inputs = tensors(REQUEST)
 
     # every input the contract names but the ready-prompt and describe ones
-    assert set(inputs) == set(INPUTS) - {"text_input", "describe", "tools"}  # no tools sent
+    # no tools, no videos sent
+    assert set(inputs) == set(INPUTS) - {"text_input", "describe", "tools", "video"}
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]
     assert (inputs["image"].datatype(), inputs["image"].shape()) == ("BYTES", [2])

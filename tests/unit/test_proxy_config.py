@@ -48,6 +48,10 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "min_image_side": ("7", 7),
     "max_image_aspect_ratio": ("50", 50.0),
     "max_request_pixels": ("5000000", 5_000_000),
+    "max_videos": ("1", 1),
+    "max_video_bytes": ("1000", 1000),
+    "video_fetch_max_bytes": ("2000", 2000),
+    "video_fetch_timeout_s": ("9", 9.0),
     "max_tools": ("8", 8),
     "max_schema_bytes": ("1024", 1024),
     "max_schema_depth": ("4", 4),
@@ -90,6 +94,10 @@ BAD = {
     "min_image_side": "0",
     "max_image_aspect_ratio": "0.5",  # positive, but below 1 (a parse_config check)
     "max_request_pixels": "0",
+    "max_videos": "-1",
+    "max_video_bytes": "0",
+    "video_fetch_max_bytes": "0",
+    "video_fetch_timeout_s": "0",
     "max_tools": "0",
     "max_schema_bytes": "-1",
     "max_schema_depth": "deep",
@@ -163,6 +171,9 @@ def test_the_rule_names_flags_and_env_vars():
         ("triton_model", "", "TRITON_MODEL"),
         ("served_model_name", "", "SERVED_MODEL_NAME"),
         ("image_fetch", "image-fetch", ""),
+        # the fetch section's video fields: --video-fetch-*, not --image-fetch-video-*
+        ("video_fetch_max_bytes", "video-fetch-max-bytes", ""),
+        ("video_fetch_timeout_s", "video-fetch-timeout-s", ""),
     }
     rows = {s.option: s for s in SETTINGS}
     assert rows["--image-fetch-max-bytes"].env_name == "PROXY_IMAGE_FETCH_MAX_BYTES"

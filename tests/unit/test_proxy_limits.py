@@ -214,7 +214,11 @@ def test_hardening_flags_have_env_fallbacks_and_flags_win(monkeypatch):
 def test_limits_the_model_has_default_to_the_models_and_flags_only_narrow_them():
     config = parse_config([])
     assert config.limits.within(ModelLimits()) == dataclasses.replace(
-        config.limits, max_images=16, max_image_source_pixels=40_000_000, max_image_aspect_ratio=200
+        config.limits,
+        max_images=16,
+        max_image_source_pixels=40_000_000,
+        max_image_aspect_ratio=200,
+        max_videos=2,
     )
     assert config.limits.within(ModelLimits(max_images=32)).max_images == 32  # QWEN_VL_MAX_IMAGES
     narrowed = parse_config(["--max-images", "4", "--max-image-aspect-ratio", "300"]).limits

@@ -92,7 +92,6 @@ def test_model_is_kept_for_the_app_to_resolve():
     "part, kind",
     [
         ({"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}, "input_audio"),
-        ({"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}, "video_url"),
         ({"type": "file", "file": {"file_id": "f"}}, "file"),
         ({"type": "refusal", "refusal": "no"}, "refusal"),
         ({"type": "image", "image": "x"}, "image"),

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from .contract import ModelLimits
+from .contract import MAX_VIDEO_FPS, ModelLimits
 from .errors import RequestError
 from .images import DEFAULT_LIMITS, data_url_bytes, decode_image, element_bytes
 from .tools import tool_calls
@@ -60,9 +60,6 @@ class _ImageSource:
         return decode_image(data, param, self._limits)
 
 
-MAX_PART_FPS = 60.0
-
-
 class _VideoSource:
     """Hands out decoded videos in order: `video` elements by reference, inline data URLs."""
 
@@ -88,7 +85,7 @@ class _VideoSource:
             "total_pixels": limits.video_total_pixels,
         }
         bounds = {
-            "fps": (0.0, MAX_PART_FPS),
+            "fps": (0.0, MAX_VIDEO_FPS),
             "max_frames": (2, limits.max_video_frames),
             "min_pixels": (limits.min_pixels, limits.max_pixels),
             "max_pixels": (limits.min_pixels, limits.max_pixels),

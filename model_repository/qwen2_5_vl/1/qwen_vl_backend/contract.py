@@ -57,6 +57,9 @@ OUTPUTS = (
 )
 DESCRIBE_INPUT = "describe"
 
+# The highest `fps` a video part may ask to be sampled at; max_video_frames bounds the cost.
+MAX_VIDEO_FPS = 60.0
+
 # Qwen2.5-VL merges 2x2 patches of 14x14 pixels into one visual token: 28x28 pixels each.
 PIXELS_PER_TOKEN = 28 * 28
 
