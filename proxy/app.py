@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .admission import with_stream_timeouts
-from .backend import Backend, GenerationChunk, TritonBackend
+from .backend import Backend, GenerationChunk
 from .config import ProxyConfig
 from .error_catalogue import (
     INVALID_BODY,
@@ -41,6 +41,7 @@ from .observe import (
 from .responses import CompletionIdentity, TokenUsage, collect_completion, completion_events
 from .schema import ChatCompletionRequest, parse_chat_request
 from .translate import ServerLimits, prepare_chat
+from .upstreams import Upstreams, parse_targets
 
 log = logging.getLogger("proxy")
 
@@ -109,7 +110,11 @@ async def backend_context(app: web.Application) -> AsyncIterator[None]:
     # The gRPC channel binds to the running event loop, so it is made here, not in create_app.
     config = app[CONFIG_KEY]
     if BACKEND_KEY not in app:
-        app[BACKEND_KEY] = TritonBackend(config.server.triton_url)
+        outcomes = app[METRICS_KEY].upstream_requests
+        app[BACKEND_KEY] = Upstreams(
+            parse_targets(config.server.triton_url),
+            observe=lambda upstream, outcome: outcomes.labels(upstream, outcome).inc(),
+        )
     book = app[MODEL_LIMITS_KEY] = ModelLimitsBook(app[BACKEND_KEY])
     if config.server.lazy_load:
         app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.server.load_timeout_s)

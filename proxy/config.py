@@ -32,6 +32,7 @@ from .fetch import FetchPolicy
 from .limits import RequestLimits
 from .logs import LOG_FORMATS, log_format
 from .pixels import PixelLimits
+from .upstreams import parse_targets
 
 _FLAG_PREFIX = "flag_prefix"  # ProxyConfig field metadata: the flags' common prefix
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -204,7 +205,9 @@ SETTINGS: tuple[Setting, ...] = (
         "server",
         "triton_url",
         str,
-        "Triton gRPC endpoint host:port; inference streams over gRPC",
+        "Triton gRPC endpoints as host:port[,host:port...]; a name resolving to several "
+        "addresses (a headless Service) means one upstream each, re-resolved every 10 s; "
+        "requests go to the least busy",
         env="TRITON_GRPC_URL",
     ),
     _S(
@@ -574,6 +577,10 @@ def _inconsistency(config: ProxyConfig) -> str | None:
         return "--max-image-aspect-ratio must be 0 (the model's) or at least 1"
     if 0 < config.pixels.max_pixels < config.pixels.min_pixels:
         return "--image-min-pixels must not exceed --image-max-pixels"
+    try:
+        parse_targets(config.server.triton_url)
+    except ValueError as exc:
+        return f"--triton-url: {exc}"
     if config.server.served_model_name in dict(config.server.model_map):
         return "--model-map must not remap --served-model-name"
     return None

@@ -189,6 +189,13 @@ class ProxyMetrics:
             (),
             IMAGE_DECODE_BUCKETS,
         )
+        # Label values are Triton addresses from --triton-url and its DNS answers, not clients'.
+        self.upstream_requests = counter(
+            "upstream_requests",
+            "Generations sent to each Triton upstream, by outcome (ok; retried: failed before "
+            "the first token and sent to another; failed; cancelled)",
+            ("upstream", "outcome"),
+        )
         self.disconnects = counter(
             "client_disconnects",
             "Requests whose client disconnected before the response ended (the generation "
