@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""One proxy over two tritonservers (tiny checkpoint, loopback): how requests spread at c=8,
+and what a replica killed mid-load costs.
+
+    .venv/bin/python bench/replicas_bench.py [--requests 32] [--concurrency 8] [--out FILE]
+
+Phases: (1) `--requests` streamed chat completions at `--concurrency`, the spread read from
+the proxy's `qwen_vl_proxy_upstream_requests_total`; (2) the same load with the second
+tritonserver killed (SIGKILL) one second in: requests that had not started streaming must
+not fail, streams on the killed replica end with an error event, `/ready` is polled
+throughout; (3) the replica restarted: the share it takes again without a proxy restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import aiohttp  # noqa: E402
+import stack as launcher  # noqa: E402  (scripts/stack.py)
+
+from client.sse import stream_events  # noqa: E402
+
+UPSTREAM = re.compile(
+    r'qwen_vl_proxy_upstream_requests_total\{outcome="(\w+)",upstream="([^"]+)"\} (\S+)'
+)
+
+
+async def one(session, url: str, max_tokens: int) -> str:
+    """ok | failed (no stream) | broken (an error event after streaming began)."""
+    body = {
+        "messages": [{"role": "user", "content": "Count slowly."}],
+        "max_tokens": max_tokens,
+        "temperature": 1.0,  # sampled: the random-weight model rarely hits EOS early
+        "seed": 1,
+        "stream": True,
+    }
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            return "failed"
+        lines = [line async for line in resp.content]
+    return "broken" if any("error" in e for e in stream_events(lines)) else "ok"
+
+
+async def load(session, base: str, count: int, concurrency: int, max_tokens: int) -> Counter:
+    remaining = [count]
+    outcomes: Counter = Counter()
+
+    async def worker():
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            outcomes[await one(session, f"{base}/v1/chat/completions", max_tokens)] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes
+
+
+async def upstream_counts(session, base: str) -> dict[str, dict[str, float]]:
+    text = await (await session.get(f"{base}/metrics")).text()
+    counts: dict[str, dict[str, float]] = {}
+    for outcome, upstream, value in UPSTREAM.findall(text):
+        counts.setdefault(upstream, {})[outcome] = float(value)
+    return counts
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {
+        upstream: {k: v - before.get(upstream, {}).get(k, 0.0) for k, v in outcomes.items()}
+        for upstream, outcomes in after.items()
+    }
+
+
+async def measure(primary, second, args) -> dict:
+    base = primary.config.proxy_url
+    report: dict = {}
+    async with aiohttp.ClientSession() as session:
+        before = await upstream_counts(session, base)
+        report["spread"] = dict(await load(session, base, args.requests, args.concurrency, 16))
+        report["spread_by_upstream"] = delta(await upstream_counts(session, base), before)
+
+        before = await upstream_counts(session, base)
+        ready_codes: Counter = Counter()
+        stop = asyncio.Event()
+
+        async def poll_ready():
+            while not stop.is_set():
+                async with session.get(f"{base}/ready") as resp:
+                    ready_codes[resp.status] += 1
+                await asyncio.sleep(0.1)
+
+        async def kill_later():
+            await asyncio.sleep(1.0)
+            os.killpg(second.triton.pid, signal.SIGKILL)
+
+        poller = asyncio.create_task(poll_ready())
+        started = time.monotonic()
+        outcomes, _ = await asyncio.gather(
+            load(session, base, args.requests, args.concurrency, 512), kill_later()
+        )
+        stop.set()
+        await poller
+        report["failover"] = dict(outcomes)
+        report["failover_s"] = round(time.monotonic() - started, 2)
+        report["failover_by_upstream"] = delta(await upstream_counts(session, base), before)
+        report["ready_during_failover"] = dict(ready_codes)
+
+        second.start_triton()
+        url = f"{second.config.triton_http_url}/v2/models/qwen2_5_vl/ready"
+        deadline = time.monotonic() + 240
+        while launcher._get_status(url) != 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(6)  # past the proxy's down period for the replica
+        before = await upstream_counts(session, base)
+        report["after_restart"] = dict(
+            await load(session, base, args.requests, args.concurrency, 16)
+        )
+        report["after_restart_by_upstream"] = delta(await upstream_counts(session, base), before)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    model = launcher.tiny_checkpoint()
+    second = launcher.Stack(launcher.loopback_config(model))
+    primary_config = launcher.loopback_config(model)
+    both = f"{primary_config.triton_grpc_url},{second.config.triton_grpc_url}"
+    primary_config.proxy_args = ["--triton-url", both]
+    primary = launcher.Stack(primary_config)
+    second.start_triton()
+    primary.start()
+    try:
+        primary.wait_ready(timeout=300)  # the proxy is ready once either replica is
+        deadline = time.monotonic() + 300
+        for replica in (primary, second):
+            ready = f"{replica.config.triton_http_url}/v2/models/qwen2_5_vl/ready"
+            while launcher._get_status(ready) != 200:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a tritonserver is not ready")
+                time.sleep(0.5)
+        time.sleep(6)  # past the down period of a replica the proxy tried while it loaded
+        report = asyncio.run(measure(primary, second, args))
+    finally:
+        primary.stop()
+        second.stop()
+    report["upstreams"] = {
+        "first": primary_config.triton_grpc_url,
+        "second": second.config.triton_grpc_url,
+    }
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
