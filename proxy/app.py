@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +39,7 @@ from .observe import (
     timed_media_check,
 )
 from .responses import CompletionIdentity, TokenUsage, collect_completion, completion_events
+from .responses_api import STORED_HEADERS, parse_responses_request
 from .schema import ChatCompletionRequest, parse_chat_request
 from .translate import ServerLimits, prepare_chat
 from .upstreams import Upstreams, parse_targets
@@ -96,6 +97,7 @@ def create_app(
     app.cleanup_ctx.append(backend_context)
     app.on_response_prepare.append(add_response_headers)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/models", list_models)
     # Served names may contain "/" (e.g. Hugging Face ids).
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
@@ -281,6 +283,63 @@ async def stream_completion(
         with_logprobs=chat.wants_logprobs,
         parse_tool_calls=parse_tool_calls,
     )
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                await response.write(event)
+            await response.write_eof()
+        except ConnectionResetError:
+            log.info("request %s: client disconnected", request[REQUEST_ID_KEY])
+    return response
+
+
+# ---- responses (OpenAI's Responses API, stateless: proxy/responses_api.py) ----------------
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/responses`: the request translated into a chat completion's body and run
+    through the chat path above; the chunks rendered as Responses objects and events."""
+    app = request.app
+    call = parse_responses_request(await read_json_object(request))
+    note_request_fields(request, call)  # type: ignore[arg-type]  # user + ignored_fields
+    with call.client_paths():  # the chat path's errors name the client's Responses paths
+        chat = parse_chat_request(call.chat_body)
+        served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
+        limits, translation = await limits_for(app, triton_model)
+        check_chat(chat, limits)
+        prepared = prepare_chat(chat, translation, limits)
+        media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
+        await timed_media_check(request, check_media(media, prepared.media, limits))
+        triton_request = prepared.to_triton(triton_model, media)
+        usage = request[USAGE_KEY] = TokenUsage()
+        renderer = call.renderer(served_name, usage, prepared.parse_tool_calls)
+        chunks = observe_generation(
+            request,
+            with_stream_timeouts(
+                request, app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
+            ),
+            model=served_name,
+            stream=chat.is_stream,
+            usage=usage,
+        )
+        # Closing the generator is what cancels the Triton stream when the client goes away.
+        with app[MODEL_LIMITS_KEY].forgotten_on_outage(triton_model):
+            async with contextlib.aclosing(chunks):
+                if not chat.is_stream:
+                    body = await renderer.collect(chunks)
+                    return web.json_response(body, headers=STORED_HEADERS, dumps=json_dumps)
+                # An error before the first chunk is still a plain HTTP error, as in chat.
+                first = await anext(chunks, None)
+                return await _stream_response(
+                    request, renderer.events(first, chunks, request[REQUEST_ID_KEY])
+                )
+
+
+async def _stream_response(
+    request: web.Request, events: AsyncGenerator[bytes, None]
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={**SSE_HEADERS, **STORED_HEADERS})
+    await response.prepare(request)
     async with contextlib.aclosing(events):
         try:
             async for event in events:

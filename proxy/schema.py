@@ -296,13 +296,16 @@ def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     return chat
 
 
-def validation_api_error(exc: ValidationError, body: Any) -> APIError:
-    """The most specific pydantic error as a 400 envelope, its input position as `param`."""
+def validation_api_error(
+    exc: ValidationError, body: Any, *, part_types: tuple[str, ...] = SUPPORTED_PART_TYPES
+) -> APIError:
+    """The most specific pydantic error as a 400 envelope, its input position as `param`;
+    `part_types`: the content part types the message of an unsupported one names."""
     candidates = [(_input_path(err["loc"], body, err["type"]), err) for err in exc.errors()]
     path, err = max(candidates, key=lambda item: len(item[0]))  # max keeps the first of ties
     param = format_param(path)
     if err["type"] == "unsupported_content_type":
-        return _content_part_error(err["input"], param)
+        return _content_part_error(err["input"], param, part_types)
     at_path = [e for p, e in candidates if p == path]
     if all(e["type"] in _TYPE_ERRORS for e in at_path):
         expected = " or ".join(dict.fromkeys(_TYPE_ERRORS[e["type"]] for e in at_path))
@@ -333,8 +336,8 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else "another type"
 
 
-def _content_part_error(part: Any, param: str) -> APIError:
-    supported = ", ".join(f"'{kind}'" for kind in SUPPORTED_PART_TYPES)
+def _content_part_error(part: Any, param: str, part_types: tuple[str, ...]) -> APIError:
+    supported = ", ".join(f"'{kind}'" for kind in part_types)
     if not isinstance(part, dict):
         message = f"Invalid value for '{param}': a content part must be an object."
         return INVALID_VALUE(param, message=message)
