@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import struct
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -274,27 +275,78 @@ def _bool_input(name: str, value: bool) -> grpcclient.InferInput:
 
 
 def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
-    """The chunk in one response; None for the empty response that only marks the end."""
-    text = result.as_numpy("text_output")
+    """The chunk in one response; None for the empty response that only marks the end.
+
+    One pass over the response's outputs, decoding the raw tensors without numpy (`as_numpy`
+    scans every output per name and builds an array each time: most of a chunk's cost)."""
+    outputs = _outputs(result)
+    text = outputs.get("text_output")
     if text is None:
         return None
-    finish_reason = result.as_numpy("finish_reason")
-    prompt_tokens = result.as_numpy("num_input_tokens")
-    completion_tokens = result.as_numpy("num_output_tokens")
-    image_tokens = result.as_numpy("num_image_tokens")
-    video_tokens = result.as_numpy("num_video_tokens")
-    logprobs = result.as_numpy("logprobs")
-    index = result.as_numpy("index")
+    finish_reason = outputs.get("finish_reason")
+    prompt_tokens = outputs.get("num_input_tokens")
+    completion_tokens = outputs.get("num_output_tokens")
+    image_tokens = outputs.get("num_image_tokens")
+    video_tokens = outputs.get("num_video_tokens")
+    logprobs = outputs.get("logprobs")
+    index = outputs.get("index")
     return GenerationChunk(
-        text="".join(item.decode("utf-8") for item in text.ravel()),
-        finish_reason=_first_text(finish_reason) or None,
-        prompt_tokens=int(prompt_tokens.ravel()[0]) if _has_items(prompt_tokens) else None,
-        completion_tokens=int(completion_tokens.sum()) if _has_items(completion_tokens) else 0,
-        image_tokens=int(image_tokens.ravel()[0]) if _has_items(image_tokens) else None,
-        video_tokens=int(video_tokens.ravel()[0]) if _has_items(video_tokens) else None,
-        logprobs=parse_logprobs(_first_text(logprobs)) if _has_items(logprobs) else None,
-        index=int(index.ravel()[0]) if _has_items(index) else 0,
+        text="".join(item.decode("utf-8") for item in text),
+        finish_reason=finish_reason[0].decode("utf-8") or None if finish_reason else None,
+        prompt_tokens=int(prompt_tokens[0]) if prompt_tokens else None,
+        completion_tokens=int(sum(completion_tokens)) if completion_tokens else 0,
+        image_tokens=int(image_tokens[0]) if image_tokens else None,
+        video_tokens=int(video_tokens[0]) if video_tokens else None,
+        logprobs=parse_logprobs(logprobs[0].decode("utf-8")) if logprobs else None,
+        index=int(index[0]) if index else 0,
     )
+
+
+# Integer tensors the model sends, as struct formats of one little-endian element.
+_INT_FORMATS = {
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+}
+
+
+def _outputs(result: grpcclient.InferResult) -> dict[str, Sequence[Any]]:
+    """Each output's elements (bytes for BYTES tensors, ints for integer ones), flattened."""
+    response = result.get_response()
+    raw = response.raw_output_contents
+    decoded: dict[str, Sequence[Any]] = {}
+    for position, output in enumerate(response.outputs):
+        datatype = output.datatype
+        if position < len(raw) and datatype == "BYTES":
+            decoded[output.name] = _bytes_elements(raw[position])
+        elif position < len(raw) and datatype in _INT_FORMATS:
+            data = raw[position]
+            fmt = _INT_FORMATS[datatype]
+            decoded[output.name] = struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data)
+        else:  # another layout (contents fields, other types): tritonclient's own reading
+            array = result.as_numpy(output.name)
+            decoded[output.name] = [] if array is None else list(array.ravel())
+    return decoded
+
+
+def _bytes_elements(data: bytes) -> list[bytes]:
+    """A serialized BYTES tensor: each element a little-endian uint32 length, then its bytes."""
+    elements = []
+    offset, end = 0, len(data)
+    while offset < end:
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        elements.append(data[offset : offset + length])
+        offset += length
+    return elements
+
+
+_LENGTH = struct.Struct("<I")
 
 
 def parse_logprobs(text: str) -> list[dict[str, Any]]:

@@ -237,6 +237,7 @@ async def observe_generation(
     record = request[RECORD_KEY]
     metrics = request.app[METRICS_KEY]
     record.model, record.stream, record.usage = model, stream, usage
+    inter_token = metrics.inter_token.labels(model)  # looked up once, observed per chunk
     try:
         async for chunk in chunks:
             if stream and chunk.text:
@@ -245,7 +246,7 @@ async def observe_generation(
                     record.first_token_at = now
                     metrics.ttft.labels(model).observe(now - record.started)
                 else:
-                    metrics.inter_token.labels(model).observe(now - record.last_token_at)
+                    inter_token.observe(now - record.last_token_at)
                 record.last_token_at = now
             yield chunk
     except APIError as exc:

@@ -8,8 +8,9 @@ when asked, `[DONE]`), with an error mid-stream sent as an error event.
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 from .backend import GenerationChunk
 from .error_catalogue import INTERNAL_ERROR, APIError
-from .sse import DONE_EVENT, sse_error, sse_event
+from .sse import DONE_EVENT, json_bytes, sse_error, sse_event
 from .tool_calls import ToolCall, ToolCallStream, split_tool_calls
 
 log = logging.getLogger("proxy")
@@ -198,52 +199,99 @@ async def completion_events(
     (with tool calls parsed, text held back as a possible tag start passes its logprobs to
     the next content chunk, and a call's tokens have none). A tool call is two deltas, as
     OpenAI sends them: index, id, type and name first, then the arguments.
+
+    The events ready together go out as one write: those of one model response (the role
+    chunk with the first), and the end (finish chunks, usage, [DONE]).
     """
     role_delta = {"role": "assistant", "content": ""}
-    yield sse_event(chunk_body(identity, role_delta, include_usage=include_usage))
+    event = ChunkEvents(identity, include_usage)
     choices = {0: _StreamedChoice(parse_tool_calls)}  # each one's first chunk has the role
-    event = functools.partial(_chunk_event, identity, include_usage)
+    pending = [event(role_delta)]
+
+    def add_events(chunk: GenerationChunk) -> None:
+        record_usage(usage, chunk)
+        if chunk.index not in choices:
+            choices[chunk.index] = _StreamedChoice(parse_tool_calls)
+            pending.append(event(role_delta, index=chunk.index))
+        choice = choices[chunk.index]
+        choice.finish_reason = chunk.finish_reason or choice.finish_reason
+        for delta, logprobs in choice.deltas(chunk, with_logprobs):
+            pending.append(event(delta, logprobs=logprobs, index=chunk.index))
+
     try:
-        async for chunk in _prepend(first, rest):
-            record_usage(usage, chunk)
-            if chunk.index not in choices:
-                choices[chunk.index] = _StreamedChoice(parse_tool_calls)
-                yield event(role_delta, index=chunk.index)
-            choice = choices[chunk.index]
-            choice.finish_reason = chunk.finish_reason or choice.finish_reason
-            for delta, logprobs in choice.deltas(chunk, with_logprobs):
-                yield event(delta, logprobs=logprobs, index=chunk.index)
+        if first is not None:
+            add_events(first)
+        yield b"".join(pending)
+        pending.clear()
+        async for chunk in rest:
+            add_events(chunk)
+            if pending:
+                yield b"".join(pending)
+                pending.clear()
         for index, choice in sorted(choices.items()):
             for delta, logprobs in choice.rest(with_logprobs):
-                yield event(delta, logprobs=logprobs, index=index)
+                pending.append(event(delta, logprobs=logprobs, index=index))
     except APIError as exc:
         log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
-        yield sse_error(exc)
+        yield b"".join(pending) + sse_error(exc)
         return
     except Exception:
         log.exception("request %s: failed mid-stream", request_id)
-        yield sse_error(INTERNAL_ERROR(request_id=request_id))
+        yield b"".join(pending) + sse_error(INTERNAL_ERROR(request_id=request_id))
         return
     for index, choice in sorted(choices.items()):
-        yield event({}, choice.final_reason(), index=index)
+        pending.append(event({}, choice.final_reason(), index=index))
     if include_usage:
-        yield sse_event(usage_chunk_body(identity, usage))
-    yield DONE_EVENT
+        pending.append(sse_event(usage_chunk_body(identity, usage)))
+    pending.append(DONE_EVENT)
+    yield b"".join(pending)
 
 
-def _chunk_event(
-    identity: CompletionIdentity,
-    include_usage: bool,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-    *,
-    logprobs: list[dict[str, Any]] | None = None,
-    index: int = 0,
-) -> bytes:
-    body = chunk_body(
-        identity, delta, finish_reason, include_usage=include_usage, logprobs=logprobs, index=index
+class ChunkEvents:
+    """`sse_event(chunk_body(...))` of one completion, byte for byte, without building the
+    body: the envelope (id, object, created, model) is encoded once and each event splices
+    its choice in."""
+
+    def __init__(self, identity: CompletionIdentity, include_usage: bool) -> None:
+        envelope = json_bytes(_chunk_envelope(identity))  # b'{"id":...,"model":"..."}'
+        self._prefix = b"data: " + envelope[:-1] + b',"choices":[{"index":'
+        self._suffix = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+
+    def __call__(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        *,
+        logprobs: list[dict[str, Any]] | None = None,
+        index: int = 0,
+    ) -> bytes:
+        return b"".join(
+            (
+                self._prefix,
+                b"%d" % index,
+                b',"delta":',
+                json_bytes(delta),
+                b',"logprobs":',
+                b"null" if logprobs is None else _logprobs_json(logprobs),
+                b',"finish_reason":',
+                b"null" if finish_reason is None else json_bytes(finish_reason),
+                self._suffix,
+            )
+        )
+
+
+def _logprobs_json(entries: list[dict[str, Any]]) -> bytes:
+    field = logprobs_field(entries)
+    if all(_finite(entry) for entry in entries):
+        return json_bytes(field)
+    # json's NaN/Infinity where orjson would write null: what the stream always sent
+    return json.dumps(field, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _finite(entry: dict[str, Any]) -> bool:
+    return math.isfinite(entry.get("logprob", 0.0)) and all(
+        math.isfinite(top.get("logprob", 0.0)) for top in entry.get("top_logprobs") or ()
     )
-    return sse_event(body)
 
 
 class _StreamedChoice:
@@ -290,15 +338,6 @@ class _StreamedChoice:
                 {"tool_calls": [{"index": index, "function": {"arguments": value.arguments}}]},
                 None,
             )
-
-
-async def _prepend(
-    first: GenerationChunk | None, rest: AsyncIterator[GenerationChunk]
-) -> AsyncIterator[GenerationChunk]:
-    if first is not None:
-        yield first
-    async for chunk in rest:
-        yield chunk
 
 
 def record_usage(usage: TokenUsage, chunk: GenerationChunk) -> None:
