@@ -24,6 +24,7 @@ COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_OFFLINE = DOCKER / "compose.offline.yaml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 MODEL_CONFIG = ROOT / "model_repository" / "qwen2_5_vl" / "config.pbtxt"
+K8S = DOCKER / "k8s"
 
 
 # --- Dockerfiles -------------------------------------------------------------------------------
@@ -171,6 +172,49 @@ def healthcheck_url(test) -> str:
     match = re.search(r"https?://[^\s'\"]+", text)
     assert match, f"healthcheck makes no HTTP request: {text}"
     return match.group(0)
+
+
+# --- Kubernetes manifests (docker/k8s) ---------------------------------------------------------
+
+
+def k8s_kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def k8s_objects() -> list[tuple[Path, dict]]:
+    """(file, object) of every manifest the kustomization lists, in its order."""
+    out = []
+    for name in k8s_kustomization()["resources"]:
+        path = K8S / name
+        out.extend((path, doc) for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return out
+
+
+def k8s_object(kind: str, name: str) -> dict:
+    found = [doc for _, doc in k8s_objects() if doc["kind"] == kind]
+    found = [doc for doc in found if doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} named {name} in docker/k8s"
+    return found[0]
+
+
+def pod_containers(workload: dict) -> list[dict]:
+    spec = workload["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def container_env(container: dict) -> dict[str, str | None]:
+    """name -> value (None for one taken from a Secret or elsewhere)."""
+    return {item["name"]: item.get("value") for item in container.get("env", [])}
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """`--flag=value` or `--flag value` in an argument list."""
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
 
 
 # --- .dockerignore -----------------------------------------------------------------------------
