@@ -31,7 +31,12 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .backend import GenerationChunk
-from .error_catalogue import INTERNAL_ERROR, UNSUPPORTED_PARAMETER, APIError
+from .error_catalogue import (
+    INTERNAL_ERROR,
+    MISSING_REQUIRED_PARAMETER,
+    UNSUPPORTED_PARAMETER,
+    APIError,
+)
 from .responses import TokenUsage, record_usage
 from .schema import INT32_MAX, BaseModel, validation_api_error
 from .sse import sse_event
@@ -178,7 +183,10 @@ class ResponsesRequest(BaseModel):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
-    metadata: dict[str, str] | None = None
+    # OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512.
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(default=None, max_length=16)
     user: str | None = None
     store: bool | None = None
     background: bool | None = None
@@ -366,10 +374,7 @@ def _chat_part(part: Any, path: str) -> dict[str, Any]:
                     message=f"'{path}.file_id' is not supported (this server has no Files "
                     "API); send the image as 'image_url' (a data: URL or an http(s) URL).",
                 )
-            raise UNSUPPORTED_PARAMETER(
-                f"{path}.image_url",
-                message=f"'{path}.image_url' is required: a data: URL or an http(s) URL.",
-            )
+            raise MISSING_REQUIRED_PARAMETER(f"{path}.image_url", path=f"{path}.image_url")
         image: dict[str, Any] = {"url": part.image_url}
         if part.detail is not None:
             # "original" asks for the image as sent: the largest budget the server grants.

@@ -432,6 +432,16 @@ async def test_sdk_previous_response_id_raises_bad_request(sdk):
         ({"input": "Hi", "tool_choice": "required"}, "invalid_value", "tool_choice"),
         ({"input": "Hi", "model": "gpt-4"}, "model_not_found", "model"),
         ({"input": "Hi", "background": True}, "unsupported_parameter", "background"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            "missing_required_parameter",
+            "input[0].content[0].image_url",
+        ),
+        (
+            {"input": "Hi", "metadata": {str(i): "v" for i in range(17)}},
+            "invalid_value",
+            "metadata",
+        ),
     ],
 )
 async def test_bad_requests_get_openai_error_envelopes(make_client, body, code, param):
@@ -525,3 +535,28 @@ async def test_a_png_by_data_url_without_detail_and_with_original(sdk):
     ]
     await create(client, input=[{"role": "user", "content": parts}])
     assert backend.last_request.media["image"] == [PNG_BYTES, PNG_BYTES]
+
+
+async def test_a_previous_responses_output_is_history_for_the_next(sdk):
+    """Stateless multi-turn: the client sends the earlier output back in `input`."""
+    call_text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    backend = FakeBackend(script("Let me check.", call_text))
+    client = await sdk(backend)
+    first = await create(client, input="Weather in Paris?", tools=[WEATHER_TOOL])
+    assert [item.type for item in first.output] == ["message", "function_call"]
+    call = first.output[1]
+
+    backend.chunks = script("It is sunny.")
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump() for item in first.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    second = await create(client, input=history, tools=[WEATHER_TOOL])
+
+    assert second.output_text == "It is sunny."
+    messages = json.loads(backend.last_request.messages_json)
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant", "tool"]
+    assert messages[1]["content"] == [{"type": "text", "text": "Let me check."}]
+    assert messages[2]["tool_calls"][0]["id"] == call.call_id
+    assert messages[3]["tool_call_id"] == call.call_id
