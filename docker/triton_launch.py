@@ -6,7 +6,8 @@ Triton reads `instance_group` only from `config.pbtxt`; it has no environment ov
 a deployment can scale instances without rebuilding the image, this launcher reads
 
     TRITON_INSTANCE_COUNT   instances per GPU (KIND_GPU / KIND_AUTO with GPUs) or in all (KIND_CPU)
-    TRITON_INSTANCE_KIND    KIND_GPU, KIND_CPU or KIND_AUTO (also gpu, cpu, auto)
+    TRITON_INSTANCE_KIND    KIND_GPU, KIND_CPU, KIND_AUTO or KIND_MODEL (also gpu, cpu, auto, model;
+                            KIND_MODEL: one instance that places itself, e.g. with QWEN_VL_DEVICE_MAP)
 
 When neither is set it execs the command unchanged, and the model repository baked into the
 image (/models, root-owned, read-only to the server user) is used as it is. When either is set
@@ -26,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU")
+KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL")
 REPOSITORY_FLAGS = ("--model-repository", "--model-store")
 DEFAULT_RUNTIME_REPOSITORY = "/tmp/model_repository"
 

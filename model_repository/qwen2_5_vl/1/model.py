@@ -267,6 +267,13 @@ class TritonPythonModel:
             args["model_instance_kind"], args["model_instance_device_id"]
         )
         dtype = self.settings.resolve_dtype(device)
+        if self.settings.device_map:
+            device = f"device_map={self.settings.device_map}"
+            if args["model_instance_kind"].upper() == "GPU":
+                self.log.warning(
+                    "device_map with instance kind GPU: every instance spreads over all GPUs "
+                    "it sees; use instance_group [ { count: 1, kind: KIND_MODEL } ]"
+                )
         self.log.info("loading %s on %s (%s)", self.settings.model, device, dtype)
         self.checkpoint = load_checkpoint(
             self.settings.model,
@@ -274,6 +281,8 @@ class TritonPythonModel:
             dtype,
             self.settings.attn_implementation,
             self.settings.max_model_len,
+            device_map=self.settings.device_map,
+            max_memory=self.settings.max_memory_map(),
         )
         if self.checkpoint.random_weights:
             self.log.warning(

@@ -1,4 +1,5 @@
-"""Loading a Qwen2.5-VL checkpoint (model + processor) onto one device."""
+"""Loading a Qwen2.5-VL checkpoint (model + processor) onto one device, or split over several
+GPUs with a device_map."""
 
 from __future__ import annotations
 
@@ -46,25 +47,54 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def input_device(model) -> str:
+    """The device of the input embeddings: the first of a device_map, where inputs go."""
+    return str(model.get_input_embeddings().weight.device)
+
+
 def load_checkpoint(
     name_or_path: str,
     device: str,
     dtype: str,
     attn_implementation: str = "sdpa",
     max_model_len: int = 0,
+    device_map: str = "",
+    max_memory: dict | None = None,
 ) -> Checkpoint:
+    """`device_map` empty: the model on `device`. Otherwise from_pretrained places it
+    (`device` is then ignored) and the checkpoint's device is that of the input embeddings,
+    where the engine puts its inputs."""
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    model = (
-        Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            name_or_path,
-            dtype=getattr(torch, dtype),
-            attn_implementation=attn_implementation,
-        )
-        .to(device)
-        .eval()
+    kwargs: dict[str, Any] = {}
+    if device_map:
+        kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        name_or_path,
+        dtype=getattr(torch, dtype),
+        attn_implementation=attn_implementation,
+        **kwargs,
     )
+    if device_map:
+        device = input_device(model)
+        placed = getattr(model, "hf_device_map", None) or {}
+        log.info(
+            "device_map=%s placed the model on %s",
+            device_map,
+            sorted(set(map(str, placed.values()))),
+        )
+        if any(str(where) in ("cpu", "disk") for where in placed.values()):
+            log.warning(
+                "device_map=%s offloaded part of the model to cpu/disk: it does not fit the "
+                "GPUs (or max_memory); generation will be very slow",
+                device_map,
+            )
+    else:
+        model = model.to(device)
+    model = model.eval()
     processor = AutoProcessor.from_pretrained(name_or_path)
     limit = model.config.text_config.max_position_embeddings
     return Checkpoint(

@@ -471,6 +471,9 @@ class BatchingEngine:
         self.limits = settings.limits(context_length=self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
+        # The vision tower's device: the checkpoint's, unless a device_map put it elsewhere.
+        weight = next(self._model.model.visual.parameters(), None)
+        self._vision_device = checkpoint.device if weight is None else weight.device
         self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
         self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
         self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
@@ -713,7 +716,7 @@ class BatchingEngine:
             self._observe.images_encoded(hits, len(keys))
         if not keys:
             return None
-        device = self._checkpoint.device
+        device = self._vision_device
         job = VisionJob(
             self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device)
         )
@@ -809,7 +812,8 @@ class BatchingEngine:
                 attention_mask={"full_attention": None},
                 use_cache=True,
             ).last_hidden_state
-        logits = self._model.lm_head(hidden[0, rows]).float()
+        # .to: the LM head sits on the last GPU of a device_map; sampling works on the first.
+        logits = self._model.lm_head(hidden[0, rows]).float().to(device)
         self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
         return logits, finishing
 
@@ -829,7 +833,8 @@ class BatchingEngine:
         count = int(inside.sum())
         if count:
             where = inside.nonzero()[:, 0].to(embeds.device) + offset
-            embeds[where] = sequence.image_embeddings[before : before + count].to(embeds.dtype)
+            rows = sequence.image_embeddings[before : before + count]
+            embeds[where] = rows.to(embeds.device, embeds.dtype)
 
     def _forked(self, leader: _Sequence) -> list[_Sequence]:
         """The leader and, for n > 1, one copy of its prompt cache per extra choice."""

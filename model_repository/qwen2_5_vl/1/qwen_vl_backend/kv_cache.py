@@ -21,6 +21,7 @@ same model object) it defers to SDPA, so the checkpoint stays usable the ordinar
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class StepLayout:
         self.num_decode = len(self.decode_slots)
         self.num_tokens = len(slots)
         self._decode_view = None
+        self._home = torch.device(self.device)
+        self._moved: dict[torch.device, StepLayout] = {}
         # Per chunk: None (it starts the prompt: plain causal), else its mask; built once per
         # step, since every layer asks.
         self.chunk_masks = [
@@ -73,6 +76,24 @@ class StepLayout:
             ).tril(chunk.start)  # query i sits at position start + i: it sees keys 0 … start + i
             for chunk in self.chunks
         ]
+
+    def on(self, device: torch.device) -> StepLayout:
+        """This layout with its tensors on `device`: itself on a single device; for a model split
+        across GPUs (device_map), a copy per device of the layers there, made once per step."""
+        if device == self._home:
+            return self
+        moved = self._moved.get(device)
+        if moved is None:
+            moved = copy.copy(self)
+            moved.device, moved._home, moved._moved = device, device, {}
+            moved.token_slots = self.token_slots.to(device)
+            moved.token_positions = self.token_positions.to(device)
+            moved.chunk_masks = [None if m is None else m.to(device) for m in self.chunk_masks]
+            if self.num_decode:
+                span, longest, rows, mask = self.decode_view()
+                moved._decode_view = (span, longest, rows.to(device), mask.to(device))
+            self._moved[device] = moved
+        return moved
 
     def decode_view(self):
         """(slot span, longest length, query scatter index, key mask), computed once per step."""
@@ -102,11 +123,15 @@ class SlotKVCache:
         kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str,
+        device: torch.device | str | list,
     ):
+        """`device`: one for every layer, or a list with each layer's (a model split across
+        GPUs keeps each layer's cache next to its weights)."""
         shape = (slots, kv_heads, slot_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = list(device) if isinstance(device, list | tuple) else [device] * num_layers
+        assert len(devices) == num_layers, (len(devices), num_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.slots, self.slot_len = slots, slot_len
         self.layout: StepLayout | None = None
 
@@ -121,7 +146,7 @@ class SlotKVCache:
             text.num_key_value_heads,
             head_dim,
             model.dtype,
-            model.device,
+            layer_devices(model),
         )
 
     @property
@@ -130,7 +155,7 @@ class SlotKVCache:
 
     def update(self, key_states, value_states, layer_idx: int, kwargs=None):
         """Write this step's keys/values ([1, kv_heads, T, D]) into their slots; return the buffers."""
-        layout = self.layout
+        layout = self.layout.on(self.keys[layer_idx].device)
         slots, positions = layout.token_slots, layout.token_positions
         self.keys[layer_idx][slots, :, positions] = key_states[0].transpose(0, 1)
         self.values[layer_idx][slots, :, positions] = value_states[0].transpose(0, 1)
@@ -142,6 +167,15 @@ class SlotKVCache:
             buffer[target, :, :length] = buffer[source, :, :length]
 
     # get_seq_length etc. are never asked for: the engine passes positions and masks itself.
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device of each text decoder layer: all `model.device` unless the checkpoint was
+    loaded with a device_map that splits the layers across GPUs."""
+    layers = model.model.language_model.layers
+    return [
+        next(layer.parameters(), torch.empty(0, device=model.device)).device for layer in layers
+    ]
 
 
 _active = threading.local()
@@ -175,7 +209,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    layout = cache.layout
+    layout = cache.layout.on(key.device)
     heads, head_dim = query.shape[1], query.shape[3]
     out = query.new_empty(layout.num_tokens, heads, head_dim)
     if layout.num_decode:

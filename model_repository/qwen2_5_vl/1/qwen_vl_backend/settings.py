@@ -7,6 +7,7 @@ model repository serves any checkpoint without editing files inside a container 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -16,6 +17,10 @@ from .contract import ModelLimits
 _LIMITS = ModelLimits()
 
 ENV_PREFIX = "QWEN_VL_"
+
+# from_pretrained(device_map=...) strategies that split one model over the instance's GPUs.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,13 @@ class ModelSettings:
     # auto: the Triton instance's GPU for KIND_GPU, else cpu.
     device: str = "auto"
     attn_implementation: str = "sdpa"
+    # "": the whole model on `device` (one GPU). auto / balanced / balanced_low_0 / sequential:
+    # from_pretrained(device_map=...) splits it over every GPU the instance sees (a model larger
+    # than one GPU; docs/deploy.md "Models larger than one GPU"); inputs go to the GPU of the
+    # embeddings. Use instance_group KIND_MODEL with it.
+    device_map: str = ""
+    # With device_map: per-device caps, `0:75GiB,1:75GiB` (GPU index or cpu: size); "": none.
+    max_memory: str = ""
     # Completion length when the request names none.
     default_max_tokens: int = 1024
     # Server-wide ceiling on a request's max_tokens; larger requests are clamped.
@@ -85,6 +97,43 @@ class ModelSettings:
     # How long finalize waits for in-flight generations before abandoning them.
     shutdown_timeout_s: float = 30.0
 
+    def __post_init__(self):
+        if self.device_map not in ("", *DEVICE_MAPS):
+            raise ValueError(
+                f"parameter device_map={self.device_map!r}: expected one of "
+                f"{', '.join(DEVICE_MAPS)}, or empty for one device"
+            )
+        self.max_memory_map()
+
+    def max_memory_map(self) -> dict[int | str, str] | None:
+        """`max_memory` as from_pretrained takes it: {0: "75GiB", 1: "75GiB", "cpu": ...}."""
+        text = self.max_memory.strip()
+        if not text:
+            return None
+
+        def bad(why: str) -> ValueError:
+            return ValueError(f"parameter max_memory={self.max_memory!r}: {why}")
+
+        if not self.device_map:
+            raise bad("needs a device_map (auto, balanced, ...)")
+        caps: dict[int | str, str] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            device, sep, size = (x.strip() for x in item.partition(":"))
+            if not sep or not device or not size:
+                raise bad(f"expected <device>:<size> such as 0:75GiB, got {item!r}")
+            if device.isdigit():
+                key: int | str = int(device)
+            elif device.lower() in ("cpu", "disk"):
+                key = device.lower()
+            else:
+                raise bad(f"device {device!r} is neither a GPU index nor cpu")
+            if not _MEMORY.fullmatch(size):
+                raise bad(f"size {size!r} is not a number of bytes or like 75GiB / 80GB")
+            if key in caps:
+                raise bad(f"device {device} given twice")
+            caps[key] = size.replace(" ", "")
+        return caps
+
     @classmethod
     def from_parameters(
         cls, parameters: Mapping[str, str], env: Mapping[str, str] = os.environ
@@ -128,6 +177,9 @@ class ModelSettings:
         return 2048 if device.startswith("cuda") else 256
 
     def resolve_device(self, instance_kind: str, device_id: int | str) -> str:
+        """Where the model goes; with a device_map, "cuda" (the map places it, over the GPUs)."""
+        if self.device_map:
+            return "cuda"
         if self.device != "auto":
             return self.device
         return f"cuda:{int(device_id)}" if instance_kind.upper() == "GPU" else "cpu"
