@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -174,9 +175,40 @@ def ignored_fields_header(names: list[str]) -> str:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    app = request.app
     chat = parse_chat_request(await read_json_object(request))
     note_request_fields(request, chat)
+    generation = await start_generation(request, chat)
+    identity = CompletionIdentity.new(generation.served_name)
+    chunks, usage, parse_tool_calls = generation.chunks, generation.usage, generation.tool_calls
+    # Closing the generator is what cancels the Triton stream when the client goes away.
+    with request.app[MODEL_LIMITS_KEY].forgotten_on_outage(generation.triton_model):
+        async with contextlib.aclosing(chunks):
+            if chat.is_stream:
+                return await stream_completion(
+                    request, chunks, identity, usage, chat, parse_tool_calls
+                )
+            body = await collect_completion(
+                chunks, identity, usage, chat.wants_logprobs, parse_tool_calls
+            )
+            return web.json_response(body, dumps=json_dumps)
+
+
+@dataclass
+class Generation:
+    """A chat request admitted and sent to Triton: its chunks, as observed and timed."""
+
+    served_name: str
+    triton_model: str
+    usage: TokenUsage
+    tool_calls: bool  # the output may hold tool calls to parse
+    chunks: AsyncGenerator[GenerationChunk, None]
+
+
+async def start_generation(request: web.Request, chat: ChatCompletionRequest) -> Generation:
+    """The steps every route that generates shares (chat completions, responses): the model,
+    its limits, the checks, translation, media, and the Triton stream with its timeouts and
+    observation. Nothing is sent to Triton until the generator is first awaited."""
+    app = request.app
     served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
     limits, translation = await limits_for(app, triton_model)
     check_chat(chat, limits)
@@ -184,29 +216,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
     await timed_media_check(request, check_media(media, prepared.media, limits))
     triton_request = prepared.to_triton(triton_model, media)
-    identity = CompletionIdentity.new(served_name)
     usage = request[USAGE_KEY] = TokenUsage()
     chunks = observe_generation(
         request,
         with_stream_timeouts(
-            request,
-            app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY]),
+            request, app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
         ),
         model=served_name,
         stream=chat.is_stream,
         usage=usage,
     )
-    # Closing the generator is what cancels the Triton stream when the client goes away.
-    with app[MODEL_LIMITS_KEY].forgotten_on_outage(triton_model):
-        async with contextlib.aclosing(chunks):
-            if chat.is_stream:
-                return await stream_completion(
-                    request, chunks, identity, usage, chat, prepared.parse_tool_calls
-                )
-            body = await collect_completion(
-                chunks, identity, usage, chat.wants_logprobs, prepared.parse_tool_calls
-            )
-            return web.json_response(body, dumps=json_dumps)
+    return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks)
 
 
 async def limits_for(app: web.Application, triton_model: str) -> tuple[RequestLimits, ServerLimits]:
@@ -271,8 +291,6 @@ async def stream_completion(
     # Waiting for the first chunk before sending headers lets an early failure (model
     # rejects the request, Triton down) reach the client as a real HTTP error status.
     first = await anext(chunks, None)
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
     events = completion_events(
         first,
         chunks,
@@ -283,6 +301,18 @@ async def stream_completion(
         with_logprobs=chat.wants_logprobs,
         parse_tool_calls=parse_tool_calls,
     )
+    return await write_events(request, events, SSE_HEADERS)
+
+
+async def write_events(
+    request: web.Request,
+    events: AsyncGenerator[bytes, None],
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Sends the headers, then a stream's events (closing `events` whatever happens); a
+    client gone mid-stream is logged, not an error."""
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
     async with contextlib.aclosing(events):
         try:
             async for event in events:
@@ -304,50 +334,19 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     note_request_fields(request, call)  # type: ignore[arg-type]  # user + ignored_fields
     with call.client_paths():  # the chat path's errors name the client's Responses paths
         chat = parse_chat_request(call.chat_body)
-        served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
-        limits, translation = await limits_for(app, triton_model)
-        check_chat(chat, limits)
-        prepared = prepare_chat(chat, translation, limits)
-        media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
-        await timed_media_check(request, check_media(media, prepared.media, limits))
-        triton_request = prepared.to_triton(triton_model, media)
-        usage = request[USAGE_KEY] = TokenUsage()
-        renderer = call.renderer(served_name, usage, prepared.parse_tool_calls)
-        chunks = observe_generation(
-            request,
-            with_stream_timeouts(
-                request, app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
-            ),
-            model=served_name,
-            stream=chat.is_stream,
-            usage=usage,
-        )
+        generation = await start_generation(request, chat)
+        renderer = call.renderer(generation.served_name, generation.usage, generation.tool_calls)
+        chunks = generation.chunks
         # Closing the generator is what cancels the Triton stream when the client goes away.
-        with app[MODEL_LIMITS_KEY].forgotten_on_outage(triton_model):
+        with app[MODEL_LIMITS_KEY].forgotten_on_outage(generation.triton_model):
             async with contextlib.aclosing(chunks):
                 if not chat.is_stream:
                     body = await renderer.collect(chunks)
                     return web.json_response(body, headers=STORED_HEADERS, dumps=json_dumps)
                 # An error before the first chunk is still a plain HTTP error, as in chat.
                 first = await anext(chunks, None)
-                return await _stream_response(
-                    request, renderer.events(first, chunks, request[REQUEST_ID_KEY])
-                )
-
-
-async def _stream_response(
-    request: web.Request, events: AsyncGenerator[bytes, None]
-) -> web.StreamResponse:
-    response = web.StreamResponse(headers={**SSE_HEADERS, **STORED_HEADERS})
-    await response.prepare(request)
-    async with contextlib.aclosing(events):
-        try:
-            async for event in events:
-                await response.write(event)
-            await response.write_eof()
-        except ConnectionResetError:
-            log.info("request %s: client disconnected", request[REQUEST_ID_KEY])
-    return response
+                events = renderer.events(first, chunks, request[REQUEST_ID_KEY])
+                return await write_events(request, events, {**SSE_HEADERS, **STORED_HEADERS})
 
 
 # ---- models and probes -----------------------------------------------------------------
