@@ -38,7 +38,7 @@ from .error_catalogue import (
     APIError,
 )
 from .responses import TokenUsage, record_usage
-from .schema import INT32_MAX, BaseModel, validation_api_error
+from .schema import INT32_MAX, BaseModel, part_discriminator, validation_api_error
 from .sse import sse_event
 from .tool_calls import ToolCall, ToolCallStream, split_tool_calls
 
@@ -75,20 +75,11 @@ class InputImage(BaseModel):
     detail: Literal["auto", "low", "high", "original"] | None = None
 
 
-def _part_type(part: Any) -> str | None:
-    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-    return kind if kind in SUPPORTED_PART_TYPES else None
-
-
 InputPart = Annotated[
     Annotated[InputText, Tag("input_text")]
     | Annotated[InputImage, Tag("input_image")]
     | Annotated[OutputText, Tag("output_text")],
-    Discriminator(
-        _part_type,
-        custom_error_type="unsupported_content_type",
-        custom_error_message="Unsupported content part type",
-    ),
+    part_discriminator(SUPPORTED_PART_TYPES),
 ]
 
 

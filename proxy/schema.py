@@ -16,7 +16,6 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -79,6 +78,15 @@ class MediaPart(BaseModel):
 
     kind: ClassVar[MediaKind]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_bare_url(cls, value: Any) -> Any:
+        # Some clients send `"image_url": "data:..."` instead of `{"url": "data:..."}`.
+        field = cls.kind.part_type
+        if isinstance(value, dict) and isinstance(value.get(field), str):
+            return {**value, field: {"url": value[field]}}
+        return value
+
     @property
     def source(self) -> Any:
         """The URL object (`image_url`, `video_url`): `url` and the kind's budget fields."""
@@ -89,12 +97,6 @@ class ImagePart(MediaPart):
     kind: ClassVar[MediaKind] = IMAGE
     type: Literal["image_url"]
     image_url: ImageURL
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _accept_bare_url(cls, value: Any) -> Any:
-        # Some clients send `"image_url": "data:..."` instead of `{"url": "data:..."}`.
-        return {"url": value} if isinstance(value, str) else value
 
 
 class VideoURL(BaseModel):
@@ -112,28 +114,27 @@ class VideoPart(MediaPart):
     type: Literal["video_url"]
     video_url: VideoURL
 
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _accept_bare_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
+
+def part_discriminator(supported: tuple[str, ...]) -> Discriminator:
+    """Picks a content part's model by its `type`; a part of any other type (input_audio,
+    file, ...) fails with an error type `validation_api_error` turns into a 400 naming it."""
+
+    def part_type(part: Any) -> str | None:
+        kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+        return kind if kind in supported else None
+
+    return Discriminator(
+        part_type,
+        custom_error_type="unsupported_content_type",
+        custom_error_message="Unsupported content part type",
+    )
 
 
-def _part_type(part: Any) -> str | None:
-    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-    return kind if kind in SUPPORTED_PART_TYPES else None
-
-
-# A part of any other type (input_audio, file, ...) fails with this error type,
-# which `validation_api_error` turns into a 400 naming the part.
 ContentPart = Annotated[
     Annotated[TextPart, Tag("text")]
     | Annotated[ImagePart, Tag("image_url")]
     | Annotated[VideoPart, Tag("video_url")],
-    Discriminator(
-        _part_type,
-        custom_error_type="unsupported_content_type",
-        custom_error_message="Unsupported content part type",
-    ),
+    part_discriminator(SUPPORTED_PART_TYPES),
 ]
 
 
