@@ -83,12 +83,6 @@ def invalid_image(param: str) -> APIError:
     )
 
 
-def image_too_large_bytes(param: str, max_bytes: int) -> APIError:
-    return IMAGE_TOO_LARGE(
-        param, message=f"The image is larger than this server's limit of {max_bytes} bytes."
-    )
-
-
 def _too_many_pixels(param: str, limits: RequestLimits, size: str = "") -> APIError:
     return IMAGE_TOO_LARGE(
         param,
@@ -136,13 +130,11 @@ async def read_headers(images: Sequence[bytes]) -> list[ImageHeader | str]:
 async def check_images(
     images: Sequence[bytes], refs: Sequence[MediaRef], limits: RequestLimits
 ) -> None:
-    """Bytes, pixels, smallest side, aspect ratio and the request's total pixels of the
-    encoded `images` (in the order of `refs`), from their headers."""
+    """Pixels, smallest side, aspect ratio and the request's total pixels of the encoded
+    `images` (in the order of `refs`), from their headers; their bytes are checked before
+    (limits.check_media)."""
     if not images:
         return
-    for data, ref in zip(images, refs, strict=True):
-        if len(data) > limits.max_image_bytes:
-            raise image_too_large_bytes(ref.param, limits.max_image_bytes)
     total = 0
     for header, ref in zip(await read_headers(images), refs, strict=True):
         check_image_header(header, ref.param, limits)

@@ -148,9 +148,15 @@ def _check_inline_size(url: str, param: str, kind: MediaKind, max_bytes: int) ->
 async def check_media(
     media: Sequence[bytes], refs: Sequence[MediaRef], limits: RequestLimits
 ) -> None:
-    """Each kind's own checks (proxy/images.py for images) of the encoded `media`, in the
-    order of `refs`, before the model decodes anything."""
+    """The encoded `media` (in the order of `refs`), kind by kind, before the model decodes
+    anything: each part's bytes against its kind's limit, then the kind's own checks
+    (proxy/images.py for images), if it has any."""
     kinds = dict.fromkeys(ref.kind for ref in refs)
     for kind in kinds:
         mine = [i for i, ref in enumerate(refs) if ref.kind is kind]
-        await kind.inspect([media[i] for i in mine], [refs[i] for i in mine], limits)
+        max_bytes = getattr(limits, kind.bytes_limit)
+        for i in mine:
+            if len(media[i]) > max_bytes:
+                raise kind.too_many_bytes(refs[i].param, max_bytes)
+        if kind.inspect is not None:
+            await kind.inspect([media[i] for i in mine], [refs[i] for i in mine], limits)

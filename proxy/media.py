@@ -55,8 +55,9 @@ class MediaKind:
     # (the part's URL object, the translation's ServerLimits, the request's (min, max)
     # pixels, param) -> the chat-part keys the model resizes and samples by
     budget: Callable[[Any, Any, tuple[int | None, int | None], str], dict[str, Any]]
-    # (encoded bytes, their refs, limits): the kind's checks before the model decodes
-    inspect: Callable[[Sequence[bytes], Sequence[MediaRef], Any], Awaitable[None]]
+    # (encoded bytes, their refs, limits): the kind's own checks before the model decodes,
+    # after limits.check_media has checked every part's bytes; None: bytes only
+    inspect: Callable[[Sequence[bytes], Sequence[MediaRef], Any], Awaitable[None]] | None
     # the kind's errors (proxy/error_catalogue.py)
     too_many: ErrorEntry
     invalid: ErrorEntry

@@ -11,8 +11,7 @@ would let one video take ~115k tokens).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .error_catalogue import (
     INVALID_VALUE,
@@ -24,11 +23,8 @@ from .error_catalogue import (
     VIDEO_TOO_LARGE,
     VIDEO_URL_FORBIDDEN,
 )
-from .media import MediaKind, MediaRef
+from .media import MediaKind
 from .model_contract import MAX_VIDEO_FPS
-
-if TYPE_CHECKING:
-    from .limits import RequestLimits
 
 _FRAME_LIST_PREFIX = b"data:video/"
 
@@ -83,15 +79,6 @@ def _within(value, low, high, param: str, exclusive_low: bool = False):
     return value
 
 
-async def check_videos(
-    videos: Sequence[bytes], refs: Sequence[MediaRef], limits: RequestLimits
-) -> None:
-    """Bytes per video; the container is the model's to read."""
-    for data, ref in zip(videos, refs, strict=True):
-        if len(data) > limits.max_video_bytes:
-            raise VIDEO.too_many_bytes(ref.param, limits.max_video_bytes)
-
-
 VIDEO = MediaKind(
     part_type="video_url",
     name="video",
@@ -110,7 +97,7 @@ VIDEO = MediaKind(
     fetch_bytes_field="video_max_bytes",
     fetch_timeout_field="video_timeout_s",
     budget=video_budget,
-    inspect=check_videos,
+    inspect=None,  # bytes only: the container is the model's to read
     too_many=TOO_MANY_VIDEOS,
     invalid=INVALID_VIDEO,
     bad_url=INVALID_VIDEO_URL,

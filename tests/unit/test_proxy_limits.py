@@ -35,7 +35,7 @@ from proxy.backend import model_error
 from proxy.config import parse_config
 from proxy.errors import APIError
 from proxy.images import IMAGE, ImageHeader, _safe_header, check_images, read_image_header
-from proxy.limits import RequestLimits, check_chat, check_json_text
+from proxy.limits import RequestLimits, check_chat, check_json_text, check_media
 from proxy.media import MediaRef
 from proxy.model_contract import ModelError, ModelLimits
 from proxy.schema import parse_chat_request
@@ -69,7 +69,7 @@ def limits_of(**flags) -> RequestLimits:
 
 
 async def check_one(data: bytes, limits: RequestLimits | None = None) -> None:
-    await check_images([data], [MediaRef(IMAGE, "data:", PARAM)], limits or limits_of())
+    await check_media([data], [MediaRef(IMAGE, "data:", PARAM)], limits or limits_of())
 
 
 # ---- counts before decoding ----------------------------------------------------------------
