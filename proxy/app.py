@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from .limits import RequestLimits, check_chat, check_json_text, check_media
 from .loader import ModelLoader
 from .media import MediaFetcher
 from .metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
+from .model_contract import ModelLimits
 from .model_limits import ModelLimitsBook, narrower
 from .observe import (
     load_media_timed,
@@ -235,8 +237,13 @@ async def limits_for(app: web.Application, triton_model: str) -> tuple[RequestLi
     proxy's flags."""
     if LOADER_KEY in app:
         await app[LOADER_KEY].ensure_loaded(triton_model)
-    model = await app[MODEL_LIMITS_KEY].get(triton_model)
-    config = app[CONFIG_KEY]
+    return effective_limits(app[CONFIG_KEY], await app[MODEL_LIMITS_KEY].get(triton_model))
+
+
+@functools.lru_cache(maxsize=64)
+def effective_limits(config: ProxyConfig, model: ModelLimits) -> tuple[RequestLimits, ServerLimits]:
+    """The proxy's flags over a model's limits; the same pair for every request while both
+    stay the same, so it is worked out once."""
     max_tokens = int(narrower(config.server.max_tokens_limit, model.max_tokens))
     translation = ServerLimits(config.pixels.within(model), max_tokens, model)
     return config.limits.within(model), translation

@@ -71,11 +71,8 @@ class ModelLimitsBook:
     async def prefetch(self, models: list[str]) -> None:
         """Asks each model once at start; one that cannot answer yet is asked on first use."""
         for model in models:
-            try:
-                limits = await self._backend.describe(model)
-            except APIError:
-                continue  # Triton is still starting, or the model loads lazily
-            self._known[model] = limits if limits is not None else ModelLimits()
+            # Triton may still be starting: a failure here is no reason to wait before asking.
+            await self._ask(model, at_start=True)
 
     @contextlib.contextmanager
     def forgotten_on_outage(self, model: str) -> Iterator[None]:
@@ -93,12 +90,13 @@ class ModelLimitsBook:
         self._known.pop(model, None)
         self._failed_at.pop(model, None)
 
-    async def _ask(self, model: str) -> ModelLimits | None:
+    async def _ask(self, model: str, at_start: bool = False) -> ModelLimits | None:
         try:
             limits = await self._backend.describe(model)
         except APIError as exc:
-            log.warning("model %r could not be asked for its limits (%s)", model, exc.message)
-            self._failed_at[model] = self._clock()
+            if not at_start:
+                log.warning("model %r could not be asked for its limits (%s)", model, exc.message)
+                self._failed_at[model] = self._clock()
             return None
         finally:
             self._asking.pop(model, None)
