@@ -27,52 +27,71 @@ from .videos import Video, VideoOptions, load_video
 ROLES = {"system", "user", "assistant", "tool"}
 
 
-class _ImageSource:
-    """Hands out decoded images in order: `image` elements by reference, inline data URLs."""
+class _ElementSource:
+    """Hands out one kind's media in order of appearance: the next element of its input by
+    reference, or an inline data URL; at most `limit` per request, counted either way."""
 
-    def __init__(self, elements: Sequence[bytes], limits: ModelLimits):
-        if len(elements) > limits.max_images:
-            raise RequestError(
-                f"at most {limits.max_images} images per request", "image", "too_many_images"
-            )
+    noun = ""  # "image", "video": the input's name too
+
+    def __init__(self, elements: Sequence[bytes], limit: int):
+        if len(elements) > limit:
+            raise RequestError(self._too_many(limit), self.noun, f"too_many_{self.noun}s")
         self._elements = list(elements)
-        self._limits = limits
+        self._limit = limit
         self.used = 0
         self.decoded = 0
 
+    def _take(self, param: str) -> bytes:
+        if self.used >= len(self._elements):
+            raise RequestError(
+                f"message refers to more {self.noun}s than the {self.noun} input holds", param
+            )
+        self.used += 1
+        return self._elements[self.used - 1]
+
+    def _count(self, param: str) -> None:
+        self.decoded += 1
+        if self.decoded > self._limit:
+            raise RequestError(self._too_many(self._limit), param, f"too_many_{self.noun}s")
+
+    def _too_many(self, limit: int) -> str:
+        return f"at most {limit} {self.noun}s per request"
+
+    def check_all_used(self) -> None:
+        if self.used != len(self._elements):
+            raise RequestError(
+                f"{self.noun} input holds {len(self._elements)} {self.noun}s but messages refer "
+                f"to {self.used}",
+                self.noun,
+            )
+
+
+class _ImageSource(_ElementSource):
+    noun = "image"
+
+    def __init__(self, elements: Sequence[bytes], limits: ModelLimits):
+        super().__init__(elements, limits.max_images)
+        self._limits = limits
+
     def next(self, param: str) -> Image.Image:
         """The next `image` element, decoded; its errors name `param`."""
-        if self.used >= len(self._elements):
-            raise RequestError("message refers to more images than the image input holds", param)
-        index = self.used
-        self.used += 1
-        return self._decode(element_bytes(self._elements[index], param), param)
+        return self._decode(element_bytes(self._take(param), param), param)
 
     def inline(self, url: str, param: str) -> Image.Image:
         return self._decode(data_url_bytes(url, param), param)
 
     def _decode(self, data: bytes, param: str) -> Image.Image:
-        self.decoded += 1
-        if self.decoded > self._limits.max_images:
-            raise RequestError(
-                f"at most {self._limits.max_images} images per request", param, "too_many_images"
-            )
+        self._count(param)
         return decode_image(data, param, self._limits)
 
 
-class _VideoSource:
-    """Hands out decoded videos in order: `video` elements by reference, inline data URLs."""
+class _VideoSource(_ElementSource):
+    noun = "video"
 
     def __init__(self, elements: Sequence[bytes], limits: ModelLimits, timeout_s: float):
-        if len(elements) > limits.max_videos:
-            raise RequestError(
-                f"at most {limits.max_videos} videos per request", "video", "too_many_videos"
-            )
-        self._elements = list(elements)
+        super().__init__(elements, limits.max_videos)
         self._limits = limits
         self._timeout_s = timeout_s
-        self.used = 0
-        self.decoded = 0
 
     def options(self, part: dict, param: str) -> VideoOptions:
         """The server's defaults, narrowed by the part's own keys (errors name `param.<key>`)."""
@@ -109,22 +128,14 @@ class _VideoSource:
         return VideoOptions(**values, timeout_s=self._timeout_s)
 
     def next(self, options: VideoOptions, param: str) -> Video:
-        if self.used >= len(self._elements):
-            raise RequestError("message refers to more videos than the video input holds", param)
-        index = self.used
-        self.used += 1
-        return self._decode(self._elements[index], options, param)
-
-    def _decode(self, element, options: VideoOptions, param: str) -> Video:
-        self.decoded += 1
-        if self.decoded > self._limits.max_videos:
-            raise RequestError(
-                f"at most {self._limits.max_videos} videos per request", param, "too_many_videos"
-            )
-        return load_video(element, param, self._limits, options)
+        return self._decode(self._take(param), options, param)
 
     def inline(self, url: str, options: VideoOptions, param: str) -> Video:
         return self._decode(url, options, param)
+
+    def _decode(self, element, options: VideoOptions, param: str) -> Video:
+        self._count(param)
+        return load_video(element, param, self._limits, options)
 
 
 def pixel_budget(part: dict, limits: dict, param: str) -> dict:
@@ -245,16 +256,8 @@ def parse_messages(
     videos = _VideoSource(video_elements, limits, video_timeout_s)
     converter = _Converter(images, vision or {}, videos)
     converted = [converter.message(m, i) for i, m in enumerate(messages)]
-    if videos.used != len(video_elements):
-        raise RequestError(
-            f"video input holds {len(video_elements)} videos but messages refer to {videos.used}",
-            "video",
-        )
-    if images.used != len(image_elements):
-        raise RequestError(
-            f"image input holds {len(image_elements)} images but messages refer to {images.used}",
-            "image",
-        )
+    videos.check_all_used()
+    images.check_all_used()
     return converted
 
 
