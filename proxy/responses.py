@@ -41,11 +41,19 @@ class TokenUsage:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
         if self.image_tokens is not None:
-            details = {"cached_tokens": 0, "image_tokens": self.image_tokens}
+            usage["prompt_tokens_details"] = self.prompt_details()
+        return usage
+
+    def prompt_details(self) -> dict[str, Any]:
+        """The prompt's token breakdown: image (and, where a request had videos, video) tokens
+        when the model reports them; chat's `prompt_tokens_details`, Responses'
+        `input_tokens_details`."""
+        details: dict[str, Any] = {"cached_tokens": 0}
+        if self.image_tokens is not None:
+            details["image_tokens"] = self.image_tokens
             if self.video_tokens:  # only where a request had videos: the image-only shape stays
                 details["video_tokens"] = self.video_tokens
-            usage["prompt_tokens_details"] = details
-        return usage
+        return details
 
 
 @dataclass(frozen=True)

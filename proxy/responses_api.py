@@ -400,14 +400,9 @@ def _new_id(prefix: str) -> str:
 def usage_dict(usage: TokenUsage) -> dict[str, Any]:
     """Responses' usage: chat's counts under their Responses names (image and video tokens
     among the input tokens when the model reports them, as chat's prompt_tokens_details)."""
-    input_details: dict[str, Any] = {"cached_tokens": 0}
-    if usage.image_tokens is not None:
-        input_details["image_tokens"] = usage.image_tokens
-        if usage.video_tokens:
-            input_details["video_tokens"] = usage.video_tokens
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": input_details,
+        "input_tokens_details": usage.prompt_details(),
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
