@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "model_repository" / "qwen2_5_vl" / "1"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from qwen_vl_backend.checkpoint import Checkpoint  # noqa: E402
-from qwen_vl_backend.engine import BatchingEngine, EngineObserver  # noqa: E402
-from qwen_vl_backend.prepare import RawRequest  # noqa: E402
+from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
+from qwen_vl_backend.modeling.checkpoint import Checkpoint  # noqa: E402
+from qwen_vl_backend.request.prepare import RawRequest  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct's config.json, which is what the shapes below reproduce.

@@ -10,7 +10,7 @@ allowed token, so the rows sit at different points of the grammar); a step is on
 the bitmask plus the per-sequence advance. xgrammar is optional (its import is tried; install it
 out of the project's venv, e.g. `pip install --no-deps --target /tmp/xgt xgrammar
 apache-tvm-ffi` and `PYTHONPATH=/tmp/xgt`). Last, the engine's own path
-(`qwen_vl_backend.grammar.TokenMasks.apply`: the batch fill, the unpacking and the in-place add
+(`qwen_vl_backend.engine.grammar.TokenMasks.apply`: the batch fill, the unpacking and the in-place add
 on float32 logits of the tokenizer's width), greedy over random logits.
 """
 
@@ -155,8 +155,8 @@ def run_engine_path(tokenizer, batch: int, steps: int, seed: int) -> None:
     sys.path.insert(
         0, str(Path(__file__).resolve().parent.parent / "model_repository/qwen2_5_vl/1")
     )
-    from qwen_vl_backend.grammar import GrammarCompiler, TokenMasks
-    from qwen_vl_backend.params import parse_sampling_parameters
+    from qwen_vl_backend.engine.grammar import GrammarCompiler, TokenMasks
+    from qwen_vl_backend.request.params import parse_sampling_parameters
 
     vocab = len(tokenizer)
     structured = parse_sampling_parameters(

@@ -11,7 +11,7 @@ checkpoint unless --model) and, in one event loop, sends the same requests both 
           -> Triton gRPC stream. Includes the proxy's whole path (HTTP parse, validation,
           translation, admission, metrics, JSON/SSE encoding) and the client's HTTP parse.
   direct  tritonclient.grpc.aio -> Triton gRPC stream_infer, with the very inputs the proxy
-          sends (proxy.translate.prepare_chat + proxy.backend.build_inputs). Includes building
+          sends (proxy.request.translate.prepare_chat + proxy.transport.backend.build_inputs). Includes building
           the inputs and the client's protobuf decode (`as_numpy` of text_output).
 
 (a) non-streamed 1-token requests (`max_tokens` 1, temperature 0), sequential, interleaved
@@ -44,11 +44,11 @@ import aiohttp  # noqa: E402
 import stack as stack_launcher  # noqa: E402  (scripts/stack.py)
 import tritonclient.grpc.aio as grpcclient_aio  # noqa: E402
 
-from proxy.backend import TritonBackend, TritonRequest, build_inputs  # noqa: E402
-from proxy.limits import RequestLimits  # noqa: E402
-from proxy.pixels import PixelLimits  # noqa: E402
-from proxy.schema import parse_chat_request  # noqa: E402
-from proxy.translate import ServerLimits, prepare_chat  # noqa: E402
+from proxy.media.pixels import PixelLimits  # noqa: E402
+from proxy.request.limits import RequestLimits  # noqa: E402
+from proxy.request.schema import parse_chat_request  # noqa: E402
+from proxy.request.translate import ServerLimits, prepare_chat  # noqa: E402
+from proxy.transport.backend import TritonBackend, TritonRequest, build_inputs  # noqa: E402
 
 PROMPT = "Write a long story about a cat."  # the tiny model runs to max_tokens on it
 STREAM_PARAMETERS = {"triton_enable_empty_final_response": True}

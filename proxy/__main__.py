@@ -9,9 +9,9 @@ from aiohttp import web
 
 from .app import create_app
 from .config import parse_config
-from .hardening import describe_limits
-from .logs import configure_logging
-from .shutdown import CANCEL_GRACE_S, install_signal_drain
+from .observability.logs import configure_logging
+from .serving.hardening import describe_limits
+from .serving.shutdown import CANCEL_GRACE_S, install_signal_drain
 
 log = logging.getLogger("proxy")
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     log.info("%s", describe_limits(config))
     app = create_app(config)
-    # SIGINT/SIGTERM drain first (proxy/shutdown.py): not ready, new requests refused, the
+    # SIGINT/SIGTERM drain first (proxy/serving/shutdown.py): not ready, new requests refused, the
     # admitted ones finish within --shutdown-timeout-s. Then run_app stops accepting,
     # cancels what is left, and runs the app's cleanup, which closes the Triton gRPC channel.
     install_signal_drain(app, server.shutdown_timeout_s)

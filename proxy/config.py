@@ -14,7 +14,7 @@ A row names its flag or env var only where the rule does not give the establishe
 
 Limits the model has too (images per request, source pixels, aspect ratio, pixel budgets,
 max_tokens) default to 0: the model's own value, learned through Triton at the first request
-(proxy/model_limits.py). A flag can only narrow what the model allows.
+(proxy/transport/model_limits.py). A flag can only narrow what the model allows.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .admission import AdmissionSettings
-from .auth import APIKeyError, read_api_key
-from .fetch import FetchPolicy
-from .limits import RequestLimits
-from .logs import LOG_FORMATS, log_format
-from .pixels import PixelLimits
-from .upstreams import parse_targets
+from .media.fetch import FetchPolicy
+from .media.pixels import PixelLimits
+from .observability.logs import LOG_FORMATS, log_format
+from .request.limits import RequestLimits
+from .serving.admission import AdmissionSettings
+from .serving.auth import APIKeyError, read_api_key
+from .transport.upstreams import parse_targets
 
 _FLAG_PREFIX = "flag_prefix"  # ProxyConfig field metadata: the flags' common prefix
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -1,7 +1,7 @@
 """Every error a client can get from the proxy: `APIError`, and the catalogue of them.
 
 An `ErrorEntry` is one `error.code`: its HTTP status, its OpenAI `type` (from the status),
-the `cause` the metrics count it under (one of `metrics.CAUSES`: proxy/metrics.py
+the `cause` the metrics count it under (one of `metrics.CAUSES`: proxy/observability/metrics.py
 `error_cause` looks the code up here), whether it tells the client when to retry
 (`Retry-After`) and its message, a `str.format` template of the fields its raise sites pass.
 Calling an entry builds the error:
@@ -10,7 +10,7 @@ Calling an entry builds the error:
 
 A code whose wording differs from site to site (`invalid_value`, `timeout`, ...) has the
 template "{message}" and its sites pass `message=`. Errors the model reports keep the model's
-message, param and code (proxy/backend.py `client_error`); `MODEL_ERRORS` gives them their
+message, param and code (proxy/transport/backend.py `client_error`); `MODEL_ERRORS` gives them their
 status, type and cause.
 
 A new error is a new entry here; tests/unit/test_error_catalogue.py checks that nothing else
@@ -181,7 +181,7 @@ SERVER_SHUTTING_DOWN = _entry(
 # The whole request's deadline, or a stream the model stopped feeding.
 TIMEOUT = _entry("timeout", 504, cause="timeout")
 
-# ---- the request's fields (proxy/schema.py, proxy/pixels.py) ---------------------------
+# ---- the request's fields (proxy/request/schema.py, proxy/media/pixels.py) ---------------------------
 
 INVALID_VALUE = _entry("invalid_value", 400, cause="invalid_request")
 INVALID_TYPE = _entry("invalid_type", 400, cause="invalid_request")
@@ -201,7 +201,7 @@ UNSUPPORTED_CONTENT_TYPE = _entry(
     "{supported} parts.",
 )
 
-# ---- per-request limits (proxy/limits.py) ----------------------------------------------
+# ---- per-request limits (proxy/request/limits.py) ----------------------------------------------
 
 TOO_MANY_MESSAGES = _entry(
     "too_many_messages",
@@ -263,7 +263,7 @@ IMAGE_ASPECT_RATIO_TOO_LARGE = _entry(
     template="The image is {width}x{height} pixels; its aspect ratio must be at most {limit:g}:1.",
 )
 
-# ---- videos (proxy/videos.py): the image errors' counterparts ---------------------------
+# ---- videos (proxy/media/videos.py): the image errors' counterparts ---------------------------
 
 TOO_MANY_VIDEOS = _entry(
     "too_many_videos",
@@ -320,7 +320,7 @@ MODEL_NOT_READY = _entry(
     cause="backend_unavailable",
     template="The model is not ready to serve requests.",
 )
-# --lazy-load (proxy/loader.py).
+# --lazy-load (proxy/transport/loader.py).
 MODEL_NOT_LOADED = _entry(
     "model_not_loaded",
     503,
@@ -349,7 +349,7 @@ INTERNAL_ERROR = _entry(
     template="internal server error (request id {request_id})",
 )
 
-# ---- the model's request errors (proxy/backend.py client_error) ------------------------
+# ---- the model's request errors (proxy/transport/backend.py client_error) ------------------------
 
 # The codes the model puts on its `invalid_request` errors (model_repository/.../qwen_vl_backend).
 MODEL_ERRORS: dict[str, ErrorEntry] = {

@@ -7,8 +7,8 @@ from pathlib import Path
 from helpers import config_pbtxt_parameters
 from stacks import stack_launcher
 
-from proxy.backend import TritonBackend
-from proxy.model_contract import ModelLimits
+from proxy.transport.backend import TritonBackend
+from proxy.transport.contract import ModelLimits
 from qwen_vl_backend.settings import ModelSettings
 
 MODEL_CONFIG = Path(__file__).resolve().parents[2] / "model_repository/qwen2_5_vl/config.pbtxt"

@@ -7,7 +7,7 @@ scripted by the last user message, `key=value` words:
     tokens=N     stream N text responses "t0 ", "t1 ", ... (default 3), then the final flag
     delay=S      sleep S seconds before each text response
     error=TEXT   answer with an error response whose message is TEXT (`_` for spaces)
-    model_error=KIND  answer with the model's error of that kind (proxy/model_contract.py)
+    model_error=KIND  answer with the model's error of that kind (proxy/transport/contract.py)
 
 A `describe` request gets `FakeTritonState.limits` (the contract's defaults unless changed).
 It counts streams started, completed and cancelled (the client went away), and answers
@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from proxy.model_contract import DESCRIBE_INPUT, ModelError, ModelLimits
+from proxy.transport.contract import DESCRIBE_INPUT, ModelError, ModelLimits
 
 MODEL = "qwen2_5_vl"
 

@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from sample_images import encoded_image
 
 from proxy.app import create_app
-from proxy.backend import Backend, GenerationChunk, TritonRequest
 from proxy.config import ProxyConfig, with_settings
-from proxy.model_contract import ModelLimits
+from proxy.transport.backend import Backend, GenerationChunk, TritonRequest
+from proxy.transport.contract import ModelLimits
 
 SERVED_MODEL = "qwen2.5-vl-7b-instruct"
 TRITON_MODEL = "qwen2_5_vl"

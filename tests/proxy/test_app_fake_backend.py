@@ -18,8 +18,8 @@ from proxy_fakes import (
     serving,
 )
 
-from proxy.backend import GenerationChunk, backend_unavailable
 from proxy.errors import APIError
+from proxy.transport.backend import GenerationChunk, backend_unavailable
 
 # The request body of the original Flask server's client example (README).
 FLASK_EXAMPLE = {

@@ -19,8 +19,8 @@ from proxy_fakes import (
     script,
 )
 
-from proxy.backend import client_error, model_load_failed
-from proxy.model_contract import ModelError
+from proxy.transport.backend import client_error, model_load_failed
+from proxy.transport.contract import ModelError
 
 TEXT_REQUEST = {"messages": [{"role": "user", "content": "hi"}]}
 URL = "/v1/chat/completions"

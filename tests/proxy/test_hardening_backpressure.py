@@ -18,10 +18,10 @@ from helpers import sse_payloads, wait_until_async
 from proxy_fakes import TEST_CONFIG, FakeBackend, script, serving
 from tritonclient.utils import InferenceServerException
 
-from proxy.admission import ADMISSION_KEY
-from proxy.backend import model_error
 from proxy.config import with_settings
-from proxy.model_contract import ModelError
+from proxy.serving.admission import ADMISSION_KEY
+from proxy.transport.backend import model_error
+from proxy.transport.contract import ModelError
 
 STREAM_REQUEST = {**NORMAL_REQUEST, "stream": True}
 

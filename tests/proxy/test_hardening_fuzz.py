@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG, FakeBackend, serving
 
-from proxy.backend import build_inputs
+from proxy.transport.backend import build_inputs
 
 FUZZ = settings(
     max_examples=200,

@@ -12,8 +12,8 @@ from echo_triton import echo_tritonserver
 from hardening_helpers import CHAT, assert_envelope, assert_no_leak
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG, serving
 
-from proxy.backend import TritonBackend
 from proxy.config import with_settings
+from proxy.transport.backend import TritonBackend
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from yarl import URL
 from proxy.app import FETCHER_KEY, create_app
 from proxy.config import parse_config, with_settings
 from proxy.errors import APIError
-from proxy.fetch import FetchPolicy, GuardedFetcher
-from proxy.images import IMAGE
-from proxy.media import MediaRef
+from proxy.media.fetch import FetchPolicy, GuardedFetcher
+from proxy.media.images import IMAGE
+from proxy.media.kinds import MediaRef
 
 PNG = encoded_image("PNG", size=(40, 30))
 JPEG = encoded_image("JPEG", size=(56, 28))

@@ -18,11 +18,11 @@ from proxy_fakes import SERVED_MODEL, TEST_CONFIG, FakeBackend, script, serving,
 from sample_images import encoded_image
 
 from proxy.app import create_app
-from proxy.backend import backend_unavailable
 from proxy.errors import APIError
-from proxy.logs import JsonFormatter
-from proxy.media import MediaRef
-from proxy.metrics import CAUSES
+from proxy.media.kinds import MediaRef
+from proxy.observability.logs import JsonFormatter
+from proxy.observability.metrics import CAUSES
+from proxy.transport.backend import backend_unavailable
 
 CHAT = "/v1/chat/completions"
 TEXT_REQUEST = {"messages": [{"role": "user", "content": "hi"}]}

@@ -8,9 +8,9 @@ import pytest
 from helpers import data_url
 from proxy_fakes import PNG_BYTES, FakeBackend
 
-from proxy.backend import backend_unavailable
-from proxy.model_contract import ModelLimits
-from proxy.model_limits import RETRY_AFTER_FAILURE_S, ModelLimitsBook
+from proxy.transport.backend import backend_unavailable
+from proxy.transport.contract import ModelLimits
+from proxy.transport.model_limits import RETRY_AFTER_FAILURE_S, ModelLimitsBook
 
 IMAGE = {"type": "image_url", "image_url": {"url": data_url(PNG_BYTES)}}
 

@@ -23,8 +23,8 @@ from proxy_fakes import (
 )
 from sample_images import encoded_image
 
-from proxy.backend import client_error
-from proxy.model_contract import ModelError
+from proxy.transport.backend import client_error
+from proxy.transport.contract import ModelError
 
 
 class SDK:

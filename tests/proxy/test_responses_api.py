@@ -1,4 +1,4 @@
-"""`POST /v1/responses` (proxy/responses_api.py) against the scripted backend: the official
+"""`POST /v1/responses` (proxy/api/responses/protocol.py) against the scripted backend: the official
 SDK's `client.responses.create`, stream and not, the events in order, the translation into
 the chat path (instructions, formats, tools, images), and its errors."""
 
@@ -15,8 +15,8 @@ import pytest
 from helpers import data_url
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, SERVED_MODEL, FakeBackend, script
 
-from proxy.backend import client_error
-from proxy.model_contract import ModelError
+from proxy.transport.backend import client_error
+from proxy.transport.contract import ModelError
 
 IMAGE_INPUT = [
     {

@@ -17,10 +17,10 @@ from helpers import data_url, sse_payloads, wait_until_async
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, serving
 from stack import free_port
 
-from proxy.backend import TritonBackend, TritonRequest
 from proxy.config import with_settings
 from proxy.errors import APIError
-from proxy.model_contract import ModelError, ModelLimits
+from proxy.transport.backend import TritonBackend, TritonRequest
+from proxy.transport.contract import ModelError, ModelLimits
 
 
 @pytest.fixture(scope="module")

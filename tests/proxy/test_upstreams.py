@@ -12,10 +12,10 @@ from helpers import sse_payloads
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG, FakeBackend, script, serving
 from stack import free_port
 
-from proxy.backend import TritonRequest
 from proxy.config import with_settings
 from proxy.error_catalogue import BACKEND_UNAVAILABLE, APIError
-from proxy.upstreams import DOWN_FOR_S, Upstreams, parse_targets
+from proxy.transport.backend import TritonRequest
+from proxy.transport.upstreams import DOWN_FOR_S, Upstreams, parse_targets
 
 REQUEST = TritonRequest("m", "[]", {}, {}, stream=True)
 

@@ -9,8 +9,8 @@ import json
 import pytest
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, FakeBackend, script
 
-from proxy.backend import GenerationChunk
-from proxy.model_contract import ModelLimits
+from proxy.transport.backend import GenerationChunk
+from proxy.transport.contract import ModelLimits
 
 # The first bytes of an MP4 (ISO base media `ftyp` box): the proxy reads signatures only;
 # the container is the model's to parse.

@@ -5,9 +5,9 @@ import pytest
 from helpers import data_url
 from sample_images import encoded_image
 
-from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.images import decode_image, element_bytes, sniff_format
+from qwen_vl_backend.media.images import decode_image, element_bytes, sniff_format
+from qwen_vl_backend.request.chat import parse_messages
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])

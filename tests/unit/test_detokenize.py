@@ -2,7 +2,11 @@ import random
 
 import pytest
 
-from qwen_vl_backend.detokenize import IncrementalDetokenizer, StopStringMatcher, TextAssembler
+from qwen_vl_backend.engine.detokenize import (
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    TextAssembler,
+)
 
 # A byte-level "tokenizer": token i is VOCAB[i]; decoding joins the bytes, as byte-level BPE does.
 ZH = "你好世界".encode()  # 12 bytes, 3 per character

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_vl_backend import checkpoint as checkpoint_module
-from qwen_vl_backend.checkpoint import load_checkpoint
-from qwen_vl_backend.kv_cache import SlotKVCache, StepLayout, layer_devices
+from qwen_vl_backend.engine.kv_cache import SlotKVCache, StepLayout, layer_devices
+from qwen_vl_backend.modeling import checkpoint as checkpoint_module
+from qwen_vl_backend.modeling.checkpoint import load_checkpoint
 from qwen_vl_backend.settings import ModelSettings
 
 

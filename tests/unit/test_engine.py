@@ -7,10 +7,10 @@ import threading
 import pytest
 from sample_images import encoded_image
 
-from qwen_vl_backend.checkpoint import load_checkpoint
-from qwen_vl_backend.engine import BatchingEngine
+from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.errors import EngineFullError, RequestError
-from qwen_vl_backend.prepare import RawRequest, prepare
+from qwen_vl_backend.modeling.checkpoint import load_checkpoint
+from qwen_vl_backend.request.prepare import RawRequest, prepare
 from qwen_vl_backend.settings import ModelSettings
 
 
@@ -253,7 +253,7 @@ def test_request_larger_than_the_cache_budget_is_refused(checkpoint):
 
 
 def test_a_failing_metrics_observer_does_not_break_generation(checkpoint):
-    from qwen_vl_backend.engine import EngineObserver
+    from qwen_vl_backend.engine.batching import EngineObserver
 
     class Broken(EngineObserver):
         def prefilled(self, *args):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from proxy import error_catalogue as catalogue
-from proxy.backend import client_error
 from proxy.error_catalogue import CATALOGUE, MODEL_ERRORS, MODEL_REQUEST_ERROR, ErrorEntry
-from proxy.metrics import CAUSES, error_cause
-from proxy.model_contract import ModelError
+from proxy.observability.metrics import CAUSES, error_cause
+from proxy.transport.backend import client_error
+from proxy.transport.contract import ModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROXY = ROOT / "proxy"

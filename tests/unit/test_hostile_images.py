@@ -8,10 +8,10 @@ from hostile_samples import png_header_only
 from PIL import Image
 from sample_images import encode
 
-from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.contract import ModelLimits
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.images import decode_image
+from qwen_vl_backend.media.images import decode_image
+from qwen_vl_backend.request.chat import parse_messages
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ import pytest
 from helpers import config_pbtxt_parameters, data_url
 from sample_images import encoded_image
 
-from proxy import model_contract as proxy_side
-from proxy.schema import parse_chat_request
-from proxy.translate import ServerLimits, prepare_chat
+from proxy.request.schema import parse_chat_request
+from proxy.request.translate import ServerLimits, prepare_chat
+from proxy.transport import contract as proxy_side
 from qwen_vl_backend import contract as model_side
-from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.errors import RequestError
+from qwen_vl_backend.request.chat import parse_messages
 from qwen_vl_backend.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def image_url_part(url: str) -> dict:
 
 def test_the_proxy_and_the_model_carry_the_same_contract():
     model_copy = ROOT / "model_repository/qwen2_5_vl/1/qwen_vl_backend/contract.py"
-    assert (ROOT / "proxy/model_contract.py").read_bytes() == model_copy.read_bytes()
+    assert (ROOT / "proxy/transport/contract.py").read_bytes() == model_copy.read_bytes()
 
 
 @pytest.mark.parametrize("kind", model_side.ERROR_KINDS)

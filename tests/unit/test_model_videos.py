@@ -11,14 +11,14 @@ import torch
 from sample_images import encoded_image
 from sample_videos import audio_only, clip, frame_list
 
-from qwen_vl_backend.chat import parse_messages
-from qwen_vl_backend.checkpoint import load_checkpoint
 from qwen_vl_backend.contract import ModelLimits
-from qwen_vl_backend.engine import BatchingEngine
+from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.prepare import RawRequest, prepare
+from qwen_vl_backend.media.videos import VideoOptions, decode_container, load_video, sample_indices
+from qwen_vl_backend.modeling.checkpoint import load_checkpoint
+from qwen_vl_backend.request.chat import parse_messages
+from qwen_vl_backend.request.prepare import RawRequest, prepare
 from qwen_vl_backend.settings import ModelSettings
-from qwen_vl_backend.videos import VideoOptions, decode_container, load_video, sample_indices
 
 LIMITS = ModelLimits()
 OPTIONS = VideoOptions(

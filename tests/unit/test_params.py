@@ -4,7 +4,7 @@ import pytest
 
 from qwen_vl_backend.contract import ERROR_PREFIX
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.params import parse_sampling_parameters
+from qwen_vl_backend.request.params import parse_sampling_parameters
 
 
 def test_empty_means_defaults():

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from proxy.config import parse_config
-from proxy.logs import JsonFormatter, configure_logging, make_formatter
-from proxy.metrics import CAUSES, error_cause
-from proxy.observe import RequestLine
+from proxy.observability.logs import JsonFormatter, configure_logging, make_formatter
+from proxy.observability.metrics import CAUSES, error_cause
+from proxy.observability.observe import RequestLine
 
 ENV_VARS = ("PROXY_LOG_FORMAT", "PROXY_METRICS_REQUIRE_AUTH", "PROXY_LOG_LEVEL")
 

@@ -17,8 +17,9 @@ from tritonclient.utils import (
     serialize_byte_tensor,
 )
 
-from proxy import backend as backend_module
-from proxy.backend import (
+from proxy.errors import APIError
+from proxy.transport import backend as backend_module
+from proxy.transport.backend import (
     GenerationChunk,
     TritonBackend,
     TritonRequest,
@@ -27,8 +28,7 @@ from proxy.backend import (
     model_error,
     parse_response,
 )
-from proxy.errors import APIError
-from proxy.model_contract import INPUTS, ModelError
+from proxy.transport.contract import INPUTS, ModelError
 
 REQUEST = TritonRequest(
     model="qwen2_5_vl",

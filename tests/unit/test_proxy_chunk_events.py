@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from proxy.responses import ChunkEvents, CompletionIdentity, chunk_body
-from proxy.sse import json_bytes, sse_event
+from proxy.api.chat.render import ChunkEvents, CompletionIdentity, chunk_body
+from proxy.request.sse import json_bytes, sse_event
 
 IDENTITY = CompletionIdentity(id="chatcmpl-abc", created=1700000000, model="qwen/猫-\u2028")
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.admission import AdmissionSettings
 from proxy.config import (
     API_KEY_FILE_FLAG,
     SETTINGS,
@@ -20,9 +19,10 @@ from proxy.config import (
     parse_config,
     with_settings,
 )
-from proxy.fetch import FetchPolicy
-from proxy.limits import RequestLimits
-from proxy.pixels import PixelLimits
+from proxy.media.fetch import FetchPolicy
+from proxy.media.pixels import PixelLimits
+from proxy.request.limits import RequestLimits
+from proxy.serving.admission import AdmissionSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {setting.key: setting for setting in SETTINGS}

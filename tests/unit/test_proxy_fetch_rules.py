@@ -8,7 +8,7 @@ import pytest
 from yarl import URL
 
 from proxy.errors import APIError
-from proxy.fetch import (
+from proxy.media.fetch import (
     FetchPolicy,
     check_url,
     domain_allowed,

@@ -1,4 +1,4 @@
-"""Request and image limits (proxy/limits.py), their flags, the API key file, the mapping of
+"""Request and image limits (proxy/request/limits.py), their flags, the API key file, the mapping of
 model errors to statuses and the shutdown drain: pure logic, no server."""
 
 from __future__ import annotations
@@ -29,19 +29,19 @@ from hostile_samples import (
 )
 from tritonclient.utils import InferenceServerException
 
-from proxy.admission import Admission, AdmissionSettings
-from proxy.auth import APIKeyError, read_api_key
-from proxy.backend import model_error
 from proxy.config import parse_config
 from proxy.errors import APIError
-from proxy.images import IMAGE, ImageHeader, _safe_header, check_images, read_image_header
-from proxy.limits import RequestLimits, check_chat, check_json_text, check_media
-from proxy.media import MediaRef
-from proxy.model_contract import ModelError, ModelLimits
-from proxy.schema import parse_chat_request
-from proxy.shutdown import Drain
+from proxy.media.images import IMAGE, ImageHeader, _safe_header, check_images, read_image_header
+from proxy.media.kinds import MediaRef
+from proxy.request.limits import RequestLimits, check_chat, check_json_text, check_media
+from proxy.request.schema import parse_chat_request
+from proxy.serving.admission import Admission, AdmissionSettings
+from proxy.serving.auth import APIKeyError, read_api_key
+from proxy.serving.shutdown import Drain
+from proxy.transport.backend import model_error
+from proxy.transport.contract import ModelError, ModelLimits
 
-# In the proxy process proxy/images.py makes this warning an error; pytest resets filters.
+# In the proxy process proxy/media/images.py makes this warning an error; pytest resets filters.
 pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 PARAM = "messages[0].content[0].image_url"
 LEAK = re.compile(r"PIL|Traceback|\b0x[0-9a-fA-F]{6,}|/\w+/|BytesIO")
@@ -164,7 +164,7 @@ async def test_hostile_images_are_refused_from_the_header(data, code):
     assert not LEAK.search(caught.value.message)
 
 
-# pytest resets warning filters per test; in the proxy process proxy/limits.py sets this one.
+# pytest resets warning filters per test; in the proxy process proxy/request/limits.py sets this one.
 @pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_a_decompression_bomb_warning_is_an_error():
     assert _safe_header(png_header_only(10_000, 10_000)) == "bomb"  # 100 MP: Pillow warns

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import APIError
-from proxy.schema import format_param, parse_chat_request
+from proxy.request.schema import format_param, parse_chat_request
 
 SERVED = "qwen2.5-vl-7b-instruct"
 USER_HI = {"role": "user", "content": "hi"}

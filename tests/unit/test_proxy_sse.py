@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from proxy.errors import APIError
-from proxy.sse import DONE_EVENT, sse_error, sse_event
+from proxy.request.sse import DONE_EVENT, sse_error, sse_event
 
 
 def test_event_is_one_data_line_then_blank_line():

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from proxy.error_catalogue import APIError
-from proxy.limits import RequestLimits
-from proxy.schema import parse_chat_request
-from proxy.structured import structured
+from proxy.request.limits import RequestLimits
+from proxy.request.schema import parse_chat_request
+from proxy.request.structured import structured
 
 WEATHER = {
     "type": "function",

@@ -9,11 +9,7 @@ import json
 import pytest
 from helpers import data_url
 
-from proxy.errors import APIError
-from proxy.images import IMAGE
-from proxy.media import MediaRef, load_inline, load_media
-from proxy.pixels import LOW_DETAIL_MAX_PIXELS, PixelLimits
-from proxy.responses import (
+from proxy.api.chat.render import (
     ChoiceText,
     CompletionIdentity,
     TokenUsage,
@@ -21,8 +17,12 @@ from proxy.responses import (
     completion_body,
     usage_chunk_body,
 )
-from proxy.schema import parse_chat_request
-from proxy.translate import ServerLimits, prepare_chat
+from proxy.errors import APIError
+from proxy.media.images import IMAGE
+from proxy.media.kinds import MediaRef, load_inline, load_media
+from proxy.media.pixels import LOW_DETAIL_MAX_PIXELS, PixelLimits
+from proxy.request.schema import parse_chat_request
+from proxy.request.translate import ServerLimits, prepare_chat
 
 SERVED = "qwen2.5-vl-7b-instruct"
 PNG = b"\x89PNG\r\n\x1a\n" + b"png-body"

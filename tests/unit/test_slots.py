@@ -2,7 +2,7 @@
 
 import torch
 
-from qwen_vl_backend.slots import MIN_REUSED_TOKENS, SlotContent, SlotPool, shared_prefix
+from qwen_vl_backend.engine.slots import MIN_REUSED_TOKENS, SlotContent, SlotPool, shared_prefix
 
 IMG = 9
 

@@ -10,11 +10,11 @@ import jsonschema
 import pytest
 from test_engine import ChoiceSink, RecordingSink, raw_request
 
-from qwen_vl_backend.checkpoint import load_checkpoint
-from qwen_vl_backend.engine import BatchingEngine
+from qwen_vl_backend.engine.batching import BatchingEngine
+from qwen_vl_backend.engine.grammar import GrammarCompiler, GrammarFailure
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.grammar import GrammarCompiler, GrammarFailure
-from qwen_vl_backend.params import StructuredOutput, parse_sampling_parameters
+from qwen_vl_backend.modeling.checkpoint import load_checkpoint
+from qwen_vl_backend.request.params import StructuredOutput, parse_sampling_parameters
 from qwen_vl_backend.settings import ModelSettings
 
 SETTINGS = ModelSettings()

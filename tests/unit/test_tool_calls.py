@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from proxy.tool_calls import ToolCallStream, parse_call, split_tool_calls
+from proxy.request.tool_calls import ToolCallStream, parse_call, split_tool_calls
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 SECOND = '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>'

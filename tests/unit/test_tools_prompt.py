@@ -6,9 +6,9 @@ import pytest
 from sample_images import encoded_image
 from transformers import AutoProcessor
 
-from qwen_vl_backend.chat import parse_messages
 from qwen_vl_backend.errors import RequestError
-from qwen_vl_backend.tools import parse_tools, render_prompt, tools_template
+from qwen_vl_backend.request.chat import parse_messages
+from qwen_vl_backend.request.tools import parse_tools, render_prompt, tools_template
 
 WEATHER = {
     "type": "function",

@@ -4,10 +4,10 @@ import pytest
 import torch
 from sample_images import encoded_image
 
-from qwen_vl_backend.chat import decode_image_elements
-from qwen_vl_backend.checkpoint import load_checkpoint
 from qwen_vl_backend.contract import ModelLimits
-from qwen_vl_backend.vision_stages import VisionJob
+from qwen_vl_backend.modeling.checkpoint import load_checkpoint
+from qwen_vl_backend.modeling.vision_stages import VisionJob
+from qwen_vl_backend.request.chat import decode_image_elements
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ model writes its errors as data: a fixed prefix, then a JSON object {"kind", "me
 - internal: the server failed (HTTP 500); `message` carries only the request id.
 
 This file exists twice, byte for byte: here (the model folder deploys on its own) and as
-proxy/model_contract.py (the proxy image has no model folder).
+proxy/transport/contract.py (the proxy image has no model folder).
 tests/unit/test_model_contract.py fails when the copies differ.
 """
 

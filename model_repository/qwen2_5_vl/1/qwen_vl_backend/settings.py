@@ -84,7 +84,7 @@ class ModelSettings:
     # Most choices (`n`) one request may ask for; each takes a KV-cache slot.
     max_choices: int = _LIMITS.max_choices
     # CPU float32 only: hold the text model's weights in oneDNN's prepacked layout, about twice
-    # as fast for decode-sized matrix products (see qwen_vl_backend/cpu_linear.py).
+    # as fast for decode-sized matrix products (see qwen_vl_backend/modeling/cpu_linear.py).
     cpu_packed_linear: bool = True
     # Constrained output (`structured`, docs/engine.md): the largest schema (compact JSON bytes,
     # each tool's parameters counted alone) and the deepest nesting of objects and arrays in one

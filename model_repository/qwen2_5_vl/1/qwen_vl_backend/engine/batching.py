@@ -1,0 +1,924 @@
+"""Generation engine: a token-budget scheduler over a slot KV cache (continuous batching).
+
+Requests are prepared (chat template, image decoding and resizing, the processor, mrope
+positions) on a small worker pool; the engine thread only runs the model and samples. Each
+engine step is one packed forward (see `kv_cache`): every running sequence's next token plus as
+many prompt tokens of admitted requests as the step's token budget allows. So long prompts are
+chunked across steps, short ones share a step, and a running stream never waits for more than
+one budgeted step when requests arrive.
+
+Qwen2.5-VL specifics:
+- positions are 3-D (mrope) and shifted after images by a per-request `rope_delta`; prompt
+  positions come from `get_rope_index` at preparation, decode positions are
+  `next_position + rope_delta`, and the engine passes them on every forward (the model's own
+  `rope_deltas` state would mix sequences up);
+- the vision tower runs once on all uncached images of the requests admitted in one step (one
+  call, repeated images come from the embedding cache), block by block over as many steps as
+  the budget needs (`vision_stages`); a request's prompt chunks start once its images are
+  encoded, and a chunk takes the embeddings of the image tokens it contains, so a chunk
+  boundary may fall inside an image.
+
+`n` > 1: the prompt is prefilled once, then its slot is copied into one slot per extra choice;
+each choice samples with its own generator (seed + index when a seed is given).
+
+Constrained output (`structured`): the grammar is compiled where the request is prepared (cached,
+`grammar`); each sequence owns a matcher, and the step masks the logits of its constrained rows
+before sampling (`grammar.TokenMasks`), so constrained and free sequences share a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..errors import EngineFullError, EngineStoppingError, RequestError
+from ..modeling import cpu_linear
+from ..modeling.checkpoint import Checkpoint
+from ..modeling.vision_stages import VisionJob
+from ..request.prepare import PreparedRequest, RawRequest, prepare
+from ..settings import ModelSettings
+from .detokenize import TextAssembler
+from .embedding_cache import EmbeddingCache
+from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
+from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
+from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
+from .slots import SlotContent, SlotPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputChunk:
+    """One response's worth of output for choice `index`; `finish_reason` is set on a choice's
+    last chunk, and `final` on the request's last response (the last choice to finish)."""
+
+    text: str
+    num_tokens: int
+    prompt_tokens: int
+    image_tokens: int
+    finish_reason: str | None = None
+    logprobs: list[dict] | None = None
+    index: int = 0
+    final: bool = False
+    video_tokens: int = 0
+
+
+class ResponseSink(Protocol):
+    """Where one request's output goes. Exactly one final call: a chunk with `final` set,
+    `fail` or `cancelled`."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def send(self, chunk: OutputChunk) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def cancelled(self) -> None: ...
+
+
+class EngineObserver:
+    """Hooks for metrics; called on the engine thread, so they must be quick."""
+
+    def prefilled(
+        self,
+        prompt_tokens: int,
+        image_tokens: int,
+        time_to_first_token: float,
+        video_tokens: int = 0,
+    ) -> None:
+        pass
+
+    def decoded(self, batch_size: int, waiting: int) -> None:
+        pass
+
+    def finished(self, outcome: str) -> None:
+        """outcome: stop, length, cancelled or error."""
+
+    def images_encoded(self, cache_hits: int, cache_misses: int) -> None:
+        pass
+
+    def constrained(self, kind: str) -> None:
+        """A request with a `structured` constraint (json_object, json_schema, tool_calls) was
+        accepted; called on a preparation thread."""
+
+    def grammar_compiled(self, seconds: float) -> None:
+        """A grammar was compiled (a cache miss); called on a preparation thread."""
+
+
+class _Request:
+    """A prepared request and its choices: one sink, finished when every choice is."""
+
+    def __init__(
+        self,
+        prepared: PreparedRequest,
+        sink: ResponseSink,
+        arrived: float,
+        observe,
+        grammar: CompiledGrammar | None = None,
+    ):
+        self.prepared = prepared
+        self.sink = sink
+        self.arrived = arrived
+        self.grammar = grammar  # its `structured` constraint, compiled
+        self.choices: list[_Sequence] = []
+        self.open_choices = prepared.sampling.n
+        self.done = False
+        self._observe = observe
+
+    def choice_finished(self, chunk: OutputChunk) -> None:
+        self.open_choices -= 1
+        chunk.final = self.open_choices == 0
+        self.sink.send(chunk)
+        if chunk.final:
+            self.done = True
+            self._observe.finished(chunk.finish_reason)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.sink.fail(error)
+            self._observe.finished("error")
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.sink.cancelled()
+            self._observe.finished("cancelled")
+
+
+class _Sequence:
+    """One choice being generated: its slot, sampler, grammar matcher, text assembly and what
+    it has sent."""
+
+    def __init__(
+        self,
+        request: _Request,
+        checkpoint: Checkpoint,
+        sampler: TokenSampler,
+        slot: int,
+        index: int = 0,
+        matcher=None,
+    ):
+        prepared = request.prepared
+        self.request = request
+        self.prepared = prepared
+        self._checkpoint = checkpoint
+        self.slot = slot
+        self.index = index
+        self.sampler = sampler
+        self.matcher = matcher  # llguidance.LLMatcher of its own when the request is constrained
+        self.assembler = TextAssembler(checkpoint.decode, prepared.sampling.stop)
+        self.eos = checkpoint.eos_token_ids
+        self.max_model_len = checkpoint.max_model_len
+        self.cached = 0  # tokens of this sequence in its slot
+        self.next_position = prepared.prompt_tokens  # text position of the next token fed in
+        self.last_token: int | None = None
+        self.logprobs: list[dict] = []
+        self.unsent_logprobs: list[dict] = []
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        # While prefilling: each image's vision-tower output (None until its job is done), and
+        # all of them joined once every one is there.
+        self.image_parts: list[torch.Tensor | None] = []
+        self.image_embeddings: torch.Tensor | None = None
+        self.awaiting: list[_VisionWork] = []  # vision jobs encoding its missing images
+        self._held = ("", 0)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < self.prepared.prompt_tokens
+
+    @property
+    def vision_ready(self) -> bool:
+        return not self.image_parts or self.image_embeddings is not None
+
+    def vision_ready_this_step(self) -> bool:
+        """Ready now, or the last stages of every job it waits for run in this step (before
+        the forward), so its first chunk can go in the same step."""
+        return self.vision_ready or all(work.unplanned == 0 for work in self.awaiting)
+
+    def take_image(self, key: bytes, embeddings: torch.Tensor) -> None:
+        for i, k in enumerate(self.prepared.image_keys):
+            if k == key and self.image_parts[i] is None:
+                self.image_parts[i] = embeddings
+        if (
+            self.image_parts
+            and self.image_embeddings is None
+            and all(p is not None for p in self.image_parts)
+        ):
+            self.image_embeddings = torch.cat(self.image_parts)
+
+    def fork(self, slot: int, index: int) -> _Sequence:
+        seed = self.prepared.sampling.seed
+        sampler = self.sampler.fork(None if seed is None else seed + index)
+        matcher = None if self.matcher is None else self.matcher.deep_copy()
+        twin = _Sequence(self.request, self._checkpoint, sampler, slot, index, matcher)
+        twin.cached = self.cached
+        return twin
+
+    def accept(self, token: int, logits: torch.Tensor, texts: TokenTexts) -> None:
+        """Take the sampled token: advance the grammar, stream its text, decide whether the
+        choice is done (a grammar that can take nothing but EOS ends it as EOS would)."""
+        self.first_token_at = self.first_token_at or time.monotonic()
+        self.last_token = token
+        grammar_done = False
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token):
+                raise GrammarFailure(
+                    f"the grammar refused token {token}: {self.matcher.get_error()[:300]}"
+                )
+            grammar_done = self.matcher.is_stopped()
+        sampling = self.prepared.sampling
+        if sampling.logprobs:
+            entry = logprob_entry(logits, token, sampling.top_logprobs, texts)
+            self.logprobs.append(entry)
+            self.unsent_logprobs.append(entry)
+        text, tokens = self.assembler.push(token)
+        if token in self.eos or self.assembler.stopped or grammar_done:
+            self.finish_reason = "stop"
+        elif (
+            self.assembler.num_tokens >= self.prepared.max_new_tokens
+            or self.next_position + 1 >= self.max_model_len
+        ):
+            self.finish_reason = "length"
+        if self.finish_reason is None and self.prepared.raw.stream:
+            if text:
+                self.request.sink.send(self._chunk(text, tokens))
+        else:  # the last token's text goes out with the final chunk
+            self._held = (self._held[0] + text, self._held[1] + tokens)
+
+    def finish(self) -> None:
+        tail, tail_tokens = self.assembler.finish()
+        text, tokens = self._held[0] + tail, self._held[1] + tail_tokens
+        prepared = self.prepared
+        if not prepared.raw.stream:
+            text, tokens = self.assembler.text, self.assembler.num_tokens
+            self.unsent_logprobs = self.logprobs
+            if not prepared.raw.exclude_input_in_output:
+                text = prepared.prompt + text
+        log.info(
+            "request %s done: %d prompt (%d image, %d video) + %d completion tokens (choice %d), "
+            "finish_reason=%s, ttft %.3fs, total %.3fs",
+            prepared.raw.request_id,
+            prepared.prompt_tokens,
+            prepared.image_tokens,
+            prepared.video_tokens,
+            self.assembler.num_tokens,
+            self.index,
+            self.finish_reason,
+            (self.first_token_at or time.monotonic()) - self.request.arrived,
+            time.monotonic() - self.request.arrived,
+        )
+        self.request.choice_finished(self._chunk(text, tokens, self.finish_reason))
+
+    def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
+        logprobs = self.unsent_logprobs if self.prepared.sampling.logprobs else None
+        self.unsent_logprobs = []
+        prepared = self.prepared
+        return OutputChunk(
+            text,
+            tokens,
+            prepared.prompt_tokens,
+            prepared.image_tokens,
+            finish_reason,
+            logprobs,
+            self.index,
+            video_tokens=prepared.video_tokens,
+        )
+
+
+@dataclass
+class EngineStats(EngineObserver):
+    """Counters for tests and logs (read from other threads; ints are updated atomically)."""
+
+    decode_steps: int = 0
+    largest_batch: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    image_cache_hits: int = 0
+    image_cache_misses: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens a freed slot still held (not prefilled)
+    largest_step_tokens: int = 0  # decode + prompt tokens of the biggest forward
+    partial_chunks: int = 0  # prompt chunks that left the rest of their prompt for later steps
+    constrained_requests: int = 0
+    grammar_compiles: int = 0
+
+    def decoded(self, batch_size: int, waiting: int) -> None:
+        self.decode_steps += batch_size > 0
+        self.largest_batch = max(self.largest_batch, batch_size)
+
+    def finished(self, outcome: str) -> None:
+        if outcome == "cancelled":
+            self.cancelled += 1
+        elif outcome == "error":
+            self.failed += 1
+        else:
+            self.completed += 1
+
+    def images_encoded(self, cache_hits: int, cache_misses: int) -> None:
+        self.image_cache_hits += cache_hits
+        self.image_cache_misses += cache_misses
+
+    def constrained(self, kind: str) -> None:
+        self.constrained_requests += 1
+
+    def grammar_compiled(self, seconds: float) -> None:
+        self.grammar_compiles += 1
+
+
+class _Observers(EngineObserver):
+    """Fans events out; a failing observer (metrics) is logged, never fatal to generation."""
+
+    def __init__(self, *observers: EngineObserver):
+        self._observers = observers
+
+    def _call(self, method: str, *args) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                log.exception("engine observer %s.%s failed", type(observer).__name__, method)
+
+    def prefilled(self, *args) -> None:
+        self._call("prefilled", *args)
+
+    def decoded(self, *args) -> None:
+        self._call("decoded", *args)
+
+    def finished(self, *args) -> None:
+        self._call("finished", *args)
+
+    def images_encoded(self, *args) -> None:
+        self._call("images_encoded", *args)
+
+    def constrained(self, *args) -> None:
+        self._call("constrained", *args)
+
+    def grammar_compiled(self, *args) -> None:
+        self._call("grammar_compiled", *args)
+
+
+def _content(prepared: PreparedRequest, length: int) -> SlotContent:
+    """The first `length` prompt tokens of a request, as a slot holds them."""
+    images = tuple(
+        (start, key)
+        for start, key in zip(prepared.image_starts, prepared.image_keys)
+        if start < length
+    )
+    return SlotContent(prepared.inputs["input_ids"][0, :length], images)
+
+
+def _image_token_cost(model) -> float:
+    """What one merged image token costs in the vision tower, in prompt tokens of the text
+    model, estimated by the weights each passes through: a merged token is
+    `spatial_merge_size²` patches through the patch embedding and the blocks, then the merger.
+    (An estimate: on the bench checkpoint the tower ran ~1.5x slower than this says.)"""
+    visual, text = model.model.visual, model.model.language_model
+    weights = lambda module: sum(t.numel() for t in [*module.parameters(), *module.buffers()])  # noqa: E731
+    per_token = visual.spatial_merge_size**2 * (
+        weights(visual.patch_embed) + weights(visual.blocks)
+    ) + weights(visual.merger)
+    return per_token / max(1, weights(text.layers))
+
+
+class _VisionCost:
+    """How much a budget unit of vision-tower work really costs next to a prompt token,
+    measured as the engine runs (moving averages), so a step's vision share takes about the
+    time its budget says. The weight-count estimate alone was ~2x low on the development CPU
+    (the tower's narrow matrices and window attention run below the text model's FLOP rate).
+    Measured on CPU only: on a GPU, kernels run asynchronously and the estimate stands."""
+
+    def __init__(self, measure: bool):
+        self._measure = measure
+        self._token_s: float | None = None
+        self._unit_s: float | None = None
+
+    @staticmethod
+    def _average(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def forward_took(self, tokens: int, seconds: float) -> None:
+        if self._measure and tokens >= 32:  # prompt-sized: the per-token cost dominates
+            self._token_s = self._average(self._token_s, seconds / tokens)
+
+    def vision_took(self, units: int, seconds: float) -> None:
+        if self._measure and units:
+            self._unit_s = self._average(self._unit_s, seconds / units)
+
+    @property
+    def factor(self) -> float:
+        if self._token_s is None or self._unit_s is None:
+            return 1.0
+        return min(8.0, max(0.25, self._unit_s / self._token_s))
+
+
+@dataclass
+class _Step:
+    """What one engine step computes: vision-tower stages, then one forward of the decode
+    tokens followed by prompt chunks."""
+
+    decode: list[_Sequence]
+    chunks: list[tuple[_Sequence, int, int]]  # (sequence, start, length)
+    vision: list[tuple[_VisionWork, int]]  # (job, stages to run)
+
+
+class _VisionWork:
+    """One vision-tower call over the uncached images of the requests admitted in one step."""
+
+    def __init__(self, job: VisionJob, keys: list[bytes], cost: float):
+        self.job = job
+        self.keys = keys
+        self.planned = 0  # stages scheduled so far
+        self.stage_cost = max(1, round(cost / job.stages))  # prompt-token units per stage
+
+    @property
+    def unplanned(self) -> int:
+        return self.job.stages - self.planned
+
+
+class BatchingEngine:
+    """Continuous batching over one model: worker-pool preparation, token-budget steps."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        settings: ModelSettings,
+        prepare_fn: Callable[..., PreparedRequest] = prepare,
+        observer: EngineObserver | None = None,
+    ):
+        self._checkpoint = checkpoint
+        self._settings = settings
+        self._prepare = prepare_fn
+        self._texts = TokenTexts(checkpoint.tokenizer)
+        self._model = checkpoint.model
+        install(self._model)
+        if settings.cpu_packed_linear and cpu_linear.available(self._model):
+            cpu_linear.pack_text_linears(self._model)
+        self.slot_len = min(
+            checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size
+        )
+        self._cache = SlotKVCache.for_model(self._model, settings.max_batch_size, self.slot_len)
+        # what a request may ask for; one sequence holds at most a slot of tokens
+        self.limits = settings.limits(context_length=self.slot_len)
+        self._slots = SlotPool(settings.max_batch_size)
+        self._step_tokens = settings.step_tokens(str(checkpoint.device))
+        # The vision tower's device: the checkpoint's, unless a device_map put it elsewhere.
+        weight = next(self._model.model.visual.parameters(), None)
+        self._vision_device = checkpoint.device if weight is None else weight.device
+        self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
+        self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
+        self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
+        self._image_token_cost = _image_token_cost(self._model)
+        self._vision_cost = _VisionCost(measure=str(checkpoint.device) == "cpu")
+        self._pool = ThreadPoolExecutor(
+            max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep"
+        )
+        self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
+        self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
+        self._unadmitted = 0  # submitted and not yet admitted or refused (queue bound)
+        self._lock = threading.Lock()
+        self._running: list[_Sequence] = []  # in slot order of admission: prefilling and decoding
+        self._stopping = threading.Event()
+        self.stats = EngineStats()
+        self._observe = _Observers(self.stats, observer or EngineObserver())
+        vocab_size = self._model.config.text_config.vocab_size
+        self.grammars = GrammarCompiler(
+            checkpoint.tokenizer,
+            vocab_size,
+            checkpoint.eos_token_ids,
+            settings.max_schema_bytes,
+            settings.max_schema_depth,
+            settings.grammar_cache_mb * 2**20,
+            on_compiled=self._observe.grammar_compiled,
+        )
+        self._masks = TokenMasks(vocab_size)
+        log.info(
+            "KV cache: %d slots x %d tokens (%.1f MiB); %d tokens per step",
+            settings.max_batch_size,
+            self.slot_len,
+            self._cache.bytes / 2**20,
+            self._step_tokens,
+        )
+        self._thread = threading.Thread(target=self._run, name="qwen-vl-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, raw: RawRequest, sink: ResponseSink) -> None:
+        if self._stopping.is_set():
+            raise EngineStoppingError("the model is shutting down")
+        with self._lock:
+            if self._unadmitted >= self._settings.max_queued_requests:
+                raise EngineFullError(
+                    f"{self._settings.max_queued_requests} requests are already waiting"
+                )
+            self._unadmitted += 1
+        self._pool.submit(self._prepared, raw, sink, time.monotonic())
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop taking work, let running generations finish; False if they outlast `timeout`."""
+        self._stopping.set()
+        self._thread.join(self._settings.shutdown_timeout_s if timeout is None else timeout)
+        finished = not self._thread.is_alive()
+        if finished:
+            self._pool.shutdown(wait=False)
+        return finished
+
+    # ---- preparation (worker threads) ---------------------------------------------------
+
+    def _prepared(self, raw: RawRequest, sink: ResponseSink, arrived: float) -> None:
+        try:
+            if sink.is_cancelled():
+                self._refused()
+                sink.cancelled()
+                self._observe.finished("cancelled")
+                return
+            prepared = self._prepare(raw, self._checkpoint, self._settings)
+            self._check_fits(prepared)
+            structured, grammar = prepared.sampling.structured, None
+            if structured is not None:
+                grammar = self.grammars.compile(structured)
+                self._observe.constrained(structured.type)
+            self._ready.put(_Request(prepared, sink, arrived, self._observe, grammar))
+        except Exception as exc:
+            self._refused()
+            sink.fail(exc)
+            self._observe.finished("error")
+
+    def _refused(self) -> None:
+        with self._lock:
+            self._unadmitted -= 1
+
+    def _check_fits(self, prepared: PreparedRequest) -> None:
+        n, cap = prepared.sampling.n, self.limits.max_choices
+        if n > cap:
+            raise RequestError(f"'n' must be at most {cap} on this server", "n")
+        needed = prepared.prompt_tokens + prepared.max_new_tokens
+        if needed > self.slot_len:
+            raise RequestError(
+                f"the request needs {needed} tokens of cache (prompt + max_tokens) but the server "
+                f"allows {self.slot_len} per sequence",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+
+    # ---- the engine thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not (self._stopping.is_set() and self._idle()):
+                try:
+                    self._take_ready(block=not self._running and not self._waiting)
+                    self._drop_cancelled()
+                    step = self._schedule()
+                    if step.decode or step.chunks or step.vision:
+                        self._execute(step)
+                    if not self._running:  # idle now: gauges go back to zero
+                        self._observe.decoded(0, self._waiting_count())
+                except Exception:  # a bug here must not strand every running request
+                    log.exception("engine step failed; failing the running requests")
+                    self._fail_running()
+            self._refuse_waiting()
+
+    def _idle(self) -> bool:
+        with self._lock:
+            return not self._running and not self._waiting and self._unadmitted == 0
+
+    def _waiting_count(self) -> int:
+        with self._lock:
+            return self._unadmitted
+
+    def _take_ready(self, block: bool) -> None:
+        try:
+            if block:
+                self._waiting.append(self._ready.get(timeout=0.05))
+            while True:
+                self._waiting.append(self._ready.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        for request in {id(s.request): s.request for s in self._running}.values():
+            if not request.done and request.sink.is_cancelled():
+                log.info(
+                    "request %s cancelled after %d tokens",
+                    request.prepared.raw.request_id,
+                    max(s.assembler.num_tokens for s in request.choices),
+                )
+                request.cancel()
+        self._retire([s for s in self._running if s.request.done])
+        for request in [r for r in self._waiting if r.sink.is_cancelled()]:
+            self._waiting.remove(request)
+            self._refused()
+            request.cancel()
+
+    # ---- scheduling ---------------------------------------------------------------------
+
+    def _schedule(self) -> _Step:
+        """Every running sequence's decode token, then prefill work within the step budget:
+        prompt chunks of admitted requests (oldest first), vision-tower stages, new admissions.
+        A quarter of the budget is kept for prefill work however many sequences decode, so
+        arrivals always make progress."""
+        decode = [s for s in self._running if not s.prefilling]
+        budget = max(self._step_tokens - len(decode), self._step_tokens // 4)
+        step = _Step(decode, [], [])
+        for sequence in self._running:
+            if budget > 0 and sequence.prefilling and sequence.vision_ready_this_step():
+                budget -= self._plan_chunk(step, sequence, budget)
+        for work in self._vision:
+            budget -= self._plan_stages(step, work, budget)
+        admitted = []
+        while self._waiting and budget > 0:
+            request = self._waiting[0]
+            if request.prepared.sampling.n > len(self._slots):
+                break
+            self._waiting.pop(0)
+            admitted.append(self._admit(request))
+        if admitted:
+            work = self._start_vision(admitted)
+            if work is not None:
+                budget -= self._plan_stages(step, work, budget)
+            for sequence in admitted:
+                if budget > 0 and sequence.vision_ready_this_step():
+                    budget -= self._plan_chunk(step, sequence, budget)
+        return step
+
+    @staticmethod
+    def _plan_chunk(step: _Step, sequence: _Sequence, budget: int) -> int:
+        length = min(sequence.prepared.prompt_tokens - sequence.cached, budget)
+        step.chunks.append((sequence, sequence.cached, length))
+        return length
+
+    def _plan_stages(self, step: _Step, work: _VisionWork, budget: int) -> int:
+        """As many stages as the budget pays for; one at least when the step has no other
+        prefill work, so a tower costlier than the budget still finishes."""
+        stage_cost = max(1, round(work.stage_cost * self._vision_cost.factor))
+        stages = min(work.unplanned, max(budget, 0) // stage_cost)
+        if stages == 0 and work.unplanned and not step.chunks and not step.vision:
+            stages = 1
+        if stages:
+            step.vision.append((work, stages))
+            work.planned += stages
+        return stages * stage_cost
+
+    def _admit(self, request: _Request) -> _Sequence:
+        with self._lock:
+            self._unadmitted -= 1
+        prepared = request.prepared
+        settings = resolve_sampling(prepared.sampling, self._model.generation_config)
+        sampler = TokenSampler(
+            settings,
+            prepared.inputs["input_ids"].to(self._checkpoint.device),
+            self._model.config.text_config.vocab_size,
+        )
+        slot, reused = self._slots.take(_content(prepared, prepared.prompt_tokens))
+        matcher = None if request.grammar is None else request.grammar.matcher()
+        sequence = _Sequence(request, self._checkpoint, sampler, slot, matcher=matcher)
+        sequence.cached = reused  # the slot still holds this much of the prompt
+        self.stats.reused_prompt_tokens += reused
+        request.choices.append(sequence)
+        self._running.append(sequence)
+        sequence.image_parts = [None] * len(prepared.image_keys)
+        return sequence
+
+    def _start_vision(self, admitted: list[_Sequence]) -> _VisionWork | None:
+        """Cached images go to their sequences now; the others (each once, even if several
+        requests or one request twice show it, or an earlier job is already encoding it) are
+        encoded by one new staged vision job."""
+        pixels, grids, keys, tokens, hits = [], [], [], 0, 0
+        merge = self._model.model.visual.spatial_merge_size**2
+        for sequence in admitted:
+            for key, (rows, thw) in zip(sequence.prepared.image_keys, sequence.prepared.visual):
+                patches = int(thw.prod())
+                cached = self._images.get(key)
+                if cached is not None:
+                    sequence.take_image(key, cached)
+                    hits += 1
+                elif key in self._encoding:
+                    sequence.awaiting.append(self._encoding[key])
+                elif key not in keys:
+                    keys.append(key)
+                    pixels.append(rows)
+                    grids.append(thw)
+                    tokens += patches // merge
+        if hits or keys:
+            self._observe.images_encoded(hits, len(keys))
+        if not keys:
+            return None
+        device = self._vision_device
+        job = VisionJob(
+            self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device)
+        )
+        work = _VisionWork(job, keys, tokens * self._image_token_cost)
+        self._vision.append(work)
+        self._encoding.update(dict.fromkeys(keys, work))
+        for sequence in admitted:
+            if any(key in keys for key in sequence.prepared.image_keys):
+                sequence.awaiting.append(work)
+        return work
+
+    def _run_vision(self, planned: list[tuple[_VisionWork, int]]) -> None:
+        for work, stages in planned:
+            started = time.perf_counter()
+            for _ in range(stages):
+                work.job.advance()
+            self._vision_cost.vision_took(stages * work.stage_cost, time.perf_counter() - started)
+            if work.job.done:
+                self._vision.remove(work)
+                for key in work.keys:
+                    del self._encoding[key]
+                for key, embeddings in zip(work.keys, work.job.embeddings):
+                    self._images.put(key, embeddings)
+                    for sequence in self._running:
+                        if sequence.prefilling:
+                            sequence.take_image(key, embeddings)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def _execute(self, step: _Step) -> None:
+        self._run_vision(step.vision)
+        if not step.decode and not step.chunks:
+            return
+        stats = self.stats
+        stats.largest_step_tokens = max(
+            stats.largest_step_tokens,
+            len(step.decode) + sum(length for _, _, length in step.chunks),
+        )
+        stats.partial_chunks += sum(
+            start + length < s.prepared.prompt_tokens for s, start, length in step.chunks
+        )
+        logits, finishing = self._forward(step)
+        for sequence in step.decode:
+            sequence.cached += 1
+            sequence.next_position += 1
+        for sequence, _start, length in step.chunks:
+            sequence.cached += length
+        sampled, rows = list(step.decode), list(range(len(step.decode)))
+        for row, leader in enumerate(finishing, start=len(step.decode)):
+            leader.image_embeddings, leader.image_parts, leader.awaiting = None, [], []
+            choices = self._forked(leader)
+            sampled += choices
+            rows += [row] * len(choices)  # every choice samples from the prompt's logits
+        if len(rows) != len(logits):
+            logits = logits[rows]
+        if step.decode:  # before the responses go out, so a client that sees them sees this too
+            self._observe.decoded(len(step.decode), self._waiting_count())
+        self._sample(sampled, logits, first_tokens=len(step.decode))
+
+    def _forward(self, step: _Step) -> tuple[torch.Tensor, list[_Sequence]]:
+        """One packed forward; logits of each decode token and of each finished prompt."""
+        device = self._checkpoint.device
+        ids = [s.last_token for s in step.decode]
+        positions = [
+            torch.tensor(
+                [s.next_position + s.prepared.rope_delta for s in step.decode], dtype=torch.long
+            ).expand(3, -1)
+        ]
+        chunks, offset, finishing, rows = [], len(step.decode), [], list(range(len(step.decode)))
+        for sequence, start, length in step.chunks:
+            prompt = sequence.prepared.inputs["input_ids"][0]
+            ids += prompt[start : start + length].tolist()
+            positions.append(sequence.prepared.positions[:, start : start + length])
+            chunks.append(PrefillChunk(sequence.slot, start, length, offset))
+            offset += length
+            if start + length == sequence.prepared.prompt_tokens:
+                finishing.append(sequence)
+                rows.append(offset - 1)
+        input_ids = torch.tensor(ids, device=device)
+        embeds = self._model.model.language_model.embed_tokens(input_ids)
+        for (sequence, start, length), chunk in zip(step.chunks, chunks):
+            self._place_image_embeddings(embeds, sequence, start, length, chunk.offset)
+        position_ids = torch.cat(positions, dim=1).to(device)[:, None, :]
+        layout = StepLayout(
+            [s.slot for s in step.decode], [s.cached + 1 for s in step.decode], chunks, device
+        )
+        started = time.perf_counter()
+        with packed_step(self._cache, layout):
+            hidden = self._model.model.language_model(
+                inputs_embeds=embeds[None],
+                position_ids=position_ids,
+                cache=self._cache,
+                attention_mask={"full_attention": None},
+                use_cache=True,
+            ).last_hidden_state
+        # .to: the LM head sits on the last GPU of a device_map; sampling works on the first.
+        logits = self._model.lm_head(hidden[0, rows]).float().to(device)
+        self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
+        return logits, finishing
+
+    def _place_image_embeddings(
+        self, embeds, sequence: _Sequence, start: int, length: int, offset: int
+    ) -> None:
+        """The chunk's image and video tokens take their rows of the request's vision-tower
+        output (its items joined in order of appearance)."""
+        if sequence.image_embeddings is None:
+            return
+        ids = sequence.prepared.inputs["input_ids"][0]
+        is_image = (ids == self._checkpoint.image_token_id) | (
+            ids == self._checkpoint.video_token_id
+        )
+        before = int(is_image[:start].sum())
+        inside = is_image[start : start + length]
+        count = int(inside.sum())
+        if count:
+            where = inside.nonzero()[:, 0].to(embeds.device) + offset
+            rows = sequence.image_embeddings[before : before + count]
+            embeds[where] = rows.to(embeds.device, embeds.dtype)
+
+    def _forked(self, leader: _Sequence) -> list[_Sequence]:
+        """The leader and, for n > 1, one copy of its prompt cache per extra choice."""
+        request = leader.request
+        for index in range(1, request.prepared.sampling.n):
+            slot, _ = self._slots.take()
+            self._cache.copy_slot(leader.slot, slot, leader.cached)
+            twin = leader.fork(slot, index)
+            request.choices.append(twin)
+            self._running.append(twin)
+        return list(request.choices)
+
+    def _mask(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """The grammar masks of the constrained rows, in place, before any sampling. A matcher
+        that fails fails its own request."""
+        constrained = [
+            (row, s)
+            for row, s in enumerate(sequences)
+            if s.matcher is not None and not s.request.done
+        ]
+        if not constrained:
+            return
+        try:
+            failed = self._masks.apply(
+                logits, [row for row, _ in constrained], [s.matcher for _, s in constrained]
+            )
+        except Exception:  # llguidance itself: the constrained requests fail, not the step
+            log.exception("grammar mask failed")
+            failed = range(len(constrained))
+        for i in failed:
+            sequence = constrained[i][1]
+            error = sequence.matcher.get_error()[:300] or "no token is allowed"
+            log.error(
+                "request %s: grammar failed after %d tokens: %s",
+                sequence.prepared.raw.request_id,
+                sequence.assembler.num_tokens,
+                error,
+            )
+            sequence.request.fail(GrammarFailure(error))
+
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, first_tokens: int) -> None:
+        self._mask(sequences, logits)
+        tokens = choose_tokens(logits, [s.sampler for s in sequences])
+        done = []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens)):
+            request = sequence.request
+            if request.done:
+                done.append(sequence)
+                continue
+            try:
+                sequence.accept(token, logits[row], self._texts)
+                if row >= first_tokens and sequence.index == 0:
+                    prepared = request.prepared
+                    self._observe.prefilled(
+                        prepared.prompt_tokens,
+                        prepared.image_tokens,
+                        sequence.first_token_at - request.arrived,
+                        prepared.video_tokens,
+                    )
+                if sequence.finish_reason:
+                    sequence.finish()
+                    done.append(sequence)
+            except Exception as exc:  # one request's failure (e.g. its sink) is its own
+                request.fail(exc)
+                done.append(sequence)
+        self._retire(done + [s for s in self._running if s.request.done and s not in done])
+
+    def _retire(self, sequences: list[_Sequence]) -> None:
+        if not sequences:
+            return
+        gone = {id(s) for s in sequences}
+        self._running = [s for s in self._running if id(s) not in gone]
+        for sequence in sequences:
+            prompt = min(sequence.cached, sequence.prepared.prompt_tokens)
+            self._slots.release(sequence.slot, _content(sequence.prepared, prompt))
+
+    def _fail_running(self) -> None:
+        for sequence in self._running:
+            sequence.request.fail(RuntimeError("engine step failed"))
+        self._retire(list(self._running))
+        self._vision, self._encoding = [], {}
+
+    def _refuse_waiting(self) -> None:
+        self._take_ready(block=False)
+        for request in self._waiting:
+            request.fail(EngineStoppingError("the model is shutting down"))
+        self._waiting = []

@@ -1,0 +1,242 @@
+"""Sampling parameters: the `sampling_parameters` JSON input, validated."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from ..errors import RequestError
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128
+MAX_TOOL_NAME_CHARS = 256
+STRUCTURED = "sampling_parameters.structured"  # the `param` of its errors
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The `structured` sampling parameter: what grammar-constrained decoding enforces.
+
+    `type` is `json_object`, `json_schema` (`schema`, `strict`) or `tool_calls` (`tools` as
+    (name, parameters schema) pairs, `parallel`). Schemas are kept as compact JSON text, in the
+    client's key order (properties come out in that order): hashable, and the cache key of the
+    grammar they compile to. Their size and depth are checked against the server's settings
+    when the grammar is compiled (`check_structured_limits`)."""
+
+    type: str
+    schema: str | None = None
+    strict: bool = False
+    tools: tuple[tuple[str, str], ...] = ()
+    parallel: bool = False
+
+    def schemas(self) -> list[tuple[str, str]]:
+        """(param, schema JSON) of every schema in it, for limits and error messages."""
+        if self.type == "json_schema":
+            return [(f"{STRUCTURED}.schema", self.schema or "{}")]
+        return [
+            (f"{STRUCTURED}.tools[{i}].parameters", parameters)
+            for i, (_, parameters) in enumerate(self.tools)
+        ]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1  # choices; the server's cap is checked where the settings are known
+    structured: StructuredOutput | None = None  # grammar-constrained output
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature is not None and self.temperature == 0.0
+
+
+def _number(raw: dict, name: str, low: float, high: float, integer: bool = False):
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{name}' must be a number", name)
+    if integer and not float(value).is_integer():
+        raise RequestError(f"'{name}' must be an integer", name)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise RequestError(f"'{name}' must be between {low} and {high}", name)
+    return int(value) if integer else float(value)
+
+
+def _stop_strings(raw: dict) -> tuple[str, ...]:
+    stop = raw.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"'stop' takes at most {MAX_STOP_STRINGS} strings", "stop")
+    return tuple(s for s in stop if s)
+
+
+def parse_sampling_parameters(text: str | None) -> SamplingParams:
+    """Parse the JSON object; unknown keys are ignored as vllm_backend does."""
+    if not text:
+        return SamplingParams()
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # nesting beyond the parser's recursion limit
+        raise RequestError("sampling_parameters is not valid JSON", "sampling_parameters") from exc
+    if not isinstance(raw, dict):
+        raise RequestError("sampling_parameters must be a JSON object", "sampling_parameters")
+    max_tokens = raw.get("max_tokens", raw.get("max_completion_tokens"))
+    return SamplingParams(
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 1, 2**31 - 1, integer=True),
+        temperature=_number(raw, "temperature", 0.0, 2.0),
+        top_p=_number(raw, "top_p", 1e-9, 1.0),
+        top_k=_number(raw, "top_k", -1, 2**31 - 1, integer=True),
+        repetition_penalty=_number(raw, "repetition_penalty", 1e-9, 10.0),
+        seed=_number(raw, "seed", -(2**63), 2**63 - 1, integer=True),
+        stop=_stop_strings(raw),
+        presence_penalty=_number(raw, "presence_penalty", -2.0, 2.0) or 0.0,
+        frequency_penalty=_number(raw, "frequency_penalty", -2.0, 2.0) or 0.0,
+        n=_number(raw, "n", 1, 2**31 - 1, integer=True) or 1,
+        structured=_structured(raw.get("structured")),
+        **_logprobs(raw),
+    )
+
+
+def _logprobs(raw: dict) -> dict:
+    wanted = raw.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise RequestError("'logprobs' must be a boolean", "logprobs")
+    top = _number(raw, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    if top and not wanted:
+        raise RequestError("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    return {"logprobs": bool(wanted), "top_logprobs": top}
+
+
+def _compact(value, param: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError as exc:
+        raise RequestError("the schema nests too deeply", param) from exc
+
+
+def _flag(raw: dict, name: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(f"'structured.{name}' must be a boolean", f"{STRUCTURED}.{name}")
+    return value
+
+
+def _structured(raw) -> StructuredOutput | None:
+    """`{"type": "json_object"}`, `{"type": "json_schema", "schema": {...}, "strict": bool}` or
+    `{"type": "tool_calls", "tools": [{"name": str, "parameters": {...}}, ...], "parallel":
+    bool}`; None (or absent) means unconstrained."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RequestError("'structured' must be a JSON object", STRUCTURED)
+    kind = raw.get("type")
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind == "json_schema":
+        schema = raw.get("schema")
+        if not isinstance(schema, dict):
+            raise RequestError(
+                "'structured.schema' must be a JSON Schema object", f"{STRUCTURED}.schema"
+            )
+        return StructuredOutput(
+            "json_schema", _compact(schema, f"{STRUCTURED}.schema"), strict=_flag(raw, "strict")
+        )
+    if kind == "tool_calls":
+        return StructuredOutput(
+            "tool_calls",
+            tools=_tools(raw.get("tools")),
+            parallel=_flag(raw, "parallel"),
+            strict=_flag(raw, "strict"),
+        )
+    raise RequestError(
+        "'structured.type' must be one of 'json_object', 'json_schema', 'tool_calls'",
+        f"{STRUCTURED}.type",
+    )
+
+
+def _tools(tools) -> tuple[tuple[str, str], ...]:
+    param = f"{STRUCTURED}.tools"
+    if not isinstance(tools, list) or not tools:
+        raise RequestError("'structured.tools' must be a non-empty list of tools", param)
+    if len(tools) > MAX_TOOLS:
+        raise RequestError(f"'structured.tools' takes at most {MAX_TOOLS} tools", param)
+    result, seen = [], set()
+    for index, tool in enumerate(tools):
+        where = f"{param}[{index}]"
+        if not isinstance(tool, dict):
+            raise RequestError(f"'structured.tools[{index}]' must be an object", where)
+        name = tool.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_TOOL_NAME_CHARS:
+            raise RequestError(
+                f"'structured.tools[{index}].name' must be a string of 1 to "
+                f"{MAX_TOOL_NAME_CHARS} characters",
+                f"{where}.name",
+            )
+        if name in seen:
+            raise RequestError(
+                f"'structured.tools[{index}].name': {name[:64]!r} names two tools", f"{where}.name"
+            )
+        seen.add(name)
+        parameters = tool.get("parameters")
+        if parameters is None:
+            parameters = {}
+        if not isinstance(parameters, dict):
+            raise RequestError(
+                f"'structured.tools[{index}].parameters' must be a JSON Schema object",
+                f"{where}.parameters",
+            )
+        result.append((name, _compact(parameters, f"{where}.parameters")))
+    return tuple(result)
+
+
+def schema_depth(value) -> int:
+    """How deeply objects and arrays nest (iteratively: a hostile schema must not recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_structured_limits(structured: StructuredOutput, max_bytes: int, max_depth: int) -> None:
+    """Each schema within the server's byte and nesting limits (`max_schema_bytes`,
+    `max_schema_depth`), before any grammar work is spent on it."""
+    for param, schema in structured.schemas():
+        size = len(schema.encode("utf-8"))
+        if size > max_bytes:
+            raise RequestError(
+                f"the schema is {size} bytes (compact JSON); this server accepts at most "
+                f"{max_bytes}",
+                param,
+            )
+        depth = schema_depth(json.loads(schema))
+        if depth > max_depth:
+            raise RequestError(
+                f"the schema nests {depth} levels deep; this server accepts at most {max_depth}",
+                param,
+            )

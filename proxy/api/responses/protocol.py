@@ -1,0 +1,650 @@
+"""OpenAI's Responses API (`POST /v1/responses`), stateless, on the chat-completions path.
+
+A Responses request is checked here (strict pydantic, as chat), then translated into the
+equivalent chat-completions body, which proxy/app.py runs through the chat path unchanged
+(parse, limits, media, structured output, the backend, metrics). The model's chunks come back
+as a `response` object, or as Responses' typed SSE events:
+
+    response.created, response.in_progress,
+    per output item: response.output_item.added,
+        message:       response.content_part.added, response.output_text.delta...,
+                       response.output_text.done, response.content_part.done
+        function_call: response.function_call_arguments.delta, ...arguments.done
+    response.output_item.done, ...,
+    response.completed | response.incomplete (cut by max_output_tokens) | response.failed
+
+Nothing is stored: `store: true` is answered as `store: false` (and the `X-Response-Stored:
+false` header); `previous_response_id` and `conversation` are 400s. Errors raised on the chat
+path name the client's Responses path (`input[0].content[1].image_url`, not `messages[1]...`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from ...error_catalogue import (
+    INTERNAL_ERROR,
+    MISSING_REQUIRED_PARAMETER,
+    UNSUPPORTED_PARAMETER,
+    APIError,
+)
+from ...request.schema import INT32_MAX, BaseModel, part_discriminator, validation_api_error
+from ...request.sse import sse_event
+from ...request.tool_calls import ToolCall, ToolCallStream, split_tool_calls
+from ...transport.backend import GenerationChunk
+from ..chat.render import TokenUsage, record_usage
+
+log = logging.getLogger("proxy")
+
+# Every answer of /v1/responses says that nothing was kept (`store: true` is accepted).
+STORED_HEADER = "X-Response-Stored"
+STORED_HEADERS = {STORED_HEADER: "false"}
+SUPPORTED_PART_TYPES = ("input_text", "input_image", "output_text")
+SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output")
+# Fields that need state or a feature this server does not have: refused, never ignored.
+_STATEFUL = ("previous_response_id", "conversation")
+
+# ---- the request -----------------------------------------------------------------------
+
+
+class InputText(BaseModel):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputText(BaseModel):
+    """Assistant text in the history (`annotations`, `logprobs` are not used)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["output_text"]
+    text: str
+
+
+class InputImage(BaseModel):
+    type: Literal["input_image"]
+    image_url: str | None = None  # a data: URL or an http(s) URL
+    file_id: str | None = None  # refused: there is no Files API here
+    detail: Literal["auto", "low", "high", "original"] | None = None
+
+
+InputPart = Annotated[
+    Annotated[InputText, Tag("input_text")]
+    | Annotated[InputImage, Tag("input_image")]
+    | Annotated[OutputText, Tag("output_text")],
+    part_discriminator(SUPPORTED_PART_TYPES),
+]
+
+
+class MessageItem(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["message"] | None = None
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputPart]
+
+
+class FunctionCallItem(BaseModel):
+    """A call the model made in an earlier turn (the client keeps the history)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+def _item_type(item: Any) -> str | None:
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    return (kind or "message") if (kind or "message") in SUPPORTED_ITEM_TYPES else None
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(
+        _item_type,
+        custom_error_type="unsupported_input_item",
+        custom_error_message="Unsupported input item type; this server accepts "
+        + ", ".join(f"'{kind}'" for kind in SUPPORTED_ITEM_TYPES)
+        + " items",
+    ),
+]
+
+
+class FunctionTool(BaseModel):
+    """Responses' flat function tool: `{"type": "function", "name", "parameters", ...}`."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(BaseModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _name_and_schema_with_json_schema(self) -> TextFormat:
+        if self.type == "json_schema" and (self.name is None or self.json_schema is None):
+            raise ValueError("'name' and 'schema' are required with type 'json_schema'")
+        return self
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stream: bool | None = None
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512.
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(default=None, max_length=16)
+    user: str | None = None
+    store: bool | None = None
+    background: bool | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        ignored = list(self.model_extra or {})
+        if self.text is not None:
+            ignored += [f"text.{name}" for name in self.text.model_extra or {}]
+        if isinstance(self.input, list):
+            for index, item in enumerate(self.input):
+                ignored += [f"input[{index}].{name}" for name in item.model_extra or {}]
+        return ignored
+
+
+def parse_responses_request(body: dict[str, Any]) -> ResponsesCall:
+    """The request checked (400 envelopes as chat's, naming Responses paths) and translated."""
+    try:
+        request = ResponsesRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_api_error(exc, body, part_types=SUPPORTED_PART_TYPES) from None
+    for name in _STATEFUL:
+        if getattr(request, name) is not None:
+            raise UNSUPPORTED_PARAMETER(
+                name,
+                message=f"'{name}' is not supported: this server is stateless and stores no "
+                "responses or conversations; send the whole history in 'input'.",
+            )
+    if request.background:
+        raise UNSUPPORTED_PARAMETER(
+            "background", message="'background' is not supported: responses run in the request."
+        )
+    return ResponsesCall(request)
+
+
+# ---- Responses → chat completions ------------------------------------------------------
+
+# A chat path's prefix → the Responses path it came from (after the messages').
+_TOP_LEVEL_PATHS = (
+    (re.compile(r"^max_(completion_)?tokens\b"), "max_output_tokens"),
+    (re.compile(r"^response_format\.json_schema\.schema\b"), "text.format.schema"),
+    (re.compile(r"^response_format(\.json_schema)?\b"), "text.format"),
+    (re.compile(r"^tool_choice\.function\b"), "tool_choice"),
+    (re.compile(r"^tools\[(\d+)\]\.function\b"), r"tools[\1]"),
+)
+_MESSAGE_PATH = re.compile(r"^messages\[(\d+)\]")
+
+
+class ResponsesCall:
+    """One Responses request: its chat-completions body, the way back from the chat path's
+    error paths to the client's, and the rendering of its response."""
+
+    def __init__(self, request: ResponsesRequest) -> None:
+        self.request = request
+        # chat message index → (the Responses path it came from, whether the chat path's rest
+        # below the message (`.content[1].image_url`) is the same below that path)
+        self._origins: list[tuple[str, bool]] = []
+        self.chat_body = self._chat_body()
+
+    @property
+    def user(self) -> str | None:
+        return self.request.user
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return self.request.ignored_fields
+
+    @property
+    def is_stream(self) -> bool:
+        return bool(self.request.stream)
+
+    def _chat_body(self) -> dict[str, Any]:
+        r = self.request
+        messages: list[dict[str, Any]] = []
+        if r.instructions is not None:
+            messages.append({"role": "system", "content": r.instructions})
+            self._origins.append(("instructions", False))
+        if isinstance(r.input, str):
+            messages.append({"role": "user", "content": r.input})
+            self._origins.append(("input", False))
+        else:
+            for index, item in enumerate(r.input):
+                self._add_item(messages, index, item)
+        body: dict[str, Any] = {"messages": messages}
+        if r.model is not None:
+            body["model"] = r.model
+        for name, value in (
+            ("max_tokens", r.max_output_tokens),
+            ("temperature", r.temperature),
+            ("top_p", r.top_p),
+            ("stream", r.stream),
+            ("parallel_tool_calls", r.parallel_tool_calls),
+            ("user", r.user),
+        ):
+            if value is not None:
+                body[name] = value
+        fmt = r.text.format if r.text is not None else None
+        if fmt is not None:
+            body["response_format"] = _chat_response_format(fmt)
+        if r.tools is not None:
+            body["tools"] = [_chat_tool(tool) for tool in r.tools]
+        if isinstance(r.tool_choice, FunctionChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": r.tool_choice.name}}
+        elif r.tool_choice is not None:
+            body["tool_choice"] = r.tool_choice
+        return body
+
+    def _add_item(self, messages: list[dict[str, Any]], index: int, item: Any) -> None:
+        path = f"input[{index}]"
+        if isinstance(item, MessageItem):
+            if isinstance(item.content, str):
+                content: Any = item.content
+            else:
+                content = [
+                    _chat_part(part, f"{path}.content[{j}]") for j, part in enumerate(item.content)
+                ]
+            messages.append({"role": item.role, "content": content})
+            self._origins.append((path, True))
+        elif isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                last["tool_calls"].append(call)  # consecutive calls: one assistant turn
+                return
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            self._origins.append((path, False))
+        else:
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            self._origins.append((f"{path}.output", False))
+
+    # ---- errors: the chat path's params → the client's -------------------------------
+
+    def client_param(self, param: str | None) -> str | None:
+        if param is None:
+            return None
+        match = _MESSAGE_PATH.match(param)
+        if match is not None:
+            index = int(match[1])
+            if index >= len(self._origins):
+                return "input"
+            origin, keeps_rest = self._origins[index]
+            return origin + param[match.end() :] if keeps_rest else origin
+        if param == "messages":
+            return "input"
+        for pattern, replacement in _TOP_LEVEL_PATHS:
+            if pattern.match(param):
+                return pattern.sub(replacement, param, count=1)
+        return param
+
+    def to_client(self, error: APIError) -> APIError:
+        """`error` naming the client's path (its `param`, and the path where its message
+        quotes it)."""
+        param = self.client_param(error.param)
+        if param != error.param and error.param:
+            error.message = error.message.replace(f"'{error.param}'", f"'{param}'")
+            error.param = param
+        return error
+
+    @contextlib.contextmanager
+    def client_paths(self) -> Iterator[None]:
+        """Errors raised inside name the client's paths."""
+        try:
+            yield
+        except APIError as exc:
+            raise self.to_client(exc) from None
+
+    # ---- the response ------------------------------------------------------------------
+
+    def renderer(self, model: str, usage: TokenUsage, parse_tool_calls: bool) -> ResponseRenderer:
+        return ResponseRenderer(self, model, usage, parse_tool_calls)
+
+
+def _chat_part(part: Any, path: str) -> dict[str, Any]:
+    if isinstance(part, InputImage):
+        if part.image_url is None:
+            if part.file_id is not None:
+                raise UNSUPPORTED_PARAMETER(
+                    f"{path}.file_id",
+                    message=f"'{path}.file_id' is not supported (this server has no Files "
+                    "API); send the image as 'image_url' (a data: URL or an http(s) URL).",
+                )
+            raise MISSING_REQUIRED_PARAMETER(f"{path}.image_url", path=f"{path}.image_url")
+        image: dict[str, Any] = {"url": part.image_url}
+        if part.detail is not None:
+            # "original" asks for the image as sent: the largest budget the server grants.
+            image["detail"] = "high" if part.detail == "original" else part.detail
+        return {"type": "image_url", "image_url": image}
+    return {"type": "text", "text": part.text}
+
+
+def _chat_response_format(fmt: TextFormat) -> dict[str, Any]:
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.json_schema}
+    if fmt.description is not None:
+        schema["description"] = fmt.description
+    if fmt.strict is not None:
+        schema["strict"] = fmt.strict
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def _chat_tool(tool: FunctionTool) -> dict[str, Any]:
+    function = tool.model_dump(exclude_none=True, exclude={"type"})
+    return {"type": "function", "function": function}
+
+
+# ---- chat results → Responses objects ---------------------------------------------------
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def usage_dict(usage: TokenUsage) -> dict[str, Any]:
+    """Responses' usage: chat's counts under their Responses names (image and video tokens
+    among the input tokens when the model reports them, as chat's prompt_tokens_details)."""
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": usage.prompt_details(),
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [] if text is None else [_text_part(text)],
+    }
+
+
+def _call_item(item_id: str, call: ToolCall, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": arguments,
+    }
+
+
+class ResponseRenderer:
+    """The `response` object and the stream events of one request."""
+
+    def __init__(
+        self, call: ResponsesCall, model: str, usage: TokenUsage, parse_tool_calls: bool
+    ) -> None:
+        self.call = call
+        self.id = _new_id("resp")
+        self.created_at = int(time.time())
+        self.model = model
+        self.usage = usage
+        self.parse_tool_calls = parse_tool_calls
+
+    def response(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        *,
+        finished: bool = True,
+        error: APIError | None = None,
+    ) -> dict[str, Any]:
+        r = self.call.request
+        fmt = r.text.format if r.text is not None else None
+        tool_choice = r.tool_choice or "auto"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "background": False,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "error": None if error is None else {"code": error.code, "message": error.message},
+            "incomplete_details": (
+                {"reason": "max_output_tokens"} if status == "incomplete" else None
+            ),
+            "instructions": r.instructions,
+            "max_output_tokens": r.max_output_tokens,
+            "max_tool_calls": None,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": r.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": False,
+            "temperature": r.temperature,
+            "text": {
+                "format": (
+                    fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
+                )
+            },
+            "tool_choice": (
+                tool_choice.model_dump() if isinstance(tool_choice, FunctionChoice) else tool_choice
+            ),
+            "tools": [tool.model_dump(exclude_none=True) for tool in r.tools or []],
+            "top_p": r.top_p,
+            "truncation": "disabled",
+            "usage": usage_dict(self.usage) if finished else None,
+            "user": r.user,
+            "metadata": r.metadata or {},
+        }
+
+    async def collect(self, chunks: AsyncIterator[GenerationChunk]) -> dict[str, Any]:
+        """The `response` object of a non-streamed request; fills in the usage."""
+        text, finish_reason = "", "stop"
+        async for chunk in chunks:
+            record_usage(self.usage, chunk)
+            text += chunk.text
+            finish_reason = chunk.finish_reason or finish_reason
+        calls: list[ToolCall] = []
+        if self.parse_tool_calls:
+            text, calls = split_tool_calls(text)
+        status = "incomplete" if finish_reason == "length" else "completed"
+        output = []
+        if text or not calls:
+            output.append(_message_item(_new_id("msg"), text, status))
+        output += [_call_item(_new_id("fc"), call, call.arguments, "completed") for call in calls]
+        return self.response(status, output)
+
+    async def events(
+        self,
+        first: GenerationChunk | None,
+        rest: AsyncIterator[GenerationChunk],
+        request_id: str,
+    ) -> AsyncGenerator[bytes, None]:
+        """The SSE events of a streamed request, ending with its terminal event."""
+        stream = _EventStream(self)
+        yield stream.event(
+            "response.created", response=self.response("in_progress", [], finished=False)
+        )
+        yield stream.event(
+            "response.in_progress", response=self.response("in_progress", [], finished=False)
+        )
+        calls = ToolCallStream() if self.parse_tool_calls else None
+        finish_reason = "stop"
+        try:
+            async for chunk in _prepend(first, rest):
+                record_usage(self.usage, chunk)
+                finish_reason = chunk.finish_reason or finish_reason
+                pieces = calls.feed(chunk.text) if calls else [("content", chunk.text)]
+                for event in stream.pieces(pieces):
+                    yield event
+            if calls is not None:
+                for event in stream.pieces(calls.finish()):
+                    yield event
+        except APIError as exc:
+            self.call.to_client(exc)
+            log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
+            yield stream.failed(exc)
+            return
+        except Exception:
+            log.exception("request %s: failed mid-stream", request_id)
+            yield stream.failed(INTERNAL_ERROR(request_id=request_id))
+            return
+        status = "incomplete" if finish_reason == "length" else "completed"
+        for event in stream.finish(status):
+            yield event
+
+
+class _EventStream:
+    """The output items of a stream as they form, and their events, numbered."""
+
+    def __init__(self, renderer: ResponseRenderer) -> None:
+        self.renderer = renderer
+        self.sequence = 0
+        self.items: list[dict[str, Any]] = []  # finished items, in output order
+        self._message: dict[str, Any] | None = None  # the open message item
+        self._text = ""
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, **fields, "sequence_number": self.sequence}
+        self.sequence += 1
+        return b"event: " + kind.encode("ascii") + b"\n" + sse_event(payload)
+
+    def pieces(self, pieces: list[tuple[str, Any]]) -> Iterator[bytes]:
+        for kind, value in pieces:
+            if kind == "call":
+                yield from self._close_message("completed")
+                yield from self._call(value)
+            elif value:
+                yield from self._text_delta(value)
+
+    def _text_delta(self, text: str) -> Iterator[bytes]:
+        if self._message is None:
+            self._message = _message_item(_new_id("msg"), None, "in_progress")
+            self._text = ""
+            yield self.event(
+                "response.output_item.added", output_index=len(self.items), item=self._message
+            )
+            yield self.event("response.content_part.added", **self._where(), part=_text_part(""))
+        self._text += text
+        yield self.event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+
+    def _where(self) -> dict[str, Any]:
+        assert self._message is not None
+        return {"item_id": self._message["id"], "output_index": len(self.items), "content_index": 0}
+
+    def _close_message(self, status: str) -> Iterator[bytes]:
+        if self._message is None:
+            return
+        where = self._where()
+        yield self.event("response.output_text.done", **where, text=self._text, logprobs=[])
+        yield self.event("response.content_part.done", **where, part=_text_part(self._text))
+        item = _message_item(self._message["id"], self._text, status)
+        yield self.event("response.output_item.done", output_index=len(self.items), item=item)
+        self.items.append(item)
+        self._message = None
+
+    def _call(self, call: ToolCall) -> Iterator[bytes]:
+        item_id, index = _new_id("fc"), len(self.items)
+        where = {"item_id": item_id, "output_index": index}
+        added = _call_item(item_id, call, "", "in_progress")
+        yield self.event("response.output_item.added", output_index=index, item=added)
+        yield self.event("response.function_call_arguments.delta", **where, delta=call.arguments)
+        yield self.event(
+            "response.function_call_arguments.done",
+            **where,
+            name=call.name,
+            arguments=call.arguments,
+        )
+        item = _call_item(item_id, call, call.arguments, "completed")
+        yield self.event("response.output_item.done", output_index=index, item=item)
+        self.items.append(item)
+
+    def finish(self, status: str) -> Iterator[bytes]:
+        if not self.items and self._message is None:
+            yield from self._text_delta_free_message()
+        yield from self._close_message(status)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        yield self.event(kind, response=self.renderer.response(status, self.items))
+
+    def _text_delta_free_message(self) -> Iterator[bytes]:
+        """The model said nothing: an empty message, as the non-streamed response has."""
+        self._message = _message_item(_new_id("msg"), None, "in_progress")
+        self._text = ""
+        yield self.event("response.output_item.added", output_index=0, item=self._message)
+        yield self.event("response.content_part.added", **self._where(), part=_text_part(""))
+
+    def failed(self, error: APIError) -> bytes:
+        output = list(self.items)
+        if self._message is not None:
+            output.append(_message_item(self._message["id"], self._text, "incomplete"))
+        return self.event(
+            "response.failed",
+            response=self.renderer.response("failed", output, error=error),
+        )
+
+
+async def _prepend(
+    first: GenerationChunk | None, rest: AsyncIterator[GenerationChunk]
+) -> AsyncIterator[GenerationChunk]:
+    if first is not None:
+        yield first
+    async for chunk in rest:
+        yield chunk

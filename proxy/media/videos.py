@@ -1,0 +1,108 @@
+"""The video media kind: `video_url` parts as MP4/WebM/MOV/MKV containers (inline or fetched)
+or as frame lists the client sampled (`data:video/jpeg;base64,<frame>,<frame>,...`).
+
+The proxy counts and sizes videos and checks what a container's first bytes say; the model
+reads the container header (duration, frames, resolution) and refuses before decoding
+(qwen_vl_backend/media/videos.py), so this side needs no video decoder. Each video part gets its
+sampling budget here, within the model's limits: `fps`, `max_frames`, per-frame `min_pixels`
+/ `max_pixels`, and `total_pixels`, which the server always sets (qwen-vl-utils' own default
+would let one video take ~115k tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..error_catalogue import (
+    INVALID_VALUE,
+    INVALID_VIDEO,
+    INVALID_VIDEO_URL,
+    TOO_MANY_VIDEOS,
+    VIDEO_FETCH_FAILED,
+    VIDEO_FETCH_TIMEOUT,
+    VIDEO_TOO_LARGE,
+    VIDEO_URL_FORBIDDEN,
+)
+from ..transport.contract import MAX_VIDEO_FPS
+from .kinds import MediaKind
+
+_FRAME_LIST_PREFIX = b"data:video/"
+
+
+def is_known_video(data: bytes) -> bool:
+    """Container signatures (declared types are not trusted), or a checked frame list."""
+    return (
+        data[4:8] == b"ftyp"  # MP4, MOV, 3GP (ISO base media)
+        or data.startswith(b"\x1a\x45\xdf\xa3")  # WebM, Matroska (EBML)
+        or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+        or data.startswith(_FRAME_LIST_PREFIX)
+    )
+
+
+def video_budget(
+    source: Any, server: Any, defaults: tuple[int | None, int | None], param: str
+) -> dict[str, Any]:
+    """The chat-part keys of one video, each only within the model's limits (`server.model`,
+    per-frame pixels within `server.pixels`); the server's total pixel budget always goes."""
+    model = server.model
+    budget: dict[str, Any] = {"total_pixels": model.video_total_pixels}
+    if source.fps is not None:
+        budget["fps"] = _within(source.fps, 0.0, MAX_VIDEO_FPS, f"{param}.fps", exclusive_low=True)
+    if source.max_frames is not None:
+        budget["max_frames"] = _within(
+            source.max_frames, 2, model.max_video_frames, f"{param}.max_frames"
+        )
+    if source.total_pixels is not None:
+        budget["total_pixels"] = _within(
+            source.total_pixels, server.pixels.min_pixels, model.video_total_pixels,
+            f"{param}.total_pixels",
+        )  # fmt: skip
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(source, key)
+        if value is not None:
+            budget[key] = server.pixels.check(value, f"{param}.{key}")
+    if budget.get("min_pixels", 0) > budget.get("max_pixels", float("inf")):
+        raise INVALID_VALUE(
+            param,
+            message=f"Invalid value for '{param}': min_pixels exceeds max_pixels for this video.",
+        )
+    return budget
+
+
+def _within(value, low, high, param: str, exclusive_low: bool = False):
+    if value > high or value < low or (exclusive_low and value == low):
+        raise INVALID_VALUE(
+            param,
+            message=f"Invalid value for '{param}': {value} is outside this server's range "
+            f"{'(' if exclusive_low else '['}{low}, {high}].",
+        )
+    return value
+
+
+VIDEO = MediaKind(
+    part_type="video_url",
+    name="video",
+    tensor="video",
+    media_types=frozenset(
+        {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo"}
+    ),
+    frame_types=frozenset({"video/jpeg", "video/png", "video/webp"}),
+    data_url_form="data:video/(mp4|webm|quicktime|x-matroska);base64,<data>, or a frame list "
+    "data:video/(jpeg|png|webp);base64,<frame>,<frame>,...",
+    formats="MP4, WebM, MOV, MKV or AVI",
+    recognise=is_known_video,
+    sniff_bytes=12,
+    count_limit="max_videos",
+    bytes_limit="max_video_bytes",
+    fetch_bytes_field="video_max_bytes",
+    fetch_timeout_field="video_timeout_s",
+    budget=video_budget,
+    inspect=None,  # bytes only: the container is the model's to read
+    too_many=TOO_MANY_VIDEOS,
+    invalid=INVALID_VIDEO,
+    bad_url=INVALID_VIDEO_URL,
+    forbidden_url=VIDEO_URL_FORBIDDEN,
+    too_large=VIDEO_TOO_LARGE,
+    fetch_failed=VIDEO_FETCH_FAILED,
+    fetch_timeout=VIDEO_FETCH_TIMEOUT,
+)

@@ -1,0 +1,1 @@
+"""Metrics, the per-request record and the log format."""

@@ -1,0 +1,323 @@
+"""Per-request observation: one `RequestRecord` per request feeds both its log line and the
+metrics of proxy/observability/metrics.py.
+
+- `observe_request` is the body of the request-log middleware (proxy/app.py), the outermost
+  one: it times the request, keeps the in-flight gauge, and at the end counts the request,
+  its tokens, its error cause or its cancellation, and logs one line.
+- `observe_generation` wraps a completion's chunks: time to first token, gaps between
+  chunks, the usage, errors raised mid-stream and early closes (client gone).
+- `load_media_timed` and `timed_media_check` time fetching, decoding and checking a
+  request's media.
+
+An error's cause comes from one place, the error envelope the client got (`error_cause` of
+its status and `error.code`), so any error any middleware or handler renders is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..api.chat.render import TokenUsage
+from ..error_catalogue import INTERNAL_ERROR, APIError
+from ..errors import REQUEST_ID_KEY
+from ..media.kinds import MediaFetcher, MediaRef, load_media
+from ..transport.backend import GenerationChunk
+from .metrics import (
+    METHODS,
+    METRICS_KEY,
+    METRICS_PATH,
+    UNMATCHED_ROUTE,
+    ProxyMetrics,
+    error_cause,
+)
+
+access_log = logging.getLogger("proxy.access")
+
+# nginx's "client closed request": the status label and log status of a request whose client
+# disconnected before its response ended (a stream may already have sent 200).
+CLIENT_CLOSED = 499
+CLIENT_DISCONNECTED = "client_disconnected"
+_MAX_LOGGED_PATH = 200
+_MAX_ENVELOPE_BYTES = 64 * 1024
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, filled in as it goes."""
+
+    request_id: str
+    method: str
+    path: str
+    route: str
+    started: float  # time.monotonic() at arrival
+    model: str | None = None  # the served name, once a completion starts
+    stream: bool | None = None
+    usage: TokenUsage | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    error: tuple[int, str | None] | None = None  # (status, code) raised by the generation
+    closed_early: bool = False  # the consumer closed the generation before its end
+    interrupted: bool = False  # a CancelledError went through the generation
+    cancelled: bool = False  # the handler was cancelled (client gone)
+    images: int = 0  # image parts in the request
+    image_check_s: float | None = None  # decoding its data: URLs + checking its images
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+
+RECORD_KEY = web.RequestKey("record", RequestRecord)
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route's template (`/v1/models/{model}`), never the raw path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED_ROUTE
+
+
+# ---- the middleware body ---------------------------------------------------------------
+
+
+async def observe_request(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Runs `handler`, then counts and logs the request; `REQUEST_ID_KEY` must be set."""
+    metrics = request.app[METRICS_KEY]
+    record = request[RECORD_KEY] = RequestRecord(
+        request_id=request[REQUEST_ID_KEY],
+        method=request.method,
+        path=request.path[:_MAX_LOGGED_PATH],
+        route=route_template(request),
+        started=time.monotonic(),
+    )
+    # A scrape would always see itself in flight; an idle proxy should read 0.
+    tracked = record.route != METRICS_PATH
+    if tracked:
+        metrics.in_flight.inc()
+    status = 500
+    code: str | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        if status >= 400:
+            code = envelope_code(response)
+        return response
+    except asyncio.CancelledError:
+        record.cancelled = True
+        raise
+    except web.HTTPException as exc:  # non-errors (redirects) that error_middleware re-raises
+        status = exc.status
+        raise
+    finally:
+        if tracked:
+            metrics.in_flight.dec()
+        finish(record, metrics, status, code)
+
+
+def envelope_code(response: web.StreamResponse) -> str | None:
+    """`error.code` of an OpenAI error envelope response; None for any other body."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes) or len(body) > _MAX_ENVELOPE_BYTES:
+        return None
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str | None) -> None:
+    """Counts the request in the metrics and logs its line."""
+    duration = time.monotonic() - record.started
+    cancelled = record.cancelled or (record.closed_early and record.error is None and status < 400)
+    cause: str | None = None
+    if cancelled:
+        status = CLIENT_CLOSED
+        cause = CLIENT_DISCONNECTED
+        metrics.disconnects.labels(record.route).inc()
+    elif status >= 400:
+        cause = error_cause(status, code)
+    elif record.error is not None:  # an error event in a stream that had started as 200
+        status_raised, code = record.error
+        cause = error_cause(status_raised, code)
+    elif record.interrupted:
+        # Cancelled without the handler being cancelled: a timeout (asyncio.timeout) cut the
+        # generation, and its error went out as a stream event.
+        cause = "timeout"
+    if cause is not None and not cancelled:
+        metrics.rejections.labels(cause).inc()
+    method = record.method if record.method in METHODS else "other"
+    metrics.requests.labels(record.route, method, str(status)).inc()
+    metrics.duration.labels(record.route).observe(duration)
+    if record.images and record.image_check_s is not None:
+        metrics.image_decode.observe(record.image_check_s)
+    usage = record.usage
+    if usage is not None and record.model is not None:
+        metrics.prompt_tokens.labels(record.model).inc(usage.prompt_tokens)
+        metrics.completion_tokens.labels(record.model).inc(usage.completion_tokens)
+        metrics.image_tokens.labels(record.model).inc(usage.image_tokens or 0)
+    log_request(record, status, duration, cause, code)
+
+
+# ---- the log line ----------------------------------------------------------------------
+
+
+def log_request(
+    record: RequestRecord, status: int, duration_s: float, cause: str | None, code: str | None
+) -> None:
+    usage = record.usage
+    ttft = record.ttft_s
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "method": record.method,
+        "path": record.path,
+        "route": record.route,
+        "status": status,
+        "model": record.model,
+        "stream": record.stream,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "image_tokens": usage.image_tokens if usage else None,
+        "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
+        "duration_ms": round(duration_s * 1000, 1),
+    }
+    if cause is not None:
+        fields["cause"] = cause
+        fields["code"] = code
+    access_log.info(RequestLine(fields), extra={"fields": fields})
+
+
+class RequestLine:
+    """The text form of a request's log line, rendered only if a text formatter asks:
+    `request <id> <METHOD> <path> -> <status> key=value ...` (`-`: not known)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        f = self.fields
+        head = f"request {f['request_id']} {f['method']} {f['path']} -> {f['status']}"
+        rest = " ".join(
+            f"{name}={_text(value)}"
+            for name, value in f.items()
+            if name not in ("request_id", "method", "path", "status")
+        )
+        return f"{head} {rest}"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ---- hooks in the request path ---------------------------------------------------------
+
+
+async def observe_generation(
+    request: web.Request,
+    chunks: AsyncGenerator[GenerationChunk, None],
+    *,
+    model: str,
+    stream: bool,
+    usage: TokenUsage,
+) -> AsyncGenerator[GenerationChunk, None]:
+    """`chunks`, timed: TTFT and inter-chunk gaps (streams only: a non-streamed completion
+    arrives as one chunk), how it ended. Closing this closes `chunks`."""
+    record = request[RECORD_KEY]
+    metrics = request.app[METRICS_KEY]
+    record.model, record.stream, record.usage = model, stream, usage
+    inter_token = metrics.inter_token.labels(model)  # looked up once, observed per chunk
+    try:
+        async for chunk in chunks:
+            if stream and chunk.text:
+                now = time.monotonic()
+                if record.last_token_at is None:
+                    record.first_token_at = now
+                    metrics.ttft.labels(model).observe(now - record.started)
+                else:
+                    inter_token.observe(now - record.last_token_at)
+                record.last_token_at = now
+            yield chunk
+    except APIError as exc:
+        record.error = (exc.status, exc.code)
+        raise
+    except GeneratorExit:  # the stream's writer gave up: the client is gone
+        record.closed_early = True
+        raise
+    except asyncio.CancelledError:  # the handler's cancellation, or a timeout's
+        record.interrupted = True
+        raise
+    except Exception:
+        record.error = (INTERNAL_ERROR.status, INTERNAL_ERROR.code)
+        raise
+    finally:
+        await chunks.aclose()
+
+
+class _TimedFetcher:
+    """An `ImageFetcher` that adds up the time its fetches take."""
+
+    def __init__(self, fetcher: MediaFetcher) -> None:
+        self._fetcher = fetcher
+        self.calls = 0
+        self.elapsed = 0.0
+
+    async def fetch_all(self, refs: Sequence[MediaRef]) -> list[bytes]:
+        self.calls += 1
+        started = time.perf_counter()
+        try:
+            return await self._fetcher.fetch_all(refs)
+        finally:
+            self.elapsed += time.perf_counter() - started
+
+
+async def load_media_timed(
+    request: web.Request, refs: Sequence[MediaRef], fetcher: MediaFetcher | None
+) -> list[bytes]:
+    """`load_media`, counting the parts and timing the fetch (observed here) and the data:
+    URL decoding (the rest of the time `load_media` takes; observed with the checks of
+    `timed_media_check` when the request ends), failures included."""
+    metrics = request.app[METRICS_KEY]
+    request[RECORD_KEY].images = len(refs)
+    timed = _TimedFetcher(fetcher) if fetcher is not None else None
+    started = time.perf_counter()
+    try:
+        return await load_media(refs, timed)
+    finally:
+        total = time.perf_counter() - started
+        remote = sum(ref.is_remote for ref in refs)
+        inline = len(refs) - remote
+        if remote:
+            metrics.images.labels("remote").inc(remote)
+        if inline:
+            metrics.images.labels("inline").inc(inline)
+        fetch_s = timed.elapsed if timed is not None else 0.0
+        if timed is not None and timed.calls:
+            metrics.image_fetch.observe(fetch_s)
+        if inline:
+            _add_image_check(request[RECORD_KEY], max(total - fetch_s, 0.0))
+
+
+async def timed_media_check(request: web.Request, check: Awaitable[None]) -> None:
+    """Awaits `check` (`limits.check_media`), adding its time to the request's media
+    decode/validation time."""
+    started = time.perf_counter()
+    try:
+        await check
+    finally:
+        _add_image_check(request[RECORD_KEY], time.perf_counter() - started)
+
+
+def _add_image_check(record: RequestRecord, seconds: float) -> None:
+    record.image_check_s = (record.image_check_s or 0.0) + seconds

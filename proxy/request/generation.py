@@ -1,0 +1,172 @@
+"""What every generating route shares, whatever its API surface: reading the JSON body,
+resolving the model and its limits, the checks, translation, media, the Triton stream with its
+timeouts and observation, and writing an event stream."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..config import ProxyConfig
+from ..error_catalogue import INVALID_BODY, INVALID_JSON, MODEL_NOT_FOUND
+from ..errors import REQUEST_ID_KEY
+from ..keys import (
+    BACKEND_KEY,
+    CONFIG_KEY,
+    FETCHER_KEY,
+    IGNORED_FIELDS_KEY,
+    LOADER_KEY,
+    MODEL_LIMITS_KEY,
+    USAGE_KEY,
+)
+from ..observability.observe import load_media_timed, observe_generation, timed_media_check
+from ..serving.admission import with_stream_timeouts
+from ..transport.backend import GenerationChunk
+from ..transport.contract import ModelLimits
+from ..transport.model_limits import narrower
+from .limits import RequestLimits, check_chat, check_json_text, check_media
+from .schema import ChatCompletionRequest
+from .translate import ServerLimits, prepare_chat
+from .usage import TokenUsage
+
+log = logging.getLogger("proxy")
+
+# Ignored field names are the client's text: kept printable, short and few in a header.
+_HEADER_UNSAFE = re.compile(r"[^\x21-\x7e]|,")
+
+_MAX_IGNORED_LISTED = 32
+
+SSE_HEADERS = {
+    # Without the charset, `requests` decodes text/* as ISO-8859-1 and garbles Chinese;
+    # Flask (the server this replaces) also sent it.
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # Tells nginx-style reverse proxies not to buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass
+class Generation:
+    """A chat request admitted and sent to Triton: its chunks, as observed and timed."""
+
+    served_name: str
+    triton_model: str
+    usage: TokenUsage
+    tool_calls: bool  # the output may hold tool calls to parse
+    chunks: AsyncGenerator[GenerationChunk, None]
+
+
+async def start_generation(request: web.Request, chat: ChatCompletionRequest) -> Generation:
+    """The steps every route that generates shares (chat completions, responses): the model,
+    its limits, the checks, translation, media, and the Triton stream with its timeouts and
+    observation. Nothing is sent to Triton until the generator is first awaited."""
+    app = request.app
+    served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
+    limits, translation = await limits_for(app, triton_model)
+    check_chat(chat, limits)
+    prepared = prepare_chat(chat, translation, limits)
+    media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
+    await timed_media_check(request, check_media(media, prepared.media, limits))
+    triton_request = prepared.to_triton(triton_model, media)
+    usage = request[USAGE_KEY] = TokenUsage()
+    chunks = observe_generation(
+        request,
+        with_stream_timeouts(
+            request, app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
+        ),
+        model=served_name,
+        stream=chat.is_stream,
+        usage=usage,
+    )
+    return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks)
+
+
+async def limits_for(app: web.Application, triton_model: str) -> tuple[RequestLimits, ServerLimits]:
+    """What a request to `triton_model` is held to: the model's limits (it is asked through
+    Triton; a lazily loaded model is loaded first, as only it knows them), narrowed by the
+    proxy's flags."""
+    if LOADER_KEY in app:
+        await app[LOADER_KEY].ensure_loaded(triton_model)
+    return effective_limits(app[CONFIG_KEY], await app[MODEL_LIMITS_KEY].get(triton_model))
+
+
+@functools.lru_cache(maxsize=64)
+def effective_limits(config: ProxyConfig, model: ModelLimits) -> tuple[RequestLimits, ServerLimits]:
+    """The proxy's flags over a model's limits; the same pair for every request while both
+    stay the same, so it is worked out once."""
+    max_tokens = int(narrower(config.server.max_tokens_limit, model.max_tokens))
+    translation = ServerLimits(config.pixels.within(model), max_tokens, model)
+    return config.limits.within(model), translation
+
+
+def note_request_fields(request: web.Request, chat: ChatCompletionRequest) -> None:
+    """Logs the `user` and the unknown fields; the latter also go back in X-Ignored-Fields."""
+    request_id = request[REQUEST_ID_KEY]
+    if chat.user is not None:
+        log.info("request %s: user=%r", request_id, chat.user[:256])
+    if chat.ignored_fields:
+        request[IGNORED_FIELDS_KEY] = chat.ignored_fields
+        log.info(
+            "request %s: ignored fields: %s",
+            request_id,
+            ", ".join(repr(name[:64]) for name in chat.ignored_fields[:_MAX_IGNORED_LISTED]),
+        )
+
+
+def ignored_fields_header(names: list[str]) -> str:
+    listed = [_HEADER_UNSAFE.sub("?", name)[:64] for name in names[:_MAX_IGNORED_LISTED]]
+    if len(names) > _MAX_IGNORED_LISTED:
+        listed.append(f"... ({len(names) - _MAX_IGNORED_LISTED} more)")
+    return ", ".join(listed)
+
+
+def resolve_model(config: ProxyConfig, requested: str | None) -> tuple[str, str]:
+    """(served name, Triton model) for a request's `model`; no model means the default."""
+    served = config.served_models
+    name = config.server.served_model_name if requested is None else requested
+    if name not in served:
+        names = ", ".join(f"`{n}`" for n in served)
+        raise MODEL_NOT_FOUND(
+            "model", message=f"The model `{name}` does not exist. This server serves {names}."
+        )
+    return name, served[name]
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's
+        raise INVALID_JSON() from None
+    if not isinstance(body, dict):
+        raise INVALID_BODY()
+    check_json_text(raw, body)
+    return body
+
+
+async def write_events(
+    request: web.Request,
+    events: AsyncGenerator[bytes, None],
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Sends the headers, then a stream's events (closing `events` whatever happens); a
+    client gone mid-stream is logged, not an error."""
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                await response.write(event)
+            await response.write_eof()
+        except ConnectionResetError:
+            log.info("request %s: client disconnected", request[REQUEST_ID_KEY])
+    return response

@@ -1,0 +1,378 @@
+"""The chat-completions request body, validated with pydantic.
+
+Unknown top-level fields are accepted, as OpenAI-compatible servers do (clients send fields
+this server has no use for, such as `tools` or `logit_bias`, and must not get 422s); they are
+not silently dropped either: the app names them in an `X-Ignored-Fields` header and the log.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel as _PydanticModel
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from ..error_catalogue import (
+    INVALID_TYPE,
+    INVALID_VALUE,
+    MISSING_REQUIRED_PARAMETER,
+    UNSUPPORTED_CONTENT_TYPE,
+    APIError,
+)
+from ..media.images import IMAGE
+from ..media.kinds import MediaKind
+from ..media.videos import VIDEO
+
+SUPPORTED_PART_TYPES = ("text", "image_url", "video_url")
+MAX_STOP_STRINGS = 16  # as OpenAI's API and the model
+MAX_TOP_LOGPROBS = 20
+# The model's own ranges (qwen_vl_backend/request/params.py), so out-of-range numbers such as 2**64
+# are refused here instead of after the images were fetched and sent.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_REPETITION_PENALTY = 10.0
+
+
+class BaseModel(_PydanticModel):
+    """Strict, as OpenAI's API: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not coerced
+    (integers still count as numbers)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+# pydantic's error types for a value of the wrong JSON type → OpenAI's word for the type.
+_TYPE_ERRORS = {
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "an array",
+    "model_type": "an object",
+    "dict_type": "an object",
+}
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+    # Per-image pixel bounds (an extension, as vLLM's): they win over the request's.
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class MediaPart(BaseModel):
+    """A content part pointing at media of one kind (proxy/media/kinds.py); its URL object is the
+    field named like the part type (`image_url`)."""
+
+    kind: ClassVar[MediaKind]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_bare_url(cls, value: Any) -> Any:
+        # Some clients send `"image_url": "data:..."` instead of `{"url": "data:..."}`.
+        field = cls.kind.part_type
+        if isinstance(value, dict) and isinstance(value.get(field), str):
+            return {**value, field: {"url": value[field]}}
+        return value
+
+    @property
+    def source(self) -> Any:
+        """The URL object (`image_url`, `video_url`): `url` and the kind's budget fields."""
+        return getattr(self, self.kind.part_type)
+
+
+class ImagePart(MediaPart):
+    kind: ClassVar[MediaKind] = IMAGE
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoURL(BaseModel):
+    url: str
+    # Sampling and resizing (vLLM's and qwen-vl-utils' names), within the server's bounds.
+    fps: float | None = Field(default=None, gt=0)
+    max_frames: int | None = Field(default=None, ge=2)
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+    total_pixels: int | None = Field(default=None, ge=1)
+
+
+class VideoPart(MediaPart):
+    kind: ClassVar[MediaKind] = VIDEO
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+def part_discriminator(supported: tuple[str, ...]) -> Discriminator:
+    """Picks a content part's model by its `type`; a part of any other type (input_audio,
+    file, ...) fails with an error type `validation_api_error` turns into a 400 naming it."""
+
+    def part_type(part: Any) -> str | None:
+        kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+        return kind if kind in supported else None
+
+    return Discriminator(
+        part_type,
+        custom_error_type="unsupported_content_type",
+        custom_error_message="Unsupported content part type",
+    )
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("text")]
+    | Annotated[ImagePart, Tag("image_url")]
+    | Annotated[VideoPart, Tag("video_url")],
+    part_discriminator(SUPPORTED_PART_TYPES),
+]
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    # `developer` is OpenAI's newer name for `system`; `tool` carries tool results.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Required; null only on an assistant turn that carried tool calls instead (as OpenAI).
+    content: str | list[ContentPart] | None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this result answers
+
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only on an assistant message with tool_calls")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    # OpenAI's rule for function names.
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = (
+        None  # a JSON Schema (checked in proxy/request/structured.py)
+    )
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # `schema` would shadow pydantic's BaseModel.schema
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+
+# Marks a field the model takes as it is, in `sampling_parameters` under the same name
+# (proxy/request/translate.py), so a new sampling field is one line here and its parsing in the model.
+TO_MODEL = {"to_model": True}
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2, json_schema_extra=TO_MODEL)
+    top_p: float | None = Field(default=None, gt=0, le=1, json_schema_extra=TO_MODEL)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX, json_schema_extra=TO_MODEL)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=MAX_REPETITION_PENALTY, json_schema_extra=TO_MODEL
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, json_schema_extra=TO_MODEL)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, json_schema_extra=TO_MODEL)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX, json_schema_extra=TO_MODEL)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    # Choices per request; the model refuses more than its `max_choices` parameter allows.
+    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    # Pixel bounds for every image of the request (see proxy/media/pixels.py).
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    @property
+    def is_stream(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def token_limit(self) -> int | None:
+        # `max_completion_tokens` replaced `max_tokens` in OpenAI's API; the newer name wins.
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        """Fields the client sent that this server does not use: top-level ones by name in
+        body order, then message-level ones by path (`messages[2].name`)."""
+        ignored = list(self.model_extra or {})
+        for index, message in enumerate(self.messages):
+            ignored += [f"messages[{index}].{name}" for name in message.model_extra or {}]
+        return ignored
+
+
+SAMPLING_FIELDS = tuple(
+    name
+    for name, field in ChatCompletionRequest.model_fields.items()
+    if field.json_schema_extra == TO_MODEL
+)
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    try:
+        chat = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_api_error(exc, body) from None
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise INVALID_VALUE(
+            "top_logprobs",
+            message="Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
+        )
+    return chat
+
+
+def validation_api_error(
+    exc: ValidationError, body: Any, *, part_types: tuple[str, ...] = SUPPORTED_PART_TYPES
+) -> APIError:
+    """The most specific pydantic error as a 400 envelope, its input position as `param`;
+    `part_types`: the content part types the message of an unsupported one names."""
+    candidates = [(_input_path(err["loc"], body, err["type"]), err) for err in exc.errors()]
+    path, err = max(candidates, key=lambda item: len(item[0]))  # max keeps the first of ties
+    param = format_param(path)
+    if err["type"] == "unsupported_content_type":
+        return _content_part_error(err["input"], param, part_types)
+    at_path = [e for p, e in candidates if p == path]
+    if all(e["type"] in _TYPE_ERRORS for e in at_path):
+        expected = " or ".join(dict.fromkeys(_TYPE_ERRORS[e["type"]] for e in at_path))
+        message = (
+            f"Invalid type for '{param}': expected {expected}, "
+            f"but got {_json_type(err['input'])} instead."
+        )
+        return INVALID_TYPE(param or None, message=message)
+    if err["type"] == "missing":
+        return MISSING_REQUIRED_PARAMETER(param or None, path=param)
+    # A value that fits none of a union's members fails once per member; name them all.
+    reasons = dict.fromkeys(e["msg"] for p, e in candidates if p == path)
+    message = f"Invalid value for '{param}': {' or '.join(reasons)}."
+    return INVALID_VALUE(param or None, message=message)
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "an object"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else "another type"
+
+
+def _content_part_error(part: Any, param: str, part_types: tuple[str, ...]) -> APIError:
+    supported = ", ".join(f"'{kind}'" for kind in part_types)
+    if not isinstance(part, dict):
+        message = f"Invalid value for '{param}': a content part must be an object."
+        return INVALID_VALUE(param, message=message)
+    if "type" not in part:
+        return MISSING_REQUIRED_PARAMETER(f"{param}.type", path=f"{param}.type")
+    kind = str(part["type"])[:40]
+    return UNSUPPORTED_CONTENT_TYPE(param, kind=kind, path=param, supported=supported)
+
+
+def _input_path(loc: tuple[int | str, ...], body: Any, error_type: str) -> list[int | str]:
+    """Keeps the parts of a pydantic location that index the client's JSON.
+
+    Pydantic also puts union-member names (`str`, `list[...]`, discriminator tags) into
+    `loc`; those name no position in the input, so a part that does not resolve against the
+    body is dropped, except a trailing missing field name.
+    """
+    path: list[int | str] = []
+    node = body
+    for position, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            node = node[part]
+        elif not (error_type == "missing" and position == len(loc) - 1):
+            continue
+        path.append(part)
+    return path
+
+
+def format_param(path: list[int | str]) -> str:
+    """`["messages", 0, "content"]` -> `messages[0].content`."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text

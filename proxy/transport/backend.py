@@ -1,0 +1,434 @@
+"""The inference backend: one Triton gRPC stream per chat completion.
+
+Both streaming and non-streaming completions go through `generate`; a non-streaming request
+just asks the model for a single response carrying the whole text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
+from tritonclient.utils import InferenceServerException
+
+from ..error_catalogue import (
+    BACKEND_UNAVAILABLE,
+    INTERNAL_ERROR,
+    MODEL_ERRORS,
+    MODEL_LOAD_FAILED,
+    MODEL_REQUEST_ERROR,
+    MODEL_UNAVAILABLE,
+    SERVER_BUSY,
+    APIError,
+)
+from .contract import DESCRIBE_INPUT, ModelError, ModelLimits, decode_error
+
+log = logging.getLogger("proxy.backend")
+
+# Triton's own words when the model cannot take requests right now: the server is stopping,
+# or the model is unloaded, loading or being replaced.
+_TRITON_UNAVAILABLE = (
+    "Server is stopping",
+    "has no available versions",
+    "Request for unknown model",
+    "is not ready",
+    "Server not ready",
+)
+# gRPC backs off between reconnection attempts up to 120 s by default, so a proxy would
+# take up to two minutes to notice a restarted tritonserver; a few seconds is plenty.
+_MAX_RECONNECT_BACKOFF_MS = 2000
+
+# The model answers `describe` in its execute loop, which a busy CPU engine can hold up.
+_DESCRIBE_TIMEOUT_S = 10.0
+
+# Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
+# tell "done" from "more to come" when the last text response was not flagged final.
+_STREAM_PARAMETERS = {"triton_enable_empty_final_response": True}
+
+
+@dataclass(frozen=True)
+class TritonRequest:
+    """What the proxy sends to the Triton model, before it becomes tensors."""
+
+    model: str
+    messages_json: str
+    media: dict[str, list[bytes]]  # Triton input (e.g. "image") -> encoded elements, in order
+    sampling_parameters: dict[str, Any]
+    stream: bool
+    tools_json: str | None = None  # the `tools` input: tools rendered into the prompt
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One model response: new text and the tokens it covers."""
+
+    text: str
+    finish_reason: str | None = None  # None until the last chunk
+    prompt_tokens: int | None = None
+    completion_tokens: int = 0
+    image_tokens: int | None = None  # image placeholder tokens in the prompt, when reported
+    video_tokens: int | None = None  # video placeholder tokens in the prompt, when reported
+    # One OpenAI logprobs entry per token this response covers; None unless requested.
+    logprobs: list[dict[str, Any]] | None = None
+    index: int = 0  # the choice this chunk belongs to (n > 1)
+
+
+class Backend(Protocol):
+    def generate(
+        self, request: TritonRequest, request_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """Chunks of one completion; closing the generator early cancels the generation.
+
+        Raises APIError: 400 for requests the model rejects, 500 for model failures, 503 when
+        the backend cannot be reached.
+        """
+        ...
+
+    async def is_ready(self, model: str) -> bool:
+        """Whether Triton has `model` loaded and ready; False when it cannot be asked."""
+        ...
+
+    async def repository_index(self) -> dict[str, str]:
+        """Triton's model repository: model name -> state (READY, UNAVAILABLE, "" if never
+        loaded, ...). Raises when Triton cannot be asked."""
+        ...
+
+    async def load_model(self, model: str) -> None:
+        """Loads `model` (Triton's explicit model control); raises APIError 503 on failure."""
+        ...
+
+    async def describe(self, model: str) -> ModelLimits | None:
+        """The limits `model` holds requests to (its `describe` answer); None when the model
+        does not answer it. Raises APIError 503 when Triton or the model cannot be asked."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# Older names of two catalogue entries, which tests still import.
+backend_unavailable = BACKEND_UNAVAILABLE
+model_load_failed = MODEL_LOAD_FAILED
+
+
+class TritonBackend:
+    """`Backend` over `tritonclient.grpc.aio`; create it inside the serving event loop."""
+
+    def __init__(self, url: str, *, ready_timeout_s: float = 2.0) -> None:
+        self._client = grpcclient_aio.InferenceServerClient(url, channel_args=channel_args())
+        self._ready_timeout_s = ready_timeout_s
+
+    async def generate(
+        self, request: TritonRequest, request_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        finished = asyncio.Event()
+        outgoing = self._requests(request.model, build_inputs(request), request_id, finished)
+        responses = self._client.stream_infer(outgoing)
+        completed = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise model_error(error, request_id)
+                chunk = parse_response(result)
+                completed = is_final_response(result, chunk)
+                if chunk is not None:
+                    yield chunk
+                if completed:
+                    return
+            log.error("request %s: Triton closed the stream before the final response", request_id)
+            raise INTERNAL_ERROR(request_id=request_id)
+        except grpc.RpcError as exc:
+            log.warning("request %s: Triton unreachable: %s", request_id, _rpc_summary(exc))
+            raise BACKEND_UNAVAILABLE() from None
+        finally:
+            # Ends the request iterator, so a completed stream half-closes normally; anything
+            # else (client gone, error) cancels it and Triton tells the model to stop.
+            finished.set()
+            if not completed:
+                responses.cancel()
+
+    async def _requests(
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        request_id: str,
+        finished: asyncio.Event,
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield {
+            "model_name": model,
+            "inputs": inputs,
+            "request_id": request_id,
+            "parameters": _STREAM_PARAMETERS,
+        }
+        # Closing the request side early would end the stream before all responses arrive.
+        await finished.wait()
+
+    async def is_ready(self, model: str) -> bool:
+        try:
+            return bool(
+                await self._client.is_model_ready(model, client_timeout=self._ready_timeout_s)
+            )
+        except Exception as exc:  # readiness is a yes/no question; the reason goes to the log
+            log.debug("readiness check failed: %s", exc)
+            return False
+
+    async def repository_index(self) -> dict[str, str]:
+        index = await self._client.get_model_repository_index(
+            as_json=True, client_timeout=self._ready_timeout_s
+        )
+        return {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
+
+    async def load_model(self, model: str) -> None:
+        # No client timeout: loading weights takes as long as it takes; callers bound waiting.
+        try:
+            await self._client.load_model(model)
+        except InferenceServerException as exc:
+            log.error("loading model %r failed: %s", model, exc.message())
+            raise MODEL_LOAD_FAILED() from None
+
+    async def describe(self, model: str) -> ModelLimits | None:
+        finished = asyncio.Event()
+        inputs = [_bool_input(DESCRIBE_INPUT, True)]
+        responses = self._client.stream_infer(
+            self._requests(model, inputs, f"describe-{model}", finished)
+        )
+        try:
+            async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
+                async for result, error in responses:
+                    if error is not None:
+                        reported = decode_error(error.message() or "")
+                        if reported is None and _is_triton_unavailable(error.message() or ""):
+                            raise MODEL_UNAVAILABLE()
+                        # an older model that has no `describe` input, or a model error
+                        log.warning("model %r did not describe its limits: %s", model, error)
+                        return None
+                    text = result.as_numpy("text_output")
+                    if _has_items(text):
+                        return ModelLimits.decode(_first_text(text))
+        except (grpc.RpcError, TimeoutError):
+            raise BACKEND_UNAVAILABLE() from None
+        finally:
+            finished.set()
+            responses.cancel()
+        return None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel options, plus a short reconnection backoff."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 1000),  # gRPC's default
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
+def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
+    inputs = [
+        _bytes_input("messages", [request.messages_json.encode("utf-8")]),
+        _bool_input("stream", request.stream),
+        _bytes_input(
+            "sampling_parameters", [json.dumps(request.sampling_parameters).encode("utf-8")]
+        ),
+        _bool_input("exclude_input_in_output", True),
+        _bool_input("return_finish_reason", True),
+        _bool_input("return_num_input_tokens", True),
+        _bool_input("return_num_output_tokens", True),
+    ]
+    if request.tools_json is not None:
+        inputs.append(_bytes_input("tools", [request.tools_json.encode("utf-8")]))
+    for tensor, elements in request.media.items():
+        if elements:  # Triton rejects a zero-element input; no media means no input
+            inputs.append(_bytes_input(tensor, elements))
+    return inputs
+
+
+def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
+    array = np.empty(len(values), dtype=np.object_)
+    array[:] = values
+    tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _bool_input(name: str, value: bool) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [1], "BOOL")
+    tensor.set_data_from_numpy(np.array([value], dtype=np.bool_))
+    return tensor
+
+
+def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
+    """The chunk in one response; None for the empty response that only marks the end.
+
+    One pass over the response's outputs, decoding the raw tensors without numpy (`as_numpy`
+    scans every output per name and builds an array each time: most of a chunk's cost)."""
+    outputs = _outputs(result)
+    text = outputs.get("text_output")
+    if text is None:
+        return None
+    finish_reason = outputs.get("finish_reason")
+    prompt_tokens = outputs.get("num_input_tokens")
+    completion_tokens = outputs.get("num_output_tokens")
+    image_tokens = outputs.get("num_image_tokens")
+    video_tokens = outputs.get("num_video_tokens")
+    logprobs = outputs.get("logprobs")
+    index = outputs.get("index")
+    return GenerationChunk(
+        text="".join(item.decode("utf-8") for item in text),
+        finish_reason=finish_reason[0].decode("utf-8") or None if finish_reason else None,
+        prompt_tokens=int(prompt_tokens[0]) if prompt_tokens else None,
+        completion_tokens=int(sum(completion_tokens)) if completion_tokens else 0,
+        image_tokens=int(image_tokens[0]) if image_tokens else None,
+        video_tokens=int(video_tokens[0]) if video_tokens else None,
+        logprobs=parse_logprobs(logprobs[0].decode("utf-8")) if logprobs else None,
+        index=int(index[0]) if index else 0,
+    )
+
+
+# Integer tensors the model sends, as struct formats of one little-endian element.
+_INT_FORMATS = {
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+}
+
+
+def _outputs(result: grpcclient.InferResult) -> dict[str, Sequence[Any]]:
+    """Each output's elements (bytes for BYTES tensors, ints for integer ones), flattened."""
+    response = result.get_response()
+    raw = response.raw_output_contents
+    decoded: dict[str, Sequence[Any]] = {}
+    for position, output in enumerate(response.outputs):
+        datatype = output.datatype
+        if position < len(raw) and datatype == "BYTES":
+            decoded[output.name] = _bytes_elements(raw[position])
+        elif position < len(raw) and datatype in _INT_FORMATS:
+            data = raw[position]
+            fmt = _INT_FORMATS[datatype]
+            decoded[output.name] = struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data)
+        else:  # another layout (contents fields, other types): tritonclient's own reading
+            array = result.as_numpy(output.name)
+            decoded[output.name] = [] if array is None else list(array.ravel())
+    return decoded
+
+
+def _bytes_elements(data: bytes) -> list[bytes]:
+    """A serialized BYTES tensor: each element a little-endian uint32 length, then its bytes."""
+    elements = []
+    offset, end = 0, len(data)
+    while offset < end:
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        elements.append(data[offset : offset + length])
+        offset += length
+    return elements
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def parse_logprobs(text: str) -> list[dict[str, Any]]:
+    """The model's `logprobs` output (a JSON list, one entry per token) in OpenAI's shape."""
+    try:
+        entries = json.loads(text)
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+        return [_logprob_entry(entry, with_top=True) for entry in entries]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # A contract bug in the model; the text is still worth delivering.
+        log.error("unreadable logprobs output from the model: %r", exc)
+        return []
+
+
+def _logprob_entry(entry: dict[str, Any], *, with_top: bool) -> dict[str, Any]:
+    token = str(entry["token"])
+    raw_bytes = entry.get("bytes")
+    out: dict[str, Any] = {
+        "token": token,
+        "logprob": float(entry["logprob"]),
+        "bytes": list(raw_bytes) if raw_bytes is not None else list(token.encode("utf-8")),
+    }
+    if with_top:
+        out["top_logprobs"] = [
+            _logprob_entry(top, with_top=False) for top in entry.get("top_logprobs") or []
+        ]
+    return out
+
+
+def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | None) -> bool:
+    parameters = result.get_response().parameters
+    if "triton_final_response" in parameters:
+        return parameters["triton_final_response"].bool_param
+    # Servers that do not flag final responses: the model sets finish_reason only at the end
+    # (of the only choice: with n > 1 only the FINAL flag tells).
+    return chunk is not None and chunk.finish_reason is not None
+
+
+def model_error(error: InferenceServerException, request_id: str) -> APIError:
+    """A model or Triton error as the client sees it. The model's errors are data
+    (`model_contract`): a request error (written for clients) becomes a 400, busy or
+    unavailable a 503 with Retry-After, internal a generic 500. Triton's own errors are only
+    text: its phrases for a model that cannot take requests become 503, anything else 500.
+    Only the log gets the original text."""
+    message = error.message() or ""
+    reported = decode_error(message)
+    if reported is not None and reported.kind == "invalid_request":
+        return client_error(reported)
+    if reported is not None and reported.kind in ("busy", "unavailable"):
+        log.warning("request %s: model %s: %s", request_id, reported.kind, reported.message)
+        return SERVER_BUSY() if reported.kind == "busy" else MODEL_UNAVAILABLE()
+    if reported is None and _is_triton_unavailable(message):
+        log.warning("request %s: model unavailable: %s", request_id, message)
+        return MODEL_UNAVAILABLE()
+    log.error("request %s: model error: %s", request_id, message)
+    return INTERNAL_ERROR(request_id=request_id)
+
+
+def _is_triton_unavailable(message: str) -> bool:
+    return any(phrase in message for phrase in _TRITON_UNAVAILABLE)
+
+
+def client_error(reported: ModelError) -> APIError:
+    """The model's request error, in the model's words and with its param and code; the
+    catalogue gives its status, type and cause (`MODEL_ERRORS`)."""
+    entry = MODEL_ERRORS.get(reported.code or "", MODEL_REQUEST_ERROR)
+    error = entry.with_message(reported.message, reported.param)
+    # A code of a newer model, not catalogued yet, still reaches the client.
+    error.code = reported.code
+    return error
+
+
+def _first_text(array: np.ndarray | None) -> str:
+    return array.ravel()[0].decode("utf-8") if _has_items(array) else ""
+
+
+def _has_items(array: np.ndarray | None) -> bool:
+    return array is not None and array.size > 0
+
+
+def _rpc_summary(exc: grpc.RpcError) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return repr(exc)

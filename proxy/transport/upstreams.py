@@ -1,0 +1,259 @@
+"""Many Triton replicas behind one `Backend`.
+
+`--triton-url` takes a comma-separated list of `host:port` targets; each host may resolve to
+several addresses (a Kubernetes headless Service), and is resolved again every
+`RESOLVE_EVERY_S`, so replicas that come and go are picked up without a restart. Every
+address gets its own gRPC channel (`TritonBackend`): one HTTP/2 connection per replica,
+which a plain Service would pin to one pod.
+
+A new request goes to the available upstream with the fewest requests in flight (ties: the
+one used longest ago). An upstream that fails before the first token (unreachable, model
+unavailable, its queue full) is marked down for `DOWN_FOR_S` and the request is retried once
+on another; after a token has been sent nothing is retried, and the error ends the stream as
+with one Triton. While every upstream is down, requests still try the one that failed
+longest ago, so one restarted Triton is found again at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..error_catalogue import BACKEND_UNAVAILABLE, APIError
+from .backend import Backend, GenerationChunk, TritonBackend, TritonRequest
+from .contract import ModelLimits
+
+log = logging.getLogger("proxy.upstreams")
+
+RESOLVE_EVERY_S = 10.0
+DOWN_FOR_S = 5.0
+# Failures before the first token that another replica may not share.
+RETRYABLE = frozenset({"backend_unavailable", "model_unavailable", "server_busy"})
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+BackendFactory = Callable[[str], Backend]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address `host` has (IPv4 and IPv6), in the resolver's order, deduplicated."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def parse_targets(text: str) -> list[tuple[str, int]]:
+    """`host:port,host:port,...`; IPv6 literals in brackets (`[::1]:8001`)."""
+    targets = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"expected host:port, got {item!r}")
+        targets.append((host.strip("[]"), int(port)))
+    if not targets:
+        raise ValueError("no Triton target given")
+    return targets
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class Upstream:
+    address: str
+    backend: Backend
+    in_flight: int = 0
+    down_until: float = 0.0
+    last_used: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    retired: bool = False  # no longer resolved: closed once idle
+    _order: int = field(default_factory=itertools.count().__next__)
+
+
+class Upstreams:
+    """`Backend` over every address of every target; create it inside the serving loop."""
+
+    def __init__(
+        self,
+        targets: list[tuple[str, int]],
+        *,
+        resolve: Resolver = resolve_host,
+        backend_factory: BackendFactory = TritonBackend,
+        clock: Callable[[], float] = time.monotonic,
+        resolve_every_s: float = RESOLVE_EVERY_S,
+        observe: Callable[[str, str], None] = lambda upstream, outcome: None,
+    ) -> None:
+        self._targets = targets
+        self._resolve = resolve
+        self._factory = backend_factory
+        self._clock = clock
+        self._resolve_every_s = resolve_every_s
+        self._observe = observe  # (upstream address, outcome) per generation
+        self._upstreams: dict[str, Upstream] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self._resolved_once = asyncio.Lock()
+        self._resolved = False
+
+    # ---- membership --------------------------------------------------------------------
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        return [u for u in self._upstreams.values() if not u.retired]
+
+    async def refresh(self) -> None:
+        """Resolves every target again: new addresses join, vanished ones leave once idle."""
+        wanted: list[str] = []
+        for host, port in self._targets:
+            try:
+                addresses = await self._resolve(host, port)
+            except OSError as exc:
+                log.warning("resolving Triton target %s failed: %r", host, exc)
+                # keep what this target had: a DNS blip must not empty the pool
+                wanted += [a for a in self._upstreams if a.endswith(f":{port}")]
+                continue
+            wanted += [_address(address, port) for address in addresses]
+        for address in dict.fromkeys(wanted):
+            upstream = self._upstreams.get(address)
+            if upstream is None:
+                log.info("Triton upstream %s joins", address)
+                self._upstreams[address] = Upstream(address, self._factory(address))
+            else:
+                upstream.retired = False
+        for address, upstream in list(self._upstreams.items()):
+            if address not in wanted and not upstream.retired:
+                log.info("Triton upstream %s leaves (no longer resolved)", address)
+                upstream.retired = True
+        await self._close_retired()
+        self._resolved = True
+
+    async def _ensure_resolved(self) -> None:
+        if self._resolved:
+            return
+        async with self._resolved_once:
+            if not self._resolved:
+                await self.refresh()
+        if self._refresher is None and self._resolve_every_s > 0:
+            self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._resolve_every_s)
+            with contextlib.suppress(Exception):
+                await self.refresh()
+
+    async def _close_retired(self) -> None:
+        for address, upstream in list(self._upstreams.items()):
+            if upstream.retired and upstream.in_flight == 0:
+                del self._upstreams[address]
+                await upstream.backend.close()
+
+    # ---- choosing ----------------------------------------------------------------------
+
+    def pick(self, exclude: set[str] = frozenset()) -> Upstream | None:
+        """The available upstream with the fewest in flight; while all are down, the one that
+        went down first."""
+        now = self._clock()
+        candidates = [u for u in self.upstreams if u.address not in exclude]
+        up = [u for u in candidates if u.down_until <= now]
+        if up:
+            return min(up, key=lambda u: (u.in_flight, u.last_used, u._order))
+        return min(candidates, key=lambda u: u.down_until, default=None)
+
+    def _mark_down(self, upstream: Upstream, exc: APIError) -> None:
+        upstream.failures += 1
+        upstream.down_until = self._clock() + DOWN_FOR_S
+        log.warning(
+            "Triton upstream %s marked down for %gs: %s", upstream.address, DOWN_FOR_S, exc.code
+        )
+
+    # ---- Backend -----------------------------------------------------------------------
+
+    async def generate(
+        self, request: TritonRequest, request_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        await self._ensure_resolved()
+        tried: set[str] = set()
+        upstream = self.pick()
+        if upstream is None:
+            raise BACKEND_UNAVAILABLE()
+        for attempt in range(2):
+            tried.add(upstream.address)
+            upstream.in_flight += 1
+            upstream.requests += 1
+            upstream.last_used = self._clock()
+            started = False
+            log.debug("request %s: Triton upstream %s", request_id, upstream.address)
+            outcome = "failed"
+            try:
+                async with contextlib.aclosing(
+                    upstream.backend.generate(request, request_id)
+                ) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        yield chunk
+                outcome = "ok"
+                return
+            except (GeneratorExit, asyncio.CancelledError):
+                outcome = "cancelled"  # the client went away, or a deadline passed
+                raise
+            except APIError as exc:
+                if exc.code not in RETRYABLE:
+                    raise
+                self._mark_down(upstream, exc)
+                retry = None if started or attempt == 1 else self.pick(exclude=tried)
+                if retry is None:  # streaming already, retried already, or no other replica
+                    raise
+                outcome = "retried"
+                log.info("request %s: retrying on Triton upstream %s", request_id, retry.address)
+            finally:
+                upstream.in_flight -= 1
+                self._observe(upstream.address, outcome)
+                if upstream.retired:
+                    await self._close_retired()
+            upstream = retry
+
+    async def is_ready(self, model: str) -> bool:
+        await self._ensure_resolved()
+        checks = [u.backend.is_ready(model) for u in self.upstreams]
+        for ready in asyncio.as_completed(checks):
+            if await ready:
+                return True
+        return False
+
+    async def repository_index(self) -> dict[str, str]:
+        await self._ensure_resolved()
+        return await self._first("repository_index")
+
+    async def describe(self, model: str) -> ModelLimits | None:
+        """The model's limits from an upstream that is up (replicas run the same model)."""
+        await self._ensure_resolved()
+        return await self._first("describe", model)
+
+    async def load_model(self, model: str) -> None:
+        """Every replica loads it (lazy load): any of them may get the next request."""
+        await self._ensure_resolved()
+        await asyncio.gather(*(u.backend.load_model(model) for u in self.upstreams))
+
+    async def _first(self, method: str, *args):
+        error: BaseException | None = None
+        for upstream in sorted(self.upstreams, key=lambda u: u.down_until):
+            try:
+                return await getattr(upstream.backend, method)(*args)
+            except Exception as exc:  # the next replica may answer
+                error = exc
+        if isinstance(error, APIError):
+            raise error
+        raise BACKEND_UNAVAILABLE() if error is None else error
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for upstream in list(self._upstreams.values()):
+            await upstream.backend.close()
+        self._upstreams.clear()
