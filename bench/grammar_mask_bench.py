@@ -155,6 +155,7 @@ def run_engine_path(tokenizer, batch: int, steps: int, seed: int) -> None:
     sys.path.insert(
         0, str(Path(__file__).resolve().parent.parent / "model_repository/qwen2_5_vl/1")
     )
+    from qwen_vl_backend.contract import ModelLimits
     from qwen_vl_backend.engine.grammar import GrammarCompiler, TokenMasks
     from qwen_vl_backend.request.params import parse_sampling_parameters
 
@@ -162,7 +163,7 @@ def run_engine_path(tokenizer, batch: int, steps: int, seed: int) -> None:
     structured = parse_sampling_parameters(
         json.dumps({"structured": {"type": "json_schema", "schema": SCHEMA}})
     ).structured
-    compiler = GrammarCompiler(tokenizer, vocab, [tokenizer.eos_token_id], 32768, 32, 2**26)
+    compiler = GrammarCompiler(tokenizer, vocab, [tokenizer.eos_token_id], ModelLimits(), 2**26)
     compiler.tokenizer()
     compiled = compiler.compile(structured)
     masks = TokenMasks(vocab)

@@ -312,22 +312,24 @@ SETTINGS: tuple[Setting, ...] = (
     _S(
         "limits",
         "max_tools",
-        _positive_int,
+        _limit_int,
         "tools per request; each one's schema is compiled into the model's grammar when a call "
-        "is forced",
+        "is forced; 0 = the model's max_tools, which a value can only lower",
     ),
     _S(
         "limits",
         "max_schema_bytes",
-        _positive_int,
+        _limit_int,
         "bytes of one JSON Schema (a tool's parameters, response_format's schema), bounding "
-        "grammar compile time and memory in the model",
+        "grammar compile time and memory in the model; 0 = the model's, which a value can only "
+        "lower",
     ),
     _S(
         "limits",
         "max_schema_depth",
-        _positive_int,
-        "nesting depth of one JSON Schema; hostile schemas nest deeply to stall compilers",
+        _limit_int,
+        "nesting depth of one JSON Schema; hostile schemas nest deeply to stall compilers; "
+        "0 = the model's, which a value can only lower",
     ),
     _S(
         "admission",

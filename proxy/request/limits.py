@@ -59,10 +59,11 @@ class RequestLimits:
     max_request_pixels: int = 200_000_000
     max_videos: int = 0  # 0: the model's max_videos
     max_video_bytes: int = 64 * MIB
-    # What a request may ask the model's grammar compiler for (proxy/request/structured.py).
-    max_tools: int = 64
-    max_schema_bytes: int = 32 * 1024
-    max_schema_depth: int = 16
+    # What a request may ask the model's grammar compiler for (proxy/request/structured.py);
+    # 0: the model's max_tools, max_schema_bytes, max_schema_depth.
+    max_tools: int = 0
+    max_schema_bytes: int = 0
+    max_schema_depth: int = 0
 
     def within(self, model: ModelLimits) -> RequestLimits:
         """These limits with the model's in place of 0 and over any laxer flag."""
@@ -74,6 +75,9 @@ class RequestLimits:
             ),
             max_image_aspect_ratio=narrower(self.max_image_aspect_ratio, model.max_aspect_ratio),
             max_videos=int(narrower(self.max_videos, model.max_videos)),
+            max_tools=int(narrower(self.max_tools, model.max_tools)),
+            max_schema_bytes=int(narrower(self.max_schema_bytes, model.max_schema_bytes)),
+            max_schema_depth=int(narrower(self.max_schema_depth, model.max_schema_depth)),
         )
 
 

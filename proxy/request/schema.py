@@ -29,15 +29,10 @@ from ..error_catalogue import (
 from ..media.images import IMAGE
 from ..media.kinds import MediaKind
 from ..media.videos import VIDEO
+from ..transport.contract import MAX_STOP_STRINGS
+from ..transport.contract import SAMPLING_FIELDS as SAMPLING_RULES
 
 SUPPORTED_PART_TYPES = ("text", "image_url", "video_url")
-MAX_STOP_STRINGS = 16  # as OpenAI's API and the model
-MAX_TOP_LOGPROBS = 20
-# The model's own ranges (qwen_vl_backend/request/params.py), so out-of-range numbers such as 2**64
-# are refused here instead of after the images were fetched and sent.
-INT32_MAX = 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_REPETITION_PENALTY = 10.0
 
 
 class BaseModel(_PydanticModel):
@@ -214,8 +209,18 @@ class ResponseFormat(BaseModel):
 
 
 # Marks a field the model takes as it is, in `sampling_parameters` under the same name
-# (proxy/request/translate.py), so a new sampling field is one line here and its parsing in the model.
+# (proxy/request/translate.py), so a new sampling field is a row of the contract's table, one
+# line here and its use in the model.
 TO_MODEL = {"to_model": True}
+
+
+def sampling(name: str, to_model: bool = True) -> Any:
+    """A sampling field with the contract's range for `name` (the model checks the same row),
+    so out-of-range numbers such as 2**64 are refused here, before any image is fetched."""
+    rule = SAMPLING_RULES[name]
+    low = {"gt": rule.low} if rule.low_open else {"ge": rule.low}
+    extra = TO_MODEL if to_model else None
+    return Field(default=None, le=rule.high, json_schema_extra=extra, **low)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -223,24 +228,22 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    temperature: float | None = Field(default=None, ge=0, le=2, json_schema_extra=TO_MODEL)
-    top_p: float | None = Field(default=None, gt=0, le=1, json_schema_extra=TO_MODEL)
-    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX, json_schema_extra=TO_MODEL)
-    repetition_penalty: float | None = Field(
-        default=None, gt=0, le=MAX_REPETITION_PENALTY, json_schema_extra=TO_MODEL
-    )
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2, json_schema_extra=TO_MODEL)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, json_schema_extra=TO_MODEL)
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX, json_schema_extra=TO_MODEL)
+    max_tokens: int | None = sampling("max_tokens", to_model=False)
+    max_completion_tokens: int | None = sampling("max_tokens", to_model=False)
+    temperature: float | None = sampling("temperature")
+    top_p: float | None = sampling("top_p")
+    top_k: int | None = sampling("top_k")
+    repetition_penalty: float | None = sampling("repetition_penalty")
+    presence_penalty: float | None = sampling("presence_penalty")
+    frequency_penalty: float | None = sampling("frequency_penalty")
+    seed: int | None = sampling("seed")
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     # Choices per request; the model refuses more than its `max_choices` parameter allows.
-    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    n: int | None = sampling("n", to_model=False)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = sampling("top_logprobs", to_model=False)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

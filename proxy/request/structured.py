@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from ..error_catalogue import INVALID_VALUE, UNSUPPORTED_PARAMETER
+from ..transport.contract import schema_bytes, schema_depth
 from .limits import RequestLimits
 from .schema import ChatCompletionRequest, NamedToolChoice
 
@@ -116,14 +117,14 @@ def _format_constraint(chat: ChatCompletionRequest, limits: RequestLimits) -> di
 
 def check_schema(schema: dict[str, Any], param: str, limits: RequestLimits) -> None:
     """A JSON Schema a client sent: bounded, and valid against the meta-schema."""
-    size = len(json.dumps(schema, ensure_ascii=False).encode("utf-8"))
+    size = schema_bytes(schema)
     if size > limits.max_schema_bytes:
         raise INVALID_VALUE(
             param,
             message=f"Invalid value for '{param}': the schema is {size} bytes; this server "
             f"accepts at most {limits.max_schema_bytes}.",
         )
-    if _depth(schema) > limits.max_schema_depth:
+    if schema_depth(schema) > limits.max_schema_depth:
         raise INVALID_VALUE(
             param,
             message=f"Invalid value for '{param}': the schema nests deeper than "
@@ -140,15 +141,3 @@ def check_schema(schema: dict[str, Any], param: str, limits: RequestLimits) -> N
             + (f" at '{where[:100]}'" if where else "")
             + f": {exc.message[:200]}.",
         ) from None
-
-
-def _depth(node: Any) -> int:
-    """How deeply objects and arrays nest (iteratively: the JSON parser bounded recursion)."""
-    deepest, stack = 0, [(node, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, depth)
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
-    return deepest

@@ -14,8 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-OPEN = "<tool_call>"
-CLOSE = "</tool_call>"
+from ..transport.contract import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+OPEN, CLOSE = TOOL_CALL_OPEN, TOOL_CALL_CLOSE  # written by the model (its grammar), parsed here
 
 
 @dataclass(frozen=True)

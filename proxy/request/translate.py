@@ -66,7 +66,7 @@ def prepare_chat(
 ) -> PreparedChat:
     """Validates what needs the server's limits (400 APIError) and translates the rest."""
     messages, media = translate_messages(chat, limits)
-    tools = structured(chat, request_limits or RequestLimits())
+    tools = structured(chat, request_limits or RequestLimits().within(limits.model))
     sampling = sampling_parameters(chat, limits.max_tokens)
     if tools.constraint is not None:
         sampling["structured"] = tools.constraint

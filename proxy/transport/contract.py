@@ -1,5 +1,5 @@
-"""What the Triton model and the OpenAI proxy must agree on: tensor names, the model's limits
-and how an error crosses gRPC.
+"""What the Triton model and the OpenAI proxy must agree on: tensor names, the model's limits,
+the rules both sides check a request by, and how an error crosses gRPC.
 
 Tensors: `INPUTS` and `OUTPUTS` are the names in config.pbtxt (a test checks them). The
 `describe` input asks the model for its limits instead of a completion: one response whose
@@ -8,6 +8,12 @@ Tensors: `INPUTS` and `OUTPUTS` are the names in config.pbtxt (a test checks the
 Limits: `ModelLimits` holds what a request may ask of the model as the running model has it,
 config.pbtxt with the `QWEN_VL_*` environment overrides applied. Its defaults are the model's
 defaults; the proxy uses them too when the model cannot be asked.
+
+Rules (checked on both sides from these definitions, never restated): the sampling table
+(`SAMPLING_FIELDS`: each field's type and range), the chat roles, the `<tool_call>` tags, the
+media sniffers (`sniff_image`, `sniff_video`: magic bytes, never declared types), the `data:`
+URL parser and the JSON-Schema depth walker. Where the proxy is stricter than the model it says
+so where it narrows (a flag, or a named narrowing), never with a second number.
 
 Errors: gRPC streaming carries only an error *message* to the client, no status code, so the
 model writes its errors as data: a fixed prefix, then a JSON object {"kind", "message",
@@ -93,6 +99,11 @@ class ModelLimits:
     video_total_pixels: int = 4096 * PIXELS_PER_TOKEN
     # Width x height per frame from the container header, before decoding (4K UHD).
     max_video_source_pixels: int = 3840 * 2160
+    # Tools per request and the size and nesting of one JSON Schema (a tool's parameters or
+    # response_format's), bounding grammar compile time and memory; hostile schemas nest deeply.
+    max_tools: int = 64
+    max_schema_bytes: int = 32 * 1024
+    max_schema_depth: int = 16
     # Prompt plus completion tokens; 0 when not known (the checkpoint is not loaded).
     context_length: int = 0
 
@@ -118,7 +129,138 @@ class ModelLimits:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number: not a bool, not NaN or infinite (ints are exact at any size)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+# ---- rules -------------------------------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_STRINGS = 16  # as OpenAI's API
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
+@dataclass(frozen=True)
+class SamplingField:
+    """One field of `sampling_parameters`: a number in [low, high] (`low` itself excluded when
+    `low_open`), an integer when `integer`."""
+
+    name: str
+    integer: bool
+    low: float
+    high: float
+    low_open: bool = False
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` is not acceptable, or None (None itself is "not set": acceptable)."""
+        if value is None:
+            return None
+        if not _is_number(value):
+            return "must be a number"
+        if self.integer and not isinstance(value, int):  # 5.0 too: JSON types are strict
+            return "must be an integer"
+        low_ok = value > self.low if self.low_open else value >= self.low
+        if not (low_ok and value <= self.high):
+            return f"must be {self.range_text()}"
+        return None
+
+    def range_text(self) -> str:
+        low = "greater than" if self.low_open else "at least"
+        return f"{low} {self.low:g} and at most {self.high:g}"
+
+
+SAMPLING_FIELDS = {
+    field.name: field
+    for field in (
+        SamplingField("max_tokens", True, 1, INT32_MAX),
+        SamplingField("temperature", False, 0, 2),
+        SamplingField("top_p", False, 0, 1, low_open=True),
+        SamplingField("top_k", True, -1, INT32_MAX),  # -1 (or 0): no top-k
+        SamplingField("repetition_penalty", False, 0, 10, low_open=True),
+        SamplingField("presence_penalty", False, -2, 2),
+        SamplingField("frequency_penalty", False, -2, 2),
+        SamplingField("seed", True, INT64_MIN, INT64_MAX),
+        SamplingField("n", True, 1, INT32_MAX),  # the model's max_choices caps it further
+        SamplingField("top_logprobs", True, 0, MAX_TOP_LOGPROBS),
+    )
+}
+
+# Chat roles the model's template renders (the proxy maps OpenAI's `developer` to `system`).
+ROLES = ("system", "user", "assistant", "tool")
+# How Qwen writes a tool call in its output; the model's grammar emits these, the proxy parses.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+# Image formats by their first bytes; WebP is RIFF....WEBP. Enough bytes to tell: 12.
+_IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+)
+SNIFF_BYTES = 12
+# What a client-sampled frame list (`data:video/jpeg;base64,<f1>,<f2>,...`) may hold.
+FRAME_FORMATS = ("jpeg", "png", "webp")
+FRAME_LIST_PREFIX = b"data:video/"
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image format from magic bytes (declared types and file names are not trusted)."""
+    for magic, name in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def sniff_video(data: bytes) -> str | None:
+    """The container family from its signature: `iso` (MP4, MOV, 3GP), `ebml` (WebM, MKV),
+    `avi`, or `frames` for a client's frame list; None for anything else."""
+    if data[4:8] == b"ftyp":
+        return "iso"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return "ebml"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    if data.startswith(FRAME_LIST_PREFIX):
+        return "frames"
+    return None
+
+
+def split_data_url(url: str) -> tuple[str, str] | None:
+    """(media type, base64 payload) of `data:<type>[;param...];base64,<payload>`, the media
+    type lower-cased; None when `url` is not a base64 data URL."""
+    head, comma, payload = url.partition(",")
+    if not comma or head[:5].lower() != "data:":
+        return None
+    media_type, *params = head[5:].split(";")
+    if not params or params[-1].strip().lower() != "base64" or "/" not in media_type:
+        return None
+    return media_type.strip().lower(), payload
+
+
+def schema_bytes(schema: object) -> int:
+    """A JSON Schema's size as both sides count it: compact JSON (no spaces), UTF-8."""
+    return len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def schema_depth(value: object) -> int:
+    """How deeply objects and arrays nest (iteratively: a hostile schema must not recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 ERROR_PREFIX = "qwen_vl_error: "

@@ -98,7 +98,7 @@ BAD = {
     "max_video_bytes": "0",
     "video_fetch_max_bytes": "0",
     "video_fetch_timeout_s": "0",
-    "max_tools": "0",
+    "max_tools": "-1",
     "max_schema_bytes": "-1",
     "max_schema_depth": "deep",
     "max_concurrent_requests": "0",

@@ -219,10 +219,16 @@ def test_limits_the_model_has_default_to_the_models_and_flags_only_narrow_them()
         max_image_source_pixels=40_000_000,
         max_image_aspect_ratio=200,
         max_videos=2,
+        max_tools=64,
+        max_schema_bytes=32 * 1024,
+        max_schema_depth=16,
     )
     assert config.limits.within(ModelLimits(max_images=32)).max_images == 32  # QWEN_VL_MAX_IMAGES
     narrowed = parse_config(["--max-images", "4", "--max-image-aspect-ratio", "300"]).limits
     assert narrowed.within(ModelLimits(max_images=32)).max_images == 4
+    tools = parse_config(["--max-tools", "8", "--max-schema-depth", "40"]).limits
+    assert tools.within(ModelLimits()).max_tools == 8  # a flag narrows the model's 64
+    assert tools.within(ModelLimits()).max_schema_depth == 16  # and never widens it
     assert narrowed.within(ModelLimits()).max_image_aspect_ratio == 200  # never laxer
     assert config.server.shutdown_timeout_s == 30  # tritonserver --exit-timeout-secs in stack.py
     assert config.server.api_key == ""

@@ -9,6 +9,7 @@ from proxy.error_catalogue import APIError
 from proxy.request.limits import RequestLimits
 from proxy.request.schema import parse_chat_request
 from proxy.request.structured import structured
+from proxy.transport.contract import ModelLimits
 
 WEATHER = {
     "type": "function",
@@ -23,7 +24,7 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 
 
 def of(**fields):
-    return structured(parse_chat_request({"messages": USER, **fields}), RequestLimits())
+    return structured(parse_chat_request({"messages": USER, **fields}), RequestLimits().within(ModelLimits()))
 
 
 def refused(**fields) -> APIError:
@@ -121,7 +122,7 @@ def json_schema(schema) -> dict:
 )  # fmt: skip
 def test_what_the_model_could_not_honour_is_a_400_naming_it(fields, param):
     with pytest.raises(APIError) as raised:
-        structured(parse_chat_request({"messages": USER, **fields}), RequestLimits())
+        structured(parse_chat_request({"messages": USER, **fields}), RequestLimits().within(ModelLimits()))
     assert (raised.value.status, raised.value.param) == (400, param)
 
 

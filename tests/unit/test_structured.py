@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 from test_engine import ChoiceSink, RecordingSink, raw_request
 
+from qwen_vl_backend.contract import ModelLimits
 from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.engine.grammar import GrammarCompiler, GrammarFailure
 from qwen_vl_backend.errors import RequestError
@@ -220,7 +221,7 @@ def test_whitespace_is_fixed_whatever_the_schema_asks(checkpoint):
         "x-guidance": {"whitespace_flexible": True, "item_separator": ",", "key_separator": ":"},
     }
     compiler = GrammarCompiler(
-        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, 32768, 32, 2**26
+        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, ModelLimits(), 2**26
     )
     compiled = compiler.compile(parse_structured({"type": "json_schema", "schema": schema}))
 
@@ -410,10 +411,12 @@ def structured_person(i: int) -> StructuredOutput:
 
 
 def test_the_cache_is_bounded_by_its_byte_estimate(checkpoint):
-    probe = GrammarCompiler(checkpoint.tokenizer, 506, checkpoint.eos_token_ids, 32768, 32, 2**30)
+    probe = GrammarCompiler(
+        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, ModelLimits(), 2**30
+    )
     cost = probe.compile(structured_person(0)).cost
     compiler = GrammarCompiler(
-        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, 32768, 32, int(2.5 * cost)
+        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, ModelLimits(), int(2.5 * cost)
     )
     for i in range(5):
         compiler.compile(structured_person(i))
@@ -427,7 +430,7 @@ def test_the_cache_is_bounded_by_its_byte_estimate(checkpoint):
 
 def test_concurrent_requests_for_one_grammar_compile_it_once(checkpoint):
     compiler = GrammarCompiler(
-        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, 32768, 32, 2**26
+        checkpoint.tokenizer, 506, checkpoint.eos_token_ids, ModelLimits(), 2**26
     )
     results = []
     threads = [

@@ -36,7 +36,7 @@ from ...error_catalogue import (
     UNSUPPORTED_PARAMETER,
     APIError,
 )
-from ...request.schema import INT32_MAX, BaseModel, part_discriminator, validation_api_error
+from ...request.schema import BaseModel, part_discriminator, sampling, validation_api_error
 from ...request.sse import sse_event
 from ...request.tool_calls import ToolCall, ToolCallStream, split_tool_calls
 from ...transport.backend import GenerationChunk
@@ -166,7 +166,7 @@ class ResponsesRequest(BaseModel):
     model: str | None = None
     input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_output_tokens: int | None = sampling("max_tokens", to_model=False)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stream: bool | None = None

@@ -86,11 +86,13 @@ class ModelSettings:
     # CPU float32 only: hold the text model's weights in oneDNN's prepacked layout, about twice
     # as fast for decode-sized matrix products (see qwen_vl_backend/modeling/cpu_linear.py).
     cpu_packed_linear: bool = True
-    # Constrained output (`structured`, docs/engine.md): the largest schema (compact JSON bytes,
-    # each tool's parameters counted alone) and the deepest nesting of objects and arrays in one
-    # that a request may send; compiled grammars kept for reuse (LRU, estimated bytes; 0: none).
-    max_schema_bytes: int = 32768
-    max_schema_depth: int = 32
+    # Constrained output (`structured`, docs/engine.md): tools per request, the largest schema
+    # (compact JSON bytes, each tool's parameters counted alone) and the deepest nesting of
+    # objects and arrays in one that a request may send; compiled grammars kept for reuse (LRU,
+    # estimated bytes; 0: none).
+    max_tools: int = _LIMITS.max_tools
+    max_schema_bytes: int = _LIMITS.max_schema_bytes
+    max_schema_depth: int = _LIMITS.max_schema_depth
     grammar_cache_mb: int = 64
     # Requests waiting beyond this are refused with UNAVAILABLE instead of queuing forever.
     max_queued_requests: int = 64
@@ -151,24 +153,20 @@ class ModelSettings:
         return cls(**values)
 
     def limits(self, context_length: int = 0) -> ModelLimits:
-        """What requests may ask of this model (the `describe` answer); `context_length` is
-        the loaded checkpoint's."""
+        """What requests may ask of this model (the `describe` answer): every `ModelLimits`
+        field from the setting of the same name, but for the three that are not settings;
+        `context_length` is the loaded checkpoint's."""
+        same_name = {
+            f.name: getattr(self, f.name) for f in fields(ModelLimits) if hasattr(self, f.name)
+        }
         return ModelLimits(
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-            max_images=self.max_images,
-            max_source_pixels=self.max_source_pixels,
-            max_aspect_ratio=self.max_aspect_ratio,
-            max_videos=self.max_videos,
-            max_video_seconds=self.max_video_seconds,
-            max_video_frames=self.max_video_frames,
-            video_fps=self.video_fps,
-            video_total_pixels=self.video_total_pixels,
-            max_video_source_pixels=self.max_video_source_pixels,
-            max_tokens=self.max_tokens_cap,
-            # each choice takes a slot, so no more choices than slots
-            max_choices=min(self.max_choices, self.max_batch_size),
-            context_length=context_length,
+            **{
+                **same_name,
+                "max_tokens": self.max_tokens_cap,
+                # each choice takes a slot, so no more choices than slots
+                "max_choices": min(self.max_choices, self.max_batch_size),
+                "context_length": context_length,
+            }
         )
 
     def step_tokens(self, device: str) -> int:

@@ -495,8 +495,7 @@ class BatchingEngine:
             checkpoint.tokenizer,
             vocab_size,
             checkpoint.eos_token_ids,
-            settings.max_schema_bytes,
-            settings.max_schema_depth,
+            self.limits,
             settings.grammar_cache_mb * 2**20,
             on_compiled=self._observe.grammar_compiled,
         )

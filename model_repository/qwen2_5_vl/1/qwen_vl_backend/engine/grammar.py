@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..contract import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ModelLimits
 from ..errors import RequestError
 from ..request.params import STRUCTURED, StructuredOutput, check_structured_limits
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 # calls) and no whitespace anywhere else: nothing unbounded for a model to wander into.
 # Applied as overrides, so a schema's own "x-guidance" cannot loosen it.
 JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_ERROR_CHARS = 300
 
 
@@ -134,16 +134,14 @@ class GrammarCompiler:
         tokenizer,
         vocab_size: int,
         eos_token_ids,
-        max_schema_bytes: int,
-        max_schema_depth: int,
+        limits: ModelLimits,
         cache_bytes: int,
         on_compiled: Callable[[float], None] = lambda seconds: None,
     ):
         self._hf_tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
-        self._max_bytes = max_schema_bytes
-        self._max_depth = max_schema_depth
+        self._limits = limits  # max_tools, max_schema_bytes, max_schema_depth
         self._cache_bytes = cache_bytes
         self._on_compiled = on_compiled
         self._lock = threading.Lock()
@@ -187,7 +185,7 @@ class GrammarCompiler:
     # ---- compiling ---------------------------------------------------------------------
 
     def compile(self, structured: StructuredOutput) -> CompiledGrammar:
-        check_structured_limits(structured, self._max_bytes, self._max_depth)
+        check_structured_limits(structured, self._limits)
         try:
             source = grammar_source(structured, self._marker)
         except ValueError as exc:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
+from ..contract import MAX_STOP_STRINGS, SAMPLING_FIELDS, ModelLimits, schema_depth
 from ..errors import RequestError
 
-MAX_STOP_STRINGS = 16
-MAX_TOP_LOGPROBS = 20
-MAX_TOOLS = 128
 MAX_TOOL_NAME_CHARS = 256
 STRUCTURED = "sampling_parameters.structured"  # the `param` of its errors
 
@@ -62,17 +59,16 @@ class SamplingParams:
         return self.temperature is not None and self.temperature == 0.0
 
 
-def _number(raw: dict, name: str, low: float, high: float, integer: bool = False):
-    value = raw.get(name)
+def _number(raw: dict, name: str):
+    """The field's value, checked against the contract's sampling table (the proxy builds its
+    own checks from the same table)."""
+    value, rule = raw.get(name), SAMPLING_FIELDS[name]
+    problem = rule.problem(value)
+    if problem:
+        raise RequestError(f"'{name}' {problem}", name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"'{name}' must be a number", name)
-    if integer and not float(value).is_integer():
-        raise RequestError(f"'{name}' must be an integer", name)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise RequestError(f"'{name}' must be between {low} and {high}", name)
-    return int(value) if integer else float(value)
+    return int(value) if rule.integer else float(value)
 
 
 def _stop_strings(raw: dict) -> tuple[str, ...]:
@@ -100,16 +96,16 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
         raise RequestError("sampling_parameters must be a JSON object", "sampling_parameters")
     max_tokens = raw.get("max_tokens", raw.get("max_completion_tokens"))
     return SamplingParams(
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 1, 2**31 - 1, integer=True),
-        temperature=_number(raw, "temperature", 0.0, 2.0),
-        top_p=_number(raw, "top_p", 1e-9, 1.0),
-        top_k=_number(raw, "top_k", -1, 2**31 - 1, integer=True),
-        repetition_penalty=_number(raw, "repetition_penalty", 1e-9, 10.0),
-        seed=_number(raw, "seed", -(2**63), 2**63 - 1, integer=True),
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens"),
+        temperature=_number(raw, "temperature"),
+        top_p=_number(raw, "top_p"),
+        top_k=_number(raw, "top_k"),
+        repetition_penalty=_number(raw, "repetition_penalty"),
+        seed=_number(raw, "seed"),
         stop=_stop_strings(raw),
-        presence_penalty=_number(raw, "presence_penalty", -2.0, 2.0) or 0.0,
-        frequency_penalty=_number(raw, "frequency_penalty", -2.0, 2.0) or 0.0,
-        n=_number(raw, "n", 1, 2**31 - 1, integer=True) or 1,
+        presence_penalty=_number(raw, "presence_penalty") or 0.0,
+        frequency_penalty=_number(raw, "frequency_penalty") or 0.0,
+        n=_number(raw, "n") or 1,
         structured=_structured(raw.get("structured")),
         **_logprobs(raw),
     )
@@ -119,7 +115,7 @@ def _logprobs(raw: dict) -> dict:
     wanted = raw.get("logprobs")
     if wanted is not None and not isinstance(wanted, bool):
         raise RequestError("'logprobs' must be a boolean", "logprobs")
-    top = _number(raw, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    top = _number(raw, "top_logprobs") or 0
     if top and not wanted:
         raise RequestError("'top_logprobs' requires 'logprobs': true", "top_logprobs")
     return {"logprobs": bool(wanted), "top_logprobs": top}
@@ -176,8 +172,6 @@ def _tools(tools) -> tuple[tuple[str, str], ...]:
     param = f"{STRUCTURED}.tools"
     if not isinstance(tools, list) or not tools:
         raise RequestError("'structured.tools' must be a non-empty list of tools", param)
-    if len(tools) > MAX_TOOLS:
-        raise RequestError(f"'structured.tools' takes at most {MAX_TOOLS} tools", param)
     result, seen = [], set()
     for index, tool in enumerate(tools):
         where = f"{param}[{index}]"
@@ -207,27 +201,16 @@ def _tools(tools) -> tuple[tuple[str, str], ...]:
     return tuple(result)
 
 
-def schema_depth(value) -> int:
-    """How deeply objects and arrays nest (iteratively: a hostile schema must not recurse)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def check_structured_limits(structured: StructuredOutput, max_bytes: int, max_depth: int) -> None:
-    """Each schema within the server's byte and nesting limits (`max_schema_bytes`,
-    `max_schema_depth`), before any grammar work is spent on it."""
+def check_structured_limits(structured: StructuredOutput, limits: ModelLimits) -> None:
+    """The tool count, and each schema within the model's byte and nesting limits
+    (`max_tools`, `max_schema_bytes`, `max_schema_depth`), before any grammar work is spent."""
+    if len(structured.tools) > limits.max_tools:
+        raise RequestError(
+            f"'structured.tools' takes at most {limits.max_tools} tools", f"{STRUCTURED}.tools"
+        )
+    max_bytes, max_depth = limits.max_schema_bytes, limits.max_schema_depth
     for param, schema in structured.schemas():
-        size = len(schema.encode("utf-8"))
+        size = len(schema.encode("utf-8"))  # compact JSON: as contract.schema_bytes counts
         if size > max_bytes:
             raise RequestError(
                 f"the schema is {size} bytes (compact JSON); this server accepts at most "

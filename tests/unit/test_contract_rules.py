@@ -1,0 +1,105 @@
+"""Contract v2: the rules both sides of the gRPC boundary apply are built from one definition
+(qwen_vl_backend/contract.py), so they cannot disagree. Each test feeds the same values to the
+proxy's check and the model's and requires the same verdict."""
+
+import json
+
+import pytest
+
+from proxy.error_catalogue import APIError
+from proxy.request.schema import parse_chat_request
+from proxy.request.tool_calls import split_tool_calls
+from proxy.transport.contract import SAMPLING_FIELDS, ModelLimits
+from qwen_vl_backend.errors import RequestError
+from qwen_vl_backend.request.params import check_structured_limits, parse_sampling_parameters
+
+USER = [{"role": "user", "content": "hi"}]
+# The chat field that carries each contract row (max_tokens also arrives as
+# max_completion_tokens; both go through the same row).
+CHAT_NAME = {name: name for name in SAMPLING_FIELDS}
+
+
+def _edges(rule) -> list:
+    """Values on and just beyond each end of a rule's range, and of the wrong kind."""
+    step = 1 if rule.integer else 1e-6
+    values = [rule.low, rule.high, rule.low - step, rule.high + step, "1", True, None]
+    if not rule.integer:
+        values += [(rule.low + rule.high) / 2, float("nan")]
+    else:
+        values += [rule.low + 0.5]
+    return values
+
+
+def _proxy_accepts(name: str, value) -> bool:
+    body = {"messages": USER, CHAT_NAME[name]: value}
+    if name == "top_logprobs":
+        body["logprobs"] = True
+    try:
+        parse_chat_request(body)
+    except APIError:
+        return False
+    return True
+
+
+def _model_accepts(name: str, value) -> bool:
+    raw = {name: value, **({"logprobs": True} if name == "top_logprobs" else {})}
+    try:
+        parse_sampling_parameters(json.dumps(raw))
+    except RequestError:
+        return False
+    except ValueError:  # NaN is not JSON: the proxy never sends it
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLING_FIELDS))
+def test_both_sides_take_the_same_sampling_values(name):
+    rule = SAMPLING_FIELDS[name]
+    for value in _edges(rule):
+        if isinstance(value, float) and value != value:  # NaN: JSON cannot carry it
+            continue
+        assert _proxy_accepts(name, value) == _model_accepts(name, value), (name, value)
+
+
+def test_every_sampling_field_the_proxy_sends_has_a_contract_row():
+    from proxy.request.schema import SAMPLING_FIELDS as forwarded
+
+    assert set(forwarded) <= set(SAMPLING_FIELDS)
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth - 1):
+        schema = {"type": "array", "items": schema}  # one level per wrap
+    return schema
+
+
+@pytest.mark.parametrize("depth_over", [-1, 0, 1])
+def test_schema_depth_and_tool_count_limits_agree(depth_over):
+    """The model's own check (what a direct Triton client meets) and the proxy's use the same
+    walker and numbers from ModelLimits."""
+    from proxy.request.limits import RequestLimits
+    from proxy.request.structured import check_schema
+
+    model = ModelLimits()
+    schema = _nested(model.max_schema_depth + depth_over)
+    proxy_ok = model_ok = True
+    try:
+        check_schema(schema, "response_format", RequestLimits().within(model))
+    except APIError:
+        proxy_ok = False
+    raw = {"structured": {"type": "json_schema", "schema": schema}}
+    structured = parse_sampling_parameters(json.dumps(raw)).structured
+    try:
+        check_structured_limits(structured, model)
+    except RequestError:
+        model_ok = False
+    assert proxy_ok == model_ok == (depth_over <= 0)
+
+
+def test_the_tool_call_tags_the_model_writes_are_the_ones_the_proxy_parses():
+    from qwen_vl_backend.contract import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+    text = f'{TOOL_CALL_OPEN}\n{{"name": "f", "arguments": {{}}}}\n{TOOL_CALL_CLOSE}'
+    content, calls = split_tool_calls(text)
+    assert [call.name for call in calls] == ["f"] and not content
