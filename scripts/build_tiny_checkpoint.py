@@ -6,11 +6,13 @@ classes with a small byte-level BPE tokenizer, Qwen's special tokens and Qwen's 
 so every code path the 7B checkpoint takes runs here too, in milliseconds on a CPU. Its
 outputs are random text. The build is deterministic and cached: a second run is a no-op.
 
-    python scripts/build_tiny_checkpoint.py [--preset tiny|bench] [--out DIR] [--force]
+    python scripts/build_tiny_checkpoint.py [--preset tiny|bench|overhead] [--out DIR] [--force]
 
 `--preset bench` builds the same architecture, tokenizer and processor at a size where compute
 dominates serving overhead on a CPU (a ~60M-parameter text model and a small real vision tower),
 for bench/chat_bench.py; it goes to .cache/bench-qwen2.5-vl unless --out says otherwise.
+`--preset overhead` is the opposite (2 layers, hidden 128): almost no compute, so a step's cost
+is the serving overhead (bench/chat_bench.py --overhead); it goes to .cache/overhead-qwen2.5-vl.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ CACHE = Path(__file__).resolve().parent.parent / ".cache"
 DEFAULT_OUT = CACHE / "tiny-qwen2.5-vl"
 
 # Model sizes per preset. `tiny` is what the tests use; `bench` is big enough that a decode step
-# is dominated by matmuls (not Python and serving overhead) on a 2-core CPU, so batching shows.
+# is dominated by matmuls (not Python and serving overhead) on a 2-core CPU, so batching shows;
+# `overhead` is small enough that serving overhead is nearly all of a step.
 # mrope sections (temporal, height, width) must sum to head_dim / 2 = hidden / heads / 2.
 PRESETS = {
     "tiny": dict(
@@ -73,6 +76,24 @@ PRESETS = {
         # token streams as one text chunk (no half characters held back), so inter-token
         # latency is measured per token on every server.
         greedy_whole_characters=True,
+    ),
+    "overhead": dict(
+        out=CACHE / "overhead-qwen2.5-vl",
+        # Almost no compute (~0.3M text parameters besides the embeddings): a decode step's cost is
+        # then nearly all host work (scheduling, sampling, detokenizing, sends), as on a GPU where
+        # a 7B step takes a few ms. head_dim 64 because vLLM's CPU attention refuses smaller ones.
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            mrope_section=[8, 12, 12],
+        ),
+        vision=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=1, fullatt_block_indexes=[1]
+        ),
+        greedy_whole_characters=True,  # as bench: never stops early, one token per chunk
     ),
 }
 
@@ -284,14 +305,15 @@ def main(argv=None) -> int:
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
-        help="model size: tiny (tests, the default) or bench (benchmarks)",
+        help="model size: tiny (tests, the default), bench (compute-bound benchmarks) or "
+        "overhead (overhead-bound benchmarks)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="checkpoint directory (default: .cache/tiny-qwen2.5-vl or "
-        ".cache/bench-qwen2.5-vl by preset)",
+        help="checkpoint directory (default: .cache/tiny-qwen2.5-vl, .cache/bench-qwen2.5-vl "
+        "or .cache/overhead-qwen2.5-vl by preset)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--seed", type=int, default=0)
