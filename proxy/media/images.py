@@ -32,6 +32,7 @@ from ..error_catalogue import (
     TOO_MANY_PIXELS,
     APIError,
 )
+from ..transport.contract import SNIFF_BYTES, sniff_image
 from .kinds import MediaKind, MediaRef
 from .pixels import part_budget
 
@@ -53,13 +54,8 @@ _FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 
 
 def is_known_image(data: bytes) -> bool:
-    """Sniffed from magic bytes; declared media types are not trusted."""
-    return (
-        data.startswith(b"\xff\xd8\xff")  # JPEG
-        or data.startswith(b"\x89PNG\r\n\x1a\n")
-        or data.startswith((b"GIF87a", b"GIF89a"))
-        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-    )
+    """Sniffed from magic bytes (the contract's sniffer); declared types are not trusted."""
+    return sniff_image(data) is not None
 
 
 @dataclass(frozen=True)
@@ -172,7 +168,7 @@ IMAGE = MediaKind(
     data_url_form="data:image/(jpeg|png|webp|gif);base64,<data>",
     formats="JPEG, PNG, WebP or GIF",
     recognise=is_known_image,
-    sniff_bytes=12,  # enough for every signature is_known_image checks
+    sniff_bytes=SNIFF_BYTES,
     count_limit="max_images",
     bytes_limit="max_image_bytes",
     fetch_bytes_field="max_bytes",

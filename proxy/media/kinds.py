@@ -24,12 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..error_catalogue import APIError, ErrorEntry
+from ..transport.contract import FRAME_FORMATS, sniff_image, split_data_url
 
-_DATA_URL = re.compile(
-    r"data:(?P<media_type>[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+)"
-    r"(?P<params>(?:;[^;,]*)*?);base64,(?P<payload>.*)",
-    re.IGNORECASE | re.DOTALL,
-)
 _WHITESPACE = re.compile(rb"\s+")
 _SCHEME = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
 REMOTE_SCHEMES = ("http", "https")
@@ -154,14 +150,14 @@ def load_inline(ref: MediaRef) -> bytes:
 
 def decode_data_url(ref: MediaRef) -> bytes:
     kind = ref.kind
-    match = _DATA_URL.fullmatch(ref.url)
-    if match is not None and match["media_type"].lower() in kind.frame_types:
-        return _frame_list(ref, match["payload"])
-    if match is None or match["media_type"].lower() not in kind.media_types:
+    media_type, payload_text = split_data_url(ref.url) or ("", "")
+    if media_type in kind.frame_types:
+        return _frame_list(ref, payload_text)
+    if media_type not in kind.media_types:
         raise kind.invalid(
             ref.param, message=f"Invalid {kind.name} data URL: expected {kind.data_url_form}."
         )
-    payload = _WHITESPACE.sub(b"", match["payload"].encode("ascii", "replace"))
+    payload = _WHITESPACE.sub(b"", payload_text.encode("ascii", "replace"))
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -194,8 +190,4 @@ def _frame_list(ref: MediaRef, payload: str) -> bytes:
 
 
 def is_frame(data: bytes) -> bool:
-    return (
-        data.startswith(b"\xff\xd8\xff")
-        or data.startswith(b"\x89PNG\r\n\x1a\n")
-        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-    )
+    return sniff_image(data) in FRAME_FORMATS

@@ -23,20 +23,14 @@ from ..error_catalogue import (
     VIDEO_TOO_LARGE,
     VIDEO_URL_FORBIDDEN,
 )
-from ..transport.contract import MAX_VIDEO_FPS
+from ..transport.contract import MAX_VIDEO_FPS, SNIFF_BYTES, sniff_video
 from .kinds import MediaKind
-
-_FRAME_LIST_PREFIX = b"data:video/"
 
 
 def is_known_video(data: bytes) -> bool:
-    """Container signatures (declared types are not trusted), or a checked frame list."""
-    return (
-        data[4:8] == b"ftyp"  # MP4, MOV, 3GP (ISO base media)
-        or data.startswith(b"\x1a\x45\xdf\xa3")  # WebM, Matroska (EBML)
-        or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
-        or data.startswith(_FRAME_LIST_PREFIX)
-    )
+    """Container signatures (the contract's sniffer; declared types are not trusted), or a
+    checked frame list."""
+    return sniff_video(data) is not None
 
 
 def video_budget(
@@ -91,7 +85,7 @@ VIDEO = MediaKind(
     "data:video/(jpeg|png|webp);base64,<frame>,<frame>,...",
     formats="MP4, WebM, MOV, MKV or AVI",
     recognise=is_known_video,
-    sniff_bytes=12,
+    sniff_bytes=SNIFF_BYTES,
     count_limit="max_videos",
     bytes_limit="max_video_bytes",
     fetch_bytes_field="video_max_bytes",

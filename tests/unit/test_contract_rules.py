@@ -103,3 +103,57 @@ def test_the_tool_call_tags_the_model_writes_are_the_ones_the_proxy_parses():
     text = f'{TOOL_CALL_OPEN}\n{{"name": "f", "arguments": {{}}}}\n{TOOL_CALL_CLOSE}'
     content, calls = split_tool_calls(text)
     assert [call.name for call in calls] == ["f"] and not content
+
+
+def test_the_roles_the_proxy_takes_are_the_models_plus_developer():
+    """`developer` (OpenAI's newer name for `system`) is the one declared difference: the
+    proxy maps it to `system` before the model sees it."""
+    from typing import get_args
+
+    from proxy.request.schema import ChatMessage
+    from proxy.transport.contract import ROLES
+
+    taken = set(get_args(ChatMessage.model_fields["role"].annotation))
+    assert taken == {*ROLES, "developer"}
+
+
+@pytest.mark.parametrize(
+    ("data", "image", "video"),
+    [
+        (b"\xff\xd8\xff\xe0" + bytes(8), "jpeg", None),
+        (b"RIFF\0\0\0\0WEBPVP8 ", "webp", None),
+        (b"\0\0\0\x18ftypmp42" + bytes(4), None, "iso"),
+        (b"\x1a\x45\xdf\xa3" + bytes(8), None, "ebml"),
+        (b"data:video/jpeg;base64,AAAA", None, "frames"),
+        (b"<svg></svg>", None, None),
+    ],
+)
+def test_both_sides_sniff_media_alike(data, image, video):
+    from proxy.media.images import is_known_image
+    from proxy.media.videos import is_known_video
+    from qwen_vl_backend.contract import sniff_image, sniff_video
+
+    assert sniff_image(data) == image and is_known_image(data) == (image is not None)
+    assert sniff_video(data) == video and is_known_video(data) == (video is not None)
+
+
+@pytest.mark.parametrize(
+    ("url", "proxy_ok"),
+    [
+        ("data:image/png;base64,iVBORw0KGgo=", True),
+        ("DATA:image/PNG;charset=x;base64,iVBORw0KGgo=", True),
+        ("data:image/png,iVBORw0KGgo=", False),  # not base64
+        ("data:;base64,iVBORw0KGgo=", False),
+    ],
+)
+def test_both_sides_parse_data_urls_alike(url, proxy_ok):
+    from proxy.transport.contract import split_data_url as proxy_parse
+    from qwen_vl_backend.contract import split_data_url as model_parse
+    from qwen_vl_backend.media.images import data_url_bytes
+
+    assert (proxy_parse(url) is not None) == proxy_ok == (model_parse(url) is not None)
+    if proxy_ok:
+        assert data_url_bytes(url, "p").startswith(b"\x89PNG")
+    else:
+        with pytest.raises(RequestError):
+            data_url_bytes(url, "p")

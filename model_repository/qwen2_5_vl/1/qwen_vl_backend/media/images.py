@@ -14,25 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from ..contract import ModelLimits
+from ..contract import ModelLimits, sniff_image, split_data_url
 from ..errors import RequestError
-
-_MAGIC = (
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-)
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The image format from magic bytes; headers and file names are not trusted."""
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def _b64decode(text: bytes | str, param: str) -> bytes:
@@ -47,8 +30,8 @@ def data_url_bytes(url: str | bytes, param: str) -> bytes:
     """The payload of a base64 `data:image/...;base64,...` URL."""
     if isinstance(url, bytes):
         url = url.decode("ascii", errors="replace")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
+    media_type, payload = split_data_url(url) or ("", "")
+    if not media_type.startswith("image/"):
         raise RequestError("image data URL must look like data:image/<type>;base64,<data>", param)
     return _b64decode(payload, param)
 
@@ -57,7 +40,7 @@ def element_bytes(element: bytes, param: str) -> bytes:
     """Encoded image bytes from one `image` tensor element, whatever its wrapping."""
     if element[:5].lower() == b"data:":
         return data_url_bytes(element, param)
-    if sniff_format(element):
+    if sniff_image(element):
         return element
     return _b64decode(element, param)
 
@@ -67,7 +50,7 @@ DEFAULT_LIMITS = ModelLimits()
 
 def decode_image(data: bytes, param: str, limits: ModelLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode and fully load an image as RGB; bad or hostile input becomes a RequestError."""
-    if sniff_format(data) is None:
+    if sniff_image(data) is None:
         raise RequestError("image is not a JPEG, PNG, WebP or GIF file", param, "invalid_image")
     try:
         with warnings.catch_warnings():

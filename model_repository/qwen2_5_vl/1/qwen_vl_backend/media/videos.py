@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..contract import PIXELS_PER_TOKEN, ModelLimits
+from ..contract import FRAME_FORMATS, PIXELS_PER_TOKEN, ModelLimits, split_data_url
 from ..errors import RequestError
 from .images import decode_image
 
@@ -32,7 +32,7 @@ FRAME_FACTOR = 2  # Qwen2.5-VL's temporal patch: frames go into the tower in pai
 MIN_FRAMES = 4  # qwen-vl-utils' FPS_MIN_FRAMES
 FRAME_MAX_PIXELS = 768 * PIXELS_PER_TOKEN  # qwen-vl-utils' VIDEO_MAX_TOKEN_NUM per frame
 MAX_CONTAINER_FPS = 240  # a header claiming more frames per second than this is refused
-FRAME_LIST_TYPES = ("jpeg", "png", "webp")
+FRAME_LIST_TYPES = FRAME_FORMATS  # what a client-sampled frame list may hold
 GRID = 28
 
 
@@ -67,16 +67,16 @@ def _b64(text: str | bytes, param: str, what: str) -> bytes:
         raise RequestError(f"{what} is not valid base64", param, "invalid_video") from exc
 
 
-def split_data_url(url: str | bytes, param: str) -> tuple[str, str]:
-    """(subtype, payload) of `data:video/<subtype>;base64,<payload>`."""
+def video_data_url(url: str | bytes, param: str) -> tuple[str, str]:
+    """(subtype, payload) of `data:video/<subtype>;base64,<payload>` (the contract's parser)."""
     if isinstance(url, bytes):
         url = url.decode("ascii", errors="replace")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.startswith("data:video/") or not header.endswith(";base64"):
+    media_type, payload = split_data_url(url) or ("", "")
+    if not media_type.startswith("video/"):
         raise RequestError(
             "video data URL must look like data:video/<type>;base64,<data>", param, "invalid_video"
         )
-    return header[len("data:video/") : -len(";base64")].lower(), payload
+    return media_type.removeprefix("video/"), payload
 
 
 def load_video(
@@ -85,7 +85,7 @@ def load_video(
     """One `video` element (or an inline data URL) → a Video; errors name `param`."""
     head = element[:5]
     if (head.lower() if isinstance(head, str) else head.lower().decode("latin-1")) == "data:":
-        subtype, payload = split_data_url(element, param)
+        subtype, payload = video_data_url(element, param)
         if subtype in FRAME_LIST_TYPES:
             return frame_list(payload, param, limits, options)
         data = _b64(payload, param, "video")

@@ -18,13 +18,11 @@ from typing import Any
 
 from PIL import Image
 
-from ..contract import MAX_VIDEO_FPS, ModelLimits
+from ..contract import MAX_VIDEO_FPS, ROLES, ModelLimits
 from ..errors import RequestError
 from ..media.images import DEFAULT_LIMITS, data_url_bytes, decode_image, element_bytes
 from ..media.videos import Video, VideoOptions, load_video
 from .tools import tool_calls
-
-ROLES = {"system", "user", "assistant", "tool"}
 
 
 class _ElementSource:
