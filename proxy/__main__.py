@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .app import create_app
+from .app import ROUTES, create_app
 from .config import parse_config
 from .observability.logs import configure_logging
 from .serving.hardening import describe_limits
+from .serving.routes import describe_routes
 from .serving.shutdown import CANCEL_GRACE_S, install_signal_drain
 
 log = logging.getLogger("proxy")
@@ -35,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "lazy loading (the first request loads a model)" if server.lazy_load else "eager loading",
     )
     log.info("%s", describe_limits(config))
+    log.info(
+        "%s",
+        describe_routes(
+            ROUTES, api_key=bool(server.api_key), metrics_require_auth=server.metrics_require_auth
+        ),
+    )
     app = create_app(config)
     # SIGINT/SIGTERM drain first (proxy/serving/shutdown.py): not ready, new requests refused, the
     # admitted ones finish within --shutdown-timeout-s. Then run_app stops accepting,

@@ -1,5 +1,10 @@
 """The aiohttp application: the app factory, its route table and the request bookkeeping
-every route gets (request id, log line, metrics)."""
+every route gets (request id, log line, metrics).
+
+`ROUTES` is every route the proxy serves, each with its policy (proxy/serving/routes.py):
+whether it is admitted (cap, body timeout, deadline, draining), whether it needs the API
+key. A route added anywhere else is neither, and tests/proxy/test_routes.py fails.
+"""
 
 from __future__ import annotations
 
@@ -33,12 +38,24 @@ from .observability.metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metr
 from .observability.observe import observe_request
 from .request.generation import ignored_fields_header
 from .serving.hardening import install_hardening
+from .serving.routes import Admit, Auth, Route, register_routes
 from .transport.backend import Backend
 from .transport.loader import ModelLoader
 from .transport.model_limits import ModelLimitsBook
 from .transport.upstreams import Upstreams, parse_targets
 
 log = logging.getLogger("proxy")
+
+ROUTES = (
+    Route("POST", "/v1/chat/completions", chat_completions, admit=Admit.GENERATING),
+    Route("POST", "/v1/responses", create_response, admit=Admit.GENERATING),
+    Route("GET", "/v1/models", list_models),
+    # Served names may contain "/" (e.g. Hugging Face ids).
+    Route("GET", "/v1/models/{model:.+}", retrieve_model),
+    Route("GET", "/health", health, auth=Auth.PROBE),
+    Route("GET", "/ready", ready, admit=Admit.READINESS, auth=Auth.PROBE),
+    Route("GET", METRICS_PATH, metrics_handler, auth=Auth.SCRAPE, in_flight_gauge=False),
+)
 
 # A caller's X-Request-Id is reused (it ties gateway, proxy and Triton logs together) only
 # when it is short and plain enough to be safe in logs and headers.
@@ -69,14 +86,7 @@ def create_app(
         app[BACKEND_KEY] = backend
     app.cleanup_ctx.append(backend_context)
     app.on_response_prepare.append(add_response_headers)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/responses", create_response)
-    app.router.add_get("/v1/models", list_models)
-    # Served names may contain "/" (e.g. Hugging Face ids).
-    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get(METRICS_PATH, metrics_handler)
+    register_routes(app, ROUTES)
     install_hardening(app, config)
     return app
 

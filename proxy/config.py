@@ -335,9 +335,9 @@ SETTINGS: tuple[Setting, ...] = (
         "admission",
         "max_concurrent_requests",
         _positive_int,
-        "chat completions in flight; more get 429 at once (before their body is read), "
-        "bounding memory; below the model's batch + queue (16 + 64) so its queue never "
-        "overflows",
+        "generating requests (chat completions, Responses) in flight; more get 429 at once "
+        "(before their body is read), bounding memory; below the model's batch + queue "
+        "(16 + 64) so its queue never overflows",
     ),
     _S(
         "admission",

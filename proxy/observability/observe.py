@@ -29,11 +29,11 @@ from ..api.chat.render import TokenUsage
 from ..error_catalogue import INTERNAL_ERROR, APIError
 from ..errors import REQUEST_ID_KEY
 from ..media.kinds import MediaFetcher, MediaRef, load_media
+from ..serving.routes import route_of
 from ..transport.backend import GenerationChunk
 from .metrics import (
     METHODS,
     METRICS_KEY,
-    METRICS_PATH,
     UNMATCHED_ROUTE,
     ProxyMetrics,
     error_cause,
@@ -78,27 +78,21 @@ class RequestRecord:
 RECORD_KEY = web.RequestKey("record", RequestRecord)
 
 
-def route_template(request: web.Request) -> str:
-    """The matched route's template (`/v1/models/{model}`), never the raw path."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else UNMATCHED_ROUTE
-
-
 # ---- the middleware body ---------------------------------------------------------------
 
 
 async def observe_request(request: web.Request, handler: Any) -> web.StreamResponse:
     """Runs `handler`, then counts and logs the request; `REQUEST_ID_KEY` must be set."""
     metrics = request.app[METRICS_KEY]
+    route = route_of(request)
     record = request[RECORD_KEY] = RequestRecord(
         request_id=request[REQUEST_ID_KEY],
         method=request.method,
         path=request.path[:_MAX_LOGGED_PATH],
-        route=route_template(request),
+        route=route.label if route is not None else UNMATCHED_ROUTE,
         started=time.monotonic(),
     )
-    # A scrape would always see itself in flight; an idle proxy should read 0.
-    tracked = record.route != METRICS_PATH
+    tracked = route is None or route.in_flight_gauge
     if tracked:
         metrics.in_flight.inc()
     status = 500

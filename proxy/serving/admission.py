@@ -1,21 +1,23 @@
-"""Backpressure, deadlines and draining for chat completions.
+"""Backpressure, deadlines and draining for the generating routes (chat completions,
+Responses: every route the table of proxy/app.py declares `Admit.GENERATING`,
+proxy/serving/routes.py).
 
-- **Admission**: at most `--max-concurrent-requests` chat completions are in flight. One
+- **Admission**: at most `--max-concurrent-requests` generating requests are in flight. One
   more is refused at once with 429 (`rate_limit_exceeded`, `Retry-After`), before its body is
   read or any image decoded, so a flood costs the proxy a header parse per request, and
   memory stays bounded by (in flight) x (--max-request-bytes).
 - **Body**: a declared Content-Length over `--max-request-bytes` is refused (413) before
   reading; the body is then read within `--request-body-timeout-s` (408), so a client that
   trickles its body cannot hold a slot.
-- **Deadline**: a chat request has `--request-timeout-s` in all. The Triton stream reports
+- **Deadline**: a generating request has `--request-timeout-s` in all. The Triton stream reports
   it as an error the client can read (504 before headers, an SSE error event and `[DONE]`
   after), as it does a gap longer than `--stream-idle-timeout-s` between model responses;
   shortly after the deadline the handler is cancelled whatever it is waiting for (a client
   that does not read its stream, an image fetch), which cancels the generation in Triton.
-- **Draining** (proxy/serving/shutdown.py): `/ready` says 503 and new chat requests get 503, while
-  admitted ones finish. Those still running when the grace period ends are ended with a 503
-  (`server_shutting_down`, an SSE error event and `[DONE]` once streaming), which also
-  cancels their generation in Triton.
+- **Draining** (proxy/serving/shutdown.py): `/ready` says 503 and new generating requests get
+  503, while admitted ones finish. Those still running when the grace period ends are ended
+  with a 503 (`server_shutting_down`, an SSE error event and `[DONE]` once streaming), which
+  also cancels their generation in Triton.
 """
 
 from __future__ import annotations
@@ -39,11 +41,10 @@ from ..error_catalogue import (
 )
 from ..errors import REQUEST_ID_KEY
 from ..request.limits import MIB
+from .routes import Admit, route_of
 
 log = logging.getLogger("proxy")
 
-CHAT_ROUTE = "/v1/chat/completions"
-READY_ROUTE = "/ready"
 # How long after the deadline the handler is cancelled, when the stream could not report
 # the deadline itself (it was not reading from Triton, or its client was not reading).
 DEADLINE_BACKSTOP_S = 2.0
@@ -61,7 +62,7 @@ class AdmissionSettings:
 
 
 class Admission:
-    """The in-flight chat completions of one app, and whether it is draining."""
+    """The in-flight generating requests of one app, and whether it is draining."""
 
     def __init__(self, settings: AdmissionSettings) -> None:
         self.settings = settings
@@ -134,25 +135,20 @@ def stream_stalled(seconds: float) -> APIError:
 # ---- the middleware --------------------------------------------------------------------
 
 
-def matched_route(request: web.Request) -> str | None:
-    """The canonical template of the route aiohttp matched (None: no route matched)."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else None
-
-
 @web.middleware
 async def admission_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     admission = request.app[ADMISSION_KEY]
     settings = admission.settings
-    route = matched_route(request)
-    if route == READY_ROUTE and admission.draining:
+    route = route_of(request)
+    admit = route.admit if route is not None else Admit.NONE
+    if admit is Admit.READINESS and admission.draining:
         raise SERVER_SHUTTING_DOWN()
     length = request.content_length
     if length is not None and length > settings.max_request_bytes:
         # Unread bodies are drained by aiohttp (for at most its lingering time, 10 s), never
         # kept: closing on unread data would reset the connection before the client reads.
         raise REQUEST_TOO_LARGE(limit=settings.max_request_bytes)
-    if route != CHAT_ROUTE or request.method != "POST":
+    if admit is not Admit.GENERATING:
         return await handler(request)
     if admission.draining:
         raise SERVER_SHUTTING_DOWN()

@@ -1,12 +1,13 @@
 """Optional API key: `Authorization: Bearer <key>` on every route but the probes.
 
-The decision is made on the route aiohttp actually matched (its canonical template), never
-on the raw path, so `//v1/chat/completions`, `/v1/../v1/chat/completions`, a trailing slash,
-percent-encoding or `/V1/...` cannot slip past: a request is exempt only when it was routed
-to `/health` or `/ready` (or `/metrics`, unless --metrics-require-auth) with GET or HEAD.
-Everything else, unknown paths and wrong methods included, needs the key (default deny), so
-unauthenticated clients cannot even map which routes exist. Keys are compared with
-`hmac.compare_digest`.
+The decision is made on the route aiohttp actually matched, through its entry in the route
+table (proxy/serving/routes.py), never on the raw path, so `//v1/chat/completions`,
+`/v1/../v1/chat/completions`, a trailing slash, percent-encoding or `/V1/...` cannot slip
+past: a request is exempt only when it was routed with GET or HEAD to a route declared
+`Auth.PROBE` (`/health`, `/ready`) or `Auth.SCRAPE` (`/metrics`, unless
+--metrics-require-auth). Everything else, unknown paths and wrong methods included, needs the
+key (default deny), so unauthenticated clients cannot even map which routes exist. Keys are
+compared with `hmac.compare_digest`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from ..error_catalogue import INVALID_API_KEY
-from ..observability.metrics import METRICS_PATH
-from .admission import matched_route
+from .routes import Auth, route_of
 
-PROBE_ROUTES = frozenset({"/health", "/ready"})
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -47,16 +46,14 @@ def read_api_key(key: str, key_file: str) -> str:
     return key
 
 
-def exempt_routes(metrics_require_auth: bool) -> frozenset[str]:
-    return PROBE_ROUTES if metrics_require_auth else PROBE_ROUTES | {METRICS_PATH}
-
-
-def auth_middleware(api_key: str, exempt: frozenset[str]) -> Any:
+def auth_middleware(api_key: str, exempt: frozenset[Auth]) -> Any:
+    """`exempt`: the route policies answered without the key (routes.exempt_from_key)."""
     expected = api_key.encode("utf-8")
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Any) -> web.StreamResponse:
-        if matched_route(request) in exempt and request.method in _READ_METHODS:
+        route = route_of(request)
+        if route is not None and route.auth in exempt and request.method in _READ_METHODS:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         presented = token.strip().encode("utf-8", "replace")

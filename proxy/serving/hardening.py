@@ -1,5 +1,6 @@
 """Wires the hardening pieces into the app and describes them at startup.
 
+    proxy/serving/routes.py     each route's policy (admitted or not, API key or not), read by both
     proxy/serving/auth.py       optional API key (outermost of these: refused before anything else)
     proxy/serving/admission.py  in-flight cap (429), body size and time, deadlines, draining
     proxy/request/limits.py     request and image limits, checked by the chat handler
@@ -14,7 +15,8 @@ from aiohttp import web
 
 from ..config import ProxyConfig
 from .admission import install_admission
-from .auth import auth_middleware, exempt_routes
+from .auth import auth_middleware
+from .routes import exempt_from_key
 
 
 def install_hardening(app: web.Application, config: ProxyConfig) -> None:
@@ -23,7 +25,7 @@ def install_hardening(app: web.Application, config: ProxyConfig) -> None:
     server = config.server
     if server.api_key:
         app.middlewares.append(
-            auth_middleware(server.api_key, exempt_routes(server.metrics_require_auth))
+            auth_middleware(server.api_key, exempt_from_key(server.metrics_require_auth))
         )
     install_admission(app, config.admission)
 
@@ -37,10 +39,8 @@ def describe_limits(config: ProxyConfig) -> str:
         config.limits,
         config.pixels,
     )
-    api_key = "not required"
-    if server.api_key:
-        metrics = "too" if server.metrics_require_auth else "exempt"
-        api_key = f"required on every route but /health and /ready (/metrics {metrics})"
+    # Which routes need it: the route list logged beside this (proxy/serving/routes.py).
+    api_key = "required" if server.api_key else "not required"
     lines = [
         'limits ("model\'s": what the model allows, asked at the first request):',
         f"  request body          {admission.max_request_bytes / mib:g} MiB, received within "
@@ -54,7 +54,7 @@ def describe_limits(config: ProxyConfig) -> str:
         f"{_own(limits.max_image_aspect_ratio)}, resized into [{_own(pixels.min_pixels)}, "
         f"{_own(pixels.max_pixels)}] pixels",
         f"  max_tokens            {_own(server.max_tokens_limit)}",
-        f"  in flight             {admission.max_concurrent_requests} chat completions (then 429)",
+        f"  in flight             {admission.max_concurrent_requests} generating requests (then 429)",
         f"  timeouts              {admission.request_timeout_s:g} s per request, "
         f"{admission.stream_idle_timeout_s:g} s between model responses",
         f"  shutdown              {server.shutdown_timeout_s:g} s for in-flight requests",

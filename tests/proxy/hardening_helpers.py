@@ -9,7 +9,14 @@ import re
 from proxy_fakes import SERVED_MODEL
 
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
 NORMAL_REQUEST = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+# A plain request to each generating route (proxy/app.py ROUTES, `Admit.GENERATING`); a new
+# generating route needs one here, or the per-route tests fail with a KeyError.
+GENERATING_REQUESTS = {
+    CHAT: NORMAL_REQUEST,
+    RESPONSES: {"model": SERVED_MODEL, "input": "hi"},
+}
 
 # What must never reach a client: exception text, file paths, addresses, internals.
 LEAK = re.compile(

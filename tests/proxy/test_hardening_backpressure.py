@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 
+import pytest
 from hardening_helpers import (
     CHAT,
+    GENERATING_REQUESTS,
     NORMAL_REQUEST,
     assert_envelope,
     assert_no_leak,
@@ -24,6 +27,13 @@ from proxy.transport.backend import model_error
 from proxy.transport.contract import ModelError
 
 STREAM_REQUEST = {**NORMAL_REQUEST, "stream": True}
+# Each generating route gets the cap, body, deadline and draining tests below (the table's
+# generating routes are exactly these: tests/proxy/test_routes.py).
+per_generating_route = pytest.mark.parametrize("path", list(GENERATING_REQUESTS))
+
+
+def streamed(path: str) -> dict:
+    return {**GENERATING_REQUESTS[path], "stream": True}
 
 
 class HangingBackend(FakeBackend):
@@ -89,13 +99,36 @@ async def test_four_times_the_cap_gets_200_or_429_and_every_stream_ends(make_cli
     assert (await client.post(CHAT, json=NORMAL_REQUEST)).status == 200
 
 
-async def test_429_is_decided_before_the_body_is_read(make_client):
+@per_generating_route
+async def test_requests_above_the_cap_get_429_and_the_admitted_ones_are_counted(make_client, path):
+    cap, above = 2, 6
+    backend = HangingBackend()
+    client = await make_client(backend, max_concurrent_requests=cap)
+    holders = [asyncio.ensure_future(client.post(path, json=streamed(path))) for _ in range(cap)]
+    await wait_until_async(lambda: len(backend.requests) == cap, timeout=5)
+    assert admission(client).in_flight == cap  # what a shutdown's drain waits for
+    rng = random.Random(20)
+    bodies = [rng.choice([streamed(path), GENERATING_REQUESTS[path]]) for _ in range(above)]
+    responses = await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+    for response in responses:
+        assert response.status == 429 and response.headers["Retry-After"] == "1"
+        assert_envelope(await response.json(), "rate_limit_exceeded")
+    assert len(backend.requests) == cap
+    for holder in holders:
+        holder.cancel()
+    await asyncio.gather(*holders, return_exceptions=True)
+    await wait_until_async(lambda: admission(client).in_flight == 0, timeout=5)
+
+
+@per_generating_route
+async def test_429_is_decided_before_the_body_is_read(make_client, path):
     backend = HangingBackend()
     client = await make_client(backend, max_concurrent_requests=1)
-    holder = asyncio.ensure_future(client.post(CHAT, json=STREAM_REQUEST))
+    holder = asyncio.ensure_future(client.post(path, json=streamed(path)))
     await wait_until_async(lambda: backend.requests, timeout=5)
     # Only the head of a 50 MB request: the 429 comes without waiting for its body.
-    status, headers, body = await raw_http(client.server.port, post_head(length=50_000_000))
+    head = post_head(path, length=50_000_000)
+    status, headers, body = await raw_http(client.server.port, head)
     assert status == 429 and headers["retry-after"] == "1"
     assert_envelope(json.loads(body), "rate_limit_exceeded")
     holder.cancel()
@@ -103,13 +136,14 @@ async def test_429_is_decided_before_the_body_is_read(make_client):
     await asyncio.wait_for(backend.stopped_early.wait(), 5)
 
 
-async def test_a_slow_body_does_not_hold_a_slot(make_client):
+@per_generating_route
+async def test_a_slow_body_does_not_hold_a_slot(make_client, path):
     client = await make_client(FakeBackend(), max_concurrent_requests=1, request_body_timeout_s=0.3)
-    status, _, body = await raw_http(client.server.port, post_head(length=1000) + b'{"mess')
+    status, _, body = await raw_http(client.server.port, post_head(path, length=1000) + b'{"mess')
     assert status == 408
     assert_envelope(json.loads(body), "request_timeout")
     assert admission(client).in_flight == 0
-    assert (await client.post(CHAT, json=NORMAL_REQUEST)).status == 200
+    assert (await client.post(path, json=GENERATING_REQUESTS[path])).status == 200
 
 
 # ---- backend errors ------------------------------------------------------------------------
@@ -154,11 +188,12 @@ async def test_unexpected_backend_exception_is_a_generic_500_and_the_next_reques
 # ---- deadlines -----------------------------------------------------------------------------
 
 
-async def test_deadline_before_the_first_chunk_is_a_504_envelope(make_client):
+@per_generating_route
+async def test_deadline_before_the_first_chunk_is_a_504_envelope(make_client, path):
     backend = HangingBackend(before=0)
     client = await make_client(backend, request_timeout_s=0.3)
-    for body in (NORMAL_REQUEST, STREAM_REQUEST):
-        response = await client.post(CHAT, json=body)
+    for body in (GENERATING_REQUESTS[path], streamed(path)):
+        response = await client.post(path, json=body)
         assert response.status == 504
         assert_envelope(await response.json(), "timeout")
     await asyncio.wait_for(backend.stopped_early.wait(), 1)  # the generation was cancelled
@@ -223,10 +258,11 @@ async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(
 # ---- draining ------------------------------------------------------------------------------
 
 
-async def test_draining_refuses_new_work_and_says_not_ready(make_client):
+@per_generating_route
+async def test_draining_refuses_new_work_and_says_not_ready(make_client, path):
     client = await make_client(FakeBackend())
     admission(client).draining = True
-    response = await client.post(CHAT, json=NORMAL_REQUEST)
+    response = await client.post(path, json=GENERATING_REQUESTS[path])
     assert response.status == 503 and response.headers["Retry-After"] == "1"
     assert_envelope(await response.json(), "server_shutting_down")
     assert (await client.get("/ready")).status == 503

@@ -1,0 +1,100 @@
+"""What a route is: its method, path, handler and serving policy, declared in one place.
+
+Every route the proxy serves is a `Route` in the table of proxy/app.py, and `register_routes`
+is the only thing that adds routes to the app. The middlewares read their decisions from the
+route aiohttp matched (`route_of`), never from path strings:
+
+- `admit` (proxy/serving/admission.py): GENERATING routes are admitted: the in-flight cap
+  (429), the body read within `--request-body-timeout-s` (408), 503 while draining, the
+  request deadline, and shutdown waits for them; READINESS routes answer 503 while draining,
+  so a load balancer stops routing here; NONE routes are answered as they are.
+- `auth` (proxy/serving/auth.py): KEY needs the API key when one is configured; PROBE never
+  does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`.
+- `in_flight_gauge` (proxy/observability/observe.py): whether the route counts in the
+  in-flight gauge (a scrape of /metrics would always see itself).
+- `label`: the metrics `route` label, the path template without its patterns.
+
+A request aiohttp could not route (404, 405) has no `Route`: it needs the key, is not
+admitted and is labelled `unmatched`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.web import AbstractRoute
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# `{model:.+}` -> `{model}`: what aiohttp's canonical template says too.
+_PATTERN = re.compile(r"\{([^:{}]+):[^{}]*(?:\{[^{}]*\}[^{}]*)*\}")
+
+
+class Admit(enum.Enum):
+    GENERATING = "generating"
+    READINESS = "readiness"
+    NONE = "none"
+
+
+class Auth(enum.Enum):
+    KEY = "key"
+    PROBE = "probe"
+    SCRAPE = "scrape"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str  # "GET" (HEAD is answered too) or "POST"
+    path: str  # aiohttp's template: `/v1/models/{model:.+}`
+    handler: Handler
+    admit: Admit = Admit.NONE
+    auth: Auth = Auth.KEY
+    in_flight_gauge: bool = True
+
+    @property
+    def label(self) -> str:
+        return _PATTERN.sub(r"{\1}", self.path)
+
+
+ROUTES_KEY = web.AppKey("routes", dict)  # aiohttp's route object -> its Route
+
+
+def register_routes(app: web.Application, routes: Iterable[Route]) -> None:
+    """Adds `routes` to `app`, each aiohttp route remembered with the `Route` it came from."""
+    table: dict[AbstractRoute, Route] = app.setdefault(ROUTES_KEY, {})
+    for route in routes:
+        methods = (route.method, "HEAD") if route.method == "GET" else (route.method,)
+        for method in methods:
+            table[app.router.add_route(method, route.path, route.handler)] = route
+
+
+def route_of(request: web.Request) -> Route | None:
+    """The `Route` of what aiohttp matched; None when nothing matched (404, 405) or for a
+    route added outside `register_routes`."""
+    routes: Mapping[AbstractRoute, Route] = request.app.get(ROUTES_KEY, {})
+    return routes.get(request.match_info.route)
+
+
+def exempt_from_key(metrics_require_auth: bool) -> frozenset[Auth]:
+    """The `auth` policies answered without the API key (GET and HEAD only)."""
+    return frozenset({Auth.PROBE} if metrics_require_auth else {Auth.PROBE, Auth.SCRAPE})
+
+
+def describe_routes(routes: Iterable[Route], *, api_key: bool, metrics_require_auth: bool) -> str:
+    """One block for the startup log: every route and its policy (`api_key`: one is set)."""
+    exempt = exempt_from_key(metrics_require_auth)
+    admit = {
+        Admit.GENERATING: "admitted (in-flight cap, body timeout, deadline, drained)",
+        Admit.READINESS: "503 while draining",
+        Admit.NONE: "",
+    }
+    lines = ["routes:"]
+    for route in routes:
+        auth = ("no key" if route.auth in exempt else "API key") if api_key else ""
+        policy = ", ".join(part for part in (admit[route.admit], auth) if part)
+        lines.append(f"  {route.method:<5} {route.label:<24} {policy}".rstrip())
+    return "\n".join(lines)
