@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ProxyConfig
-from ..error_catalogue import INVALID_BODY, INVALID_JSON, MODEL_NOT_FOUND
+from ..error_catalogue import INVALID_BODY, INVALID_JSON, MODEL_NOT_FOUND, APIError
 from ..errors import REQUEST_ID_KEY
 from ..keys import (
     BACKEND_KEY,
@@ -33,6 +33,7 @@ from ..transport.backend import GenerationChunk
 from ..transport.contract import ModelLimits
 from ..transport.model_limits import narrower
 from .limits import RequestLimits, check_chat, check_json_text, check_media
+from .paths import CHAT_PATHS, ClientPaths
 from .schema import ChatCompletionRequest
 from .translate import ServerLimits, prepare_chat
 from .usage import TokenUsage
@@ -78,16 +79,31 @@ async def start_generation(request: web.Request, chat: ChatCompletionRequest) ->
     await timed_media_check(request, check_media(media, prepared.media, limits))
     triton_request = prepared.to_triton(triton_model, media)
     usage = request[USAGE_KEY] = TokenUsage()
+    stream = app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
+    if chat.paths is not CHAT_PATHS:
+        stream = _model_errors_in_client_paths(stream, chat.paths)
     chunks = observe_generation(
         request,
-        with_stream_timeouts(
-            request, app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
-        ),
+        with_stream_timeouts(request, stream),
         model=served_name,
         stream=chat.is_stream,
         usage=usage,
     )
     return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks)
+
+
+async def _model_errors_in_client_paths(
+    chunks: AsyncGenerator[GenerationChunk, None], paths: ClientPaths
+) -> AsyncGenerator[GenerationChunk, None]:
+    """The model names the fields of the request it got, the internal request's; its errors
+    enter the proxy here, and name the client's fields from here on."""
+    async with contextlib.aclosing(chunks):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as exc:
+            exc.param = paths.optional(exc.param)
+            raise
 
 
 async def limits_for(app: web.Application, triton_model: str) -> tuple[RequestLimits, ServerLimits]:

@@ -113,26 +113,28 @@ def check_chat(chat: ChatCompletionRequest, limits: RequestLimits) -> None:
     """Counts messages, text and media parts, and sizes inline media from their base64
     length, before anything is decoded or fetched."""
     if len(chat.messages) > limits.max_messages:
-        raise TOO_MANY_MESSAGES("messages", count=len(chat.messages), limit=limits.max_messages)
+        raise TOO_MANY_MESSAGES(
+            chat.paths("messages"), count=len(chat.messages), limit=limits.max_messages
+        )
     text_chars = 0
     counts: dict[str, int] = {}
     for i, message in enumerate(chat.messages):
         content = message.content
         parts = [content] if isinstance(content, str) else content or []
         for j, part in enumerate(parts):
-            param = f"messages[{i}].content" + ("" if isinstance(content, str) else f"[{j}]")
+            where = f"messages[{i}].content" + ("" if isinstance(content, str) else f"[{j}]")
             if isinstance(part, str | TextPart):
                 text_chars += len(part if isinstance(part, str) else part.text)
                 if text_chars > limits.max_text_chars:
-                    raise TEXT_TOO_LONG(param, limit=limits.max_text_chars)
+                    raise TEXT_TOO_LONG(chat.paths(where), limit=limits.max_text_chars)
             elif isinstance(part, MediaPart):
                 kind = part.kind
-                param += f".{kind.part_type}"
+                param = chat.paths(f"{where}.{kind.part_type}")
                 counts[kind.name] = count = counts.get(kind.name, 0) + 1
-                limit = getattr(limits, kind.count_limit)
+                limit = kind.max_parts(limits)
                 if count > limit:
                     raise kind.too_many(param, limit=limit)
-                _check_inline_size(part.source.url, param, kind, getattr(limits, kind.bytes_limit))
+                _check_inline_size(part.source.url, param, kind, kind.max_bytes(limits))
 
 
 def _check_inline_size(url: str, param: str, kind: MediaKind, max_bytes: int) -> None:
@@ -158,7 +160,7 @@ async def check_media(
     kinds = dict.fromkeys(ref.kind for ref in refs)
     for kind in kinds:
         mine = [i for i, ref in enumerate(refs) if ref.kind is kind]
-        max_bytes = getattr(limits, kind.bytes_limit)
+        max_bytes = kind.max_bytes(limits)
         for i in mine:
             if len(media[i]) > max_bytes:
                 raise kind.too_many_bytes(refs[i].param, max_bytes)

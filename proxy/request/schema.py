@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     model_validator,
@@ -31,6 +32,7 @@ from ..media.kinds import MediaKind
 from ..media.videos import VIDEO
 from ..transport.contract import MAX_STOP_STRINGS
 from ..transport.contract import SAMPLING_FIELDS as SAMPLING_RULES
+from .paths import CHAT_PATHS, ClientPaths
 
 SUPPORTED_PART_TYPES = ("text", "image_url", "video_url")
 
@@ -253,6 +255,14 @@ class ChatCompletionRequest(BaseModel):
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
 
+    # Where each field sits in the client's body (proxy/request/paths.py): every error names
+    # the client's path through it. Set by parse_chat_request.
+    _paths: ClientPaths = PrivateAttr(default=CHAT_PATHS)
+
+    @property
+    def paths(self) -> ClientPaths:
+        return self._paths
+
     @property
     def is_stream(self) -> bool:
         return bool(self.stream)
@@ -289,27 +299,37 @@ SAMPLING_FIELDS = tuple(
 )
 
 
-def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+def parse_chat_request(
+    body: dict[str, Any], paths: ClientPaths = CHAT_PATHS
+) -> ChatCompletionRequest:
+    """The internal request; `paths`: where its fields sit in the client's body, when another
+    API surface built `body` from its own."""
     try:
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        raise validation_api_error(exc, body) from None
+        raise validation_api_error(exc, body, paths=paths) from None
+    chat._paths = paths
     if chat.top_logprobs is not None and not chat.logprobs:
+        param = paths("top_logprobs")
         raise INVALID_VALUE(
-            "top_logprobs",
-            message="Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
+            param, message=f"Invalid value for '{param}': it requires 'logprobs' to be true."
         )
     return chat
 
 
 def validation_api_error(
-    exc: ValidationError, body: Any, *, part_types: tuple[str, ...] = SUPPORTED_PART_TYPES
+    exc: ValidationError,
+    body: Any,
+    *,
+    part_types: tuple[str, ...] = SUPPORTED_PART_TYPES,
+    paths: ClientPaths = CHAT_PATHS,
 ) -> APIError:
-    """The most specific pydantic error as a 400 envelope, its input position as `param`;
-    `part_types`: the content part types the message of an unsupported one names."""
+    """The most specific pydantic error as a 400 envelope, its input position as `param`
+    (the client's, through `paths`); `part_types`: the content part types the message of an
+    unsupported one names."""
     candidates = [(_input_path(err["loc"], body, err["type"]), err) for err in exc.errors()]
     path, err = max(candidates, key=lambda item: len(item[0]))  # max keeps the first of ties
-    param = format_param(path)
+    param = paths(format_param(path))
     if err["type"] == "unsupported_content_type":
         return _content_part_error(err["input"], param, part_types)
     at_path = [e for p, e in candidates if p == path]

@@ -26,6 +26,7 @@ from jsonschema.exceptions import SchemaError
 from ..error_catalogue import INVALID_VALUE, UNSUPPORTED_PARAMETER
 from ..transport.contract import schema_bytes, schema_depth
 from .limits import RequestLimits
+from .paths import ClientPaths
 from .schema import ChatCompletionRequest, NamedToolChoice
 
 
@@ -42,26 +43,26 @@ def structured(chat: ChatCompletionRequest, limits: RequestLimits) -> Structured
     """Checks the request's tools and formats (400 on anything the model could not honour)."""
     tools = chat.tools or []
     choice = chat.tool_choice or ("auto" if tools else "none")
-    _check_tools(tools, limits)
+    paths = chat.paths
+    _check_tools(tools, limits, paths)
     if choice != "none" and not tools:
-        raise INVALID_VALUE(
-            "tool_choice",
-            message="Invalid value for 'tool_choice': it requires 'tools'.",
-        )
+        param = paths("tool_choice")
+        raise INVALID_VALUE(param, message=f"Invalid value for '{param}': it requires 'tools'.")
     names = [tool.function.name for tool in tools]
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        param = paths("tool_choice.function.name")
         raise INVALID_VALUE(
-            "tool_choice.function.name",
-            message=f"Invalid value for 'tool_choice.function.name': no tool is named "
-            f"{choice.function.name[:64]!r}.",
+            param,
+            message=f"Invalid value for '{param}': no tool is named {choice.function.name[:64]!r}.",
         )
     constraint = _format_constraint(chat, limits)
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
     if forced and constraint is not None:
+        param = paths("response_format")
         raise UNSUPPORTED_PARAMETER(
-            "response_format",
-            message="response_format cannot be combined with a tool_choice that forces a "
-            "call; use one or the other.",
+            param,
+            message=f"{param} cannot be combined with a tool_choice that forces a call; use one "
+            "or the other.",
         )
     if forced:
         chosen = [
@@ -82,24 +83,27 @@ def structured(chat: ChatCompletionRequest, limits: RequestLimits) -> Structured
     return Structured(tools_json, constraint, parse_tool_calls=True)
 
 
-def _check_tools(tools: list, limits: RequestLimits) -> None:
+def _check_tools(tools: list, limits: RequestLimits, paths: ClientPaths) -> None:
     if len(tools) > limits.max_tools:
+        param = paths("tools")
         raise INVALID_VALUE(
-            "tools",
-            message=f"Invalid value for 'tools': at most {limits.max_tools} tools per request.",
+            param,
+            message=f"Invalid value for '{param}': at most {limits.max_tools} tools per request.",
         )
     seen: set[str] = set()
     for index, tool in enumerate(tools):
         name = tool.function.name
         if name in seen:
+            param = paths(f"tools[{index}].function.name")
             raise INVALID_VALUE(
-                f"tools[{index}].function.name",
-                message=f"Invalid value for 'tools[{index}].function.name': {name!r} is "
-                "already the name of another tool.",
+                param,
+                message=f"Invalid value for '{param}': {name!r} is already the name of another "
+                "tool.",
             )
         seen.add(name)
         if tool.function.parameters is not None:
-            check_schema(tool.function.parameters, f"tools[{index}].function.parameters", limits)
+            param = paths(f"tools[{index}].function.parameters")
+            check_schema(tool.function.parameters, param, limits)
 
 
 def _format_constraint(chat: ChatCompletionRequest, limits: RequestLimits) -> dict | None:
@@ -111,7 +115,7 @@ def _format_constraint(chat: ChatCompletionRequest, limits: RequestLimits) -> di
     spec = response_format.json_schema
     assert spec is not None  # the schema model requires it with this type
     schema = spec.json_schema if spec.json_schema is not None else {}
-    check_schema(schema, "response_format.json_schema.schema", limits)
+    check_schema(schema, chat.paths("response_format.json_schema.schema"), limits)
     return {"type": "json_schema", "schema": schema, "strict": bool(spec.strict)}
 
 

@@ -15,6 +15,7 @@ from ..media.pixels import PixelLimits
 from ..transport.backend import TritonRequest
 from ..transport.contract import ModelLimits
 from .limits import RequestLimits
+from .paths import ClientPaths
 from .schema import SAMPLING_FIELDS, ChatCompletionRequest, ChatMessage, MediaPart
 from .structured import structured
 
@@ -88,18 +89,19 @@ def translate_messages(
     Each media part becomes its kind's chat part with its budget, e.g. `{"type": "image",
     "min_pixels": N, "max_pixels": M}`; the model pairs those with its kind's input elements
     in order of appearance, across all turns. Message and part indices are kept, so the
-    model's error `param`s are the client's paths.
+    model's error `param`s are the internal request's paths (`chat.paths` makes them the
+    client's).
     """
     defaults = (
-        limits.pixels.check(chat.min_pixels, "min_pixels"),
-        limits.pixels.check(chat.max_pixels, "max_pixels"),
+        limits.pixels.check(chat.min_pixels, chat.paths("min_pixels")),
+        limits.pixels.check(chat.max_pixels, chat.paths("max_pixels")),
     )
     media: list[MediaRef] = []
     translated = []
     for i, message in enumerate(chat.messages):
         # The chat template knows `system`; `developer` is OpenAI's newer name for it.
         role = "system" if message.role == "developer" else message.role
-        content = _translate_content(message, i, media, limits, defaults)
+        content = _translate_content(message, i, chat.paths, media, limits, defaults)
         entry: dict[str, Any] = {"role": role, "content": content}
         if message.tool_calls:
             entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
@@ -112,6 +114,7 @@ def translate_messages(
 def _translate_content(
     message: ChatMessage,
     index: int,
+    paths: ClientPaths,
     media: list[MediaRef],
     limits: ServerLimits,
     defaults: tuple[int | None, int | None],
@@ -123,7 +126,7 @@ def _translate_content(
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(message.content):
         if isinstance(part, MediaPart):
-            param = f"messages[{index}].content[{j}].{part.kind.part_type}"
+            param = paths(f"messages[{index}].content[{j}].{part.kind.part_type}")
             budget = part.kind.budget(part.source, limits, defaults, param)
             ref = MediaRef(part.kind, part.source.url, param, tuple(budget.items()))
             media.append(ref)

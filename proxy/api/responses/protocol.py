@@ -1,8 +1,9 @@
 """OpenAI's Responses API (`POST /v1/responses`), stateless, on the chat-completions path.
 
 A Responses request is checked here (strict pydantic, as chat), then translated into the
-equivalent chat-completions body, which proxy/app.py runs through the chat path unchanged
-(parse, limits, media, structured output, the backend, metrics). The model's chunks come back
+internal request (the chat-completions shape) with the paths its fields came from, which runs
+through the shared request path unchanged (proxy/request/: parse, limits, media, structured
+output, the backend, metrics). The model's chunks come back
 as a `response` object, or as Responses' typed SSE events:
 
     response.created, response.in_progress,
@@ -14,15 +15,14 @@ as a `response` object, or as Responses' typed SSE events:
     response.completed | response.incomplete (cut by max_output_tokens) | response.failed
 
 Nothing is stored: `store: true` is answered as `store: false` (and the `X-Response-Stored:
-false` header); `previous_response_id` and `conversation` are 400s. Errors raised on the chat
-path name the client's Responses path (`input[0].content[1].image_url`, not `messages[1]...`).
+false` header); `previous_response_id` and `conversation` are 400s. Errors of the shared path
+name the client's Responses path where they are made (`input[0].content[1].image_url`, not
+`messages[1]...`: proxy/request/paths.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -36,6 +36,7 @@ from ...error_catalogue import (
     UNSUPPORTED_PARAMETER,
     APIError,
 )
+from ...request.paths import ClientPaths
 from ...request.schema import BaseModel, part_discriminator, sampling, validation_api_error
 from ...request.sse import sse_event
 from ...request.tool_calls import ToolCall, ToolCallStream, split_tool_calls
@@ -217,20 +218,22 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesCall:
 
 # ---- Responses → chat completions ------------------------------------------------------
 
-# A chat path's prefix → the Responses path it came from (after the messages').
-_TOP_LEVEL_PATHS = (
-    (re.compile(r"^max_(completion_)?tokens\b"), "max_output_tokens"),
-    (re.compile(r"^response_format\.json_schema\.schema\b"), "text.format.schema"),
-    (re.compile(r"^response_format(\.json_schema)?\b"), "text.format"),
-    (re.compile(r"^tool_choice\.function\b"), "tool_choice"),
-    (re.compile(r"^tools\[(\d+)\]\.function\b"), r"tools[\1]"),
+# The internal request's top-level fields → the Responses fields they came from.
+_RENAMES = (
+    ("max_tokens", "max_output_tokens"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("response_format.json_schema.schema", "text.format.schema"),
+    ("response_format.json_schema", "text.format"),
+    ("response_format", "text.format"),
+    ("tool_choice.function", "tool_choice"),
+    ("tools[*].function", "tools[*]"),
+    ("messages", "input"),
 )
-_MESSAGE_PATH = re.compile(r"^messages\[(\d+)\]")
 
 
 class ResponsesCall:
-    """One Responses request: its chat-completions body, the way back from the chat path's
-    error paths to the client's, and the rendering of its response."""
+    """One Responses request: the internal request's body, where each of its fields came from
+    in the client's body (`paths`), and the rendering of its response."""
 
     def __init__(self, request: ResponsesRequest) -> None:
         self.request = request
@@ -238,6 +241,7 @@ class ResponsesCall:
         # below the message (`.content[1].image_url`) is the same below that path)
         self._origins: list[tuple[str, bool]] = []
         self.chat_body = self._chat_body()
+        self.paths = ClientPaths(tuple(self._origins), _RENAMES)
 
     @property
     def user(self) -> str | None:
@@ -313,42 +317,6 @@ class ResponsesCall:
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
             self._origins.append((f"{path}.output", False))
-
-    # ---- errors: the chat path's params → the client's -------------------------------
-
-    def client_param(self, param: str | None) -> str | None:
-        if param is None:
-            return None
-        match = _MESSAGE_PATH.match(param)
-        if match is not None:
-            index = int(match[1])
-            if index >= len(self._origins):
-                return "input"
-            origin, keeps_rest = self._origins[index]
-            return origin + param[match.end() :] if keeps_rest else origin
-        if param == "messages":
-            return "input"
-        for pattern, replacement in _TOP_LEVEL_PATHS:
-            if pattern.match(param):
-                return pattern.sub(replacement, param, count=1)
-        return param
-
-    def to_client(self, error: APIError) -> APIError:
-        """`error` naming the client's path (its `param`, and the path where its message
-        quotes it)."""
-        param = self.client_param(error.param)
-        if param != error.param and error.param:
-            error.message = error.message.replace(f"'{error.param}'", f"'{param}'")
-            error.param = param
-        return error
-
-    @contextlib.contextmanager
-    def client_paths(self) -> Iterator[None]:
-        """Errors raised inside name the client's paths."""
-        try:
-            yield
-        except APIError as exc:
-            raise self.to_client(exc) from None
 
     # ---- the response ------------------------------------------------------------------
 
@@ -539,7 +507,6 @@ class ResponseRenderer:
                 for event in stream.pieces(calls.finish()):
                     yield event
         except APIError as exc:
-            self.call.to_client(exc)
             log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
             yield stream.failed(exc)
             return

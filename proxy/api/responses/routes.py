@@ -27,18 +27,17 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     app = request.app
     call = parse_responses_request(await read_json_object(request))
     note_request_fields(request, call)  # type: ignore[arg-type]  # user + ignored_fields
-    with call.client_paths():  # the chat path's errors name the client's Responses paths
-        chat = parse_chat_request(call.chat_body)
-        generation = await start_generation(request, chat)
-        renderer = call.renderer(generation.served_name, generation.usage, generation.tool_calls)
-        chunks = generation.chunks
-        # Closing the generator is what cancels the Triton stream when the client goes away.
-        with app[MODEL_LIMITS_KEY].forgotten_on_outage(generation.triton_model):
-            async with contextlib.aclosing(chunks):
-                if not chat.is_stream:
-                    body = await renderer.collect(chunks)
-                    return web.json_response(body, headers=STORED_HEADERS, dumps=json_dumps)
-                # An error before the first chunk is still a plain HTTP error, as in chat.
-                first = await anext(chunks, None)
-                events = renderer.events(first, chunks, request[REQUEST_ID_KEY])
-                return await write_events(request, events, {**SSE_HEADERS, **STORED_HEADERS})
+    chat = parse_chat_request(call.chat_body, call.paths)  # errors name Responses paths
+    generation = await start_generation(request, chat)
+    renderer = call.renderer(generation.served_name, generation.usage, generation.tool_calls)
+    chunks = generation.chunks
+    # Closing the generator is what cancels the Triton stream when the client goes away.
+    with app[MODEL_LIMITS_KEY].forgotten_on_outage(generation.triton_model):
+        async with contextlib.aclosing(chunks):
+            if not chat.is_stream:
+                body = await renderer.collect(chunks)
+                return web.json_response(body, headers=STORED_HEADERS, dumps=json_dumps)
+            # An error before the first chunk is still a plain HTTP error, as in chat.
+            first = await anext(chunks, None)
+            events = renderer.events(first, chunks, request[REQUEST_ID_KEY])
+            return await write_events(request, events, {**SSE_HEADERS, **STORED_HEADERS})
