@@ -24,7 +24,9 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 
 
 def of(**fields):
-    return structured(parse_chat_request({"messages": USER, **fields}), RequestLimits().within(ModelLimits()))
+    return structured(
+        parse_chat_request({"messages": USER, **fields}), RequestLimits().within(ModelLimits())
+    )
 
 
 def refused(**fields) -> APIError:
@@ -122,7 +124,9 @@ def json_schema(schema) -> dict:
 )  # fmt: skip
 def test_what_the_model_could_not_honour_is_a_400_naming_it(fields, param):
     with pytest.raises(APIError) as raised:
-        structured(parse_chat_request({"messages": USER, **fields}), RequestLimits().within(ModelLimits()))
+        structured(
+            parse_chat_request({"messages": USER, **fields}), RequestLimits().within(ModelLimits())
+        )
     assert (raised.value.status, raised.value.param) == (400, param)
 
 
