@@ -171,6 +171,11 @@ class Setting:
     negation: str = ""  # a `--no-...` flag meaning `--<flag>=false` (bool rows)
 
     @property
+    def narrows_model(self) -> bool:
+        """A limit the model has too: 0 is the model's, a value may only narrow it."""
+        return self.parse in (_limit_int, _limit_float)
+
+    @property
     def flag_name(self) -> str:
         return self.flag or _SECTION_PREFIXES[self.section] + self.name.replace("_", "-")
 

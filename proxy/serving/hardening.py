@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..config import ProxyConfig
+from ..config import SETTINGS, ProxyConfig
 from .admission import install_admission
 from .auth import auth_middleware
 from .routes import exempt_from_key
@@ -30,39 +30,36 @@ def install_hardening(app: web.Application, config: ProxyConfig) -> None:
     install_admission(app, config.admission)
 
 
+# The settings sections that bound what a request may cost; the server section's limits are
+# its rows that narrow a model limit, and the shutdown grace.
+_LIMIT_SECTIONS = ("admission", "limits", "pixels", "fetch")
+_SERVER_LIMITS = ("shutdown_timeout_s",)
+
+
 def describe_limits(config: ProxyConfig) -> str:
-    """One block for the startup log: every limit in force."""
-    mib = 1024 * 1024
-    server, admission, limits, pixels = (
-        config.server,
-        config.admission,
-        config.limits,
-        config.pixels,
-    )
-    # Which routes need it: the route list logged beside this (proxy/serving/routes.py).
-    api_key = "required" if server.api_key else "not required"
-    lines = [
-        'limits ("model\'s": what the model allows, asked at the first request):',
-        f"  request body          {admission.max_request_bytes / mib:g} MiB, received within "
-        f"{admission.request_body_timeout_s:g} s",
-        f"  messages              {limits.max_messages} per request, "
-        f"{limits.max_text_chars} text characters",
-        f"  images                {_own(limits.max_images)} per request, "
-        f"{limits.max_image_bytes / mib:g} MiB and {_own(limits.max_image_source_pixels)} "
-        f"pixels each, {limits.max_request_pixels} pixels in all",
-        f"  image shape           sides >= {limits.min_image_side} px, aspect ratio <= "
-        f"{_own(limits.max_image_aspect_ratio)}, resized into [{_own(pixels.min_pixels)}, "
-        f"{_own(pixels.max_pixels)}] pixels",
-        f"  max_tokens            {_own(server.max_tokens_limit)}",
-        f"  in flight             {admission.max_concurrent_requests} generating requests (then 429)",
-        f"  timeouts              {admission.request_timeout_s:g} s per request, "
-        f"{admission.stream_idle_timeout_s:g} s between model responses",
-        f"  shutdown              {server.shutdown_timeout_s:g} s for in-flight requests",
-        f"  API key               {api_key}",
+    """One block for the startup log: every limit in force, derived from the flag table
+    (proxy/config.py SETTINGS), so a new limit flag shows here without an edit."""
+    rows = [
+        row
+        for row in SETTINGS
+        if row.section in _LIMIT_SECTIONS
+        or (row.section == "server" and (row.narrows_model or row.name in _SERVER_LIMITS))
     ]
+    width = max(len(row.option) for row in rows)
+    lines = ['limits in force ("model\'s": the model\'s own, asked at the first request):']
+    for row in rows:
+        value = getattr(getattr(config, row.section), row.name)
+        lines.append(f"  {row.option:<{width}}  {_shown(value, row.narrows_model)}")
+    api_key = "required" if config.server.api_key else "not required"
+    lines.append(f"  API key: {api_key} (which routes: the route table logged beside this)")
     return "\n".join(lines)
 
 
-def _own(value: float) -> str:
-    """A flag that narrows the model's limit: its value, or the model's when it is 0."""
-    return f"{value:g}" if value > 0 else "model's"
+def _shown(value: object, narrows_model: bool) -> str:
+    if narrows_model and value == 0:
+        return "model's"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

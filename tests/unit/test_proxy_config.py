@@ -409,3 +409,16 @@ def test_pixel_bounds_at_odds_are_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--image-min-pixels", "5000", "--image-max-pixels", "4000"])
     assert "--image-min-pixels" in capsys.readouterr().err
+
+
+def test_the_startup_limits_block_is_derived_from_the_flag_table():
+    """Every limit flag shows with its value (a new one without an edit), model's at 0."""
+    from proxy.config import SETTINGS
+    from proxy.serving.hardening import describe_limits
+
+    text = describe_limits(parse_config(["--max-images", "3", "--max-messages", "7"]))
+    lines = {line.split()[0]: line.split()[1] for line in text.splitlines()[1:-1]}
+    assert lines["--max-images"] == "3" and lines["--max-messages"] == "7"
+    assert lines["--max-videos"] == "model's" and lines["--max-tools"] == "model's"
+    limit_rows = [row for row in SETTINGS if row.section in ("limits", "admission", "pixels")]
+    assert {row.option for row in limit_rows} <= set(lines)
