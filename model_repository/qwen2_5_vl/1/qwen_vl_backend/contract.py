@@ -242,6 +242,18 @@ def split_data_url(url: str) -> tuple[str, str] | None:
     return media_type.strip().lower(), payload
 
 
+def video_option_bounds(limits: ModelLimits) -> dict[str, tuple[float, float, bool]]:
+    """The range each option of a video part may take under `limits`: (low, high, whether
+    `low` itself is excluded). Unset options take the model's defaults (video_fps, ...)."""
+    return {
+        "fps": (0.0, MAX_VIDEO_FPS, True),
+        "max_frames": (2, limits.max_video_frames, False),
+        "min_pixels": (limits.min_pixels, limits.max_pixels, False),
+        "max_pixels": (limits.min_pixels, limits.max_pixels, False),
+        "total_pixels": (limits.min_pixels, limits.video_total_pixels, False),
+    }
+
+
 def schema_bytes(schema: object) -> int:
     """A JSON Schema's size as both sides count it: compact JSON (no spaces), UTF-8."""
     return len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..contract import MAX_VIDEO_FPS, ROLES, ModelLimits
+from ..contract import ROLES, ModelLimits, video_option_bounds
 from ..errors import RequestError
 from ..media.images import DEFAULT_LIMITS, data_url_bytes, decode_image, element_bytes
 from ..media.videos import Video, VideoOptions, load_video
@@ -101,14 +101,7 @@ class _VideoSource(_ElementSource):
             "max_pixels": limits.max_pixels,
             "total_pixels": limits.video_total_pixels,
         }
-        bounds = {
-            "fps": (0.0, MAX_VIDEO_FPS),
-            "max_frames": (2, limits.max_video_frames),
-            "min_pixels": (limits.min_pixels, limits.max_pixels),
-            "max_pixels": (limits.min_pixels, limits.max_pixels),
-            "total_pixels": (limits.min_pixels, limits.video_total_pixels),
-        }
-        for key, (low, high) in bounds.items():
+        for key, (low, high, _) in video_option_bounds(limits).items():
             value = part.get(key)
             if value is None:
                 continue
