@@ -28,6 +28,19 @@ Output tokens are the usage counts the servers return, so a request that stops e
 inflates a rate. The default checkpoint is the `bench` preset of scripts/build_tiny_checkpoint.py
 (random weights, ~60M text parameters, built on first use). See docs/benchmarks.md for how to
 read the report.
+
+Open loop (`--rates 0.4,0.8,1.2`): instead of closed-loop clients, requests arrive as a Poisson
+process at each rate whatever is still running (40 per rate by default), each asking for a
+max_tokens drawn uniformly from `--max-tokens-range`, all seeded; every rate runs every mode in
+turn. The report gives TTFT, ITL and TPOT (a request's mean gap between its tokens) p50/p99 per
+mode and rate, and goodput: the highest rate of the sweep whose TTFT p99 and TPOT p99 meet the
+SLOs (`--ttft-slo-ms`, `--tpot-slo-ms`); a PNG beside the report draws them against the rate.
+
+Overhead-bound (`--overhead`): the `overhead` preset (2 layers, hidden 128: almost no compute),
+text-only requests at c=1 and c=16, 128 tokens, this stack against vLLM; per-step cost is then
+nearly all host work, which is what a GPU's step looks like. Where the stack's engine exposes
+per-step timings on Triton's metrics endpoint (metrics named `qwen_vl_engine_step*`), the
+report prints their change over each measurement.
 """
 
 from __future__ import annotations
@@ -42,6 +55,8 @@ import json
 import math
 import os
 import platform
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,7 +80,13 @@ import vllm_peer  # noqa: E402  (bench/vllm_peer.py)
 
 LOG_DIR = ROOT / ".cache" / "logs" / "bench"
 DEFAULT_OUT = ROOT / ".cache" / "bench" / "chat_bench.md"
+DEFAULT_OPEN_LOOP_OUT = ROOT / ".cache" / "bench" / "chat_bench_open_loop.md"
+DEFAULT_OVERHEAD_OUT = ROOT / ".cache" / "bench" / "chat_bench_overhead.md"
 MODES = ("batched", "unbatched", "hf-serve", "vllm")
+# What the open loop and the overhead run compare by default: this stack against the strongest
+# peer. One-at-a-time servers (unbatched, transformers serve) saturate below 0.4 req/s here and
+# their queues would only grow for the whole sweep.
+PEER_MODES = ("batched", "vllm")
 MODE_TITLES = {
     "batched": "(a) this stack, in-flight batching (default engine settings)",
     "unbatched": "(b) this stack, batching off (QWEN_VL_MAX_BATCH_SIZE=1)",
@@ -138,7 +159,57 @@ TARGETS = [
         1.25,
         False,
     ),
+    (
+        "ITL p50: batched / vLLM",
+        ("batched", 1, "itl_p50_ms"),
+        ("vllm", 1, "itl_p50_ms"),
+        1.0,
+        False,
+    ),
 ]
+# The overhead preset's targets: where compute is nearly free, the per-step host work decides.
+OVERHEAD_TARGETS = [
+    (
+        "out tok/s: batched / vLLM",
+        ("batched", 16, "output_tok_s"),
+        ("vllm", 16, "output_tok_s"),
+        0.5,
+        True,
+    ),
+    (
+        "ITL p50: batched / vLLM",
+        ("batched", 1, "itl_p50_ms"),
+        ("vllm", 1, "itl_p50_ms"),
+        2.0,
+        False,
+    ),
+]
+TARGET_SETS = {"bench": TARGETS, "overhead": OVERHEAD_TARGETS}
+OVERHEAD_LEVELS = [1, 16]
+OVERHEAD_MAX_TOKENS = [128]
+# Open loop. 40 requests per rate: enough that p99 is not just the slowest request of a handful.
+OPEN_LOOP_REQUESTS = 40
+OPEN_LOOP_MAX_TOKENS = "32:128"
+TTFT_SLO_MS = 2000.0  # a user waits at most 2 s for the first token
+TPOT_SLO_MS = 100.0  # 10 tokens/s per stream: faster than anyone reads
+# The rate at which the open-loop targets compare the stack with vLLM: about two thirds of
+# vLLM CPU's capacity with the bench preset on a 2-core machine.
+OPEN_LOOP_TARGET_RATE = 0.8
+# (what, field, goal, higher is better): batched's field over vLLM's at the target rate; goodput
+# is compared over the whole sweep.
+OPEN_LOOP_TARGETS = [
+    ("TPOT p50: batched / vLLM", "tpot_p50_ms", 0.9, False),
+    ("TTFT p50: batched / vLLM", "ttft_p50_ms", 1.0, False),
+    ("ITL p99: batched / vLLM", "itl_p99_ms", 1.0, False),
+]
+GOODPUT_TARGET = 1.2  # batched goodput / vLLM goodput
+# A send later than this after its scheduled arrival means the client could not keep the
+# schedule (a starved CPU): the report warns, since the load was then not the one asked for.
+SEND_LAG_WARN_MS = 50.0
+# Metrics on Triton's endpoint whose names start with this are the engine's per-step timings.
+ENGINE_TIMINGS_PREFIX = "qwen_vl_engine_step"
+# Among them, the count of engine steps, by which cumulative seconds counters are divided.
+ENGINE_STEPS_METRIC = "qwen_vl_engine_steps_total"
 TARGET_REPEAT_TTFT = 0.6  # batched: TTFT of an image seen before / of its first sight
 BUSY_SHARE = 0.10  # other processes' share of the CPUs above which a warning says "not quiet"
 IDLE_SERVERS_SHARE = 0.05  # the idle servers' share above which a warning says they interfered
@@ -308,6 +379,57 @@ def request_plan(args) -> Plan:
     return Plan(warmup, cells, probe)
 
 
+@dataclass
+class RateCell:
+    """One open-loop measurement slot: every mode gets these requests at these arrival times."""
+
+    rate: float  # the Poisson process's mean, requests per second
+    round: int
+    specs: list[RequestSpec]
+    arrivals: list[float]  # seconds after the cell starts, ascending, the first at 0
+    max_tokens: list[int]  # each request's, drawn from --max-tokens-range
+
+
+def poisson_arrivals(count: int, rate: float, rng: random.Random) -> list[float]:
+    """Arrival times of a Poisson process of `rate` per second: exponential gaps, the first at 0.
+
+    expovariate scales one uniform draw by 1/rate, so one seed gives every rate the same
+    sequence stretched: the rates of a sweep differ in nothing but the rate."""
+    times, now = [], 0.0
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times
+
+
+def open_loop_plan(args) -> Plan:
+    """Every rate of every round, its arrivals and lengths seeded by (seed, round): the same at
+    every rate; new pictures for every request of the run, the same for every mode."""
+    images = (
+        None
+        if args.text_only
+        else ImageSource(args.width, args.height, args.seed, args.repeat_images)
+    )
+    warmup = request_specs(args.warmup, images)
+    low, high = args.max_tokens_range
+    cells = []
+    for round_index in range(args.rounds):
+        for rate in args.rates:
+            rng = random.Random(args.seed * 1000 + round_index)
+            arrivals = poisson_arrivals(args.requests, rate, rng)
+            lengths = [rng.randint(low, high) for _ in range(args.requests)]
+            cells.append(
+                RateCell(
+                    rate,
+                    round_index,
+                    request_specs(args.requests, images, args.json_schema_share),
+                    arrivals,
+                    lengths,
+                )
+            )
+    return Plan(warmup, cells, [])
+
+
 @dataclass(frozen=True)
 class Dialect:
     """What one server's chat API needs beyond the common request body."""
@@ -424,6 +546,30 @@ async def closed_loop(
     return results, time.perf_counter() - started
 
 
+@dataclass
+class OpenRound:
+    """One open-loop measurement of one mode: results in arrival order."""
+
+    results: list[RequestResult]
+    wall: float  # first send to last response finished
+    send_lag: list[float]  # seconds each request was sent after its scheduled arrival
+    max_tokens: list[int]  # what each request asked for
+
+
+async def open_loop(session, url: str, bodies: list[bytes], arrivals: list[float], timeout: float):
+    """Each body sent at its arrival time, whatever is still running: (results in arrival
+    order, wall time, each send's lateness)."""
+    started = time.perf_counter()
+
+    async def arrive(body: bytes, at: float) -> RequestResult:
+        await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+        return await stream_one(session, url, body, timeout)
+
+    results = await asyncio.gather(*(arrive(b, at) for b, at in zip(bodies, arrivals)))
+    lag = [max(0.0, r.start - (started + at)) for r, at in zip(results, arrivals)]
+    return list(results), time.perf_counter() - started, lag
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default)."""
     if not values:
@@ -461,6 +607,65 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float, max_t
         "itl_p50_ms": _ms(percentile(gaps, 50)),
         "itl_p99_ms": _ms(percentile(gaps, 99)),
     }
+
+
+def tpot(result: RequestResult) -> float | None:
+    """A request's mean gap between its tokens: first to last content chunk over tokens - 1
+    (tokens by the server's count, so chunks that carry several tokens count each)."""
+    if not result.ok or len(result.chunk_times) < 2 or result.tokens < 2:
+        return None
+    return (result.chunk_times[-1] - result.chunk_times[0]) / (result.tokens - 1)
+
+
+def summarize_rate(rate: float, rounds: list[OpenRound]) -> dict:
+    """One mode at one rate over all its rounds: percentiles over every request, rates over the
+    summed wall time."""
+    results = [r for rnd in rounds for r in rnd.results]
+    asked = [n for rnd in rounds for n in rnd.max_tokens]
+    wall = sum(rnd.wall for rnd in rounds)
+    good = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in good)
+    ttft = [r.first_content - r.start for r in good if r.first_content is not None]
+    gaps = [b - a for r in good for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    per_request = [t for t in map(tpot, good) if t is not None]
+    lag = [s for rnd in rounds for s in rnd.send_lag]
+    return {
+        "rate": rate,
+        "requests": len(results),
+        "ok": len(good),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "completion_tokens": tokens,
+        "usage_reported": all(r.completion_tokens is not None for r in good),
+        "short_completions": sum(1 for r, n in zip(results, asked) if r.ok and r.tokens < n),
+        "wall_s": round(wall, 3),
+        "output_tok_s": round(tokens / wall, 2) if wall > 0 else None,
+        "ttft_p50_ms": _ms(percentile(ttft, 50)),
+        "ttft_p99_ms": _ms(percentile(ttft, 99)),
+        "itl_p50_ms": _ms(percentile(gaps, 50)),
+        "itl_p99_ms": _ms(percentile(gaps, 99)),
+        "tpot_p50_ms": _ms(percentile(per_request, 50)),
+        "tpot_p99_ms": _ms(percentile(per_request, 99)),
+        "send_lag_max_ms": _ms(max(lag, default=None)),
+    }
+
+
+def meets_slo(level: dict, ttft_slo_ms: float, tpot_slo_ms: float) -> bool:
+    """Every request answered, TTFT p99 and TPOT p99 within their SLOs."""
+    return (
+        level["requests"] > 0
+        and level["ok"] == level["requests"]
+        and level["ttft_p99_ms"] is not None
+        and level["tpot_p99_ms"] is not None
+        and level["ttft_p99_ms"] <= ttft_slo_ms
+        and level["tpot_p99_ms"] <= tpot_slo_ms
+    )
+
+
+def goodput(levels: list[dict], ttft_slo_ms: float, tpot_slo_ms: float) -> float | None:
+    """The highest rate of the sweep that meets the SLOs; None when none does."""
+    return max(
+        (lv["rate"] for lv in levels if meets_slo(lv, ttft_slo_ms, tpot_slo_ms)), default=None
+    )
 
 
 # ---- servers ------------------------------------------------------------------------------
@@ -533,6 +738,7 @@ def triton_stack(checkpoint: str, extra_env: dict, ready_timeout: float):
                 "logs": [str(stack.triton_log), str(stack.proxy_log)],
                 "pids": [stack.triton.pid, stack.proxy.pid],
                 "ready_s": round(time.monotonic() - started, 1),
+                "metrics_url": f"http://{config.host}:{config.metrics_port}/metrics",
             },
         )
     finally:
@@ -691,6 +897,92 @@ def mode_server(name: str, checkpoint: str, args, device: str, dtype: str):
     if name == "unbatched":
         extra_env["QWEN_VL_MAX_BATCH_SIZE"] = "1"
     return triton_stack(checkpoint, extra_env, args.ready_timeout), Dialect(True, False)
+
+
+# ---- the engine's step timings ------------------------------------------------------------
+#
+# The hook for the per-step host-time breakdown (forward, sampling, detokenizing, sends,
+# cancellation, scheduling): whatever metrics named ENGINE_TIMINGS_PREFIX* the model publishes
+# on Triton's metrics endpoint, read before and after each measurement of this stack. Histograms
+# and summaries (NAME_sum / NAME_count) become observations and a mean; anything else is
+# reported as its change.
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+-?\d+)?$")
+
+
+def parse_metric_samples(text: str, prefix: str = ENGINE_TIMINGS_PREFIX) -> dict:
+    """(name, labels) -> value for every sample in Prometheus text whose name starts with prefix."""
+    samples = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if not match or not match.group(1).startswith(prefix):
+            continue
+        with contextlib.suppress(ValueError):
+            samples[(match.group(1), match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+def engine_step_samples(server: Server) -> dict | None:
+    """The stack's engine step timings now; None for other servers or when unreadable."""
+    url = server.info.get("metrics_url")
+    if not url:
+        return None
+    status, body = _http_get(url, timeout=5)
+    return parse_metric_samples(body.decode(errors="replace")) if status == 200 else None
+
+
+def step_timing_rows(before: dict, after: dict) -> list[dict]:
+    """What changed between two readings: per histogram series its observations, total and mean
+    and its share of its family's total; per other series its change, and for a counter of
+    seconds, when the engine counts its steps (ENGINE_STEPS_METRIC), that change per step."""
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
+    rows = []
+    for (name, labels), value in sorted(delta.items()):
+        base = name.removesuffix("_sum")
+        count = delta.get((base + "_count", labels))
+        if name.endswith("_bucket") or (
+            name.endswith("_count") and (name.removesuffix("_count") + "_sum", labels) in delta
+        ):
+            continue
+        if name.endswith("_sum") and count is not None:
+            rows.append(
+                {
+                    "series": base + labels,
+                    "family": base,
+                    "observations": count,
+                    "total_s": round(value, 6),
+                    "mean_ms": round(value / count * 1000, 3) if count else None,
+                }
+            )
+        else:
+            rows.append({"series": name + labels, "name": name, "change": round(value, 6)})
+    steps = next((r["change"] for r in rows if r.get("name") == ENGINE_STEPS_METRIC), None)
+    for row in rows:
+        if steps and "seconds" in row.get("name", ""):
+            row["per_step_ms"] = round(row["change"] / steps * 1000, 3)
+    totals: dict[str, float] = {}
+    for row in rows:
+        if "family" in row:
+            totals[row["family"]] = totals.get(row["family"], 0.0) + row["total_s"]
+    for row in rows:
+        if "family" in row and totals[row["family"]] > 0:
+            row["share"] = round(row["total_s"] / totals[row["family"]], 3)
+    return rows
+
+
+def step_timing_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if "family" in row:
+            share = f", {row['share']:.0%} of {row['family']}" if "share" in row else ""
+            lines.append(
+                f"{row['series']}: {row['observations']:g} observations, mean "
+                f"{_fmt(row['mean_ms'])} ms{share}"
+            )
+        else:
+            per_step = f" ({_fmt(row['per_step_ms'])} ms per step)" if "per_step_ms" in row else ""
+            lines.append(f"{row['series']}: {row['change']:+g}{per_step}")
+    return lines
 
 
 # ---- the in-process baseline --------------------------------------------------------------
@@ -1001,20 +1293,17 @@ async def measure_modes(
         record_memory(live, report, "idle")
         pids = {name: server.info["pids"] for name, server in live.items()}
         for index, cell in enumerate(plan.cells):
-            log(
-                f"max_tokens {cell.max_tokens}, round {cell.round + 1}/{args.rounds}, c={cell.concurrency}"
-            )
+            log(f"{cell_title(cell)}, round {cell.round + 1}/{args.rounds}")
             for position, name in enumerate(rotated(list(live), index)):
                 await settle(pids)
-                summary = await measure_cell(session, live[name], cell, args, pids, raw)
+                before = engine_step_samples(live[name])
+                if isinstance(cell, RateCell):
+                    summary = await measure_rate(session, live[name], cell, args, pids, raw)
+                else:
+                    summary = await measure_cell(session, live[name], cell, args, pids, raw)
+                summary["engine_step_timings"] = engine_step_change(live[name], before)
                 report["measurements"].append(
-                    {
-                        "mode": name,
-                        "max_tokens": cell.max_tokens,
-                        "round": cell.round,
-                        "position": position,
-                        **summary,
-                    }
+                    {"mode": name, **cell_key(cell), "position": position, **summary}
                 )
         record_memory(live, report, "after_run")
         if plan.probe:
@@ -1023,6 +1312,30 @@ async def measure_modes(
                 report["modes"][name]["repeat_probe"] = await repeat_probe(
                     session, server, plan.probe, args
                 )
+
+
+def cell_title(cell) -> str:
+    if isinstance(cell, RateCell):
+        return f"open loop at {cell.rate:g} req/s ({len(cell.specs)} requests)"
+    return f"max_tokens {cell.max_tokens}, c={cell.concurrency}"
+
+
+def cell_key(cell) -> dict:
+    """What identifies a measurement's cell in the report."""
+    if isinstance(cell, RateCell):
+        return {"rate": cell.rate, "round": cell.round}
+    return {"max_tokens": cell.max_tokens, "round": cell.round}
+
+
+def engine_step_change(server: Server, before: dict | None) -> list[dict] | None:
+    """The engine step timings' change since `before`, printed; None where none are exposed."""
+    after = engine_step_samples(server) if before is not None else None
+    if not after:
+        return None
+    rows = step_timing_rows(before, after)
+    for line in step_timing_lines(rows):
+        log(f"    engine step timings: {line}")
+    return rows
 
 
 async def settle(pids: dict[str, list[int]]) -> None:
@@ -1041,8 +1354,9 @@ async def settle(pids: dict[str, list[int]]) -> None:
 
 async def warm_up(session, server: Server, specs: list[RequestSpec], args) -> str | None:
     """None when every warm-up request went through, else why not (not counted either way)."""
+    max_tokens = args.max_tokens_range[0] if args.rates else args.max_tokens[0]
     for spec in specs:
-        body = request_body(spec, server.model, args.max_tokens[0], server.dialect)
+        body = request_body(spec, server.model, max_tokens, server.dialect)
         result = await stream_one(session, server.chat_url, body, args.request_timeout)
         if not result.ok:
             return f"warm-up request failed: {result.error}"
@@ -1064,6 +1378,30 @@ async def measure_cell(session, server: Server, cell: Cell, args, pids: dict, ra
     log(
         f"  {server.name:<10} {summary['ok']}/{summary['requests']} ok  {summary['output_tok_s']} tok/s  "
         f"TTFT p50 {summary['ttft_p50_ms']} ms  ITL p50 {summary['itl_p50_ms']} ms"
+    )
+    return {**summary, "cpu": cpu}
+
+
+async def measure_rate(
+    session, server: Server, cell: RateCell, args, pids: dict, raw: dict
+) -> dict:
+    """One mode at one rate: its summary, with the CPU time used meanwhile by everyone else."""
+    bodies = [
+        request_body(spec, server.model, n, server.dialect)
+        for spec, n in zip(cell.specs, cell.max_tokens)
+    ]
+    watch = CpuWatch(pids)
+    results, wall, lag = await open_loop(
+        session, server.chat_url, bodies, cell.arrivals, args.request_timeout
+    )
+    cpu = watch.done()
+    measured = OpenRound(results, wall, lag, cell.max_tokens)
+    raw.setdefault((server.name, cell.rate), []).append(measured)
+    summary = summarize_rate(cell.rate, [measured])
+    log(
+        f"  {server.name:<10} {summary['ok']}/{summary['requests']} ok  "
+        f"TTFT p50/p99 {summary['ttft_p50_ms']}/{summary['ttft_p99_ms']} ms  "
+        f"TPOT p50/p99 {summary['tpot_p50_ms']}/{summary['tpot_p99_ms']} ms"
     )
     return {**summary, "cpu": cpu}
 
@@ -1233,8 +1571,9 @@ def ratio_row(
 def targets(report: dict) -> list[dict]:
     """Every target whose modes were selected, for each workload; n/a where a number is missing."""
     rows = []
+    target_set = TARGET_SETS[report.get("settings", {}).get("target_set", "bench")]
     for max_tokens, table in report["tables"].items():
-        for what, numerator, denominator, goal, higher in TARGETS:
+        for what, numerator, denominator, goal, higher in target_set:
             if _selected(report, numerator[0]) and _selected(report, denominator[0]):
                 rows.append(
                     ratio_row(
@@ -1315,6 +1654,35 @@ def _busy_notes(report: dict, args) -> list[str]:
     return notes
 
 
+def _step_timing_section(report: dict) -> list[str]:
+    """The engine's step timings over each measurement of this stack, where it exposes them."""
+    measured = [m for m in report["measurements"] if m.get("engine_step_timings")]
+    if not measured:
+        if report["settings"].get("target_set") == "overhead":
+            return [
+                "",
+                f"Engine step timings: this stack exposes none (no metric named "
+                f"`{ENGINE_TIMINGS_PREFIX}*` on Triton's metrics endpoint).",
+            ]
+        return []
+    lines = [
+        "",
+        "## Engine step timings",
+        "",
+        f"The change of the metrics named `{ENGINE_TIMINGS_PREFIX}*` on Triton's metrics endpoint "
+        f"over each measurement (its prefills included):",
+    ]
+    for m in measured:
+        where = (
+            f"{m['rate']:g} req/s"
+            if "rate" in m
+            else f"c={m['concurrency']}, max_tokens {m['max_tokens']}"
+        )
+        lines += ["", f"- {m['mode']}, {where}, round {m['round'] + 1}:"]
+        lines += [f"  - {line}" for line in step_timing_lines(m["engine_step_timings"])]
+    return lines
+
+
 def _fmt(value) -> str:
     if value is None:
         return "–"
@@ -1328,6 +1696,7 @@ def markdown(report: dict) -> str:
     for max_tokens, table in report["tables"].items():
         lines += ["", f"## max_tokens {max_tokens}", ""] + _table_lines(table)
     lines += _inprocess_lines(report) + _mode_lines(report) + _probe_lines(report)
+    lines += _step_timing_section(report)
     lines += ["", "## Targets", "", "| target | where | ratio | verdict |", "|---|---|---:|---|"]
     lines += [
         f"| {row['target']} | {row['where']} | {_fmt(row['ratio'])} | {row['verdict']} |"
@@ -1341,8 +1710,15 @@ def markdown(report: dict) -> str:
 def _header_lines(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
     memory = report["memory_available_gib"]
+    kind = (
+        " (open loop)"
+        if "rates" in s
+        else " (overhead-bound)"
+        if s.get("target_set") == "overhead"
+        else ""
+    )
     return [
-        "# chat_bench results",
+        f"# chat_bench results{kind}",
         "",
         f"- machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
         f"{m['memory_gib']} GiB RAM; device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}",
@@ -1351,8 +1727,13 @@ def _header_lines(report: dict) -> list[str]:
         f"(torch's default here: {m['torch_threads']} threads)",
         f"- load average at start: {m['loadavg_at_start']}, at end: {m.get('loadavg_at_end')}",
         f"- checkpoint: {s['checkpoint']} ({s.get('parameters') or 'parameter count unknown'})",
-        f"- workload: {s['workload']}, temperature 0, streaming; max_tokens {s['max_tokens']}, "
-        f"levels {s['levels']}, requests per level {s['requests_per_level']}, warm-up {s['warmup']}",
+        f"- workload: {s['workload']}, temperature 0, streaming; "
+        + (
+            s.get("load")
+            or f"max_tokens {s['max_tokens']}, levels {s['levels']}, requests per level "
+            f"{s['requests_per_level']}"
+        )
+        + f", warm-up {s['warmup']}",
         f"- schedule: {s['schedule']}",
         f"- memory available with the servers up: {_fmt(memory.get('idle'))} GiB idle, "
         f"{_fmt(memory.get('after_run'))} GiB after the run",
@@ -1447,15 +1828,198 @@ def _other_cpu(cpu: dict | None) -> str:
     return f" (meanwhile other processes used {cpu['other_share']:.0%} of the CPUs{idle_part})"
 
 
-def write_report(report: dict, out: Path) -> tuple[Path, Path]:
+def write_report(report: dict, out: Path, render=None) -> tuple[Path, Path]:
+    """FILE.md (by `render`, the closed-loop markdown unless given) and FILE.json."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     md_path, json_path = (
         (out.with_suffix(".md"), out) if out.suffix == ".json" else (out, out.with_suffix(".json"))
     )
-    md_path.write_text(markdown(report))
+    md_path.write_text((render or markdown)(report))
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     return md_path, json_path
+
+
+# ---- the open-loop report -----------------------------------------------------------------
+
+
+def open_loop_tables(raw: dict, args) -> dict[str, list[dict]]:
+    """mode -> one pooled summary per rate, in the sweep's order."""
+    tables = {}
+    for name in args.modes:
+        levels = [
+            summarize_rate(rate, raw[(name, rate)]) for rate in args.rates if (name, rate) in raw
+        ]
+        if levels:
+            tables[name] = levels
+    return tables
+
+
+def _at_rate(levels: list[dict] | None, rate: float) -> dict | None:
+    return next((lv for lv in levels or [] if lv["rate"] == rate and lv["ok"]), None)
+
+
+def open_loop_targets(report: dict) -> list[dict]:
+    """Batched against vLLM at the target rate, and their goodputs; none unless both ran."""
+    open_loop = report["open_loop"]
+    tables, rate = open_loop["tables"], open_loop["target_rate"]
+    if not {"batched", "vllm"} <= set(report["modes"]):
+        return []
+    ours, theirs = _at_rate(tables.get("batched"), rate), _at_rate(tables.get("vllm"), rate)
+    rows = [
+        ratio_row(
+            what,
+            f"{rate:g} req/s",
+            ours and ours[key],
+            theirs and theirs[key],
+            goal,
+            higher,
+        )
+        for what, key, goal, higher in OPEN_LOOP_TARGETS
+    ]
+    sweep = f"rates {', '.join(f'{r:g}' for r in open_loop['rates'])} req/s"
+    rows.append(
+        ratio_row(
+            "goodput: batched / vLLM",
+            sweep,
+            open_loop["goodput"].get("batched"),
+            open_loop["goodput"].get("vllm"),
+            GOODPUT_TARGET,
+            True,
+        )
+    )
+    return rows
+
+
+def open_loop_warnings(report: dict, args) -> list[str]:
+    open_loop = report["open_loop"]
+    slo = (open_loop["ttft_slo_ms"], open_loop["tpot_slo_ms"])
+    warnings = []
+    if args.requests < OPEN_LOOP_REQUESTS:
+        warnings.append(
+            f"{args.requests} requests per rate (fewer than {OPEN_LOOP_REQUESTS}): p99 is about "
+            f"the slowest request; a smoke run, not a measurement"
+        )
+    for name, levels in open_loop["tables"].items():
+        for level in levels:
+            where = f"{name} at {level['rate']:g} req/s"
+            if level["short_completions"]:
+                warnings.append(
+                    f"{where}: {level['short_completions']} completions ended before their "
+                    f"max_tokens (TPOT uses the real counts)"
+                )
+            if not level["usage_reported"]:
+                warnings.append(f"{where}: no usage counts; content chunks counted")
+            if level["errors"]:
+                warnings.append(f"{where}: errors: {level['errors']}")
+            if (level["send_lag_max_ms"] or 0) > SEND_LAG_WARN_MS:
+                warnings.append(
+                    f"{where}: a request went out {_fmt(level['send_lag_max_ms'])} ms after its "
+                    f"arrival time: the client fell behind the schedule"
+                )
+        met = [meets_slo(lv, *slo) for lv in levels]
+        if any(later and not earlier for earlier, later in zip(met, met[1:])):
+            warnings.append(
+                f"{name}: a rate misses the SLOs while a higher one meets them: the sweep is "
+                f"noisier than its steps"
+            )
+    return warnings + _busy_notes(report, args)
+
+
+def finish_open_loop_report(report: dict, raw: dict, args, started: float) -> None:
+    tables = open_loop_tables(raw, args)
+    report["open_loop"].update(
+        tables=tables,
+        goodput={
+            name: goodput(levels, args.ttft_slo_ms, args.tpot_slo_ms)
+            for name, levels in tables.items()
+        },
+    )
+    for name, mode in report["modes"].items():
+        mode["cpu"] = mode_cpu(report, name)
+    report["warnings"] = open_loop_warnings(report, args)
+    report["targets"] = open_loop_targets(report)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["machine"]["loadavg_at_end"] = _loadavg()
+
+
+def _rate_lines(tables: dict, slo: tuple[float, float]) -> list[str]:
+    lines = [
+        "| mode | rate req/s | ok/sent | out tokens | out tok/s | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | TPOT p50 / p99 ms | SLOs met |",
+        "|---|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for name, levels in tables.items():
+        for lv in levels:
+            lines.append(
+                f"| {name} | {lv['rate']:g} | {lv['ok']}/{lv['requests']} | {lv['completion_tokens']} "
+                f"| {_fmt(lv['output_tok_s'])} | {_fmt(lv['ttft_p50_ms'])} / {_fmt(lv['ttft_p99_ms'])} "
+                f"| {_fmt(lv['itl_p50_ms'])} / {_fmt(lv['itl_p99_ms'])} "
+                f"| {_fmt(lv['tpot_p50_ms'])} / {_fmt(lv['tpot_p99_ms'])} "
+                f"| {'yes' if meets_slo(lv, *slo) else 'no'} |"
+            )
+    return lines
+
+
+def _goodput_text(rate: float | None) -> str:
+    return "below the sweep (no rate met the SLOs)" if rate is None else f"{rate:g} req/s"
+
+
+def open_loop_markdown(report: dict) -> str:
+    open_loop = report["open_loop"]
+    slo = (open_loop["ttft_slo_ms"], open_loop["tpot_slo_ms"])
+    lines = _header_lines(report) + ["", "## Open loop", ""] + _rate_lines(open_loop["tables"], slo)
+    lines += [
+        "",
+        f"Goodput (the highest rate whose TTFT p99 ≤ {slo[0]:g} ms and TPOT p99 ≤ {slo[1]:g} ms, "
+        f"every request answered):",
+        "",
+    ]
+    lines += [f"- {name}: {_goodput_text(rate)}" for name, rate in open_loop["goodput"].items()]
+    if open_loop.get("plot"):
+        lines += ["", f"![TTFT and TPOT against the arrival rate]({open_loop['plot']})"]
+    lines += _mode_lines(report) + _step_timing_section(report)
+    lines += ["", "## Targets", "", "| target | where | ratio | verdict |", "|---|---|---:|---|"]
+    lines += [
+        f"| {row['target']} | {row['where']} | {_fmt(row['ratio'])} | {row['verdict']} |"
+        for row in report["targets"]
+    ]
+    if report["warnings"]:
+        lines += ["", "Warnings:"] + [f"- {w}" for w in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+# Each panel: (title, field, SLO key or None); one line per server in each.
+PLOT_PANELS = [
+    ("TTFT p50", "ttft_p50_ms", None),
+    ("TTFT p99", "ttft_p99_ms", "ttft_slo_ms"),
+    ("TPOT p50", "tpot_p50_ms", None),
+    ("TPOT p99", "tpot_p99_ms", "tpot_slo_ms"),
+]
+
+
+def write_plot(report: dict, path: Path) -> Path:
+    """TTFT and TPOT p50/p99 against the arrival rate, one line per server, SLOs dashed."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    open_loop = report["open_loop"]
+    figure = Figure(figsize=(10, 7.5), layout="constrained")
+    for axes, (title, key, slo_key) in zip(figure.subplots(2, 2).flat, PLOT_PANELS):
+        for name, levels in open_loop["tables"].items():
+            points = [(lv["rate"], lv[key]) for lv in levels if lv[key] is not None]
+            if points:
+                axes.plot(*zip(*points), marker="o", label=name)
+        if slo_key:
+            axes.axhline(open_loop[slo_key], linestyle="--", color="grey", label="SLO")
+        axes.set(title=title, xlabel="arrival rate (req/s)", ylabel="ms")
+        axes.set_ylim(bottom=0)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    goodputs = ", ".join(f"{n} {_goodput_text(r)}" for n, r in open_loop["goodput"].items())
+    figure.suptitle(f"Open loop, {report['settings']['load']}\ngoodput: {goodputs}", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
 
 
 # ---- main ---------------------------------------------------------------------------------
@@ -1475,30 +2039,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--modes",
-        default=",".join(MODES),
-        help=f"comma-separated subset of {','.join(MODES)} (default: all)",
+        help=f"comma-separated subset of {','.join(MODES)} (default: all; with --rates or "
+        f"--overhead: {','.join(PEER_MODES)})",
     )
     parser.add_argument(
         "--levels",
         type=ints,
-        default=[1, 2, 4, 8, 16],
-        help="concurrency levels (default 1,2,4,8,16)",
+        help="concurrency levels (default 1,2,4,8,16; with --overhead: "
+        f"{','.join(map(str, OVERHEAD_LEVELS))})",
     )
     parser.add_argument(
-        "--requests", type=int, default=0, help="requests per level (default: max(2*c, 8))"
+        "--requests",
+        type=int,
+        default=0,
+        help=f"requests per level (default: max(2*c, 8)), or per rate with --rates (default "
+        f"{OPEN_LOOP_REQUESTS})",
     )
     parser.add_argument(
         "--max-tokens",
         type=ints,
-        default=[64, 256],
-        help="max_tokens of every request, one workload (and report table) each (default 64,256)",
+        help="max_tokens of every request, one workload (and report table) each (default 64,256; "
+        f"with --overhead: {','.join(map(str, OVERHEAD_MAX_TOKENS))})",
     )
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="times each workload runs every level with every mode (default 2); the report "
-        "pools the rounds",
+        help="times each workload runs every level (or the open loop every rate) with every mode "
+        "(default 2, open loop 1); the report pools the rounds",
+    )
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(v) for v in text.split(",") if v.strip()],
+        help="open loop: Poisson arrivals at these rates (requests per second, e.g. 0.4,0.8,1.2) "
+        "instead of closed-loop levels",
+    )
+    parser.add_argument(
+        "--max-tokens-range",
+        default=OPEN_LOOP_MAX_TOKENS,
+        help=f"open loop: each request's max_tokens is drawn uniformly from LOW:HIGH, both "
+        f"included (default {OPEN_LOOP_MAX_TOKENS})",
+    )
+    parser.add_argument(
+        "--ttft-slo-ms",
+        type=float,
+        default=TTFT_SLO_MS,
+        help="open loop: goodput's TTFT p99 bound (default %(default)g)",
+    )
+    parser.add_argument(
+        "--tpot-slo-ms",
+        type=float,
+        default=TPOT_SLO_MS,
+        help="open loop: goodput's TPOT p99 bound (default %(default)g)",
+    )
+    parser.add_argument(
+        "--target-rate",
+        type=float,
+        default=OPEN_LOOP_TARGET_RATE,
+        help="open loop: the rate of the sweep at which the targets compare batched with vLLM "
+        "(default %(default)g)",
+    )
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="the overhead-bound run: the overhead preset checkpoint, text only, "
+        f"levels {','.join(map(str, OVERHEAD_LEVELS))}, max_tokens "
+        f"{','.join(map(str, OVERHEAD_MAX_TOKENS))}, modes {','.join(PEER_MODES)}, no in-process "
+        "baseline (each overridable), with its own targets",
     )
     parser.add_argument(
         "--repeat-images",
@@ -1583,12 +2189,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=DEFAULT_OUT,
-        help=f"report file: FILE.md and FILE.json are both written (default {DEFAULT_OUT.relative_to(ROOT)})",
+        help=f"report file: FILE.md and FILE.json are both written, and FILE.png with --rates "
+        f"(default {DEFAULT_OUT.relative_to(ROOT)}; {DEFAULT_OPEN_LOOP_OUT.relative_to(ROOT)} "
+        f"with --rates, {DEFAULT_OVERHEAD_OUT.relative_to(ROOT)} with --overhead)",
     )
     parser.add_argument("--inprocess-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    apply_defaults(args, parser)
     unknown = set(args.modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
@@ -1604,7 +2211,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if args.vllm_threads < 0:
         parser.error("--vllm-threads must be 0 (vLLM's own binding) or more")
+    if args.rates is not None and (not args.rates or min(args.rates) <= 0):
+        parser.error("--rates must be positive numbers")
+    if args.rates and args.requests < 2:
+        parser.error("--requests must be at least 2 with --rates")
     return args
+
+
+def apply_defaults(args, parser) -> None:
+    """The defaults that depend on the kind of run (closed loop, open loop, overhead-bound);
+    what the command line gave stays."""
+    open_loop, overhead = bool(args.rates), args.overhead
+    if args.modes is None:
+        args.modes = ",".join(PEER_MODES if open_loop or overhead else MODES)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.levels is None:
+        args.levels = OVERHEAD_LEVELS if overhead else [1, 2, 4, 8, 16]
+    if args.max_tokens is None:
+        args.max_tokens = OVERHEAD_MAX_TOKENS if overhead else [64, 256]
+    if args.rounds is None:
+        args.rounds = 1 if open_loop else 2
+    args.requests = args.requests or (OPEN_LOOP_REQUESTS if open_loop else 0)
+    args.text_only = args.text_only or overhead
+    args.no_inprocess = args.no_inprocess or open_loop or overhead
+    args.out = args.out or (
+        DEFAULT_OPEN_LOOP_OUT if open_loop else DEFAULT_OVERHEAD_OUT if overhead else DEFAULT_OUT
+    )
+    try:
+        low, high = (int(v) for v in args.max_tokens_range.split(":"))
+    except ValueError:
+        parser.error("--max-tokens-range must look like 32:128")
+    if not 1 <= low <= high:
+        parser.error("--max-tokens-range needs 1 <= LOW <= HIGH")
+    args.max_tokens_range = (low, high)
 
 
 def _interrupt(signum, frame):
@@ -1623,13 +2262,14 @@ def new_report(args, checkpoint: str, device: str, dtype: str) -> dict:
             f"; {args.json_schema_share:.0%} of requests answer as JSON of a bounded schema "
             "(response_format json_schema)"
         )
+    step = "rate" if args.rates else "level"
     schedule = (
         f"one server at a time, {args.rounds} round(s) each"
         if args.one_server_at_a_time
-        else f"every server up at once; {args.rounds} round(s), in which each level runs every mode in "
-        f"turn, the order rotated from one level to the next"
+        else f"every server up at once; {args.rounds} round(s), in which each {step} runs every mode in "
+        f"turn, the order rotated from one {step} to the next"
     )
-    return {
+    report = {
         "machine": machine_info(device),
         "settings": {
             "checkpoint": checkpoint,
@@ -1645,6 +2285,7 @@ def new_report(args, checkpoint: str, device: str, dtype: str) -> dict:
             "OMP_NUM_THREADS": str(args.threads)
             if args.threads > 0
             else os.environ.get("OMP_NUM_THREADS"),
+            "target_set": "overhead" if args.overhead else "bench",
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         },
         "modes": {name: {"title": MODE_TITLES[name]} for name in args.modes},
@@ -1652,6 +2293,31 @@ def new_report(args, checkpoint: str, device: str, dtype: str) -> dict:
         "measurements": [],
         "memory_available_gib": {},
         "warnings": [],
+    }
+    if args.rates:
+        add_open_loop_settings(report, args)
+    return report
+
+
+def add_open_loop_settings(report: dict, args) -> None:
+    low, high = args.max_tokens_range
+    rates = ", ".join(f"{rate:g}" for rate in args.rates)
+    settings = report["settings"]
+    for closed_loop_only in ("levels", "max_tokens", "requests_per_level"):
+        del settings[closed_loop_only]
+    settings.update(
+        rates=args.rates,
+        requests_per_rate=args.requests,
+        max_tokens_range=[low, high],
+        seed=args.seed,
+        load=f"Poisson arrivals at {rates} req/s, {args.requests} requests per rate, max_tokens "
+        f"uniform in {low}–{high}, seed {args.seed}",
+    )
+    report["open_loop"] = {
+        "rates": args.rates,
+        "ttft_slo_ms": args.ttft_slo_ms,
+        "tpot_slo_ms": args.tpot_slo_ms,
+        "target_rate": args.target_rate,
     }
 
 
@@ -1714,9 +2380,11 @@ def main(argv=None) -> int:
         ("cuda:0" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     dtype = "bfloat16" if device.startswith("cuda") else "float32"  # as the stack's dtype=auto
-    checkpoint = args.checkpoint or stack_launcher.tiny_checkpoint("bench")
+    checkpoint = args.checkpoint or stack_launcher.tiny_checkpoint(
+        "overhead" if args.overhead else "bench"
+    )
     log(f"checkpoint {checkpoint}")
-    plan = request_plan(args)
+    plan = open_loop_plan(args) if args.rates else request_plan(args)
     report = new_report(args, checkpoint, device, dtype)
     try:
         if not args.no_inprocess:
@@ -1725,11 +2393,26 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log("interrupted; servers stopped, no report written")
         return 130
+    if args.rates:
+        write_open_loop_report(report, raw, args, started)
+        return 0
     finish_report(report, raw, args, started)
     print(markdown(report))
     md_path, json_path = write_report(report, args.out)
     log(f"wrote {md_path} and {json_path}")
     return 0
+
+
+def write_open_loop_report(report: dict, raw: dict, args, started: float) -> None:
+    """FILE.md, FILE.json and the plot FILE.png beside them (the markdown links it)."""
+    finish_open_loop_report(report, raw, args, started)
+    out = args.out.resolve()
+    plot = out.with_suffix(".png")
+    write_plot(report, plot)
+    report["open_loop"]["plot"] = plot.name
+    print(open_loop_markdown(report))
+    md_path, json_path = write_report(report, out, open_loop_markdown)
+    log(f"wrote {md_path}, {json_path} and {plot}")
 
 
 if __name__ == "__main__":
