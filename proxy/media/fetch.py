@@ -1,4 +1,5 @@
-"""Remote image URLs, fetched by the proxy on the client's behalf and guarded against SSRF.
+"""Remote media URLs (images, videos), fetched by the proxy on the client's behalf and guarded
+against SSRF.
 
 A URL the client names is an instruction to make the proxy open connections from inside the
 network it runs in. The rules, applied to the first URL and to every redirect hop alike:
@@ -14,14 +15,17 @@ network it runs in. The rules, applied to the first URL and to every redirect ho
   cannot change in between), with the URL's host kept for the Host header and TLS SNI;
 - redirects are followed by hand, at most `MAX_REDIRECTS`;
 - connect and total timeouts; the body is read in chunks and dropped as soon as it passes
-  the byte cap; its first bytes must be a JPEG, PNG, GIF or WebP signature (Content-Type is
-  not trusted); no compression is negotiated, so the cap counts the bytes that arrive;
+  the byte cap; its first bytes must be a signature of the part's kind (JPEG, PNG, GIF or
+  WebP for images; Content-Type is not trusted); no compression is negotiated, so the cap
+  counts the bytes that arrive; the cap and the total timeout are the kind's
+  (`MediaKind.fetch_max_bytes`, `fetch_timeout_s`);
 - environment proxy settings are ignored: a forward proxy would connect to names the guard
   never saw.
 
-Clients get 400 envelopes with codes `image_url_forbidden`, `image_fetch_failed`,
-`image_fetch_timeout`, `image_too_large` and `invalid_image`, never resolved addresses or
-exception text; the log has the details.
+Clients get 400 envelopes with the part's kind's codes (`image_url_forbidden`,
+`image_fetch_failed`, `image_fetch_timeout`, `image_too_large`, `invalid_image`; the same
+with `video_` for videos), never resolved addresses or exception text; the log has the
+details. Every rule here takes the part's `MediaKind`: there is no default kind.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from ..error_catalogue import (
     APIError,
 )
 from ..request.limits import MIB
-from .images import IMAGE
 from .kinds import REMOTE_SCHEMES, MediaKind, MediaRef
 
 log = logging.getLogger("proxy.fetch")
@@ -80,7 +83,9 @@ _BROADCAST = ipaddress.ip_address("255.255.255.255")
 @dataclass(frozen=True)
 class FetchPolicy:
     """Each field is the flag `--image-fetch-<field>` (proxy/config.py), but `enabled`, which
-    is `--image-fetch` itself: whether remote image URLs are fetched at all."""
+    is `--image-fetch` itself (whether remote media URLs of any kind are fetched at all), and
+    the `video_` fields, `--video-fetch-<field>`. A kind reads its own fields through
+    `MediaKind.fetch_max_bytes` and `fetch_timeout_s`; the others apply to every kind."""
 
     enabled: bool = True
     allowed_domains: tuple[str, ...] = ()
@@ -98,7 +103,7 @@ class FetchPolicy:
 # ---- errors ----------------------------------------------------------------------------
 
 
-def forbidden(param: str, reason: str, kind: MediaKind = IMAGE) -> APIError:
+def forbidden(kind: MediaKind, param: str, reason: str) -> APIError:
     return kind.forbidden_url(param, message=f"The {kind.name} URL is not allowed: {reason}.")
 
 
@@ -154,7 +159,7 @@ def ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def parse_media_url(url: str, param: str, kind: MediaKind = IMAGE) -> URL:
+def parse_media_url(url: str, param: str, kind: MediaKind) -> URL:
     try:
         parsed = URL(url.strip())
     except (ValueError, TypeError):
@@ -162,16 +167,16 @@ def parse_media_url(url: str, param: str, kind: MediaKind = IMAGE) -> URL:
     return parsed
 
 
-def check_url(url: URL, policy: FetchPolicy, param: str, kind: MediaKind = IMAGE) -> str:
+def check_url(url: URL, policy: FetchPolicy, param: str, kind: MediaKind) -> str:
     """The URL's normalised host, after the checks that need no DNS; raises 400 otherwise."""
     if (url.scheme or "").lower() not in REMOTE_SCHEMES:
-        raise forbidden(param, "only http and https URLs are fetched", kind)
+        raise forbidden(kind, param, "only http and https URLs are fetched")
     if url.raw_user is not None or url.raw_password is not None:
-        raise forbidden(param, "URLs with credentials are not fetched", kind)
+        raise forbidden(kind, param, "URLs with credentials are not fetched")
     try:
         url.port  # noqa: B018 - raises for an out-of-range port
     except ValueError:
-        raise forbidden(param, "the port is not valid", kind) from None
+        raise forbidden(kind, param, "the port is not valid") from None
     literal = ip_literal(url.host or "")
     # IP literals in their parsed form; names as aiohttp will look them up (IDNA-encoded).
     host = str(literal) if literal is not None else (url.raw_host or "").lower().rstrip(".")
@@ -179,19 +184,19 @@ def check_url(url: URL, policy: FetchPolicy, param: str, kind: MediaKind = IMAGE
         raise kind.bad_url(param, message=f"The {kind.name} URL has no host.")
     if literal is None:
         if not _HOST_NAME.fullmatch(host):
-            raise forbidden(param, "the host is not a valid host name", kind)
+            raise forbidden(kind, param, "the host is not a valid host name")
         if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
-            raise forbidden(param, "hosts in numeric notation must be standard IP addresses", kind)
+            raise forbidden(kind, param, "hosts in numeric notation must be standard IP addresses")
     if policy.allowed_domains and (
         literal is not None or not domain_allowed(host, policy.allowed_domains)
     ):
-        raise forbidden(param, "the host is not on this server's list of allowed domains", kind)
+        raise forbidden(kind, param, "the host is not on this server's list of allowed domains")
     if host in policy.allow_private_hosts:
         return host
     if literal is not None and not is_public_address(literal):
-        raise forbidden(param, "it points to a private, local or reserved address", kind)
+        raise forbidden(kind, param, "it points to a private, local or reserved address")
     if host == "localhost" or host.endswith(".localhost"):
-        raise forbidden(param, "it points to a private, local or reserved address", kind)
+        raise forbidden(kind, param, "it points to a private, local or reserved address")
     return host
 
 
@@ -251,7 +256,7 @@ def default_connector(resolver: AbstractResolver) -> aiohttp.BaseConnector:
 
 
 class GuardedFetcher:
-    """Fetches the remote images of one request at a time under `policy`.
+    """Fetches the remote media of one request at a time under `policy`.
 
     `resolve` and `connector_factory` are seams for tests (a stub resolver, a connector that
     records connection attempts).
@@ -290,7 +295,7 @@ class GuardedFetcher:
         self, session: aiohttp.ClientSession, resolver: PinnedResolver, ref: MediaRef
     ) -> bytes:
         kind = ref.kind
-        timeout_s = getattr(self.policy, kind.fetch_timeout_field)
+        timeout_s = kind.fetch_timeout_s(self.policy)
         try:
             async with asyncio.timeout(timeout_s):
                 return await self._follow(session, resolver, ref)
@@ -319,7 +324,7 @@ class GuardedFetcher:
                     raise kind.fetch_failed(
                         ref.param, reason=f"the {kind.name} server answered HTTP {response.status}"
                     )
-                max_bytes = getattr(self.policy, kind.fetch_bytes_field)
+                max_bytes = kind.fetch_max_bytes(self.policy)
                 return await read_capped(response, max_bytes, ref)
         raise kind.fetch_failed(ref.param, reason=f"more than {MAX_REDIRECTS} redirects")
 
@@ -342,7 +347,7 @@ class GuardedFetcher:
             is_public_address(ip) for ip in parsed if ip is not None
         ):
             log.warning("fetch for %s refused: %r resolves to %s", param, host, addresses)
-            raise forbidden(param, "it points to a private, local or reserved address", kind)
+            raise forbidden(kind, param, "it points to a private, local or reserved address")
         resolver.pin(host, addresses)
 
 

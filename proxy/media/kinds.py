@@ -1,17 +1,20 @@
-"""Media parts of a request (images today), from the schema to the Triton request, whatever
+"""Media parts of a request (images, videos), from the schema to the Triton request, whatever
 their kind.
 
 A `MediaKind` holds everything kind-specific: the OpenAI content-part type (which is also the
 name of the part's URL object, `image_url`), the word the model's chat parts use (`image`),
 the Triton input its bytes travel in, the media types a `data:` URL may declare, how its
-bytes are recognised (magic bytes: declared types are not trusted) and which request limits
-count and size it. A `MediaRef` is one part of one request: its kind, URL, the client's path
-to it (the `param` of its errors) and the resize budget the model gets with it.
+bytes are recognised (magic bytes: declared types are not trusted) and which limits count,
+size and time it: typed accessors of `RequestLimits` and `FetchPolicy` (`lambda limits:
+limits.max_images`), not field names as strings, so a type checker sees a renamed limit. A
+`MediaRef` is one part of one request: its kind, URL, the client's path to it (the `param`
+of its errors) and the resize budget the model gets with it.
 
 Every layer works on `MediaRef`s: proxy/request/translate.py makes them, this module loads their
 bytes (inline `data:` URLs here, http(s) URLs through the guarded fetcher of proxy/media/fetch.py),
-proxy/request/limits.py checks them, proxy/transport/backend.py sends each kind's bytes in its own input. A new
-kind is a `MediaKind` here, its header check, and its content part in proxy/request/schema.py.
+proxy/request/limits.py checks them, proxy/transport/backend.py sends each kind's bytes in its
+own input. A new kind is a `MediaKind` with its checks (as proxy/media/videos.py) and its
+content part in proxy/request/schema.py.
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ import binascii
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..error_catalogue import APIError, ErrorEntry
 from ..transport.contract import FRAME_FORMATS, sniff_image, split_data_url
+
+if TYPE_CHECKING:
+    from ..request.limits import RequestLimits
+    from ..request.translate import ServerLimits
+    from .fetch import FetchPolicy
 
 _WHITESPACE = re.compile(rb"\s+")
 _SCHEME = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
@@ -44,16 +52,16 @@ class MediaKind:
     formats: str  # for error messages: "JPEG, PNG, WebP or GIF"
     recognise: Callable[[bytes], bool]  # from the first bytes (at most `sniff_bytes`)
     sniff_bytes: int
-    count_limit: str  # the RequestLimits field counting these parts per request
-    bytes_limit: str  # the RequestLimits field bounding one part's encoded bytes
-    fetch_bytes_field: str  # the FetchPolicy fields bounding one fetch: bytes, seconds
-    fetch_timeout_field: str
-    # (the part's URL object, the translation's ServerLimits, the request's (min, max)
-    # pixels, param) -> the chat-part keys the model resizes and samples by
-    budget: Callable[[Any, Any, tuple[int | None, int | None], str], dict[str, Any]]
+    max_parts: Callable[[RequestLimits], int]  # parts of this kind per request
+    max_bytes: Callable[[RequestLimits], int]  # one part's encoded bytes
+    fetch_max_bytes: Callable[[FetchPolicy], int]  # one remote part: bytes, then seconds
+    fetch_timeout_s: Callable[[FetchPolicy], float]
+    # (the part's URL object, the translation's limits, the request's (min, max) pixels,
+    # param) -> the chat-part keys the model resizes and samples by
+    budget: Callable[[Any, ServerLimits, tuple[int | None, int | None], str], dict[str, Any]]
     # (encoded bytes, their refs, limits): the kind's own checks before the model decodes,
     # after limits.check_media has checked every part's bytes; None: bytes only
-    inspect: Callable[[Sequence[bytes], Sequence[MediaRef], Any], Awaitable[None]] | None
+    inspect: Callable[[Sequence[bytes], Sequence[MediaRef], RequestLimits], Awaitable[None]] | None
     # the kind's errors (proxy/error_catalogue.py)
     too_many: ErrorEntry
     invalid: ErrorEntry

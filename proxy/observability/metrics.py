@@ -6,7 +6,9 @@ with PromQL, is docs/observability.md.
 
 Label values come from closed sets, never from the client: `route` is the matched route
 template (`/v1/models/{model}`, `unmatched`), `method` one of the HTTP methods the proxy knows
-or `other`, `model` a served model name from the configuration, `cause` one of `CAUSES`.
+or `other`, `model` a served model name from the configuration, `cause` one of `CAUSES`,
+`kind` a media kind's name (`image`, `video`; `mixed` for a request's timings when it has
+several kinds).
 """
 
 from __future__ import annotations
@@ -48,17 +50,18 @@ DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
     300.0, 600.0,
 )  # fmt: skip
-# Fetching a request's remote images (concurrently): LAN ~10 ms, internet 0.1-2 s, the
-# default --image-fetch-timeout-s is 20 s.
-IMAGE_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
-# Decoding a request's data: URL images (base64, about 1 ms per MB) and checking every image
-# (header parsed in a thread): 0.1 ms for a thumbnail to ~100 ms for a 64 MiB body.
-IMAGE_DECODE_BUCKETS = (
+# Fetching a request's remote media (concurrently): LAN ~10 ms, internet 0.1-2 s, the
+# default --image-fetch-timeout-s is 20 s (--video-fetch-timeout-s 60 s).
+MEDIA_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# Decoding a request's data: URL media (base64, about 1 ms per MB) and checking every part
+# (image headers parsed in a thread): 0.1 ms for a thumbnail to ~100 ms for a 64 MiB body.
+MEDIA_CHECK_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
+MIXED_MEDIA = "mixed"  # the `kind` of a request's media timings when it has several kinds
 
 # ---- error causes ----------------------------------------------------------------------
 
@@ -172,22 +175,42 @@ class ProxyMetrics:
             "Image tokens among the prompt tokens (usage.prompt_tokens_details.image_tokens)",
             ("model",),
         )
+        self.media_parts = counter(
+            "media_parts",
+            "Media parts in requests, by kind (image, video) and source (inline data: URL or "
+            "remote)",
+            ("kind", "source"),
+        )
+        self.media_fetch = histogram(
+            "media_fetch_seconds",
+            "Per request with remote media: time to fetch all of them (concurrently), failed "
+            "fetches included, by the request's media kind (mixed: several)",
+            ("kind",),
+            MEDIA_FETCH_BUCKETS,
+        )
+        self.media_check = histogram(
+            "media_check_seconds",
+            "Per request with media: time to decode its data: URLs and check all its parts "
+            "(format, bytes; pixels and aspect ratio of images), failures included, by the "
+            "request's media kind (mixed: several)",
+            ("kind",),
+            MEDIA_CHECK_BUCKETS,
+        )
+        # The image-only names of the three above, kept for existing dashboards.
         self.images = counter(
-            "images", "Images in chat requests, by source (inline data: URL or remote)", ("source",)
+            "images", "Image parts in requests, by source (inline data: URL or remote)", ("source",)
         )
         self.image_fetch = histogram(
             "image_fetch_seconds",
-            "Per request with remote images: time to fetch all of them (concurrently), "
-            "failed fetches included",
+            "media_fetch_seconds of requests whose media are all images",
             (),
-            IMAGE_FETCH_BUCKETS,
+            MEDIA_FETCH_BUCKETS,
         )
         self.image_decode = histogram(
             "image_decode_seconds",
-            "Per request with images: time to decode its data: URL images and check all its "
-            "images (format, bytes, pixels, aspect ratio), failures included",
+            "media_check_seconds of requests whose media are all images",
             (),
-            IMAGE_DECODE_BUCKETS,
+            MEDIA_CHECK_BUCKETS,
         )
         # Label values are Triton addresses from --triton-url and its DNS answers, not clients'.
         self.upstream_requests = counter(

@@ -6,8 +6,8 @@ metrics of proxy/observability/metrics.py.
   its tokens, its error cause or its cancellation, and logs one line.
 - `observe_generation` wraps a completion's chunks: time to first token, gaps between
   chunks, the usage, errors raised mid-stream and early closes (client gone).
-- `load_media_timed` and `timed_media_check` time fetching, decoding and checking a
-  request's media.
+- `load_media_timed` and `timed_media_check` count a request's media parts by kind and
+  source, and time fetching, decoding and checking them (by the request's media kind).
 
 An error's cause comes from one place, the error envelope the client got (`error_cause` of
 its status and `error.code`), so any error any middleware or handler renders is counted.
@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +29,14 @@ from aiohttp import web
 from ..api.chat.render import TokenUsage
 from ..error_catalogue import INTERNAL_ERROR, APIError
 from ..errors import REQUEST_ID_KEY
+from ..media.images import IMAGE
 from ..media.kinds import MediaFetcher, MediaRef, load_media
 from ..serving.routes import route_of
 from ..transport.backend import GenerationChunk
 from .metrics import (
     METHODS,
     METRICS_KEY,
+    MIXED_MEDIA,
     UNMATCHED_ROUTE,
     ProxyMetrics,
     error_cause,
@@ -67,8 +70,8 @@ class RequestRecord:
     closed_early: bool = False  # the consumer closed the generation before its end
     interrupted: bool = False  # a CancelledError went through the generation
     cancelled: bool = False  # the handler was cancelled (client gone)
-    images: int = 0  # image parts in the request
-    image_check_s: float | None = None  # decoding its data: URLs + checking its images
+    media_kind: str | None = None  # its media parts' kind, MIXED_MEDIA for several; None: none
+    media_check_s: float | None = None  # decoding its data: URLs + checking its media
 
     @property
     def ttft_s(self) -> float | None:
@@ -151,8 +154,10 @@ def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str 
     method = record.method if record.method in METHODS else "other"
     metrics.requests.labels(record.route, method, str(status)).inc()
     metrics.duration.labels(record.route).observe(duration)
-    if record.images and record.image_check_s is not None:
-        metrics.image_decode.observe(record.image_check_s)
+    if record.media_kind is not None and record.media_check_s is not None:
+        metrics.media_check.labels(record.media_kind).observe(record.media_check_s)
+        if record.media_kind == IMAGE.name:
+            metrics.image_decode.observe(record.media_check_s)
     usage = record.usage
     if usage is not None and record.model is not None:
         metrics.prompt_tokens.labels(record.model).inc(usage.prompt_tokens)
@@ -260,7 +265,7 @@ async def observe_generation(
 
 
 class _TimedFetcher:
-    """An `ImageFetcher` that adds up the time its fetches take."""
+    """A `MediaFetcher` that adds up the time its fetches take."""
 
     def __init__(self, fetcher: MediaFetcher) -> None:
         self._fetcher = fetcher
@@ -279,28 +284,36 @@ class _TimedFetcher:
 async def load_media_timed(
     request: web.Request, refs: Sequence[MediaRef], fetcher: MediaFetcher | None
 ) -> list[bytes]:
-    """`load_media`, counting the parts and timing the fetch (observed here) and the data:
-    URL decoding (the rest of the time `load_media` takes; observed with the checks of
-    `timed_media_check` when the request ends), failures included."""
+    """`load_media`, counting the parts by kind and source and timing the fetch (observed
+    here) and the data: URL decoding (the rest of the time `load_media` takes; observed with
+    the checks of `timed_media_check` when the request ends), failures included."""
     metrics = request.app[METRICS_KEY]
-    request[RECORD_KEY].images = len(refs)
+    record = request[RECORD_KEY]
+    kinds = {ref.kind.name for ref in refs}
+    record.media_kind = (kinds.pop() if len(kinds) == 1 else MIXED_MEDIA) if kinds else None
     timed = _TimedFetcher(fetcher) if fetcher is not None else None
     started = time.perf_counter()
     try:
         return await load_media(refs, timed)
     finally:
         total = time.perf_counter() - started
-        remote = sum(ref.is_remote for ref in refs)
-        inline = len(refs) - remote
-        if remote:
-            metrics.images.labels("remote").inc(remote)
-        if inline:
-            metrics.images.labels("inline").inc(inline)
+        _count_parts(metrics, refs)
         fetch_s = timed.elapsed if timed is not None else 0.0
         if timed is not None and timed.calls:
-            metrics.image_fetch.observe(fetch_s)
-        if inline:
-            _add_image_check(request[RECORD_KEY], max(total - fetch_s, 0.0))
+            assert record.media_kind is not None  # a fetch means remote parts
+            metrics.media_fetch.labels(record.media_kind).observe(fetch_s)
+            if record.media_kind == IMAGE.name:
+                metrics.image_fetch.observe(fetch_s)
+        if any(not ref.is_remote for ref in refs):
+            _add_media_check(record, max(total - fetch_s, 0.0))
+
+
+def _count_parts(metrics: ProxyMetrics, refs: Sequence[MediaRef]) -> None:
+    sources = Counter((ref.kind, "remote" if ref.is_remote else "inline") for ref in refs)
+    for (kind, source), count in sources.items():
+        metrics.media_parts.labels(kind.name, source).inc(count)
+        if kind is IMAGE:
+            metrics.images.labels(source).inc(count)
 
 
 async def timed_media_check(request: web.Request, check: Awaitable[None]) -> None:
@@ -310,8 +323,8 @@ async def timed_media_check(request: web.Request, check: Awaitable[None]) -> Non
     try:
         await check
     finally:
-        _add_image_check(request[RECORD_KEY], time.perf_counter() - started)
+        _add_media_check(request[RECORD_KEY], time.perf_counter() - started)
 
 
-def _add_image_check(record: RequestRecord, seconds: float) -> None:
-    record.image_check_s = (record.image_check_s or 0.0) + seconds
+def _add_media_check(record: RequestRecord, seconds: float) -> None:
+    record.media_check_s = (record.media_check_s or 0.0) + seconds

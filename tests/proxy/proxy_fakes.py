@@ -29,6 +29,8 @@ TEST_CONFIG = with_settings(
 # Real (tiny) images: the proxy reads each image's header before sending it on.
 PNG_BYTES = encoded_image("PNG", size=(4, 3))
 JPEG_BYTES = encoded_image("JPEG", size=(8, 6))
+# The first bytes of an MP4 (an ISO base media `ftyp` box): the proxy sniffs signatures only.
+MP4_BYTES = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00" * 64
 
 
 def script(

@@ -1,4 +1,4 @@
-"""Remote image fetching and its SSRF guard, against local aiohttp servers on 127.0.0.1.
+"""Remote media fetching and its SSRF guard, against local aiohttp servers on 127.0.0.1.
 
 A spy connector records every connection attempt and a stub resolver stands in for DNS, so
 "refused" means refused before any connection, and no test leaves the machine.
@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from helpers import data_url
+from proxy_fakes import MP4_BYTES as MP4
 from proxy_fakes import TEST_CONFIG, FakeBackend, serving, serving_app
 from sample_images import encoded_image
 from yarl import URL
@@ -29,6 +30,7 @@ from proxy.errors import APIError
 from proxy.media.fetch import FetchPolicy, GuardedFetcher
 from proxy.media.images import IMAGE
 from proxy.media.kinds import MediaRef
+from proxy.media.videos import VIDEO
 
 PNG = encoded_image("PNG", size=(40, 30))
 JPEG = encoded_image("JPEG", size=(56, 28))
@@ -57,6 +59,9 @@ def image_app(state: ServerState) -> web.Application:
 
     async def png(request):
         return web.Response(body=PNG, content_type="image/png")
+
+    async def mp4(request):
+        return web.Response(body=MP4, content_type="video/mp4")
 
     async def jpeg_as_text(request):  # sniffed, not trusted: still an image
         return web.Response(body=JPEG, content_type="text/plain")
@@ -131,6 +136,7 @@ def image_app(state: ServerState) -> web.Application:
 
     app = web.Application(middlewares=[web.middleware(record)])
     app.router.add_get("/png", png)
+    app.router.add_get("/mp4", mp4)
     app.router.add_get("/jpeg-as-text", jpeg_as_text)
     app.router.add_get("/html-as-png", html_as_png)
     app.router.add_get("/chunked", chunked)
@@ -310,6 +316,22 @@ async def test_slow_server_is_image_fetch_timeout(server, path):
     error = await fetch_error(fetcher, base + path)
     assert (error.status, error.code) == (400, "image_fetch_timeout")
     assert time.monotonic() - started < 3
+
+
+async def test_a_video_is_fetched_under_the_video_limits_and_sniffed_as_a_video(server):
+    _, base = server
+    video = [MediaRef(VIDEO, f"{base}/mp4", "p")]
+    fetcher, _, _ = make_fetcher(max_bytes=16, video_max_bytes=len(MP4), **LOCAL)
+    assert await fetcher.fetch_all(video) == [MP4]
+    fetcher, _, _ = make_fetcher(video_max_bytes=len(MP4) - 1, **LOCAL)
+    assert (await fetch_error(fetcher, f"{base}/mp4")).code == "invalid_image"  # asked as one
+    with pytest.raises(APIError) as caught:
+        await fetcher.fetch_all(video)
+    assert (caught.value.code, caught.value.param) == ("video_too_large", "p")
+    fetcher, _, _ = make_fetcher(timeout_s=5.0, video_timeout_s=0.3, **LOCAL)
+    with pytest.raises(APIError) as caught:
+        await fetcher.fetch_all([MediaRef(VIDEO, f"{base}/slow-headers", "p")])
+    assert caught.value.code == "video_fetch_timeout"
 
 
 # ---- redirects -------------------------------------------------------------------------

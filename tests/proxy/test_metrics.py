@@ -14,11 +14,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from helpers import data_url, sse_payloads, wait_until_async
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_fakes import SERVED_MODEL, TEST_CONFIG, FakeBackend, script, serving, serving_app
+from proxy_fakes import (
+    MP4_BYTES,
+    SERVED_MODEL,
+    TEST_CONFIG,
+    FakeBackend,
+    script,
+    serving,
+    serving_app,
+)
 from sample_images import encoded_image
 
 from proxy.app import create_app
 from proxy.errors import APIError
+from proxy.media.images import IMAGE
 from proxy.media.kinds import MediaRef
 from proxy.observability.logs import JsonFormatter
 from proxy.observability.metrics import CAUSES
@@ -83,6 +92,9 @@ async def test_metrics_is_prometheus_text_with_every_metric_declared(make_client
         P + "prompt_tokens",
         P + "completion_tokens",
         P + "image_tokens",
+        P + "media_parts",
+        P + "media_fetch_seconds",
+        P + "media_check_seconds",
         P + "images",
         P + "image_fetch_seconds",
         P + "image_decode_seconds",
@@ -250,14 +262,15 @@ async def test_routes_are_templates_not_paths(make_client):
 
 
 class SlowFetcher:
-    """An ImageFetcher that takes `delay_s` and returns a PNG per URL."""
+    """A MediaFetcher that takes `delay_s` and returns a PNG per image URL, an MP4 per video
+    URL."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
 
     async def fetch_all(self, refs: Sequence[MediaRef]) -> list[bytes]:
         await asyncio.sleep(self.delay_s)
-        return [PNG_BYTES for _ in refs]
+        return [PNG_BYTES if ref.kind is IMAGE else MP4_BYTES for ref in refs]
 
 
 async def test_image_fetch_and_decode_are_timed_per_request():
@@ -281,6 +294,10 @@ async def test_image_fetch_and_decode_are_timed_per_request():
     assert delta(before, after, "image_fetch_seconds_sum") >= 0.1
     assert delta(before, after, "image_decode_seconds_count") == 1
     assert 0 < delta(before, after, "image_decode_seconds_sum") < 0.1
+    for source in ("inline", "remote"):
+        assert delta(before, after, "media_parts_total", kind="image", source=source) == 2
+    assert delta(before, after, "media_fetch_seconds_count", kind="image") == 1
+    assert delta(before, after, "media_check_seconds_count", kind="image") == 1
     image_tokens = usage["prompt_tokens_details"]["image_tokens"]
     assert delta(before, after, "image_tokens_total", model=SERVED_MODEL) == image_tokens == 12
 
@@ -294,6 +311,37 @@ async def test_inline_only_requests_do_not_count_a_fetch(make_client):
     assert delta(before, after, "image_fetch_seconds_count") == 0
     assert delta(before, after, "image_decode_seconds_count") == 1
     assert delta(before, after, "images_total", source="inline") == 1
+
+
+async def test_video_parts_are_counted_as_videos_and_timed_by_the_requests_kind():
+    video = {"type": "video_url", "video_url": {"url": "https://media.example/a.mp4"}}
+    inline_video = {"type": "video_url", "video_url": {"url": data_url(MP4_BYTES, "video/mp4")}}
+    image = {"type": "image_url", "image_url": {"url": data_url(PNG_BYTES)}}
+    async with serving(TEST_CONFIG, FakeBackend(), fetcher=SlowFetcher(0.0)) as client:
+        before = await scrape(client)
+        for parts in ([inline_video, video], [image, video]):
+            body = {"messages": [{"role": "user", "content": parts}]}
+            assert (await client.post(CHAT, json=body)).status == 200
+        after = await scrape(client)
+
+    parts = {
+        (kind, source): delta(before, after, "media_parts_total", kind=kind, source=source)
+        for kind in ("image", "video")
+        for source in ("inline", "remote")
+    }
+    assert parts == {
+        ("image", "inline"): 1,
+        ("image", "remote"): 0,
+        ("video", "inline"): 1,
+        ("video", "remote"): 2,
+    }
+    assert delta(before, after, "images_total", source="inline") == 1
+    assert delta(before, after, "images_total", source="remote") == 0
+    for histogram in ("media_fetch_seconds_count", "media_check_seconds_count"):
+        counts = [delta(before, after, histogram, kind=k) for k in ("image", "video", "mixed")]
+        assert counts == [0, 1, 1], histogram
+    assert delta(before, after, "image_fetch_seconds_count") == 0
+    assert delta(before, after, "image_decode_seconds_count") == 0
 
 
 # ---- rejections ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The image fetcher's pure rules: which addresses are public, which URLs pass before DNS."""
+"""The media fetcher's pure rules: which addresses are public, which URLs pass before DNS,
+and which limits each media kind fetches under."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from proxy.media.fetch import (
     embedded_ipv4,
     is_public_address,
 )
+from proxy.media.images import IMAGE
+from proxy.media.kinds import MediaKind
+from proxy.media.videos import VIDEO
+from proxy.request.limits import RequestLimits
 
 
 @pytest.mark.parametrize(
@@ -114,8 +119,8 @@ def test_domain_allowed_is_a_label_suffix_match(host, expected):
     assert domain_allowed(host, ["example.org"]) is expected
 
 
-def check(url: str, **policy) -> str:
-    return check_url(URL(url), FetchPolicy(**policy), "p")
+def check(url: str, kind: MediaKind = IMAGE, **policy) -> str:
+    return check_url(URL(url), FetchPolicy(**policy), "p", kind)
 
 
 @pytest.mark.parametrize(
@@ -150,14 +155,16 @@ def test_check_url_passes_public_hosts(url, host):
         "http://[::ffff:7f00:1]/",
     ],
 )
-def test_check_url_refuses(url):
+@pytest.mark.parametrize("kind", [IMAGE, VIDEO], ids=lambda kind: kind.name)
+def test_check_url_refuses(url, kind):
     with pytest.raises(APIError) as caught:
-        check(url)
+        check(url, kind)
     assert (caught.value.status, caught.value.code, caught.value.param) == (
         400,
-        "image_url_forbidden",
+        f"{kind.name}_url_forbidden",
         "p",
     )
+    assert f"The {kind.name} URL" in caught.value.message
 
 
 def test_private_allowance_names_hosts_exactly():
@@ -167,3 +174,14 @@ def test_private_allowance_names_hosts_exactly():
         check("http://127.0.0.2/x", allow_private_hosts=("127.0.0.1",))
     with pytest.raises(APIError):  # the allowance never lifts the scheme or credential rules
         check("http://u:p@127.0.0.1/x", allow_private_hosts=("127.0.0.1",))
+
+
+def test_each_kind_reads_its_own_limits():
+    limits = RequestLimits(max_images=1, max_image_bytes=2, max_videos=3, max_video_bytes=4)
+    policy = FetchPolicy(max_bytes=5, timeout_s=6.0, video_max_bytes=7, video_timeout_s=8.0)
+    read = [
+        (kind.max_parts(limits), kind.max_bytes(limits))
+        + (kind.fetch_max_bytes(policy), kind.fetch_timeout_s(policy))
+        for kind in (IMAGE, VIDEO)
+    ]
+    assert read == [(1, 2, 5, 6.0), (3, 4, 7, 8.0)]
