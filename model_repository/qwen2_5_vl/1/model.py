@@ -15,7 +15,8 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from qwen_vl_backend.contract import DESCRIBE_INPUT, ModelError  # noqa: E402
-from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver, OutputChunk  # noqa: E402
+from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
+from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint  # noqa: E402
 from qwen_vl_backend.request.prepare import RawRequest  # noqa: E402

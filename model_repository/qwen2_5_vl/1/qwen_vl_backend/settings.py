@@ -98,8 +98,24 @@ class ModelSettings:
     max_queued_requests: int = 64
     # How long finalize waits for in-flight generations before abandoning them.
     shutdown_timeout_s: float = 30.0
+    # Tokens per streamed response (vLLM's stream_interval): 1 sends every token as it comes;
+    # more trades chunk granularity for fewer sends (each Triton send is a round trip). The
+    # first token always goes out at once, and a client whose sends fall behind gets its
+    # backlog coalesced into one response whatever this says.
+    stream_interval: int = 1
+    # How often running and waiting requests are asked whether their client cancelled (one
+    # round trip with tritonserver each, on the sender thread). 50 ms stops a cancelled
+    # stream well within a human-noticeable delay while costing nothing per step.
+    cancel_poll_ms: int = 50
+    # Seconds between the debug log lines with the host path's time per step (forward,
+    # sampling, detokenizing, sends, ...; docs/engine.md "Host path"); 0: never.
+    timing_log_s: float = 60.0
 
     def __post_init__(self):
+        if self.stream_interval < 1:
+            raise ValueError(f"parameter stream_interval={self.stream_interval}: at least 1")
+        if self.cancel_poll_ms < 1:
+            raise ValueError(f"parameter cancel_poll_ms={self.cancel_poll_ms}: at least 1")
         if self.device_map not in ("", *DEVICE_MAPS):
             raise ValueError(
                 f"parameter device_map={self.device_map!r}: expected one of "

@@ -34,8 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -45,47 +44,19 @@ from ..modeling.checkpoint import Checkpoint
 from ..modeling.vision_stages import VisionJob
 from ..request.prepare import PreparedRequest, RawRequest, prepare
 from ..settings import ModelSettings
-from .detokenize import TextAssembler
 from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
-from .sampling import TokenSampler, TokenTexts, choose_tokens, logprob_entry, resolve_sampling
+from .responses import Failure, RequestStream, ResponseSender, ResponseSink, Token
+from .sampling import TokenSampler, TokenTexts, resolve_sampling, sample
 from .slots import SlotContent, SlotPool
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class OutputChunk:
-    """One response's worth of output for choice `index`; `finish_reason` is set on a choice's
-    last chunk, and `final` on the request's last response (the last choice to finish)."""
-
-    text: str
-    num_tokens: int
-    prompt_tokens: int
-    image_tokens: int
-    finish_reason: str | None = None
-    logprobs: list[dict] | None = None
-    index: int = 0
-    final: bool = False
-    video_tokens: int = 0
-
-
-class ResponseSink(Protocol):
-    """Where one request's output goes. Exactly one final call: a chunk with `final` set,
-    `fail` or `cancelled`."""
-
-    def is_cancelled(self) -> bool: ...
-
-    def send(self, chunk: OutputChunk) -> None: ...
-
-    def fail(self, error: BaseException) -> None: ...
-
-    def cancelled(self) -> None: ...
-
-
 class EngineObserver:
-    """Hooks for metrics; called on the engine thread, so they must be quick."""
+    """Hooks for metrics; called on the engine thread (`finished` on the sender thread, just
+    before the request's final call), so they must be quick."""
 
     def prefilled(
         self,
@@ -114,49 +85,34 @@ class EngineObserver:
 
 
 class _Request:
-    """A prepared request and its choices: one sink, finished when every choice is."""
+    """A prepared request and its choices, as the engine sees it; `stream` is the sender's side
+    (text, responses, cancellation), `emit` queues an event for the sender."""
 
     def __init__(
         self,
         prepared: PreparedRequest,
         sink: ResponseSink,
         arrived: float,
-        observe,
+        emit: Callable,
         grammar: CompiledGrammar | None = None,
     ):
         self.prepared = prepared
-        self.sink = sink
         self.arrived = arrived
         self.grammar = grammar  # its `structured` constraint, compiled
+        self.stream = RequestStream(prepared, sink, arrived)
         self.choices: list[_Sequence] = []
-        self.open_choices = prepared.sampling.n
-        self.done = False
-        self._observe = observe
-
-    def choice_finished(self, chunk: OutputChunk) -> None:
-        self.open_choices -= 1
-        chunk.final = self.open_choices == 0
-        self.sink.send(chunk)
-        if chunk.final:
-            self.done = True
-            self._observe.finished(chunk.finish_reason)
+        self.done = False  # failed, or ended by the sender: nothing more is computed for it
+        self._emit = emit
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
             self.done = True
-            self.sink.fail(error)
-            self._observe.finished("error")
-
-    def cancel(self) -> None:
-        if not self.done:
-            self.done = True
-            self.sink.cancelled()
-            self._observe.finished("cancelled")
+            self._emit(Failure(self.stream, error))
 
 
 class _Sequence:
-    """One choice being generated: its slot, sampler, grammar matcher, text assembly and what
-    it has sent."""
+    """One choice being generated: its slot, sampler, grammar matcher and where it stands;
+    `stream` assembles its text on the sender thread."""
 
     def __init__(
         self,
@@ -175,14 +131,13 @@ class _Sequence:
         self.index = index
         self.sampler = sampler
         self.matcher = matcher  # llguidance.LLMatcher of its own when the request is constrained
-        self.assembler = TextAssembler(checkpoint.decode, prepared.sampling.stop)
+        self.stream = request.stream.choice(index, checkpoint.decode)
         self.eos = checkpoint.eos_token_ids
         self.max_model_len = checkpoint.max_model_len
         self.cached = 0  # tokens of this sequence in its slot
         self.next_position = prepared.prompt_tokens  # text position of the next token fed in
         self.last_token: int | None = None
-        self.logprobs: list[dict] = []
-        self.unsent_logprobs: list[dict] = []
+        self.generated = 0  # tokens sampled
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         # While prefilling: each image's vision-tower output (None until its job is done), and
@@ -190,7 +145,6 @@ class _Sequence:
         self.image_parts: list[torch.Tensor | None] = []
         self.image_embeddings: torch.Tensor | None = None
         self.awaiting: list[_VisionWork] = []  # vision jobs encoding its missing images
-        self._held = ("", 0)
 
     @property
     def prefilling(self) -> bool:
@@ -224,11 +178,14 @@ class _Sequence:
         twin.cached = self.cached
         return twin
 
-    def accept(self, token: int, logits: torch.Tensor, texts: TokenTexts) -> None:
-        """Take the sampled token: advance the grammar, stream its text, decide whether the
-        choice is done (a grammar that can take nothing but EOS ends it as EOS would)."""
-        self.first_token_at = self.first_token_at or time.monotonic()
+    def accept(self, token: int) -> None:
+        """Take the sampled token: advance the grammar, decide whether the choice is done by
+        EOS, length or a grammar that can take nothing but EOS (stop strings are found where
+        the text is assembled, `responses`)."""
+        if self.first_token_at is None:
+            self.first_token_at = self.stream.first_token_at = time.monotonic()
         self.last_token = token
+        self.generated += 1
         grammar_done = False
         if self.matcher is not None:
             if not self.matcher.consume_token(token):
@@ -236,63 +193,13 @@ class _Sequence:
                     f"the grammar refused token {token}: {self.matcher.get_error()[:300]}"
                 )
             grammar_done = self.matcher.is_stopped()
-        sampling = self.prepared.sampling
-        if sampling.logprobs:
-            entry = logprob_entry(logits, token, sampling.top_logprobs, texts)
-            self.logprobs.append(entry)
-            self.unsent_logprobs.append(entry)
-        text, tokens = self.assembler.push(token)
-        if token in self.eos or self.assembler.stopped or grammar_done:
+        if token in self.eos or grammar_done:
             self.finish_reason = "stop"
         elif (
-            self.assembler.num_tokens >= self.prepared.max_new_tokens
+            self.generated >= self.prepared.max_new_tokens
             or self.next_position + 1 >= self.max_model_len
         ):
             self.finish_reason = "length"
-        if self.finish_reason is None and self.prepared.raw.stream:
-            if text:
-                self.request.sink.send(self._chunk(text, tokens))
-        else:  # the last token's text goes out with the final chunk
-            self._held = (self._held[0] + text, self._held[1] + tokens)
-
-    def finish(self) -> None:
-        tail, tail_tokens = self.assembler.finish()
-        text, tokens = self._held[0] + tail, self._held[1] + tail_tokens
-        prepared = self.prepared
-        if not prepared.raw.stream:
-            text, tokens = self.assembler.text, self.assembler.num_tokens
-            self.unsent_logprobs = self.logprobs
-            if not prepared.raw.exclude_input_in_output:
-                text = prepared.prompt + text
-        log.info(
-            "request %s done: %d prompt (%d image, %d video) + %d completion tokens (choice %d), "
-            "finish_reason=%s, ttft %.3fs, total %.3fs",
-            prepared.raw.request_id,
-            prepared.prompt_tokens,
-            prepared.image_tokens,
-            prepared.video_tokens,
-            self.assembler.num_tokens,
-            self.index,
-            self.finish_reason,
-            (self.first_token_at or time.monotonic()) - self.request.arrived,
-            time.monotonic() - self.request.arrived,
-        )
-        self.request.choice_finished(self._chunk(text, tokens, self.finish_reason))
-
-    def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
-        logprobs = self.unsent_logprobs if self.prepared.sampling.logprobs else None
-        self.unsent_logprobs = []
-        prepared = self.prepared
-        return OutputChunk(
-            text,
-            tokens,
-            prepared.prompt_tokens,
-            prepared.image_tokens,
-            finish_reason,
-            logprobs,
-            self.index,
-            video_tokens=prepared.video_tokens,
-        )
 
 
 @dataclass
@@ -311,6 +218,34 @@ class EngineStats(EngineObserver):
     partial_chunks: int = 0  # prompt chunks that left the rest of their prompt for later steps
     constrained_requests: int = 0
     grammar_compiles: int = 0
+    # Host path timers, cumulative seconds (docs/engine.md "Host path"). Engine thread: `steps`
+    # iterations that computed something took `step_s` in all, of which scheduling (dropping
+    # ended requests, admission, planning), vision-tower stages, the forward (LM head
+    # included), sampling (grammar masks, sampling, logprobs, the one device→host copy) and
+    # output (accepting tokens, finish checks, slot release, posting to the sender).
+    # Sender thread: detokenizing and building responses, sends, cancellation polls.
+    steps: int = 0
+    step_s: float = 0.0
+    scheduling_s: float = 0.0
+    vision_s: float = 0.0
+    forward_s: float = 0.0
+    sampling_s: float = 0.0
+    output_s: float = 0.0
+    detokenize_s: float = 0.0
+    send_s: float = 0.0
+    cancellation_s: float = 0.0
+    responses: int = 0  # responses sent (chunks and finals)
+    sender_wakeups: int = 0  # times the sender took what was queued
+    coalesced_steps: int = 0  # steps whose output went out with a later step's
+
+    def timings(self) -> dict[str, float]:
+        """A snapshot of the host path timers and counters (a benchmark diffs two)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name.endswith("_s")
+            or f.name in ("steps", "responses", "sender_wakeups", "coalesced_steps")
+        }
 
     def decoded(self, batch_size: int, waiting: int) -> None:
         self.decode_steps += batch_size > 0
@@ -490,6 +425,15 @@ class BatchingEngine:
         self._stopping = threading.Event()
         self.stats = EngineStats()
         self._observe = _Observers(self.stats, observer or EngineObserver())
+        self._sender = ResponseSender(
+            self._texts,
+            settings.stream_interval,
+            settings.cancel_poll_ms / 1000,
+            self._observe,
+            self.stats,
+        )
+        self._outbox: list = []  # this step's events for the sender, posted once per step
+        self._timings_logged = (time.monotonic(), self.stats.timings())
         vocab_size = self._model.config.text_config.vocab_size
         self.grammars = GrammarCompiler(
             checkpoint.tokenizer,
@@ -549,7 +493,9 @@ class BatchingEngine:
             if structured is not None:
                 grammar = self.grammars.compile(structured)
                 self._observe.constrained(structured.type)
-            self._ready.put(_Request(prepared, sink, arrived, self._observe, grammar))
+            request = _Request(prepared, sink, arrived, self._outbox_append, grammar)
+            self._sender.register(request.stream)
+            self._ready.put(request)
         except Exception as exc:
             self._refused()
             sink.fail(exc)
@@ -579,16 +525,55 @@ class BatchingEngine:
             while not (self._stopping.is_set() and self._idle()):
                 try:
                     self._take_ready(block=not self._running and not self._waiting)
-                    self._drop_cancelled()
-                    step = self._schedule()
-                    if step.decode or step.chunks or step.vision:
-                        self._execute(step)
-                    if not self._running:  # idle now: gauges go back to zero
-                        self._observe.decoded(0, self._waiting_count())
+                    self._step()
                 except Exception:  # a bug here must not strand every running request
                     log.exception("engine step failed; failing the running requests")
                     self._fail_running()
+                    self._post()
             self._refuse_waiting()
+            self._post()
+        self._sender.close()
+
+    def _step(self) -> None:
+        stats = self.stats
+        started = time.perf_counter()
+        self._drop_cancelled()
+        step = self._schedule()
+        stats.scheduling_s += time.perf_counter() - started
+        if step.decode or step.chunks or step.vision:
+            self._execute(step)
+        if not self._running:  # idle now: gauges go back to zero
+            self._observe.decoded(0, self._waiting_count())
+        self._post()
+        if step.decode or step.chunks or step.vision:
+            stats.steps += 1
+            stats.step_s += time.perf_counter() - started
+            self._log_timings()
+
+    def _outbox_append(self, event) -> None:
+        self._outbox.append(event)
+
+    def _post(self) -> None:
+        """The step's events go to the sender in one hand-over."""
+        if self._outbox:
+            self._sender.post(self._outbox)
+            self._outbox = []
+
+    def _log_timings(self) -> None:
+        """Every `timing_log_s`, the host path's mean per step since the last line (debug)."""
+        period = self._settings.timing_log_s
+        since, before = self._timings_logged
+        if period <= 0 or time.monotonic() - since < period or not log.isEnabledFor(logging.DEBUG):
+            return
+        now = self.stats.timings()
+        self._timings_logged = (time.monotonic(), now)
+        steps = max(1, now["steps"] - before["steps"])
+        per_step = ", ".join(
+            f"{name[:-2]} {1e3 * (now[name] - before[name]) / steps:.3f}"
+            for name in now
+            if name.endswith("_s")
+        )
+        log.debug("host path, ms per step over %d steps: %s", steps, per_step)
 
     def _idle(self) -> bool:
         with self._lock:
@@ -601,26 +586,33 @@ class BatchingEngine:
     def _take_ready(self, block: bool) -> None:
         try:
             if block:
-                self._waiting.append(self._ready.get(timeout=0.05))
+                self._wait_for(self._ready.get(timeout=0.05))
             while True:
-                self._waiting.append(self._ready.get_nowait())
+                self._wait_for(self._ready.get_nowait())
         except queue.Empty:
             pass
 
+    def _wait_for(self, request: _Request) -> None:
+        if request.stream.closed:  # cancelled before it got here
+            self._refused()
+        else:
+            self._waiting.append(request)
+
     def _drop_cancelled(self) -> None:
-        for request in {id(s.request): s.request for s in self._running}.values():
-            if not request.done and request.sink.is_cancelled():
-                log.info(
-                    "request %s cancelled after %d tokens",
-                    request.prepared.raw.request_id,
-                    max(s.assembler.num_tokens for s in request.choices),
-                )
-                request.cancel()
-        self._retire([s for s in self._running if s.request.done])
-        for request in [r for r in self._waiting if r.sink.is_cancelled()]:
+        """Sequences and waiting requests the sender ended (cancelled, a failed send, a stop
+        string) leave; the sender polls cancellation, so this costs nothing most steps."""
+        if not self._sender.take_closed():
+            return
+        for request in [r for r in self._waiting if r.stream.closed]:
             self._waiting.remove(request)
             self._refused()
-            request.cancel()
+            request.done = True
+        for sequence in self._running:
+            if sequence.request.stream.closed:
+                sequence.request.done = True
+        self._retire(
+            [s for s in self._running if s.request.done or s.stream.finished],
+        )
 
     # ---- scheduling ---------------------------------------------------------------------
 
@@ -746,7 +738,9 @@ class BatchingEngine:
     # ---- one step -----------------------------------------------------------------------
 
     def _execute(self, step: _Step) -> None:
+        started = time.perf_counter()
         self._run_vision(step.vision)
+        self.stats.vision_s += time.perf_counter() - started
         if not step.decode and not step.chunks:
             return
         stats = self.stats
@@ -757,7 +751,9 @@ class BatchingEngine:
         stats.partial_chunks += sum(
             start + length < s.prepared.prompt_tokens for s, start, length in step.chunks
         )
+        started = time.perf_counter()
         logits, finishing = self._forward(step)
+        stats.forward_s += time.perf_counter() - started
         for sequence in step.decode:
             sequence.cached += 1
             sequence.next_position += 1
@@ -869,14 +865,23 @@ class BatchingEngine:
             log.error(
                 "request %s: grammar failed after %d tokens: %s",
                 sequence.prepared.raw.request_id,
-                sequence.assembler.num_tokens,
+                sequence.generated,
                 error,
             )
             sequence.request.fail(GrammarFailure(error))
 
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, first_tokens: int) -> None:
+        """Tokens for every row (one device→host copy), then each sequence takes its token;
+        the text and the responses are the sender's (`responses`)."""
+        started = time.perf_counter()
         self._mask(sequences, logits)
-        tokens = choose_tokens(logits, [s.sampler for s in sequences])
+        tops = [
+            s.prepared.sampling.top_logprobs if s.prepared.sampling.logprobs else None
+            for s in sequences
+        ]
+        tokens, logprobs = sample(logits, [s.sampler for s in sequences], tops)
+        sampled = time.perf_counter()
+        self.stats.sampling_s += sampled - started
         done = []
         for row, (sequence, token) in enumerate(zip(sequences, tokens)):
             request = sequence.request
@@ -884,22 +889,26 @@ class BatchingEngine:
                 done.append(sequence)
                 continue
             try:
-                sequence.accept(token, logits[row], self._texts)
-                if row >= first_tokens and sequence.index == 0:
-                    prepared = request.prepared
-                    self._observe.prefilled(
-                        prepared.prompt_tokens,
-                        prepared.image_tokens,
-                        sequence.first_token_at - request.arrived,
-                        prepared.video_tokens,
-                    )
-                if sequence.finish_reason:
-                    sequence.finish()
-                    done.append(sequence)
-            except Exception as exc:  # one request's failure (e.g. its sink) is its own
+                sequence.accept(token)
+            except Exception as exc:  # one request's failure (e.g. its grammar) is its own
                 request.fail(exc)
                 done.append(sequence)
+                continue
+            self._outbox.append(
+                Token(sequence.stream, token, sequence.finish_reason, logprobs[row])
+            )
+            if row >= first_tokens and sequence.index == 0:
+                prepared = request.prepared
+                self._observe.prefilled(
+                    prepared.prompt_tokens,
+                    prepared.image_tokens,
+                    sequence.first_token_at - request.arrived,
+                    prepared.video_tokens,
+                )
+            if sequence.finish_reason:
+                done.append(sequence)
         self._retire(done + [s for s in self._running if s.request.done and s not in done])
+        self.stats.output_s += time.perf_counter() - sampled
 
     def _retire(self, sequences: list[_Sequence]) -> None:
         if not sequences:

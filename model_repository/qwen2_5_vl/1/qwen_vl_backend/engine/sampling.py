@@ -16,6 +16,9 @@ import torch
 
 from ..request.params import SamplingParams
 
+# A sampled token's logprob and the top alternatives as (token id, logprob), best first.
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
 
 @dataclass(frozen=True)
 class ResolvedSampling:
@@ -107,11 +110,37 @@ def _seeded_generator(device, seed: int | None) -> torch.Generator:
     return generator
 
 
-def _column(samplers: list[TokenSampler], name: str, device) -> torch.Tensor:
-    return torch.tensor([getattr(s.settings, name) for s in samplers], device=device)[:, None]
+# Columns of the per-row settings matrix (`_settings`).
+_TEMPERATURE, _TOP_K, _TOP_P, _REPETITION, _FREQUENCY, _PRESENCE = range(6)
 
 
-def _penalised(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+def _settings(samplers: list[TokenSampler], device) -> torch.Tensor:
+    """Every row's numeric settings as one float32 matrix, copied to the device once (one
+    host→device copy per step instead of one per setting). top_k is exact in float32."""
+    rows = [
+        (
+            s.settings.temperature,
+            s.settings.top_k,
+            s.settings.top_p,
+            s.settings.repetition_penalty,
+            s.settings.frequency_penalty,
+            s.settings.presence_penalty,
+        )
+        for s in samplers
+    ]
+    matrix = torch.tensor(rows, dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        return matrix.pin_memory().to(device, non_blocking=True)
+    return matrix
+
+
+def _column(settings: torch.Tensor, column: int) -> torch.Tensor:
+    return settings[:, column : column + 1]
+
+
+def _penalised(
+    scores: torch.Tensor, samplers: list[TokenSampler], settings: torch.Tensor
+) -> torch.Tensor:
     """Repetition (HF's rule) and presence/frequency (OpenAI's) penalties, all rows at once."""
     device, vocab = scores.device, scores.shape[-1]
     if any(s.seen is not None for s in samplers):
@@ -123,7 +152,7 @@ def _penalised(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tens
                 for s in samplers
             ]
         )
-        penalty = _column(samplers, "repetition_penalty", device)
+        penalty = _column(settings, _REPETITION)
         scores = torch.where(
             seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores
         )
@@ -136,18 +165,18 @@ def _penalised(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tens
         )
         scores = (
             scores
-            - _column(samplers, "frequency_penalty", device) * counts
-            - _column(samplers, "presence_penalty", device) * (counts > 0)
+            - _column(settings, _FREQUENCY) * counts
+            - _column(settings, _PRESENCE) * (counts > 0)
         )
     return scores
 
 
-def _filtered(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+def _filtered(scores: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
     """Temperature, then top-k, then top-p (keeping the token that crosses top_p), per row."""
-    device, vocab = scores.device, scores.shape[-1]
-    scores = scores / _column(samplers, "temperature", device)
-    top_k = _column(samplers, "top_k", device)
-    top_p = _column(samplers, "top_p", device)
+    vocab = scores.shape[-1]
+    scores = scores / _column(settings, _TEMPERATURE)
+    top_k = _column(settings, _TOP_K).long()
+    top_p = _column(settings, _TOP_P)
     ordered, order = torch.sort(scores, dim=-1, descending=True)
     keep_k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = ordered.gather(1, keep_k - 1)
@@ -171,26 +200,61 @@ def _sampled(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor
     return (probs / noise).argmax(dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler]) -> list[int]:
-    """One token per row of float32 logits: plain greedy rows share one argmax, the others go
-    through the batched penalties, filters and draws."""
+def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+    """One token per row of float32 logits, on the logits' device (no copy to the host):
+    plain greedy rows share one argmax, the others go through the batched penalties, filters
+    and draws."""
     tokens = logits.argmax(dim=-1)
     special = [row for row, s in enumerate(samplers) if not s.settings.plain_greedy]
     if special:
-        rows = torch.tensor(special, device=logits.device)
+        device = logits.device
         group = [samplers[row] for row in special]
-        scores = _penalised(logits.index_select(0, rows), group)
+        settings = _settings(group, device)
+        rows = torch.tensor(special, device=device)
+        scores = _penalised(logits.index_select(0, rows), group, settings)
         chosen = scores.argmax(dim=-1)
         drawn = [i for i, s in enumerate(group) if not s.settings.greedy]
         if drawn:
-            index = torch.tensor(drawn, device=logits.device)
+            index = torch.tensor(drawn, device=device)
             subset = [group[i] for i in drawn]
-            chosen[index] = _sampled(_filtered(scores.index_select(0, index), subset), subset)
+            filtered = _filtered(scores.index_select(0, index), settings.index_select(0, index))
+            chosen[index] = _sampled(filtered, subset)
         tokens[rows] = chosen
-    result = tokens.tolist()
+    return tokens
+
+
+def sample(
+    logits: torch.Tensor, samplers: list[TokenSampler], top_logprobs: list[int | None]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """A step's tokens and, for the rows that ask (`top_logprobs[row]` not None: how many
+    alternatives), their logprobs, computed batched on the device and brought to the host in
+    one copy. Logprobs are of the logits as given (after the grammar mask, if any: a masked
+    token is -inf and never listed)."""
+    tokens = choose_tokens(logits, samplers)
+    wanted = [row for row, top in enumerate(top_logprobs) if top is not None]
+    parts = [tokens.double()]
+    top = max((top_logprobs[row] for row in wanted), default=0)
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
+        parts.append(logprobs.gather(1, tokens.index_select(0, rows)[:, None]).double()[:, 0])
+        if top:
+            values, ids = torch.topk(logprobs, top, dim=-1)
+            parts += [values.double().flatten(), ids.double().flatten()]
+    host = torch.cat(parts).tolist()  # the step's one device→host copy
+    count = len(samplers)
+    result = [int(t) for t in host[:count]]
     for sampler, token in zip(samplers, result):
         sampler.observe(token)
-    return result
+    per_row: list[TokenLogprobs | None] = [None] * count
+    # host = tokens [count] | chosen logprobs [wanted] | top values [wanted, top] | top ids
+    values_at = count + len(wanted)
+    ids_at = values_at + len(wanted) * top
+    for i, row in enumerate(wanted):
+        values = host[values_at + i * top : values_at + i * top + top_logprobs[row]]
+        ids = host[ids_at + i * top : ids_at + i * top + top_logprobs[row]]
+        per_row[row] = (host[count + i], [(int(t), v) for t, v in zip(ids, values)])
+    return result, per_row
 
 
 # ---- logprobs, OpenAI shape ---------------------------------------------------------------
@@ -235,21 +299,15 @@ class TokenTexts:
 
 
 def logprob_entry(
-    logits: torch.Tensor, token: int, top: int, texts: Callable[[int], tuple[str, list[int]]]
+    token: int, logprobs: TokenLogprobs, texts: Callable[[int], tuple[str, list[int]]]
 ) -> dict:
-    """OpenAI's `{"token", "logprob", "bytes", "top_logprobs"}` from the model logits (after the
-    grammar mask, if any: a masked token is -inf and never listed among the top ones)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    """OpenAI's `{"token", "logprob", "bytes", "top_logprobs"}` from what `sample` computed."""
+    chosen, top = logprobs
 
     def entry(token_id: int, value: float) -> dict:
         text, raw = texts(token_id)
         return {"token": text, "logprob": max(value, -9999.0), "bytes": raw}
 
-    result = entry(token, float(logprobs[token]))
-    result["top_logprobs"] = []
-    if top:
-        values, ids = torch.topk(logprobs, top)
-        result["top_logprobs"] = [
-            entry(int(i), float(v)) for v, i in zip(values, ids) if v != float("-inf")
-        ]
+    result = entry(token, chosen)
+    result["top_logprobs"] = [entry(i, v) for i, v in top if v != float("-inf")]
     return result
