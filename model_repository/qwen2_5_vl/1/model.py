@@ -7,7 +7,11 @@ This file is only the Triton lifecycle; parsing, images and generation live in
 import json
 import logging
 import os
+import select
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -255,8 +259,35 @@ class TritonMetrics(EngineObserver):
         self._grammar_compile.observe(seconds)
 
 
+def _exit_with_tritonserver():
+    """End this stub the moment its tritonserver is gone. A tritonserver killed with SIGKILL
+    never stops its stubs, and the stub's own parent check was seen hanging in its clean-up,
+    keeping the model's memory for good. (Not PR_SET_PDEATHSIG: it fires when the *thread*
+    that forked the stub exits, and Triton forks stubs from a loading thread that ends.)"""
+    parent = os.getppid()
+    if parent == 1:  # tritonserver died while this stub was importing
+        os._exit(1)
+    threading.Thread(
+        target=_kill_self_when_gone, args=(parent,), name="exit-with-tritonserver", daemon=True
+    ).start()
+
+
+def _kill_self_when_gone(pid):
+    try:
+        watched = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has exited
+    except (AttributeError, OSError):
+        watched = None
+    if watched is not None and os.getppid() == pid:
+        select.select([watched], [], [])
+    else:
+        while os.getppid() == pid:
+            time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        _exit_with_tritonserver()
         self.model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
             raise pb_utils.TritonModelException(
