@@ -23,7 +23,7 @@ from ..error_catalogue import (
     VIDEO_TOO_LARGE,
     VIDEO_URL_FORBIDDEN,
 )
-from ..transport.contract import MAX_VIDEO_FPS, SNIFF_BYTES, sniff_video
+from ..transport.contract import SNIFF_BYTES, sniff_video, video_option_bounds
 from .kinds import MediaKind
 
 
@@ -39,18 +39,16 @@ def video_budget(
     """The chat-part keys of one video, each only within the model's limits (`server.model`,
     per-frame pixels within `server.pixels`); the server's total pixel budget always goes."""
     model = server.model
+    bounds = video_option_bounds(model)  # the model's rule; pixel bounds narrowed below
     budget: dict[str, Any] = {"total_pixels": model.video_total_pixels}
-    if source.fps is not None:
-        budget["fps"] = _within(source.fps, 0.0, MAX_VIDEO_FPS, f"{param}.fps", exclusive_low=True)
-    if source.max_frames is not None:
-        budget["max_frames"] = _within(
-            source.max_frames, 2, model.max_video_frames, f"{param}.max_frames"
-        )
-    if source.total_pixels is not None:
-        budget["total_pixels"] = _within(
-            source.total_pixels, server.pixels.min_pixels, model.video_total_pixels,
-            f"{param}.total_pixels",
-        )  # fmt: skip
+    for key in ("fps", "max_frames", "total_pixels"):
+        value = getattr(source, key)
+        if value is None:
+            continue
+        low, high, low_excluded = bounds[key]
+        if key == "total_pixels":  # declared narrowing: the proxy's --image-min-pixels
+            low = server.pixels.min_pixels
+        budget[key] = _within(value, low, high, f"{param}.{key}", low_excluded)
     for key in ("min_pixels", "max_pixels"):
         value = getattr(source, key)
         if value is not None:
