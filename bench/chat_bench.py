@@ -739,6 +739,7 @@ def triton_stack(checkpoint: str, extra_env: dict, ready_timeout: float):
                 "pids": [stack.triton.pid, stack.proxy.pid],
                 "ready_s": round(time.monotonic() - started, 1),
                 "metrics_url": f"http://{config.host}:{config.metrics_port}/metrics",
+                "triton_log": str(stack.triton_log),
             },
         )
     finally:
@@ -902,10 +903,12 @@ def mode_server(name: str, checkpoint: str, args, device: str, dtype: str):
 # ---- the engine's step timings ------------------------------------------------------------
 #
 # The hook for the per-step host-time breakdown (forward, sampling, detokenizing, sends,
-# cancellation, scheduling): whatever metrics named ENGINE_TIMINGS_PREFIX* the model publishes
-# on Triton's metrics endpoint, read before and after each measurement of this stack. Histograms
-# and summaries (NAME_sum / NAME_count) become observations and a mean; anything else is
-# reported as its change.
+# cancellation, scheduling), from what the stack exposes around each measurement of it:
+# - metrics named ENGINE_TIMINGS_PREFIX* on Triton's metrics endpoint, read before and after.
+#   Histograms and summaries (NAME_sum / NAME_count) become observations and a mean; anything
+#   else is reported as its change;
+# - the engine's "host path, ms per step" log lines (every timing_log_s, at debug level) that
+#   Triton's log gained meanwhile.
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+-?\d+)?$")
 
@@ -922,13 +925,46 @@ def parse_metric_samples(text: str, prefix: str = ENGINE_TIMINGS_PREFIX) -> dict
     return samples
 
 
-def engine_step_samples(server: Server) -> dict | None:
-    """The stack's engine step timings now; None for other servers or when unreadable."""
-    url = server.info.get("metrics_url")
+_HOST_PATH_LOG = re.compile(
+    r"host path, ms per step over (\d+) steps: ((?:[a-z_]+ -?[\d.]+)(?:, [a-z_]+ -?[\d.]+)*)"
+)
+
+
+def host_path_log_rows(text: str) -> list[dict]:
+    """The engine's "host path, ms per step over N steps: forward 1.234, ..." lines in text."""
+    rows = []
+    for match in _HOST_PATH_LOG.finditer(text):
+        phases = dict(part.split(" ") for part in match.group(2).split(", "))
+        rows.append(
+            {
+                "series": f"engine log over {match.group(1)} steps",
+                "ms_per_step": {name: float(value) for name, value in phases.items()},
+            }
+        )
+    return rows
+
+
+def engine_step_reading(server: Server) -> dict | None:
+    """The stack's engine step metrics now and where its Triton log ends; None for the peers."""
+    url, log_path = server.info.get("metrics_url"), server.info.get("triton_log")
     if not url:
         return None
     status, body = _http_get(url, timeout=5)
-    return parse_metric_samples(body.decode(errors="replace")) if status == 200 else None
+    try:
+        offset = Path(log_path).stat().st_size
+    except (OSError, TypeError):
+        offset = 0
+    return {
+        "samples": parse_metric_samples(body.decode(errors="replace")) if status == 200 else {},
+        "log_offset": offset,
+    }
+
+
+def _log_since(path: str, offset: int) -> str:
+    with contextlib.suppress(OSError), open(path, "rb") as log_file:
+        log_file.seek(offset)
+        return log_file.read().decode(errors="replace")
+    return ""
 
 
 def step_timing_rows(before: dict, after: dict) -> list[dict]:
@@ -979,6 +1015,9 @@ def step_timing_lines(rows: list[dict]) -> list[str]:
                 f"{row['series']}: {row['observations']:g} observations, mean "
                 f"{_fmt(row['mean_ms'])} ms{share}"
             )
+        elif "ms_per_step" in row:
+            phases = ", ".join(f"{name} {value:g}" for name, value in row["ms_per_step"].items())
+            lines.append(f"{row['series']}, ms per step: {phases}")
         else:
             per_step = f" ({_fmt(row['per_step_ms'])} ms per step)" if "per_step_ms" in row else ""
             lines.append(f"{row['series']}: {row['change']:+g}{per_step}")
@@ -1296,7 +1335,7 @@ async def measure_modes(
             log(f"{cell_title(cell)}, round {cell.round + 1}/{args.rounds}")
             for position, name in enumerate(rotated(list(live), index)):
                 await settle(pids)
-                before = engine_step_samples(live[name])
+                before = engine_step_reading(live[name])
                 if isinstance(cell, RateCell):
                     summary = await measure_rate(session, live[name], cell, args, pids, raw)
                 else:
@@ -1328,11 +1367,14 @@ def cell_key(cell) -> dict:
 
 
 def engine_step_change(server: Server, before: dict | None) -> list[dict] | None:
-    """The engine step timings' change since `before`, printed; None where none are exposed."""
-    after = engine_step_samples(server) if before is not None else None
-    if not after:
+    """The engine step timings since the reading `before`, printed; None where none are exposed."""
+    if before is None:
         return None
-    rows = step_timing_rows(before, after)
+    after = engine_step_reading(server)
+    rows = step_timing_rows(before["samples"], after["samples"])
+    rows += host_path_log_rows(_log_since(server.info["triton_log"], before["log_offset"]))
+    if not rows:
+        return None
     for line in step_timing_lines(rows):
         log(f"    engine step timings: {line}")
     return rows
@@ -1661,16 +1703,18 @@ def _step_timing_section(report: dict) -> list[str]:
         if report["settings"].get("target_set") == "overhead":
             return [
                 "",
-                f"Engine step timings: this stack exposes none (no metric named "
-                f"`{ENGINE_TIMINGS_PREFIX}*` on Triton's metrics endpoint).",
+                f"Engine step timings: this stack exposed none (no metric named "
+                f"`{ENGINE_TIMINGS_PREFIX}*` on Triton's metrics endpoint, no \"host path, ms per "
+                f'step" line in its log during the measurements).',
             ]
         return []
     lines = [
         "",
         "## Engine step timings",
         "",
-        f"The change of the metrics named `{ENGINE_TIMINGS_PREFIX}*` on Triton's metrics endpoint "
-        f"over each measurement (its prefills included):",
+        f"Over each measurement (its prefills included): the change of the metrics named "
+        f"`{ENGINE_TIMINGS_PREFIX}*` on Triton's metrics endpoint, and the engine's \"host path, "
+        f'ms per step" log lines written meanwhile:',
     ]
     for m in measured:
         where = (

@@ -292,3 +292,15 @@ def test_engine_step_timings_are_the_change_of_the_engine_step_metrics():
     assert chat_bench.step_timing_lines(list(rows.values()))[0].endswith(
         "200 observations, mean 3.00 ms, 75% of qwen_vl_engine_step_seconds"
     )
+
+
+def test_the_engines_host_path_log_lines_are_read_per_step():
+    text = (
+        'I1203 12:00:00.1 1 model.py:40] "host path, ms per step over 812 steps: scheduling '
+        '0.120, forward 2.310, sampling 0.400, step 3.100"\nunrelated line\n'
+    )
+    (row,) = chat_bench.host_path_log_rows(text)
+    assert row["ms_per_step"] == {"scheduling": 0.12, "forward": 2.31, "sampling": 0.4, "step": 3.1}
+    assert chat_bench.step_timing_lines([row]) == [
+        "engine log over 812 steps, ms per step: scheduling 0.12, forward 2.31, sampling 0.4, step 3.1"
+    ]
