@@ -252,6 +252,7 @@ async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(
     await wait_until_async(lambda: admission(client).in_flight == 0, timeout=10)
     assert backend.stopped_early.is_set() and not backend.finished
     writer.close()
+    backend.chunks = script("still", " serving")  # not another 100 MB, read in full this time
     assert (await client.post(CHAT, json=NORMAL_REQUEST)).status == 200
 
 

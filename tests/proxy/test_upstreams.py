@@ -14,6 +14,7 @@ from stack import free_port
 
 from proxy.config import with_settings
 from proxy.error_catalogue import BACKEND_UNAVAILABLE, APIError
+from proxy.transport import upstreams as upstreams_module
 from proxy.transport.backend import TritonRequest
 from proxy.transport.upstreams import DOWN_FOR_S, Upstreams, parse_targets
 
@@ -140,7 +141,12 @@ def chat(text: str, stream: bool = True) -> dict:
     }
 
 
-async def test_two_replicas_share_the_load_and_survive_one_dying(two_tritons):
+# The down period of this test's proxy: the same rule, a shorter wait.
+SHORT_DOWN_FOR_S = 1.0
+
+
+async def test_two_replicas_share_the_load_and_survive_one_dying(two_tritons, monkeypatch):
+    monkeypatch.setattr(upstreams_module, "DOWN_FOR_S", SHORT_DOWN_FOR_S)
     first, second = two_tritons
     urls = f"{first.url},{second.url}"
     async with serving(with_settings(TEST_CONFIG, triton_url=urls)) as client:
@@ -182,7 +188,7 @@ async def test_two_replicas_share_the_load_and_survive_one_dying(two_tritons):
 
         # Back on the same port: it takes traffic again without a proxy restart.
         await first.start()
-        await asyncio.sleep(6)  # past the down period
+        await asyncio.sleep(SHORT_DOWN_FOR_S + 0.5)  # past the down period
         before = first.state.started
         await asyncio.gather(*(one("tokens=2") for _ in range(4)))
         assert first.state.started > before
