@@ -589,6 +589,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float, max_t
     tokens = sum(r.tokens for r in good)
     ttft = [r.first_content - r.start for r in good if r.first_content is not None]
     gaps = [b - a for r in good for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    per_request = [t for t in map(tpot, good) if t is not None]
     errors = sorted({r.error for r in results if not r.ok})
     return {
         "concurrency": concurrency,
@@ -596,6 +597,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float, max_t
         "ok": len(good),
         "errors": errors[:5],
         "completion_tokens": tokens,
+        "content_chunks": sum(len(r.chunk_times) for r in good),
         "usage_reported": all(r.completion_tokens is not None for r in good),
         "short_completions": sum(1 for r in good if r.tokens < max_tokens),
         "prompt_tokens": sorted({r.prompt_tokens for r in good if r.prompt_tokens is not None}),
@@ -606,6 +608,8 @@ def summarize(concurrency: int, results: list[RequestResult], wall: float, max_t
         "ttft_p99_ms": _ms(percentile(ttft, 99)),
         "itl_p50_ms": _ms(percentile(gaps, 50)),
         "itl_p99_ms": _ms(percentile(gaps, 99)),
+        "tpot_p50_ms": _ms(percentile(per_request, 50)),
+        "tpot_p99_ms": _ms(percentile(per_request, 99)),
     }
 
 
@@ -635,6 +639,7 @@ def summarize_rate(rate: float, rounds: list[OpenRound]) -> dict:
         "ok": len(good),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "completion_tokens": tokens,
+        "content_chunks": sum(len(r.chunk_times) for r in good),
         "usage_reported": all(r.completion_tokens is not None for r in good),
         "short_completions": sum(1 for r, n in zip(results, asked) if r.ok and r.tokens < n),
         "wall_s": round(wall, 3),
@@ -1657,7 +1662,19 @@ def report_warnings(report: dict, args) -> list[str]:
                     warnings.append(f"{where}: no usage counts; content chunks counted")
                 if level["errors"]:
                     warnings.append(f"{where}: errors: {level['errors']}")
+                warnings += _coalesced_note(where, level)
     return warnings + _busy_notes(report, args)
+
+
+def _coalesced_note(where: str, level: dict) -> list[str]:
+    """When tokens came several to a chunk, per-chunk ITL is not per token: TPOT (in the JSON
+    and the open loop's table) is."""
+    if level["usage_reported"] and level["content_chunks"] < level["completion_tokens"]:
+        return [
+            f"{where}: {level['completion_tokens']} tokens came in {level['content_chunks']} "
+            f"content chunks: ITL is per chunk, TPOT per token"
+        ]
+    return []
 
 
 def _busy_notes(report: dict, args) -> list[str]:
@@ -1956,6 +1973,7 @@ def open_loop_warnings(report: dict, args) -> list[str]:
                 warnings.append(f"{where}: no usage counts; content chunks counted")
             if level["errors"]:
                 warnings.append(f"{where}: errors: {level['errors']}")
+            warnings += _coalesced_note(where, level)
             if (level["send_lag_max_ms"] or 0) > SEND_LAG_WARN_MS:
                 warnings.append(
                     f"{where}: a request went out {_fmt(level['send_lag_max_ms'])} ms after its "

@@ -63,7 +63,7 @@ def result(start, first, gaps, tokens):
 def test_pooled_level_adds_walls_and_keeps_each_rounds_rate():
     rounds = [([result(0.0, 0.1, [0.01] * 3, 4)], 1.0), ([result(0.0, 0.3, [0.01] * 3, 4)], 3.0)]
     level = chat_bench.pooled_level(1, rounds, max_tokens=4)
-    assert level["output_tok_s"] == 2.0
+    assert level["output_tok_s"] == 2.0 and level["tpot_p50_ms"] == 10.0
     assert level["round_tok_s"] == [4.0, pytest.approx(1.33)]
     assert level["ttft_p50_ms"] == 200.0
     assert level["short_completions"] == 0
@@ -169,6 +169,12 @@ def test_tpot_is_a_requests_mean_gap_between_its_tokens():
     coalesced = result(0.0, 0.5, [0.1, 0.1], 5)  # 5 tokens in 3 chunks: 0.2 s over 4 gaps
     assert chat_bench.tpot(coalesced) == pytest.approx(0.05)
     assert chat_bench.tpot(result(0.0, 0.5, [], 1)) is None
+    level = chat_bench.summarize_rate(1.0, [chat_bench.OpenRound([coalesced], 1.0, [0.0], [5])])
+    (note,) = chat_bench._coalesced_note("batched at 1 req/s", level)
+    assert "5 tokens came in 3 content chunks" in note
+    assert not chat_bench._coalesced_note(
+        "x", chat_bench.summarize_rate(1.0, [open_round([0.1], 0.02, 4)])
+    )
 
 
 def open_round(ttfts, gap, tokens, asked=None):
