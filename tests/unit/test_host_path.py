@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_engine import ChoiceSink, RecordingSink, raw_request, run
 
+from qwen_vl_backend.engine import staging
 from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.engine.responses import Failure, RequestStream, ResponseSender
 from qwen_vl_backend.engine.sampling import (
@@ -235,3 +236,18 @@ def test_seeded_draws_do_not_depend_on_the_other_rows():
     alone = [draw([hot]) for _ in range(2)]
     mixed = draw([hot, penalised, ResolvedSampling(greedy=True)])
     assert alone[0] == alone[1] == mixed
+
+
+def test_staged_inputs_come_back_as_they_went_in():
+    tensors = [
+        torch.tensor([3, 1, 4], dtype=torch.long),
+        torch.tensor([[0.5, 2.0], [1.5, -1.0]], dtype=torch.float32),
+        torch.tensor([True, False, True]),
+        torch.tensor([], dtype=torch.long),
+        torch.arange(12, dtype=torch.long).reshape(3, 4)[:, 1],  # not contiguous
+    ]
+    buffer, offsets = staging.pack(tensors, pin=False)
+    assert buffer.dtype == torch.uint8 and all(offset % 8 == 0 for offset in offsets)
+    for original, view in zip(tensors, staging.unpack(buffer, offsets, tensors)):
+        assert view.dtype == original.dtype and torch.equal(view, original)
+    assert [t is s for t, s in zip(tensors, staging.to_device(tensors, "cpu"))] == [True] * 5

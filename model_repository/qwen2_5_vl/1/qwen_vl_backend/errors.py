@@ -26,3 +26,10 @@ class EngineStoppingError(EngineFullError):
     """The model is shutting down; the caller should go elsewhere."""
 
     kind = "unavailable"
+
+
+class DeviceMemoryError(EngineFullError):
+    """The device ran out of memory for this request's part of a step; retry later (other
+    requests of the step go on)."""
+
+    kind = "busy"

@@ -64,13 +64,23 @@ class ModelSettings:
     video_total_pixels: int = _LIMITS.video_total_pixels
     max_video_source_pixels: int = _LIMITS.max_video_source_pixels
     video_decode_timeout_s: float = 30.0
-    # Sequences decoded together (KV-cache slots); more requests wait for a free slot.
+    # Sequences decoded together (KV-cache slots); more requests wait for a free slot. On CUDA
+    # the slots come from free memory instead (kv_cache_memory_fraction), and this with
+    # max_cache_tokens only sets the slot length.
     max_batch_size: int = 16
     # KV-cache size in tokens, preallocated at load as max_batch_size slots of
     # max_cache_tokens / max_batch_size tokens each (capped at the context length): memory is
     # bounded by configuration, not by traffic, and a request needing more (prompt + max_tokens)
     # than one slot is refused.
     max_cache_tokens: int = 131072
+    # CUDA only: the share of the memory free after the weights load that the KV cache takes,
+    # as many slots of the length above as fit (docs/engine.md "KV cache"); the rest is for a
+    # step's activations and the vision tower. vLLM's default gpu_memory_utilization is the
+    # same 0.9, of the whole card. 0: size by max_batch_size and max_cache_tokens as on CPU.
+    kv_cache_memory_fraction: float = 0.9
+    # CUDA only: the most slots memory sizing may create (vLLM's default max_num_seqs); a
+    # step decodes every running sequence, so this bounds a step's decode rows.
+    gpu_max_batch_size: int = 256
     # Tokens one engine step may compute: every running sequence's next token plus as many
     # prompt tokens (and image tokens through the vision tower) as fit. It bounds how long a
     # running stream waits when requests arrive. 0: 256 on CPU, 2048 on GPU (docs/engine.md
@@ -79,6 +89,11 @@ class ModelSettings:
     # Threads that decode images and run the processor and chat template, so the engine thread
     # only runs the model.
     preprocess_workers: int = 2
+    # Patches (14x14 pixel squares, before the 2x2 merge) in vision-tower work at once; more
+    # images wait for the next job. It bounds the tower's activation memory; 16384 holds one
+    # video at video_total_pixels or three images at max_pixels. An item larger than this
+    # runs alone.
+    max_vision_patches: int = 16384
     # Vision-tower outputs kept for repeated images (LRU); 0 turns the cache off.
     image_cache_mb: int = 256
     # Most choices (`n`) one request may ask for; each takes a KV-cache slot.

@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..errors import EngineFullError, EngineStoppingError, RequestError
+from ..errors import DeviceMemoryError, EngineFullError, EngineStoppingError, RequestError
 from ..modeling import cpu_linear
 from ..modeling.checkpoint import Checkpoint
 from ..modeling.vision_stages import VisionJob
@@ -47,11 +47,17 @@ from ..settings import ModelSettings
 from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
+from .memory import release_cached_memory, size_kv_cache, use_device
 from .responses import Failure, RequestStream, ResponseSender, ResponseSink, Token
 from .sampling import TokenSampler, TokenTexts, resolve_sampling, sample
 from .slots import SlotContent, SlotPool
 
 log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY = (
+    "the device ran out of memory for this request; retry later, or with a shorter prompt, "
+    "fewer or smaller images"
+)
 
 
 class EngineObserver:
@@ -145,6 +151,7 @@ class _Sequence:
         self.image_parts: list[torch.Tensor | None] = []
         self.image_embeddings: torch.Tensor | None = None
         self.awaiting: list[_VisionWork] = []  # vision jobs encoding its missing images
+        self.queued_keys: set[bytes] = set()  # its missing images no job has taken yet
 
     @property
     def prefilling(self) -> bool:
@@ -157,7 +164,9 @@ class _Sequence:
     def vision_ready_this_step(self) -> bool:
         """Ready now, or the last stages of every job it waits for run in this step (before
         the forward), so its first chunk can go in the same step."""
-        return self.vision_ready or all(work.unplanned == 0 for work in self.awaiting)
+        return self.vision_ready or (
+            not self.queued_keys and all(work.unplanned == 0 for work in self.awaiting)
+        )
 
     def take_image(self, key: bytes, embeddings: torch.Tensor) -> None:
         for i, k in enumerate(self.prepared.image_keys):
@@ -235,6 +244,9 @@ class EngineStats(EngineObserver):
     send_s: float = 0.0
     cancellation_s: float = 0.0
     responses: int = 0  # responses sent (chunks and finals)
+    vision_jobs: int = 0  # vision-tower jobs started
+    largest_vision_patches: int = 0  # patches of the largest vision job
+    out_of_memory: int = 0  # out-of-memory errors survived (a smaller step, failed requests)
     sender_wakeups: int = 0  # times the sender took what was queued
     coalesced_steps: int = 0  # steps whose output went out with a later step's
 
@@ -367,11 +379,12 @@ class _Step:
 
 
 class _VisionWork:
-    """One vision-tower call over the uncached images of the requests admitted in one step."""
+    """One vision-tower call over queued uncached images, within the patch budget."""
 
-    def __init__(self, job: VisionJob, keys: list[bytes], cost: float):
+    def __init__(self, job: VisionJob, keys: list[bytes], cost: float, patches: int):
         self.job = job
         self.keys = keys
+        self.patches = patches
         self.planned = 0  # stages scheduled so far
         self.stage_cost = max(1, round(cost / job.stages))  # prompt-token units per stage
 
@@ -390,6 +403,7 @@ class BatchingEngine:
         prepare_fn: Callable[..., PreparedRequest] = prepare,
         observer: EngineObserver | None = None,
     ):
+        settings = size_kv_cache(settings, checkpoint.model, checkpoint.max_model_len)
         self._checkpoint = checkpoint
         self._settings = settings
         self._prepare = prepare_fn
@@ -412,10 +426,14 @@ class BatchingEngine:
         self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
         self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
         self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
+        self._image_queue: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # no job yet
         self._image_token_cost = _image_token_cost(self._model)
         self._vision_cost = _VisionCost(measure=str(checkpoint.device) == "cpu")
         self._pool = ThreadPoolExecutor(
-            max(1, settings.preprocess_workers), thread_name_prefix="qwen-vl-prep"
+            max(1, settings.preprocess_workers),
+            thread_name_prefix="qwen-vl-prep",
+            initializer=use_device,
+            initargs=(checkpoint.device,),
         )
         self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
         self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
@@ -521,6 +539,7 @@ class BatchingEngine:
     # ---- the engine thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        use_device(self._checkpoint.device)
         with torch.inference_mode():
             while not (self._stopping.is_set() and self._idle()):
                 try:
@@ -637,12 +656,13 @@ class BatchingEngine:
             self._waiting.pop(0)
             admitted.append(self._admit(request))
         if admitted:
-            work = self._start_vision(admitted)
-            if work is not None:
-                budget -= self._plan_stages(step, work, budget)
-            for sequence in admitted:
-                if budget > 0 and sequence.vision_ready_this_step():
-                    budget -= self._plan_chunk(step, sequence, budget)
+            self._queue_images(admitted)
+        work = self._next_vision_job()
+        if work is not None:
+            budget -= self._plan_stages(step, work, budget)
+        for sequence in admitted:
+            if budget > 0 and sequence.vision_ready_this_step():
+                budget -= self._plan_chunk(step, sequence, budget)
         return step
 
     @staticmethod
@@ -683,47 +703,72 @@ class BatchingEngine:
         sequence.image_parts = [None] * len(prepared.image_keys)
         return sequence
 
-    def _start_vision(self, admitted: list[_Sequence]) -> _VisionWork | None:
-        """Cached images go to their sequences now; the others (each once, even if several
-        requests or one request twice show it, or an earlier job is already encoding it) are
-        encoded by one new staged vision job."""
-        pixels, grids, keys, tokens, hits = [], [], [], 0, 0
-        merge = self._model.model.visual.spatial_merge_size**2
+    def _queue_images(self, admitted: list[_Sequence]) -> None:
+        """Cached images go to their sequences now; the others wait for a vision job (each
+        image once, even if several requests or one request twice show it, or an earlier job
+        is already encoding it)."""
+        hits, misses = 0, 0
         for sequence in admitted:
             for key, (rows, thw) in zip(sequence.prepared.image_keys, sequence.prepared.visual):
-                patches = int(thw.prod())
                 cached = self._images.get(key)
                 if cached is not None:
                     sequence.take_image(key, cached)
                     hits += 1
                 elif key in self._encoding:
                     sequence.awaiting.append(self._encoding[key])
-                elif key not in keys:
-                    keys.append(key)
-                    pixels.append(rows)
-                    grids.append(thw)
-                    tokens += patches // merge
-        if hits or keys:
-            self._observe.images_encoded(hits, len(keys))
+                else:
+                    if key not in self._image_queue:
+                        self._image_queue[key] = (rows, thw)
+                        misses += 1
+                    sequence.queued_keys.add(key)
+        if hits or misses:
+            self._observe.images_encoded(hits, misses)
+
+    def _next_vision_job(self) -> _VisionWork | None:
+        """A staged vision job over the queued images, oldest first, while the patches of every
+        job in progress stay within `max_vision_patches` (an item larger than that runs
+        alone); the rest wait for a later job."""
+        if not self._image_queue:
+            return None
+        room = self._settings.max_vision_patches - sum(work.patches for work in self._vision)
+        keys, patches = [], 0
+        for key, (_rows, thw) in self._image_queue.items():
+            size = int(thw.prod())
+            if patches + size > room and (keys or self._vision):
+                break
+            keys.append(key)
+            patches += size
         if not keys:
             return None
+        items = [self._image_queue.pop(key) for key in keys]
         device = self._vision_device
         job = VisionJob(
-            self._model.model.visual, torch.cat(pixels).to(device), torch.stack(grids).to(device)
+            self._model.model.visual,
+            torch.cat([rows for rows, _ in items]).to(device),
+            torch.stack([thw for _, thw in items]).to(device),
         )
-        work = _VisionWork(job, keys, tokens * self._image_token_cost)
+        tokens = patches // self._model.model.visual.spatial_merge_size**2
+        work = _VisionWork(job, keys, tokens * self._image_token_cost, patches)
         self._vision.append(work)
         self._encoding.update(dict.fromkeys(keys, work))
-        for sequence in admitted:
-            if any(key in keys for key in sequence.prepared.image_keys):
+        taken = set(keys)
+        for sequence in self._running:
+            if sequence.queued_keys & taken:
                 sequence.awaiting.append(work)
+                sequence.queued_keys -= taken
+        self.stats.vision_jobs += 1
+        self.stats.largest_vision_patches = max(self.stats.largest_vision_patches, patches)
         return work
 
     def _run_vision(self, planned: list[tuple[_VisionWork, int]]) -> None:
         for work, stages in planned:
             started = time.perf_counter()
-            for _ in range(stages):
-                work.job.advance()
+            try:
+                for _ in range(stages):
+                    work.job.advance()
+            except torch.OutOfMemoryError:
+                self._vision_failed(work)
+                continue
             self._vision_cost.vision_took(stages * work.stage_cost, time.perf_counter() - started)
             if work.job.done:
                 self._vision.remove(work)
@@ -735,12 +780,30 @@ class BatchingEngine:
                         if sequence.prefilling:
                             sequence.take_image(key, embeddings)
 
+    def _vision_failed(self, work: _VisionWork) -> None:
+        """Out of memory in the tower: the requests waiting for this job fail, no other."""
+        self.stats.out_of_memory += 1
+        self._vision.remove(work)
+        for key in work.keys:
+            del self._encoding[key]
+        release_cached_memory(self._vision_device)
+        self._fail_for_memory([s for s in self._running if work in s.awaiting])
+
+    def _fail_for_memory(self, sequences: list[_Sequence]) -> None:
+        for sequence in sequences:
+            log.warning(
+                "request %s: out of device memory, failed alone", sequence.prepared.raw.request_id
+            )
+            sequence.request.fail(DeviceMemoryError(OUT_OF_MEMORY))
+        self._retire([s for s in self._running if s.request.done])
+
     # ---- one step -----------------------------------------------------------------------
 
     def _execute(self, step: _Step) -> None:
         started = time.perf_counter()
         self._run_vision(step.vision)
         self.stats.vision_s += time.perf_counter() - started
+        step.chunks = [chunk for chunk in step.chunks if not chunk[0].request.done]
         if not step.decode and not step.chunks:
             return
         stats = self.stats
@@ -752,8 +815,10 @@ class BatchingEngine:
             start + length < s.prepared.prompt_tokens for s, start, length in step.chunks
         )
         started = time.perf_counter()
-        logits, finishing = self._forward(step)
+        logits, finishing = self._forward_within_memory(step)
         stats.forward_s += time.perf_counter() - started
+        if logits is None:  # nothing fitted: the step's requests failed
+            return
         for sequence in step.decode:
             sequence.cached += 1
             sequence.next_position += 1
@@ -770,6 +835,30 @@ class BatchingEngine:
         if step.decode:  # before the responses go out, so a client that sees them sees this too
             self._observe.decoded(len(step.decode), self._waiting_count())
         self._sample(sampled, logits, first_tokens=len(step.decode))
+
+    def _forward_within_memory(self, step: _Step) -> tuple[torch.Tensor | None, list[_Sequence]]:
+        """The step's forward; on an out-of-memory error a smaller one instead of a failed
+        batch: prompt chunks halved (down to one token each), then none (their requests fail),
+        then the decode rows in two halves, down to one row whose request fails. `step` keeps
+        only the rows computed (a retry rewrites the same keys and values in place)."""
+        try:
+            return self._forward(step)
+        except torch.OutOfMemoryError:
+            self.stats.out_of_memory += 1
+            release_cached_memory(self._checkpoint.device)
+        if any(length > 1 for _, _, length in step.chunks):
+            step.chunks = [(s, start, max(1, length // 2)) for s, start, length in step.chunks]
+            return self._forward_within_memory(step)
+        if step.chunks or len(step.decode) == 1:
+            self._fail_for_memory([s for s, _, _ in step.chunks] or step.decode)
+            step.chunks, step.decode = [], [s for s in step.decode if not s.request.done]
+            return self._forward_within_memory(step) if step.decode else (None, [])
+        half = len(step.decode) // 2
+        halves = [_Step(step.decode[:half], [], []), _Step(step.decode[half:], [], [])]
+        logits = [self._forward_within_memory(part)[0] for part in halves]
+        step.decode = halves[0].decode + halves[1].decode
+        computed = [part for part in logits if part is not None]
+        return (torch.cat(computed) if computed else None), []
 
     def _forward(self, step: _Step) -> tuple[torch.Tensor, list[_Sequence]]:
         """One packed forward; logits of each decode token and of each finished prompt."""

@@ -1,4 +1,5 @@
-"""Vision-tower outputs kept by the digest of their exact input, bounded in bytes (LRU).
+"""Vision-tower outputs kept by the digest of their exact input, bounded in bytes (LRU): the
+bytes each entry holds on its device, counted exactly (entries own their storage).
 
 A repeated image (same pixels after resizing, so the same pixel budget) skips the vision tower.
 Only the engine thread touches it, so it needs no lock.
@@ -39,9 +40,14 @@ class EmbeddingCache:
         return embeddings
 
     def put(self, key: bytes, embeddings: torch.Tensor) -> None:
+        """Keep `embeddings`, owning exactly its bytes: a view into a larger tensor (one image
+        of a vision job's output) is copied, or it would pin the whole output while the cache
+        counted only the view."""
         size = embeddings.numel() * embeddings.element_size()
         if size > self.max_bytes or key in self._entries:
             return
+        if embeddings.untyped_storage().nbytes() != size or not embeddings.is_contiguous():
+            embeddings = embeddings.clone(memory_format=torch.contiguous_format)
         self._entries[key] = embeddings
         self.bytes += size
         while self.bytes > self.max_bytes:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..request.params import SamplingParams
+from .staging import to_device
 
 # A sampled token's logprob and the top alternatives as (token id, logprob), best first.
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
@@ -114,9 +115,9 @@ def _seeded_generator(device, seed: int | None) -> torch.Generator:
 _TEMPERATURE, _TOP_K, _TOP_P, _REPETITION, _FREQUENCY, _PRESENCE = range(6)
 
 
-def _settings(samplers: list[TokenSampler], device) -> torch.Tensor:
-    """Every row's numeric settings as one float32 matrix, copied to the device once (one
-    host→device copy per step instead of one per setting). top_k is exact in float32."""
+def _settings(samplers: list[TokenSampler]) -> torch.Tensor:
+    """Every row's numeric settings as one float32 matrix on the host (top_k is exact in
+    float32), so one copy moves them all."""
     rows = [
         (
             s.settings.temperature,
@@ -128,10 +129,7 @@ def _settings(samplers: list[TokenSampler], device) -> torch.Tensor:
         )
         for s in samplers
     ]
-    matrix = torch.tensor(rows, dtype=torch.float32)
-    if torch.device(device).type == "cuda":
-        return matrix.pin_memory().to(device, non_blocking=True)
-    return matrix
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _column(settings: torch.Tensor, column: int) -> torch.Tensor:
@@ -200,26 +198,42 @@ def _sampled(scores: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor
     return (probs / noise).argmax(dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[TokenSampler]) -> torch.Tensor:
+class _StepRows:
+    """Which rows of a step need what, with the index and settings tensors built on the host
+    and moved to the device in one copy (`staging`)."""
+
+    def __init__(self, samplers: list[TokenSampler], top_logprobs: list[int | None], device):
+        self.special = [row for row, s in enumerate(samplers) if not s.settings.plain_greedy]
+        group = [samplers[row] for row in self.special]
+        self.drawn = [i for i, s in enumerate(group) if not s.settings.greedy]
+        self.wanted = [row for row, top in enumerate(top_logprobs) if top is not None]
+        self.special_rows = self.settings = self.drawn_rows = self.wanted_rows = None
+        if self.special or self.wanted:  # plain greedy steps need none of it
+            host = [torch.tensor(self.special, dtype=torch.long), _settings(group)]
+            host += [torch.tensor(self.drawn, dtype=torch.long)]
+            host += [torch.tensor(self.wanted, dtype=torch.long)]
+            moved = to_device(host, device)
+            self.special_rows, self.settings, self.drawn_rows, self.wanted_rows = moved
+
+
+def choose_tokens(
+    logits: torch.Tensor, samplers: list[TokenSampler], rows: _StepRows | None = None
+) -> torch.Tensor:
     """One token per row of float32 logits, on the logits' device (no copy to the host):
     plain greedy rows share one argmax, the others go through the batched penalties, filters
     and draws."""
+    rows = rows or _StepRows(samplers, [None] * len(samplers), logits.device)
     tokens = logits.argmax(dim=-1)
-    special = [row for row, s in enumerate(samplers) if not s.settings.plain_greedy]
-    if special:
-        device = logits.device
-        group = [samplers[row] for row in special]
-        settings = _settings(group, device)
-        rows = torch.tensor(special, device=device)
-        scores = _penalised(logits.index_select(0, rows), group, settings)
+    if rows.special:
+        group = [samplers[row] for row in rows.special]
+        scores = _penalised(logits.index_select(0, rows.special_rows), group, rows.settings)
         chosen = scores.argmax(dim=-1)
-        drawn = [i for i, s in enumerate(group) if not s.settings.greedy]
-        if drawn:
-            index = torch.tensor(drawn, device=device)
-            subset = [group[i] for i in drawn]
-            filtered = _filtered(scores.index_select(0, index), settings.index_select(0, index))
-            chosen[index] = _sampled(filtered, subset)
-        tokens[rows] = chosen
+        if rows.drawn:
+            index = rows.drawn_rows
+            subset = [group[i] for i in rows.drawn]
+            settings = rows.settings.index_select(0, index)
+            chosen[index] = _sampled(_filtered(scores.index_select(0, index), settings), subset)
+        tokens[rows.special_rows] = chosen
     return tokens
 
 
@@ -230,14 +244,15 @@ def sample(
     alternatives), their logprobs, computed batched on the device and brought to the host in
     one copy. Logprobs are of the logits as given (after the grammar mask, if any: a masked
     token is -inf and never listed)."""
-    tokens = choose_tokens(logits, samplers)
-    wanted = [row for row, top in enumerate(top_logprobs) if top is not None]
+    rows = _StepRows(samplers, top_logprobs, logits.device)
+    tokens = choose_tokens(logits, samplers, rows)
+    wanted = rows.wanted
     parts = [tokens.double()]
     top = max((top_logprobs[row] for row in wanted), default=0)
     if wanted:
-        rows = torch.tensor(wanted, device=logits.device)
-        logprobs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
-        parts.append(logprobs.gather(1, tokens.index_select(0, rows)[:, None]).double()[:, 0])
+        index = rows.wanted_rows
+        logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        parts.append(logprobs.gather(1, tokens.index_select(0, index)[:, None]).double()[:, 0])
         if top:
             values, ids = torch.topk(logprobs, top, dim=-1)
             parts += [values.double().flatten(), ids.double().flatten()]
