@@ -91,6 +91,88 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on `port` at `host` (a server's leftover TIME_WAIT sockets
+    do not count: servers bind with SO_REUSEADDR too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+# ---- processes and process groups (Linux /proc; elsewhere these know nothing) -------------
+
+
+def _proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the name (state, ppid, pgrp, ...)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (zombies are already dead)."""
+    members = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _proc_stat(proc.name)
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append(int(proc.name))
+    return members
+
+
+def end_process_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """SIGKILL all that is left of the process group `proc` leads (a tritonserver's stubs
+    included), reap `proc`, and wait until the group is empty."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    deadline = time.monotonic() + wait_s
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The socket inodes listening on TCP `port` (any address)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def group_listens_on(pgid: int, port: int) -> bool:
+    """Whether a process of group `pgid` holds the listening socket on `port`; True where
+    /proc cannot tell (not Linux)."""
+    if not Path("/proc/net/tcp").exists():
+        return True
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    for pid in group_members(pgid):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 @dataclass
 class StackConfig:
     model: str
@@ -118,6 +200,23 @@ class StackConfig:
     @property
     def triton_grpc_url(self) -> str:
         return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+    def ports(self) -> list[tuple[int, str]]:
+        """(port, what and which flag sets it) for every port the stack listens on."""
+        return [
+            (self.proxy_port, "the OpenAI proxy, --proxy-port"),
+            (self.http_port, "Triton HTTP, --http-port"),
+            (self.grpc_port, "Triton gRPC, --grpc-port"),
+            (self.metrics_port, "Triton metrics, --metrics-port"),
+        ]
+
+    def ports_taken(self) -> list[str]:
+        """A sentence for each of the stack's ports that something already listens on."""
+        return [
+            f"port {port} ({what}) is already in use on {self.host}"
+            for port, what in self.ports()
+            if port_in_use(self.host, port)
+        ]
 
 
 def loopback_config(model: str, **overrides) -> StackConfig:
@@ -153,6 +252,9 @@ def triton_command(config: StackConfig) -> list[str]:
         f"--metrics-address={config.host}",
         "--exit-timeout-secs=30",
         "--log-info=true",
+        # config.pbtxt is complete: without this, Triton starts an extra stub just to ask
+        # model.py for a config, paying the model's imports (torch, transformers) twice.
+        "--disable-auto-complete-config",
     ]
     if config.lazy_load:
         cmd.append("--model-control-mode=explicit")
@@ -193,7 +295,8 @@ def _get_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 class Stack:
-    """tritonserver + proxy as child processes, logs in files, stopped together."""
+    """tritonserver + proxy as child processes, each in a process group of its own (with
+    tritonserver's Python-backend stubs in its group), logs in files, stopped together."""
 
     def __init__(self, config: StackConfig):
         self.config = config
@@ -205,23 +308,33 @@ class Stack:
 
     def start(self) -> None:
         self.start_triton()
+        self.start_proxy()
+
+    def start_proxy(self) -> None:
+        """The proxy alone: in front of this stack's tritonserver, or (started this way
+        only) of tritonservers its --triton-url names."""
         self.proxy = self._spawn(proxy_command(self.config), self.proxy_log, stack_env(self.config))
 
     def start_triton(self) -> None:
-        """(Re)start tritonserver on the configured ports; the proxy reconnects by itself."""
+        """(Re)start tritonserver on the configured ports; the proxy reconnects by itself.
+        What is left of a previous tritonserver's group (its stubs) is ended first."""
+        if self.triton is not None:
+            end_process_group(self.triton)
         self.triton = self._spawn(
             triton_command(self.config), self.triton_log, stack_env(self.config)
         )
 
     def _spawn(self, cmd, log_path: Path, env) -> subprocess.Popen:
-        log = open(log_path, "ab", buffering=0)
-        return subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(log_path, "ab", buffering=0) as log:
+            return subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_ready(self, timeout: float = 300.0, progress=None) -> None:
         """Until the proxy's /ready is 200 (which means Triton has the model loaded); with
-        lazy loading, until the proxy's /health is 200 (the first request loads the model)."""
+        lazy loading, until the proxy's /health is 200 (the first request loads the model).
+        An answer counts only once this stack's own processes hold the ports it came through,
+        never another server's that answers there."""
         probe = "/health" if self.config.lazy_load else "/ready"
         deadline = time.monotonic() + timeout
         started = time.monotonic()
@@ -230,31 +343,39 @@ class Stack:
                 ("tritonserver", self.triton, self.triton_log),
                 ("proxy", self.proxy, self.proxy_log),
             ):
-                if proc.poll() is not None:
+                if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{_tail(log)}")
             triton = _get_status(f"{self.config.triton_http_url}/v2/models/{TRITON_MODEL}/ready")
             proxy = _get_status(f"{self.config.proxy_url}{probe}")
             if progress:
                 progress(time.monotonic() - started, triton == 200, proxy == 200)
-            if proxy == 200:
+            if proxy == 200 and self._listening_itself():
                 return
             time.sleep(0.5)
         raise TimeoutError(
             f"stack not ready after {timeout:.0f}s; triton log:\n{_tail(self.triton_log)}"
         )
 
+    def _listening_itself(self) -> bool:
+        """Whether the proxy's port is this stack's proxy's and Triton's gRPC port (the one
+        the proxy asks) this stack's tritonserver's, when it started one."""
+        if not group_listens_on(self.proxy.pid, self.config.proxy_port):
+            return False
+        return self.triton is None or group_listens_on(self.triton.pid, self.config.grpc_port)
+
     def stop(self, timeout: float = 40.0) -> None:
-        for proc in (self.proxy, self.triton):
-            if proc and proc.poll() is None:
+        """SIGTERM to both (the proxy drains, Triton unloads the model), then whatever is left
+        of either process group, stubs included, is killed."""
+        started = [proc for proc in (self.proxy, self.triton) if proc is not None]
+        for proc in started:
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (self.proxy, self.triton):
-            if proc is None:
-                continue
+        for proc in started:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+            end_process_group(proc)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -309,30 +430,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model, why = choose_model(args.model)
-    print(f"[serve] model: {model} ({why})", file=sys.stderr)
-    stack = Stack(
-        StackConfig(
-            model=model,
-            host=args.host,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
-            proxy_port=args.proxy_port,
-            lazy_load=args.lazy_load,
-        )
+    config = StackConfig(
+        model="",
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        proxy_port=args.proxy_port,
+        lazy_load=args.lazy_load,
     )
+    taken = config.ports_taken()
+    if taken:  # before anything starts: its readiness would be the other server's
+        for sentence in taken:
+            print(f"[serve] {sentence}: stop what holds it or pick another port", file=sys.stderr)
+        return 2
+    config.model, why = choose_model(args.model)
+    print(f"[serve] model: {config.model} ({why})", file=sys.stderr)
+    stack = Stack(config)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start()
         print(f"[serve] logs: {stack.triton_log} {stack.proxy_log}", file=sys.stderr)
         stack.wait_ready(args.ready_timeout, _progress_line)
-        cfg = stack.config
         print(
             f"\n[serve] ready\n"
-            f"  OpenAI API      {cfg.proxy_url}/v1/chat/completions\n"
-            f"  Triton HTTP     {cfg.triton_http_url}   gRPC {cfg.triton_grpc_url}\n"
-            f"  Triton metrics  http://{_connect_host(cfg.host)}:{cfg.metrics_port}/metrics\n"
+            f"  OpenAI API      {config.proxy_url}/v1/chat/completions\n"
+            f"  Triton HTTP     {config.triton_http_url}   gRPC {config.triton_grpc_url}\n"
+            f"  Triton metrics  http://{_connect_host(config.host)}:{config.metrics_port}/metrics\n"
             f"[serve] Ctrl-C stops both",
             file=sys.stderr,
         )
@@ -347,6 +471,9 @@ def main(argv=None) -> int:
         print(f"\n[serve] {err}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the stop short and leave servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
 
 

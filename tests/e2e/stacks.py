@@ -11,8 +11,8 @@ def running_stack(model: str, ready_timeout: float = 240, **overrides):
     running = stack_launcher.Stack(stack_launcher.loopback_config(model, **overrides))
     for log in (running.triton_log, running.proxy_log):
         log.unlink(missing_ok=True)
-    running.start()
     try:
+        running.start()
         running.wait_ready(timeout=ready_timeout)
         yield running
     finally:

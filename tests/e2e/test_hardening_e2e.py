@@ -6,8 +6,8 @@
   port returns to 0; the request is counted as cancelled).
 - Load at 4x the proxy's in-flight cap: every answer is 200 or 429 and every stream that
   started ends with [DONE].
-- tritonserver killed mid-stream: an SSE error event and [DONE], /ready 503; restarted on
-  the same ports, the same proxy process serves again.
+- tritonserver killed mid-stream: an SSE error event and [DONE], /ready 503, its model stub
+  gone with it; restarted on the same ports, the same proxy process serves again.
 
 The last two use a stack of their own (this module's), never the session's, so killing its
 tritonserver breaks no other test.
@@ -22,7 +22,7 @@ import pytest
 import requests
 from helpers import data_url, sse_line_payloads, wait_until
 from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT
-from stacks import running_stack
+from stacks import running_stack, stack_launcher
 from test_model_metrics_e2e import scrape
 
 SERVED = "qwen2.5-vl-7b-instruct"
@@ -153,9 +153,13 @@ def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
         lines = (line for line in response.iter_lines() if line)
         seen = [next(lines) for _ in range(4)]
         assert all(line.startswith(b"data: {") for line in seen)
-        os.killpg(own_stack.triton.pid, signal.SIGKILL)  # the backend stubs go with it
+        stubs = stack_launcher.group_members(own_stack.triton.pid)
+        assert len(stubs) > 1, stubs  # tritonserver and its model's stub
+        os.kill(own_stack.triton.pid, signal.SIGKILL)  # tritonserver alone, not its group
         own_stack.triton.wait()
         rest = sse_line_payloads(lines)
+    # The stub ends itself when its tritonserver is gone (model.py's initialize).
+    wait_until(lambda: not stack_launcher.group_members(own_stack.triton.pid), timeout=10)
     assert rest[-1] == "[DONE]"
     error = rest[-2]["error"]
     assert error["code"] == "backend_unavailable" and error["type"] == "service_unavailable"

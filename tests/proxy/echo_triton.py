@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 from helpers import wait_until
-from stack import free_port, pytriton_home
+from stack import end_process_group, free_port, pytriton_home
 
 ECHO_MODEL_DIR = Path(__file__).parent / "triton_models" / "echo"
 STARTUP_TIMEOUT_S = 60
@@ -57,11 +57,13 @@ def echo_tritonserver(root: Path, *extra_args: str, ready_model: str | None = "e
                 "--grpc-address=127.0.0.1",
                 f"--grpc-port={port}",
                 "--exit-timeout-secs=2",
+                "--disable-auto-complete-config",  # the config is complete: one stub, not two
                 *extra_args,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=True,  # its stubs join its process group, ended with it
         )
     url = f"127.0.0.1:{port}"
     try:
@@ -72,8 +74,8 @@ def echo_tritonserver(root: Path, *extra_args: str, ready_model: str | None = "e
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            pass
+        end_process_group(process)
 
 
 def _wait_until_ready(

@@ -13,6 +13,10 @@ config.pbtxt's parameters as JSON, as the real model answers with its ModelLimit
 
 import hashlib
 import json
+import os
+import select
+import signal
+import threading
 import time
 
 import numpy as np
@@ -21,8 +25,29 @@ import triton_python_backend_utils as pb_utils
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+def _exit_with_tritonserver():
+    """As the real model does (model_repository/qwen2_5_vl/1/model.py): a tritonserver killed
+    with SIGKILL never stops its stubs, so this one ends itself once its server is gone."""
+    parent = os.getppid()
+    threading.Thread(target=_kill_self_when_gone, args=(parent,), daemon=True).start()
+
+
+def _kill_self_when_gone(pid):
+    try:
+        watched = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        watched = None
+    if watched is not None and os.getppid() == pid:
+        select.select([watched], [], [])
+    else:
+        while os.getppid() == pid:
+            time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        _exit_with_tritonserver()
         parameters = json.loads(args["model_config"]).get("parameters", {})
         self.limits = {name: int(spec["string_value"]) for name, spec in parameters.items()}
 
