@@ -1,8 +1,11 @@
 """Fixtures shared by every tier: the tiny checkpoint. pytest.ini puts the repository root,
-scripts/ and the model's helper modules on the path."""
+scripts/ and the model's helper modules on the path.
+
+The session fails if a server it started outlives it (tests/leftover_processes.py)."""
 
 import pytest
 import stack
+from leftover_processes import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks)
 
 
 @pytest.fixture(scope="session")
