@@ -3,12 +3,15 @@
 and what a replica killed mid-load costs.
 
     .venv/bin/python bench/replicas_bench.py [--requests 32] [--concurrency 8] [--out FILE]
+        [--first-triton HOST:PORT]
 
 Phases: (1) `--requests` streamed chat completions at `--concurrency`, the spread read from
 the proxy's `qwen_vl_proxy_upstream_requests_total`; (2) the same load with the second
 tritonserver killed (SIGKILL) one second in: requests that had not started streaming must
 not fail, streams on the killed replica end with an error event, `/ready` is polled
 throughout; (3) the replica restarted: the share it takes again without a proxy restart.
+`--first-triton` takes a running tritonserver (never killed) as the first replica instead of
+starting one: the end-to-end test lends it the session's.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import aiohttp  # noqa: E402
 import stack as launcher  # noqa: E402  (scripts/stack.py)
+import tritonclient.grpc as grpcclient  # noqa: E402
 
 from client.sse import stream_events  # noqa: E402
+from proxy.transport.upstreams import DOWN_FOR_S  # noqa: E402
 
 UPSTREAM = re.compile(
     r'qwen_vl_proxy_upstream_requests_total\{outcome="(\w+)",upstream="([^"]+)"\} (\S+)'
@@ -111,17 +116,16 @@ async def measure(primary, second, args) -> dict:
         )
         stop.set()
         await poller
+        failover_ended = time.monotonic()  # the last request that marked the replica down
         report["failover"] = dict(outcomes)
-        report["failover_s"] = round(time.monotonic() - started, 2)
+        report["failover_s"] = round(failover_ended - started, 2)
         report["failover_by_upstream"] = delta(await upstream_counts(session, base), before)
         report["ready_during_failover"] = dict(ready_codes)
 
         second.start_triton()
-        url = f"{second.config.triton_http_url}/v2/models/qwen2_5_vl/ready"
-        deadline = time.monotonic() + 240
-        while launcher._get_status(url) != 200 and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(6)  # past the proxy's down period for the replica
+        await asyncio.to_thread(wait_model_ready, [second.config.triton_grpc_url], 240)
+        # Past the proxy's down period for the replica (it began before failover_ended).
+        await asyncio.sleep(max(0.0, failover_ended + DOWN_FOR_S + 0.5 - time.monotonic()))
         before = await upstream_counts(session, base)
         report["after_restart"] = dict(
             await load(session, base, args.requests, args.concurrency, 16)
@@ -130,38 +134,58 @@ async def measure(primary, second, args) -> dict:
     return report
 
 
+def wait_model_ready(grpc_urls: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for url in grpc_urls:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            while not _model_ready(client):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the tritonserver at {url} is not ready")
+                time.sleep(0.5)
+        finally:
+            client.close()
+
+
+def _model_ready(client) -> bool:
+    try:
+        return client.is_model_ready(launcher.TRITON_MODEL)
+    except Exception:  # not listening yet
+        return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--first-triton",
+        default=None,
+        help="gRPC host:port of a running tritonserver to use as the first replica (it is "
+        "never killed); default: start one",
+    )
     args = parser.parse_args(argv)
     model = launcher.tiny_checkpoint()
     second = launcher.Stack(launcher.loopback_config(model))
     primary_config = launcher.loopback_config(model)
-    both = f"{primary_config.triton_grpc_url},{second.config.triton_grpc_url}"
-    primary_config.proxy_args = ["--triton-url", both]
+    first_url = args.first_triton or primary_config.triton_grpc_url
+    primary_config.proxy_args = ["--triton-url", f"{first_url},{second.config.triton_grpc_url}"]
     primary = launcher.Stack(primary_config)
-    second.start_triton()
-    primary.start()
     try:
+        second.start_triton()
+        if args.first_triton:
+            primary.start_proxy()
+        else:
+            primary.start()
         primary.wait_ready(timeout=300)  # the proxy is ready once either replica is
-        deadline = time.monotonic() + 300
-        for replica in (primary, second):
-            ready = f"{replica.config.triton_http_url}/v2/models/qwen2_5_vl/ready"
-            while launcher._get_status(ready) != 200:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("a tritonserver is not ready")
-                time.sleep(0.5)
-        time.sleep(6)  # past the down period of a replica the proxy tried while it loaded
+        # No request reaches a replica before both are ready, so none is marked down.
+        wait_model_ready([first_url, second.config.triton_grpc_url], timeout=300)
         report = asyncio.run(measure(primary, second, args))
     finally:
         primary.stop()
         second.stop()
-    report["upstreams"] = {
-        "first": primary_config.triton_grpc_url,
-        "second": second.config.triton_grpc_url,
-    }
+    report["upstreams"] = {"first": first_url, "second": second.config.triton_grpc_url}
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

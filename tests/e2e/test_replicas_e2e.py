@@ -1,6 +1,7 @@
 """Two real tritonservers (tiny checkpoint) behind one proxy, through bench/replicas_bench.py:
 both take requests, a replica killed mid-load fails no request that had not started
-streaming while /ready stays 200, and it takes requests again after a restart."""
+streaming while /ready stays 200, and it takes requests again after a restart. The session's
+tritonserver is the first replica (never killed); the bench starts and kills the second."""
 
 import json
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_two_replicas_spread_fail_over_and_come_back(tmp_path):
+def test_two_replicas_spread_fail_over_and_come_back(stack, tmp_path):
     out = tmp_path / "replicas.json"
     result = subprocess.run(
         [
@@ -18,6 +19,8 @@ def test_two_replicas_spread_fail_over_and_come_back(tmp_path):
             str(ROOT / "bench/replicas_bench.py"),
             "--requests",
             "16",
+            "--first-triton",
+            stack.config.triton_grpc_url,
             "--out",
             str(out),
         ],

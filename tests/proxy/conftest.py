@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import TestClient
+from echo_triton import echo_tritonserver
 from proxy_fakes import TEST_CONFIG, FakeBackend, serving
 
 from proxy.config import with_settings
@@ -26,3 +27,11 @@ async def make_client() -> AsyncGenerator[ClientFactory, None]:
             return await servers.enter_async_context(serving(config, backend))
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def echo_triton_url(tmp_path_factory) -> str:
+    """The gRPC url of one real tritonserver serving the echo model, shared by the tier's
+    live tests (none of them changes what it serves)."""
+    with echo_tritonserver(tmp_path_factory.mktemp("triton")) as url:
+        yield url

@@ -7,19 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import pytest
-from echo_triton import echo_tritonserver
 from hardening_helpers import CHAT, assert_envelope, assert_no_leak
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG, serving
 
 from proxy.config import with_settings
 from proxy.transport.backend import TritonBackend
-
-
-@pytest.fixture(scope="module")
-def echo_url(tmp_path_factory):
-    with echo_tritonserver(tmp_path_factory.mktemp("triton-raise")) as url:
-        yield url
 
 
 class RaisingOnRequest:
@@ -38,8 +30,8 @@ class RaisingOnRequest:
         return getattr(self._inner, name)
 
 
-async def test_model_exception_fails_that_request_alone(echo_url, caplog):
-    backend = TritonBackend(echo_url)
+async def test_model_exception_fails_that_request_alone(echo_triton_url, caplog):
+    backend = TritonBackend(echo_triton_url)
     config = with_settings(TEST_CONFIG, triton_model="echo")
     try:
         async with serving(config, RaisingOnRequest(backend)) as client:

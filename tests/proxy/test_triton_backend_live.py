@@ -23,10 +23,9 @@ from proxy.transport.backend import TritonBackend, TritonRequest
 from proxy.transport.contract import ModelError, ModelLimits
 
 
-@pytest.fixture(scope="module")
-def triton_url(tmp_path_factory) -> str:
-    with echo_tritonserver(tmp_path_factory.mktemp("triton")) as url:
-        yield url
+@pytest.fixture
+def triton_url(echo_triton_url) -> str:
+    return echo_triton_url
 
 
 @pytest.fixture(scope="module")
