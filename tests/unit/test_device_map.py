@@ -106,7 +106,7 @@ def test_tiny_checkpoint_loads_through_a_device_map(tiny_checkpoint_path):
 def test_kv_cache_keeps_each_layer_next_to_its_weights():
     cache = SlotKVCache(2, 2, 8, 1, 4, torch.float32, ["cpu", "meta"])
     assert [k.device.type for k in cache.keys] == ["cpu", "meta"]
-    layout = StepLayout([0], [3], [], "cpu")
+    layout = StepLayout([0, 1], [3, 2], [], "cpu")  # unequal lengths: a key mask
     assert layout.on(torch.device("cpu")) is layout
     moved = layout.on(torch.device("meta"))
     assert moved.token_slots.device.type == "meta" and moved.decode_view()[3].device.type == "meta"

@@ -7,16 +7,23 @@ or retiring a sequence moves no other sequence's cache, and a step writes only i
 
 A step is one *packed* forward: a single row of T tokens holding every running sequence's decode
 token followed by prompt chunks of sequences being prefilled. `StepLayout` says, for that row,
-which slot and position each token belongs to. Attention then works per group:
-- the decode tokens attend together (one SDPA call) to a view of the slot buffers, each row masked
-  to its own valid length; slots are handed out lowest-first, so the view spans few idle slots;
+which slot and position each token belongs to. Attention (`attend`) then works per group:
+- the decode tokens attend together (one SDPA call) to a view of the slot buffers from the lowest
+  to the highest slot they use, each row masked to its own valid length (no mask when all are
+  equal); slots are handed out lowest-first, so the view spans few idle slots.
+  The query heads that share a KV head are passed as that head's query rows (a decode token has
+  one query per head and no causal structure), so SDPA reads each KV head once instead of
+  expanding it per query head: on the development CPU this halved the kernel's time
+  (docs/engine.md "Lean forward");
 - each prefill chunk attends to its own slot's prefix plus itself, causally.
 Nothing is concatenated or re-padded, and the cache is read through views, not copies.
 
-The attention function is registered with transformers' `AttentionInterface`; the model's own
-attention modules (projections, rotary, output) run unchanged and hand it the query, and get the
-slot buffers back from `SlotKVCache.update`. Outside a packed step (e.g. `model.generate` on the
-same model object) it defers to SDPA, so the checkpoint stays usable the ordinary way.
+Two forwards use it: the engine's own decoder (`modeling/decoder.py`) calls `SlotKVCache.write`
+and `attend` directly; for HF's text model (the reference, and `forward: hf`) the function is
+registered with transformers' `AttentionInterface` as `slot_attention`, and
+`SlotKVCache.update` hands HF's attention the slot buffers. Outside a packed step (e.g.
+`model.generate` on the same model object) it defers to SDPA, so the checkpoint stays usable
+the ordinary way.
 """
 
 from __future__ import annotations
@@ -29,6 +36,16 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "qwen_vl_slots"
+
+# On a GPU the decode view's length is rounded up to this many tokens (masked past each row's
+# own length), so SDPA's kernels see one shape for 256 steps rather than a new one every step.
+_CUDA_LENGTH_MULTIPLE = 256
+
+
+def decode_length_multiple(device: str) -> int:
+    """What `StepLayout.length_multiple` should be on `device` (1: the exact length, on CPU,
+    where every extra masked column costs compute and no kernel is rebuilt per shape)."""
+    return _CUDA_LENGTH_MULTIPLE if str(device).startswith("cuda") else 1
 
 
 @dataclass
@@ -47,12 +64,16 @@ class StepLayout:
 
     decode_slots[i] is the slot of the i-th token of the row (decode tokens come first);
     decode_lengths[i] is that slot's valid length once the token is written.
+    `length_multiple` rounds the decode view's length up (at most to `slot_len`), so a GPU
+    kernel sees the same shape for many steps instead of a new one per step.
     """
 
     decode_slots: list[int]
     decode_lengths: list[int]
     chunks: list[PrefillChunk]
     device: torch.device
+    length_multiple: int = 1
+    slot_len: int = 0
 
     def __post_init__(self):
         slots, positions = list(self.decode_slots), [n - 1 for n in self.decode_lengths]
@@ -62,6 +83,9 @@ class StepLayout:
         self.token_slots = torch.tensor(slots, device=self.device)
         self.token_positions = torch.tensor(positions, device=self.device)
         self.num_decode = len(self.decode_slots)
+        # decode token i reads row i of the decode view: no scatter or gather
+        first = self.decode_slots[0] if self.decode_slots else 0
+        self.decode_in_slot_order = self.decode_slots == list(range(first, first + self.num_decode))
         self.num_tokens = len(slots)
         self._decode_view = None
         self._home = torch.device(self.device)
@@ -90,25 +114,31 @@ class StepLayout:
             moved.token_positions = self.token_positions.to(device)
             moved.chunk_masks = [None if m is None else m.to(device) for m in self.chunk_masks]
             if self.num_decode:
-                span, longest, rows, mask = self.decode_view()
-                moved._decode_view = (span, longest, rows.to(device), mask.to(device))
+                slots, longest, rows, mask = self.decode_view()
+                mask = None if mask is None else mask.to(device)
+                moved._decode_view = (slots, longest, rows.to(device), mask)
             self._moved[device] = moved
         return moved
 
     def decode_view(self):
-        """(slot span, longest length, query scatter index, key mask), computed once per step."""
+        """(the slice of slots the decode tokens read, the keys each reads at most, each token's
+        row in that slice, the key mask or None when every row reads all of them), computed once
+        per step. Slots between the decode tokens' that are idle or prefilling get a row that
+        sees one (ignored) key."""
         if self._decode_view is None:
-            span = max(self.decode_slots) + 1
+            first, last = min(self.decode_slots), max(self.decode_slots)
             longest = max(self.decode_lengths)
-            lengths = torch.ones(span, dtype=torch.long)  # idle slots see one (ignored) key
-            lengths[self.decode_slots] = torch.tensor(self.decode_lengths)
-            mask = torch.arange(longest)[None, :] < lengths[:, None]
-            self._decode_view = (
-                span,
-                longest,
-                self.token_slots[: self.num_decode],
-                mask.to(self.device)[:, None, None, :],
-            )
+            if self.length_multiple > 1:
+                longest = -(-longest // self.length_multiple) * self.length_multiple
+                longest = min(longest, self.slot_len or longest)
+            rows = torch.tensor(self.decode_slots) - first
+            lengths = torch.ones(last + 1 - first, dtype=torch.long)
+            lengths[rows] = torch.tensor(self.decode_lengths)
+            mask = None
+            if not bool((lengths == longest).all()):
+                mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
+                mask = mask.to(self.device)
+            self._decode_view = (slice(first, last + 1), longest, rows.to(self.device), mask)
         return self._decode_view
 
 
@@ -153,12 +183,19 @@ class SlotKVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def update(self, key_states, value_states, layer_idx: int, kwargs=None):
-        """Write this step's keys/values ([1, kv_heads, T, D]) into their slots; return the buffers."""
-        layout = self.layout.on(self.keys[layer_idx].device)
+    def write(self, layer: int, keys, values, layout: StepLayout) -> None:
+        """This step's keys and values ([T, kv_heads, D]) into their slots, in place."""
+        layout = layout.on(self.keys[layer].device)
         slots, positions = layout.token_slots, layout.token_positions
-        self.keys[layer_idx][slots, :, positions] = key_states[0].transpose(0, 1)
-        self.values[layer_idx][slots, :, positions] = value_states[0].transpose(0, 1)
+        self.keys[layer][slots, :, positions] = keys
+        self.values[layer][slots, :, positions] = values
+
+    def update(self, key_states, value_states, layer_idx: int, kwargs=None):
+        """HF's cache call: write this step's keys/values ([1, kv_heads, T, D]) into their slots
+        (the layout of the active `packed_step`); return the buffers."""
+        self.write(
+            layer_idx, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1), self.layout
+        )
         return self.keys[layer_idx], self.values[layer_idx]
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
@@ -200,8 +237,48 @@ class packed_step:
         self._cache.layout = None
 
 
+def attend(layout: StepLayout, query, keys, values, scale: float):
+    """Attention of a packed step's queries ([T, heads, D]) over a layer's slot buffers
+    (already holding this step's keys and values); [T, heads, D]."""
+    layout = layout.on(keys.device)
+    heads, head_dim = query.shape[1], query.shape[2]
+    out = query.new_empty(layout.num_tokens, heads, head_dim)
+    if layout.num_decode:
+        out[: layout.num_decode] = _decode_attention(layout, query, keys, values, scale)
+    for chunk, mask in zip(layout.chunks, layout.chunk_masks):
+        end = chunk.start + chunk.length
+        attended = F.scaled_dot_product_attention(
+            query[chunk.offset : chunk.offset + chunk.length].transpose(0, 1)[None],
+            keys[chunk.slot : chunk.slot + 1, :, :end],
+            values[chunk.slot : chunk.slot + 1, :, :end],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[chunk.offset : chunk.offset + chunk.length] = attended[0].transpose(0, 1)
+    return out
+
+
+def _decode_attention(layout: StepLayout, query, keys, values, scale: float):
+    """The decode tokens over their slots: each KV head's query heads as its query rows."""
+    slots, longest, rows, mask = layout.decode_view()
+    count, heads, head_dim = layout.num_decode, query.shape[1], query.shape[2]
+    kv_heads = keys.shape[1]
+    grouped = query[:count].reshape(count, kv_heads, heads // kv_heads, head_dim)
+    if not layout.decode_in_slot_order:
+        span = slots.stop - slots.start
+        grouped = query.new_zeros(span, *grouped.shape[1:]).index_copy_(0, rows, grouped)
+    attended = F.scaled_dot_product_attention(
+        grouped, keys[slots, :, :longest], values[slots, :, :longest], attn_mask=mask, scale=scale
+    )
+    if not layout.decode_in_slot_order:
+        attended = attended[rows]
+    return attended.reshape(count, heads, head_dim)
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over the slot buffers for a packed step; SDPA otherwise. Returns [1, T, H, D]."""
+    """HF's attention interface: `attend` in a packed step, SDPA otherwise. Returns [1, T, H, D]."""
     cache = active_cache()
     if cache is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -209,35 +286,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    layout = cache.layout.on(key.device)
-    heads, head_dim = query.shape[1], query.shape[3]
-    out = query.new_empty(layout.num_tokens, heads, head_dim)
-    if layout.num_decode:
-        span, longest, rows, mask = layout.decode_view()
-        q = query.new_zeros(span, heads, 1, head_dim)
-        q[rows] = query[0, :, : layout.num_decode].transpose(0, 1)[:, :, None]
-        attended = F.scaled_dot_product_attention(
-            q,
-            key[:span, :, :longest],
-            value[:span, :, :longest],
-            attn_mask=mask,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        out[: layout.num_decode] = attended[rows, :, 0]
-    for chunk, mask in zip(layout.chunks, layout.chunk_masks):
-        end = chunk.start + chunk.length
-        attended = F.scaled_dot_product_attention(
-            query[:, :, chunk.offset : chunk.offset + chunk.length],
-            key[chunk.slot : chunk.slot + 1, :, :end],
-            value[chunk.slot : chunk.slot + 1, :, :end],
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        out[chunk.offset : chunk.offset + chunk.length] = attended[0].transpose(0, 1)
-    return out[None], None
+    return attend(cache.layout, query[0].transpose(0, 1), key, value, scaling)[None], None
 
 
 def install(model) -> None:

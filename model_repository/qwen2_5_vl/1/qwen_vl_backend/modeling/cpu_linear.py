@@ -6,6 +6,9 @@ PyTorch's default CPU GEMM is poor at that shape: on the 2-core development mach
 weight reordered once, at load, into oneDNN's blocked layout (what torch.compile's CPU freezing
 and vLLM's CPU backend do). Prompt-sized products (hundreds of rows) run at the same speed either
 way. The reordered copy replaces the dense weight, so memory does not grow.
+
+The engine's own decoder (`decoder.py`) packs its fused q/k/v and gate/up weights the same way
+(`pack_weight`, `packed_linear`).
 """
 
 from __future__ import annotations
@@ -21,23 +24,31 @@ log = logging.getLogger(__name__)
 _PACKED_FOR_ROWS = 16
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A dense [out, in] weight reordered into oneDNN's blocked layout (for `packed_linear`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACKED_FOR_ROWS)
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` with the weight as `pack_weight` returned it."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLinear(nn.Module):
     """`nn.Linear`'s forward over a weight held in oneDNN's layout (CPU, float32)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer(
-            "packed_weight",
-            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _PACKED_FOR_ROWS),
-            persistent=False,
-        )
+        self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
         self.register_buffer(
             "bias", None if linear.bias is None else linear.bias.detach(), persistent=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return packed_linear(x, self.packed_weight, self.bias)
 
 
 def available(model) -> bool:
