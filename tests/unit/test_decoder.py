@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import pytest
 import torch
 from sample_images import encoded_image
 from sample_videos import clip
 
+from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.engine.kv_cache import PrefillChunk, SlotKVCache, StepLayout
 from qwen_vl_backend.modeling import cpu_linear
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint
@@ -246,3 +248,56 @@ def test_rope_table_matches_hf_rotary_far_past_its_first_size(reference):
     want_cos, want_sin = rotary(torch.zeros(1, dtype=torch.float32), positions[:, None])
     torch.testing.assert_close(cos[:, 0], want_cos[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(sin[:, 0], want_sin[0], atol=1e-6, rtol=0)
+
+
+# ---- through the engine: bfloat16 on the CPU, the compile switch ----------------------------
+
+
+class Sink:
+    def __init__(self):
+        self.final, self.error, self.done = None, None, threading.Event()
+
+    def is_cancelled(self):
+        return False
+
+    def send(self, chunk):
+        if chunk.final:
+            self.final = chunk
+            self.done.set()
+
+    def fail(self, error):
+        self.error = error
+        self.done.set()
+
+    def cancelled(self):
+        self.done.set()
+
+
+def generate(engine, prompts, max_tokens=16) -> list:
+    """Submit every prompt at once; the final chunks."""
+    sinks = [Sink() for _ in prompts]
+    for (content, images, videos), sink in zip(prompts, sinks):
+        engine.submit(raw_request(content, images, videos, max_tokens), sink)
+    for sink in sinks:
+        assert sink.done.wait(120) and sink.error is None, sink.error
+    return [sink.final for sink in sinks]
+
+
+def engine_texts(checkpoint, prompts, **settings) -> tuple[list[str], BatchingEngine]:
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, **settings))
+    try:
+        finals = generate(engine, prompts)
+    finally:
+        assert engine.shutdown(30)
+    return [f.text for f in finals], engine
+
+
+BATCH = [PROMPTS["text"], PROMPTS["image"], ("Tell me a story about rain.", [], [])]
+
+
+def test_a_bfloat16_engine_on_the_cpu_generates_batch_invariant_tokens(tiny_checkpoint_path):
+    checkpoint = load_checkpoint(tiny_checkpoint_path, "cpu", "bfloat16")
+    alone = [engine_texts(checkpoint, [p], max_batch_size=1)[0][0] for p in BATCH]
+    batched, engine = engine_texts(checkpoint, BATCH)
+    assert engine.stats.largest_batch >= 2 and engine.stats.failed == 0
+    assert batched == alone and all(alone)

@@ -40,3 +40,15 @@ def test_bad_number_names_the_parameter():
 def test_empty_environment_variable_falls_back_to_the_config_value():
     settings = ModelSettings.from_parameters({"max_pixels": "1000"}, env={"QWEN_VL_MAX_PIXELS": ""})
     assert settings.max_pixels == 1000
+
+
+def test_forward_is_checked_and_names_the_parameter():
+    assert ModelSettings().forward == "lean"
+    assert ModelSettings.from_parameters({"forward": "hf"}, env={}).forward == "hf"
+    for name, bad in [("forward", "fast")]:
+        try:
+            ModelSettings.from_parameters({name: bad}, env={})
+        except ValueError as err:
+            assert f"parameter {name}={bad!r}" in str(err)
+        else:
+            raise AssertionError(f"{name}={bad} accepted")

@@ -20,6 +20,8 @@ ENV_PREFIX = "QWEN_VL_"
 
 # from_pretrained(device_map=...) strategies that split one model over the instance's GPUs.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# The engine's text forwards (`forward`).
+FORWARDS = ("lean", "hf")
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
 
 
@@ -101,6 +103,12 @@ class ModelSettings:
     # CPU float32 only: hold the text model's weights in oneDNN's prepacked layout, about twice
     # as fast for decode-sized matrix products (see qwen_vl_backend/modeling/cpu_linear.py).
     cpu_packed_linear: bool = True
+    # The text forward of an engine step. lean: the engine's own decoder (fused q/k/v and
+    # gate/up GEMMs, none of HF's per-call module machinery; qwen_vl_backend/modeling/decoder.py,
+    # docs/engine.md "Lean forward"). hf: transformers' module stack over the same slot cache,
+    # the reference the lean one is tested against, kept selectable for comparison and as a
+    # fallback.
+    forward: str = "lean"
     # Constrained output (`structured`, docs/engine.md): tools per request, the largest schema
     # (compact JSON bytes, each tool's parameters counted alone) and the deepest nesting of
     # objects and arrays in one that a request may send; compiled grammars kept for reuse (LRU,
@@ -137,6 +145,10 @@ class ModelSettings:
                 f"{', '.join(DEVICE_MAPS)}, or empty for one device"
             )
         self.max_memory_map()
+        if self.forward not in FORWARDS:
+            raise ValueError(
+                f"parameter forward={self.forward!r}: expected one of {', '.join(FORWARDS)}"
+            )
 
     def max_memory_map(self) -> dict[int | str, str] | None:
         """`max_memory` as from_pretrained takes it: {0: "75GiB", 1: "75GiB", "cpu": ...}."""

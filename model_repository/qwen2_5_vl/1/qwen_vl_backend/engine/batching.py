@@ -39,18 +39,18 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..errors import DeviceMemoryError, EngineFullError, EngineStoppingError, RequestError
-from ..modeling import cpu_linear
 from ..modeling.checkpoint import Checkpoint
 from ..modeling.vision_stages import VisionJob
 from ..request.prepare import PreparedRequest, RawRequest, prepare
 from ..settings import ModelSettings
 from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
-from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, install, packed_step
+from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, decode_length_multiple
 from .memory import release_cached_memory, size_kv_cache, use_device
 from .responses import Failure, RequestStream, ResponseSender, ResponseSink, Token
 from .sampling import TokenSampler, TokenTexts, resolve_sampling, sample
 from .slots import SlotContent, SlotPool
+from .text_forward import text_forward
 
 log = logging.getLogger(__name__)
 
@@ -409,9 +409,6 @@ class BatchingEngine:
         self._prepare = prepare_fn
         self._texts = TokenTexts(checkpoint.tokenizer)
         self._model = checkpoint.model
-        install(self._model)
-        if settings.cpu_packed_linear and cpu_linear.available(self._model):
-            cpu_linear.pack_text_linears(self._model)
         self.slot_len = min(
             checkpoint.max_model_len, settings.max_cache_tokens // settings.max_batch_size
         )
@@ -420,6 +417,8 @@ class BatchingEngine:
         self.limits = settings.limits(context_length=self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
+        self._text_forward = text_forward(self._model, settings)
+        self._length_multiple = decode_length_multiple(str(checkpoint.device))
         # The vision tower's device: the checkpoint's, unless a device_map put it elsewhere.
         weight = next(self._model.model.visual.parameters(), None)
         self._vision_device = checkpoint.device if weight is None else weight.device
@@ -883,21 +882,16 @@ class BatchingEngine:
         embeds = self._model.model.language_model.embed_tokens(input_ids)
         for (sequence, start, length), chunk in zip(step.chunks, chunks):
             self._place_image_embeddings(embeds, sequence, start, length, chunk.offset)
-        position_ids = torch.cat(positions, dim=1).to(device)[:, None, :]
         layout = StepLayout(
-            [s.slot for s in step.decode], [s.cached + 1 for s in step.decode], chunks, device
+            [s.slot for s in step.decode],
+            [s.cached + 1 for s in step.decode],
+            chunks,
+            device,
+            self._length_multiple,
+            self.slot_len,
         )
         started = time.perf_counter()
-        with packed_step(self._cache, layout):
-            hidden = self._model.model.language_model(
-                inputs_embeds=embeds[None],
-                position_ids=position_ids,
-                cache=self._cache,
-                attention_mask={"full_attention": None},
-                use_cache=True,
-            ).last_hidden_state
-        # .to: the LM head sits on the last GPU of a device_map; sampling works on the first.
-        logits = self._model.lm_head(hidden[0, rows]).float().to(device)
+        logits = self._text_forward(embeds, torch.cat(positions, dim=1), layout, self._cache, rows)
         self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
         return logits, finishing
 
