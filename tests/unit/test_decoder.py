@@ -1,12 +1,14 @@
 """The engine's lean decoder (qwen_vl_backend/modeling/decoder.py) against HF's text forward, the
 reference, on the tiny checkpoint: logits within a stated tolerance and the same greedy tokens
 for text, an image, a video, chunked prefill, rows joining mid-way and a decode batch; bfloat16
-on the CPU."""
+on the CPU; the compile switch."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import threading
 
 import pytest
@@ -16,7 +18,7 @@ from sample_videos import clip
 
 from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.engine.kv_cache import PrefillChunk, SlotKVCache, StepLayout
-from qwen_vl_backend.modeling import cpu_linear
+from qwen_vl_backend.modeling import cpu_linear, step_compile
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint
 from qwen_vl_backend.modeling.decoder import FusedSlice, LeanDecoder, MRopeTable
 from qwen_vl_backend.request.prepare import RawRequest, prepare
@@ -301,3 +303,74 @@ def test_a_bfloat16_engine_on_the_cpu_generates_batch_invariant_tokens(tiny_chec
     batched, engine = engine_texts(checkpoint, BATCH)
     assert engine.stats.largest_batch >= 2 and engine.stats.failed == 0
     assert batched == alone and all(alone)
+
+
+# A compiled forward takes dense weights; the eager engines it is compared with must too (the
+# first engine on a model object fuses its weights, and later ones share them).
+DENSE = {"cpu_packed_linear": False}
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tiny_checkpoint_path):
+    """A model object of its own, fused densely by its first engine."""
+    return load_checkpoint(tiny_checkpoint_path, "cpu", "float32")
+
+
+# aot_eager: dynamo's whole-graph capture with the engine's buckets, padding and guards, in
+# ~2 s. inductor (what serving uses) adds its code generation: ~15 s with a warm on-disk cache,
+# ~90 s cold on 2 loaded cores, beyond the suite's budget, so it runs on request.
+INDUCTOR = pytest.param(
+    "inductor",
+    marks=pytest.mark.skipif(
+        not os.environ.get("QWEN_VL_TEST_INDUCTOR"), reason="set QWEN_VL_TEST_INDUCTOR=1"
+    ),
+)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
+def test_compile_on_gives_the_eager_tokens(dense_checkpoint, backend, monkeypatch):
+    monkeypatch.setattr(step_compile, "BACKEND", backend)
+    eager, _ = engine_texts(dense_checkpoint, BATCH[:2], compile="off", **DENSE, max_step_tokens=8)
+    compiled, engine = engine_texts(
+        dense_checkpoint, BATCH[:2], compile="on", compile_buckets="8", max_step_tokens=8
+    )
+    assert engine._text_forward.buckets == [8], "the decoder did not compile"
+    assert compiled == eager
+
+
+def test_a_failing_compile_falls_back_to_eager_at_load_and_in_a_step(
+    dense_checkpoint, monkeypatch, caplog
+):
+    eager, _ = engine_texts(dense_checkpoint, BATCH[:1], compile="off", **DENSE)
+
+    def refusing(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("inductor says no")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", refusing)
+    with caplog.at_level(logging.WARNING, logger=step_compile.__name__):
+        texts, engine = engine_texts(dense_checkpoint, BATCH[:1], compile="on")
+    assert texts == eager and engine._text_forward.buckets == []
+    assert "compile failed; the decoder runs eagerly" in caplog.text
+
+    calls = []
+
+    def failing_after_warm_up(function, **kwargs):  # warm-up passes, the first real step fails
+        def compiled(*args):
+            calls.append(function)
+            if len(calls) > 2 * 4:  # two parts x four buckets
+                raise RuntimeError("inductor says no")
+            return function(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_after_warm_up)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=step_compile.__name__):
+        texts, engine = engine_texts(
+            dense_checkpoint, BATCH[:1], compile="on", compile_buckets="1,2,4,8"
+        )
+    assert texts == eager and engine._text_forward.buckets == []
+    assert "the decoder runs eagerly from now on" in caplog.text

@@ -42,13 +42,33 @@ def test_empty_environment_variable_falls_back_to_the_config_value():
     assert settings.max_pixels == 1000
 
 
-def test_forward_is_checked_and_names_the_parameter():
+def test_forward_and_compile_modes_are_checked_and_name_the_parameter():
     assert ModelSettings().forward == "lean"
     assert ModelSettings.from_parameters({"forward": "hf"}, env={}).forward == "hf"
-    for name, bad in [("forward", "fast")]:
+    for name, bad in [("forward", "fast"), ("compile", "maybe")]:
         try:
             ModelSettings.from_parameters({name: bad}, env={})
         except ValueError as err:
             assert f"parameter {name}={bad!r}" in str(err)
         else:
             raise AssertionError(f"{name}={bad} accepted")
+
+
+def test_compile_is_on_for_gpus_by_default_and_forced_either_way():
+    auto = ModelSettings()
+    assert auto.resolve_compile("cuda:0") and not auto.resolve_compile("cpu")
+    assert ModelSettings(compile="on").resolve_compile("cpu")
+    assert not ModelSettings(compile="off").resolve_compile("cuda:1")
+
+
+def test_compile_buckets_parse_sorted_and_refuse_non_positive_counts():
+    assert ModelSettings().compile_bucket_sizes() == []
+    settings = ModelSettings.from_parameters({"compile_buckets": "8, 1,64,8"}, env={})
+    assert settings.compile_bucket_sizes() == [1, 8, 64]
+    for bad in ["0,8", "eight", "-4"]:
+        try:
+            ModelSettings(compile_buckets=bad)
+        except ValueError as err:
+            assert "compile_buckets" in str(err)
+        else:
+            raise AssertionError(f"compile_buckets={bad} accepted")

@@ -12,27 +12,37 @@ import logging
 
 import torch
 
-from ..modeling import cpu_linear, decoder
+from ..modeling import cpu_linear, decoder, step_compile
 from ..settings import ModelSettings
 from .kv_cache import SlotKVCache, StepLayout, install, packed_step
 
 log = logging.getLogger(__name__)
 
 
-def text_forward(model, settings: ModelSettings):
-    """The forward `settings` ask for; HF's when the lean one cannot run this model."""
+def text_forward(model, device: str, settings: ModelSettings, largest_step: int):
+    """The forward `settings` ask for; HF's when the lean one cannot run this model.
+    `largest_step`: the most tokens one step can hold (the largest compiled bucket)."""
     if settings.forward == "lean":
         why = decoder.unsupported(model)
         if why is None:
-            return _lean(model, settings)
+            return _lean(model, device, settings, largest_step)
         log.warning("the lean forward cannot run this model (%s); using HF's", why)
     return HFForward(model, settings.cpu_packed_linear and cpu_linear.available(model))
 
 
-def _lean(model, settings: ModelSettings):
-    pack = settings.cpu_packed_linear and cpu_linear.available(model)
+def _lean(model, device: str, settings: ModelSettings, largest_step: int):
+    compiled = settings.resolve_compile(device)
+    # Inductor cannot trace oneDNN's packed weights: a compiled forward takes them dense.
+    pack = settings.cpu_packed_linear and cpu_linear.available(model) and not compiled
     lean = decoder.LeanDecoder(model, pack)
-    log.info("text forward: lean (%s weights)", "oneDNN-packed" if pack else "dense")
+    if compiled:
+        buckets = settings.compile_bucket_sizes() or step_compile.power_of_two_buckets(largest_step)
+        step_compile.compile_decoder(lean, buckets)
+    log.info(
+        "text forward: lean (%s weights%s)",
+        "oneDNN-packed" if lean.weights.packed else "dense",
+        f", compiled for {lean.buckets}" if lean.buckets else "",
+    )
     return lean
 
 
