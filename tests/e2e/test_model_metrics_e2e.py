@@ -37,6 +37,9 @@ def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
     after = scrape(stack)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     assert delta["qwen_vl_generated_tokens_total"] == usage["completion_tokens"]
+    # the host path timers, reported when the engine went idle after the request
+    assert delta["qwen_vl_engine_steps_total"] >= usage["completion_tokens"]
+    assert delta["qwen_vl_engine_step_seconds_total"] > 0
     assert delta["qwen_vl_prompt_tokens_total"] == usage["prompt_tokens"]
     assert delta["qwen_vl_time_to_first_token_seconds_count"] == 1
     assert delta["qwen_vl_time_to_first_token_seconds_sum"] > 0

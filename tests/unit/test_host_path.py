@@ -251,3 +251,28 @@ def test_staged_inputs_come_back_as_they_went_in():
     for original, view in zip(tensors, staging.unpack(buffer, offsets, tensors)):
         assert view.dtype == original.dtype and torch.equal(view, original)
     assert [t is s for t, s in zip(tensors, staging.to_device(tensors, "cpu"))] == [True] * 5
+
+
+def test_the_timers_are_reported_whenever_the_engine_goes_idle(checkpoint):
+    from qwen_vl_backend.engine.batching import EngineObserver
+
+    class Reports(EngineObserver):
+        def __init__(self):
+            self.increases = []
+
+        def host_timings(self, increase):
+            self.increases.append(increase)
+
+    reports = Reports()
+    settings = dataclasses.replace(SETTINGS, timing_log_s=3600.0)  # no periodic report
+    engine = BatchingEngine(checkpoint, settings, observer=reports)
+    try:
+        run(engine, "report me")
+        run(engine, "and me")
+        wait_until(lambda: len(reports.increases) >= 2, "a report per idle")
+        assert sum(r["steps"] for r in reports.increases) == engine.stats.steps
+        assert sum(r["forward_s"] for r in reports.increases) == pytest.approx(
+            engine.stats.forward_s
+        )
+    finally:
+        assert engine.shutdown(30)

@@ -173,6 +173,18 @@ TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 # llguidance's limits stop the pathological ones.
 GRAMMAR_COMPILE_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
 CONSTRAINED_TYPES = ("json_object", "json_schema", "tool_calls")
+# The host path timers (EngineStats.timings, cumulative seconds) published by phase.
+HOST_PHASES = (
+    "step",
+    "scheduling",
+    "vision",
+    "forward",
+    "sampling",
+    "output",
+    "detokenize",
+    "send",
+    "cancellation",
+)
 
 
 class TritonMetrics(EngineObserver):
@@ -227,6 +239,17 @@ class TritonMetrics(EngineObserver):
             "Time to compile a request's grammar (cache misses only)",
             "HISTOGRAM",
         ).Metric(labels=labels, buckets=GRAMMAR_COMPILE_BUCKETS)
+        self._steps = counter("qwen_vl_engine_steps_total", "Engine steps that computed something")
+        phases = self._family(
+            "qwen_vl_engine_step_seconds_total",
+            "Engine host path time by phase (docs/engine.md Host path): step (all of the engine "
+            "thread's), scheduling, vision, forward, sampling, output; on the sender thread "
+            "detokenize, send, cancellation",
+            "COUNTER",
+        )
+        self._phase_seconds = {
+            phase: phases.Metric(labels={**labels, "phase": phase}) for phase in HOST_PHASES
+        }
 
     def _family(self, name, description, kind):
         family = pb_utils.MetricFamily(name, description, getattr(pb_utils.MetricFamily, kind))
@@ -257,6 +280,11 @@ class TritonMetrics(EngineObserver):
 
     def grammar_compiled(self, seconds):
         self._grammar_compile.observe(seconds)
+
+    def host_timings(self, increase):
+        self._steps.increment(increase["steps"])
+        for phase, metric in self._phase_seconds.items():
+            metric.increment(max(0.0, increase[f"{phase}_s"]))
 
 
 def _exit_with_tritonserver():

@@ -89,6 +89,10 @@ class EngineObserver:
     def grammar_compiled(self, seconds: float) -> None:
         """A grammar was compiled (a cache miss); called on a preparation thread."""
 
+    def host_timings(self, increase: dict[str, float]) -> None:
+        """How much the host path timers (`EngineStats.timings`) grew since the last call:
+        every `timing_log_s` under load and whenever the engine goes idle."""
+
 
 class _Request:
     """A prepared request and its choices, as the engine sees it; `stream` is the sender's side
@@ -313,6 +317,9 @@ class _Observers(EngineObserver):
     def grammar_compiled(self, *args) -> None:
         self._call("grammar_compiled", *args)
 
+    def host_timings(self, *args) -> None:
+        self._call("host_timings", *args)
+
 
 def _content(prepared: PreparedRequest, length: int) -> SlotContent:
     """The first `length` prompt tokens of a request, as a slot holds them."""
@@ -417,9 +424,7 @@ class BatchingEngine:
         self.limits = settings.limits(context_length=self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
-        self._text_forward = text_forward(
-            self._model, str(checkpoint.device), settings, self._largest_step_tokens()
-        )
+        self._text_forward = text_forward(self._model, settings)
         self._length_multiple = decode_length_multiple(str(checkpoint.device))
         # The vision tower's device: the checkpoint's, unless a device_map put it elsewhere.
         weight = next(self._model.model.visual.parameters(), None)
@@ -568,7 +573,7 @@ class BatchingEngine:
         if step.decode or step.chunks or step.vision:
             stats.steps += 1
             stats.step_s += time.perf_counter() - started
-            self._log_timings()
+            self._report_timings(idle=not self._running)
 
     def _outbox_append(self, event) -> None:
         self._outbox.append(event)
@@ -579,21 +584,26 @@ class BatchingEngine:
             self._sender.post(self._outbox)
             self._outbox = []
 
-    def _log_timings(self) -> None:
-        """Every `timing_log_s`, the host path's mean per step since the last line (debug)."""
+    def _report_timings(self, idle: bool) -> None:
+        """Every `timing_log_s`, and when the engine goes idle (so a reading taken then covers
+        every step), the timers' increase to the observers and, as a mean per step, to the
+        debug log."""
         period = self._settings.timing_log_s
         since, before = self._timings_logged
-        if period <= 0 or time.monotonic() - since < period or not log.isEnabledFor(logging.DEBUG):
+        if period <= 0 or (not idle and time.monotonic() - since < period):
             return
         now = self.stats.timings()
         self._timings_logged = (time.monotonic(), now)
-        steps = max(1, now["steps"] - before["steps"])
-        per_step = ", ".join(
-            f"{name[:-2]} {1e3 * (now[name] - before[name]) / steps:.3f}"
-            for name in now
-            if name.endswith("_s")
-        )
-        log.debug("host path, ms per step over %d steps: %s", steps, per_step)
+        increase = {name: now[name] - before[name] for name in now}
+        self._observe.host_timings(increase)
+        if log.isEnabledFor(logging.DEBUG):
+            steps = max(1, increase["steps"])
+            per_step = ", ".join(
+                f"{name[:-2]} {1e3 * value / steps:.3f}"
+                for name, value in increase.items()
+                if name.endswith("_s")
+            )
+            log.debug("host path, ms per step over %d steps: %s", steps, per_step)
 
     def _idle(self) -> bool:
         with self._lock:
@@ -665,11 +675,6 @@ class BatchingEngine:
             if budget > 0 and sequence.vision_ready_this_step():
                 budget -= self._plan_chunk(step, sequence, budget)
         return step
-
-    def _largest_step_tokens(self) -> int:
-        """The most tokens `_schedule` can put in one forward: every slot decoding plus the
-        quarter of the budget kept for prefill, or the whole budget."""
-        return max(self._step_tokens, self._settings.max_batch_size + self._step_tokens // 4)
 
     @staticmethod
     def _plan_chunk(step: _Step, sequence: _Sequence, budget: int) -> int:
