@@ -20,8 +20,9 @@ ENV_PREFIX = "QWEN_VL_"
 
 # from_pretrained(device_map=...) strategies that split one model over the instance's GPUs.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-# The engine's text forwards (`forward`).
+# The engine's text forward (`forward`) and torch.compile modes (`compile`).
 FORWARDS = ("lean", "hf")
+COMPILE_MODES = ("auto", "on", "off")
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
 
 
@@ -109,6 +110,16 @@ class ModelSettings:
     # the reference the lean one is tested against, kept selectable for comparison and as a
     # fallback.
     forward: str = "lean"
+    # torch.compile the lean forward's per-layer dense parts, one static shape per bucket of step
+    # rows (padded), compiled at load. auto: on for CUDA devices, where a step's hundreds of small
+    # kernel launches cost more than its math; off on CPU, where it measured no faster than the
+    # eager lean step and would give up the oneDNN-prepacked weights (docs/engine.md). on / off
+    # force it. A compile failure logs a warning and runs eagerly; it never fails the load.
+    compile: str = "auto"
+    # The bucket row counts to compile, e.g. "1,2,4,8,16,64,256"; a step runs in the smallest
+    # that holds it and steps larger than the largest run eagerly. "": powers of two up to the
+    # largest step the scheduler can build (every step compiled).
+    compile_buckets: str = ""
     # Constrained output (`structured`, docs/engine.md): tools per request, the largest schema
     # (compact JSON bytes, each tool's parameters counted alone) and the deepest nesting of
     # objects and arrays in one that a request may send; compiled grammars kept for reuse (LRU,
@@ -147,10 +158,30 @@ class ModelSettings:
                 f"{', '.join(DEVICE_MAPS)}, or empty for one device"
             )
         self.max_memory_map()
-        if self.forward not in FORWARDS:
+        for name, allowed in (("forward", FORWARDS), ("compile", COMPILE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"parameter {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}"
+                )
+        self.compile_bucket_sizes()
+
+    def compile_bucket_sizes(self) -> list[int]:
+        """`compile_buckets` as ascending row counts; [] when it is empty (derive them)."""
+        try:
+            sizes = sorted({int(part) for part in self.compile_buckets.split(",") if part.strip()})
+        except ValueError:
+            sizes = [0]
+        if sizes and sizes[0] < 1:
             raise ValueError(
-                f"parameter forward={self.forward!r}: expected one of {', '.join(FORWARDS)}"
+                f"parameter compile_buckets={self.compile_buckets!r}: expected positive row "
+                "counts separated by commas, such as 1,2,4,8,16,64,256"
             )
+        return sizes
+
+    def resolve_compile(self, device: str) -> bool:
+        if self.compile != "auto":
+            return self.compile == "on"
+        return device.startswith("cuda")
 
     def max_memory_map(self) -> dict[int | str, str] | None:
         """`max_memory` as from_pretrained takes it: {0: "75GiB", 1: "75GiB", "cpu": ...}."""

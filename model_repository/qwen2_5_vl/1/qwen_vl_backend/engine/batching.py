@@ -424,7 +424,9 @@ class BatchingEngine:
         self.limits = settings.limits(context_length=self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
-        self._text_forward = text_forward(self._model, settings)
+        self._text_forward = text_forward(
+            self._model, str(checkpoint.device), settings, self._largest_step_tokens()
+        )
         self._length_multiple = decode_length_multiple(str(checkpoint.device))
         # The vision tower's device: the checkpoint's, unless a device_map put it elsewhere.
         weight = next(self._model.model.visual.parameters(), None)
@@ -675,6 +677,11 @@ class BatchingEngine:
             if budget > 0 and sequence.vision_ready_this_step():
                 budget -= self._plan_chunk(step, sequence, budget)
         return step
+
+    def _largest_step_tokens(self) -> int:
+        """The most tokens `_schedule` can put in one forward: every slot decoding plus the
+        quarter of the budget kept for prefill, or the whole budget."""
+        return max(self._step_tokens, self._settings.max_batch_size + self._step_tokens // 4)
 
     @staticmethod
     def _plan_chunk(step: _Step, sequence: _Sequence, budget: int) -> int:
