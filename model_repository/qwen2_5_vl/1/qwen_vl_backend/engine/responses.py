@@ -260,33 +260,41 @@ class ResponseSender:
         stopping = False
         while not stopping:
             batches = self._wait()
-            started = time.perf_counter()
-            touched: dict[int, RequestStream] = {}
-            steps = 0
-            for batch in batches:
-                if batch is _STOP:
-                    stopping = True
-                elif isinstance(batch, RequestStream):
-                    self._live[id(batch)] = batch
-                else:
-                    steps += 1
-                    self._apply(batch, touched)
-            if stopping:
-                for request in self._live.values():
-                    request.end(EngineStoppingError("the model is shutting down"))
-                    touched[id(request)] = request
-            applied = time.perf_counter()
-            if self._live and time.monotonic() >= self._next_poll:
-                self._poll_cancellations(touched)
-            polled = time.perf_counter()
-            for request in touched.values():
-                self._deliver(request)
-            stats = self._stats
-            stats.detokenize_s += applied - started
-            stats.cancellation_s += polled - applied
-            stats.send_s += time.perf_counter() - polled
-            stats.sender_wakeups += 1
-            stats.coalesced_steps += max(0, steps - 1)
+            stopping = any(batch is _STOP for batch in batches)
+            try:
+                self._take(batches, stopping)
+            except Exception:  # a bug here must not stop every response from going out
+                log.exception("the response sender failed a round; it goes on")
+
+    def _take(self, batches: list, stopping: bool) -> None:
+        """One round: apply what was posted, poll cancellations when due, send."""
+        started = time.perf_counter()
+        touched: dict[int, RequestStream] = {}
+        steps = 0
+        for batch in batches:
+            if batch is _STOP:
+                continue
+            if isinstance(batch, RequestStream):
+                self._live[id(batch)] = batch
+            else:
+                steps += 1
+                self._apply(batch, touched)
+        if stopping:
+            for request in self._live.values():
+                request.end(EngineStoppingError("the model is shutting down"))
+                touched[id(request)] = request
+        applied = time.perf_counter()
+        if self._live and time.monotonic() >= self._next_poll:
+            self._poll_cancellations(touched)
+        polled = time.perf_counter()
+        for request in touched.values():
+            self._deliver(request)
+        stats = self._stats
+        stats.detokenize_s += applied - started
+        stats.cancellation_s += polled - applied
+        stats.send_s += time.perf_counter() - polled
+        stats.sender_wakeups += 1
+        stats.coalesced_steps += max(0, steps - 1)
 
     def _wait(self) -> list:
         """Everything queued, after waiting for something or the next cancellation poll."""
