@@ -32,7 +32,7 @@ from ..error_catalogue import (
     TOO_MANY_PIXELS,
     APIError,
 )
-from ..transport.contract import SNIFF_BYTES, sniff_image
+from ..transport.contract import SNIFF_BYTES, Input, sniff_image
 from .kinds import MediaKind, MediaRef
 from .pixels import part_budget
 
@@ -161,7 +161,7 @@ def check_image_header(header: ImageHeader | str, param: str, limits: RequestLim
 IMAGE = MediaKind(
     part_type="image_url",
     name="image",
-    tensor="image",
+    tensor=Input.IMAGE,
     # Clients often write image/jpg; the bytes are checked against known signatures anyway.
     media_types=frozenset({"image/jpeg", "image/jpg", "image/png", "image/webp", "image/gif"}),
     frame_types=frozenset(),

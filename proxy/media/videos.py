@@ -23,7 +23,7 @@ from ..error_catalogue import (
     VIDEO_TOO_LARGE,
     VIDEO_URL_FORBIDDEN,
 )
-from ..transport.contract import SNIFF_BYTES, sniff_video, video_option_bounds
+from ..transport.contract import SNIFF_BYTES, Input, sniff_video, video_option_bounds
 from .kinds import MediaKind
 
 
@@ -74,7 +74,7 @@ def _within(value, low, high, param: str, exclusive_low: bool = False):
 VIDEO = MediaKind(
     part_type="video_url",
     name="video",
-    tensor="video",
+    tensor=Input.VIDEO,
     media_types=frozenset(
         {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo"}
     ),

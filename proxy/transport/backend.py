@@ -31,7 +31,7 @@ from ..error_catalogue import (
     SERVER_BUSY,
     APIError,
 )
-from .contract import DESCRIBE_INPUT, ModelError, ModelLimits, decode_error
+from .contract import DESCRIBE_INPUT, Input, ModelError, ModelLimits, Output, decode_error
 
 log = logging.getLogger("proxy.backend")
 
@@ -211,7 +211,7 @@ class TritonBackend:
                         # an older model that has no `describe` input, or a model error
                         log.warning("model %r did not describe its limits: %s", model, error)
                         return None
-                    text = result.as_numpy("text_output")
+                    text = result.as_numpy(Output.TEXT_OUTPUT)
                     if _has_items(text):
                         return ModelLimits.decode(_first_text(text))
         except (grpc.RpcError, TimeoutError):
@@ -242,18 +242,18 @@ def channel_args() -> list[tuple[str, Any]]:
 
 def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
     inputs = [
-        _bytes_input("messages", [request.messages_json.encode("utf-8")]),
-        _bool_input("stream", request.stream),
+        _bytes_input(Input.MESSAGES, [request.messages_json.encode("utf-8")]),
+        _bool_input(Input.STREAM, request.stream),
         _bytes_input(
-            "sampling_parameters", [json.dumps(request.sampling_parameters).encode("utf-8")]
+            Input.SAMPLING_PARAMETERS, [json.dumps(request.sampling_parameters).encode("utf-8")]
         ),
-        _bool_input("exclude_input_in_output", True),
-        _bool_input("return_finish_reason", True),
-        _bool_input("return_num_input_tokens", True),
-        _bool_input("return_num_output_tokens", True),
+        _bool_input(Input.EXCLUDE_INPUT_IN_OUTPUT, True),
+        _bool_input(Input.RETURN_FINISH_REASON, True),
+        _bool_input(Input.RETURN_NUM_INPUT_TOKENS, True),
+        _bool_input(Input.RETURN_NUM_OUTPUT_TOKENS, True),
     ]
     if request.tools_json is not None:
-        inputs.append(_bytes_input("tools", [request.tools_json.encode("utf-8")]))
+        inputs.append(_bytes_input(Input.TOOLS, [request.tools_json.encode("utf-8")]))
     for tensor, elements in request.media.items():
         if elements:  # Triton rejects a zero-element input; no media means no input
             inputs.append(_bytes_input(tensor, elements))
@@ -280,16 +280,16 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     One pass over the response's outputs, decoding the raw tensors without numpy (`as_numpy`
     scans every output per name and builds an array each time: most of a chunk's cost)."""
     outputs = _outputs(result)
-    text = outputs.get("text_output")
+    text = outputs.get(Output.TEXT_OUTPUT)
     if text is None:
         return None
-    finish_reason = outputs.get("finish_reason")
-    prompt_tokens = outputs.get("num_input_tokens")
-    completion_tokens = outputs.get("num_output_tokens")
-    image_tokens = outputs.get("num_image_tokens")
-    video_tokens = outputs.get("num_video_tokens")
-    logprobs = outputs.get("logprobs")
-    index = outputs.get("index")
+    finish_reason = outputs.get(Output.FINISH_REASON)
+    prompt_tokens = outputs.get(Output.NUM_INPUT_TOKENS)
+    completion_tokens = outputs.get(Output.NUM_OUTPUT_TOKENS)
+    image_tokens = outputs.get(Output.NUM_IMAGE_TOKENS)
+    video_tokens = outputs.get(Output.NUM_VIDEO_TOKENS)
+    logprobs = outputs.get(Output.LOGPROBS)
+    index = outputs.get(Output.INDEX)
     return GenerationChunk(
         text="".join(item.decode("utf-8") for item in text),
         finish_reason=finish_reason[0].decode("utf-8") or None if finish_reason else None,

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qwen_vl_backend.contract import DESCRIBE_INPUT, ModelError  # noqa: E402
+from qwen_vl_backend.contract import DESCRIBE_INPUT, Input, ModelError, Output  # noqa: E402
 from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
 from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
@@ -60,22 +60,22 @@ def _scalar(request, name, default=None):
 
 
 def _raw_request(request) -> RawRequest:
-    images = pb_utils.get_input_tensor_by_name(request, "image")
-    videos = pb_utils.get_input_tensor_by_name(request, "video")
+    images = pb_utils.get_input_tensor_by_name(request, Input.IMAGE)
+    videos = pb_utils.get_input_tensor_by_name(request, Input.VIDEO)
     try:
         return RawRequest(
             request_id=request.request_id(),
-            messages=_scalar(request, "messages"),
-            text_input=_scalar(request, "text_input"),
+            messages=_scalar(request, Input.MESSAGES),
+            text_input=_scalar(request, Input.TEXT_INPUT),
             images=[bytes(x) for x in images.as_numpy().reshape(-1)] if images is not None else [],
             videos=[bytes(x) for x in videos.as_numpy().reshape(-1)] if videos is not None else [],
-            stream=bool(_scalar(request, "stream", False)),
-            sampling_parameters=_scalar(request, "sampling_parameters"),
-            exclude_input_in_output=bool(_scalar(request, "exclude_input_in_output", False)),
-            return_finish_reason=bool(_scalar(request, "return_finish_reason", False)),
-            return_num_input_tokens=bool(_scalar(request, "return_num_input_tokens", False)),
-            return_num_output_tokens=bool(_scalar(request, "return_num_output_tokens", False)),
-            tools=_scalar(request, "tools"),
+            stream=bool(_scalar(request, Input.STREAM, False)),
+            sampling_parameters=_scalar(request, Input.SAMPLING_PARAMETERS),
+            exclude_input_in_output=bool(_scalar(request, Input.EXCLUDE_INPUT_IN_OUTPUT, False)),
+            return_finish_reason=bool(_scalar(request, Input.RETURN_FINISH_REASON, False)),
+            return_num_input_tokens=bool(_scalar(request, Input.RETURN_NUM_INPUT_TOKENS, False)),
+            return_num_output_tokens=bool(_scalar(request, Input.RETURN_NUM_OUTPUT_TOKENS, False)),
+            tools=_scalar(request, Input.TOOLS),
         )
     except UnicodeDecodeError as exc:
         raise RequestError("text inputs must be UTF-8") from exc
@@ -105,29 +105,37 @@ class TritonSink:
     def _response(self, chunk: OutputChunk):
         raw = self._raw
         outputs = [
-            _text_tensor("text_output", chunk.text),
-            pb_utils.Tensor("index", np.array([chunk.index], dtype=np.uint32)),
+            _text_tensor(Output.TEXT_OUTPUT, chunk.text),
+            pb_utils.Tensor(Output.INDEX, np.array([chunk.index], dtype=np.uint32)),
         ]
         if raw.return_finish_reason:
-            outputs.append(_text_tensor("finish_reason", chunk.finish_reason or ""))
+            outputs.append(_text_tensor(Output.FINISH_REASON, chunk.finish_reason or ""))
         if raw.return_num_input_tokens:
             outputs.append(
                 pb_utils.Tensor(
-                    "num_input_tokens", np.array([chunk.prompt_tokens], dtype=np.uint32)
+                    Output.NUM_INPUT_TOKENS, np.array([chunk.prompt_tokens], dtype=np.uint32)
                 )
             )
             outputs.append(
-                pb_utils.Tensor("num_image_tokens", np.array([chunk.image_tokens], dtype=np.uint32))
+                pb_utils.Tensor(
+                    Output.NUM_IMAGE_TOKENS, np.array([chunk.image_tokens], dtype=np.uint32)
+                )
             )
             outputs.append(
-                pb_utils.Tensor("num_video_tokens", np.array([chunk.video_tokens], dtype=np.uint32))
+                pb_utils.Tensor(
+                    Output.NUM_VIDEO_TOKENS, np.array([chunk.video_tokens], dtype=np.uint32)
+                )
             )
         if raw.return_num_output_tokens:
             outputs.append(
-                pb_utils.Tensor("num_output_tokens", np.array([chunk.num_tokens], dtype=np.uint32))
+                pb_utils.Tensor(
+                    Output.NUM_OUTPUT_TOKENS, np.array([chunk.num_tokens], dtype=np.uint32)
+                )
             )
         if chunk.logprobs is not None:
-            outputs.append(_text_tensor("logprobs", json.dumps(chunk.logprobs, ensure_ascii=False)))
+            outputs.append(
+                _text_tensor(Output.LOGPROBS, json.dumps(chunk.logprobs, ensure_ascii=False))
+            )
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
@@ -380,7 +388,7 @@ class TritonPythonModel:
 
     def _describe(self, request):
         """Answers with the limits requests are held to (contract.ModelLimits), then FINAL."""
-        text = _text_tensor("text_output", self.engine.limits.encode())
+        text = _text_tensor(Output.TEXT_OUTPUT, self.engine.limits.encode())
         response = pb_utils.InferenceResponse(output_tensors=[text])
         request.get_response_sender().send(response, flags=FINAL)
 

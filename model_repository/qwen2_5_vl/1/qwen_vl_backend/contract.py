@@ -1,7 +1,8 @@
 """What the Triton model and the OpenAI proxy must agree on: tensor names, the model's limits,
 the rules both sides check a request by, and how an error crosses gRPC.
 
-Tensors: `INPUTS` and `OUTPUTS` are the names in config.pbtxt (a test checks them). The
+Tensors: `Input` and `Output` (`INPUTS`, `OUTPUTS`) are the names in config.pbtxt (a test
+checks them); model.py and the proxy's backend name tensors only through them. The
 `describe` input asks the model for its limits instead of a completion: one response whose
 `text_output` is `ModelLimits.encode()`, then the final flag.
 
@@ -36,32 +37,42 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 
-INPUTS = (
-    "messages",
-    "text_input",
-    "image",
-    "video",
-    "stream",
-    "sampling_parameters",
-    "exclude_input_in_output",
-    "return_finish_reason",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-    "tools",
-    "describe",
-)
-OUTPUTS = (
-    "text_output",
-    "finish_reason",
-    "num_input_tokens",
-    "num_output_tokens",
-    "num_image_tokens",
-    "num_video_tokens",
-    "logprobs",
-    "index",
-)
-DESCRIBE_INPUT = "describe"
+
+class Input(StrEnum):
+    """The model's inputs, as named in config.pbtxt; both sides use these, never literals."""
+
+    MESSAGES = "messages"
+    TEXT_INPUT = "text_input"
+    IMAGE = "image"
+    VIDEO = "video"
+    STREAM = "stream"
+    SAMPLING_PARAMETERS = "sampling_parameters"
+    EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
+    RETURN_FINISH_REASON = "return_finish_reason"
+    RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
+    RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
+    TOOLS = "tools"
+    DESCRIBE = "describe"
+
+
+class Output(StrEnum):
+    """The model's outputs, as named in config.pbtxt."""
+
+    TEXT_OUTPUT = "text_output"
+    FINISH_REASON = "finish_reason"
+    NUM_INPUT_TOKENS = "num_input_tokens"
+    NUM_OUTPUT_TOKENS = "num_output_tokens"
+    NUM_IMAGE_TOKENS = "num_image_tokens"
+    NUM_VIDEO_TOKENS = "num_video_tokens"
+    LOGPROBS = "logprobs"
+    INDEX = "index"
+
+
+INPUTS = tuple(Input)
+OUTPUTS = tuple(Output)
+DESCRIBE_INPUT = Input.DESCRIBE
 
 # The highest `fps` a video part may ask to be sampled at; max_video_frames bounds the cost.
 MAX_VIDEO_FPS = 60.0
