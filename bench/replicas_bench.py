@@ -36,7 +36,6 @@ import stack as launcher  # noqa: E402  (scripts/stack.py)
 import tritonclient.grpc as grpcclient  # noqa: E402
 
 from client.sse import stream_events  # noqa: E402
-from proxy.transport.upstreams import DOWN_FOR_S  # noqa: E402
 
 UPSTREAM = re.compile(
     r'qwen_vl_proxy_upstream_requests_total\{outcome="(\w+)",upstream="([^"]+)"\} (\S+)'
@@ -87,10 +86,26 @@ def delta(after: dict, before: dict) -> dict:
     }
 
 
-async def measure(primary, second, args) -> dict:
+async def until_it_serves(session, base: str, upstream: str, timeout: float = 120.0) -> None:
+    """Until a request through the proxy is answered by `upstream`. A replica that was down
+    or still loading serves again only after the proxy's gRPC channel to it has reconnected
+    (with backoff) and after its down period (a failed try starts a new one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = (await upstream_counts(session, base)).get(upstream, {}).get("ok", 0.0)
+        await one(session, f"{base}/v1/chat/completions", 1)
+        if (await upstream_counts(session, base)).get(upstream, {}).get("ok", 0.0) > before:
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"the proxy sends nothing to {upstream}")
+
+
+async def measure(primary, second, replicas: list[str], args) -> dict:
     base = primary.config.proxy_url
     report: dict = {}
     async with aiohttp.ClientSession() as session:
+        for upstream in replicas:
+            await until_it_serves(session, base, upstream)
         before = await upstream_counts(session, base)
         report["spread"] = dict(await load(session, base, args.requests, args.concurrency, 16))
         report["spread_by_upstream"] = delta(await upstream_counts(session, base), before)
@@ -116,16 +131,14 @@ async def measure(primary, second, args) -> dict:
         )
         stop.set()
         await poller
-        failover_ended = time.monotonic()  # the last request that marked the replica down
         report["failover"] = dict(outcomes)
-        report["failover_s"] = round(failover_ended - started, 2)
+        report["failover_s"] = round(time.monotonic() - started, 2)
         report["failover_by_upstream"] = delta(await upstream_counts(session, base), before)
         report["ready_during_failover"] = dict(ready_codes)
 
         second.start_triton()
         await asyncio.to_thread(wait_model_ready, [second.config.triton_grpc_url], 240)
-        # Past the proxy's down period for the replica (it began before failover_ended).
-        await asyncio.sleep(max(0.0, failover_ended + DOWN_FOR_S + 0.5 - time.monotonic()))
+        await until_it_serves(session, base, second.config.triton_grpc_url)
         before = await upstream_counts(session, base)
         report["after_restart"] = dict(
             await load(session, base, args.requests, args.concurrency, 16)
@@ -169,8 +182,8 @@ def main(argv=None) -> int:
     model = launcher.tiny_checkpoint()
     second = launcher.Stack(launcher.loopback_config(model))
     primary_config = launcher.loopback_config(model)
-    first_url = args.first_triton or primary_config.triton_grpc_url
-    primary_config.proxy_args = ["--triton-url", f"{first_url},{second.config.triton_grpc_url}"]
+    replicas = [args.first_triton or primary_config.triton_grpc_url, second.config.triton_grpc_url]
+    primary_config.proxy_args = ["--triton-url", ",".join(replicas)]
     primary = launcher.Stack(primary_config)
     try:
         second.start_triton()
@@ -179,13 +192,12 @@ def main(argv=None) -> int:
         else:
             primary.start()
         primary.wait_ready(timeout=300)  # the proxy is ready once either replica is
-        # No request reaches a replica before both are ready, so none is marked down.
-        wait_model_ready([first_url, second.config.triton_grpc_url], timeout=300)
-        report = asyncio.run(measure(primary, second, args))
+        wait_model_ready(replicas, timeout=300)
+        report = asyncio.run(measure(primary, second, replicas, args))
     finally:
         primary.stop()
         second.stop()
-    report["upstreams"] = {"first": first_url, "second": second.config.triton_grpc_url}
+    report["upstreams"] = dict(zip(("first", "second"), replicas))
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
