@@ -40,7 +40,7 @@ PROMPTS = {
         [encoded_image(size=(112, 84))],
         [],
     ),
-    # 1 fps: the temporal positions advance 2 per frame pair, past the token count
+    # 1 fps: two seconds a temporal patch, so its temporal positions step by 4 (time, not count)
     "video": (
         [{"type": "video", "fps": 1.0}, {"type": "text", "text": "What happens?"}],
         [],

@@ -62,7 +62,9 @@ def compile_decoder(decoder, buckets: list[int]) -> bool:
     if decoder.weights.packed:
         log.warning("compile: the text weights are prepacked for oneDNN; running eagerly")
         return False
-    limit = len(buckets) * len({w.device for w in decoder.weights.layers}) + 2
+    # one graph per bucket and device, with room for a guard that differs once (e.g. a tensor
+    # made outside inference mode) before the fallback to eager
+    limit = 2 * len(buckets) * len({w.device for w in decoder.weights.layers}) + 8
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
@@ -75,8 +77,15 @@ def compile_decoder(decoder, buckets: list[int]) -> bool:
             decoder, _compile(decoder._layer_output), decoder._layer_output, "MLP"
         )
         decoder.buckets = sorted(buckets)
-        for bucket in decoder.buckets:
+        for done, bucket in enumerate(decoder.buckets, start=1):
             _warm_up(decoder, bucket)
+            log.info(
+                "compiling the decoder: %d rows done (%d of %d buckets, %.1f s)",
+                bucket,
+                done,
+                len(buckets),
+                time.perf_counter() - started,
+            )
     except Exception:
         log.warning("compile failed; the decoder runs eagerly", exc_info=True)
         decoder.use_eager()
