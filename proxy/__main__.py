@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from .app import ROUTES, create_app
+from .app import ROUTES
 from .config import parse_config
 from .observability.logs import configure_logging
 from .serving.hardening import describe_limits
 from .serving.routes import describe_routes
-from .serving.shutdown import CANCEL_GRACE_S, install_signal_drain
+from .serving.workers import run_workers, serve
 
 log = logging.getLogger("proxy")
 
@@ -42,24 +41,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             ROUTES, api_key=bool(server.api_key), metrics_require_auth=server.metrics_require_auth
         ),
     )
-    app = create_app(config)
-    # SIGINT/SIGTERM drain first (proxy/serving/shutdown.py): not ready, new requests refused, the
-    # admitted ones finish within --shutdown-timeout-s. Then run_app stops accepting,
-    # cancels what is left, and runs the app's cleanup, which closes the Triton gRPC channel.
-    install_signal_drain(app, server.shutdown_timeout_s)
-    web.run_app(
-        app,
-        host=server.host,
-        port=server.port,
-        handle_signals=False,
-        shutdown_timeout=CANCEL_GRACE_S,
-        # A client that disconnects cancels its handler, so Triton stops generating for it
-        # even when no byte is being written (non-stream requests, long prefill).
-        handler_cancellation=True,
-        # The proxy logs its own line per request (id, status, tokens, duration).
-        access_log=None,
-        print=None,
+    if server.workers == 1:
+        serve(config)
+        return
+    log.info(
+        "%d worker processes on port %d (SO_REUSEPORT), %d generating requests in flight "
+        "among them",
+        server.workers,
+        server.port,
+        config.admission.max_concurrent_requests,
     )
+    sys.exit(run_workers(config))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,28 @@ _FLAG_PREFIX = "flag_prefix"  # ProxyConfig field metadata: the flags' common pr
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# Default worker processes: one per available core up to this; past it the proxy would take
+# cores tritonserver and its stubs need on the same machine (docs/benchmarks.md "Stream path
+# at GPU token rates").
+_MAX_DEFAULT_WORKERS = 4
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, within a cgroup v2 CPU quota (a
+    container's CPU limit), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limit:
+            quota, period = limit.read().split()
+        if quota != "max":
+            cores = min(cores or 1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores or 1)
+
+
+def default_workers() -> int:
+    return min(available_cores(), _MAX_DEFAULT_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,7 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_require_auth: bool = False
+    workers: int = field(default_factory=default_workers)
 
 
 @dataclass(frozen=True)
@@ -357,6 +381,14 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "longest silence of the Triton stream between two responses (after the first, which "
         "waits for queueing and prefill), so a hung backend is noticed",
+    ),
+    _S(
+        "server",
+        "workers",
+        _positive_int,
+        "proxy processes serving --port together (SO_REUSEPORT): one event loop tops out at "
+        "a few thousand streamed tokens/s, which a GPU reaches; default one per core, at most "
+        f"{_MAX_DEFAULT_WORKERS}; --max-concurrent-requests counts them all",
     ),
     _S(
         "server",

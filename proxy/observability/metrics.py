@@ -13,6 +13,8 @@ several kinds).
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client
 from aiohttp import web
 from prometheus_client import (
@@ -23,6 +25,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    multiprocess,
 )
 from prometheus_client.exposition import choose_encoder
 
@@ -33,6 +36,9 @@ prometheus_client.disable_created_metrics()
 
 NAMESPACE = "qwen_vl_proxy"
 METRICS_PATH = "/metrics"
+# prometheus_client's multiprocess mode: set (before it is imported) in every worker's
+# environment, it makes all metrics write to files in that directory.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Bucket bounds, in seconds. TTFT shares the model's bounds (model.py TTFT_BUCKETS: a tiny
 # model on CPU to a 7B prefill of several images on a busy GPU), plus 60 s for requests that
@@ -116,7 +122,14 @@ class ProxyMetrics:
 
     def __init__(self, *, process_metrics: bool = True) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        if process_metrics:
+        # What /metrics shows: this registry, or with --workers N every worker's metrics, which
+        # prometheus_client writes to files in MULTIPROCESS_DIR_ENV (proxy/serving/workers.py)
+        # and this collector sums; process_* would describe only the worker scraped, so none.
+        self.exposed = registry
+        if os.environ.get(MULTIPROCESS_DIR_ENV):
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)
+        elif process_metrics:
             # process_* (CPU, memory, open fds), python_gc_*, python_info: what every
             # Prometheus client exports by default.
             ProcessCollector(registry=registry)
@@ -142,6 +155,7 @@ class ProxyMetrics:
             "HTTP requests being handled now (scrapes of /metrics excluded)",
             namespace=NAMESPACE,
             registry=registry,
+            multiprocess_mode="livesum",  # with workers: the sum over those running
         )
         self.duration = histogram(
             "request_duration_seconds",
@@ -238,7 +252,7 @@ class ProxyMetrics:
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format `accept` asks for (Prometheus text or OpenMetrics)."""
         encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        return encode(self.exposed), content_type
 
 
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)

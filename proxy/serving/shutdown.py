@@ -11,8 +11,10 @@ listener, gives handlers `CANCEL_GRACE_S` to write those last events, cancels wh
 (a client that does not read), closes the gRPC channel and exits.
 
 A second signal during the drain stops at once (the same cancellation, without waiting).
-aiohttp's own signal handling is off (`handle_signals=False` in proxy/__main__.py): it would
-close the listener first, so `/ready` could not say 503 during the drain.
+aiohttp's own signal handling is off (`handle_signals=False` in proxy/serving/workers.py): it
+would close the listener first, so `/ready` could not say 503 during the drain. With
+`--workers N` the parent turns each signal into a SIGTERM to every worker, and each worker
+drains as above.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ log = logging.getLogger("proxy")
 # What run_app's shutdown gives handlers still running after the drain before cancelling
 # them (its `shutdown_timeout`): they have had the whole grace period already.
 CANCEL_GRACE_S = 1.0
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _graceful_exit() -> None:
@@ -90,13 +92,17 @@ class Drain:
         asyncio.get_running_loop().call_soon(self._stop)
 
 
-def install_signal_drain(app: web.Application, timeout_s: float) -> None:
-    """For the process that serves `app`: SIGTERM/SIGINT start a `Drain`."""
+def install_signal_drain(
+    app: web.Application, timeout_s: float, signals: tuple[signal.Signals, ...] = DRAIN_SIGNALS
+) -> None:
+    """For the process that serves `app`: `signals` start a `Drain`. A worker of several
+    (proxy/serving/workers.py) takes SIGTERM alone: its parent turns each signal it gets into
+    a SIGTERM to every worker."""
 
     async def install(app: web.Application) -> None:
         drain = Drain(app[ADMISSION_KEY], timeout_s)
         loop = asyncio.get_running_loop()
-        for signum in _SIGNALS:
+        for signum in signals:
             loop.add_signal_handler(signum, drain.on_signal, signum)
 
     app.on_startup.append(install)

@@ -10,7 +10,8 @@ scripted by the last user message, `key=value` words:
     model_error=KIND  answer with the model's error of that kind (proxy/transport/contract.py)
 
 A `describe` request gets `FakeTritonState.limits` (the contract's defaults unless changed).
-It counts streams started, completed and cancelled (the client went away), and answers
+It counts streams started, completed and cancelled (the client went away), records each
+stream's client address (one per proxy process: each has its own channel), and answers
 ModelReady / RepositoryIndex for one model, ready unless `ready` is False.
 """
 
@@ -37,6 +38,7 @@ class FakeTritonState:
     completed: int = 0
     cancelled: int = 0
     requests: list[str] = field(default_factory=list)  # the last user text of each stream
+    peers: list[str] = field(default_factory=list)  # the gRPC client address of each stream
     limits: ModelLimits = field(default_factory=ModelLimits)
     describes: int = 0
 
@@ -108,6 +110,7 @@ class FakeTritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         text = _last_user_text(request)
         self.state.started += 1
         self.state.requests.append(text)
+        self.state.peers.append(context.peer())
         script = dict(word.split("=", 1) for word in text.split() if "=" in word)
         try:
             if "error" in script or "model_error" in script:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+import proxy.config
 from proxy.config import (
     API_KEY_FILE_FLAG,
     SETTINGS,
     ProxyConfig,
     ServerSettings,
     build_parser,
+    default_workers,
     env_names,
     parse_config,
     with_settings,
@@ -78,6 +80,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "log_level": ("debug", "DEBUG"),
     "log_format": ("JSON", "json"),
     "metrics_require_auth": ("true", True),
+    "workers": ("7", 7),  # the default is at most 4
 }
 
 # A value each row's parser refuses (rows of free text have none).
@@ -118,6 +121,7 @@ BAD = {
     "log_level": "verbose",
     "log_format": "yaml",
     "metrics_require_auth": "2",
+    "workers": "0",
 }
 FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key"}
 FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}
@@ -212,6 +216,13 @@ def test_defaults_are_the_section_classes_defaults():
     assert config.limits == RequestLimits()
     assert config.pixels == PixelLimits()
     assert config.fetch == FetchPolicy()
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (4, 4), (64, 4)])
+def test_workers_default_to_one_per_core_up_to_four(monkeypatch, cores, workers):
+    monkeypatch.setattr(proxy.config, "available_cores", lambda: cores)
+    assert default_workers() == workers
+    assert parse_config([]).server.workers == workers
 
 
 def test_default_values():
