@@ -60,7 +60,10 @@ def available_cores() -> int:
 
 
 def default_workers() -> int:
-    return min(available_cores(), _MAX_DEFAULT_WORKERS)
+    """Half the cores, at most 4: the proxy shares its host with tritonserver and the model's
+    stub, and on 2 cores a second worker raised no ceiling (docs/benchmarks.md, "Stream path
+    at GPU token rates")."""
+    return max(1, min(available_cores() // 2, _MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -387,7 +390,7 @@ SETTINGS: tuple[Setting, ...] = (
         "workers",
         _positive_int,
         "proxy processes serving --port together (SO_REUSEPORT): one event loop tops out at "
-        "a few thousand streamed tokens/s, which a GPU reaches; default one per core, at most "
+        "a few thousand streamed tokens/s, which a GPU reaches; default half the cores, at most "
         f"{_MAX_DEFAULT_WORKERS}; --max-concurrent-requests counts them all",
     ),
     _S(

@@ -218,7 +218,7 @@ def test_defaults_are_the_section_classes_defaults():
     assert config.fetch == FetchPolicy()
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (4, 4), (64, 4)])
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (4, 2), (8, 4), (64, 4)])
 def test_workers_default_to_one_per_core_up_to_four(monkeypatch, cores, workers):
     monkeypatch.setattr(proxy.config, "available_cores", lambda: cores)
     assert default_workers() == workers
