@@ -356,6 +356,18 @@ class Stack:
             f"stack not ready after {timeout:.0f}s; triton log:\n{_tail(self.triton_log)}"
         )
 
+    def _unload_model(self, timeout: float = 30.0) -> None:
+        """Explicit model control: unload before the SIGTERM. Left to its own shutdown,
+        Triton 2.51 in this mode now and then never unloads a model loaded through its API:
+        it waits out --exit-timeout-secs (30 s), then exits with the model's stub running."""
+        if self.triton is None or self.triton.poll() is not None:
+            return
+        url = f"{self.config.triton_http_url}/v2/repository/models/{TRITON_MODEL}/unload"
+        try:  # answers once the model is unloaded (or was never loaded)
+            urllib.request.urlopen(urllib.request.Request(url, data=b"{}"), timeout=timeout)
+        except (urllib.error.URLError, OSError):
+            pass  # the SIGTERM and the group's end do the rest
+
     def _listening_itself(self) -> bool:
         """Whether the proxy's port is this stack's proxy's and Triton's gRPC port (the one
         the proxy asks) this stack's tritonserver's, when it started one."""
@@ -367,6 +379,8 @@ class Stack:
         """SIGTERM to both (the proxy drains, Triton unloads the model), then whatever is left
         of either process group, stubs included, is killed."""
         started = [proc for proc in (self.proxy, self.triton) if proc is not None]
+        if self.config.lazy_load:
+            self._unload_model()
         for proc in started:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
