@@ -357,13 +357,13 @@ class Stack:
         )
 
     def _unload_model(self, timeout: float = 30.0) -> None:
-        """Explicit model control: unload before the SIGTERM. Left to its own shutdown,
+        """Explicit model control: ask for the unload before the SIGTERM. Left to its shutdown,
         Triton 2.51 in this mode now and then never unloads a model loaded through its API:
         it waits out --exit-timeout-secs (30 s), then exits with the model's stub running."""
         if self.triton is None or self.triton.poll() is not None:
             return
         url = f"{self.config.triton_http_url}/v2/repository/models/{TRITON_MODEL}/unload"
-        try:  # answers once the model is unloaded (or was never loaded)
+        try:  # starts the unload; the SIGTERM's shutdown then waits for it
             urllib.request.urlopen(urllib.request.Request(url, data=b"{}"), timeout=timeout)
         except (urllib.error.URLError, OSError):
             pass  # the SIGTERM and the group's end do the rest
