@@ -188,6 +188,8 @@ class StackConfig:
     # Triton starts with no model loaded (explicit model control); the proxy's first chat
     # request loads it, as the original server did.
     lazy_load: bool = False
+    # Seconds tritonserver lets running generations finish after SIGTERM before it exits.
+    exit_timeout_s: int = 30
 
     @property
     def proxy_url(self) -> str:
@@ -250,7 +252,7 @@ def triton_command(config: StackConfig) -> list[str]:
         f"--http-address={config.host}",
         f"--grpc-address={config.host}",
         f"--metrics-address={config.host}",
-        "--exit-timeout-secs=30",
+        f"--exit-timeout-secs={config.exit_timeout_s}",
         "--log-info=true",
         # config.pbtxt is complete: without this, Triton starts an extra stub just to ask
         # model.py for a config, paying the model's imports (torch, transformers) twice.
@@ -356,18 +358,6 @@ class Stack:
             f"stack not ready after {timeout:.0f}s; triton log:\n{_tail(self.triton_log)}"
         )
 
-    def _unload_model(self, timeout: float = 30.0) -> None:
-        """Explicit model control: ask for the unload before the SIGTERM. Left to its shutdown,
-        Triton 2.51 in this mode now and then never unloads a model loaded through its API:
-        it waits out --exit-timeout-secs (30 s), then exits with the model's stub running."""
-        if self.triton is None or self.triton.poll() is not None:
-            return
-        url = f"{self.config.triton_http_url}/v2/repository/models/{TRITON_MODEL}/unload"
-        try:  # starts the unload; the SIGTERM's shutdown then waits for it
-            urllib.request.urlopen(urllib.request.Request(url, data=b"{}"), timeout=timeout)
-        except (urllib.error.URLError, OSError):
-            pass  # the SIGTERM and the group's end do the rest
-
     def _listening_itself(self) -> bool:
         """Whether the proxy's port is this stack's proxy's and Triton's gRPC port (the one
         the proxy asks) this stack's tritonserver's, when it started one."""
@@ -379,8 +369,6 @@ class Stack:
         """SIGTERM to both (the proxy drains, Triton unloads the model), then whatever is left
         of either process group, stubs included, is killed."""
         started = [proc for proc in (self.proxy, self.triton) if proc is not None]
-        if self.config.lazy_load:
-            self._unload_model()
         for proc in started:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
