@@ -7,11 +7,8 @@ This file is only the Triton lifecycle; parsing, images and generation live in
 import json
 import logging
 import os
-import select
-import signal
+import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -295,30 +292,26 @@ class TritonMetrics(EngineObserver):
             metric.increment(max(0.0, increase[f"{phase}_s"]))
 
 
+# Polls once a second: while tritonserver and this stub both live, then SIGKILL to the stub.
+_WATCHDOG = 'while kill -0 "$1" && kill -0 "$2"; do sleep 1; done 2>/dev/null; kill -9 "$2"'
+
+
 def _exit_with_tritonserver():
-    """End this stub the moment its tritonserver is gone. A tritonserver killed with SIGKILL
-    never stops its stubs, and the stub's own parent check was seen hanging in its clean-up,
-    keeping the model's memory for good. (Not PR_SET_PDEATHSIG: it fires when the *thread*
-    that forked the stub exits, and Triton forks stubs from a loading thread that ends.)"""
-    parent = os.getppid()
+    """Start a watchdog that SIGKILLs this stub once its tritonserver is gone. A tritonserver
+    killed with SIGKILL never stops its stubs, and a stub thread then blocked in a call to it
+    (a metric update) holds the GIL for good, so no thread of the stub could do it: the
+    watchdog is a process of its own (in tritonserver's process group, ended with it). Not
+    PR_SET_PDEATHSIG either: it fires when the *thread* that forked the stub exits, and Triton
+    forks stubs from a loading thread that ends after the load."""
+    parent, stub = os.getppid(), os.getpid()
     if parent == 1:  # tritonserver died while this stub was importing
         os._exit(1)
-    threading.Thread(
-        target=_kill_self_when_gone, args=(parent,), name="exit-with-tritonserver", daemon=True
-    ).start()
-
-
-def _kill_self_when_gone(pid):
-    try:
-        watched = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has exited
-    except (AttributeError, OSError):
-        watched = None
-    if watched is not None and os.getppid() == pid:
-        select.select([watched], [], [])
-    else:
-        while os.getppid() == pid:
-            time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGKILL)
+    subprocess.Popen(
+        ["/bin/sh", "-c", _WATCHDOG, "stub-watchdog", str(parent), str(stub)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class TritonPythonModel:

@@ -14,9 +14,7 @@ config.pbtxt's parameters as JSON, as the real model answers with its ModelLimit
 import hashlib
 import json
 import os
-import select
-import signal
-import threading
+import subprocess
 import time
 
 import numpy as np
@@ -25,24 +23,19 @@ import triton_python_backend_utils as pb_utils
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+# As the real model does (model_repository/qwen2_5_vl/1/model.py): a watchdog process that
+# SIGKILLs this stub once its tritonserver is gone (a tritonserver killed with SIGKILL never
+# stops its stubs).
+_WATCHDOG = 'while kill -0 "$1" && kill -0 "$2"; do sleep 1; done 2>/dev/null; kill -9 "$2"'
+
+
 def _exit_with_tritonserver():
-    """As the real model does (model_repository/qwen2_5_vl/1/model.py): a tritonserver killed
-    with SIGKILL never stops its stubs, so this one ends itself once its server is gone."""
-    parent = os.getppid()
-    threading.Thread(target=_kill_self_when_gone, args=(parent,), daemon=True).start()
-
-
-def _kill_self_when_gone(pid):
-    try:
-        watched = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        watched = None
-    if watched is not None and os.getppid() == pid:
-        select.select([watched], [], [])
-    else:
-        while os.getppid() == pid:
-            time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGKILL)
+    subprocess.Popen(
+        ["/bin/sh", "-c", _WATCHDOG, "stub-watchdog", str(os.getppid()), str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class TritonPythonModel:
