@@ -370,7 +370,11 @@ def test_with_settings_rejects_unknown_names(name):
 _DOCUMENTS = [
     ROOT / "README.md",
     *sorted((ROOT / "docs").glob("*.md")),
-    *sorted(path for path in (ROOT / "docker").rglob("*") if path.is_file()),
+    *sorted(
+        path
+        for path in (ROOT / "docker").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts  # compiled triton_launch.py
+    ),
 ]
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
 _NAME = re.compile(r"\b[A-Z][A-Z0-9_]*\b")
