@@ -187,12 +187,13 @@ def main(argv=None) -> int:
     primary = launcher.Stack(primary_config)
     try:
         second.start_triton()
-        if args.first_triton:
-            primary.start_proxy()
-        else:
-            primary.start()
-        primary.wait_ready(timeout=300)  # the proxy is ready once either replica is
+        if not args.first_triton:
+            primary.start_triton()
+        # The proxy starts once both are ready: one it tried while loading would sit out a
+        # reconnect backoff and a down period before taking requests.
         wait_model_ready(replicas, timeout=300)
+        primary.start_proxy()
+        primary.wait_ready(timeout=300)
         report = asyncio.run(measure(primary, second, replicas, args))
     finally:
         primary.stop()
