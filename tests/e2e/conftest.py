@@ -1,7 +1,15 @@
 """A real tritonserver with the tiny checkpoint behind the real proxy, once per session."""
 
 import pytest
-from stacks import running_stack
+from stacks import running_stack, wait_for_stops
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stacks_stopped_behind():
+    """Set up before every stack fixture, so torn down after them: the stacks the modules
+    stopped behind are gone before the session ends."""
+    yield
+    wait_for_stops()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Starting whole stacks (tritonserver + proxy) of the tests' own on loopback."""
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import stack as stack_launcher  # scripts/stack.py
 
@@ -10,9 +11,15 @@ import stack as stack_launcher  # scripts/stack.py
 EXIT_TIMEOUT_S = 5
 
 
+# Stacks stopping while the next tests run (a Triton takes about 2 s to exit).
+_stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stack-stop")
+_stopping: list[Future] = []
+
+
 @contextlib.contextmanager
-def running_stack(model: str, ready_timeout: float = 240, **overrides):
-    """A stack of its own on free loopback ports, with fresh logs, stopped on exit."""
+def running_stack(model: str, ready_timeout: float = 240, *, stop_behind=False, **overrides):
+    """A stack of its own on free loopback ports, with fresh logs, stopped on exit; with
+    `stop_behind`, stopping goes on while the next tests run (`wait_for_stops` ends it)."""
     overrides.setdefault("exit_timeout_s", EXIT_TIMEOUT_S)
     running = stack_launcher.Stack(stack_launcher.loopback_config(model, **overrides))
     for log in (running.triton_log, running.proxy_log):
@@ -22,4 +29,13 @@ def running_stack(model: str, ready_timeout: float = 240, **overrides):
         running.wait_ready(timeout=ready_timeout)
         yield running
     finally:
-        running.stop()
+        if stop_behind:
+            _stopping.append(_stopper.submit(running.stop))
+        else:
+            running.stop()
+
+
+def wait_for_stops() -> None:
+    """Until every stack stopped behind has stopped; a stop's error is raised here."""
+    while _stopping:
+        _stopping.pop().result()

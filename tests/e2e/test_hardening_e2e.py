@@ -103,7 +103,9 @@ def test_client_disconnect_frees_the_model_slot(stack, base_url):
 @pytest.fixture(scope="module")
 def own_stack(tiny_checkpoint_path):
     with running_stack(
-        tiny_checkpoint_path, proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)]
+        tiny_checkpoint_path,
+        proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)],
+        stop_behind=True,
     ) as running:
         yield running
 

@@ -400,7 +400,9 @@ def test_unsupported_part_and_models(base_url):
 @pytest.fixture(scope="module")
 def lazy_stack(tiny_checkpoint_path):
     # wait_ready waits for /health here: nothing is loaded yet
-    with running_stack(tiny_checkpoint_path, ready_timeout=120, lazy_load=True) as running:
+    with running_stack(
+        tiny_checkpoint_path, ready_timeout=120, lazy_load=True, stop_behind=True
+    ) as running:
         yield running
 
 
