@@ -54,9 +54,9 @@ def test_forward_and_compile_modes_are_checked_and_name_the_parameter():
             raise AssertionError(f"{name}={bad} accepted")
 
 
-def test_compile_is_on_for_gpus_by_default_and_forced_either_way():
+def test_compile_is_off_by_default_until_it_has_run_on_a_gpu_and_forced_either_way():
     auto = ModelSettings()
-    assert auto.resolve_compile("cuda:0") and not auto.resolve_compile("cpu")
+    assert not auto.resolve_compile("cuda:0") and not auto.resolve_compile("cpu")
     assert ModelSettings(compile="on").resolve_compile("cpu")
     assert not ModelSettings(compile="off").resolve_compile("cuda:1")
 

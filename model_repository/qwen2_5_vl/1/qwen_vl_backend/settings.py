@@ -111,9 +111,10 @@ class ModelSettings:
     # fallback.
     forward: str = "lean"
     # torch.compile the lean forward's per-layer dense parts, one static shape per bucket of step
-    # rows (padded), compiled at load. auto: on for CUDA devices, where a step's hundreds of small
-    # kernel launches cost more than its math; off on CPU, where it measured no faster than the
-    # eager lean step and would give up the oneDNN-prepacked weights (docs/engine.md). on / off
+    # rows (padded), compiled at load. On CUDA a step's hundreds of small kernel launches cost
+    # more than its math, which is what compiling is for; on CPU it measured no faster than the
+    # eager lean step and would give up the oneDNN-prepacked weights (docs/engine.md). auto: off
+    # on every device until the compiled step has run on a GPU (nothing here has yet); on / off
     # force it. A compile failure logs a warning and runs eagerly; it never fails the load.
     compile: str = "auto"
     # The bucket row counts to compile, e.g. "1,2,4,8,16,64,256"; a step runs in the smallest
@@ -179,9 +180,8 @@ class ModelSettings:
         return sizes
 
     def resolve_compile(self, device: str) -> bool:
-        if self.compile != "auto":
-            return self.compile == "on"
-        return device.startswith("cuda")
+        # "auto" stays off until a GPU run has validated the compiled step (docs/engine.md).
+        return self.compile == "on"
 
     def max_memory_map(self) -> dict[int | str, str] | None:
         """`max_memory` as from_pretrained takes it: {0: "75GiB", 1: "75GiB", "cpu": ...}."""
