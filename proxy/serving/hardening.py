@@ -46,7 +46,7 @@ def describe_limits(config: ProxyConfig) -> str:
         or (row.section == "server" and (row.narrows_model or row.name in _SERVER_LIMITS))
     ]
     width = max(len(row.option) for row in rows)
-    lines = ['limits in force ("model\'s": the model\'s own, asked at the first request):']
+    lines = ["limits in force (\"model's\": the model's own, asked at the first request):"]
     for row in rows:
         value = getattr(getattr(config, row.section), row.name)
         lines.append(f"  {row.option:<{width}}  {_shown(value, row.narrows_model)}")

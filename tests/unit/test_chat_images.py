@@ -5,8 +5,8 @@ import pytest
 from helpers import data_url
 from sample_images import encoded_image
 
-from qwen_vl_backend.errors import RequestError
 from qwen_vl_backend.contract import sniff_image as sniff_format
+from qwen_vl_backend.errors import RequestError
 from qwen_vl_backend.media.images import decode_image, element_bytes
 from qwen_vl_backend.request.chat import parse_messages
 
