@@ -363,7 +363,11 @@ async def one_run(side: str, stream, concurrency: int, count: int, pids: dict) -
         "cpu_us_per_token": {name: round(value, 1) for name, value in per_token.items()},
         "busiest_thread_us_per_token": {name: round(value, 1) for name, value in busiest.items()},
         # Where each process's busiest thread would reach a whole core first.
-        "first_ceiling": {"process": limit, "tokens_per_s": round(1e6 / busiest[limit])},
+        # None when a run is too short for the kernel's CPU clock ticks to register any use.
+        "first_ceiling": {
+            "process": limit,
+            "tokens_per_s": round(1e6 / busiest[limit]) if busiest[limit] > 0 else None,
+        },
         "cores_busy": {name: round(use.total[name] / wall, 2) for name in PROCESSES},
         "other_cores_busy": round(use.other / wall, 2),
     }
@@ -384,7 +388,7 @@ def row(run: dict[str, Any]) -> str:
     return (
         f"| {run['concurrency']} | {run['side']} | {run['tokens_per_s']} "
         f"| {costs} ({sum(per_token.values()):.0f}) | {threads} "
-        f"| {ceiling['process']} ≈{ceiling['tokens_per_s']} | {run['other_cores_busy']:.2f} |"
+        f"| {ceiling['process']} ≈{ceiling['tokens_per_s'] or '–'} | {run['other_cores_busy']:.2f} |"
     )
 
 
