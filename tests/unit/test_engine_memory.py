@@ -15,29 +15,10 @@ from qwen_vl_backend.engine import memory
 from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.engine.embedding_cache import EmbeddingCache
 from qwen_vl_backend.errors import DeviceMemoryError
-from qwen_vl_backend.modeling.checkpoint import load_checkpoint
 from qwen_vl_backend.settings import ModelSettings
 
 SETTINGS = ModelSettings()
 GiB = 2**30
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint_path):
-    return load_checkpoint(tiny_checkpoint_path, "cpu", "float32")
-
-
-@pytest.fixture
-def make_engine(checkpoint):
-    engines = []
-
-    def make(**settings):
-        engines.append(BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, **settings)))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        assert engine.shutdown(30)
 
 
 # ---- the KV cache from free GPU memory --------------------------------------------------

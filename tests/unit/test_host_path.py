@@ -20,28 +20,9 @@ from qwen_vl_backend.engine.sampling import (
     sample,
 )
 from qwen_vl_backend.errors import EngineStoppingError
-from qwen_vl_backend.modeling.checkpoint import load_checkpoint
 from qwen_vl_backend.settings import ModelSettings
 
 SETTINGS = ModelSettings()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint_path):
-    return load_checkpoint(tiny_checkpoint_path, "cpu", "float32")
-
-
-@pytest.fixture
-def make_engine(checkpoint):
-    engines = []
-
-    def make(**settings):
-        engines.append(BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, **settings)))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        assert engine.shutdown(30)
 
 
 def wait_until(condition, what):
