@@ -443,6 +443,21 @@ def test_cancelling_an_n_request_frees_every_slot(checkpoint):
         assert engine.shutdown(30)
 
 
+def test_choices_keep_their_slots_until_the_prompt_is_prefilled(checkpoint):
+    """Two n=3 requests on 4 slots: the second waits for room for all three of its choices (a
+    choice's slot is taken when its prompt is prefilled; admitting on one free slot once ran
+    out of slots at that point and failed every running request)."""
+    engine = BatchingEngine(checkpoint, dataclasses.replace(SETTINGS, max_batch_size=4))
+    try:
+        sinks = [ChoiceSink(), ChoiceSink()]
+        for sink in sinks:
+            engine.submit(raw_request("hello there", n=3, temperature=1.0, seed=3), sink)
+        assert [sorted(sink.wait().finals) for sink in sinks] == [[0, 1, 2]] * 2
+        assert engine.stats.largest_batch == 3
+    finally:
+        assert engine.shutdown(30)
+
+
 def test_a_repeated_image_skips_the_vision_tower_and_gives_the_same_tokens(checkpoint):
     engine = BatchingEngine(checkpoint, SETTINGS)
     image = [encoded_image(size=(112, 112), color=(10, 20, 200))]

@@ -664,7 +664,7 @@ class BatchingEngine:
         admitted = []
         while self._waiting and budget > 0:
             request = self._waiting[0]
-            if request.prepared.sampling.n > len(self._slots):
+            if request.prepared.sampling.n > len(self._slots) - self._promised_slots():
                 break
             self._waiting.pop(0)
             admitted.append(self._admit(request))
@@ -677,6 +677,13 @@ class BatchingEngine:
             if budget > 0 and sequence.vision_ready_this_step():
                 budget -= self._plan_chunk(step, sequence, budget)
         return step
+
+    def _promised_slots(self) -> int:
+        """Free slots already promised: an admitted request with n > 1 takes its extra choices'
+        slots when its prompt is prefilled (`_forked`), so they must stay free until then."""
+        return sum(
+            s.prepared.sampling.n - 1 for s in self._running if s.index == 0 and s.prefilling
+        )
 
     def _largest_step_tokens(self) -> int:
         """The most tokens `_schedule` can put in one forward: every slot decoding plus the
