@@ -1,0 +1,103 @@
+"""The schema the migrations build equals the live table definitions (proxy/state/)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import sqlalchemy as sa
+
+from proxy.state import db as state_db
+from proxy.state.db import METADATA, Database, available_migrations, sqlite_url
+
+
+def _import_every_table_module():
+    # Tables register on METADATA when their module is imported.
+    import importlib
+    import pkgutil
+
+    import proxy.state
+
+    for info in pkgutil.iter_modules(proxy.state.__path__):
+        if info.name != "migrations":
+            importlib.import_module(f"proxy.state.{info.name}")
+
+
+def _generic(type_name: str) -> str:
+    # SQLite reflects the declared type names back; compare by family.
+    name = type_name.upper()
+    for family, words in (
+        ("int", ("INT",)),
+        ("float", ("FLOAT", "REAL", "DOUBLE", "NUMERIC")),
+        ("text", ("CHAR", "TEXT", "STRING", "CLOB", "JSON")),
+        ("bytes", ("BLOB", "BINARY", "BYTEA")),
+        ("bool", ("BOOL",)),
+    ):
+        if any(word in name for word in words):
+            return family
+    return name
+
+
+def test_migrated_schema_equals_live_tables(tmp_path):
+    _import_every_table_module()
+
+    async def reflect():
+        database = await Database.open(sqlite_url(tmp_path))
+        try:
+            async with database.begin() as connection:
+                return await connection.run_sync(_reflect_all)
+        finally:
+            await database.close()
+
+    def _reflect_all(connection):
+        inspector = sa.inspect(connection)
+        return {
+            name: {
+                column["name"]: (
+                    _generic(str(column["type"])),
+                    bool(column["primary_key"]),
+                    bool(column["nullable"]) and not column["primary_key"],
+                )
+                for column in inspector.get_columns(name)
+                for column in [
+                    {
+                        **column,
+                        "primary_key": column["name"]
+                        in inspector.get_pk_constraint(name)["constrained_columns"],
+                    }
+                ]
+            }
+            for name in inspector.get_table_names()
+        }
+
+    migrated = asyncio.run(reflect())
+    live = {
+        name: {
+            column.name: (
+                _generic(column.type.compile(dialect=sa.dialects.sqlite.dialect())),
+                bool(column.primary_key),
+                bool(column.nullable) and not column.primary_key,
+            )
+            for column in table.columns
+        }
+        for name, table in METADATA.tables.items()
+    }
+    assert migrated == live
+
+
+def test_migration_versions_are_unique_and_ordered():
+    versions = [version for version, _, _ in available_migrations()]
+    assert versions == sorted(set(versions)) and versions[0] == 1
+
+
+def test_opening_twice_applies_nothing_the_second_time(tmp_path):
+    async def run():
+        first = await Database.open(sqlite_url(tmp_path), migrate=False)
+        applied = await first.migrate()
+        again = await first.migrate()
+        version = await first.schema_version()
+        await first.close()
+        return applied, again, version
+
+    applied, again, version = asyncio.run(run())
+    assert applied and again == [] and version == applied[-1]
+    assert state_db.async_url("sqlite:///x").startswith("sqlite+aiosqlite")
