@@ -1,11 +1,17 @@
-"""Fixtures shared by every tier: the tiny checkpoint. pytest.ini puts the repository root,
-scripts/ and the model's helper modules on the path.
+"""Fixtures shared by every tier: the tiny checkpoint, and the storage tests' databases
+(`database_url` over SQLite and a session's PostgreSQL server, tests/state_fixtures.py).
+pytest.ini puts the repository root, scripts/ and the model's helper modules on the path.
 
 The session fails if a server it started outlives it (tests/leftover_processes.py)."""
 
 import pytest
 import stack
 from leftover_processes import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks)
+from state_fixtures import (  # noqa: F401  (fixtures: both database engines, tests/state_fixtures.py)
+    database_url,
+    postgres_server,
+    postgres_url,
+)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@ takes its hooks).
 
 The session marks its environment with a token that every process the tests start inherits
 (tritonserver hands its environment to the Python-backend stubs). When the session ends, a
-`tritonserver`, `triton_python_backend_stub` or proxy still carrying the token is a leak: it
-is reported, killed, and the run fails. Processes without the token (a developer's own
+`tritonserver`, `triton_python_backend_stub`, `postgres` or proxy still carrying the token is
+a leak: it is reported, killed, and the run fails. Processes without the token (a developer's own
 server, another session's) are never touched.
 """
 
@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 SESSION_ENV = "QWEN_VL_TEST_SESSION"
-# The programs a test may start that must be gone when the suite ends.
-WATCHED_PROGRAMS = ("tritonserver", "triton_python_backend_stub")
+# The programs a test may start that must be gone when the suite ends (postgres: the
+# storage tests' server, tests/state_fixtures.py).
+WATCHED_PROGRAMS = ("tritonserver", "triton_python_backend_stub", "postgres")
 WATCHED_MODULE = "proxy"  # `python -m proxy`
+# PostgreSQL's server processes rename themselves "postgres: checkpointer" and so on.
+WATCHED_TITLE_PREFIXES = ("postgres: ",)
 # Seconds a process may still take to exit after its test stopped it; the launcher already
 # waits for every process group it ends, so this only covers servers ended some other way.
 EXIT_GRACE_S = float(os.environ.get("QWEN_VL_TEST_EXIT_GRACE_S", "5"))
@@ -42,7 +45,7 @@ class Leftover:
 def _watched(argv: list[str]) -> bool:
     if not argv:
         return False
-    if Path(argv[0]).name in WATCHED_PROGRAMS:
+    if Path(argv[0]).name in WATCHED_PROGRAMS or argv[0].startswith(WATCHED_TITLE_PREFIXES):
         return True
     return argv[1:3] == ["-m", WATCHED_MODULE]
 

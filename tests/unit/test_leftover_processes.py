@@ -68,3 +68,25 @@ def test_a_session_that_leaves_a_server_behind_fails(tmp_path):
     assert "1 passed" in result.stdout  # the test itself passed: the session check failed it
     assert "servers started by the tests outlived them (now killed)" in result.stdout
     assert "triton_python_backend_stub" in result.stdout
+
+
+def test_postgres_server_processes_are_watched_under_their_titles():
+    token = uuid.uuid4().hex
+    # PostgreSQL's server processes retitle themselves; the postmaster keeps its path.
+    postmaster = fake_server("/usr/lib/postgresql/15/bin/postgres", token)
+    checkpointer = fake_server("postgres: checkpointer ", token)
+    try:
+        found = leftover_processes.leftovers_after_grace(token, grace_s=0)
+        assert sorted(leftover.pid for leftover in found) == sorted(
+            [postmaster.pid, checkpointer.pid]
+        )
+    finally:
+        for process in (postmaster, checkpointer):
+            process.kill()
+            process.wait()
+
+
+def test_the_sessions_postgres_server_carries_the_session_token(postgres_server):
+    token = os.environ[leftover_processes.SESSION_ENV]
+    pids = [leftover.pid for leftover in leftover_processes.leftovers(token)]
+    assert postgres_server.process.pid in pids

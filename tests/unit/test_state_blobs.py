@@ -1,4 +1,5 @@
-"""Content-addressed blobs written and read in chunks (proxy/state/blobs.py)."""
+"""Content-addressed blobs written and read in chunks (proxy/state/blobs.py), on SQLite and
+PostgreSQL (`database_url`, tests/state_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import random
 import pytest
 
 from proxy.state.blobs import BLOB_CHUNKS, BLOBS, BlobStore, BlobTooLarge, digest_of
-from proxy.state.db import Database, sqlite_url
+from proxy.state.db import Database
 
 
-def _run(tmp_path, body):
+def _run(database_url, body):
     async def main():
-        database = await Database.open(sqlite_url(tmp_path))
+        database = await Database.open(database_url)
         try:
             return await body(BlobStore(database, chunk_bytes=1000), database)
         finally:
@@ -32,7 +33,7 @@ async def _count(database, table) -> int:
         return len((await connection.execute(table.select())).all())
 
 
-def test_streamed_upload_is_chunked_and_named_by_its_digest(tmp_path):
+def test_streamed_upload_is_chunked_and_named_by_its_digest(database_url):
     data = random.Random(7).randbytes(5500)
 
     async def body(store, database):
@@ -43,47 +44,47 @@ def test_streamed_upload_is_chunked_and_named_by_its_digest(tmp_path):
         assert b"".join(chunks) == data and max(map(len, chunks)) == 1000
         assert await store.read_bytes(ref.digest, max_bytes=len(data)) == data
 
-    _run(tmp_path, body)
+    _run(database_url, body)
 
 
-def test_the_same_content_is_stored_once(tmp_path):
+def test_the_same_content_is_stored_once(database_url):
     async def body(store, database):
         first = await store.put_bytes(b"x" * 2500)
         second = await store.put_stream(_pieces(b"x" * 2500, 300), max_bytes=2500)
         assert first == second
         assert await _count(database, BLOBS) == 1 and await _count(database, BLOB_CHUNKS) == 3
 
-    _run(tmp_path, body)
+    _run(database_url, body)
 
 
-def test_an_oversized_upload_leaves_nothing(tmp_path):
+def test_an_oversized_upload_leaves_nothing(database_url):
     async def body(store, database):
         with pytest.raises(BlobTooLarge):
             await store.put_stream(_pieces(b"y" * 5000, 1000), max_bytes=4999)
         assert await _count(database, BLOBS) == 0 and await _count(database, BLOB_CHUNKS) == 0
 
-    _run(tmp_path, body)
+    _run(database_url, body)
 
 
-def test_reading_whole_refuses_beyond_the_limit_and_unknown_is_none(tmp_path):
+def test_reading_whole_refuses_beyond_the_limit_and_unknown_is_none(database_url):
     async def body(store, database):
         ref = await store.put_bytes(b"z" * 3000)
         with pytest.raises(BlobTooLarge):
             await store.read_bytes(ref.digest, max_bytes=2999)
         assert await store.read_bytes("sha256:" + "0" * 64, max_bytes=10) is None
 
-    _run(tmp_path, body)
+    _run(database_url, body)
 
 
-def test_an_empty_blob_round_trips(tmp_path):
+def test_an_empty_blob_round_trips(database_url):
     async def body(store, database):
         ref = await store.put_bytes(b"")
         assert ref.size == 0 and await store.read_bytes(ref.digest, max_bytes=0) == b""
 
-    _run(tmp_path, body)
+    _run(database_url, body)
 
 
-def test_sweep_removes_crashed_uploads_and_unreferenced_blobs(tmp_path):
+def test_sweep_removes_crashed_uploads_and_unreferenced_blobs(database_url):
     async def body(store, database):
         await store.put_bytes(b"kept for now")
         failing = _pieces(b"a" * 3000, 1000)
@@ -100,4 +101,4 @@ def test_sweep_removes_crashed_uploads_and_unreferenced_blobs(tmp_path):
         assert await store.sweep(grace_s=-1) == 1  # nothing refers to it
         assert await _count(database, BLOB_CHUNKS) == 0
 
-    _run(tmp_path, body)
+    _run(database_url, body)

@@ -1,4 +1,5 @@
-"""The schema the migrations build equals the live table definitions (proxy/state/)."""
+"""The schema the migrations build equals the live table definitions (proxy/state/), on
+SQLite and PostgreSQL (`database_url`, tests/state_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import sqlalchemy as sa
 
 from proxy.state import db as state_db
-from proxy.state.db import METADATA, Database, available_migrations, sqlite_url
+from proxy.state.db import METADATA, Database, available_migrations
 
 
 def _import_every_table_module():
@@ -23,11 +24,11 @@ def _import_every_table_module():
 
 
 def _generic(type_name: str) -> str:
-    # SQLite reflects the declared type names back; compare by family.
+    # SQLite reflects the declared type names back, PostgreSQL its own; compare by family.
     name = type_name.upper()
     for family, words in (
         ("int", ("INT",)),
-        ("float", ("FLOAT", "REAL", "DOUBLE", "NUMERIC")),
+        ("float", ("FLOAT", "REAL", "DOUBLE", "NUMERIC")),  # PostgreSQL: DOUBLE PRECISION
         ("text", ("CHAR", "TEXT", "STRING", "CLOB", "JSON")),
         ("bytes", ("BLOB", "BINARY", "BYTEA")),
         ("bool", ("BOOL",)),
@@ -37,14 +38,14 @@ def _generic(type_name: str) -> str:
     return name
 
 
-def test_migrated_schema_equals_live_tables(tmp_path):
+def test_migrated_schema_equals_live_tables(database_url):
     _import_every_table_module()
 
     async def reflect():
-        database = await Database.open(sqlite_url(tmp_path))
+        database = await Database.open(database_url)
         try:
             async with database.begin() as connection:
-                return await connection.run_sync(_reflect_all)
+                return database.engine.dialect, await connection.run_sync(_reflect_all)
         finally:
             await database.close()
 
@@ -69,11 +70,11 @@ def test_migrated_schema_equals_live_tables(tmp_path):
             for name in inspector.get_table_names()
         }
 
-    migrated = asyncio.run(reflect())
+    dialect, migrated = asyncio.run(reflect())
     live = {
         name: {
             column.name: (
-                _generic(column.type.compile(dialect=sa.dialects.sqlite.dialect())),
+                _generic(column.type.compile(dialect=dialect)),
                 bool(column.primary_key),
                 bool(column.nullable) and not column.primary_key,
             )
@@ -89,9 +90,9 @@ def test_migration_versions_are_unique_and_ordered():
     assert versions == sorted(set(versions)) and versions[0] == 1
 
 
-def test_opening_twice_applies_nothing_the_second_time(tmp_path):
+def test_opening_twice_applies_nothing_the_second_time(database_url):
     async def run():
-        first = await Database.open(sqlite_url(tmp_path), migrate=False)
+        first = await Database.open(database_url, migrate=False)
         applied = await first.migrate()
         again = await first.migrate()
         version = await first.schema_version()
