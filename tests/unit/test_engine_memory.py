@@ -186,8 +186,8 @@ def test_out_of_memory_in_the_vision_tower_fails_only_that_jobs_requests(make_en
     engine = make_engine(max_vision_patches=100)  # one image per job
     next_job = engine._next_vision_job
 
-    def failing_job():
-        work = next_job()
+    def failing_job(*args):
+        work = next_job(*args)
         if work is not None and work.patches == 80:  # the 140 x 112 image: 10 x 8 patches
 
             def advance():

@@ -58,8 +58,8 @@ def test_inputs_follow_the_tensor_contract():
     inputs = tensors(REQUEST)
 
     # every input the contract names but the ready-prompt and describe ones
-    # no tools, no videos sent
-    assert set(inputs) == set(INPUTS) - {"text_input", "describe", "tools", "video"}
+    # no tools, no videos sent, and no priority for the default class
+    assert set(inputs) == set(INPUTS) - {"text_input", "describe", "tools", "video", "priority"}
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]
     assert (inputs["image"].datatype(), inputs["image"].shape()) == ("BYTES", [2])

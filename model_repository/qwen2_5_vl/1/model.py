@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qwen_vl_backend.contract import DESCRIBE_INPUT, Input, ModelError, Output  # noqa: E402
+from qwen_vl_backend.contract import DESCRIBE_INPUT, Input, ModelError, Output, Priority  # noqa: E402
 from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
 from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
@@ -73,6 +73,7 @@ def _raw_request(request) -> RawRequest:
             return_num_input_tokens=bool(_scalar(request, Input.RETURN_NUM_INPUT_TOKENS, False)),
             return_num_output_tokens=bool(_scalar(request, Input.RETURN_NUM_OUTPUT_TOKENS, False)),
             tools=_scalar(request, Input.TOOLS),
+            priority=_scalar(request, Input.PRIORITY),
         )
     except UnicodeDecodeError as exc:
         raise RequestError("text inputs must be UTF-8") from exc
@@ -215,6 +216,22 @@ class TritonMetrics(EngineObserver):
         self._generated = counter("qwen_vl_generated_tokens_total", "Tokens generated")
         self._batch = gauge("qwen_vl_batch_size", "Sequences in the running decode batch")
         self._waiting = gauge("qwen_vl_waiting_requests", "Requests waiting to join the batch")
+        admitted = self._family(
+            "qwen_vl_requests_admitted_total",
+            "Requests that joined the batch, by priority class (interactive, batch)",
+            "COUNTER",
+        )
+        self._admitted = {
+            p: admitted.Metric(labels={**labels, "priority": p.value}) for p in Priority
+        }
+        waiting_by_priority = self._family(
+            "qwen_vl_waiting_requests_by_priority",
+            "Requests waiting to join the batch, by priority class (interactive, batch)",
+            "GAUGE",
+        )
+        self._waiting_by_priority = {
+            p: waiting_by_priority.Metric(labels={**labels, "priority": p.value}) for p in Priority
+        }
         outcomes = self._family(
             "qwen_vl_requests_finished_total",
             "Requests finished, by outcome (stop, length, cancelled, error)",
@@ -272,6 +289,13 @@ class TritonMetrics(EngineObserver):
         self._generated.increment(batch_size)
         self._batch.set(batch_size)
         self._waiting.set(waiting)
+
+    def admitted(self, priority):
+        self._admitted[priority].increment(1)
+
+    def waiting_by_priority(self, waiting):
+        for priority, count in waiting.items():
+            self._waiting_by_priority[priority].set(count)
 
     def finished(self, outcome):
         self._finished[outcome].increment(1)

@@ -2,7 +2,8 @@
 the rules both sides check a request by, and how an error crosses gRPC.
 
 Tensors: `Input` and `Output` (`INPUTS`, `OUTPUTS`) are the names in config.pbtxt (a test
-checks them); model.py and the proxy's backend name tensors only through them. The
+checks them); model.py and the proxy's backend name tensors only through them. `Priority`
+names the scheduling classes the `priority` input takes. The
 `describe` input asks the model for its limits instead of a completion: one response whose
 `text_output` is `ModelLimits.encode()`, then the final flag.
 
@@ -54,6 +55,12 @@ class Input(StrEnum):
     RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
     RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
     TOOLS = "tools"
+    # The request's `Priority` class by name. An input of its own, not a field of
+    # `sampling_parameters`: it says when the request runs, not what it samples, and a named
+    # input in config.pbtxt lets any Triton client (perf_analyzer's input data, genai-perf) set
+    # it. Not Triton's own request priority either: that orders Triton's scheduler queues,
+    # which this decoupled model does not use (requests wait in the engine's own queue).
+    PRIORITY = "priority"
     DESCRIBE = "describe"
 
 
@@ -73,6 +80,19 @@ class Output(StrEnum):
 INPUTS = tuple(Input)
 OUTPUTS = tuple(Output)
 DESCRIBE_INPUT = Input.DESCRIBE
+
+
+class Priority(StrEnum):
+    """A request's scheduling class, in admission order: the engine admits every waiting
+    interactive request before any waiting batch one, and batch requests hold a bounded share
+    of the KV slots (docs/engine.md "Priority classes"). The Batch API runs its lines as
+    `batch`; a request that names none is `interactive`."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+DEFAULT_PRIORITY = Priority.INTERACTIVE
 
 # The highest `fps` a video part may ask to be sampled at; max_video_frames bounds the cost.
 MAX_VIDEO_FPS = 60.0

@@ -84,6 +84,11 @@ class ModelSettings:
     # CUDA only: the most slots memory sizing may create (vLLM's default max_num_seqs); a
     # step decodes every running sequence, so this bounds a step's decode rows.
     gpu_max_batch_size: int = 256
+    # KV slots batch-priority requests (the Batch API's lines) may hold at once; interactive
+    # ones may use every slot. Half by default: batch work fills idle capacity, yet a burst of
+    # interactive requests always finds slots without waiting for batch rows to finish (running
+    # rows are never preempted). 0: half the slots (at least one); more than the slots: all.
+    max_batch_priority_slots: int = 0
     # Tokens one engine step may compute: every running sequence's next token plus as many
     # prompt tokens (and image tokens through the vision tower) as fit. It bounds how long a
     # running stream waits when requests arrive. 0: 256 on CPU, 2048 on GPU (docs/engine.md
@@ -151,6 +156,11 @@ class ModelSettings:
     def __post_init__(self):
         if self.stream_interval < 1:
             raise ValueError(f"parameter stream_interval={self.stream_interval}: at least 1")
+        if self.max_batch_priority_slots < 0:
+            raise ValueError(
+                f"parameter max_batch_priority_slots={self.max_batch_priority_slots}: "
+                "0 (half the slots) or more"
+            )
         if self.cancel_poll_ms < 1:
             raise ValueError(f"parameter cancel_poll_ms={self.cancel_poll_ms}: at least 1")
         if self.device_map not in ("", *DEVICE_MAPS):
@@ -244,6 +254,12 @@ class ModelSettings:
                 "context_length": context_length,
             }
         )
+
+    def batch_priority_slots(self, slots: int) -> int:
+        """The most of `slots` KV slots batch-priority requests may hold."""
+        if self.max_batch_priority_slots > 0:
+            return min(self.max_batch_priority_slots, slots)
+        return max(1, slots // 2)
 
     def step_tokens(self, device: str) -> int:
         if self.max_step_tokens > 0:

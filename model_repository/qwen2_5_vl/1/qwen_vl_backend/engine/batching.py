@@ -24,24 +24,33 @@ each choice samples with its own generator (seed + index when a seed is given).
 Constrained output (`structured`): the grammar is compiled where the request is prepared (cached,
 `grammar`); each sequence owns a matcher, and the step masks the logits of its constrained rows
 before sampling (`grammar.TokenMasks`), so constrained and free sequences share a batch.
+
+Priority classes (`contract.Priority`, docs/engine.md "Priority classes"): each class waits in a
+queue of its own; a step plans prefill work class by class, interactive first (its prompt
+chunks, the vision stages its requests wait for, its admissions), so batch prefill only gets
+what interactive prefill leaves of the budget, and no batch request is admitted while an
+interactive one waits. Batch sequences hold at most `max_batch_priority_slots` KV slots. Running
+rows are never preempted, and a row's tokens never depend on its neighbours in any class.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..contract import Priority
 from ..errors import DeviceMemoryError, EngineFullError, EngineStoppingError, RequestError
 from ..modeling.checkpoint import Checkpoint
 from ..modeling.vision_stages import VisionJob
-from ..request.prepare import PreparedRequest, RawRequest, prepare
+from ..request.prepare import PreparedRequest, RawRequest, parse_priority, prepare
 from ..settings import ModelSettings
 from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
@@ -53,6 +62,10 @@ from .slots import SlotContent, SlotPool
 from .text_forward import text_forward
 
 log = logging.getLogger(__name__)
+
+# Admission order of the classes (contract.Priority's order), and the one that pays last.
+_RANK = {priority: rank for rank, priority in enumerate(Priority)}
+_LAST_PRIORITY = list(Priority)[-1]
 
 OUT_OF_MEMORY = (
     "the device ran out of memory for this request; retry later, or with a shorter prompt, "
@@ -75,6 +88,12 @@ class EngineObserver:
 
     def decoded(self, batch_size: int, waiting: int) -> None:
         pass
+
+    def admitted(self, priority: str) -> None:
+        """A request of this `Priority` class joined the batch."""
+
+    def waiting_by_priority(self, waiting: dict[str, int]) -> None:
+        """Requests submitted and not yet admitted, per `Priority` class (with `decoded`)."""
 
     def finished(self, outcome: str) -> None:
         """outcome: stop, length, cancelled or error."""
@@ -105,9 +124,11 @@ class _Request:
         arrived: float,
         emit: Callable,
         grammar: CompiledGrammar | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ):
         self.prepared = prepared
         self.arrived = arrived
+        self.priority = priority
         self.grammar = grammar  # its `structured` constraint, compiled
         self.stream = RequestStream(prepared, sink, arrived)
         self.choices: list[_Sequence] = []
@@ -118,6 +139,10 @@ class _Request:
         if not self.done:
             self.done = True
             self._emit(Failure(self.stream, error))
+
+
+def _arrival(request: _Request) -> float:
+    return request.arrived
 
 
 class _Sequence:
@@ -253,6 +278,10 @@ class EngineStats(EngineObserver):
     out_of_memory: int = 0  # out-of-memory errors survived (a smaller step, failed requests)
     sender_wakeups: int = 0  # times the sender took what was queued
     coalesced_steps: int = 0  # steps whose output went out with a later step's
+    # Requests admitted per Priority class, and the most KV slots batch-class requests held
+    # at once (their choices' promised slots included).
+    admitted_by_priority: dict[str, int] = field(default_factory=lambda: dict.fromkeys(Priority, 0))
+    largest_batch_priority_slots: int = 0
 
     def timings(self) -> dict[str, float]:
         """A snapshot of the host path timers and counters (a benchmark diffs two)."""
@@ -266,6 +295,9 @@ class EngineStats(EngineObserver):
     def decoded(self, batch_size: int, waiting: int) -> None:
         self.decode_steps += batch_size > 0
         self.largest_batch = max(self.largest_batch, batch_size)
+
+    def admitted(self, priority: str) -> None:
+        self.admitted_by_priority[priority] += 1
 
     def finished(self, outcome: str) -> None:
         if outcome == "cancelled":
@@ -304,6 +336,12 @@ class _Observers(EngineObserver):
 
     def decoded(self, *args) -> None:
         self._call("decoded", *args)
+
+    def admitted(self, *args) -> None:
+        self._call("admitted", *args)
+
+    def waiting_by_priority(self, *args) -> None:
+        self._call("waiting_by_priority", *args)
 
     def finished(self, *args) -> None:
         self._call("finished", *args)
@@ -435,6 +473,7 @@ class BatchingEngine:
         self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
         self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
         self._image_queue: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # no job yet
+        self._image_priority: dict[bytes, Priority] = {}  # the first class a queued image serves
         self._image_token_cost = _image_token_cost(self._model)
         self._vision_cost = _VisionCost(measure=str(checkpoint.device) == "cpu")
         self._pool = ThreadPoolExecutor(
@@ -444,8 +483,12 @@ class BatchingEngine:
             initargs=(checkpoint.device,),
         )
         self._ready: queue.Queue[_Request] = queue.Queue()  # prepared, not admitted
-        self._waiting: list[_Request] = []  # taken from _ready, no room yet (kept in order)
-        self._unadmitted = 0  # submitted and not yet admitted or refused (queue bound)
+        # Taken from _ready, no room yet: a queue per class, each in order of submission.
+        self._waiting: dict[Priority, list[_Request]] = {p: [] for p in Priority}
+        # Submitted and not yet admitted or refused, per class (each bounded by
+        # max_queued_requests, so a batch backlog never makes an interactive request busy).
+        self._unadmitted = dict.fromkeys(Priority, 0)
+        self._batch_slots = settings.batch_priority_slots(settings.max_batch_size)
         self._lock = threading.Lock()
         self._running: list[_Sequence] = []  # in slot order of admission: prefilling and decoding
         self._stopping = threading.Event()
@@ -471,10 +514,11 @@ class BatchingEngine:
         )
         self._masks = TokenMasks(vocab_size)
         log.info(
-            "KV cache: %d slots x %d tokens (%.1f MiB); %d tokens per step",
+            "KV cache: %d slots x %d tokens (%.1f MiB), batch priority up to %d; %d tokens per step",
             settings.max_batch_size,
             self.slot_len,
             self._cache.bytes / 2**20,
+            self._batch_slots,
             self._step_tokens,
         )
         self._thread = threading.Thread(target=self._run, name="qwen-vl-engine", daemon=True)
@@ -487,13 +531,14 @@ class BatchingEngine:
     def submit(self, raw: RawRequest, sink: ResponseSink) -> None:
         if self._stopping.is_set():
             raise EngineStoppingError("the model is shutting down")
+        priority = parse_priority(raw.priority)
         with self._lock:
-            if self._unadmitted >= self._settings.max_queued_requests:
+            if self._unadmitted[priority] >= self._settings.max_queued_requests:
                 raise EngineFullError(
-                    f"{self._settings.max_queued_requests} requests are already waiting"
+                    f"{self._settings.max_queued_requests} {priority} requests are already waiting"
                 )
-            self._unadmitted += 1
-        self._pool.submit(self._prepared, raw, sink, time.monotonic())
+            self._unadmitted[priority] += 1
+        self._pool.submit(self._prepared, raw, sink, time.monotonic(), priority)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop taking work, let running generations finish; False if they outlast `timeout`."""
@@ -506,35 +551,43 @@ class BatchingEngine:
 
     # ---- preparation (worker threads) ---------------------------------------------------
 
-    def _prepared(self, raw: RawRequest, sink: ResponseSink, arrived: float) -> None:
+    def _prepared(
+        self, raw: RawRequest, sink: ResponseSink, arrived: float, priority: Priority
+    ) -> None:
         try:
             if sink.is_cancelled():
-                self._refused()
+                self._refused(priority)
                 sink.cancelled()
                 self._observe.finished("cancelled")
                 return
             prepared = self._prepare(raw, self._checkpoint, self._settings)
-            self._check_fits(prepared)
+            self._check_fits(prepared, priority)
             structured, grammar = prepared.sampling.structured, None
             if structured is not None:
                 grammar = self.grammars.compile(structured)
                 self._observe.constrained(structured.type)
-            request = _Request(prepared, sink, arrived, self._outbox_append, grammar)
+            request = _Request(prepared, sink, arrived, self._outbox_append, grammar, priority)
             self._sender.register(request.stream)
             self._ready.put(request)
         except Exception as exc:
-            self._refused()
+            self._refused(priority)
             sink.fail(exc)
             self._observe.finished("error")
 
-    def _refused(self) -> None:
+    def _refused(self, priority: Priority) -> None:
         with self._lock:
-            self._unadmitted -= 1
+            self._unadmitted[priority] -= 1
 
-    def _check_fits(self, prepared: PreparedRequest) -> None:
+    def _check_fits(self, prepared: PreparedRequest, priority: Priority) -> None:
         n, cap = prepared.sampling.n, self.limits.max_choices
         if n > cap:
             raise RequestError(f"'n' must be at most {cap} on this server", "n")
+        if priority is Priority.BATCH and n > self._batch_slots:  # it could never be admitted
+            raise RequestError(
+                f"'n' must be at most {self._batch_slots} for {priority}-priority requests on "
+                "this server",
+                "n",
+            )
         needed = prepared.prompt_tokens + prepared.max_new_tokens
         if needed > self.slot_len:
             raise RequestError(
@@ -551,7 +604,7 @@ class BatchingEngine:
         with torch.inference_mode():
             while not (self._stopping.is_set() and self._idle()):
                 try:
-                    self._take_ready(block=not self._running and not self._waiting)
+                    self._take_ready(block=not self._running and not self._any_waiting())
                     self._step()
                 except Exception:  # a bug here must not strand every running request
                     log.exception("engine step failed; failing the running requests")
@@ -571,6 +624,7 @@ class BatchingEngine:
             self._execute(step)
         if not self._running:  # idle now: gauges go back to zero
             self._observe.decoded(0, self._waiting_count())
+            self._observe.waiting_by_priority(self._waiting_by_priority())
         self._post()
         if step.decode or step.chunks or step.vision:
             stats.steps += 1
@@ -609,11 +663,19 @@ class BatchingEngine:
 
     def _idle(self) -> bool:
         with self._lock:
-            return not self._running and not self._waiting and self._unadmitted == 0
+            unadmitted = sum(self._unadmitted.values())
+            return not self._running and not self._any_waiting() and unadmitted == 0
+
+    def _any_waiting(self) -> bool:
+        return any(self._waiting.values())
 
     def _waiting_count(self) -> int:
         with self._lock:
-            return self._unadmitted
+            return sum(self._unadmitted.values())
+
+    def _waiting_by_priority(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._unadmitted)
 
     def _take_ready(self, block: bool) -> None:
         try:
@@ -626,19 +688,21 @@ class BatchingEngine:
 
     def _wait_for(self, request: _Request) -> None:
         if request.stream.closed:  # cancelled before it got here
-            self._refused()
+            self._refused(request.priority)
         else:
-            self._waiting.append(request)
+            # In order of submission: preparation runs on several threads and may finish out of it.
+            bisect.insort(self._waiting[request.priority], request, key=_arrival)
 
     def _drop_cancelled(self) -> None:
         """Sequences and waiting requests the sender ended (cancelled, a failed send, a stop
         string) leave; the sender polls cancellation, so this costs nothing most steps."""
         if not self._sender.take_closed():
             return
-        for request in [r for r in self._waiting if r.stream.closed]:
-            self._waiting.remove(request)
-            self._refused()
-            request.done = True
+        for waiting in self._waiting.values():
+            for request in [r for r in waiting if r.stream.closed]:
+                waiting.remove(request)
+                self._refused(request.priority)
+                request.done = True
         for sequence in self._running:
             if sequence.request.stream.closed:
                 sequence.request.done = True
@@ -649,34 +713,85 @@ class BatchingEngine:
     # ---- scheduling ---------------------------------------------------------------------
 
     def _schedule(self) -> _Step:
-        """Every running sequence's decode token, then prefill work within the step budget:
-        prompt chunks of admitted requests (oldest first), vision-tower stages, new admissions.
-        A quarter of the budget is kept for prefill work however many sequences decode, so
-        arrivals always make progress."""
+        """Every running sequence's decode token, then prefill work within the step budget,
+        class by class in `Priority` order: the class's prompt chunks of admitted requests
+        (oldest first), the vision-tower stages it waits for, its admissions (none while an
+        earlier class still waits), their images' vision job and first chunks. So interactive
+        prefill is paid first and batch prefill gets what it leaves. A quarter of the budget is
+        kept for prefill work however many sequences decode, so arrivals always make progress."""
         decode = [s for s in self._running if not s.prefilling]
         budget = max(self._step_tokens - len(decode), self._step_tokens // 4)
         step = _Step(decode, [], [])
-        for sequence in self._running:
-            if budget > 0 and sequence.prefilling and sequence.vision_ready_this_step():
-                budget -= self._plan_chunk(step, sequence, budget)
-        for work in self._vision:
-            budget -= self._plan_stages(step, work, budget)
-        admitted = []
-        while self._waiting and budget > 0:
-            request = self._waiting[0]
-            if request.prepared.sampling.n > len(self._slots) - self._promised_slots():
-                break
-            self._waiting.pop(0)
-            admitted.append(self._admit(request))
-        if admitted:
-            self._queue_images(admitted)
-        work = self._next_vision_job()
-        if work is not None:
-            budget -= self._plan_stages(step, work, budget)
-        for sequence in admitted:
-            if budget > 0 and sequence.vision_ready_this_step():
-                budget -= self._plan_chunk(step, sequence, budget)
+        held_back = False  # an earlier class still waits for room: later classes wait too
+        for priority in Priority:
+            for sequence in self._running:
+                if (
+                    budget > 0
+                    and sequence.prefilling
+                    and sequence.request.priority is priority
+                    and sequence.vision_ready_this_step()
+                ):
+                    budget -= self._plan_chunk(step, sequence, budget)
+            for work in self._vision_jobs_paid_by(priority, step):
+                budget -= self._plan_stages(step, work, budget)
+            admitted = [] if held_back else self._admit_waiting(priority, budget)
+            held_back = held_back or bool(self._waiting[priority])
+            if admitted:
+                self._queue_images(admitted, priority)
+            work = self._next_vision_job(priority)
+            if work is not None:
+                budget -= self._plan_stages(step, work, budget)
+            for sequence in admitted:
+                if budget > 0 and sequence.vision_ready_this_step():
+                    budget -= self._plan_chunk(step, sequence, budget)
         return step
+
+    def _vision_jobs_paid_by(self, priority: Priority, step: _Step) -> list[_VisionWork]:
+        """The vision jobs in progress, not yet planned this step, whose stages `priority`'s
+        share of the budget pays for: those its prefilling sequences wait for; all of them
+        when images of this class wait in the queue for the patch room they hold (a batch job
+        holds interactive images back no longer than its own stages take), or when this is
+        the last class (a job no sequence waits for any more still finishes and frees its room)."""
+        planned = {id(work) for work, _ in step.vision}
+        jobs = [work for work in self._vision if id(work) not in planned]
+        if priority is _LAST_PRIORITY or priority in self._image_priority.values():
+            return jobs
+        awaited = {
+            id(work)
+            for sequence in self._running
+            if sequence.request.priority is priority and sequence.prefilling
+            for work in sequence.awaiting
+        }
+        return [work for work in jobs if id(work) in awaited]
+
+    def _admit_waiting(self, priority: Priority, budget: int) -> list[_Sequence]:
+        """`priority`'s waiting requests, oldest first, while the step has budget and the next
+        one's choices find free slots, within the class's share of the slots (all of them for
+        interactive, `max_batch_priority_slots` for batch). The first that does not fit waits
+        at the head: nothing overtakes it within its class."""
+        waiting, admitted = self._waiting[priority], []
+        room = len(self._slots) - self._promised_slots()
+        if priority is Priority.BATCH:
+            room = min(room, self._batch_slots - self._slots_held(priority))
+        while waiting and budget > 0:
+            n = waiting[0].prepared.sampling.n
+            if n > room:
+                break
+            room -= n
+            admitted.append(self._admit(waiting.pop(0)))
+        if admitted and priority is Priority.BATCH:
+            self.stats.largest_batch_priority_slots = max(
+                self.stats.largest_batch_priority_slots, self._slots_held(priority)
+            )
+        return admitted
+
+    def _slots_held(self, priority: Priority) -> int:
+        """KV slots the running sequences of a class hold, their choices' promised ones too."""
+        return sum(
+            s.prepared.sampling.n if s.index == 0 and s.prefilling else 1
+            for s in self._running
+            if s.request.priority is priority
+        )
 
     def _promised_slots(self) -> int:
         """Free slots already promised: an admitted request with n > 1 takes its extra choices'
@@ -710,7 +825,8 @@ class BatchingEngine:
 
     def _admit(self, request: _Request) -> _Sequence:
         with self._lock:
-            self._unadmitted -= 1
+            self._unadmitted[request.priority] -= 1
+        self._observe.admitted(request.priority)
         prepared = request.prepared
         settings = resolve_sampling(prepared.sampling, self._model.generation_config)
         sampler = TokenSampler(
@@ -728,10 +844,10 @@ class BatchingEngine:
         sequence.image_parts = [None] * len(prepared.image_keys)
         return sequence
 
-    def _queue_images(self, admitted: list[_Sequence]) -> None:
+    def _queue_images(self, admitted: list[_Sequence], priority: Priority) -> None:
         """Cached images go to their sequences now; the others wait for a vision job (each
         image once, even if several requests or one request twice show it, or an earlier job
-        is already encoding it)."""
+        is already encoding it), queued for the most urgent class that waits for them."""
         hits, misses = 0, 0
         for sequence in admitted:
             for key, (rows, thw) in zip(sequence.prepared.image_keys, sequence.prepared.visual):
@@ -745,19 +861,23 @@ class BatchingEngine:
                     if key not in self._image_queue:
                         self._image_queue[key] = (rows, thw)
                         misses += 1
+                    queued_for = self._image_priority.get(key, priority)
+                    self._image_priority[key] = min(queued_for, priority, key=_RANK.__getitem__)
                     sequence.queued_keys.add(key)
         if hits or misses:
             self._observe.images_encoded(hits, misses)
 
-    def _next_vision_job(self) -> _VisionWork | None:
-        """A staged vision job over the queued images, oldest first, while the patches of every
-        job in progress stay within `max_vision_patches` (an item larger than that runs
-        alone); the rest wait for a later job."""
+    def _next_vision_job(self, priority: Priority) -> _VisionWork | None:
+        """A staged vision job over the queued images of `priority` and earlier classes, oldest
+        first, while the patches of every job in progress stay within `max_vision_patches` (an
+        item larger than that runs alone); the rest wait for a later job."""
         if not self._image_queue:
             return None
         room = self._settings.max_vision_patches - sum(work.patches for work in self._vision)
         keys, patches = [], 0
         for key, (_rows, thw) in self._image_queue.items():
+            if _RANK[self._image_priority[key]] > _RANK[priority]:
+                continue
             size = int(thw.prod())
             if patches + size > room and (keys or self._vision):
                 break
@@ -766,6 +886,8 @@ class BatchingEngine:
         if not keys:
             return None
         items = [self._image_queue.pop(key) for key in keys]
+        for key in keys:
+            del self._image_priority[key]
         device = self._vision_device
         job = VisionJob(
             self._model.model.visual,
@@ -859,6 +981,7 @@ class BatchingEngine:
             logits = logits[rows]
         if step.decode:  # before the responses go out, so a client that sees them sees this too
             self._observe.decoded(len(step.decode), self._waiting_count())
+            self._observe.waiting_by_priority(self._waiting_by_priority())
         self._sample(sampled, logits, first_tokens=len(step.decode))
 
     def _forward_within_memory(self, step: _Step) -> tuple[torch.Tensor | None, list[_Sequence]]:
@@ -1036,6 +1159,7 @@ class BatchingEngine:
 
     def _refuse_waiting(self) -> None:
         self._take_ready(block=False)
-        for request in self._waiting:
-            request.fail(EngineStoppingError("the model is shutting down"))
-        self._waiting = []
+        for waiting in self._waiting.values():
+            for request in waiting:
+                request.fail(EngineStoppingError("the model is shutting down"))
+            waiting.clear()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..contract import DEFAULT_PRIORITY, Input, Priority
 from ..errors import RequestError
 from ..media.videos import Video
 from ..modeling.checkpoint import Checkpoint
@@ -36,6 +37,7 @@ class RawRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
     tools: str | None = None  # JSON list of OpenAI function tools
+    priority: str | None = None  # a contract.Priority name; None: the default class
 
 
 @dataclass
@@ -57,6 +59,19 @@ class PreparedRequest:
     image_starts: list[int] = field(default_factory=list)
     visual: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     video_tokens: int = 0
+
+
+def parse_priority(name: str | None) -> Priority:
+    """The request's scheduling class from its `priority` input; absent: the default."""
+    if name is None:
+        return DEFAULT_PRIORITY
+    try:
+        return Priority(name)
+    except ValueError:
+        names = " or ".join(f"'{p}'" for p in Priority)
+        raise RequestError(
+            f"'priority' must be {names}, not {name[:40]!r}", Input.PRIORITY.value
+        ) from None
 
 
 def _vision_inputs(messages: list[dict]) -> tuple[list, list[Video]]:
