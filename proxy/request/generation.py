@@ -5,6 +5,7 @@ timeouts and observation, and writing an event stream."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from ..keys import (
 from ..observability.observe import load_media_timed, observe_generation, timed_media_check
 from ..serving.admission import with_stream_timeouts
 from ..transport.backend import GenerationChunk
-from ..transport.contract import ModelLimits
+from ..transport.contract import ModelLimits, Priority
 from ..transport.model_limits import narrower
 from .limits import RequestLimits, check_chat, check_json_text, check_media
 from .paths import CHAT_PATHS, ClientPaths
@@ -66,15 +67,22 @@ class Generation:
     chunks: AsyncGenerator[GenerationChunk, None]
 
 
-async def start_generation(request: web.Request, chat: ChatCompletionRequest) -> Generation:
+async def start_generation(
+    request: web.Request, chat: ChatCompletionRequest, *, priority: Priority | None = None
+) -> Generation:
     """The steps every route that generates shares (chat completions, responses): the model,
     its limits, the checks, translation, media, and the Triton stream with its timeouts and
-    observation. Nothing is sent to Triton until the generator is first awaited."""
+    observation. Nothing is sent to Triton until the generator is first awaited.
+
+    `priority`: the scheduling class the caller imposes whatever the request says (the Batch
+    API runs its lines as `Priority.BATCH`); None: the request's own `priority` field."""
     app = request.app
     served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
     limits, translation = await limits_for(app, triton_model)
     check_chat(chat, limits)
     prepared = prepare_chat(chat, translation, limits)
+    if priority is not None:
+        prepared = dataclasses.replace(prepared, priority=priority)
     media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
     await timed_media_check(request, check_media(media, prepared.media, limits))
     triton_request = prepared.to_triton(triton_model, media)

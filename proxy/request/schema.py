@@ -30,11 +30,14 @@ from ..error_catalogue import (
 from ..media.images import IMAGE
 from ..media.kinds import MediaKind
 from ..media.videos import VIDEO
-from ..transport.contract import MAX_STOP_STRINGS
+from ..transport.contract import DEFAULT_PRIORITY, MAX_STOP_STRINGS, Priority
 from ..transport.contract import SAMPLING_FIELDS as SAMPLING_RULES
 from .paths import CHAT_PATHS, ClientPaths
 
 SUPPORTED_PART_TYPES = ("text", "image_url", "video_url")
+# The `priority` field's values: the contract's scheduling classes by name (a JSON string, so a
+# Literal: strict mode takes only enum instances for an Enum field).
+PriorityName = Literal[tuple(priority.value for priority in Priority)]
 
 
 class BaseModel(_PydanticModel):
@@ -251,6 +254,9 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    # The request's scheduling class in the model (an extension; docs/engine.md "Priority
+    # classes"). The Batch API imposes `batch` on its lines through start_generation.
+    priority: PriorityName | None = None
     # Pixel bounds for every image of the request (see proxy/media/pixels.py).
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
@@ -281,6 +287,10 @@ class ChatCompletionRequest(BaseModel):
     @property
     def wants_logprobs(self) -> bool:
         return bool(self.logprobs)
+
+    @property
+    def priority_class(self) -> Priority:
+        return DEFAULT_PRIORITY if self.priority is None else Priority(self.priority)
 
     @property
     def ignored_fields(self) -> list[str]:

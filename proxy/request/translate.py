@@ -13,7 +13,7 @@ from typing import Any
 from ..media.kinds import MediaRef
 from ..media.pixels import PixelLimits
 from ..transport.backend import TritonRequest
-from ..transport.contract import ModelLimits
+from ..transport.contract import DEFAULT_PRIORITY, ModelLimits, Priority
 from .limits import RequestLimits
 from .paths import ClientPaths
 from .schema import SAMPLING_FIELDS, ChatCompletionRequest, ChatMessage, MediaPart
@@ -43,6 +43,7 @@ class PreparedChat:
     stream: bool
     tools_json: str | None = None
     parse_tool_calls: bool = False  # the output may hold tool calls (proxy/request/tool_calls.py)
+    priority: Priority = DEFAULT_PRIORITY
 
     def to_triton(self, model: str, media: list[bytes]) -> TritonRequest:
         """`media`: the encoded bytes of `self.media`, in the same order; each kind travels
@@ -59,6 +60,7 @@ class PreparedChat:
             sampling_parameters=self.sampling_parameters,
             stream=self.stream,
             tools_json=self.tools_json,
+            priority=self.priority,
         )
 
 
@@ -78,6 +80,7 @@ def prepare_chat(
         stream=chat.is_stream,
         tools_json=tools.tools_json,
         parse_tool_calls=tools.parse_tool_calls,
+        priority=chat.priority_class,
     )
 
 

@@ -31,7 +31,16 @@ from ..error_catalogue import (
     SERVER_BUSY,
     APIError,
 )
-from .contract import DESCRIBE_INPUT, Input, ModelError, ModelLimits, Output, decode_error
+from .contract import (
+    DEFAULT_PRIORITY,
+    DESCRIBE_INPUT,
+    Input,
+    ModelError,
+    ModelLimits,
+    Output,
+    Priority,
+    decode_error,
+)
 
 log = logging.getLogger("proxy.backend")
 
@@ -66,6 +75,7 @@ class TritonRequest:
     sampling_parameters: dict[str, Any]
     stream: bool
     tools_json: str | None = None  # the `tools` input: tools rendered into the prompt
+    priority: Priority = DEFAULT_PRIORITY  # the `priority` input: the scheduling class
 
 
 @dataclass(frozen=True)
@@ -254,6 +264,10 @@ def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
     ]
     if request.tools_json is not None:
         inputs.append(_bytes_input(Input.TOOLS, [request.tools_json.encode("utf-8")]))
+    # Only when not the default, which the model assumes without it: a model from before the
+    # input existed still serves every interactive request.
+    if request.priority is not DEFAULT_PRIORITY:
+        inputs.append(_bytes_input(Input.PRIORITY, [request.priority.value.encode("utf-8")]))
     for tensor, elements in request.media.items():
         if elements:  # Triton rejects a zero-element input; no media means no input
             inputs.append(_bytes_input(tensor, elements))

@@ -67,6 +67,36 @@ def test_every_sampling_field_the_proxy_sends_has_a_contract_row():
     assert set(forwarded) <= set(SAMPLING_FIELDS)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "interactive"),  # absent: the default class
+        ("interactive", "interactive"),
+        ("batch", "batch"),
+        ("", None),
+        ("Batch", None),
+        (" batch", None),
+        ("urgent", None),
+    ],
+)
+def test_both_sides_take_the_same_priority_classes(value, expected):
+    """The proxy's `priority` field and the model's `priority` input take the contract's class
+    names and nothing else; a refusal names `priority` on both sides."""
+    from qwen_vl_backend.request.prepare import parse_priority
+
+    try:
+        proxy_class = parse_chat_request({"messages": USER, "priority": value}).priority_class
+    except APIError as exc:
+        assert exc.param == "priority"
+        proxy_class = None
+    try:
+        model_class = parse_priority(value)
+    except RequestError as exc:
+        assert exc.param == "priority"
+        model_class = None
+    assert proxy_class == model_class == expected
+
+
 def _nested(depth: int) -> dict:
     schema: dict = {"type": "string"}
     for _ in range(depth - 1):

@@ -4,6 +4,7 @@ stream lifecycle (final detection, cancellation, error mapping) against a script
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 
@@ -28,7 +29,7 @@ from proxy.transport.backend import (
     model_error,
     parse_response,
 )
-from proxy.transport.contract import INPUTS, ModelError
+from proxy.transport.contract import INPUTS, ModelError, Priority
 
 REQUEST = TritonRequest(
     model="qwen2_5_vl",
@@ -77,6 +78,12 @@ def test_inputs_follow_the_tensor_contract():
     ):
         assert (inputs[name].datatype(), inputs[name].shape()) == ("BOOL", [1])
         assert inputs[name]._get_content() == b"\x01"
+
+
+def test_the_batch_class_travels_in_the_priority_input():
+    inputs = tensors(dataclasses.replace(REQUEST, priority=Priority.BATCH))
+    assert (inputs["priority"].datatype(), inputs["priority"].shape()) == ("BYTES", [1])
+    assert bytes_values(inputs["priority"]) == [b"batch"]
 
 
 def test_no_image_input_without_images_and_stream_false():

@@ -37,7 +37,13 @@ from ...error_catalogue import (
     APIError,
 )
 from ...request.paths import ClientPaths
-from ...request.schema import BaseModel, part_discriminator, sampling, validation_api_error
+from ...request.schema import (
+    BaseModel,
+    PriorityName,
+    part_discriminator,
+    sampling,
+    validation_api_error,
+)
 from ...request.sse import sse_event
 from ...request.tool_calls import ToolCall, ToolCallStream, split_tool_calls
 from ...transport.backend import GenerationChunk
@@ -180,6 +186,7 @@ class ResponsesRequest(BaseModel):
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
     ) = Field(default=None, max_length=16)
     user: str | None = None
+    priority: PriorityName | None = None  # as chat completions' (docs/engine.md)
     store: bool | None = None
     background: bool | None = None
     previous_response_id: str | None = None
@@ -277,6 +284,7 @@ class ResponsesCall:
             ("stream", r.stream),
             ("parallel_tool_calls", r.parallel_tool_calls),
             ("user", r.user),
+            ("priority", r.priority),
         ):
             if value is not None:
                 body[name] = value
