@@ -39,6 +39,7 @@ from .observability.observe import observe_request
 from .request.generation import ignored_fields_header
 from .serving.hardening import install_hardening
 from .serving.routes import Admit, Auth, Route, register_routes
+from .state.context import state_context
 from .transport.backend import Backend
 from .transport.loader import ModelLoader
 from .transport.model_limits import ModelLimitsBook
@@ -85,6 +86,7 @@ def create_app(
     if backend is not None:
         app[BACKEND_KEY] = backend
     app.cleanup_ctx.append(backend_context)
+    app.cleanup_ctx.append(state_context)
     app.on_response_prepare.append(add_response_headers)
     register_routes(app, ROUTES)
     install_hardening(app, config)

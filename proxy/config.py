@@ -33,6 +33,8 @@ from .observability.logs import LOG_FORMATS, log_format
 from .request.limits import RequestLimits
 from .serving.admission import AdmissionSettings
 from .serving.auth import APIKeyError, read_api_key
+from .state.db import DatabaseURLError, async_url
+from .state.settings import StateSettings
 from .transport.upstreams import parse_targets
 
 _FLAG_PREFIX = "flag_prefix"  # ProxyConfig field metadata: the flags' common prefix
@@ -97,6 +99,7 @@ class ProxyConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     pixels: PixelLimits = field(default_factory=PixelLimits, metadata={_FLAG_PREFIX: "image-"})
     fetch: FetchPolicy = field(default_factory=FetchPolicy, metadata={_FLAG_PREFIX: "image-fetch-"})
+    state: StateSettings = field(default_factory=StateSettings)
 
     @property
     def served_models(self) -> dict[str, str]:
@@ -174,6 +177,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _duration_or_forever(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 (forever) or positive seconds, got {text}")
     return value
 
 
@@ -404,8 +414,9 @@ SETTINGS: tuple[Setting, ...] = (
         "server",
         "api_key",
         str,
-        "require 'Authorization: Bearer <key>' on every route but /health and /ready; empty = "
-        "no key (prefer --api-key-file: flags show up in ps)",
+        "require 'Authorization: Bearer <key>' on every route but /health and /ready; several "
+        "keys comma-separated, each its own tenant of stored objects; empty = no key (prefer "
+        "--api-key-file: flags show up in ps)",
     ),
     _S(
         "server",
@@ -529,6 +540,52 @@ SETTINGS: tuple[Setting, ...] = (
         "make GET /metrics need the API key like the API does; off by default because "
         "Prometheus scrapers rarely carry one (keep the port off untrusted networks instead)",
     ),
+    # Durable state: files, stored responses, batches (proxy/state/, docs/state.md).
+    _S(
+        "state",
+        "enabled",
+        _bool,
+        "keep files, stored responses and batches in a database; --no-state runs stateless "
+        "(those routes answer 501), for a proxy that must write nothing",
+        flag="state",
+        negation="no-state",
+    ),
+    _S(
+        "state",
+        "state_dir",
+        str,
+        "directory of the embedded SQLite database (default under $XDG_STATE_HOME or "
+        "~/.local/state: the same wherever the proxy starts); mount a volume here in a "
+        "container",
+    ),
+    _S(
+        "state",
+        "database_url",
+        str,
+        "database instead of the SQLite file: postgresql://user:pass@host/db, so several "
+        "replicas share files, responses and batches (logged without its password)",
+    ),
+    _S(
+        "state",
+        "file_max_bytes",
+        _positive_int,
+        "largest upload to /v1/files, enforced while it streams to storage (OpenAI's batch "
+        "input limit is 200 MB)",
+    ),
+    _S(
+        "state",
+        "state_retention_s",
+        _duration_or_forever,
+        "seconds stored files, responses and batches are kept before the sweeper deletes them "
+        "(OpenAI keeps them 30 days); 0 = until deleted",
+    ),
+    _S(
+        "state",
+        "state_sweep_interval_s",
+        _positive_float,
+        "seconds between sweeps that delete expired objects and unreferenced blobs; expired "
+        "objects are never served in between",
+    ),
 )
 del _S
 
@@ -538,8 +595,8 @@ _BY_KEY = {setting.key: setting for setting in SETTINGS}
 API_KEY_FILE_FLAG = "--api-key-file"
 API_KEY_FILE_ENV = "PROXY_API_KEY_FILE"
 _API_KEY_FILE_HELP = (
-    "file holding the API key (a mounted secret); its surrounding whitespace is ignored "
-    f"[{API_KEY_FILE_ENV}]"
+    "file holding the API key, or several, one per line (a mounted secret); blank lines, "
+    f"lines starting with # and whitespace around keys are ignored [{API_KEY_FILE_ENV}]"
 )
 
 
@@ -625,6 +682,11 @@ def _inconsistency(config: ProxyConfig) -> str | None:
         return f"--triton-url: {exc}"
     if config.server.served_model_name in dict(config.server.model_map):
         return "--model-map must not remap --served-model-name"
+    if config.state.database_url:
+        try:
+            async_url(config.state.database_url)
+        except DatabaseURLError as exc:
+            return f"--database-url: {exc}"
     return None
 
 

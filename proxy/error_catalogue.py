@@ -349,6 +349,25 @@ INTERNAL_ERROR = _entry(
     template="internal server error (request id {request_id})",
 )
 
+# ---- stored state: files, stored responses, batches (proxy/state/) -----------------------
+
+# --no-state: the routes that need the database exist but cannot work.
+STATE_DISABLED = _entry(
+    "state_disabled",
+    501,
+    cause="not_found",
+    template="This server runs without stored state (--no-state): {what} are not available.",
+)
+# An unknown id, or another tenant's (indistinguishable on purpose): OpenAI's words, no code.
+NO_SUCH_OBJECT = ErrorEntry(None, 404, cause="not_found", template="No such {kind} object: {id}")
+# An upload beyond --file-max-bytes, found while it streams (nothing of it is kept).
+FILE_TOO_LARGE = _entry(
+    "file_too_large",
+    413,
+    cause="body_too_large",
+    template="The file is larger than this server's limit of {limit} bytes.",
+)
+
 # ---- the model's request errors (proxy/transport/backend.py client_error) ------------------------
 
 # The codes the model puts on its `invalid_request` errors (model_repository/.../qwen_vl_backend).

@@ -8,6 +8,8 @@ from aiohttp import web
 from .config import ProxyConfig
 from .media.kinds import MediaFetcher
 from .request.usage import TokenUsage
+from .state.blobs import BlobStore
+from .state.db import Database
 from .transport.backend import Backend
 from .transport.loader import ModelLoader
 from .transport.model_limits import ModelLimitsBook
@@ -18,5 +20,8 @@ MODEL_LIMITS_KEY = web.AppKey("model_limits", ModelLimitsBook)
 FETCHER_KEY = web.AppKey("fetcher", MediaFetcher)  # absent: remote media fetch disabled
 LOADER_KEY = web.AppKey("loader", ModelLoader)  # present only with --lazy-load
 STARTED_AT_KEY = web.AppKey("started_at", int)
+# Stored state (proxy/state/context.py); both absent with --no-state.
+DATABASE_KEY = web.AppKey("database", Database)
+BLOBS_KEY = web.AppKey("blobs", BlobStore)
 USAGE_KEY = web.RequestKey("usage", TokenUsage)
 IGNORED_FIELDS_KEY = web.RequestKey("ignored_fields", list)

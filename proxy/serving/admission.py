@@ -14,6 +14,10 @@ proxy/serving/routes.py).
   after), as it does a gap longer than `--stream-idle-timeout-s` between model responses;
   shortly after the deadline the handler is cancelled whatever it is waiting for (a client
   that does not read its stream, an image fetch), which cancels the generation in Triton.
+- **Stored state** (`Admit.WRITE`, `Admit.UPLOAD`): no in-flight slot and no deadline; 503
+  while draining. A WRITE body is read within `--request-body-timeout-s`; an UPLOAD is read
+  by its handler in chunks, each within that timeout (`read_within_body_timeout`), and its
+  size is the handler's to bound, so `--max-request-bytes` does not apply to it.
 - **Draining** (proxy/serving/shutdown.py): `/ready` says 503 and new generating requests get
   503, while admitted ones finish. Those still running when the grace period ends are ended
   with a 503 (`server_shutting_down`, an SSE error event and `[DONE]` once streaming), which
@@ -25,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -44,6 +48,7 @@ from ..request.limits import MIB
 from .routes import Admit, route_of
 
 log = logging.getLogger("proxy")
+T = TypeVar("T")
 
 # How long after the deadline the handler is cancelled, when the stream could not report
 # the deadline itself (it was not reading from Triton, or its client was not reading).
@@ -111,6 +116,7 @@ class Admission:
 
 
 ADMISSION_KEY = web.AppKey("admission", Admission)
+_REFUSED_WHILE_DRAINING = frozenset({Admit.READINESS, Admit.GENERATING, Admit.UPLOAD, Admit.WRITE})
 DEADLINE_KEY = web.RequestKey("deadline", float)  # loop.time() the request must end by
 _PREPARED_KEY = web.RequestKey("prepared_response", web.StreamResponse)
 
@@ -141,17 +147,17 @@ async def admission_middleware(request: web.Request, handler: Any) -> web.Stream
     settings = admission.settings
     route = route_of(request)
     admit = route.admit if route is not None else Admit.NONE
-    if admit is Admit.READINESS and admission.draining:
+    if admission.draining and admit in _REFUSED_WHILE_DRAINING:
         raise SERVER_SHUTTING_DOWN()
     length = request.content_length
-    if length is not None and length > settings.max_request_bytes:
+    if admit is not Admit.UPLOAD and length is not None and length > settings.max_request_bytes:
         # Unread bodies are drained by aiohttp (for at most its lingering time, 10 s), never
         # kept: closing on unread data would reset the connection before the client reads.
         raise REQUEST_TOO_LARGE(limit=settings.max_request_bytes)
+    if admit is Admit.WRITE:
+        await _read_body(request, settings)
     if admit is not Admit.GENERATING:
         return await handler(request)
-    if admission.draining:
-        raise SERVER_SHUTTING_DOWN()
     if not admission.try_enter():
         raise RATE_LIMIT_EXCEEDED(capacity=settings.max_concurrent_requests)
     loop = asyncio.get_running_loop()
@@ -173,6 +179,17 @@ async def _read_body(request: web.Request, settings: AdmissionSettings) -> None:
             await request.read()
     except TimeoutError:
         raise REQUEST_TIMEOUT(seconds=settings.request_body_timeout_s) from None
+
+
+async def read_within_body_timeout(request: web.Request, read: Awaitable[T]) -> T:
+    """One read of an upload's body (`Admit.UPLOAD`): 408 if the client sends nothing for
+    `--request-body-timeout-s`."""
+    seconds = request.app[ADMISSION_KEY].settings.request_body_timeout_s
+    try:
+        async with asyncio.timeout(seconds):
+            return await read
+    except TimeoutError:
+        raise REQUEST_TIMEOUT(seconds=seconds) from None
 
 
 def _past_deadline(request: web.Request, settings: AdmissionSettings) -> web.StreamResponse:

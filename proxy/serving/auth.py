@@ -7,7 +7,11 @@ past: a request is exempt only when it was routed with GET or HEAD to a route de
 `Auth.PROBE` (`/health`, `/ready`) or `Auth.SCRAPE` (`/metrics`, unless
 --metrics-require-auth). Everything else, unknown paths and wrong methods included, needs the
 key (default deny), so unauthenticated clients cannot even map which routes exist. Keys are
-compared with `hmac.compare_digest`.
+compared with `hmac.compare_digest`, every configured key each time.
+
+Several keys may be configured (comma-separated, or one per line of --api-key-file); each is
+its own tenant of stored objects (proxy/state/tenancy.py): the middleware puts the tenant of
+the key presented on the request.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from ..error_catalogue import INVALID_API_KEY
+from ..state.tenancy import TENANT_KEY, tenant_of
 from .routes import Auth, route_of
 
 _READ_METHODS = frozenset({"GET", "HEAD"})
@@ -28,27 +33,44 @@ class APIKeyError(ValueError):
     """The configured key or key file is unusable (reported at startup)."""
 
 
+KEY_SEPARATOR = ","  # between keys in --api-key / PROXY_API_KEY (and in the parsed setting)
+
+
 def read_api_key(key: str, key_file: str) -> str:
-    """The key from `--api-key` or the file `--api-key-file` names (whitespace around it,
-    such as the file's final newline, removed); "" when neither is set."""
+    """The keys from `--api-key` (comma-separated) or the file `--api-key-file` names (one
+    per line; blank lines and # comments skipped), as one comma-separated string with the
+    whitespace around each key removed; "" when neither is set."""
     if key and key_file:
         raise APIKeyError("give --api-key or --api-key-file, not both")
     if key_file:
         try:
-            key = Path(key_file).read_text(encoding="utf-8")
+            text = Path(key_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise APIKeyError(f"cannot read the API key file {key_file}: {exc}") from None
-        if not key.strip():
+        lines = [line.strip() for line in text.splitlines()]
+        keys = [line for line in lines if line and not line.startswith("#")]
+        if not keys:
             raise APIKeyError(f"the API key file {key_file} is empty")
-    key = key.strip()
-    if key and not key.isprintable():
-        raise APIKeyError("the API key must be printable text")
-    return key
+        if any(KEY_SEPARATOR in line for line in keys):
+            raise APIKeyError(f"an API key in {key_file} contains {KEY_SEPARATOR!r}")
+    else:
+        keys = [part.strip() for part in key.split(KEY_SEPARATOR)] if key.strip() else []
+        if any(not part for part in keys):
+            raise APIKeyError("--api-key has an empty key between commas")
+    if any(not part.isprintable() for part in keys):
+        raise APIKeyError("an API key must be printable text")
+    return KEY_SEPARATOR.join(dict.fromkeys(keys))
 
 
-def auth_middleware(api_key: str, exempt: frozenset[Auth]) -> Any:
-    """`exempt`: the route policies answered without the key (routes.exempt_from_key)."""
-    expected = api_key.encode("utf-8")
+def api_keys(setting: str) -> tuple[str, ...]:
+    """The keys of the parsed `api_key` setting (read_api_key's form); () = no key."""
+    return tuple(part for part in setting.split(KEY_SEPARATOR) if part)
+
+
+def auth_middleware(keys: tuple[str, ...], exempt: frozenset[Auth]) -> Any:
+    """`keys`: those accepted; `exempt`: the route policies answered without a key
+    (routes.exempt_from_key)."""
+    expected = [(key.encode("utf-8"), tenant_of(key)) for key in keys]
 
     @web.middleware
     async def require_api_key(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -57,9 +79,15 @@ def auth_middleware(api_key: str, exempt: frozenset[Auth]) -> Any:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         presented = token.strip().encode("utf-8", "replace")
-        # compare_digest first, so the time taken does not depend on which check failed.
-        if not hmac.compare_digest(presented, expected) or scheme.lower() != "bearer":
+        # Every key is compared, and compare_digest comes first, so the time taken says
+        # neither which key nor which check failed.
+        tenant = None
+        for key, key_tenant in expected:
+            if hmac.compare_digest(presented, key):
+                tenant = key_tenant
+        if tenant is None or scheme.lower() != "bearer":
             raise INVALID_API_KEY()
+        request[TENANT_KEY] = tenant
         return await handler(request)
 
     return require_api_key

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..config import SETTINGS, ProxyConfig
 from .admission import install_admission
-from .auth import auth_middleware
+from .auth import api_keys, auth_middleware
 from .routes import exempt_from_key
 
 
@@ -25,7 +25,7 @@ def install_hardening(app: web.Application, config: ProxyConfig) -> None:
     server = config.server
     if server.api_key:
         app.middlewares.append(
-            auth_middleware(server.api_key, exempt_from_key(server.metrics_require_auth))
+            auth_middleware(api_keys(server.api_key), exempt_from_key(server.metrics_require_auth))
         )
     install_admission(app, config.admission)
 
@@ -50,7 +50,8 @@ def describe_limits(config: ProxyConfig) -> str:
     for row in rows:
         value = getattr(getattr(config, row.section), row.name)
         lines.append(f"  {row.option:<{width}}  {_shown(value, row.narrows_model)}")
-    api_key = "required" if config.server.api_key else "not required"
+    keys = len(api_keys(config.server.api_key))
+    api_key = f"required ({keys} {'key' if keys == 1 else 'keys'})" if keys else "not required"
     lines.append(f"  API key: {api_key} (which routes: the route table logged beside this)")
     return "\n".join(lines)
 

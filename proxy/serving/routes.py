@@ -8,6 +8,13 @@ route aiohttp matched (`route_of`), never from path strings:
   (429), the body read within `--request-body-timeout-s` (408), 503 while draining, the
   request deadline, and shutdown waits for them; READINESS routes answer 503 while draining,
   so a load balancer stops routing here; NONE routes are answered as they are.
+  Routes that change stored state without generating (proxy/state/) are admitted too, but
+  take no in-flight slot (they hold no model slot, and a flood of them must not starve
+  generation): WRITE routes (a small JSON body or none: create a batch, cancel, delete) get
+  the body timeout and 503 while draining; UPLOAD routes (POST /v1/files) get 503 while
+  draining and bound their own body: the handler streams it to storage within its own size
+  limit (--file-max-bytes, not --max-request-bytes), each read within
+  --request-body-timeout-s, so a large upload may take long but never stall.
 - `auth` (proxy/serving/auth.py): KEY needs the API key when one is configured; PROBE never
   does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`.
 - `in_flight_gauge` (proxy/observability/observe.py): whether the route counts in the
@@ -36,6 +43,8 @@ _PATTERN = re.compile(r"\{([^:{}]+):[^{}]*(?:\{[^{}]*\}[^{}]*)*\}")
 
 class Admit(enum.Enum):
     GENERATING = "generating"
+    UPLOAD = "upload"
+    WRITE = "write"
     READINESS = "readiness"
     NONE = "none"
 
@@ -48,7 +57,7 @@ class Auth(enum.Enum):
 
 @dataclass(frozen=True)
 class Route:
-    method: str  # "GET" (HEAD is answered too) or "POST"
+    method: str  # "GET" (HEAD is answered too), "POST" or "DELETE"
     path: str  # aiohttp's template: `/v1/models/{model:.+}`
     handler: Handler
     admit: Admit = Admit.NONE
@@ -89,6 +98,8 @@ def describe_routes(routes: Iterable[Route], *, api_key: bool, metrics_require_a
     exempt = exempt_from_key(metrics_require_auth)
     admit = {
         Admit.GENERATING: "admitted (in-flight cap, body timeout, deadline, drained)",
+        Admit.UPLOAD: "upload (its own size limit, each read timed, 503 while draining)",
+        Admit.WRITE: "write (body timeout, 503 while draining)",
         Admit.READINESS: "503 while draining",
         Admit.NONE: "",
     }

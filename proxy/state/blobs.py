@@ -116,6 +116,10 @@ class BlobStore:
     async def _write_chunk(self, digest: str, seq: int, data: bytes) -> None:
         async with self.db.begin() as connection:
             await connection.execute(BLOB_CHUNKS.insert().values(digest=digest, seq=seq, data=data))
+            # An upload still arriving is not a crashed one, however long it has taken.
+            await connection.execute(
+                BLOBS.update().where(BLOBS.c.digest == digest).values(created_at=now())
+            )
 
     async def _seal(self, temporary: str, digest: str, size: int) -> BlobRef:
         try:
@@ -125,6 +129,11 @@ class BlobStore:
                 )
                 if exists:
                     await _delete(connection, temporary)
+                    # Its owner is about to refer to it: the sweep's grace must cover it now,
+                    # however old the first copy is.
+                    await connection.execute(
+                        BLOBS.update().where(BLOBS.c.digest == digest).values(created_at=now())
+                    )
                 else:
                     await connection.execute(
                         BLOB_CHUNKS.update()

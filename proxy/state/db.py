@@ -52,15 +52,16 @@ class DatabaseURLError(ValueError):
 
 def async_url(url: str) -> str:
     """The SQLAlchemy async driver URL for a plain sqlite:// or postgresql:// URL."""
+    # The messages never repeat the URL: it may hold a password.
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise DatabaseURLError(f"database URL {url!r}: expected sqlite:///PATH or postgresql://…")
+        raise DatabaseURLError("expected sqlite:///PATH or postgresql://USER@HOST/DB")
     base = scheme.split("+", 1)[0].lower()
     if base == "sqlite":
         return f"sqlite+aiosqlite://{rest}"
     if base in ("postgresql", "postgres"):
         return f"postgresql+asyncpg://{rest}"
-    raise DatabaseURLError(f"database URL {url!r}: only sqlite and postgresql are supported")
+    raise DatabaseURLError(f"the scheme {scheme!r} is neither sqlite nor postgresql")
 
 
 def sqlite_url(state_dir: str | Path) -> str:

@@ -24,6 +24,9 @@ TEST_CONFIG = with_settings(
     port=0,
     served_model_name=SERVED_MODEL,
     triton_model=TRITON_MODEL,
+    # Stateless unless a test asks for state (state=True, state_dir=tmp_path): an app per
+    # test must not write to the user's state directory, nor open a database it never uses.
+    state=False,
 )
 
 # Real (tiny) images: the proxy reads each image's header before sending it on.

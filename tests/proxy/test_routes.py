@@ -1,5 +1,6 @@
 """The route table (proxy/app.py ROUTES): every route the app serves comes from it, every
-POST route generates and is admitted, and each route's metrics label is aiohttp's template.
+POST route is admitted (generating, or changing stored state: an upload or a write), and each
+route's metrics label is aiohttp's template.
 
 The per-route load tests (429 above the cap, 503 while draining, 408 for a slow body, the
 deadline) are in tests/proxy/test_hardening_backpressure.py, one per GENERATING_REQUESTS key.
@@ -17,9 +18,12 @@ from proxy.app import create_app
 from proxy.serving.admission import ADMISSION_KEY
 from proxy.serving.routes import ROUTES_KEY, Admit, Route
 
-# POST routes that generate nothing and so are not admitted: none today. A new one is a
-# decision to write down here, not something a route gets by being forgotten.
+# POST routes that are not admitted at all: none today. A new one is a decision to write
+# down here, not something a route gets by being forgotten.
 NOT_GENERATING_POSTS: frozenset[str] = frozenset()
+# The policies of an admitted POST route: each refuses new requests while draining and
+# bounds how long its body may take (proxy/serving/routes.py).
+ADMITTED = frozenset({Admit.GENERATING, Admit.UPLOAD, Admit.WRITE})
 
 
 def app_routes(app: web.Application) -> list[tuple[str, str]]:
@@ -36,7 +40,7 @@ def policy_faults(app: web.Application) -> list[str]:
         entry = table.get(route)
         if entry is None:
             faults.append(f"{name}: registered outside the route table")
-        elif route.method == "POST" and entry.admit is not Admit.GENERATING:
+        elif route.method == "POST" and entry.admit not in ADMITTED:
             if entry.label not in NOT_GENERATING_POSTS:
                 faults.append(f"{name}: a POST route that is not admitted")
     return faults

@@ -79,7 +79,8 @@ def test_codes_are_unique_and_every_entry_is_catalogued():
     # One name per code, the code in capitals: `raise TOO_MANY_IMAGES(...)` says its code.
     assert all(name == entry.code.upper() for name, entry in coded.items())
     assert [name for name, entry in ENTRIES.items() if entry.code is None] == [
-        "MODEL_REQUEST_ERROR"
+        "NO_SUCH_OBJECT",  # OpenAI's 404 for an unknown file, response or batch has no code
+        "MODEL_REQUEST_ERROR",
     ]
 
 
@@ -98,6 +99,7 @@ TYPE_BY_STATUS = {
     413: "invalid_request_error",
     429: "requests",
     500: "server_error",
+    501: "server_error",
     503: "service_unavailable",
     504: "server_error",
 }
@@ -375,6 +377,19 @@ MESSAGES = [
         "internal server error (request id r1)",
     ),
     (
+        "STATE_DISABLED",
+        None,
+        {"what": "files"},
+        "This server runs without stored state (--no-state): files are not available.",
+    ),
+    ("NO_SUCH_OBJECT", "file_id", {"kind": "File", "id": "file-x"}, "No such File object: file-x"),
+    (
+        "FILE_TOO_LARGE",
+        "file",
+        {"limit": 10},
+        "The file is larger than this server's limit of 10 bytes.",
+    ),
+    (
         "MODEL_REQUEST_ERROR",
         "stop",
         {"message": "'stop' takes at most 4 strings"},
@@ -448,6 +463,8 @@ CAUSE_BEFORE_THE_CATALOGUE = [
     ("missing_required_parameter", 400, "invalid_request"),
     ("unsupported_content_type", 400, "invalid_request"),
     ("context_length_exceeded", 400, "invalid_request"),
+    ("state_disabled", 501, "not_found"),
+    ("file_too_large", 413, "body_too_large"),
     (None, 400, "invalid_request"),
 ]
 

@@ -81,6 +81,12 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "log_format": ("JSON", "json"),
     "metrics_require_auth": ("true", True),
     "workers": ("7", 7),  # the default is at most 4
+    "state": ("off", False),
+    "state_dir": ("/var/lib/proxy-state", "/var/lib/proxy-state"),
+    "database_url": ("postgresql://proxy@db/state", "postgresql://proxy@db/state"),
+    "file_max_bytes": ("1048576", 1048576),
+    "state_retention_s": ("0", 0.0),  # 0 = until deleted
+    "state_sweep_interval_s": ("60", 60.0),
 }
 
 # A value each row's parser refuses (rows of free text have none).
@@ -122,8 +128,13 @@ BAD = {
     "log_format": "yaml",
     "metrics_require_auth": "2",
     "workers": "0",
+    "state": "perhaps",
+    "database_url": "mysql://proxy@db/state",  # neither sqlite nor postgresql
+    "file_max_bytes": "0",
+    "state_retention_s": "-1",
+    "state_sweep_interval_s": "0",
 }
-FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key"}
+FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key", "state_dir"}
 FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}
 
 
@@ -175,6 +186,7 @@ def test_the_rule_names_flags_and_env_vars():
         ("triton_model", "", "TRITON_MODEL"),
         ("served_model_name", "", "SERVED_MODEL_NAME"),
         ("image_fetch", "image-fetch", ""),
+        ("state", "state", ""),  # --state / --no-state, not --enabled
         # the fetch section's video fields: --video-fetch-*, not --image-fetch-video-*
         ("video_fetch_max_bytes", "video-fetch-max-bytes", ""),
         ("video_fetch_timeout_s", "video-fetch-timeout-s", ""),
@@ -290,6 +302,12 @@ def test_bad_env_values_are_usage_errors(key, monkeypatch, capsys):
         (["--lazy-load", "false"], "lazy_load", False),
         (["--metrics-require-auth"], "metrics_require_auth", True),
         (["--no-image-fetch"], "image_fetch", False),
+        (["--no-state"], "state", False),
+        (
+            ["--database-url", "sqlite:////var/lib/state.db"],
+            "database_url",
+            "sqlite:////var/lib/state.db",
+        ),
         (["--image-fetch"], "image_fetch", True),
         (["--image-fetch=0"], "image_fetch", False),
         (["--max-tokens-limit", "0"], "max_tokens_limit", 0),
