@@ -11,7 +11,7 @@ import json
 import threading
 
 import pytest
-from test_engine import RecordingSink
+from test_engine import MIXED_PROMPTS, RecordingSink, alone_texts, raw_request
 
 from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver
 from qwen_vl_backend.errors import RequestError
@@ -220,6 +220,28 @@ def test_interactive_prefill_takes_the_step_budget_before_batch_prefill(gated):
         i for i, step in enumerate(steps) if any(c[0] == "batch" for c in step)
     ), "the batch prompt started before the interactive one was prefilled"
     assert engine.stats.largest_step_tokens <= 16
+
+
+def test_tokens_do_not_depend_on_the_class_or_the_neighbours(gated, checkpoint):
+    """The mixed prompts (text, one image, two images) in both classes at once behind small
+    budgets (16-token steps, vision jobs of at most 64 patches), the two images of a batch
+    request shown by an interactive one too (its queued images move to the interactive class):
+    each gets the tokens it gets alone."""
+    alone = alone_texts(checkpoint, MIXED_PROMPTS)
+    engine, gate = gated(max_batch_size=6, max_step_tokens=16, max_vision_patches=64)
+    classes = ["batch", "interactive", "batch", "batch", "interactive"]
+    requests = [
+        dataclasses.replace(raw_request(content, images=images, max_tokens=32), priority=priority)
+        for (content, images), priority in zip([*MIXED_PROMPTS, MIXED_PROMPTS[3]], classes)
+    ]
+    gate.hold(rows=1)
+    pacer = submit(engine, raw("go", max_tokens=60, **LONG))
+    sinks = hold_while(engine, gate, 1, *requests)
+    texts = [sink.wait().final.text for sink in sinks]
+    pacer.wait()
+    assert texts == [*alone, alone[3]]
+    assert engine.stats.admitted_by_priority == {"interactive": 3, "batch": 3}
+    assert engine.stats.partial_chunks > 0 and engine.stats.vision_jobs >= 2
 
 
 def test_the_batch_share_of_the_slots_from_settings():
