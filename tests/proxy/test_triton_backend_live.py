@@ -8,6 +8,7 @@ without weights. Skipped where the nvidia-pytriton wheel (the tritonserver binar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 
@@ -20,7 +21,7 @@ from stack import free_port
 from proxy.config import with_settings
 from proxy.errors import APIError
 from proxy.transport.backend import TritonBackend, TritonRequest
-from proxy.transport.contract import ModelError, ModelLimits
+from proxy.transport.contract import ModelError, ModelLimits, Priority
 
 
 @pytest.fixture
@@ -116,6 +117,13 @@ async def test_non_stream_is_one_chunk_with_everything(backend):
     assert chunk.finish_reason == "stop"
     assert chunk.prompt_tokens and chunk.prompt_tokens > 0
     assert chunk.completion_tokens == len(chunk.text.split())  # the echo model counts words
+
+
+async def test_a_batch_class_request_crosses_tritonserver(backend):
+    """The `priority` input as the proxy builds it is one Triton takes (BYTES [1])."""
+    request = dataclasses.replace(triton_request(stream=False), priority=Priority.BATCH)
+    chunks = [chunk async for chunk in backend.generate(request, "live-priority")]
+    assert len(chunks) == 1 and chunks[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("flag_last", [False, True], ids=["empty-final", "flagged-last"])
