@@ -65,6 +65,9 @@ class Generation:
     usage: TokenUsage
     tool_calls: bool  # the output may hold tool calls to parse
     chunks: AsyncGenerator[GenerationChunk, None]
+    # The encoded media the model gets, in order of appearance (fetched ones as fetched):
+    # what a stored response keeps of its images (proxy/api/responses/conversation.py).
+    media: list[bytes]
 
 
 async def start_generation(
@@ -97,7 +100,7 @@ async def start_generation(
         stream=chat.is_stream,
         usage=usage,
     )
-    return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks)
+    return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks, media)
 
 
 async def _model_errors_in_client_paths(
