@@ -1,3 +1,5 @@
+import pytest
+
 from qwen_vl_backend.settings import ModelSettings, config_parameters
 
 
@@ -72,3 +74,11 @@ def test_compile_buckets_parse_sorted_and_refuse_non_positive_counts():
             assert "compile_buckets" in str(err)
         else:
             raise AssertionError(f"compile_buckets={bad} accepted")
+
+
+def test_torch_threads_derived_from_cores_leave_one_from_four_up():
+    derived = ModelSettings()
+    assert [derived.resolve_torch_threads(c) for c in (1, 2, 3, 4, 16)] == [1, 2, 3, 3, 15]
+    assert ModelSettings(torch_threads=5).resolve_torch_threads(2) == 5
+    with pytest.raises(ValueError, match="torch_threads"):
+        ModelSettings(torch_threads=-1)

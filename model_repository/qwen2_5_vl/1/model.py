@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +86,7 @@ class TritonSink:
     def __init__(self, request, raw: RawRequest):
         self._sender = request.get_response_sender()
         self._raw = raw
+        self._counted: set[int] = set()  # choices whose prompt counts went out
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
@@ -101,29 +103,25 @@ class TritonSink:
         self._sender.send(flags=FINAL)
 
     def _response(self, chunk: OutputChunk):
+        # Each output tensor is a shared-memory allocation here and a message field in
+        # tritonserver and gRPC, per token: the prompt counts go with a choice's first chunk
+        # and its last (the proxy keeps what it saw), finish_reason only once it is set.
         raw = self._raw
         outputs = [
             _text_tensor(Output.TEXT_OUTPUT, chunk.text),
             pb_utils.Tensor(Output.INDEX, np.array([chunk.index], dtype=np.uint32)),
         ]
-        if raw.return_finish_reason:
-            outputs.append(_text_tensor(Output.FINISH_REASON, chunk.finish_reason or ""))
-        if raw.return_num_input_tokens:
-            outputs.append(
-                pb_utils.Tensor(
-                    Output.NUM_INPUT_TOKENS, np.array([chunk.prompt_tokens], dtype=np.uint32)
-                )
-            )
-            outputs.append(
-                pb_utils.Tensor(
-                    Output.NUM_IMAGE_TOKENS, np.array([chunk.image_tokens], dtype=np.uint32)
-                )
-            )
-            outputs.append(
-                pb_utils.Tensor(
-                    Output.NUM_VIDEO_TOKENS, np.array([chunk.video_tokens], dtype=np.uint32)
-                )
-            )
+        if raw.return_finish_reason and chunk.finish_reason:
+            outputs.append(_text_tensor(Output.FINISH_REASON, chunk.finish_reason))
+        first = chunk.index not in self._counted
+        if raw.return_num_input_tokens and (first or chunk.finish_reason):
+            self._counted.add(chunk.index)
+            for name, count in (
+                (Output.NUM_INPUT_TOKENS, chunk.prompt_tokens),
+                (Output.NUM_IMAGE_TOKENS, chunk.image_tokens),
+                (Output.NUM_VIDEO_TOKENS, chunk.video_tokens),
+            ):
+                outputs.append(pb_utils.Tensor(name, np.array([count], dtype=np.uint32)))
         if raw.return_num_output_tokens:
             outputs.append(
                 pb_utils.Tensor(
@@ -359,6 +357,10 @@ class TritonPythonModel:
                     "device_map with instance kind GPU: every instance spreads over all GPUs "
                     "it sees; use instance_group [ { count: 1, kind: KIND_MODEL } ]"
                 )
+        if device == "cpu":
+            threads = self.settings.resolve_torch_threads(len(os.sched_getaffinity(0)))
+            torch.set_num_threads(threads)
+            self.log.info("torch intra-op threads: %d", threads)
         self.log.info("loading %s on %s (%s)", self.settings.model, device, dtype)
         self.checkpoint = load_checkpoint(
             self.settings.model,

@@ -23,6 +23,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # The engine's text forward (`forward`) and torch.compile modes (`compile`).
 FORWARDS = ("lean", "hf")
 COMPILE_MODES = ("auto", "on", "off")
+# From this many usable cores up, the derived torch_threads leaves one for the serving threads.
+RESERVE_A_CORE_FROM = 4
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
 
 
@@ -152,6 +154,12 @@ class ModelSettings:
     # line, also whenever the engine goes idle. 60 s under load is a few metric updates a
     # minute, nothing next to a step; 0: never.
     timing_log_s: float = 60.0
+    # CPU only: torch's intra-op threads for the engine's forwards. 0: derived from the cores
+    # this process may run on, less one from 4 cores up (resolve_torch_threads): the spare core
+    # serves tritonserver's gRPC, the response sender and the proxy, which otherwise preempt an
+    # OpenMP thread mid-GEMM and leave the step's other threads waiting at its barrier; on 2-3
+    # cores a core is too large a share of the GEMMs to give up (docs/engine.md "Threads").
+    torch_threads: int = 0
 
     def __post_init__(self):
         if self.stream_interval < 1:
@@ -175,6 +183,8 @@ class ModelSettings:
                     f"parameter {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}"
                 )
         self.compile_bucket_sizes()
+        if self.torch_threads < 0:
+            raise ValueError(f"parameter torch_threads={self.torch_threads}: 0 (derive) or more")
 
     def compile_bucket_sizes(self) -> list[int]:
         """`compile_buckets` as ascending row counts; [] when it is empty (derive them)."""
@@ -188,6 +198,12 @@ class ModelSettings:
                 "counts separated by commas, such as 1,2,4,8,16,64,256"
             )
         return sizes
+
+    def resolve_torch_threads(self, cores: int) -> int:
+        """Intra-op threads for `cores` usable cores (os.sched_getaffinity)."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return cores - 1 if cores >= RESERVE_A_CORE_FROM else max(1, cores)
 
     def resolve_compile(self, device: str) -> bool:
         # "auto" stays off until a GPU run has validated the compiled step (docs/engine.md).

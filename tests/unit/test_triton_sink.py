@@ -1,0 +1,114 @@
+"""The tensors model.py's TritonSink puts in each streamed response (no tritonserver: a
+stand-in for triton_python_backend_utils records them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from proxy.transport.contract import Output
+from qwen_vl_backend.engine.responses import OutputChunk
+from qwen_vl_backend.request.prepare import RawRequest
+
+MODEL_PY = Path(__file__).resolve().parents[2] / "model_repository/qwen2_5_vl/1/model.py"
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+
+class _Response:
+    def __init__(self, output_tensors=None, error=None):
+        self.tensors = {t.name: t.array for t in output_tensors or []}
+
+
+class _Sender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response=None, flags=0):
+        self.sent.append(response)
+
+
+class _Request:
+    def __init__(self):
+        self.sender = _Sender()
+
+    def get_response_sender(self):
+        return self.sender
+
+
+@pytest.fixture(scope="module")
+def model_module():
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.InferenceResponse = _Tensor, _Response
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    saved = sys.modules.get("triton_python_backend_utils")
+    sys.modules["triton_python_backend_utils"] = fake
+    try:
+        spec = importlib.util.spec_from_file_location("qwen_vl_triton_model", MODEL_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        if saved is None:
+            sys.modules.pop("triton_python_backend_utils", None)
+        else:
+            sys.modules["triton_python_backend_utils"] = saved
+
+
+def _chunk(index=0, finish_reason=None, final=False):
+    return OutputChunk(
+        text="x",
+        num_tokens=1,
+        prompt_tokens=11,
+        image_tokens=4,
+        video_tokens=0,
+        index=index,
+        finish_reason=finish_reason,
+        final=final,
+    )
+
+
+def test_prompt_counts_go_with_each_choices_first_and_last_chunk(model_module):
+    request = _Request()
+    raw = RawRequest(
+        request_id="r",
+        return_finish_reason=True,
+        return_num_input_tokens=True,
+        return_num_output_tokens=True,
+    )
+    sink = model_module.TritonSink(request, raw)
+    for chunk in (
+        _chunk(0),
+        _chunk(1),
+        _chunk(0),
+        _chunk(1),
+        _chunk(0, finish_reason="length"),
+        _chunk(1, finish_reason="stop", final=True),
+    ):
+        sink.send(chunk)
+    sent = [response.tensors for response in request.sender.sent]
+    counts = {Output.NUM_INPUT_TOKENS, Output.NUM_IMAGE_TOKENS, Output.NUM_VIDEO_TOKENS}
+    with_counts = [i for i, tensors in enumerate(sent) if counts <= tensors.keys()]
+    assert with_counts == [0, 1, 4, 5]
+    assert all(not (counts & tensors.keys()) for i, tensors in enumerate(sent) if i in (2, 3))
+    assert int(sent[0][Output.NUM_INPUT_TOKENS][0]) == 11
+    finishes = [tensors.get(Output.FINISH_REASON) for tensors in sent]
+    assert [f is not None for f in finishes] == [False] * 4 + [True, True]
+    assert finishes[4][0] == b"length"
+    assert all(
+        Output.NUM_OUTPUT_TOKENS in tensors and Output.TEXT_OUTPUT in tensors for tensors in sent
+    )
+
+
+def test_counts_are_not_sent_unless_asked(model_module):
+    request = _Request()
+    sink = model_module.TritonSink(request, RawRequest(request_id="r"))
+    sink.send(_chunk(finish_reason="stop", final=True))
+    assert set(request.sender.sent[0].tensors) == {Output.TEXT_OUTPUT, Output.INDEX}
