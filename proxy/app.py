@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from .api.chat.routes import chat_completions
+from .api.files.routes import create_file, delete_file, file_content, list_files, retrieve_file
 from .api.models import health, list_models, ready, retrieve_model
 from .api.responses.routes import create_response
 from .config import ProxyConfig
@@ -53,6 +54,13 @@ ROUTES = (
     Route("GET", "/v1/models", list_models),
     # Served names may contain "/" (e.g. Hugging Face ids).
     Route("GET", "/v1/models/{model:.+}", retrieve_model),
+    # Files: an upload streams to storage under its own size limit and timed reads (UPLOAD);
+    # a delete is a write (WRITE); neither takes a generating slot.
+    Route("POST", "/v1/files", create_file, admit=Admit.UPLOAD),
+    Route("GET", "/v1/files", list_files),
+    Route("GET", "/v1/files/{file_id}", retrieve_file),
+    Route("GET", "/v1/files/{file_id}/content", file_content),
+    Route("DELETE", "/v1/files/{file_id}", delete_file, admit=Admit.WRITE),
     Route("GET", "/health", health, auth=Auth.PROBE),
     Route("GET", "/ready", ready, admit=Admit.READINESS, auth=Auth.PROBE),
     Route("GET", METRICS_PATH, metrics_handler, auth=Auth.SCRAPE, in_flight_gauge=False),

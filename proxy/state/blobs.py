@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from .db import METADATA, Database, now
+from .db import METADATA, Database, import_table_modules, now
 
 BLOBS = sa.Table(
     "blobs",
@@ -188,6 +188,7 @@ class BlobStore:
     async def sweep(self, grace_s: float = STALE_UPLOAD_S) -> int:
         """Deletes crashed uploads and blobs no declared column refers to, older than
         `grace_s` (an upload that is being attached to its owner is younger); how many."""
+        import_table_modules()
         cutoff = now() - grace_s
         unreferenced = sa.and_(
             sa.true(),

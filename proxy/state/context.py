@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ..error_catalogue import STATE_DISABLED
 from ..keys import BLOBS_KEY, CONFIG_KEY, DATABASE_KEY
-from .blobs import BlobStore
+from .blobs import STALE_UPLOAD_S, BlobStore
 from .db import Database, now
 from .retention import delete_expired
 from .settings import StateSettings
@@ -64,10 +64,17 @@ async def state_context(app: web.Application) -> AsyncIterator[None]:
         await database.close()
 
 
-async def sweep(database: Database, blobs: BlobStore) -> dict[str, int]:
-    """One sweep: rows past their expiry, then blobs nothing refers to any more."""
-    deleted = await delete_expired(database, now())
-    deleted["blobs"] = await blobs.sweep()
+async def sweep(
+    database: Database,
+    blobs: BlobStore,
+    *,
+    at: float | None = None,
+    blob_grace_s: float = STALE_UPLOAD_S,
+) -> dict[str, int]:
+    """One sweep: rows expired at `at` (now), then blobs nothing refers to any more and
+    older than `blob_grace_s`; how many of each by table."""
+    deleted = await delete_expired(database, now() if at is None else at)
+    deleted["blobs"] = await blobs.sweep(grace_s=blob_grace_s)
     return deleted
 
 

@@ -137,6 +137,17 @@ class Database:
         return version or 0
 
 
+def import_table_modules() -> None:
+    """Imports every module of proxy/state/, so every table is on METADATA and every
+    declaration (`references_blobs`, `expiring`) is made: a sweep that missed one would
+    delete blobs still in use."""
+    package = __name__.rpartition(".")[0]
+    package_path = Path(__file__).parent
+    for info in pkgutil.iter_modules([str(package_path)]):
+        if info.name != "migrations":
+            importlib.import_module(f"{package}.{info.name}")
+
+
 def available_migrations() -> list[tuple[int, str, object]]:
     """(version, name, upgrade) of every module migrations/vNNNN_name.py, in version order.
     `upgrade(connection)` takes a synchronous SQLAlchemy Connection inside the transaction."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from .db import Database
+from .db import Database, import_table_modules
 
 _EXPIRING: list[sa.Column] = []
 
@@ -27,6 +27,7 @@ def live(column: sa.Column, at: float) -> sa.ColumnElement[bool]:
 
 async def delete_expired(db: Database, at: float) -> dict[str, int]:
     """Deletes every row expired at `at`, one transaction per table; rows deleted by table."""
+    import_table_modules()
     deleted = {}
     for column in _EXPIRING:
         async with db.begin() as connection:

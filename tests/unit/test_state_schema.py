@@ -8,19 +8,7 @@ import asyncio
 import sqlalchemy as sa
 
 from proxy.state import db as state_db
-from proxy.state.db import METADATA, Database, available_migrations
-
-
-def _import_every_table_module():
-    # Tables register on METADATA when their module is imported.
-    import importlib
-    import pkgutil
-
-    import proxy.state
-
-    for info in pkgutil.iter_modules(proxy.state.__path__):
-        if info.name != "migrations":
-            importlib.import_module(f"proxy.state.{info.name}")
+from proxy.state.db import METADATA, Database, available_migrations, import_table_modules
 
 
 def _generic(type_name: str) -> str:
@@ -39,7 +27,7 @@ def _generic(type_name: str) -> str:
 
 
 def test_migrated_schema_equals_live_tables(database_url):
-    _import_every_table_module()
+    import_table_modules()  # every table on METADATA
 
     async def reflect():
         database = await Database.open(database_url)
