@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .api.batches.context import batch_context
+from .api.batches.routes import cancel_batch, create_batch, list_batches, retrieve_batch
 from .api.chat.routes import chat_completions
 from .api.files.routes import create_file, delete_file, file_content, list_files, retrieve_file
 from .api.models import health, list_models, ready, retrieve_model
@@ -51,6 +53,10 @@ log = logging.getLogger("proxy")
 ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, admit=Admit.GENERATING),
     Route("POST", "/v1/responses", create_response, admit=Admit.GENERATING),
+    Route("POST", "/v1/batches", create_batch, admit=Admit.WRITE),
+    Route("GET", "/v1/batches", list_batches),
+    Route("GET", "/v1/batches/{batch_id}", retrieve_batch),
+    Route("POST", "/v1/batches/{batch_id}/cancel", cancel_batch, admit=Admit.WRITE),
     Route("GET", "/v1/models", list_models),
     # Served names may contain "/" (e.g. Hugging Face ids).
     Route("GET", "/v1/models/{model:.+}", retrieve_model),
@@ -95,6 +101,7 @@ def create_app(
         app[BACKEND_KEY] = backend
     app.cleanup_ctx.append(backend_context)
     app.cleanup_ctx.append(state_context)
+    app.cleanup_ctx.append(batch_context)  # after the database opens, stopped before it closes
     app.on_response_prepare.append(add_response_headers)
     register_routes(app, ROUTES)
     install_hardening(app, config)

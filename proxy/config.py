@@ -33,6 +33,7 @@ from .observability.logs import LOG_FORMATS, log_format
 from .request.limits import RequestLimits
 from .serving.admission import AdmissionSettings
 from .serving.auth import APIKeyError, read_api_key
+from .state.batches import BatchSettings
 from .state.db import DatabaseURLError, async_url
 from .state.settings import StateSettings
 from .transport.upstreams import parse_targets
@@ -100,6 +101,7 @@ class ProxyConfig:
     pixels: PixelLimits = field(default_factory=PixelLimits, metadata={_FLAG_PREFIX: "image-"})
     fetch: FetchPolicy = field(default_factory=FetchPolicy, metadata={_FLAG_PREFIX: "image-fetch-"})
     state: StateSettings = field(default_factory=StateSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings, metadata={_FLAG_PREFIX: "batch-"})
 
     @property
     def served_models(self) -> dict[str, str]:
@@ -177,6 +179,14 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _count_or_derived(text: str) -> int:
+    """A count where 0 means "derived from other settings" (the row's why says how)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (derived) or positive, got {value}")
     return value
 
 
@@ -586,6 +596,46 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds between sweeps that delete expired objects and unreferenced blobs; expired "
         "objects are never served in between",
     ),
+    # The Batch API's runner (proxy/api/batches/runner.py, docs/state.md "Batches").
+    _S(
+        "batch",
+        "concurrency",
+        _count_or_derived,
+        "batch lines in flight at once in this proxy (split among --workers; each replica has "
+        "its own), each holding a --max-concurrent-requests slot, so it must stay below that "
+        "cap: interactive requests always have room; 0 = half the cap, at most 8 (the model "
+        "runs at most half its 16 slots of batch work, max_batch_priority_slots: more would "
+        "only wait in its queue)",
+    ),
+    _S(
+        "batch",
+        "max_lines",
+        _positive_int,
+        "requests one batch's input file may hold (OpenAI's 50,000); bounds a batch's rows and "
+        "its validation's memory (a digest per custom_id)",
+    ),
+    _S(
+        "batch",
+        "lease_s",
+        _positive_float,
+        "seconds a process's claim on batch work lasts unless renewed (every third of it): "
+        "when a proxy dies, another replica, or the restarted one, takes its work over this "
+        "long after",
+    ),
+    _S(
+        "batch",
+        "poll_s",
+        _positive_float,
+        "seconds between looks for batch work that other processes or replicas created or gave "
+        "up (a batch created here starts at once); one small query each",
+    ),
+    _S(
+        "batch",
+        "line_attempts",
+        _positive_int,
+        "times a batch line may be started without an answer (the proxy died running it) "
+        "before it is failed, so a request that kills the proxy cannot stall its batch",
+    ),
 )
 del _S
 
@@ -687,6 +737,11 @@ def _inconsistency(config: ProxyConfig) -> str | None:
             async_url(config.state.database_url)
         except DatabaseURLError as exc:
             return f"--database-url: {exc}"
+    if config.batch.concurrency >= config.admission.max_concurrent_requests:  # 0 passes
+        return (
+            "--batch-concurrency must be below --max-concurrent-requests: batch lines hold "
+            "admission slots, and interactive requests need some"
+        )
     return None
 
 

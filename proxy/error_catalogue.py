@@ -368,6 +368,68 @@ FILE_TOO_LARGE = _entry(
     template="The file is larger than this server's limit of {limit} bytes.",
 )
 
+# ---- the Batch API (proxy/api/batches/) ------------------------------------------------
+
+BATCH_NOT_CANCELLABLE = _entry(
+    "batch_not_cancellable",
+    400,
+    cause="invalid_request",
+    template="The batch is {status}: only a validating or in-progress batch can be cancelled.",
+)
+# A line of the input file the batch cannot run: an entry of its error file (the rest runs).
+INVALID_JSON_LINE = _entry(
+    "invalid_json_line",
+    400,
+    cause="invalid_request",
+    template="Line {line} is not a JSON object: {reason}.",
+)
+INVALID_BATCH_LINE = _entry("invalid_batch_line", 400, cause="invalid_request")
+BATCH_LINE_TOO_LARGE = _entry(
+    "batch_line_too_large",
+    413,
+    cause="body_too_large",
+    template="Line {line} is larger than {limit} bytes, the largest request this server "
+    "accepts (--max-request-bytes).",
+)
+# A line that was started this many times without an answer (the proxy died each time).
+LINE_ATTEMPTS_EXHAUSTED = _entry(
+    "line_attempts_exhausted",
+    500,
+    cause="internal_error",
+    template="The request was started {attempts} times without an answer (the server stopped "
+    "each time); it is not tried again.",
+)
+BATCH_EXPIRED = _entry(
+    "batch_expired",
+    504,
+    cause="timeout",
+    template="This request could not be executed before the completion window expired.",
+)
+# Why a batch failed validation: its `errors.data` (the batch runs none of its lines).
+DUPLICATE_CUSTOM_ID = _entry(
+    "duplicate_custom_id",
+    400,
+    cause="invalid_request",
+    template="The custom_id {custom_id} of line {line} is also the custom_id of line {first}; "
+    "custom_id must be unique within a batch.",
+)
+EMPTY_FILE = _entry(
+    "empty_file", 400, cause="invalid_request", template="The input file has no requests."
+)
+BATCH_TOO_LARGE = _entry(
+    "batch_too_large",
+    400,
+    cause="invalid_request",
+    template="The input file has more than {limit} requests, the most one batch may hold "
+    "(--batch-max-lines).",
+)
+INPUT_FILE_NOT_FOUND = _entry(
+    "input_file_not_found",
+    400,
+    cause="not_found",
+    template="The input file {file_id} was deleted before the batch was validated.",
+)
+
 # ---- the model's request errors (proxy/transport/backend.py client_error) ------------------------
 
 # The codes the model puts on its `invalid_request` errors (model_repository/.../qwen_vl_backend).

@@ -36,6 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .db import METADATA, Database, now
+from .retention import expiring, live
 
 BATCHES = sa.Table(
     "batches",
@@ -67,9 +68,14 @@ BATCHES = sa.Table(
     sa.Column("sealed", sa.Boolean, nullable=False),
     sa.Column("lease_owner", sa.String(128), nullable=True),
     sa.Column("lease_expires_at", sa.Float, nullable=True),
+    # When the sweeper deletes the batch (its lines go with it): --state-retention-s after
+    # its completion window ends, so a running batch is never swept; None: never.
+    sa.Column("retained_until", sa.Float, nullable=True),
     sa.Index("batches_by_tenant", "tenant", "created_at"),
     sa.Index("batches_by_status", "status", "created_at"),
+    sa.Index("batches_by_retention", "retained_until"),
 )
+expiring(BATCHES.c.retained_until)
 
 BATCH_LINES = sa.Table(
     "batch_lines",
@@ -95,6 +101,10 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/responses")
 COMPLETION_WINDOWS = {"24h": 24 * 3600.0}
 # Lines read from the database per query when the files are assembled.
 RESULT_PAGE = 256
+# The most lines in flight `--batch-concurrency 0` derives: the model runs batch work on at
+# most half its slots (max_batch_priority_slots, 8 of the default 16); more lines would wait
+# in its queue, taking room interactive requests need.
+DERIVED_CONCURRENCY_MAX = 8
 # In-progress batches a claim looks into for lines, oldest first.
 _CLAIM_BATCHES = 16
 
@@ -130,11 +140,19 @@ class Outcome(enum.StrEnum):
 class BatchSettings:
     """Each field is the flag `--batch-<field>` (proxy/config.py)."""
 
-    concurrency: int = 8
+    concurrency: int = 0  # 0: derived from the admission cap (lines_in_flight)
     max_lines: int = 50_000
     lease_s: float = 30.0
     poll_s: float = 1.0
     line_attempts: int = 3
+
+    def lines_in_flight(self, max_concurrent_requests: int, workers: int = 1) -> int:
+        """The lines one of `workers` processes runs at once: `concurrency`, else half the
+        admission cap up to DERIVED_CONCURRENCY_MAX, shared among the workers (at least 1)."""
+        whole = self.concurrency or min(
+            DERIVED_CONCURRENCY_MAX, max(1, max_concurrent_requests // 2)
+        )
+        return max(1, whole // workers)
 
 
 def new_batch_id() -> str:
@@ -300,8 +318,12 @@ class BatchStore:
         endpoint: str,
         completion_window: str,
         metadata: dict[str, str] | None,
+        retention_s: float = 0.0,
     ) -> Batch:
+        """A new batch, validating; kept `retention_s` after its completion window ends
+        (0: until deleted)."""
         created = now()
+        expires_at = created + COMPLETION_WINDOWS[completion_window]
         values = {
             "id": new_batch_id(),
             "tenant": tenant,
@@ -311,7 +333,8 @@ class BatchStore:
             "metadata_json": json.dumps(metadata) if metadata is not None else None,
             "status": BatchStatus.VALIDATING.value,
             "created_at": created,
-            "expires_at": created + COMPLETION_WINDOWS[completion_window],
+            "expires_at": expires_at,
+            "retained_until": expires_at + retention_s if retention_s else None,
             "total": 0,
             "completed": 0,
             "failed": 0,
@@ -329,7 +352,11 @@ class BatchStore:
         async with self.db.begin() as connection:
             row = (
                 await connection.execute(
-                    BATCHES.select().where(BATCHES.c.id == batch_id, BATCHES.c.tenant == tenant)
+                    BATCHES.select().where(
+                        BATCHES.c.id == batch_id,
+                        BATCHES.c.tenant == tenant,
+                        live(BATCHES.c.retained_until, now()),
+                    )
                 )
             ).one_or_none()
         return None if row is None else Batch.from_row(row)
@@ -339,13 +366,18 @@ class BatchStore:
     ) -> tuple[list[Batch], bool] | None:
         """The tenant's batches newest first, after the batch `after` (None when it is not
         theirs), at most `limit`; and whether there are more."""
-        query = BATCHES.select().where(BATCHES.c.tenant == tenant)
+        moment = now()
+        query = BATCHES.select().where(
+            BATCHES.c.tenant == tenant, live(BATCHES.c.retained_until, moment)
+        )
         async with self.db.begin() as connection:
             if after is not None:
                 cursor = (
                     await connection.execute(
                         sa.select(BATCHES.c.created_at, BATCHES.c.id).where(
-                            BATCHES.c.id == after, BATCHES.c.tenant == tenant
+                            BATCHES.c.id == after,
+                            BATCHES.c.tenant == tenant,
+                            live(BATCHES.c.retained_until, moment),
                         )
                     )
                 ).one_or_none()
@@ -373,7 +405,11 @@ class BatchStore:
             row = (
                 await connection.execute(
                     BATCHES.select()
-                    .where(BATCHES.c.id == batch_id, BATCHES.c.tenant == tenant)
+                    .where(
+                        BATCHES.c.id == batch_id,
+                        BATCHES.c.tenant == tenant,
+                        live(BATCHES.c.retained_until, now()),
+                    )
                     .with_for_update()
                 )
             ).one_or_none()

@@ -390,6 +390,65 @@ MESSAGES = [
         "The file is larger than this server's limit of 10 bytes.",
     ),
     (
+        "BATCH_NOT_CANCELLABLE",
+        "batch_id",
+        {"status": "completed"},
+        "The batch is completed: only a validating or in-progress batch can be cancelled.",
+    ),
+    (
+        "INVALID_JSON_LINE",
+        None,
+        {"line": 3, "reason": "it is not valid JSON"},
+        "Line 3 is not a JSON object: it is not valid JSON.",
+    ),
+    (
+        "INVALID_BATCH_LINE",
+        "method",
+        {"message": "Line 2: method must be POST, not \"GET\"."},
+        "Line 2: method must be POST, not \"GET\".",
+    ),
+    (
+        "BATCH_LINE_TOO_LARGE",
+        None,
+        {"line": 4, "limit": 10},
+        "Line 4 is larger than 10 bytes, the largest request this server accepts "
+        "(--max-request-bytes).",
+    ),
+    (
+        "LINE_ATTEMPTS_EXHAUSTED",
+        None,
+        {"attempts": 3},
+        "The request was started 3 times without an answer (the server stopped each time); it "
+        "is not tried again.",
+    ),
+    (
+        "BATCH_EXPIRED",
+        None,
+        {},
+        "This request could not be executed before the completion window expired.",
+    ),
+    (
+        "DUPLICATE_CUSTOM_ID",
+        "custom_id",
+        {"custom_id": '"a"', "line": 3, "first": 1},
+        'The custom_id "a" of line 3 is also the custom_id of line 1; custom_id must be unique '
+        "within a batch.",
+    ),
+    ("EMPTY_FILE", None, {}, "The input file has no requests."),
+    (
+        "BATCH_TOO_LARGE",
+        None,
+        {"limit": 5},
+        "The input file has more than 5 requests, the most one batch may hold "
+        "(--batch-max-lines).",
+    ),
+    (
+        "INPUT_FILE_NOT_FOUND",
+        None,
+        {"file_id": "file-x"},
+        "The input file file-x was deleted before the batch was validated.",
+    ),
+    (
         "MODEL_REQUEST_ERROR",
         "stop",
         {"message": "'stop' takes at most 4 strings"},
@@ -465,6 +524,16 @@ CAUSE_BEFORE_THE_CATALOGUE = [
     ("context_length_exceeded", 400, "invalid_request"),
     ("state_disabled", 501, "not_found"),
     ("file_too_large", 413, "body_too_large"),
+    ("batch_not_cancellable", 400, "invalid_request"),
+    ("invalid_json_line", 400, "invalid_request"),
+    ("invalid_batch_line", 400, "invalid_request"),
+    ("batch_line_too_large", 413, "body_too_large"),
+    ("line_attempts_exhausted", 500, "internal_error"),
+    ("batch_expired", 504, "timeout"),
+    ("duplicate_custom_id", 400, "invalid_request"),
+    ("empty_file", 400, "invalid_request"),
+    ("batch_too_large", 400, "invalid_request"),
+    ("input_file_not_found", 400, "not_found"),
     (None, 400, "invalid_request"),
 ]
 

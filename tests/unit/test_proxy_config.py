@@ -87,6 +87,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "file_max_bytes": ("1048576", 1048576),
     "state_retention_s": ("0", 0.0),  # 0 = until deleted
     "state_sweep_interval_s": ("60", 60.0),
+    "batch_concurrency": ("3", 3),
+    "batch_max_lines": ("1000", 1000),
+    "batch_lease_s": ("2.5", 2.5),
+    "batch_poll_s": ("0.2", 0.2),
+    "batch_line_attempts": ("5", 5),
 }
 
 # A value each row's parser refuses (rows of free text have none).
@@ -133,6 +138,11 @@ BAD = {
     "file_max_bytes": "0",
     "state_retention_s": "-1",
     "state_sweep_interval_s": "0",
+    "batch_concurrency": "64",  # not below --max-concurrent-requests (64): a parse_config check
+    "batch_max_lines": "0",
+    "batch_lease_s": "0",
+    "batch_poll_s": "-1",
+    "batch_line_attempts": "0",
 }
 FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key", "state_dir"}
 FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}

@@ -267,3 +267,28 @@ def test_two_processes_claiming_at_once_never_take_the_same_line(database_url):
         assert done.status is BatchStatus.FINALIZING and done.completed == lines
 
     run(database_url, body, stores=2)
+
+
+def test_a_batch_is_kept_its_retention_after_its_window_then_swept_with_its_lines(database_url):
+    from proxy.state.batches import BATCHES
+    from proxy.state.retention import delete_expired
+
+    async def body(store):
+        kept = await validated(store, 2)  # no retention: kept until deleted
+        batch = await new_batch(store, retention_s=3600.0)
+        assert batch.expires_at - batch.created_at == 24 * 3600
+        await store.claim_batch("v", LEASE_S)  # the older `kept` was validated already
+        await store.add_lines("v", batch.id, [request_line(1)], LEASE_S)
+        window_end = batch.expires_at
+        assert (await delete_expired(store.db, window_end + 3599))["batches"] == 0
+        async with store.db.begin() as connection:  # as if the retention had passed
+            await connection.execute(
+                BATCHES.update().where(BATCHES.c.id == batch.id).values(retained_until=1.0)
+            )
+        assert await store.get("t1", batch.id) is None  # expired rows are never served
+        assert [b.id for b in (await store.page("t1", after=None, limit=5))[0]] == [kept.id]
+        assert (await delete_expired(store.db, window_end))["batches"] == 1
+        assert await store.line_counts(batch.id) == {}  # its lines went with it
+        assert await store.line_counts(kept.id) == {None: 2}
+
+    run(database_url, body)

@@ -35,8 +35,10 @@ def upgrade(connection: sa.Connection) -> None:
         sa.Column("sealed", sa.Boolean, nullable=False),
         sa.Column("lease_owner", sa.String(128), nullable=True),
         sa.Column("lease_expires_at", sa.Float, nullable=True),
+        sa.Column("retained_until", sa.Float, nullable=True),
         sa.Index("batches_by_tenant", "tenant", "created_at"),
         sa.Index("batches_by_status", "status", "created_at"),
+        sa.Index("batches_by_retention", "retained_until"),
     )
     sa.Table(
         "batch_lines",
