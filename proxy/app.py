@@ -23,7 +23,14 @@ from .api.batches.routes import cancel_batch, create_batch, list_batches, retrie
 from .api.chat.routes import chat_completions
 from .api.files.routes import create_file, delete_file, file_content, list_files, retrieve_file
 from .api.models import health, list_models, ready, retrieve_model
-from .api.responses.routes import create_response
+from .api.responses.background import background_context
+from .api.responses.routes import (
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 from .config import ProxyConfig
 from .errors import REQUEST_ID_KEY, error_middleware
 from .keys import (
@@ -53,6 +60,11 @@ log = logging.getLogger("proxy")
 ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, admit=Admit.GENERATING),
     Route("POST", "/v1/responses", create_response, admit=Admit.GENERATING),
+    # Stored responses: reads are plain; a delete or a cancel changes stored state (WRITE).
+    Route("GET", "/v1/responses/{response_id}", retrieve_response),
+    Route("DELETE", "/v1/responses/{response_id}", delete_response, admit=Admit.WRITE),
+    Route("GET", "/v1/responses/{response_id}/input_items", list_input_items),
+    Route("POST", "/v1/responses/{response_id}/cancel", cancel_response, admit=Admit.WRITE),
     Route("POST", "/v1/batches", create_batch, admit=Admit.WRITE),
     Route("GET", "/v1/batches", list_batches),
     Route("GET", "/v1/batches/{batch_id}", retrieve_batch),
@@ -102,6 +114,8 @@ def create_app(
     app.cleanup_ctx.append(backend_context)
     app.cleanup_ctx.append(state_context)
     app.cleanup_ctx.append(batch_context)  # after the database opens, stopped before it closes
+    # After the database opens; at shutdown its generations end before the database closes.
+    app.cleanup_ctx.append(background_context)
     app.on_response_prepare.append(add_response_headers)
     register_routes(app, ROUTES)
     install_hardening(app, config)

@@ -35,6 +35,7 @@ from .serving.admission import AdmissionSettings
 from .serving.auth import APIKeyError, read_api_key
 from .state.batches import BatchSettings
 from .state.db import DatabaseURLError, async_url
+from .state.responses import ResponsesSettings
 from .state.settings import StateSettings
 from .transport.upstreams import parse_targets
 
@@ -101,6 +102,9 @@ class ProxyConfig:
     pixels: PixelLimits = field(default_factory=PixelLimits, metadata={_FLAG_PREFIX: "image-"})
     fetch: FetchPolicy = field(default_factory=FetchPolicy, metadata={_FLAG_PREFIX: "image-fetch-"})
     state: StateSettings = field(default_factory=StateSettings)
+    responses: ResponsesSettings = field(
+        default_factory=ResponsesSettings, metadata={_FLAG_PREFIX: "responses-"}
+    )
     batch: BatchSettings = field(default_factory=BatchSettings, metadata={_FLAG_PREFIX: "batch-"})
 
     @property
@@ -595,6 +599,23 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
         "seconds between sweeps that delete expired objects and unreferenced blobs; expired "
         "objects are never served in between",
+    ),
+    # Stored conversations (previous_response_id: proxy/api/responses/, docs/state.md).
+    _S(
+        "responses",
+        "max_history_turns",
+        _positive_int,
+        "earlier turns a previous_response_id may bring into a request; a turn is at least two "
+        "messages and a request holds at most --max-messages, and the chain is walked before "
+        "anything else is checked",
+    ),
+    _S(
+        "responses",
+        "max_history_bytes",
+        _positive_int,
+        "bytes the earlier turns of a stored conversation may add to a request, images "
+        "included, checked before any is read: what a client could send in one body "
+        "(--max-request-bytes' default)",
     ),
     # The Batch API's runner (proxy/api/batches/runner.py, docs/state.md "Batches").
     _S(

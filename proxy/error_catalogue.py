@@ -368,6 +368,38 @@ FILE_TOO_LARGE = _entry(
     template="The file is larger than this server's limit of {limit} bytes.",
 )
 
+# ---- stored responses (proxy/api/responses/) ------------------------------------------
+
+# An unknown, expired or another tenant's response id (indistinguishable on purpose): OpenAI's
+# words, no code.
+RESPONSE_NOT_FOUND = ErrorEntry(
+    None, 404, cause="not_found", template="Response with id '{id}' not found."
+)
+PREVIOUS_RESPONSE_NOT_FOUND = _entry(
+    "previous_response_not_found",
+    404,
+    cause="not_found",
+    template="Previous response with id '{id}' not found.",
+)
+CONVERSATION_TOO_LONG = _entry(
+    "conversation_too_long",
+    400,
+    cause="invalid_request",
+    template="The conversation before this response is longer than this server continues: at "
+    "most {max_turns} turns and {max_bytes} bytes (--responses-max-history-turns, "
+    "--responses-max-history-bytes). Start a new conversation with what it needs in 'input'.",
+)
+# Cancelling a response that is not a running background one.
+RESPONSE_NOT_CANCELLABLE = _entry("response_not_cancellable", 400, cause="invalid_request")
+# The error of a background response whose process ended (killed, crashed) while it ran.
+BACKGROUND_INTERRUPTED = _entry(
+    "background_interrupted",
+    500,
+    cause="internal_error",
+    template="The server running this background response stopped before it finished; create "
+    "the response again.",
+)
+
 # ---- the Batch API (proxy/api/batches/) ------------------------------------------------
 
 BATCH_NOT_CANCELLABLE = _entry(

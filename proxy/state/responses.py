@@ -39,6 +39,21 @@ INCOMPLETE = "incomplete"
 FAILED = "failed"
 CANCELLED = "cancelled"
 RUNNING = (QUEUED, IN_PROGRESS)
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ResponsesSettings:
+    """Bounds of a stored conversation (`previous_response_id`): each field is the flag
+    `--responses-<field>` (proxy/config.py)."""
+
+    # A turn adds at least two messages (its input and its output) and a request holds at most
+    # --max-messages (512), so a longer chain could never be sent; the walk stops here first.
+    max_history_turns: int = 256
+    # What the earlier turns add to a request, images included: as much as a client could
+    # send in one body (--max-request-bytes' default), read before any check runs on it.
+    max_history_bytes: int = 64 * MIB
+
 
 RESPONSES = sa.Table(
     "responses",

@@ -358,7 +358,9 @@ async def test_cut_by_length_is_incomplete(sdk):
     assert events[-2].item.status == "incomplete"
 
 
-async def test_store_true_is_answered_as_not_stored(make_client):
+async def test_without_state_store_true_is_answered_as_not_stored(make_client):
+    """TEST_CONFIG runs without state (--no-state): nothing is kept, and the answer says so.
+    Stored responses: tests/proxy/test_stored_responses.py."""
     for stream in (False, True):
         resp = await post_raw(make_client, {"input": "Hi", "store": True, "stream": stream})
         assert resp.status == 200
@@ -379,26 +381,31 @@ async def test_unknown_fields_are_listed_as_ignored(make_client):
 # ---- errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", ["previous_response_id", "conversation"])
-async def test_stateful_fields_are_refused(make_client, field):
+async def test_conversation_is_refused(make_client):
     backend = FakeBackend()
-    resp = await post_raw(make_client, {"input": "Hi", field: "resp_123"}, backend)
+    resp = await post_raw(make_client, {"input": "Hi", "conversation": "conv_123"}, backend)
     assert resp.status == 400
     error = (await resp.json())["error"]
     assert (error["code"], error["param"], error["type"]) == (
         "unsupported_parameter",
-        field,
+        "conversation",
         "invalid_request_error",
     )
-    assert "stateless" in error["message"]
+    assert "previous_response_id" in error["message"]
     assert backend.requests == []
 
 
-async def test_sdk_previous_response_id_raises_bad_request(sdk):
-    client = await sdk(FakeBackend())
-    with pytest.raises(openai.BadRequestError) as caught:
-        await create(client, input="Hi", previous_response_id="resp_abc")
-    assert caught.value.code == "unsupported_parameter"
+@pytest.mark.parametrize(
+    "field, value", [("previous_response_id", "resp_123"), ("background", True)]
+)
+async def test_without_state_stateful_fields_are_501(make_client, field, value):
+    backend = FakeBackend()
+    resp = await post_raw(make_client, {"input": "Hi", field: value}, backend)
+    assert resp.status == 501
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("state_disabled", field)
+    assert "--no-state" in error["message"]
+    assert backend.requests == []
 
 
 @pytest.mark.parametrize(
@@ -431,7 +438,12 @@ async def test_sdk_previous_response_id_raises_bad_request(sdk):
         ({"input": "Hi", "tools": [{"type": "web_search"}]}, "invalid_value", "tools[0].type"),
         ({"input": "Hi", "tool_choice": "required"}, "invalid_value", "tool_choice"),
         ({"input": "Hi", "model": "gpt-4"}, "model_not_found", "model"),
-        ({"input": "Hi", "background": True}, "unsupported_parameter", "background"),
+        (
+            {"input": "Hi", "background": True, "stream": True},
+            "unsupported_parameter",
+            "stream",
+        ),
+        ({"input": "Hi", "background": True, "store": False}, "invalid_value", "store"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
             "missing_required_parameter",

@@ -80,6 +80,7 @@ def test_codes_are_unique_and_every_entry_is_catalogued():
     assert all(name == entry.code.upper() for name, entry in coded.items())
     assert [name for name, entry in ENTRIES.items() if entry.code is None] == [
         "NO_SUCH_OBJECT",  # OpenAI's 404 for an unknown file, response or batch has no code
+        "RESPONSE_NOT_FOUND",  # the same for a response, in OpenAI's words for it
         "MODEL_REQUEST_ERROR",
     ]
 
@@ -389,6 +390,34 @@ MESSAGES = [
         {"limit": 10},
         "The file is larger than this server's limit of 10 bytes.",
     ),
+    ("RESPONSE_NOT_FOUND", None, {"id": "resp_x"}, "Response with id 'resp_x' not found."),
+    (
+        "PREVIOUS_RESPONSE_NOT_FOUND",
+        "previous_response_id",
+        {"id": "resp_x"},
+        "Previous response with id 'resp_x' not found.",
+    ),
+    (
+        "CONVERSATION_TOO_LONG",
+        "previous_response_id",
+        {"max_turns": 256, "max_bytes": 1024},
+        "The conversation before this response is longer than this server continues: at most "
+        "256 turns and 1024 bytes (--responses-max-history-turns, --responses-max-history-bytes). "
+        "Start a new conversation with what it needs in 'input'.",
+    ),
+    (
+        "RESPONSE_NOT_CANCELLABLE",
+        None,
+        {"message": "Cannot cancel a synchronous response."},
+        "Cannot cancel a synchronous response.",
+    ),
+    (
+        "BACKGROUND_INTERRUPTED",
+        None,
+        {},
+        "The server running this background response stopped before it finished; create the "
+        "response again.",
+    ),
     (
         "BATCH_NOT_CANCELLABLE",
         "batch_id",
@@ -524,6 +553,10 @@ CAUSE_BEFORE_THE_CATALOGUE = [
     ("context_length_exceeded", 400, "invalid_request"),
     ("state_disabled", 501, "not_found"),
     ("file_too_large", 413, "body_too_large"),
+    ("previous_response_not_found", 404, "not_found"),
+    ("conversation_too_long", 400, "invalid_request"),
+    ("response_not_cancellable", 400, "invalid_request"),
+    ("background_interrupted", 500, "internal_error"),
     ("batch_not_cancellable", 400, "invalid_request"),
     ("invalid_json_line", 400, "invalid_request"),
     ("invalid_batch_line", 400, "invalid_request"),

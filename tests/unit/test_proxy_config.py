@@ -87,6 +87,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "file_max_bytes": ("1048576", 1048576),
     "state_retention_s": ("0", 0.0),  # 0 = until deleted
     "state_sweep_interval_s": ("60", 60.0),
+    "responses_max_history_turns": ("8", 8),
+    "responses_max_history_bytes": ("1048576", 1048576),
     "batch_concurrency": ("3", 3),
     "batch_max_lines": ("1000", 1000),
     "batch_lease_s": ("2.5", 2.5),
@@ -138,6 +140,8 @@ BAD = {
     "file_max_bytes": "0",
     "state_retention_s": "-1",
     "state_sweep_interval_s": "0",
+    "responses_max_history_turns": "0",
+    "responses_max_history_bytes": "-5",
     "batch_concurrency": "64",  # not below --max-concurrent-requests (64): a parse_config check
     "batch_max_lines": "0",
     "batch_lease_s": "0",

@@ -14,9 +14,12 @@ as a `response` object, or as Responses' typed SSE events:
     response.output_item.done, ...,
     response.completed | response.incomplete (cut by max_output_tokens) | response.failed
 
-Nothing is stored: `store: true` is answered as `store: false` (and the `X-Response-Stored:
-false` header); `previous_response_id` and `conversation` are 400s. Errors of the shared path
-name the client's Responses path where they are made (`input[0].content[1].image_url`, not
+With `store` (OpenAI's default) the response is kept (proxy/api/responses/routes.py,
+proxy/state/responses.py): the object rendered here is what `GET /v1/responses/{id}` returns,
+and a later request continues it with `previous_response_id`: the stored turns come back as
+input items before the request's own (`ResponsesCall(request, history)`), their errors naming
+`previous_response_id`. `conversation` (the Conversations API) is a 400. Errors of the shared
+path name the client's Responses path where they are made (`input[0].content[1].image_url`, not
 `messages[1]...`: proxy/request/paths.py).
 """
 
@@ -25,13 +28,22 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from ...error_catalogue import (
     INTERNAL_ERROR,
+    INVALID_VALUE,
     MISSING_REQUIRED_PARAMETER,
     UNSUPPORTED_PARAMETER,
     APIError,
@@ -51,13 +63,12 @@ from ..chat.render import TokenUsage, record_usage
 
 log = logging.getLogger("proxy")
 
-# Every answer of /v1/responses says that nothing was kept (`store: true` is accepted).
+# Every answer of /v1/responses says whether the response was kept (`store`).
 STORED_HEADER = "X-Response-Stored"
-STORED_HEADERS = {STORED_HEADER: "false"}
 SUPPORTED_PART_TYPES = ("input_text", "input_image", "output_text")
 SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output")
-# Fields that need state or a feature this server does not have: refused, never ignored.
-_STATEFUL = ("previous_response_id", "conversation")
+# Where errors about a stored conversation's turns point: they came from no field of the body.
+HISTORY_PATH = "previous_response_id"
 
 # ---- the request -----------------------------------------------------------------------
 
@@ -203,24 +214,45 @@ class ResponsesRequest(BaseModel):
         return ignored
 
 
-def parse_responses_request(body: dict[str, Any]) -> ResponsesCall:
-    """The request checked (400 envelopes as chat's, naming Responses paths) and translated."""
+def validate_responses_request(body: dict[str, Any]) -> ResponsesRequest:
+    """The request checked (400 envelopes as chat's, naming Responses paths)."""
     try:
         request = ResponsesRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_api_error(exc, body, part_types=SUPPORTED_PART_TYPES) from None
-    for name in _STATEFUL:
-        if getattr(request, name) is not None:
-            raise UNSUPPORTED_PARAMETER(
-                name,
-                message=f"'{name}' is not supported: this server is stateless and stores no "
-                "responses or conversations; send the whole history in 'input'.",
-            )
-    if request.background:
+    if request.conversation is not None:
         raise UNSUPPORTED_PARAMETER(
-            "background", message="'background' is not supported: responses run in the request."
+            "conversation",
+            message="'conversation' is not supported: this server has no Conversations API; "
+            "continue a conversation with 'previous_response_id'.",
         )
-    return ResponsesCall(request)
+    if request.background:
+        if request.store is False:
+            raise INVALID_VALUE(
+                "store",
+                message="Invalid value for 'store': a background response is stored to be "
+                "polled, so 'background' requires 'store' to be true.",
+            )
+        if request.stream:
+            raise UNSUPPORTED_PARAMETER(
+                "stream",
+                message="'stream' with 'background' is not supported: create the background "
+                "response without 'stream' and poll GET /v1/responses/{id}.",
+            )
+    return request
+
+
+def parse_responses_request(body: dict[str, Any]) -> ResponsesCall:
+    """The request checked and translated, without a stored conversation."""
+    return ResponsesCall(validate_responses_request(body))
+
+
+_HISTORY_ITEMS: TypeAdapter[list[Any]] = TypeAdapter(list[InputItem])
+
+
+def history_items(items: list[dict[str, Any]]) -> list[Any]:
+    """Stored items (earlier turns' input and output, images as data: URLs) as input items."""
+    return _HISTORY_ITEMS.validate_python(items)
 
 
 # ---- Responses → chat completions ------------------------------------------------------
@@ -242,8 +274,12 @@ class ResponsesCall:
     """One Responses request: the internal request's body, where each of its fields came from
     in the client's body (`paths`), and the rendering of its response."""
 
-    def __init__(self, request: ResponsesRequest) -> None:
+    def __init__(self, request: ResponsesRequest, history: Sequence[Any] = ()) -> None:
         self.request = request
+        # Earlier turns of a stored conversation (`history_items`), before the request's input.
+        self.history = history
+        # Whether the response is kept; the route says false where the proxy keeps no state.
+        self.store = request.store is not False
         # chat message index → (the Responses path it came from, whether the chat path's rest
         # below the message (`.content[1].image_url`) is the same below that path)
         self._origins: list[tuple[str, bool]] = []
@@ -268,12 +304,14 @@ class ResponsesCall:
         if r.instructions is not None:
             messages.append({"role": "system", "content": r.instructions})
             self._origins.append(("instructions", False))
+        for item in self.history:
+            self._add_item(messages, HISTORY_PATH, item, below=False)
         if isinstance(r.input, str):
             messages.append({"role": "user", "content": r.input})
             self._origins.append(("input", False))
         else:
             for index, item in enumerate(r.input):
-                self._add_item(messages, index, item)
+                self._add_item(messages, f"input[{index}]", item)
         body: dict[str, Any] = {"messages": messages}
         if r.model is not None:
             body["model"] = r.model
@@ -299,8 +337,11 @@ class ResponsesCall:
             body["tool_choice"] = r.tool_choice
         return body
 
-    def _add_item(self, messages: list[dict[str, Any]], index: int, item: Any) -> None:
-        path = f"input[{index}]"
+    def _add_item(
+        self, messages: list[dict[str, Any]], path: str, item: Any, *, below: bool = True
+    ) -> None:
+        """`below`: the item's own fields are where the client sent them (not an earlier turn,
+        whose errors all point at `path`)."""
         if isinstance(item, MessageItem):
             if isinstance(item.content, str):
                 content: Any = item.content
@@ -309,7 +350,7 @@ class ResponsesCall:
                     _chat_part(part, f"{path}.content[{j}]") for j, part in enumerate(item.content)
                 ]
             messages.append({"role": item.role, "content": content})
-            self._origins.append((path, True))
+            self._origins.append((path, below))
         elif isinstance(item, FunctionCallItem):
             call = {
                 "id": item.call_id,
@@ -324,7 +365,7 @@ class ResponsesCall:
             self._origins.append((path, False))
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-            self._origins.append((f"{path}.output", False))
+            self._origins.append((f"{path}.output" if below else path, False))
 
     # ---- the response ------------------------------------------------------------------
 
@@ -439,7 +480,7 @@ class ResponseRenderer:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": False,
+            "background": bool(r.background),
             "completed_at": int(time.time()) if status == "completed" else None,
             "error": None if error is None else {"code": error.code, "message": error.message},
             "incomplete_details": (
@@ -451,9 +492,9 @@ class ResponseRenderer:
             "model": self.model,
             "output": output,
             "parallel_tool_calls": r.parallel_tool_calls is not False,
-            "previous_response_id": None,
+            "previous_response_id": r.previous_response_id,
             "reasoning": None,
-            "store": False,
+            "store": self.call.store,
             "temperature": r.temperature,
             "text": {
                 "format": (
@@ -493,8 +534,12 @@ class ResponseRenderer:
         first: GenerationChunk | None,
         rest: AsyncIterator[GenerationChunk],
         request_id: str,
+        on_done: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """The SSE events of a streamed request, ending with its terminal event."""
+        """The SSE events of a streamed request, ending with its terminal event. `on_done`
+        gets the final response object before the terminal event goes out (the route stores
+        it, so the id works as `previous_response_id` once the client has seen the end); if
+        it fails, the terminal event is `response.failed` with an internal error."""
         stream = _EventStream(self)
         yield stream.event(
             "response.created", response=self.response("in_progress", [], finished=False)
@@ -504,6 +549,7 @@ class ResponseRenderer:
         )
         calls = ToolCallStream() if self.parse_tool_calls else None
         finish_reason = "stop"
+        final: dict[str, Any]
         try:
             async for chunk in _prepend(first, rest):
                 record_usage(self.usage, chunk)
@@ -516,15 +562,22 @@ class ResponseRenderer:
                     yield event
         except APIError as exc:
             log.warning("request %s: failed mid-stream: %s %s", request_id, exc.status, exc.message)
-            yield stream.failed(exc)
-            return
+            final = stream.failed_response(exc)
         except Exception:
             log.exception("request %s: failed mid-stream", request_id)
-            yield stream.failed(INTERNAL_ERROR(request_id=request_id))
-            return
-        status = "incomplete" if finish_reason == "length" else "completed"
-        for event in stream.finish(status):
-            yield event
+            final = stream.failed_response(INTERNAL_ERROR(request_id=request_id))
+        else:
+            status = "incomplete" if finish_reason == "length" else "completed"
+            for event in stream.finish_items(status):
+                yield event
+            final = self.response(status, stream.items)
+        if on_done is not None:
+            try:
+                await on_done(final)
+            except Exception:
+                log.exception("request %s: the response could not be stored", request_id)
+                final = stream.failed_response(INTERNAL_ERROR(request_id=request_id))
+        yield stream.terminal(final)
 
 
 class _EventStream:
@@ -592,12 +645,11 @@ class _EventStream:
         yield self.event("response.output_item.done", output_index=index, item=item)
         self.items.append(item)
 
-    def finish(self, status: str) -> Iterator[bytes]:
+    def finish_items(self, status: str) -> Iterator[bytes]:
+        """The events that close the output items, before the terminal event."""
         if not self.items and self._message is None:
             yield from self._text_delta_free_message()
         yield from self._close_message(status)
-        kind = "response.completed" if status == "completed" else "response.incomplete"
-        yield self.event(kind, response=self.renderer.response(status, self.items))
 
     def _text_delta_free_message(self) -> Iterator[bytes]:
         """The model said nothing: an empty message, as the non-streamed response has."""
@@ -606,14 +658,16 @@ class _EventStream:
         yield self.event("response.output_item.added", output_index=0, item=self._message)
         yield self.event("response.content_part.added", **self._where(), part=_text_part(""))
 
-    def failed(self, error: APIError) -> bytes:
+    def failed_response(self, error: APIError) -> dict[str, Any]:
+        """The response object of a stream that failed: the output so far, its error."""
         output = list(self.items)
         if self._message is not None:
             output.append(_message_item(self._message["id"], self._text, "incomplete"))
-        return self.event(
-            "response.failed",
-            response=self.renderer.response("failed", output, error=error),
-        )
+        return self.renderer.response("failed", output, error=error)
+
+    def terminal(self, response: dict[str, Any]) -> bytes:
+        """`response.completed`, `.incomplete` or `.failed`, by the response's status."""
+        return self.event(f"response.{response['status']}", response=response)
 
 
 async def _prepend(
