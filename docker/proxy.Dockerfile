@@ -16,15 +16,20 @@ RUN pip install --no-cache-dir -r /tmp/requirements/proxy.txt \
     && rm -rf /tmp/requirements \
     && groupadd --system --gid 10001 proxy \
     && useradd --system --uid 10001 --gid proxy --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin proxy
+        --shell /usr/sbin/nologin proxy \
+    && mkdir -p /var/lib/qwen-vl-proxy \
+    && chown proxy:proxy /var/lib/qwen-vl-proxy
 
 WORKDIR /app
 # Root-owned and read-only to the proxy user; the container can run with a read-only root fs.
 COPY proxy/ /app/proxy/
 
 USER 10001:10001
+# Stored files, responses and batches: the SQLite database lives here unless PROXY_DATABASE_URL
+# names a PostgreSQL (docs/state.md). Mount a volume on it; a named volume takes its owner.
 ENV PROXY_HOST=0.0.0.0 \
-    PROXY_PORT=9000
+    PROXY_PORT=9000 \
+    PROXY_STATE_DIR=/var/lib/qwen-vl-proxy
 EXPOSE 9000
 
 # /health: the process serves HTTP (readiness of the model is /ready).
