@@ -2,6 +2,7 @@
 tritonserver → the tiny random-weight Qwen2.5-VL. Shapes and usage only, never the text."""
 
 import openai
+import pytest
 from helpers import data_url
 from sample_images import encoded_image
 
@@ -107,3 +108,41 @@ def test_sdk_responses_stream_with_an_image(base_url):
     response = events[-1].response
     assert response.output_text == "".join(deltas)
     check_response(response, chat_usage(client))
+
+
+def test_sdk_two_turn_conversation_with_an_image(base_url):
+    """Turn 2 names turn 1 by `previous_response_id` and sends text only: the model gets the
+    turn-1 image again from the proxy's store, exactly as if the client had sent it all."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    first = client.responses.create(
+        model=SERVED, input=image_input(), max_output_tokens=MAX_OUTPUT_TOKENS
+    )
+    assert first.store is True and first.status in ("completed", "incomplete")
+    second = client.responses.create(
+        model=SERVED,
+        input="And what colour is it?",
+        previous_response_id=first.id,
+        max_output_tokens=MAX_OUTPUT_TOKENS,
+    )
+    assert second.previous_response_id == first.id and second.status in ("completed", "incomplete")
+    image_tokens = first.usage.input_tokens_details.image_tokens
+    assert second.usage.input_tokens_details.image_tokens == image_tokens > 0
+    # The same conversation sent in full, unstored: the very same prompt.
+    full = client.responses.create(
+        model=SERVED,
+        store=False,
+        input=[
+            *image_input(),
+            {"role": "assistant", "content": [{"type": "output_text", "text": first.output_text}]},
+            {"role": "user", "content": "And what colour is it?"},
+        ],
+        max_output_tokens=MAX_OUTPUT_TOKENS,
+    )
+    assert full.usage.input_tokens == second.usage.input_tokens > first.usage.input_tokens
+
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    (item,) = client.responses.input_items.list(second.id).data
+    assert (item.role, item.content[0].text) == ("user", "And what colour is it?")
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
