@@ -9,6 +9,7 @@ The same functions start the stack for the end-to-end tests (on loopback, on fre
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -190,6 +192,8 @@ class StackConfig:
     lazy_load: bool = False
     # Seconds tritonserver lets running generations finish after SIGTERM before it exits.
     exit_timeout_s: int = 30
+    # The proxy's --state-dir (its SQLite database); None: the proxy's own default.
+    state_dir: Path | None = None
 
     @property
     def proxy_url(self) -> str:
@@ -222,8 +226,13 @@ class StackConfig:
 
 
 def loopback_config(model: str, **overrides) -> StackConfig:
-    """A stack on 127.0.0.1 with free ports: for tests and benchmarks beside other stacks."""
+    """A stack on 127.0.0.1 with free ports: for tests and benchmarks beside other stacks.
+    Its proxy stores its state in a fresh directory of its own (not the user's), kept across
+    proxy restarts and removed when this process exits."""
     ports = {name: free_port() for name in ("http_port", "grpc_port", "metrics_port", "proxy_port")}
+    if "state_dir" not in overrides:
+        overrides["state_dir"] = Path(tempfile.mkdtemp(prefix="qwen-vl-stack-state-"))
+        atexit.register(shutil.rmtree, overrides["state_dir"], ignore_errors=True)
     return StackConfig(model=model, host="127.0.0.1", **{**ports, **overrides})
 
 
@@ -283,6 +292,8 @@ def proxy_command(config: StackConfig) -> list[str]:
         cmd += ["--served-model-name", config.served_model_name]
     if config.lazy_load:
         cmd.append("--lazy-load")
+    if config.state_dir is not None:
+        cmd += ["--state-dir", str(config.state_dir)]
     return cmd + list(config.proxy_args)
 
 
