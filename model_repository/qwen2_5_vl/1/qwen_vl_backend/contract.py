@@ -5,7 +5,8 @@ Tensors: `Input` and `Output` (`INPUTS`, `OUTPUTS`) are the names in config.pbtx
 checks them); model.py and the proxy's backend name tensors only through them. `Priority`
 names the scheduling classes the `priority` input takes. The
 `describe` input asks the model for its limits instead of a completion: one response whose
-`text_output` is `ModelLimits.encode()`, then the final flag.
+`text_output` is `ModelLimits.encode()`, then the final flag. The `task` input asks for a
+tokenization instead (`Task`: tokenize answers `TokenizeResult`, detokenize the text).
 
 Limits: `ModelLimits` holds what a request may ask of the model as the running model has it,
 config.pbtxt with the `QWEN_VL_*` environment overrides applied. Its defaults are the model's
@@ -61,6 +62,18 @@ class Input(StrEnum):
     # it. Not Triton's own request priority either: that orders Triton's scheduler queues,
     # which this decoupled model does not use (requests wait in the engine's own queue).
     PRIORITY = "priority"
+    # What the request asks for, a `Task` by name; absent: a generation.
+    TASK = "task"
+    # A prompt as token ids, taken as they are (no template): legacy completions' token
+    # prompts; the ids `detokenize` turns into text.
+    INPUT_IDS = "input_ids"
+    # How a prompt is rendered and tokenized (vLLM's names): the template's generation prompt
+    # after `messages` (default true), the tokenizer's special tokens (default: false for
+    # `messages`, true for `text_input`).
+    ADD_GENERATION_PROMPT = "add_generation_prompt"
+    ADD_SPECIAL_TOKENS = "add_special_tokens"
+    # `tokenize` only: the answer lists each token's string too.
+    RETURN_TOKEN_STRS = "return_token_strs"
     DESCRIBE = "describe"
 
 
@@ -93,6 +106,19 @@ class Priority(StrEnum):
 
 
 DEFAULT_PRIORITY = Priority.INTERACTIVE
+
+
+class Task(StrEnum):
+    """What a request to the model asks for (the `task` input). `tokenize` renders and
+    tokenizes the prompt exactly as a generation would (template, media decoded and resized,
+    the processor) and answers `TokenizeResult`; `detokenize` answers the text of
+    `input_ids`. Neither generates nor holds a KV slot: one response whose `text_output` is
+    the answer (JSON for tokenize, the text for detokenize), then the final flag."""
+
+    GENERATE = "generate"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+
 
 # The highest `fps` a video part may ask to be sampled at; max_video_frames bounds the cost.
 MAX_VIDEO_FPS = 60.0
@@ -157,6 +183,51 @@ class ModelLimits:
             if _is_number(value) and value >= 0:
                 values[field.name] = type(field.default)(value)
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    """One stretch of a tokenized prompt, in order: a run of text tokens (the template's and
+    the messages' text), or one image's or video's placeholder tokens with the size it was
+    resized to (and, for a video, the frames sampled)."""
+
+    type: str  # "text", "image" or "video"
+    tokens: int
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """The `tokenize` task's answer: the prompt's token ids as a generation would prefill them
+    (`count` of them, the `prompt_tokens` its usage reports), the context length a request may
+    use, and the prompt's parts (their tokens add up to `count`)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    parts: list[PromptPart]
+    token_strs: list[str] | None = None
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def decode(cls, text: str) -> TokenizeResult | None:
+        """The result in a `tokenize` response; None when the text is not such an object."""
+        try:
+            raw = json.loads(text)
+            parts = [PromptPart(**part) for part in raw["parts"]]
+            return cls(
+                int(raw["count"]),
+                int(raw["max_model_len"]),
+                [int(token) for token in raw["tokens"]],
+                parts,
+                raw.get("token_strs"),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
 
 
 def _is_number(value: object) -> bool:
