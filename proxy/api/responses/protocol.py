@@ -89,7 +89,7 @@ class OutputText(BaseModel):
 class InputImage(BaseModel):
     type: Literal["input_image"]
     image_url: str | None = None  # a data: URL or an http(s) URL
-    file_id: str | None = None  # refused: there is no Files API here
+    file_id: str | None = None  # refused: images come as image_url
     detail: Literal["auto", "low", "high", "original"] | None = None
 
 
@@ -379,8 +379,8 @@ def _chat_part(part: Any, path: str) -> dict[str, Any]:
             if part.file_id is not None:
                 raise UNSUPPORTED_PARAMETER(
                     f"{path}.file_id",
-                    message=f"'{path}.file_id' is not supported (this server has no Files "
-                    "API); send the image as 'image_url' (a data: URL or an http(s) URL).",
+                    message=f"'{path}.file_id' is not supported for images; send the image as "
+                    "'image_url' (a data: URL or an http(s) URL).",
                 )
             raise MISSING_REQUIRED_PARAMETER(f"{path}.image_url", path=f"{path}.image_url")
         image: dict[str, Any] = {"url": part.image_url}
