@@ -16,12 +16,19 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qwen_vl_backend.contract import DESCRIBE_INPUT, Input, ModelError, Output, Priority  # noqa: E402
+from qwen_vl_backend.contract import (  # noqa: E402
+    DESCRIBE_INPUT,
+    Input,
+    ModelError,
+    Output,
+    Priority,
+    Task,
+)
 from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
 from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint  # noqa: E402
-from qwen_vl_backend.request.prepare import RawRequest  # noqa: E402
+from qwen_vl_backend.request.prepare import RawRequest, parse_task  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -60,6 +67,8 @@ def _scalar(request, name, default=None):
 def _raw_request(request) -> RawRequest:
     images = pb_utils.get_input_tensor_by_name(request, Input.IMAGE)
     videos = pb_utils.get_input_tensor_by_name(request, Input.VIDEO)
+    input_ids = pb_utils.get_input_tensor_by_name(request, Input.INPUT_IDS)
+    special_tokens = _scalar(request, Input.ADD_SPECIAL_TOKENS)
     try:
         return RawRequest(
             request_id=request.request_id(),
@@ -75,6 +84,11 @@ def _raw_request(request) -> RawRequest:
             return_num_output_tokens=bool(_scalar(request, Input.RETURN_NUM_OUTPUT_TOKENS, False)),
             tools=_scalar(request, Input.TOOLS),
             priority=_scalar(request, Input.PRIORITY),
+            task=_scalar(request, Input.TASK),
+            input_ids=input_ids.as_numpy().reshape(-1).tolist() if input_ids is not None else None,
+            add_generation_prompt=bool(_scalar(request, Input.ADD_GENERATION_PROMPT, True)),
+            add_special_tokens=None if special_tokens is None else bool(special_tokens),
+            return_token_strs=bool(_scalar(request, Input.RETURN_TOKEN_STRS, False)),
         )
     except UnicodeDecodeError as exc:
         raise RequestError("text inputs must be UTF-8") from exc
@@ -132,6 +146,8 @@ class TritonSink:
             outputs.append(
                 _text_tensor(Output.LOGPROBS, json.dumps(chunk.logprobs, ensure_ascii=False))
             )
+        if chunk.stop_reason is not None:
+            outputs.append(_text_tensor(Output.STOP_REASON, chunk.stop_reason))
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
@@ -155,6 +171,26 @@ def _triton_error(error, raw):
     return pb_utils.TritonError(
         ModelError("internal", message).encode(), pb_utils.TritonError.INTERNAL
     )
+
+
+class TaskAnswerSink:
+    """TaskSink (engine/responses.py) over a decoupled response sender: one response whose
+    text_output is the answer, then the final flag."""
+
+    def __init__(self, request, raw: RawRequest):
+        self._sender = request.get_response_sender()
+        self._raw = raw
+
+    def answer(self, text: str):
+        response = pb_utils.InferenceResponse(
+            output_tensors=[_text_tensor(Output.TEXT_OUTPUT, text)]
+        )
+        self._sender.send(response, flags=FINAL)
+
+    def fail(self, error):
+        self._sender.send(
+            pb_utils.InferenceResponse(error=_triton_error(error, self._raw)), flags=FINAL
+        )
 
 
 class _EarlySink:
@@ -398,9 +434,19 @@ class TritonPythonModel:
             except Exception as exc:  # the request must still get its final response
                 _EarlySink(request).fail(exc)
                 continue
-            sink = TritonSink(request, raw)
             try:
-                self.engine.submit(raw, sink)
+                task = parse_task(raw.task)
+            except Exception as exc:
+                TaskAnswerSink(request, raw).fail(exc)
+                continue
+            sink = (
+                TritonSink(request, raw) if task is Task.GENERATE else TaskAnswerSink(request, raw)
+            )
+            try:
+                if task is Task.GENERATE:
+                    self.engine.submit(raw, sink)
+                else:
+                    self.engine.submit_task(task, raw, sink)
             except Exception as exc:
                 sink.fail(exc)
         return None

@@ -46,17 +46,18 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..contract import Priority
+from ..contract import Priority, Task
 from ..errors import DeviceMemoryError, EngineFullError, EngineStoppingError, RequestError
 from ..modeling.checkpoint import Checkpoint
 from ..modeling.vision_stages import VisionJob
 from ..request.prepare import PreparedRequest, RawRequest, parse_priority, prepare
+from ..request.tokenize import answer_task
 from ..settings import ModelSettings
 from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, decode_length_multiple
 from .memory import release_cached_memory, size_kv_cache, use_device
-from .responses import Failure, RequestStream, ResponseSender, ResponseSink, Token
+from .responses import Failure, RequestStream, ResponseSender, ResponseSink, TaskSink, Token
 from .sampling import TokenSampler, TokenTexts, resolve_sampling, sample
 from .slots import SlotContent, SlotPool
 from .text_forward import text_forward
@@ -540,6 +541,14 @@ class BatchingEngine:
             self._unadmitted[priority] += 1
         self._pool.submit(self._prepared, raw, sink, time.monotonic(), priority)
 
+    def submit_task(self, task: Task, raw: RawRequest, sink: TaskSink) -> None:
+        """A request for a task other than generation (tokenize, detokenize): answered on the
+        preparation pool, through the rendering a generation's preparation does, with no KV
+        slot and no engine step."""
+        if self._stopping.is_set():
+            raise EngineStoppingError("the model is shutting down")
+        self._pool.submit(self._answer_task, task, raw, sink)
+
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop taking work, let running generations finish; False if they outlast `timeout`."""
         self._stopping.set()
@@ -573,6 +582,19 @@ class BatchingEngine:
             self._refused(priority)
             sink.fail(exc)
             self._observe.finished("error")
+
+    def _answer_task(self, task: Task, raw: RawRequest, sink: TaskSink) -> None:
+        try:
+            text = answer_task(
+                task, raw, self._checkpoint, self._settings, self.limits.context_length
+            )
+        except Exception as exc:
+            sink.fail(exc)
+            return
+        try:
+            sink.answer(text)
+        except Exception:  # the client is gone, or Triton refused the response
+            log.exception("request %s: its %s answer could not be sent", raw.request_id, task)
 
     def _refused(self, priority: Priority) -> None:
         with self._lock:

@@ -52,6 +52,7 @@ class OutputChunk:
     index: int = 0
     final: bool = False
     video_tokens: int = 0
+    stop_reason: str | None = None  # the stop string that ended the choice (its last chunk)
 
 
 class ResponseSink(Protocol):
@@ -65,6 +66,15 @@ class ResponseSink(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
     def cancelled(self) -> None: ...
+
+
+class TaskSink(Protocol):
+    """Where the answer of a task other than generation goes (`BatchingEngine.submit_task`):
+    exactly one call, `answer` or `fail`, on a preparation thread."""
+
+    def answer(self, text: str) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
 
 
 class RequestStream:
@@ -118,6 +128,10 @@ class ChoiceStream:
         self.listed = False  # in request.choices
         self.finished = False  # read by the engine thread
         self.first_token_at: float | None = None
+        # A streamed choice carries the prompt in front of its first text when the request
+        # does not exclude it: the same text a non-streamed response has, in pieces.
+        raw = request.prepared.raw
+        self.prompt_unsent = raw.stream and not raw.exclude_input_in_output
 
     def push(
         self, token: int, finish_reason: str | None, logprobs: TokenLogprobs | None, texts
@@ -174,12 +188,16 @@ class ChoiceStream:
             (self.first_token_at or now) - arrived,
             now - arrived,
         )
-        self.request.choice_finished(self._chunk(text, tokens, reason))
+        chunk = self._chunk(text, tokens, reason)
+        chunk.stop_reason = self.assembler.stop_string
+        self.request.choice_finished(chunk)
 
     def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
         logprobs = self.unsent_logprobs if self.with_logprobs else None
         self.unsent_logprobs, self.pending, self.pending_tokens = [], [], 0
         prepared = self.request.prepared
+        if self.prompt_unsent:
+            text, self.prompt_unsent = prepared.prompt + text, False
         return OutputChunk(
             text,
             tokens,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..contract import DEFAULT_PRIORITY, Input, Priority
+from ..contract import DEFAULT_PRIORITY, Input, Priority, Task
 from ..errors import RequestError
 from ..media.videos import Video
 from ..modeling.checkpoint import Checkpoint
@@ -38,6 +38,11 @@ class RawRequest:
     return_num_output_tokens: bool = False
     tools: str | None = None  # JSON list of OpenAI function tools
     priority: str | None = None  # a contract.Priority name; None: the default class
+    task: str | None = None  # a contract.Task name; None: generate
+    input_ids: list[int] | None = None  # a prompt as token ids, instead of messages/text_input
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # None: false for messages, true for text_input
+    return_token_strs: bool = False
 
 
 @dataclass
@@ -74,6 +79,17 @@ def parse_priority(name: str | None) -> Priority:
         ) from None
 
 
+def parse_task(name: str | None) -> Task:
+    """What the request asks for, from its `task` input; absent: a generation."""
+    if name is None:
+        return Task.GENERATE
+    try:
+        return Task(name)
+    except ValueError:
+        names = ", ".join(f"'{task}'" for task in Task)
+        raise RequestError(f"'task' must be one of {names}, not {name[:40]!r}", "task") from None
+
+
 def _vision_inputs(messages: list[dict]) -> tuple[list, list[Video]]:
     """The images (resized with their parts' budgets) and videos, each in order of appearance."""
     from qwen_vl_utils import fetch_image
@@ -107,10 +123,12 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
         messages = parse_messages(
             raw.messages, raw.images, vision, limits, raw.videos, settings.video_decode_timeout_s
         )
-        prompt = render_prompt(checkpoint.processor, messages, parse_tools(raw.tools))
+        prompt = render_prompt(
+            checkpoint.processor, messages, parse_tools(raw.tools), raw.add_generation_prompt
+        )
         return (prompt, *_vision_inputs(messages))
     if raw.text_input is None:
-        raise RequestError("one of 'messages' or 'text_input' is required", "messages")
+        raise RequestError("one of 'messages', 'text_input' or 'input_ids' is required", "messages")
     placeholders = raw.text_input.count(IMAGE_PLACEHOLDER)
     if placeholders != len(raw.images):
         raise RequestError(
@@ -201,12 +219,14 @@ def _visual_items(inputs, checkpoint: Checkpoint) -> list[tuple[int, bytes, tupl
     return sorted(images + videos, key=lambda item: item[0])
 
 
-def _process(checkpoint: Checkpoint, prompt: str, images: list, videos: list[Video]):
-    kwargs = {}
+def _process(
+    checkpoint: Checkpoint, prompt: str, images: list, videos: list[Video], special_tokens: bool
+):
+    kwargs: dict[str, Any] = {"add_special_tokens": special_tokens}
     if videos:
         from transformers.video_utils import VideoMetadata
 
-        kwargs = {
+        kwargs |= {
             "videos": [video.frames for video in videos],
             "video_metadata": [
                 VideoMetadata(total_num_frames=len(video.frames), fps=video.fps) for video in videos
@@ -217,11 +237,60 @@ def _process(checkpoint: Checkpoint, prompt: str, images: list, videos: list[Vid
     return checkpoint.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
 
 
+def check_token_ids(ids: list[int], checkpoint: Checkpoint) -> None:
+    """Every id one of the tokenizer's (errors name `input_ids[i]`)."""
+    vocabulary = len(checkpoint.tokenizer)
+    for index, token in enumerate(ids):
+        if not 0 <= token < vocabulary:
+            raise RequestError(
+                f"{token} is not a token id of this model (0 to {vocabulary - 1})",
+                f"{Input.INPUT_IDS.value}[{index}]",
+            )
+
+
+def _token_prompt(raw: RawRequest, checkpoint: Checkpoint) -> tuple[str, dict[str, Any]]:
+    """A prompt of token ids: the ids as they are (no template, no tokenizer), its text for
+    echoing. Ids that stand for images or videos would have no media to show: refused."""
+    ids, param = raw.input_ids or [], Input.INPUT_IDS.value
+    if raw.messages is not None or raw.text_input is not None:
+        raise RequestError("send one of 'messages', 'text_input' or 'input_ids'", param)
+    if not ids:
+        raise RequestError("'input_ids' must hold at least one token id", param)
+    if raw.images or raw.videos:
+        raise RequestError("a prompt of token ids takes no images or videos", param)
+    check_token_ids(ids, checkpoint)
+    placeholders = {checkpoint.image_token_id, checkpoint.video_token_id}
+    for index, token in enumerate(ids):
+        if token in placeholders:
+            raise RequestError(
+                f"{token} is an image or video placeholder, which needs its media: send such "
+                "prompts as messages",
+                f"{param}[{index}]",
+            )
+    tensor = torch.tensor([ids], dtype=torch.long)
+    text = checkpoint.tokenizer.decode(ids, skip_special_tokens=False)
+    return text, {"input_ids": tensor, "attention_mask": torch.ones_like(tensor)}
+
+
+def render(
+    raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings
+) -> tuple[str, dict[str, Any]]:
+    """The prompt exactly as a generation prefills it: its text and the processor's tensors
+    (token ids, the media's pixels and grids). Generation and `tokenize` both take it from
+    here, so a tokenize count is the generation's prompt_tokens."""
+    if raw.input_ids is not None:
+        return _token_prompt(raw, checkpoint)
+    prompt, images, videos = _prompt_and_images(raw, checkpoint, settings)
+    special_tokens = raw.add_special_tokens
+    if special_tokens is None:  # the template writes the special tokens a chat needs
+        special_tokens = raw.messages is None
+    return prompt, _process(checkpoint, prompt, images, videos, special_tokens)
+
+
 def prepare(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings) -> PreparedRequest:
     """Everything a request needs before the engine sees it; runs on a worker thread."""
     sampling = parse_sampling_parameters(raw.sampling_parameters)
-    prompt, images, videos = _prompt_and_images(raw, checkpoint, settings)
-    inputs = _process(checkpoint, prompt, images, videos)
+    prompt, inputs = render(raw, checkpoint, settings)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     image_tokens = int((inputs["input_ids"] == checkpoint.image_token_id).sum())
     video_tokens = int((inputs["input_ids"] == checkpoint.video_token_id).sum())

@@ -82,10 +82,15 @@ def uses_tools(messages: list[dict], tools: list[dict] | None) -> bool:
     return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
-def render_prompt(processor: Any, messages: list[dict], tools: list[dict] | None) -> str:
+def render_prompt(
+    processor: Any,
+    messages: list[dict],
+    tools: list[dict] | None,
+    add_generation_prompt: bool = True,
+) -> str:
     """The prompt text: the checkpoint's template, or the tool template when the conversation
     uses tools and the checkpoint's template does not know them."""
-    options: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    options: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
     if uses_tools(messages, tools):
         own = getattr(processor, "chat_template", None) or ""
         if "tools" not in own:
