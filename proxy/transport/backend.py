@@ -91,6 +91,7 @@ class GenerationChunk:
     # One OpenAI logprobs entry per token this response covers; None unless requested.
     logprobs: list[dict[str, Any]] | None = None
     index: int = 0  # the choice this chunk belongs to (n > 1)
+    stop_reason: str | None = None  # the stop string that ended the choice, on its last chunk
 
 
 class Backend(Protocol):
@@ -304,6 +305,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     video_tokens = outputs.get(Output.NUM_VIDEO_TOKENS)
     logprobs = outputs.get(Output.LOGPROBS)
     index = outputs.get(Output.INDEX)
+    stop_reason = outputs.get(Output.STOP_REASON)
     return GenerationChunk(
         text="".join(item.decode("utf-8") for item in text),
         finish_reason=finish_reason[0].decode("utf-8") or None if finish_reason else None,
@@ -313,6 +315,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
         video_tokens=int(video_tokens[0]) if video_tokens else None,
         logprobs=parse_logprobs(logprobs[0].decode("utf-8")) if logprobs else None,
         index=int(index[0]) if index else 0,
+        stop_reason=stop_reason[0].decode("utf-8") if stop_reason else None,
     )
 
 

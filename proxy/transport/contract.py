@@ -88,6 +88,9 @@ class Output(StrEnum):
     NUM_VIDEO_TOKENS = "num_video_tokens"
     LOGPROBS = "logprobs"
     INDEX = "index"
+    # The stop string that ended a choice (vLLM's `stop_reason`), with its finish_reason "stop";
+    # absent when EOS, the length or a grammar ended it.
+    STOP_REASON = "stop_reason"
 
 
 INPUTS = tuple(Input)

@@ -84,15 +84,16 @@ def test_stop_string_is_cut_and_not_returned():
 
 def test_partial_stop_prefix_is_released_when_it_does_not_complete():
     deltas, tail, assembler = stream([0, 12, 0], stop=["STOP"])
-    assert not assembler.stopped
+    assert not assembler.stopped and assembler.stop_string is None
     assert deltas == ["a", "STa"]
     assert tail == ""
 
 
 def test_stop_matcher_earliest_of_several_wins():
     matcher = StopStringMatcher(["world", "lo w"])
+    assert matcher.matched is None
     assert matcher.push("hello world") == "hel"
-    assert matcher.stopped
+    assert matcher.stopped and matcher.matched == "lo w"
     assert matcher.push("more") == "" and matcher.flush() == ""
 
 

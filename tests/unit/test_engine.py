@@ -129,6 +129,8 @@ def test_stop_string_ends_generation_with_stop(engine):
     stopped = run(engine, "Describe a cat.", stop=[stop])
     assert stopped.final.text == full[: full.index(stop)]
     assert stopped.final.finish_reason == "stop"
+    assert stopped.final.stop_reason == stop  # which one ended it: Anthropic's stop_sequence
+    assert run(engine, "Describe a cat.").final.stop_reason is None
 
 
 def test_logprobs_cover_every_token_and_greedy_picks_the_top_one(engine):

@@ -100,7 +100,14 @@ def test_no_image_input_without_images_and_stream_false():
 
 
 def make_result(
-    text=None, finish="", prompt=12, output=1, final=None, image_tokens=None, logprobs=None
+    text=None,
+    finish="",
+    prompt=12,
+    output=1,
+    final=None,
+    image_tokens=None,
+    logprobs=None,
+    stop_reason=None,
 ) -> InferResult:
     response = service_pb2.ModelInferResponse(model_name="qwen2_5_vl", id="r")
     if text is not None:
@@ -128,6 +135,9 @@ def make_result(
         if logprobs is not None:
             raw = serialize_byte_tensor(np.array([logprobs.encode()], dtype=np.object_)).item()
             _add_output(response, "logprobs", "BYTES", raw)
+        if stop_reason is not None:
+            raw = serialize_byte_tensor(np.array([stop_reason.encode()], dtype=np.object_)).item()
+            _add_output(response, "stop_reason", "BYTES", raw)
     if final is not None:
         response.parameters["triton_final_response"].bool_param = final
     return InferResult(response)
@@ -150,6 +160,11 @@ def test_parse_response_reads_text_finish_and_counts():
 def test_parse_response_without_new_outputs_has_none():
     chunk = parse_response(make_result("a"))
     assert (chunk.image_tokens, chunk.logprobs) == (None, None)
+
+
+def test_parse_response_reads_the_stop_string_that_ended_the_choice():
+    assert parse_response(make_result("a", "stop", stop_reason="。\n")).stop_reason == "。\n"
+    assert parse_response(make_result("a", "stop")).stop_reason is None
 
 
 def test_parse_response_reads_image_tokens():

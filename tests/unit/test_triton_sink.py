@@ -107,6 +107,18 @@ def test_prompt_counts_go_with_each_choices_first_and_last_chunk(model_module):
     )
 
 
+def test_the_stop_string_goes_with_the_chunk_it_ended(model_module):
+    request = _Request()
+    sink = model_module.TritonSink(request, RawRequest(request_id="r", return_finish_reason=True))
+    sink.send(_chunk())
+    last = _chunk(finish_reason="stop", final=True)
+    last.stop_reason = "END"
+    sink.send(last)
+    first, final = (response.tensors for response in request.sender.sent)
+    assert Output.STOP_REASON not in first
+    assert final[Output.STOP_REASON][0] == b"END"
+
+
 def test_counts_are_not_sent_unless_asked(model_module):
     request = _Request()
     sink = model_module.TritonSink(request, RawRequest(request_id="r"))

@@ -53,6 +53,7 @@ class StopStringMatcher:
         self._stop = [s for s in stop if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string found (the earliest in the text)
 
     def push(self, text: str) -> str:
         if self.stopped:
@@ -61,10 +62,11 @@ class StopStringMatcher:
         if not self._stop:
             out, self._pending = self._pending, ""
             return out
-        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        hits = [(at, stop) for stop in self._stop if (at := self._pending.find(stop)) >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
-            out, self._pending = self._pending[: min(hits)], ""
+            out, self._pending = self._pending[:at], ""
             return out
         keep = self._partial_match_length()
         cut = len(self._pending) - keep
@@ -98,6 +100,11 @@ class TextAssembler:
     @property
     def stopped(self) -> bool:
         return self._matcher.stopped
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the text; None while none has."""
+        return self._matcher.matched
 
     def push(self, token_id: int) -> tuple[str, int]:
         self.num_tokens += 1
