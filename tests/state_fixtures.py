@@ -73,6 +73,13 @@ def postgres_binaries() -> Path:
     return found
 
 
+def _memory_backed_dir() -> str | None:
+    """/dev/shm when there is one: on a disk, CREATE DATABASE copies its template at about
+    200 ms a test; in memory about 20 ms. None: the usual temporary directory."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -87,13 +94,17 @@ class PostgresServer:
     port: int
     process: subprocess.Popen
     user: str = "postgres"
+    version: int = 0  # server_version_num, e.g. 150018
 
     def url(self, database: str) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self) -> str:
         name = f"test_{uuid.uuid4().hex[:12]}"
-        _admin(self.url("postgres"), f'CREATE DATABASE "{name}" TEMPLATE template0')
+        # FILE_COPY (PostgreSQL 15+) copies the template's files instead of writing them
+        # through the WAL: a few times faster for the empty databases tests use.
+        strategy = " STRATEGY FILE_COPY" if self.version >= 150000 else ""
+        _admin(self.url("postgres"), f'CREATE DATABASE "{name}" TEMPLATE template0{strategy}')
         return name
 
     def drop_database(self, name: str) -> None:
@@ -113,17 +124,19 @@ class PostgresServer:
         self.process.wait()
 
 
-def _admin(url: str, statement: str) -> None:
-    """Runs one statement outside a transaction (CREATE/DROP DATABASE need that), on a thread
-    of its own so it works whether or not the caller runs an event loop."""
+def _admin(url: str, statement: str) -> object:
+    """Runs one statement outside a transaction (CREATE/DROP DATABASE need that) and returns
+    its first value, on a thread of its own so it works whether or not the caller runs an
+    event loop."""
     import asyncpg
 
+    result: list[object] = []
     failure: list[BaseException] = []
 
     async def run() -> None:
         connection = await asyncpg.connect(url.replace("postgresql://", "postgres://"))
         try:
-            await connection.execute(statement)
+            result.append(await connection.fetchval(statement))
         finally:
             await connection.close()
 
@@ -138,6 +151,7 @@ def _admin(url: str, statement: str) -> None:
     thread.join()
     if failure:
         raise failure[0]
+    return result[0]
 
 
 def _run_as(owner: pwd.struct_passwd | None) -> dict:
@@ -161,9 +175,19 @@ def start_postgres() -> PostgresServer:
                 "running as root and there is no postgres user to run the server as (Debian's "
                 "postgresql package creates it: run scripts/setup)"
             ) from None
-    directory = Path(tempfile.mkdtemp(prefix="qwen-vl-test-pg-"))
-    if owner is not None:
-        os.chown(directory, owner.pw_uid, owner.pw_gid)
+    directory = Path(tempfile.mkdtemp(prefix="qwen-vl-test-pg-", dir=_memory_backed_dir()))
+    try:
+        if owner is not None:
+            os.chown(directory, owner.pw_uid, owner.pw_gid)
+        return _initdb_and_start(binaries, owner, directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _initdb_and_start(
+    binaries: Path, owner: pwd.struct_passwd | None, directory: Path
+) -> PostgresServer:
     data = directory / "data"
     as_owner = _run_as(owner)
     user = "postgres"
@@ -187,7 +211,6 @@ def start_postgres() -> PostgresServer:
         **as_owner,
     )
     if initdb.returncode != 0:
-        shutil.rmtree(directory, ignore_errors=True)
         raise PostgresUnavailable(f"initdb failed ({initdb.returncode}): {initdb.stdout[-2000:]}")
     last_error = ""
     for _attempt in range(3):  # another process may take the free port before the server
@@ -217,12 +240,15 @@ def start_postgres() -> PostgresServer:
                 **as_owner,
             )
         server = PostgresServer(directory, port, process, user)
-        problem = _wait_ready(server)
+        try:
+            problem = _wait_ready(server)
+        except BaseException:
+            server.stop()
+            raise
         if problem is None:
             return server
         server.stop()
         last_error = f"{problem}; its log: {log_path.read_text(errors='replace')[-2000:]}"
-    shutil.rmtree(directory, ignore_errors=True)
     raise PostgresUnavailable(f"postgres did not start: {last_error}")
 
 
@@ -234,7 +260,7 @@ def _wait_ready(server: PostgresServer) -> str | None:
         if server.process.poll() is not None:
             return f"it exited with {server.process.returncode}"
         try:
-            _admin(server.url("postgres"), "SELECT 1")
+            server.version = int(_admin(server.url("postgres"), "SHOW server_version_num"))
             return None
         except Exception as exc:  # noqa: BLE001  (still starting: connection refused)
             error = exc

@@ -4,6 +4,7 @@ the upload limit, and the stateless proxy's answer."""
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -11,7 +12,7 @@ import aiohttp
 import httpx
 import openai
 import pytest
-from hardening_helpers import assert_envelope
+from hardening_helpers import assert_envelope, raw_http
 from proxy_fakes import SERVED_MODEL, FakeBackend, script
 
 from proxy.keys import DATABASE_KEY
@@ -279,6 +280,22 @@ async def test_an_upload_over_the_limit_is_413_and_leaves_no_blob(files_proxy, d
         headers=_bearer(),
     )
     assert within.status == 200  # exactly the limit is accepted
+
+
+async def test_an_upload_that_stalls_is_408_and_leaves_no_blob(files_proxy):
+    """Each read of the body has --request-body-timeout-s: a client that sends part of the
+    file and then nothing cannot hold the upload (and its partial blob) open."""
+    server, _ = await files_proxy(request_body_timeout_s=0.3)
+    form = _form(("purpose", "batch", None), ("file", b"x" * 100_000, "slow.jsonl"))()
+    body = await _read_all(form)
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ALICE}\r\n"
+        f"Content-Type: {form.content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    status, _, answer = await raw_http(server.server.port, head + body[: len(body) // 2])
+    assert status == 408
+    assert_envelope(json.loads(answer), "request_timeout")
+    assert [await _rows(server, table) for table in (FILES, BLOBS, BLOB_CHUNKS)] == [0, 0, 0]
 
 
 async def _read_all(payload) -> bytes:
