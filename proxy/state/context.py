@@ -46,11 +46,15 @@ async def state_context(app: web.Application) -> AsyncIterator[None]:
         # unreachable server or an unwritable --state-dir.
         log.error("cannot open the database %s: %s", settings.shown_url, exc)
         raise
+    retention = settings.state_retention_s
     log.info(
-        "stored state: %s, schema version %d, retention %s",
+        "stored state: %s, schema version %d; uploads up to %d bytes; objects kept %s, "
+        "swept every %g s",
         settings.shown_url,
         await database.schema_version(),
-        f"{settings.state_retention_s:g} s" if settings.state_retention_s else "until deleted",
+        settings.file_max_bytes,
+        f"{retention:.0f} s" if retention else "until deleted",
+        settings.state_sweep_interval_s,
     )
     app[DATABASE_KEY] = database
     app[BLOBS_KEY] = blobs = BlobStore(database)

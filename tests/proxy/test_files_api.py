@@ -1,6 +1,7 @@
 """The Files API (proxy/api/files/routes.py) through the app, with the official `openai` SDK
 and raw HTTP: upload, list, retrieve, content, delete in OpenAI's shapes, per tenant, within
-the upload limit, and the stateless proxy's answer."""
+the upload limit, and the stateless proxy's answer. On SQLite, and two replicas on one
+PostgreSQL (the storage itself is tested on both in tests/unit/test_state_files.py)."""
 
 from __future__ import annotations
 
@@ -339,3 +340,17 @@ async def test_the_state_lives_in_one_sqlite_file_under_the_state_dir(files_prox
     await sdk().files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
     assert (tmp_path / "state.sqlite3").is_file()
     assert server.server.app[DATABASE_KEY].dialect == "sqlite"
+
+
+async def test_replicas_on_one_postgresql_share_files_per_tenant(files_proxy, postgres_url):
+    """Two apps (two replicas) on one database: what one stores the other serves."""
+    first, sdk_first = await files_proxy(database_url=postgres_url)
+    second, sdk_second = await files_proxy(database_url=postgres_url)
+    assert first.server.app[DATABASE_KEY].dialect == "postgresql"
+    created = await sdk_first(ALICE).files.create(file=("a.jsonl", LINES), purpose="batch")
+    assert (await sdk_second(ALICE).files.content(created.id)).read() == LINES
+    with pytest.raises(openai.NotFoundError):
+        await sdk_second(BOB).files.retrieve(created.id)
+    assert (await sdk_second(ALICE).files.delete(created.id)).deleted
+    with pytest.raises(openai.NotFoundError):
+        await sdk_first(ALICE).files.retrieve(created.id)
