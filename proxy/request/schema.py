@@ -1,16 +1,16 @@
 """The chat-completions request body, validated with pydantic.
 
 Unknown top-level fields are accepted, as OpenAI-compatible servers do (clients send fields
-this server has no use for, such as `tools` or `logit_bias`, and must not get 422s); they are
-not silently dropped either: the app names them in an `X-Ignored-Fields` header and the log.
+this server has no use for, such as `service_tier` or `metadata`, and must not get 422s); they
+are not silently dropped either: the app names them in an `X-Ignored-Fields` header and the log.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel as _PydanticModel
 from pydantic import (
+    AfterValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -19,6 +19,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic import BaseModel as _PydanticModel
+from pydantic_core import PydanticCustomError
 
 from ..error_catalogue import (
     INVALID_TYPE,
@@ -30,7 +32,13 @@ from ..error_catalogue import (
 from ..media.images import IMAGE
 from ..media.kinds import MediaKind
 from ..media.videos import VIDEO
-from ..transport.contract import DEFAULT_PRIORITY, MAX_STOP_STRINGS, Priority
+from ..transport.contract import (
+    DEFAULT_PRIORITY,
+    MAX_STOP_STRINGS,
+    NUMBER,
+    REPETITION_GUARD_FIELDS,
+    Priority,
+)
 from ..transport.contract import SAMPLING_FIELDS as SAMPLING_RULES
 from .paths import CHAT_PATHS, ClientPaths
 
@@ -192,6 +200,8 @@ class NamedToolChoice(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = None
+    # vLLM's: usage (the counts so far) on every chunk; it implies include_usage here
+    continuous_usage_stats: bool | None = None
 
 
 class JSONSchemaFormat(BaseModel):
@@ -219,13 +229,46 @@ class ResponseFormat(BaseModel):
 TO_MODEL = {"to_model": True}
 
 
-def sampling(name: str, to_model: bool = True) -> Any:
+def sampling(name: str, to_model: bool = True, rules: dict = SAMPLING_RULES) -> Any:
     """A sampling field with the contract's range for `name` (the model checks the same row),
-    so out-of-range numbers such as 2**64 are refused here, before any image is fetched."""
-    rule = SAMPLING_RULES[name]
-    low = {"gt": rule.low} if rule.low_open else {"ge": rule.low}
+    so out-of-range numbers such as 2**64 are refused here, before any image is fetched. A
+    field of another kind (a boolean, token ids, a token map) takes its rule from `checked`."""
+    rule = rules[name]
     extra = TO_MODEL if to_model else None
+    if rule.kind != NUMBER:
+        return Field(default=None, json_schema_extra=extra)
+    low = {"gt": rule.low} if rule.low_open else {"ge": rule.low}
     return Field(default=None, le=rule.high, json_schema_extra=extra, **low)
+
+
+def checked(name: str) -> AfterValidator:
+    """The contract's rule for the sampling field `name` (lengths, keys, ranges of a list or
+    map), applied after pydantic checked the JSON types; a failure names the field."""
+    rule = SAMPLING_RULES[name]
+
+    def check(value: Any) -> Any:
+        problem = rule.problem(value)
+        if problem:
+            raise PydanticCustomError("sampling_rule", problem)
+        return value
+
+    return AfterValidator(check)
+
+
+class RepetitionGuard(BaseModel):
+    """The n-gram loop guard (contract.REPETITION_GUARD): stop once the last `ngram` tokens
+    have come `max_repeats` + 1 times in a row; ngram 0 turns the server's default off."""
+
+    ngram: int = Field(
+        ge=REPETITION_GUARD_FIELDS["ngram"].low, le=REPETITION_GUARD_FIELDS["ngram"].high
+    )
+    max_repeats: int | None = sampling("max_repeats", to_model=False, rules=REPETITION_GUARD_FIELDS)
+
+    @model_validator(mode="after")
+    def _repeats_with_an_ngram(self) -> RepetitionGuard:
+        if self.ngram and self.max_repeats is None:
+            raise PydanticCustomError("guard_rule", "max_repeats is required with a non-zero ngram")
+        return self
 
 
 class ChatCompletionRequest(BaseModel):
@@ -250,6 +293,22 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = sampling("top_logprobs", to_model=False)
     response_format: ResponseFormat | None = None
+    # vLLM's extra sampling fields (the contract's rows; docs/engine.md "Sampling")
+    min_tokens: int | None = sampling("min_tokens")
+    ignore_eos: bool | None = sampling("ignore_eos")
+    stop_token_ids: Annotated[list[int], checked("stop_token_ids")] | None = sampling(
+        "stop_token_ids"
+    )
+    logit_bias: Annotated[dict[str, float], checked("logit_bias")] | None = sampling("logit_bias")
+    min_p: float | None = sampling("min_p")
+    include_stop_str_in_output: bool | None = sampling("include_stop_str_in_output")
+    skip_special_tokens: bool | None = sampling("skip_special_tokens")
+    prompt_logprobs: int | None = sampling("prompt_logprobs")
+    # The n-gram loop guard (an extension; the model's repetition_guard_* parameters are the
+    # default); translated into sampling_parameters by proxy/request/translate.py.
+    repetition_guard: RepetitionGuard | None = None
+    # Per-request stage timings in the response (an extension; --timings: always).
+    timings: bool | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -275,7 +334,12 @@ class ChatCompletionRequest(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        options = self.stream_options
+        return bool(options and (options.include_usage or options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     @property
     def token_limit(self) -> int | None:
@@ -323,6 +387,18 @@ def parse_chat_request(
         param = paths("top_logprobs")
         raise INVALID_VALUE(
             param, message=f"Invalid value for '{param}': it requires 'logprobs' to be true."
+        )
+    if chat.prompt_logprobs is not None and chat.is_stream:  # as vLLM
+        param = paths("prompt_logprobs")
+        raise INVALID_VALUE(
+            param, message=f"Invalid value for '{param}': it is not available when streaming."
+        )
+    limit = chat.token_limit
+    if chat.min_tokens is not None and limit is not None and chat.min_tokens > limit:
+        param = paths("min_tokens")
+        raise INVALID_VALUE(
+            param,
+            message=f"Invalid value for '{param}': it must be at most max_tokens ({limit}).",
         )
     return chat
 

@@ -44,6 +44,7 @@ class PreparedChat:
     tools_json: str | None = None
     parse_tool_calls: bool = False  # the output may hold tool calls (proxy/request/tool_calls.py)
     priority: Priority = DEFAULT_PRIORITY
+    timings: bool = False  # ask the model for the request's stage timings
 
     def to_triton(self, model: str, media: list[bytes]) -> TritonRequest:
         """`media`: the encoded bytes of `self.media`, in the same order; each kind travels
@@ -61,6 +62,7 @@ class PreparedChat:
             stream=self.stream,
             tools_json=self.tools_json,
             priority=self.priority,
+            return_timings=self.timings,
         )
 
 
@@ -153,4 +155,6 @@ def sampling_parameters(chat: ChatCompletionRequest, max_tokens_limit: int = 0) 
     if chat.wants_logprobs:
         params["logprobs"] = True
         params["top_logprobs"] = chat.top_logprobs or 0
+    if chat.repetition_guard is not None:
+        params["repetition_guard"] = chat.repetition_guard.model_dump(exclude_none=True)
     return {name: value for name, value in params.items() if value is not None}

@@ -40,6 +40,7 @@ from .contract import (
     Output,
     Priority,
     decode_error,
+    decode_timings,
 )
 
 log = logging.getLogger("proxy.backend")
@@ -76,6 +77,7 @@ class TritonRequest:
     stream: bool
     tools_json: str | None = None  # the `tools` input: tools rendered into the prompt
     priority: Priority = DEFAULT_PRIORITY  # the `priority` input: the scheduling class
+    return_timings: bool = False  # the `return_timings` input: the stages, on the last response
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,11 @@ class GenerationChunk:
     # One OpenAI logprobs entry per token this response covers; None unless requested.
     logprobs: list[dict[str, Any]] | None = None
     index: int = 0  # the choice this chunk belongs to (n > 1)
+    # The request's stages in seconds (contract.TIMING_STAGES), on its last response when asked.
+    timings: dict[str, float] | None = None
+    # vLLM's prompt_logprobs (a list, None first), on the request's first response when asked.
+    prompt_logprobs: list[Any] | None = None
+    repetition_detected: bool = False  # the repetition guard ended this choice
     stop_reason: str | None = None  # the stop string that ended the choice, on its last chunk
 
 
@@ -269,6 +276,8 @@ def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
     # input existed still serves every interactive request.
     if request.priority is not DEFAULT_PRIORITY:
         inputs.append(_bytes_input(Input.PRIORITY, [request.priority.value.encode("utf-8")]))
+    if request.return_timings:  # likewise: only when asked
+        inputs.append(_bool_input(Input.RETURN_TIMINGS, True))
     for tensor, elements in request.media.items():
         if elements:  # Triton rejects a zero-element input; no media means no input
             inputs.append(_bytes_input(tensor, elements))
@@ -305,6 +314,9 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     video_tokens = outputs.get(Output.NUM_VIDEO_TOKENS)
     logprobs = outputs.get(Output.LOGPROBS)
     index = outputs.get(Output.INDEX)
+    timings = outputs.get(Output.TIMINGS)
+    prompt_logprobs = outputs.get(Output.PROMPT_LOGPROBS)
+    repetition = outputs.get(Output.REPETITION_DETECTED)
     stop_reason = outputs.get(Output.STOP_REASON)
     return GenerationChunk(
         text="".join(item.decode("utf-8") for item in text),
@@ -315,12 +327,28 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
         video_tokens=int(video_tokens[0]) if video_tokens else None,
         logprobs=parse_logprobs(logprobs[0].decode("utf-8")) if logprobs else None,
         index=int(index[0]) if index else 0,
+        timings=decode_timings(timings[0].decode("utf-8")) if timings else None,
+        prompt_logprobs=_json_list(prompt_logprobs[0]) if prompt_logprobs else None,
+        repetition_detected=bool(repetition and repetition[0]),
         stop_reason=stop_reason[0].decode("utf-8") if stop_reason else None,
     )
 
 
-# Integer tensors the model sends, as struct formats of one little-endian element.
+def _json_list(data: bytes) -> list[Any] | None:
+    """A JSON list output (prompt_logprobs) as it is; None, logged, when it is not one."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        value = None
+    if not isinstance(value, list):
+        log.error("unreadable list output from the model: %r", data[:200])
+        return None
+    return value
+
+
+# Integer (and boolean) tensors the model sends, as struct formats of one little-endian element.
 _INT_FORMATS = {
+    "BOOL": "?",
     "UINT8": "B",
     "UINT16": "H",
     "UINT32": "I",

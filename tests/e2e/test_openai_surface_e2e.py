@@ -309,11 +309,11 @@ def test_request_fields_and_ignored_fields(base_url):
             "user": "e2e",
             "response_format": {"type": "text"},
             "service_tier": "auto",
-            "logit_bias": {},
+            "prediction": {"type": "content", "content": "x"},
         },
     )
     assert response.status_code == 200, response.text
-    assert response.headers["X-Ignored-Fields"] == "service_tier, logit_bias"
+    assert response.headers["X-Ignored-Fields"] == "service_tier, prediction"
     assert response.json()["usage"]["completion_tokens"] == 3
 
 

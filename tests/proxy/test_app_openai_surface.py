@@ -190,17 +190,17 @@ async def test_unknown_fields_are_named_in_a_header_and_the_log(make_client, cap
     body = {
         **TEXT_REQUEST,
         "service_tier": "auto",
-        "logit_bias": {"50256": -100},
+        "prediction": {"type": "content", "content": "x"},
         "stream": stream,
         "metadata": {"a": "b"},
     }
     resp = await client.post(URL, json=body)
     assert resp.status == 200
     await resp.read()
-    assert resp.headers["X-Ignored-Fields"] == "service_tier, logit_bias, metadata"
+    assert resp.headers["X-Ignored-Fields"] == "service_tier, prediction, metadata"
     request_id = resp.headers["X-Request-Id"]
     lines = [r.getMessage() for r in caplog.records if "ignored fields" in r.getMessage()]
-    assert lines and request_id in lines[0] and "logit_bias" in lines[0]
+    assert lines and request_id in lines[0] and "prediction" in lines[0]
 
 
 async def test_ignored_field_names_are_made_header_safe(make_client):

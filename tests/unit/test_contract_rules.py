@@ -9,7 +9,15 @@ import pytest
 from proxy.error_catalogue import APIError
 from proxy.request.schema import parse_chat_request
 from proxy.request.tool_calls import split_tool_calls
-from proxy.transport.contract import SAMPLING_FIELDS, ModelLimits
+from proxy.transport.contract import (
+    BOOLEAN,
+    INT32_MAX,
+    REPETITION_GUARD_FIELDS,
+    SAMPLING_FIELDS,
+    TOKEN_IDS,
+    TOKEN_MAP,
+    ModelLimits,
+)
 from qwen_vl_backend.errors import RequestError
 from qwen_vl_backend.request.params import check_structured_limits, parse_sampling_parameters
 
@@ -21,6 +29,33 @@ CHAT_NAME = {name: name for name in SAMPLING_FIELDS}
 
 def _edges(rule) -> list:
     """Values on and just beyond each end of a rule's range, and of the wrong kind."""
+    if rule.kind == BOOLEAN:
+        return [True, False, None, 1, 0, "true", [True]]
+    if rule.kind == TOKEN_IDS:
+        full = list(range(rule.max_items))
+        edges = [[], [0], [INT32_MAX], [INT32_MAX + 1], [-1], [1.0], [True], ["1"], "1", 5]
+        return [*edges, None, full, [*full, 0], {"1": 1}]
+    if rule.kind == TOKEN_MAP:
+        full = {str(i): 0 for i in range(rule.max_items)}
+        return [
+            {},
+            {"0": rule.low},
+            {"1": rule.high},
+            {"1": rule.low - 1e-6},
+            {"1": rule.high + 1e-6},
+            {"1": True},
+            {"1": "1"},
+            {"x": 1},
+            {"-1": 1},
+            {"+1": 1},
+            {"\uff11": 1},  # a fullwidth digit
+            {str(INT32_MAX): 1},
+            {str(INT32_MAX + 1): 1},
+            full,
+            {**full, "99999": 0},
+            [],
+            None,
+        ]
     step = 1 if rule.integer else 1e-6
     values = [rule.low, rule.high, rule.low - step, rule.high + step, "1", True, None]
     if not rule.integer:
@@ -59,6 +94,47 @@ def test_both_sides_take_the_same_sampling_values(name):
         if isinstance(value, float) and value != value:  # NaN: JSON cannot carry it
             continue
         assert _proxy_accepts(name, value) == _model_accepts(name, value), (name, value)
+
+
+@pytest.mark.parametrize("name", sorted(REPETITION_GUARD_FIELDS))
+def test_both_sides_take_the_same_repetition_guards(name):
+    """The guard's two fields, each at its edges with the other one valid; a refusal names
+    the field below `repetition_guard` on both sides."""
+    valid = {"ngram": 4, "max_repeats": 3}
+    for value in _edges(REPETITION_GUARD_FIELDS[name]):
+        if isinstance(value, float) and value != value:
+            continue
+        guard = {**valid, name: value}
+        if value is None:
+            del guard[name]
+        try:
+            parse_chat_request({"messages": USER, "repetition_guard": guard})
+            proxy_ok = True
+        except APIError as exc:
+            assert exc.param.startswith("repetition_guard"), exc.param
+            proxy_ok = False
+        try:
+            parse_sampling_parameters(json.dumps({"repetition_guard": guard}))
+            model_ok = True
+        except RequestError as exc:
+            assert exc.param.startswith("repetition_guard"), exc.param
+            model_ok = False
+        assert proxy_ok == model_ok, (name, value)
+
+
+@pytest.mark.parametrize("guard", [None, {"ngram": 0}, {"ngram": 2}, [], "on"])
+def test_both_sides_take_the_same_repetition_guard_shapes(guard):
+    try:
+        parse_chat_request({"messages": USER, "repetition_guard": guard})
+        proxy_ok = True
+    except APIError:
+        proxy_ok = False
+    try:
+        parse_sampling_parameters(json.dumps({"repetition_guard": guard}))
+        model_ok = True
+    except RequestError:
+        model_ok = False
+    assert proxy_ok == model_ok == (guard is None or guard == {"ngram": 0})
 
 
 def test_every_sampling_field_the_proxy_sends_has_a_contract_row():

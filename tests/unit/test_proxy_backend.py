@@ -59,8 +59,15 @@ def test_inputs_follow_the_tensor_contract():
     inputs = tensors(REQUEST)
 
     # every input the contract names but the ready-prompt and describe ones
-    # no tools, no videos sent, and no priority for the default class
-    assert set(inputs) == set(INPUTS) - {"text_input", "describe", "tools", "video", "priority"}
+    # no tools, no videos sent, no priority for the default class, no timings unless asked
+    assert set(inputs) == set(INPUTS) - {
+        "text_input",
+        "describe",
+        "tools",
+        "video",
+        "priority",
+        "return_timings",
+    }
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]
     assert (inputs["image"].datatype(), inputs["image"].shape()) == ("BYTES", [2])
@@ -84,6 +91,12 @@ def test_the_batch_class_travels_in_the_priority_input():
     inputs = tensors(dataclasses.replace(REQUEST, priority=Priority.BATCH))
     assert (inputs["priority"].datatype(), inputs["priority"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["priority"]) == [b"batch"]
+
+
+def test_timings_are_asked_for_only_when_wanted():
+    inputs = tensors(dataclasses.replace(REQUEST, return_timings=True))
+    assert (inputs["return_timings"].datatype(), inputs["return_timings"].shape()) == ("BOOL", [1])
+    assert inputs["return_timings"]._get_content() == b"\x01"
 
 
 def test_no_image_input_without_images_and_stream_false():
@@ -165,6 +178,26 @@ def test_parse_response_without_new_outputs_has_none():
 def test_parse_response_reads_the_stop_string_that_ended_the_choice():
     assert parse_response(make_result("a", "stop", stop_reason="。\n")).stop_reason == "。\n"
     assert parse_response(make_result("a", "stop")).stop_reason is None
+
+
+def test_parse_response_reads_timings_prompt_logprobs_and_the_repetition_flag():
+    result = make_result("a", "stop")
+    response = result.get_response()
+    timings = {"queue": 0.5, "ttft": 1.25, "decode": -1, "unknown": 3, "vision": "x"}
+    prompt = [None, {"7": {"logprob": -1.5, "rank": 2, "decoded_token": "a"}}]
+    for name, value in (("timings", timings), ("prompt_logprobs", prompt)):
+        raw = json.dumps(value).encode()
+        _add_output(
+            response, name, "BYTES", serialize_byte_tensor(np.array([raw], np.object_)).item()
+        )
+    _add_output(response, "repetition_detected", "BOOL", b"\x01")
+    chunk = parse_response(result)
+    # only known stages with a finite, non-negative number of seconds
+    assert chunk.timings == {"queue": 0.5, "ttft": 1.25}
+    assert chunk.prompt_logprobs == prompt
+    assert chunk.repetition_detected is True
+    plain = parse_response(make_result("a"))
+    assert (plain.timings, plain.prompt_logprobs, plain.repetition_detected) == (None, None, False)
 
 
 def test_parse_response_reads_image_tokens():

@@ -35,13 +35,13 @@ def test_unknown_fields_are_accepted_and_listed_in_body_order():
             "metadata": {"a": "b"},
             "messages": [{**USER_HI, "name": "x"}],
             "user": "u",
-            "logit_bias": {"1": 2},
+            "prediction": {"type": "content", "content": "x"},
             "logprobs": True,
             "service_tier": "auto",
         }
     )
     assert chat.messages[0].content == "hi"
-    assert chat.ignored_fields == ["metadata", "logit_bias", "service_tier", "messages[0].name"]
+    assert chat.ignored_fields == ["metadata", "prediction", "service_tier", "messages[0].name"]
     assert chat.user == "u"
 
 

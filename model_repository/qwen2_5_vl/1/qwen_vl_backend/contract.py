@@ -55,6 +55,8 @@ class Input(StrEnum):
     RETURN_FINISH_REASON = "return_finish_reason"
     RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
     RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
+    # true: the request's last response carries `timings` (its stages, `TIMING_STAGES`)
+    RETURN_TIMINGS = "return_timings"
     TOOLS = "tools"
     # The request's `Priority` class by name. An input of its own, not a field of
     # `sampling_parameters`: it says when the request runs, not what it samples, and a named
@@ -91,6 +93,14 @@ class Output(StrEnum):
     # The stop string that ended a choice (vLLM's `stop_reason`), with its finish_reason "stop";
     # absent when EOS, the length or a grammar ended it.
     STOP_REASON = "stop_reason"
+    # JSON object of stage → seconds (`TIMING_STAGES`), on the request's last response when
+    # `return_timings` asks for it
+    TIMINGS = "timings"
+    # JSON list, vLLM's prompt_logprobs shape, on the request's first response when the
+    # `prompt_logprobs` sampling parameter asks for it
+    PROMPT_LOGPROBS = "prompt_logprobs"
+    # true on a choice's last response when the repetition guard ended it (finish_reason stop)
+    REPETITION_DETECTED = "repetition_detected"
 
 
 INPUTS = tuple(Input)
@@ -246,23 +256,49 @@ INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_STRINGS = 16  # as OpenAI's API
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+# Entries of `stop_token_ids` and `logit_bias`: bounds of this server, so a request's token
+# lists stay small next to its prompt (a bias row is dense over the vocabulary anyway).
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024
+# The longest n-gram the repetition guard watches (it keeps the last n tokens per sequence).
+MAX_GUARD_NGRAM = 1024
+
+# What a `SamplingField` holds (its `kind`).
+NUMBER, BOOLEAN, TOKEN_IDS, TOKEN_MAP = "number", "boolean", "token_ids", "token_map"
 
 
 @dataclass(frozen=True)
 class SamplingField:
-    """One field of `sampling_parameters`: a number in [low, high] (`low` itself excluded when
-    `low_open`), an integer when `integer`."""
+    """One field of `sampling_parameters` and what it may hold, by `kind`:
+    - NUMBER: a number in [low, high] (`low` itself excluded when `low_open`), an integer when
+      `integer`;
+    - BOOLEAN: true or false;
+    - TOKEN_IDS: a list of at most `max_items` token ids, integers in [low, high];
+    - TOKEN_MAP: an object of at most `max_items` entries, each key a token id written in
+      decimal digits (OpenAI's `logit_bias`), each value a number in [low, high].
+    Token ids are checked against the vocabulary where it is known: in the model."""
 
     name: str
     integer: bool
-    low: float
-    high: float
+    low: float = 0
+    high: float = 0
     low_open: bool = False
+    kind: str = NUMBER
+    max_items: int = 0
 
     def problem(self, value: object) -> str | None:
         """Why `value` is not acceptable, or None (None itself is "not set": acceptable)."""
         if value is None:
             return None
+        if self.kind == BOOLEAN:
+            return None if isinstance(value, bool) else "must be a boolean"
+        if self.kind == TOKEN_IDS:
+            return self._token_ids_problem(value)
+        if self.kind == TOKEN_MAP:
+            return self._token_map_problem(value)
+        return self._number_problem(value)
+
+    def _number_problem(self, value: object) -> str | None:
         if not _is_number(value):
             return "must be a number"
         if self.integer and not isinstance(value, int):  # 5.0 too: JSON types are strict
@@ -272,9 +308,43 @@ class SamplingField:
             return f"must be {self.range_text()}"
         return None
 
+    def _token_ids_problem(self, value: object) -> str | None:
+        if not isinstance(value, list):
+            return "must be a list of token ids"
+        if len(value) > self.max_items:
+            return f"takes at most {self.max_items} token ids"
+        for index, item in enumerate(value):
+            if not _is_number(item) or not isinstance(item, int) or not self._in_range(item):
+                return f"[{index}] must be a token id: an integer {self.range_text()}"
+        return None
+
+    def _token_map_problem(self, value: object) -> str | None:
+        if not isinstance(value, dict):
+            return "must be an object mapping token ids to numbers"
+        if len(value) > self.max_items:
+            return f"takes at most {self.max_items} entries"
+        for key, item in value.items():
+            if not token_id_key(key):
+                return f"keys must be token ids in decimal digits, not {str(key)[:40]!r}"
+            if not _is_number(item) or not self._in_range(item):
+                return f"[{key!r}] must be a number {self.range_text()}"
+        return None
+
+    def _in_range(self, value: float) -> bool:
+        return (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
     def range_text(self) -> str:
         low = "greater than" if self.low_open else "at least"
-        return f"{low} {self.low:g} and at most {self.high:g}"
+        text = (lambda x: str(int(x))) if self.integer else (lambda x: f"{x:g}")  # noqa: E731
+        return f"{low} {text(self.low)} and at most {text(self.high)}"
+
+
+def token_id_key(key: object) -> int | None:
+    """The token id a TOKEN_MAP key writes (ASCII digits, within int32); None for any other."""
+    if not isinstance(key, str) or not key.isascii() or not key.isdigit() or len(key) > 10:
+        return None
+    token = int(key)
+    return token if token <= INT32_MAX else None
 
 
 SAMPLING_FIELDS = {
@@ -290,8 +360,70 @@ SAMPLING_FIELDS = {
         SamplingField("seed", True, INT64_MIN, INT64_MAX),
         SamplingField("n", True, 1, INT32_MAX),  # the model's max_choices caps it further
         SamplingField("top_logprobs", True, 0, MAX_TOP_LOGPROBS),
+        # vLLM's extras (docs/engine.md "Sampling"): no stop (EOS, stop_token_ids, stop
+        # strings, the repetition guard) before min_tokens tokens; EOS does not stop; more
+        # tokens that stop like EOS; OpenAI's logit bias by token id; keep tokens of at least
+        # min_p times the top probability; the stop string or token kept in the text; special
+        # tokens' text kept; the prompt tokens' logprobs (vLLM's shape).
+        SamplingField("min_tokens", True, 0, INT32_MAX),
+        SamplingField("ignore_eos", False, kind=BOOLEAN),
+        SamplingField(
+            "stop_token_ids", True, 0, INT32_MAX, kind=TOKEN_IDS, max_items=MAX_STOP_TOKEN_IDS
+        ),
+        SamplingField("logit_bias", False, -100, 100, kind=TOKEN_MAP, max_items=MAX_LOGIT_BIAS),
+        SamplingField("min_p", False, 0, 1),
+        SamplingField("include_stop_str_in_output", False, kind=BOOLEAN),
+        SamplingField("skip_special_tokens", False, kind=BOOLEAN),
+        SamplingField("prompt_logprobs", True, 0, MAX_TOP_LOGPROBS),
     )
 }
+
+# The repetition guard (`repetition_guard`: {"ngram": n, "max_repeats": k}): generation stops
+# (finish_reason stop, `repetition_detected`) once the last n tokens have come k + 1 times in a
+# row; ngram 0 turns a server default off for the request.
+REPETITION_GUARD = "repetition_guard"
+REPETITION_GUARD_FIELDS = {
+    field.name: field
+    for field in (
+        SamplingField("ngram", True, 0, MAX_GUARD_NGRAM),
+        SamplingField("max_repeats", True, 1, INT32_MAX),
+    )
+}
+
+# The stages of a request's `timings` output, seconds each, as the model measures them from
+# the request's arrival at the model: waiting (for preparation and for a KV slot), decoding
+# its images and videos, the rest of preparation (template, resizing, processor, positions),
+# vision-tower stages run for its media, the rest of the way to its first token (prompt
+# chunks, and the steps they share), ttft (the sum of the five), then the decode (first to
+# last token) and its mean inter-token latency. The proxy adds `media_fetch` and counts ttft
+# from the request's arrival at the proxy.
+TIMING_STAGES = (
+    "queue",
+    "media_decode",
+    "preprocess",
+    "vision",
+    "prefill",
+    "ttft",
+    "decode",
+    "mean_itl",
+)
+
+
+def decode_timings(text: str) -> dict[str, float]:
+    """The `timings` output: every known stage with a finite, non-negative number of seconds
+    (anything else is left out)."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        stage: float(raw[stage])
+        for stage in TIMING_STAGES
+        if _is_number(raw.get(stage)) and raw[stage] >= 0
+    }
+
 
 # Chat roles the model's template renders (the proxy maps OpenAI's `developer` to `system`).
 ROLES = ("system", "user", "assistant", "tool")

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..contract import MAX_STOP_STRINGS, SAMPLING_FIELDS, ModelLimits, schema_depth
+from ..contract import (
+    MAX_STOP_STRINGS,
+    REPETITION_GUARD,
+    REPETITION_GUARD_FIELDS,
+    SAMPLING_FIELDS,
+    TOKEN_IDS,
+    TOKEN_MAP,
+    ModelLimits,
+    schema_depth,
+    token_id_key,
+)
 from ..errors import RequestError
 
 MAX_TOOL_NAME_CHARS = 256
@@ -39,6 +49,19 @@ class StructuredOutput:
 
 
 @dataclass(frozen=True)
+class RepetitionGuard:
+    """Stop once the last `ngram` tokens have come `max_repeats` + 1 times in a row
+    (`contract.REPETITION_GUARD`); ngram 0 is off."""
+
+    ngram: int
+    max_repeats: int
+
+    @property
+    def active(self) -> bool:
+        return self.ngram > 0
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None
     temperature: float | None = None
@@ -53,22 +76,62 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1  # choices; the server's cap is checked where the settings are known
     structured: StructuredOutput | None = None  # grammar-constrained output
+    # vLLM's extras (contract.SAMPLING_FIELDS has each one's rule; docs/engine.md "Sampling")
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), each id once
+    min_p: float = 0.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # None: not asked; 0: the prompt tokens' own only
+    repetition_guard: RepetitionGuard | None = None  # None: the server's default
+
+    def token_ids(self) -> list[tuple[str, int]]:
+        """(param, token id) of every token id the request names, to check against the
+        vocabulary where it is known."""
+        ids = [(f"stop_token_ids[{i}]", token) for i, token in enumerate(self.stop_token_ids)]
+        return ids + [("logit_bias", token) for token, _ in self.logit_bias]
 
     @property
     def greedy(self) -> bool:
         return self.temperature is not None and self.temperature == 0.0
 
 
-def _number(raw: dict, name: str):
+def _number(raw: dict, name: str, rules=SAMPLING_FIELDS, prefix: str = ""):
     """The field's value, checked against the contract's sampling table (the proxy builds its
-    own checks from the same table)."""
-    value, rule = raw.get(name), SAMPLING_FIELDS[name]
+    own checks from the same table): a number, a boolean, a tuple of token ids or a tuple of
+    (token id, number) pairs by the row's kind; None when not set."""
+    value, rule = raw.get(name), rules[name]
     problem = rule.problem(value)
     if problem:
-        raise RequestError(f"'{name}' {problem}", name)
-    if value is None:
-        return None
+        raise RequestError(f"'{prefix}{name}' {problem}", prefix + name)
+    if value is None or isinstance(value, bool):
+        return value
+    if rule.kind == TOKEN_IDS:
+        return tuple(dict.fromkeys(value))
+    if rule.kind == TOKEN_MAP:  # "7" and "07" are one token: the later entry wins
+        return tuple({token_id_key(key): float(bias) for key, bias in value.items()}.items())
     return int(value) if rule.integer else float(value)
+
+
+def _repetition_guard(raw: dict) -> RepetitionGuard | None:
+    guard = raw.get(REPETITION_GUARD)
+    if guard is None:
+        return None
+    if not isinstance(guard, dict):
+        raise RequestError(
+            f"'{REPETITION_GUARD}' must be an object with 'ngram' and 'max_repeats'",
+            REPETITION_GUARD,
+        )
+    prefix = f"{REPETITION_GUARD}."
+    ngram = _number(guard, "ngram", REPETITION_GUARD_FIELDS, prefix)
+    if ngram is None:
+        raise RequestError(f"'{prefix}ngram' is required", f"{prefix}ngram")
+    max_repeats = _number(guard, "max_repeats", REPETITION_GUARD_FIELDS, prefix)
+    if max_repeats is None and ngram:
+        raise RequestError(f"'{prefix}max_repeats' is required", f"{prefix}max_repeats")
+    return RepetitionGuard(ngram, max_repeats or 1)
 
 
 def _stop_strings(raw: dict) -> tuple[str, ...]:
@@ -108,7 +171,25 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
         n=_number(raw, "n") or 1,
         structured=_structured(raw.get("structured")),
         **_logprobs(raw),
+        **_extras(raw),
     )
+
+
+def _extras(raw: dict) -> dict:
+    """vLLM's extra sampling fields, those set."""
+    names = (
+        "min_tokens",
+        "ignore_eos",
+        "stop_token_ids",
+        "logit_bias",
+        "min_p",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+        "prompt_logprobs",
+    )
+    values = {name: _number(raw, name) for name in names}
+    values["repetition_guard"] = _repetition_guard(raw)
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _logprobs(raw: dict) -> dict:
