@@ -1,4 +1,6 @@
-"""OpenAI error envelopes and the one middleware that turns exceptions into them.
+"""Error envelopes and the one middleware that turns exceptions into them: OpenAI's, or the
+envelope the matched route's API declares (`Route.error_body`, proxy/serving/routes.py:
+Anthropic's on /v1/messages).
 
 Clients only ever see messages written for them: exception text, file paths and backend
 addresses stay in the log. The errors themselves, `APIError` and one entry per `error.code`,
@@ -24,8 +26,10 @@ from .error_catalogue import (
     APIError,
     error_envelope,
 )
+from .serving.routes import ErrorBody, openai_error_body, route_of
 
 __all__ = [
+    "ERROR_KEY",
     "REQUEST_ID_KEY",
     "SURROGATE",
     "APIError",
@@ -38,6 +42,8 @@ __all__ = [
 log = logging.getLogger("proxy")
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+# The error the middleware answered with: the metrics count its code whatever the envelope.
+ERROR_KEY = web.RequestKey("error", APIError)
 
 # Echoing a client's own path back is useful (OpenAI does it); capping it keeps the body small.
 _MAX_ECHOED_PATH = 200
@@ -46,9 +52,15 @@ _MAX_ECHOED_PATH = 200
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def error_response(error: APIError, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    error: APIError,
+    headers: dict[str, str] | None = None,
+    *,
+    body: ErrorBody = openai_error_body,
+    request_id: str = "-",
+) -> web.Response:
     return web.json_response(
-        error.envelope(), status=error.status, headers=headers, dumps=json_dumps
+        body(error, request_id), status=error.status, headers=headers, dumps=json_dumps
     )
 
 
@@ -78,13 +90,23 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         return await handler(request)
     except APIError as exc:
-        return error_response(exc, exc.headers)
+        return _answer(request, exc, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and other non-errors pass through untouched
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(_from_http_exception(request, exc), headers)
+        return _answer(request, _from_http_exception(request, exc), headers)
     except Exception:
         request_id = request.get(REQUEST_ID_KEY, "-")
         log.exception("request %s failed with an unexpected error", request_id)
-        return error_response(INTERNAL_ERROR(request_id=request_id))
+        return _answer(request, INTERNAL_ERROR(request_id=request_id))
+
+
+def _answer(
+    request: web.Request, error: APIError, headers: dict[str, str] | None = None
+) -> web.Response:
+    """`error` in the envelope of the route's API (OpenAI's where no route matched)."""
+    request[ERROR_KEY] = error
+    route = route_of(request)
+    body = route.error_body if route is not None else openai_error_body
+    return error_response(error, headers, body=body, request_id=request.get(REQUEST_ID_KEY, "-"))

@@ -9,8 +9,9 @@ metrics of proxy/observability/metrics.py.
 - `load_media_timed` and `timed_media_check` count a request's media parts by kind and
   source, and time fetching, decoding and checking them (by the request's media kind).
 
-An error's cause comes from one place, the error envelope the client got (`error_cause` of
-its status and `error.code`), so any error any middleware or handler renders is counted.
+An error's cause comes from one place, the error the client got (`error_cause` of its status
+and code): the error middleware's (`ERROR_KEY`, whatever envelope its route's API writes), else
+the `error.code` of an OpenAI envelope a handler wrote itself.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from aiohttp import web
 
 from ..api.chat.render import TokenUsage
 from ..error_catalogue import INTERNAL_ERROR, APIError
-from ..errors import REQUEST_ID_KEY
+from ..errors import ERROR_KEY, REQUEST_ID_KEY
 from ..media.images import IMAGE
 from ..media.kinds import MediaFetcher, MediaRef, load_media
 from ..serving.routes import route_of
@@ -104,7 +105,7 @@ async def observe_request(request: web.Request, handler: Any) -> web.StreamRespo
         response = await handler(request)
         status = response.status
         if status >= 400:
-            code = envelope_code(response)
+            code = request[ERROR_KEY].code if ERROR_KEY in request else envelope_code(response)
         return response
     except asyncio.CancelledError:
         record.cancelled = True

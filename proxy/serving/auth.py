@@ -1,4 +1,5 @@
-"""Optional API key: `Authorization: Bearer <key>` on every route but the probes.
+"""Optional API key: `Authorization: Bearer <key>` on every route but the probes (and, on a
+route declared `Auth.X_API_KEY`, `x-api-key: <key>`: Anthropic's header).
 
 The decision is made on the route aiohttp actually matched, through its entry in the route
 table (proxy/serving/routes.py), never on the raw path, so `//v1/chat/completions`,
@@ -12,6 +13,10 @@ compared with `hmac.compare_digest`, every configured key each time.
 Several keys may be configured (comma-separated, or one per line of --api-key-file); each is
 its own tenant of stored objects (proxy/state/tenancy.py): the middleware puts the tenant of
 the key presented on the request.
+
+On an `Auth.X_API_KEY` route (POST /v1/messages) the key is `x-api-key` when that header is
+sent, else the Bearer token: one key is presented and compared either way, never the better of
+two headers.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from aiohttp import web
 
 from ..error_catalogue import INVALID_API_KEY
 from ..state.tenancy import TENANT_KEY, tenant_of
-from .routes import Auth, route_of
+from .routes import Auth, Route, route_of
 
 _READ_METHODS = frozenset({"GET", "HEAD"})
+X_API_KEY = "x-api-key"  # Anthropic's API key header (aiohttp's headers are case-insensitive)
 
 
 class APIKeyError(ValueError):
@@ -77,7 +83,7 @@ def auth_middleware(keys: tuple[str, ...], exempt: frozenset[Auth]) -> Any:
         route = route_of(request)
         if route is not None and route.auth in exempt and request.method in _READ_METHODS:
             return await handler(request)
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token, well_formed = _presented_key(request, route)
         presented = token.strip().encode("utf-8", "replace")
         # Every key is compared, and compare_digest comes first, so the time taken says
         # neither which key nor which check failed.
@@ -85,9 +91,17 @@ def auth_middleware(keys: tuple[str, ...], exempt: frozenset[Auth]) -> Any:
         for key, key_tenant in expected:
             if hmac.compare_digest(presented, key):
                 tenant = key_tenant
-        if tenant is None or scheme.lower() != "bearer":
+        if tenant is None or not well_formed:
             raise INVALID_API_KEY()
         request[TENANT_KEY] = tenant
         return await handler(request)
 
     return require_api_key
+
+
+def _presented_key(request: web.Request, route: Route | None) -> tuple[str, bool]:
+    """The key the request presents, and whether it came in a form its route takes."""
+    if route is not None and route.auth is Auth.X_API_KEY and X_API_KEY in request.headers:
+        return request.headers[X_API_KEY], True
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token, scheme.lower() == "bearer"

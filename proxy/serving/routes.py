@@ -15,8 +15,12 @@ route aiohttp matched (`route_of`), never from path strings:
   draining and bound their own body: the handler streams it to storage within its own size
   limit (--file-max-bytes, not --max-request-bytes), each read within
   --request-body-timeout-s, so a large upload may take long but never stall.
-- `auth` (proxy/serving/auth.py): KEY needs the API key when one is configured; PROBE never
-  does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`.
+- `auth` (proxy/serving/auth.py): KEY needs the API key when one is configured, as a Bearer
+  token; X_API_KEY the same key, also taken from `x-api-key` (Anthropic's header); PROBE
+  never does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`.
+- `error_body` (proxy/errors.py): how the route's API writes an error: OpenAI's envelope by
+  default, Anthropic's on /v1/messages. Every error of the route is written so, whichever
+  middleware or handler raised it (the 401, 429, 408 and 503s of auth and admission included).
 - `in_flight_gauge` (proxy/observability/observe.py): whether the route counts in the
   in-flight gauge (a scrape of /metrics would always see itself).
 - `label`: the metrics `route` label, the path template without its patterns.
@@ -31,11 +35,16 @@ import enum
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web import AbstractRoute
 
+from ..error_catalogue import APIError
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How an API surface writes an error: (the error, the request id) -> the JSON body.
+ErrorBody = Callable[[APIError, str], dict[str, Any]]
 
 # `{model:.+}` -> `{model}`: what aiohttp's canonical template says too.
 _PATTERN = re.compile(r"\{([^:{}]+):[^{}]*(?:\{[^{}]*\}[^{}]*)*\}")
@@ -51,8 +60,14 @@ class Admit(enum.Enum):
 
 class Auth(enum.Enum):
     KEY = "key"
+    X_API_KEY = "x-api-key"  # the key as `x-api-key` when sent, else as a Bearer token
     PROBE = "probe"
     SCRAPE = "scrape"
+
+
+def openai_error_body(error: APIError, request_id: str) -> dict[str, Any]:
+    """OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`."""
+    return error.envelope()
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class Route:
     handler: Handler
     admit: Admit = Admit.NONE
     auth: Auth = Auth.KEY
+    error_body: ErrorBody = openai_error_body
     in_flight_gauge: bool = True
 
     @property
@@ -93,6 +109,10 @@ def exempt_from_key(metrics_require_auth: bool) -> frozenset[Auth]:
     return frozenset({Auth.PROBE} if metrics_require_auth else {Auth.PROBE, Auth.SCRAPE})
 
 
+def _key_shown(auth: Auth) -> str:
+    return "API key (Bearer or x-api-key)" if auth is Auth.X_API_KEY else "API key"
+
+
 def describe_routes(routes: Iterable[Route], *, api_key: bool, metrics_require_auth: bool) -> str:
     """One block for the startup log: every route and its policy (`api_key`: one is set)."""
     exempt = exempt_from_key(metrics_require_auth)
@@ -105,7 +125,7 @@ def describe_routes(routes: Iterable[Route], *, api_key: bool, metrics_require_a
     }
     lines = ["routes:"]
     for route in routes:
-        auth = ("no key" if route.auth in exempt else "API key") if api_key else ""
+        auth = ("no key" if route.auth in exempt else _key_shown(route.auth)) if api_key else ""
         policy = ", ".join(part for part in (admit[route.admit], auth) if part)
         lines.append(f"  {route.method:<5} {route.label:<24} {policy}".rstrip())
     return "\n".join(lines)
