@@ -31,6 +31,7 @@ from .api.responses.routes import (
     list_input_items,
     retrieve_response,
 )
+from .api.tokenize.routes import detokenize, tokenize
 from .config import ProxyConfig
 from .errors import REQUEST_ID_KEY, error_middleware
 from .keys import (
@@ -69,6 +70,10 @@ ROUTES = (
     Route("GET", "/v1/batches", list_batches),
     Route("GET", "/v1/batches/{batch_id}", retrieve_batch),
     Route("POST", "/v1/batches/{batch_id}/cancel", cancel_batch, admit=Admit.WRITE),
+    # vLLM's: answered by the model (the prompt rendered as it would generate from it, no
+    # generation), so admitted as generating requests are.
+    Route("POST", "/tokenize", tokenize, admit=Admit.GENERATING),
+    Route("POST", "/detokenize", detokenize, admit=Admit.GENERATING),
     Route("GET", "/v1/models", list_models),
     # Served names may contain "/" (e.g. Hugging Face ids).
     Route("GET", "/v1/models/{model:.+}", retrieve_model),

@@ -28,15 +28,20 @@ from ..keys import (
     MODEL_LIMITS_KEY,
     USAGE_KEY,
 )
-from ..observability.observe import load_media_timed, observe_generation, timed_media_check
+from ..observability.observe import (
+    RECORD_KEY,
+    load_media_timed,
+    observe_generation,
+    timed_media_check,
+)
 from ..serving.admission import with_stream_timeouts
-from ..transport.backend import GenerationChunk
-from ..transport.contract import ModelLimits, Priority
+from ..transport.backend import DEFAULT_PROMPT_OPTIONS, GenerationChunk, PromptOptions
+from ..transport.contract import ModelLimits, Priority, Task
 from ..transport.model_limits import narrower
 from .limits import RequestLimits, check_chat, check_json_text, check_media
 from .paths import CHAT_PATHS, ClientPaths
 from .schema import ChatCompletionRequest
-from .translate import ServerLimits, prepare_chat
+from .translate import PreparedChat, ServerLimits, prepare_chat
 from .usage import TokenUsage
 
 log = logging.getLogger("proxy")
@@ -71,24 +76,22 @@ class Generation:
 
 
 async def start_generation(
-    request: web.Request, chat: ChatCompletionRequest, *, priority: Priority | None = None
+    request: web.Request,
+    chat: ChatCompletionRequest,
+    *,
+    priority: Priority | None = None,
+    options: PromptOptions = DEFAULT_PROMPT_OPTIONS,
 ) -> Generation:
-    """The steps every route that generates shares (chat completions, responses): the model,
-    its limits, the checks, translation, media, and the Triton stream with its timeouts and
-    observation. Nothing is sent to Triton until the generator is first awaited.
+    """The steps every route that generates shares (chat completions, responses, completions):
+    the model, its limits, the checks, translation, media, and the Triton stream with its
+    timeouts and observation. Nothing is sent to Triton until the generator is first awaited.
 
     `priority`: the scheduling class the caller imposes whatever the request says (the Batch
-    API runs its lines as `Priority.BATCH`); None: the request's own `priority` field."""
+    API runs its lines as `Priority.BATCH`); None: the request's own `priority` field.
+    `options`: how the model renders the prompt and whether it echoes it."""
     app = request.app
-    served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
-    limits, translation = await limits_for(app, triton_model)
-    check_chat(chat, limits)
-    prepared = prepare_chat(chat, translation, limits)
-    if priority is not None:
-        prepared = dataclasses.replace(prepared, priority=priority)
-    media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
-    await timed_media_check(request, check_media(media, prepared.media, limits))
-    triton_request = prepared.to_triton(triton_model, media)
+    served_name, triton_model, prepared, media = await _model_request(request, chat, priority)
+    triton_request = dataclasses.replace(prepared.to_triton(triton_model, media), options=options)
     usage = request[USAGE_KEY] = TokenUsage()
     stream = app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
     if chat.paths is not CHAT_PATHS:
@@ -101,6 +104,49 @@ async def start_generation(
         usage=usage,
     )
     return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks, media)
+
+
+async def run_task(
+    request: web.Request, chat: ChatCompletionRequest, task: Task, options: PromptOptions
+) -> tuple[str, str]:
+    """(served name, the model's answer) of a task other than generation (tokenize,
+    detokenize): the model, its limits, the checks, translation and media as a generation
+    has them (so the model renders the prompt as it would generate from it), then its one
+    answer within the request's deadline."""
+    served_name, triton_model, prepared, media = await _model_request(request, chat, None)
+    triton_request = dataclasses.replace(
+        prepared.to_triton(triton_model, media), task=task, options=options, stream=False
+    )
+    stream = request.app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
+    if chat.paths is not CHAT_PATHS:
+        stream = _model_errors_in_client_paths(stream, chat.paths)
+    async with contextlib.aclosing(with_stream_timeouts(request, stream)) as chunks:
+        answer = "".join([chunk.text async for chunk in chunks])
+    return served_name, answer
+
+
+async def _model_request(
+    request: web.Request, chat: ChatCompletionRequest, priority: Priority | None
+) -> tuple[str, str, PreparedChat, list[bytes]]:
+    """(served name, Triton model, the request translated, its media's bytes): the model, its
+    limits, the checks, translation and media."""
+    app = request.app
+    served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
+    limits, translation = await limits_for(app, triton_model)
+    check_chat(chat, limits)
+    prepared = prepare_chat(chat, translation, limits)
+    if priority is not None:
+        prepared = dataclasses.replace(prepared, priority=priority)
+    media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
+    await timed_media_check(request, check_media(media, prepared.media, limits))
+    return served_name, triton_model, prepared, media
+
+
+def report_usage(request: web.Request, usage: TokenUsage) -> None:
+    """The request's usage when it is several generations' (a completions request of several
+    prompts): what its metrics, its log line and the Batch API count."""
+    request[USAGE_KEY] = usage
+    request[RECORD_KEY].usage = usage
 
 
 async def _model_errors_in_client_paths(

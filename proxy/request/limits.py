@@ -116,6 +116,10 @@ def check_chat(chat: ChatCompletionRequest, limits: RequestLimits) -> None:
         raise TOO_MANY_MESSAGES(
             chat.paths("messages"), count=len(chat.messages), limit=limits.max_messages
         )
+    prompt = chat.prompt
+    if prompt is not None and prompt.text is not None and len(prompt.text) > limits.max_text_chars:
+        message = f"The prompt holds more than {limits.max_text_chars} characters; shorten it."
+        raise TEXT_TOO_LONG.with_message(message, prompt.param)
     text_chars = 0
     counts: dict[str, int] = {}
     for i, message in enumerate(chat.messages):

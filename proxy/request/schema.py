@@ -7,6 +7,7 @@ are not silently dropped either: the app names them in an `X-Ignored-Fields` hea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -323,10 +324,16 @@ class ChatCompletionRequest(BaseModel):
     # Where each field sits in the client's body (proxy/request/paths.py): every error names
     # the client's path through it. Set by parse_chat_request.
     _paths: ClientPaths = PrivateAttr(default=CHAT_PATHS)
+    # A prompt the model takes as it is instead of `messages` (RawPromptRequest).
+    _prompt: RawPrompt | None = PrivateAttr(default=None)
 
     @property
     def paths(self) -> ClientPaths:
         return self._paths
+
+    @property
+    def prompt(self) -> RawPrompt | None:
+        return self._prompt
 
     @property
     def is_stream(self) -> bool:
@@ -366,6 +373,24 @@ class ChatCompletionRequest(BaseModel):
         return ignored
 
 
+@dataclass(frozen=True)
+class RawPrompt:
+    """A prompt the model takes as it is, without its chat template (legacy completions,
+    /tokenize's `prompt`): text (`text_input`) or token ids (`input_ids`); `param`: the
+    client's path to it, which the model's errors about it name."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    param: str = "prompt"
+
+
+class RawPromptRequest(ChatCompletionRequest):
+    """The internal request of a raw prompt: every field of the chat body but `messages`,
+    which it has none of (the prompt is `prompt`)."""
+
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=0)
+
+
 SAMPLING_FIELDS = tuple(
     name
     for name, field in ChatCompletionRequest.model_fields.items()
@@ -374,15 +399,18 @@ SAMPLING_FIELDS = tuple(
 
 
 def parse_chat_request(
-    body: dict[str, Any], paths: ClientPaths = CHAT_PATHS
+    body: dict[str, Any], paths: ClientPaths = CHAT_PATHS, prompt: RawPrompt | None = None
 ) -> ChatCompletionRequest:
     """The internal request; `paths`: where its fields sit in the client's body, when another
-    API surface built `body` from its own."""
+    API surface built `body` from its own; `prompt`: a raw prompt, which `body` then has
+    instead of `messages`."""
+    model = ChatCompletionRequest if prompt is None else RawPromptRequest
     try:
-        chat = ChatCompletionRequest.model_validate(body)
+        chat = model.model_validate(body)
     except ValidationError as exc:
         raise validation_api_error(exc, body, paths=paths) from None
     chat._paths = paths
+    chat._prompt = prompt
     if chat.top_logprobs is not None and not chat.logprobs:
         param = paths("top_logprobs")
         raise INVALID_VALUE(

@@ -16,7 +16,7 @@ from ..transport.backend import TritonRequest
 from ..transport.contract import DEFAULT_PRIORITY, ModelLimits, Priority
 from .limits import RequestLimits
 from .paths import ClientPaths
-from .schema import SAMPLING_FIELDS, ChatCompletionRequest, ChatMessage, MediaPart
+from .schema import SAMPLING_FIELDS, ChatCompletionRequest, ChatMessage, MediaPart, RawPrompt
 from .structured import structured
 
 
@@ -43,6 +43,7 @@ class PreparedChat:
     stream: bool
     tools_json: str | None = None
     parse_tool_calls: bool = False  # the output may hold tool calls (proxy/request/tool_calls.py)
+    prompt: RawPrompt | None = None  # taken as it is instead of `messages`
     priority: Priority = DEFAULT_PRIORITY
     timings: bool = False  # ask the model for the request's stage timings
 
@@ -56,7 +57,9 @@ class PreparedChat:
             tensors.setdefault(ref.kind.tensor, []).append(data)
         return TritonRequest(
             model=model,
-            messages_json=json.dumps(self.messages, ensure_ascii=False),
+            messages_json=None if self.prompt else json.dumps(self.messages, ensure_ascii=False),
+            text_input=self.prompt.text if self.prompt else None,
+            input_ids=self.prompt.token_ids if self.prompt else None,
             media=tensors,
             sampling_parameters=self.sampling_parameters,
             stream=self.stream,
@@ -82,6 +85,7 @@ def prepare_chat(
         stream=chat.is_stream,
         tools_json=tools.tools_json,
         parse_tool_calls=tools.parse_tool_calls,
+        prompt=chat.prompt,
         priority=chat.priority_class,
     )
 

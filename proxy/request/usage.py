@@ -3,6 +3,7 @@ renders it in its own fields (chat's `usage`, Responses' `usage`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,20 @@ class TokenUsage:
             if self.video_tokens:  # only where a request had videos: the image-only shape stays
                 details["video_tokens"] = self.video_tokens
         return details
+
+
+def total_usage(usages: Iterable[TokenUsage]) -> TokenUsage:
+    """Several generations' usage as one (a completions request of several prompts): every
+    count added up, the image and video counts where any generation reported them."""
+    total = TokenUsage()
+    for usage in usages:
+        total.prompt_tokens += usage.prompt_tokens
+        total.completion_tokens += usage.completion_tokens
+        if usage.image_tokens is not None:
+            total.image_tokens = (total.image_tokens or 0) + usage.image_tokens
+        if usage.video_tokens is not None:
+            total.video_tokens = (total.video_tokens or 0) + usage.video_tokens
+    return total
 
 
 def record_usage(usage: TokenUsage, chunk: GenerationChunk) -> None:

@@ -39,6 +39,7 @@ from .contract import (
     ModelLimits,
     Output,
     Priority,
+    Task,
     decode_error,
     decode_timings,
 )
@@ -67,16 +68,35 @@ _STREAM_PARAMETERS = {"triton_enable_empty_final_response": True}
 
 
 @dataclass(frozen=True)
+class PromptOptions:
+    """How the model renders the prompt and what it returns of it (the inputs of these names);
+    the defaults are the model's own, and only what differs from them is sent."""
+
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # None: the model's default for the prompt's kind
+    echo: bool = False  # the prompt in front of the output (exclude_input_in_output false)
+    return_token_strs: bool = False  # tokenize: each token's string too
+
+
+DEFAULT_PROMPT_OPTIONS = PromptOptions()
+
+
+@dataclass(frozen=True)
 class TritonRequest:
     """What the proxy sends to the Triton model, before it becomes tensors."""
 
     model: str
-    messages_json: str
+    messages_json: str | None  # None: the prompt is `text_input` or `input_ids`
     media: dict[str, list[bytes]]  # Triton input (e.g. "image") -> encoded elements, in order
     sampling_parameters: dict[str, Any]
     stream: bool
     tools_json: str | None = None  # the `tools` input: tools rendered into the prompt
     priority: Priority = DEFAULT_PRIORITY  # the `priority` input: the scheduling class
+    # A prompt the model takes as it is (no chat template): text, or token ids.
+    text_input: str | None = None
+    input_ids: tuple[int, ...] | None = None
+    options: PromptOptions = DEFAULT_PROMPT_OPTIONS
+    task: Task = Task.GENERATE  # the `task` input: tokenize and detokenize generate nothing
     return_timings: bool = False  # the `return_timings` input: the stages, on the last response
 
 
@@ -259,17 +279,34 @@ def channel_args() -> list[tuple[str, Any]]:
 
 
 def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
-    inputs = [
-        _bytes_input(Input.MESSAGES, [request.messages_json.encode("utf-8")]),
+    options = request.options
+    inputs = []
+    if request.messages_json is not None:
+        inputs.append(_bytes_input(Input.MESSAGES, [request.messages_json.encode("utf-8")]))
+    if request.text_input is not None:
+        inputs.append(_bytes_input(Input.TEXT_INPUT, [request.text_input.encode("utf-8")]))
+    if request.input_ids is not None:
+        inputs.append(_int64_input(Input.INPUT_IDS, request.input_ids))
+    inputs += [
         _bool_input(Input.STREAM, request.stream),
         _bytes_input(
             Input.SAMPLING_PARAMETERS, [json.dumps(request.sampling_parameters).encode("utf-8")]
         ),
-        _bool_input(Input.EXCLUDE_INPUT_IN_OUTPUT, True),
+        _bool_input(Input.EXCLUDE_INPUT_IN_OUTPUT, not options.echo),
         _bool_input(Input.RETURN_FINISH_REASON, True),
         _bool_input(Input.RETURN_NUM_INPUT_TOKENS, True),
         _bool_input(Input.RETURN_NUM_OUTPUT_TOKENS, True),
     ]
+    # Inputs newer than the model's first contract go only when they say something other than
+    # the model's default, so plain chat requests also reach models without them.
+    if request.task is not Task.GENERATE:
+        inputs.append(_bytes_input(Input.TASK, [request.task.value.encode("utf-8")]))
+    if not options.add_generation_prompt:
+        inputs.append(_bool_input(Input.ADD_GENERATION_PROMPT, False))
+    if options.add_special_tokens is not None:
+        inputs.append(_bool_input(Input.ADD_SPECIAL_TOKENS, options.add_special_tokens))
+    if options.return_token_strs:
+        inputs.append(_bool_input(Input.RETURN_TOKEN_STRS, True))
     if request.tools_json is not None:
         inputs.append(_bytes_input(Input.TOOLS, [request.tools_json.encode("utf-8")]))
     # Only when not the default, which the model assumes without it: a model from before the
@@ -289,6 +326,12 @@ def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
     array[:] = values
     tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
     tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _int64_input(name: str, values: tuple[int, ...]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(values)], "INT64")
+    tensor.set_data_from_numpy(np.array(values, dtype=np.int64))
     return tensor
 
 

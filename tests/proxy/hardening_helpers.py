@@ -16,6 +16,8 @@ NORMAL_REQUEST = {"model": SERVED_MODEL, "messages": [{"role": "user", "content"
 GENERATING_REQUESTS = {
     CHAT: NORMAL_REQUEST,
     RESPONSES: {"model": SERVED_MODEL, "input": "hi"},
+    "/tokenize": NORMAL_REQUEST,
+    "/detokenize": {"model": SERVED_MODEL, "tokens": [11, 12, 13]},
 }
 
 # What must never reach a client: exception text, file paths, addresses, internals.

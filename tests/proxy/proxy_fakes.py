@@ -14,7 +14,7 @@ from sample_images import encoded_image
 from proxy.app import create_app
 from proxy.config import ProxyConfig, with_settings
 from proxy.transport.backend import Backend, GenerationChunk, TritonRequest
-from proxy.transport.contract import ModelLimits
+from proxy.transport.contract import ModelLimits, PromptPart, Task, TokenizeResult
 
 SERVED_MODEL = "qwen2.5-vl-7b-instruct"
 TRITON_MODEL = "qwen2_5_vl"
@@ -58,6 +58,11 @@ def script(
     ]
 
 
+# What the fake model answers to the tasks other than generation (one response each).
+TOKENIZED = TokenizeResult(7, 4096, [11, 12, 13, 14, 15, 16, 17], [PromptPart("text", 7)])
+TASK_ANSWERS = {Task.TOKENIZE: TOKENIZED.encode(), Task.DETOKENIZE: "Hello world!"}
+
+
 def logprob_entry(token: str, logprob: float) -> dict:
     top = [
         {"token": token, "logprob": logprob, "bytes": list(token.encode())},
@@ -98,6 +103,8 @@ class FakeBackend:
         # an exception a model that cannot be asked.
         self.limits: ModelLimits | BaseException | None = ModelLimits()
         self.describe_calls: list[str] = []
+        # The one response a tokenize or detokenize request gets, by task.
+        self.task_answers: dict[Task, str] = dict(TASK_ANSWERS)
 
     @property
     def last_request(self) -> TritonRequest:
@@ -107,14 +114,17 @@ class FakeBackend:
         self, request: TritonRequest, request_id: str
     ) -> AsyncGenerator[GenerationChunk, None]:
         self.requests.append((request, request_id))
+        chunks = self.chunks
+        if request.task is not Task.GENERATE:
+            chunks = [GenerationChunk(text=self.task_answers[request.task])]
         try:
-            for index, chunk in enumerate(self.chunks):
+            for index, chunk in enumerate(chunks):
                 if index == self.error_at:
                     raise self.error
                 if self.delay_s and index:
                     await asyncio.sleep(self.delay_s)
                 yield chunk
-            if self.error_at == len(self.chunks):
+            if self.error_at == len(chunks):
                 raise self.error
             self.finished = True
         except (GeneratorExit, asyncio.CancelledError):

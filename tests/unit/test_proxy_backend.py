@@ -22,6 +22,7 @@ from proxy.errors import APIError
 from proxy.transport import backend as backend_module
 from proxy.transport.backend import (
     GenerationChunk,
+    PromptOptions,
     TritonBackend,
     TritonRequest,
     build_inputs,
@@ -29,7 +30,7 @@ from proxy.transport.backend import (
     model_error,
     parse_response,
 )
-from proxy.transport.contract import INPUTS, ModelError, Priority
+from proxy.transport.contract import INPUTS, ModelError, Priority, Task
 
 REQUEST = TritonRequest(
     model="qwen2_5_vl",
@@ -67,6 +68,12 @@ def test_inputs_follow_the_tensor_contract():
         "video",
         "priority",
         "return_timings",
+        # a raw prompt's and the tasks' inputs, each sent only when it says something
+        "input_ids",
+        "task",
+        "add_generation_prompt",
+        "add_special_tokens",
+        "return_token_strs",
     }
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]
@@ -85,6 +92,33 @@ def test_inputs_follow_the_tensor_contract():
     ):
         assert (inputs[name].datatype(), inputs[name].shape()) == ("BOOL", [1])
         assert inputs[name]._get_content() == b"\x01"
+
+
+def test_a_task_and_a_raw_prompt_travel_in_their_inputs():
+    ids = dataclasses.replace(
+        REQUEST, messages_json=None, media={}, input_ids=(5, 2**40), task=Task.DETOKENIZE
+    )
+    inputs = tensors(ids)
+    assert "messages" not in inputs and "text_input" not in inputs
+    assert (inputs["input_ids"].datatype(), inputs["input_ids"].shape()) == ("INT64", [2])
+    assert np.frombuffer(inputs["input_ids"]._get_content(), "<i8").tolist() == [5, 2**40]
+    assert bytes_values(inputs["task"]) == [b"detokenize"]
+    text = dataclasses.replace(
+        REQUEST,
+        messages_json=None,
+        media={},
+        text_input="Once",
+        options=PromptOptions(False, False, echo=True, return_token_strs=True),
+    )
+    inputs = tensors(text)
+    assert bytes_values(inputs["text_input"]) == [b"Once"] and "task" not in inputs
+    for name, value in (
+        ("add_generation_prompt", b"\x00"),
+        ("add_special_tokens", b"\x00"),
+        ("return_token_strs", b"\x01"),
+        ("exclude_input_in_output", b"\x00"),  # echo
+    ):
+        assert inputs[name]._get_content() == value, name
 
 
 def test_the_batch_class_travels_in_the_priority_input():

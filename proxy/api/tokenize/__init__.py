@@ -1,0 +1,1 @@
+"""vLLM's `POST /tokenize` and `POST /detokenize`, answered by the model."""
