@@ -22,6 +22,8 @@ from .api.batches.context import batch_context
 from .api.batches.routes import cancel_batch, create_batch, list_batches, retrieve_batch
 from .api.chat.routes import chat_completions
 from .api.files.routes import create_file, delete_file, file_content, list_files, retrieve_file
+from .api.messages.protocol import error_body as anthropic_error_body
+from .api.messages.routes import create_message
 from .api.models import health, list_models, ready, retrieve_model
 from .api.responses.background import background_context
 from .api.responses.routes import (
@@ -61,6 +63,15 @@ log = logging.getLogger("proxy")
 ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, admit=Admit.GENERATING),
     Route("POST", "/v1/responses", create_response, admit=Admit.GENERATING),
+    # Anthropic's Messages API: its clients send the key as x-api-key, and read its errors.
+    Route(
+        "POST",
+        "/v1/messages",
+        create_message,
+        admit=Admit.GENERATING,
+        auth=Auth.X_API_KEY,
+        error_body=anthropic_error_body,
+    ),
     # Stored responses: reads are plain; a delete or a cancel changes stored state (WRITE).
     Route("GET", "/v1/responses/{response_id}", retrieve_response),
     Route("DELETE", "/v1/responses/{response_id}", delete_response, admit=Admit.WRITE),

@@ -12,10 +12,12 @@ request's shape: they go through the same `ClientPaths` where they enter the pro
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _MESSAGE = re.compile(r"messages\[(\d+)\]")
 _INDEX = "[*]"  # in a rename: any index, kept as it is
+_STEP = re.compile(r"(?=[.\[])")  # where a path's next field or index begins
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,17 @@ class ClientPaths:
     messages: tuple[tuple[str, bool], ...] | None = None
     # (internal prefix, client prefix), first match wins; `[*]` stands for one index.
     renames: tuple[tuple[str, str], ...] = ()
+    # Exact internal prefix -> the client's, the longest present wins; tried before the above.
+    # Looked up once per step of the path, so a table as large as the request (a surface whose
+    # messages split into several: Anthropic's tool_result blocks) costs nothing per lookup.
+    prefixes: Mapping[str, str] | None = None
 
     def __call__(self, path: str) -> str:
+        if self.prefixes is not None:
+            for cut in reversed([m.start() for m in _STEP.finditer(path)] + [len(path)]):
+                client = self.prefixes.get(path[:cut])
+                if client is not None:
+                    return client + path[cut:]
         if self.messages is not None:
             match = _MESSAGE.match(path)
             if match is not None:

@@ -8,14 +8,19 @@ import re
 
 from proxy_fakes import SERVED_MODEL
 
+from proxy.api.messages.protocol import error_type
+from proxy.error_catalogue import CATALOGUE
+
 CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
 NORMAL_REQUEST = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}]}
 # A plain request to each generating route (proxy/app.py ROUTES, `Admit.GENERATING`); a new
 # generating route needs one here, or the per-route tests fail with a KeyError.
 GENERATING_REQUESTS = {
     CHAT: NORMAL_REQUEST,
     RESPONSES: {"model": SERVED_MODEL, "input": "hi"},
+    MESSAGES: {**NORMAL_REQUEST, "max_tokens": 16},  # Anthropic requires max_tokens
     "/tokenize": NORMAL_REQUEST,
     "/detokenize": {"model": SERVED_MODEL, "tokens": [11, 12, 13]},
 }
@@ -41,6 +46,17 @@ def assert_envelope(body: dict, code: str | None = None) -> dict:
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+def assert_route_envelope(path: str, body: dict, code: str) -> None:
+    """The error `code` in the envelope of the route's API: Anthropic's on /v1/messages (its
+    `type` from the code's status), OpenAI's elsewhere."""
+    if path != MESSAGES:
+        assert_envelope(body, code)
+        return
+    assert set(body) == {"type", "error", "request_id"} and body["type"] == "error", body
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+    assert body["error"]["type"] == error_type(CATALOGUE[code].status), body
 
 
 async def raw_http(

@@ -13,6 +13,7 @@ from hardening_helpers import (
     NORMAL_REQUEST,
     assert_envelope,
     assert_no_leak,
+    assert_route_envelope,
     json_bytes,
     post_head,
     raw_http,
@@ -112,7 +113,7 @@ async def test_requests_above_the_cap_get_429_and_the_admitted_ones_are_counted(
     responses = await asyncio.gather(*(client.post(path, json=body) for body in bodies))
     for response in responses:
         assert response.status == 429 and response.headers["Retry-After"] == "1"
-        assert_envelope(await response.json(), "rate_limit_exceeded")
+        assert_route_envelope(path, await response.json(), "rate_limit_exceeded")
     assert len(backend.requests) == cap
     for holder in holders:
         holder.cancel()
@@ -130,7 +131,7 @@ async def test_429_is_decided_before_the_body_is_read(make_client, path):
     head = post_head(path, length=50_000_000)
     status, headers, body = await raw_http(client.server.port, head)
     assert status == 429 and headers["retry-after"] == "1"
-    assert_envelope(json.loads(body), "rate_limit_exceeded")
+    assert_route_envelope(path, json.loads(body), "rate_limit_exceeded")
     holder.cancel()
     await asyncio.gather(holder, return_exceptions=True)
     await asyncio.wait_for(backend.stopped_early.wait(), 5)
@@ -141,7 +142,7 @@ async def test_a_slow_body_does_not_hold_a_slot(make_client, path):
     client = await make_client(FakeBackend(), max_concurrent_requests=1, request_body_timeout_s=0.3)
     status, _, body = await raw_http(client.server.port, post_head(path, length=1000) + b'{"mess')
     assert status == 408
-    assert_envelope(json.loads(body), "request_timeout")
+    assert_route_envelope(path, json.loads(body), "request_timeout")
     assert admission(client).in_flight == 0
     assert (await client.post(path, json=GENERATING_REQUESTS[path])).status == 200
 
@@ -195,7 +196,7 @@ async def test_deadline_before_the_first_chunk_is_a_504_envelope(make_client, pa
     for body in (GENERATING_REQUESTS[path], streamed(path)):
         response = await client.post(path, json=body)
         assert response.status == 504
-        assert_envelope(await response.json(), "timeout")
+        assert_route_envelope(path, await response.json(), "timeout")
     await asyncio.wait_for(backend.stopped_early.wait(), 1)  # the generation was cancelled
 
 
@@ -265,7 +266,7 @@ async def test_draining_refuses_new_work_and_says_not_ready(make_client, path):
     admission(client).draining = True
     response = await client.post(path, json=GENERATING_REQUESTS[path])
     assert response.status == 503 and response.headers["Retry-After"] == "1"
-    assert_envelope(await response.json(), "server_shutting_down")
+    assert_route_envelope(path, await response.json(), "server_shutting_down")
     assert (await client.get("/ready")).status == 503
     assert (await client.get("/health")).status == 200
     assert (await client.get("/v1/models")).status == 200

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from aiohttp import web
-from hardening_helpers import GENERATING_REQUESTS, assert_envelope
+from hardening_helpers import GENERATING_REQUESTS, assert_route_envelope
 from proxy_fakes import TEST_CONFIG, FakeBackend, serving_app
 
 from proxy.app import create_app
@@ -91,4 +91,4 @@ async def test_every_post_route_answers_503_while_draining():
         for path in posts:
             response = await client.post(re.sub(r"\{[^}]*\}", "x", path), json={})
             assert response.status == 503, path
-            assert_envelope(await response.json(), "server_shutting_down")
+            assert_route_envelope(path, await response.json(), "server_shutting_down")
