@@ -20,6 +20,7 @@ import pytest
 from helpers import data_url, wait_until_async
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, FakeBackend, script, serving
 
+from proxy.api.responses import background
 from proxy.api.responses import routes as response_routes
 from proxy.config import with_settings
 from proxy.state.blobs import BlobStore
@@ -379,6 +380,29 @@ async def test_cancel_stops_the_generation(stateful):
     assert again.status == "cancelled"
 
 
+async def test_a_cancel_through_another_replica_stops_the_generation(
+    make_client, tmp_path, monkeypatch
+):
+    """Two proxies on one database: the one running the response learns of a cancel made
+    through the other at its next lease renewal."""
+    monkeypatch.setattr(background, "HEARTBEAT_S", 0.05)
+    settings = {"state": True, "state_dir": str(tmp_path)}
+    running = FakeBackend(script(*(f"t{i}" for i in range(400))), delay_s=0.05)
+    first = await make_client(running, **settings)
+    second = await make_client(FakeBackend(), **settings)
+    created = await (
+        await first.post("/v1/responses", json={"input": "Hi", "background": True})
+    ).json()
+    await wait_until_async(lambda: running.requests, what="the generation to start")
+
+    cancelled = await second.post(f"/v1/responses/{created['id']}/cancel")
+    assert (await cancelled.json())["status"] == "cancelled"
+    await asyncio.wait_for(running.stopped_early.wait(), 10.0)
+    assert not running.finished
+    body = await (await first.get(f"/v1/responses/{created['id']}")).json()
+    assert body["status"] == "cancelled"
+
+
 async def test_only_running_background_responses_can_be_cancelled(stateful):
     client, sdk = await stateful(FakeBackend())
     sync = await sdk.responses.create(input="Hi")
@@ -409,6 +433,7 @@ async def test_a_background_response_holds_an_in_flight_slot(stateful):
     created = await sdk.responses.create(input="Hi", background=True)
     with pytest.raises(openai.RateLimitError):
         await sdk.responses.create(input="Hi", background=True)
+    await wait_until_async(lambda: backend.requests, what="the generation to start")
     await sdk.responses.cancel(created.id)
     await asyncio.wait_for(backend.stopped_early.wait(), 5.0)
 
