@@ -146,6 +146,8 @@ class TritonSink:
             outputs.append(
                 _text_tensor(Output.LOGPROBS, json.dumps(chunk.logprobs, ensure_ascii=False))
             )
+        if chunk.stop_reason is not None:
+            outputs.append(_text_tensor(Output.STOP_REASON, chunk.stop_reason))
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
 

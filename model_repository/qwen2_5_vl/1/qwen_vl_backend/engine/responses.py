@@ -52,6 +52,7 @@ class OutputChunk:
     index: int = 0
     final: bool = False
     video_tokens: int = 0
+    stop_reason: str | None = None  # the stop string that ended the choice (its last chunk)
 
 
 class ResponseSink(Protocol):
@@ -187,7 +188,9 @@ class ChoiceStream:
             (self.first_token_at or now) - arrived,
             now - arrived,
         )
-        self.request.choice_finished(self._chunk(text, tokens, reason))
+        chunk = self._chunk(text, tokens, reason)
+        chunk.stop_reason = self.assembler.stop_string
+        self.request.choice_finished(chunk)
 
     def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
         logprobs = self.unsent_logprobs if self.with_logprobs else None
