@@ -21,6 +21,7 @@ from aiohttp import web
 from .api.batches.context import batch_context
 from .api.batches.routes import cancel_batch, create_batch, list_batches, retrieve_batch
 from .api.chat.routes import chat_completions
+from .api.completions.routes import create_completion
 from .api.files.routes import create_file, delete_file, file_content, list_files, retrieve_file
 from .api.messages.protocol import error_body as anthropic_error_body
 from .api.messages.routes import create_message
@@ -63,6 +64,7 @@ log = logging.getLogger("proxy")
 ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, admit=Admit.GENERATING),
     Route("POST", "/v1/responses", create_response, admit=Admit.GENERATING),
+    Route("POST", "/v1/completions", create_completion, admit=Admit.GENERATING),
     # Anthropic's Messages API: its clients send the key as x-api-key, and read its errors.
     Route(
         "POST",

@@ -21,6 +21,7 @@ GENERATING_REQUESTS = {
     CHAT: NORMAL_REQUEST,
     RESPONSES: {"model": SERVED_MODEL, "input": "hi"},
     MESSAGES: {**NORMAL_REQUEST, "max_tokens": 16},  # Anthropic requires max_tokens
+    "/v1/completions": {"model": SERVED_MODEL, "prompt": "hi"},
     "/tokenize": NORMAL_REQUEST,
     "/detokenize": {"model": SERVED_MODEL, "tokens": [11, 12, 13]},
 }

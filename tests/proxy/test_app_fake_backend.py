@@ -514,7 +514,7 @@ async def test_served_name_with_slash(make_client):
 
 async def test_unknown_route_is_404_envelope(make_client):
     client = await make_client()
-    resp = await client.post("/v1/completions", json={})
+    resp = await client.post("/v1/embeddings", json={})
     assert resp.status == 404
     assert_error(await resp.json(), type="invalid_request_error", code="not_found")
     assert resp.headers["X-Request-Id"]

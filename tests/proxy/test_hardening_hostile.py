@@ -431,7 +431,7 @@ async def test_unknown_routes_and_methods_are_4xx_envelopes(make_client):
     client = await make_client(FakeBackend())
     for method, path, status in (
         ("GET", CHAT, 405),
-        ("POST", "/v1/completions", 404),
+        ("POST", "/v1/embeddings", 404),
         ("DELETE", "/v1/models", 405),
         ("GET", "/../../etc/passwd", 404),
     ):

@@ -1,0 +1,1 @@
+"""OpenAI's legacy completions: `POST /v1/completions`."""
