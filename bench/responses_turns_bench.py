@@ -4,7 +4,7 @@
     .venv/bin/python bench/responses_turns_bench.py [--conversations 10] [--seed 0]
         [--max-output-tokens 32] [--checkpoint DIR] [--out FILE]
 
-A stack (tritonserver + proxy, stored state in a temporary directory) on the `bench` preset of
+A stack (tritonserver + proxy, its stored state in a fresh directory) on the `bench` preset of
 scripts/build_tiny_checkpoint.py (built if missing) serves `--conversations` two-turn
 conversations one after another, each with an image no request has carried before (seeded):
 
@@ -29,7 +29,6 @@ import base64
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -149,22 +148,20 @@ def main(argv=None) -> int:
             log(f"building the bench checkpoint in {out}")
             build_tiny_checkpoint.build(out, preset="bench")
         checkpoint = str(out)
-    with tempfile.TemporaryDirectory(prefix="responses-bench-state-") as state_dir:
-        config = stack_launcher.loopback_config(
-            checkpoint, proxy_args=["--state-dir", state_dir], exit_timeout_s=5
+    # A loopback stack keeps its proxy's state in a fresh directory of its own.
+    config = stack_launcher.loopback_config(checkpoint, exit_timeout_s=5)
+    running = stack_launcher.Stack(config)
+    try:
+        log("starting the stack")
+        running.start()
+        running.wait_ready(timeout=args.ready_timeout)
+        client = openai.OpenAI(
+            base_url=f"{config.proxy_url}/v1", api_key="unused", max_retries=0, timeout=600
         )
-        running = stack_launcher.Stack(config)
-        try:
-            log("starting the stack")
-            running.start()
-            running.wait_ready(timeout=args.ready_timeout)
-            client = openai.OpenAI(
-                base_url=f"{config.proxy_url}/v1", api_key="unused", max_retries=0, timeout=600
-            )
-            model = client.models.list().data[0].id
-            report = run(client, model, args)
-        finally:
-            running.stop()
+        model = client.models.list().data[0].id
+        report = run(client, model, args)
+    finally:
+        running.stop()
     report["settings"] = {
         "checkpoint": checkpoint,
         "conversations": args.conversations,

@@ -13,14 +13,11 @@ def stacks_stopped_behind():
 
 
 @pytest.fixture(scope="session")
-def stack(tiny_checkpoint_path, tmp_path_factory):
-    proxy_args = [
-        # Test-only: lets the proxy fetch images the tests serve on 127.0.0.1.
-        *("--image-fetch-allow-private-hosts", "127.0.0.1"),
-        # Stored responses and files go to the session's directory, not the user's.
-        *("--state-dir", str(tmp_path_factory.mktemp("proxy-state"))),
-    ]
-    with running_stack(tiny_checkpoint_path, proxy_args=proxy_args) as running:
+def stack(tiny_checkpoint_path):
+    # Test-only: lets the proxy fetch images the tests serve on 127.0.0.1.
+    with running_stack(
+        tiny_checkpoint_path, proxy_args=["--image-fetch-allow-private-hosts", "127.0.0.1"]
+    ) as running:
         yield running
 
 
