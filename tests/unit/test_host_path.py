@@ -20,6 +20,7 @@ from qwen_vl_backend.engine.sampling import (
     sample,
 )
 from qwen_vl_backend.errors import EngineStoppingError
+from qwen_vl_backend.request.params import SamplingParams
 from qwen_vl_backend.settings import ModelSettings
 
 SETTINGS = ModelSettings()
@@ -140,7 +141,7 @@ def test_the_host_timers_count_every_part_of_a_step(make_engine):
 
 
 def fake_request(n=1, stream=True):
-    sampling = SimpleNamespace(n=n, stop=(), logprobs=False)
+    sampling = SamplingParams(n=n)
     raw = SimpleNamespace(stream=stream, request_id="fake", exclude_input_in_output=True)
     prepared = SimpleNamespace(
         sampling=sampling, raw=raw, prompt="", prompt_tokens=3, image_tokens=0, video_tokens=0

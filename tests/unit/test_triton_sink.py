@@ -124,3 +124,22 @@ def test_counts_are_not_sent_unless_asked(model_module):
     sink = model_module.TritonSink(request, RawRequest(request_id="r"))
     sink.send(_chunk(finish_reason="stop", final=True))
     assert set(request.sender.sent[0].tensors) == {Output.TEXT_OUTPUT, Output.INDEX}
+
+
+def test_timings_prompt_logprobs_and_the_repetition_flag_go_when_set(model_module):
+    import json
+
+    request = _Request()
+    sink = model_module.TritonSink(request, RawRequest(request_id="r", return_timings=True))
+    first = _chunk()
+    first.prompt_logprobs = [None, {"5": {"logprob": -1.0, "rank": 1, "decoded_token": "a"}}]
+    last = _chunk(finish_reason="stop", final=True)
+    last.repetition_detected, last.timings = True, {"queue": 0.25, "ttft": 1.0}
+    sink.send(first)
+    sink.send(last)
+    sent_first, sent_last = (response.tensors for response in request.sender.sent)
+    assert json.loads(sent_first[Output.PROMPT_LOGPROBS][0]) == first.prompt_logprobs
+    assert Output.TIMINGS not in sent_first and Output.REPETITION_DETECTED not in sent_first
+    assert json.loads(sent_last[Output.TIMINGS][0]) == {"queue": 0.25, "ttft": 1.0}
+    assert bool(sent_last[Output.REPETITION_DETECTED][0]) is True
+    assert Output.PROMPT_LOGPROBS not in sent_last

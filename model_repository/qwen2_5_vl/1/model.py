@@ -84,6 +84,7 @@ def _raw_request(request) -> RawRequest:
             return_num_output_tokens=bool(_scalar(request, Input.RETURN_NUM_OUTPUT_TOKENS, False)),
             tools=_scalar(request, Input.TOOLS),
             priority=_scalar(request, Input.PRIORITY),
+            return_timings=bool(_scalar(request, Input.RETURN_TIMINGS, False)),
             task=_scalar(request, Input.TASK),
             input_ids=input_ids.as_numpy().reshape(-1).tolist() if input_ids is not None else None,
             add_generation_prompt=bool(_scalar(request, Input.ADD_GENERATION_PROMPT, True)),
@@ -148,6 +149,13 @@ class TritonSink:
             )
         if chunk.stop_reason is not None:
             outputs.append(_text_tensor(Output.STOP_REASON, chunk.stop_reason))
+        if chunk.prompt_logprobs is not None:
+            text = json.dumps(chunk.prompt_logprobs, ensure_ascii=False)
+            outputs.append(_text_tensor(Output.PROMPT_LOGPROBS, text))
+        if chunk.repetition_detected:
+            outputs.append(pb_utils.Tensor(Output.REPETITION_DETECTED, np.array([True])))
+        if chunk.timings is not None:
+            outputs.append(_text_tensor(Output.TIMINGS, json.dumps(chunk.timings)))
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
@@ -290,6 +298,10 @@ class TritonMetrics(EngineObserver):
         self._constrained = {
             kind: constrained.Metric(labels={**labels, "type": kind}) for kind in CONSTRAINED_TYPES
         }
+        self._repetition_stops = counter(
+            "qwen_vl_repetition_stops_total",
+            "Choices the repetition guard ended (their last n-gram repeated past max_repeats)",
+        )
         self._grammar_compile = self._family(
             "qwen_vl_grammar_compile_seconds",
             "Time to compile a request's grammar (cache misses only)",
@@ -343,6 +355,9 @@ class TritonMetrics(EngineObserver):
 
     def grammar_compiled(self, seconds):
         self._grammar_compile.observe(seconds)
+
+    def repetition_detected(self):
+        self._repetition_stops.increment(1)
 
     def host_timings(self, increase):
         self._steps.increment(increase["steps"])

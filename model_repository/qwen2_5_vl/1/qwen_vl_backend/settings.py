@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .contract import ModelLimits
+from .contract import MAX_GUARD_NGRAM, ModelLimits
 
 # What the proxy learns through `describe`; its defaults are the defaults here.
 _LIMITS = ModelLimits()
@@ -160,6 +160,13 @@ class ModelSettings:
     # OpenMP thread mid-GEMM and leave the step's other threads waiting at its barrier; on 2-3
     # cores a core is too large a share of the GEMMs to give up (docs/engine.md "Threads").
     torch_threads: int = 0
+    # The n-gram loop guard's default for requests that send no `repetition_guard`
+    # (docs/engine.md "Repetition guard"): a choice stops (finish_reason stop,
+    # repetition_detected) once its last `ngram` tokens have come `max_repeats` + 1 times in a
+    # row. 0: off, as vLLM and OpenAI never stop a choice for repeating itself; a document-
+    # reading deployment may turn it on (ngram 8, max_repeats 4 stops a loop after 40 tokens).
+    repetition_guard_ngram: int = 0
+    repetition_guard_max_repeats: int = 4
 
     def __post_init__(self):
         if self.stream_interval < 1:
@@ -185,6 +192,16 @@ class ModelSettings:
         self.compile_bucket_sizes()
         if self.torch_threads < 0:
             raise ValueError(f"parameter torch_threads={self.torch_threads}: 0 (derive) or more")
+        if not 0 <= self.repetition_guard_ngram <= MAX_GUARD_NGRAM:
+            raise ValueError(
+                f"parameter repetition_guard_ngram={self.repetition_guard_ngram}: 0 (off) to "
+                f"{MAX_GUARD_NGRAM}"
+            )
+        if self.repetition_guard_max_repeats < 1:
+            raise ValueError(
+                f"parameter repetition_guard_max_repeats={self.repetition_guard_max_repeats}: "
+                "at least 1"
+            )
 
     def compile_bucket_sizes(self) -> list[int]:
         """`compile_buckets` as ascending row counts; [] when it is empty (derive them)."""

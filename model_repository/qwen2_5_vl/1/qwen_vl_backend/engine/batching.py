@@ -36,6 +36,7 @@ rows are never preempted, and a row's tokens never depend on its neighbours in a
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import queue
 import threading
@@ -57,16 +58,23 @@ from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, decode_length_multiple
 from .memory import release_cached_memory, size_kv_cache, use_device
+from .repetition import RepetitionGuard
 from .responses import Failure, RequestStream, ResponseSender, ResponseSink, TaskSink, Token
-from .sampling import TokenSampler, TokenTexts, resolve_sampling, sample
+from .sampling import TokenSampler, TokenTexts, resolve_sampling, sample, stop_tokens
 from .slots import SlotContent, SlotPool
 from .text_forward import text_forward
+from .timings import RequestTimings, take_media_decode_seconds
 
 log = logging.getLogger(__name__)
 
 # Admission order of the classes (contract.Priority's order), and the one that pays last.
 _RANK = {priority: rank for rank, priority in enumerate(Priority)}
 _LAST_PRIORITY = list(Priority)[-1]
+
+# Prompt positions whose logprobs one step computes for a request that asks for them
+# (prompt_logprobs): its prompt chunks are cut to this many tokens, which bounds the step's
+# logits at this many rows of the vocabulary (256 x 152k float32 = 156 MB for Qwen2.5-VL).
+PROMPT_LOGPROB_ROWS = 256
 
 OUT_OF_MEMORY = (
     "the device ran out of memory for this request; retry later, or with a shorter prompt, "
@@ -109,6 +117,9 @@ class EngineObserver:
     def grammar_compiled(self, seconds: float) -> None:
         """A grammar was compiled (a cache miss); called on a preparation thread."""
 
+    def repetition_detected(self) -> None:
+        """The repetition guard ended a choice (docs/engine.md "Repetition guard")."""
+
     def host_timings(self, increase: dict[str, float]) -> None:
         """How much the host path timers (`EngineStats.timings`) grew since the last call:
         every `timing_log_s` under load and whenever the engine goes idle."""
@@ -126,12 +137,15 @@ class _Request:
         emit: Callable,
         grammar: CompiledGrammar | None = None,
         priority: Priority = Priority.INTERACTIVE,
+        guard: tuple[int, int] | None = None,
     ):
         self.prepared = prepared
         self.arrived = arrived
         self.priority = priority
         self.grammar = grammar  # its `structured` constraint, compiled
+        self.guard = guard  # (ngram, max_repeats) of its repetition guard; None: none
         self.stream = RequestStream(prepared, sink, arrived)
+        self.timings = self.stream.timings = RequestTimings(arrived)
         self.choices: list[_Sequence] = []
         self.done = False  # failed, or ended by the sender: nothing more is computed for it
         self._emit = emit
@@ -167,8 +181,16 @@ class _Sequence:
         self.index = index
         self.sampler = sampler
         self.matcher = matcher  # llguidance.LLMatcher of its own when the request is constrained
-        self.stream = request.stream.choice(index, checkpoint.decode)
-        self.eos = checkpoint.eos_token_ids
+        sampling = prepared.sampling
+        decode = checkpoint.decode
+        if not sampling.skip_special_tokens:
+            decode = functools.partial(checkpoint.decode, skip_special_tokens=False)
+        self.stream = request.stream.choice(index, decode)
+        # The tokens that end the choice (EOS unless ignore_eos, stop_token_ids); one that did
+        # is left out of the text (`hidden`) unless include_stop_str_in_output.
+        self.stop_tokens = frozenset(stop_tokens(sampling, checkpoint.eos_token_ids))
+        self.hidden = False
+        self.guard = None if request.guard is None else RepetitionGuard(*request.guard)
         self.max_model_len = checkpoint.max_model_len
         self.cached = 0  # tokens of this sequence in its slot
         self.next_position = prepared.prompt_tokens  # text position of the next token fed in
@@ -219,12 +241,16 @@ class _Sequence:
 
     def accept(self, token: int) -> None:
         """Take the sampled token: advance the grammar, decide whether the choice is done by
-        EOS, length or a grammar that can take nothing but EOS (stop strings are found where
-        the text is assembled, `responses`)."""
+        a stop token (EOS, stop_token_ids), a grammar that can take nothing but EOS, the
+        repetition guard (finish_reason "repetition" here: "stop" with repetition_detected
+        in the response) or length; stop tokens and the guard only from min_tokens on (stop
+        strings are found where the text is assembled, `responses`)."""
+        now = time.monotonic()
         if self.first_token_at is None:
-            self.first_token_at = self.stream.first_token_at = time.monotonic()
+            self.first_token_at = self.stream.first_token_at = now
         self.last_token = token
         self.generated += 1
+        self.request.timings.token(now, self.generated)
         grammar_done = False
         if self.matcher is not None:
             if not self.matcher.consume_token(token):
@@ -232,8 +258,14 @@ class _Sequence:
                     f"the grammar refused token {token}: {self.matcher.get_error()[:300]}"
                 )
             grammar_done = self.matcher.is_stopped()
-        if token in self.eos or grammar_done:
+        min_tokens = self.prepared.sampling.min_tokens
+        stop_token = token in self.stop_tokens and self.generated > min_tokens
+        looping = self.guard is not None and self.guard.push(token)
+        if stop_token or grammar_done:
             self.finish_reason = "stop"
+            self.hidden = stop_token and not self.prepared.sampling.include_stop_str_in_output
+        elif looping and self.generated >= min_tokens:
+            self.finish_reason = "repetition"
         elif (
             self.generated >= self.prepared.max_new_tokens
             or self.next_position + 1 >= self.max_model_len
@@ -257,6 +289,7 @@ class EngineStats(EngineObserver):
     partial_chunks: int = 0  # prompt chunks that left the rest of their prompt for later steps
     constrained_requests: int = 0
     grammar_compiles: int = 0
+    repetition_stops: int = 0  # choices the repetition guard ended
     # Host path timers, cumulative seconds (docs/engine.md "Host path"). Engine thread: `steps`
     # iterations that computed something took `step_s` in all, of which scheduling (dropping
     # ended requests, admission, planning), vision-tower stages, the forward (LM head
@@ -318,6 +351,9 @@ class EngineStats(EngineObserver):
     def grammar_compiled(self, seconds: float) -> None:
         self.grammar_compiles += 1
 
+    def repetition_detected(self) -> None:
+        self.repetition_stops += 1
+
 
 class _Observers(EngineObserver):
     """Fans events out; a failing observer (metrics) is logged, never fatal to generation."""
@@ -355,6 +391,9 @@ class _Observers(EngineObserver):
 
     def grammar_compiled(self, *args) -> None:
         self._call("grammar_compiled", *args)
+
+    def repetition_detected(self, *args) -> None:
+        self._call("repetition_detected", *args)
 
     def host_timings(self, *args) -> None:
         self._call("host_timings", *args)
@@ -422,6 +461,9 @@ class _Step:
     decode: list[_Sequence]
     chunks: list[tuple[_Sequence, int, int]]  # (sequence, start, length)
     vision: list[tuple[_VisionWork, int]]  # (job, stages to run)
+    # (sequence, first position, count) of prompt positions whose logprobs the forward's
+    # extra rows carry (prompt_logprobs), after the sampling rows
+    prompt_rows: list[tuple[_Sequence, int, int]] = field(default_factory=list)
 
 
 class _VisionWork:
@@ -569,13 +611,21 @@ class BatchingEngine:
                 sink.cancelled()
                 self._observe.finished("cancelled")
                 return
+            started = time.monotonic()
+            take_media_decode_seconds()  # what this thread decoded before is not this request's
             prepared = self._prepare(raw, self._checkpoint, self._settings)
             self._check_fits(prepared, priority)
             structured, grammar = prepared.sampling.structured, None
             if structured is not None:
                 grammar = self.grammars.compile(structured)
                 self._observe.constrained(structured.type)
-            request = _Request(prepared, sink, arrived, self._outbox_append, grammar, priority)
+            guard = self._repetition_guard(prepared)
+            request = _Request(
+                prepared, sink, arrived, self._outbox_append, grammar, priority, guard
+            )
+            timings = request.timings
+            timings.prepare_started, timings.prepared = started, time.monotonic()
+            timings.media_decode = take_media_decode_seconds()
             self._sender.register(request.stream)
             self._ready.put(request)
         except Exception as exc:
@@ -600,7 +650,30 @@ class BatchingEngine:
         with self._lock:
             self._unadmitted[priority] -= 1
 
+    def _repetition_guard(self, prepared: PreparedRequest) -> tuple[int, int] | None:
+        """(ngram, max_repeats) of the request's repetition guard, or the server's default
+        when it names none; None when off."""
+        guard = prepared.sampling.repetition_guard
+        if guard is None:
+            settings = self._settings
+            ngram, repeats = settings.repetition_guard_ngram, settings.repetition_guard_max_repeats
+        else:
+            ngram, repeats = guard.ngram, guard.max_repeats
+        return (ngram, repeats) if ngram > 0 else None
+
     def _check_fits(self, prepared: PreparedRequest, priority: Priority) -> None:
+        sampling = prepared.sampling
+        vocab = self._model.config.text_config.vocab_size
+        for param, token in sampling.token_ids():
+            if token >= vocab:
+                raise RequestError(
+                    f"{token} is not a token id of this model (0 to {vocab - 1})", param
+                )
+        if sampling.min_tokens > prepared.max_new_tokens:
+            raise RequestError(
+                f"'min_tokens' must be at most max_tokens ({prepared.max_new_tokens})",
+                "min_tokens",
+            )
         n, cap = prepared.sampling.n, self.limits.max_choices
         if n > cap:
             raise RequestError(f"'n' must be at most {cap} on this server", "n")
@@ -830,6 +903,8 @@ class BatchingEngine:
     @staticmethod
     def _plan_chunk(step: _Step, sequence: _Sequence, budget: int) -> int:
         length = min(sequence.prepared.prompt_tokens - sequence.cached, budget)
+        if sequence.prepared.sampling.prompt_logprobs is not None:
+            length = min(length, PROMPT_LOGPROB_ROWS)
         step.chunks.append((sequence, sequence.cached, length))
         return length
 
@@ -850,7 +925,10 @@ class BatchingEngine:
             self._unadmitted[request.priority] -= 1
         self._observe.admitted(request.priority)
         prepared = request.prepared
-        settings = resolve_sampling(prepared.sampling, self._model.generation_config)
+        request.timings.admitted = time.monotonic()
+        settings = resolve_sampling(
+            prepared.sampling, self._model.generation_config, self._checkpoint.eos_token_ids
+        )
         sampler = TokenSampler(
             settings,
             prepared.inputs["input_ids"].to(self._checkpoint.device),
@@ -859,6 +937,8 @@ class BatchingEngine:
         slot, reused = self._slots.take(_content(prepared, prepared.prompt_tokens))
         matcher = None if request.grammar is None else request.grammar.matcher()
         sequence = _Sequence(request, self._checkpoint, sampler, slot, matcher=matcher)
+        if prepared.sampling.prompt_logprobs is not None:
+            reused = 0  # every prompt position's logits are wanted: the whole prompt runs
         sequence.cached = reused  # the slot still holds this much of the prompt
         self.stats.reused_prompt_tokens += reused
         request.choices.append(sequence)
@@ -938,7 +1018,11 @@ class BatchingEngine:
             except torch.OutOfMemoryError:
                 self._vision_failed(work)
                 continue
-            self._vision_cost.vision_took(stages * work.stage_cost, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self._vision_cost.vision_took(stages * work.stage_cost, took)
+            waiting = {id(s.request): s.request for s in self._running if work in s.awaiting}
+            for request in waiting.values():
+                request.timings.vision += took
             if work.job.done:
                 self._vision.remove(work)
                 for key in work.keys:
@@ -988,6 +1072,10 @@ class BatchingEngine:
         stats.forward_s += time.perf_counter() - started
         if logits is None:  # nothing fitted: the step's requests failed
             return
+        if step.prompt_rows:
+            sampling_rows = len(step.decode) + len(finishing)
+            self._prompt_logprobs(step.prompt_rows, logits[sampling_rows:])
+            logits = logits[:sampling_rows]
         for sequence in step.decode:
             sequence.cached += 1
             sequence.next_position += 1
@@ -1031,7 +1119,10 @@ class BatchingEngine:
         return (torch.cat(computed) if computed else None), []
 
     def _forward(self, step: _Step) -> tuple[torch.Tensor, list[_Sequence]]:
-        """One packed forward; logits of each decode token and of each finished prompt."""
+        """One packed forward; logits of each decode token and of each finished prompt, then
+        of the prompt positions whose logprobs are wanted (`step.prompt_rows`)."""
+        step.prompt_rows = []
+        extra: list[int] = []
         device = self._checkpoint.device
         ids = [s.last_token for s in step.decode]
         positions = [
@@ -1045,6 +1136,13 @@ class BatchingEngine:
             ids += prompt[start : start + length].tolist()
             positions.append(sequence.prepared.positions[:, start : start + length])
             chunks.append(PrefillChunk(sequence.slot, start, length, offset))
+            if sequence.prepared.sampling.prompt_logprobs is not None:
+                # position p's logits score prompt token p + 1; the last position's are the
+                # first token's (a sampling row)
+                count = min(start + length, sequence.prepared.prompt_tokens - 1) - start
+                if count > 0:
+                    step.prompt_rows.append((sequence, start, count))
+                    extra += range(offset, offset + count)
             offset += length
             if start + length == sequence.prepared.prompt_tokens:
                 finishing.append(sequence)
@@ -1062,9 +1160,45 @@ class BatchingEngine:
             self.slot_len,
         )
         started = time.perf_counter()
-        logits = self._text_forward(embeds, torch.cat(positions, dim=1), layout, self._cache, rows)
+        logits = self._text_forward(
+            embeds, torch.cat(positions, dim=1), layout, self._cache, rows + extra
+        )
         self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
         return logits, finishing
+
+    def _prompt_logprobs(
+        self, prompt_rows: list[tuple[_Sequence, int, int]], logits: torch.Tensor
+    ) -> None:
+        """The logprob and rank of each prompt token at the positions computed, with the top
+        alternatives the request asked for, batched over every row and brought to the host in
+        one copy; each request's stream gathers them for its first response (vLLM's
+        prompt_logprobs)."""
+        targets_host = torch.cat(
+            [s.prepared.inputs["input_ids"][0, p + 1 : p + 1 + n] for s, p, n in prompt_rows]
+        )
+        targets = targets_host.to(logits.device)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0]
+        ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+        top = max(s.prepared.sampling.prompt_logprobs for s, _, _ in prompt_rows)
+        parts = [chosen.double(), ranks.double()]
+        if top:
+            values, ids = torch.topk(logprobs, top, dim=-1)
+            parts += [values.double().flatten(), ids.double().flatten()]
+        host = torch.cat(parts).tolist()
+        total = len(targets_host)
+        values_at, ids_at = 2 * total, 2 * total + total * top
+        row = 0
+        for sequence, _start, count in prompt_rows:
+            wanted = sequence.prepared.sampling.prompt_logprobs
+            entries = sequence.request.stream.prompt_logprobs
+            for target in targets_host[row : row + count].tolist():
+                tops = [
+                    (int(host[ids_at + row * top + k]), host[values_at + row * top + k])
+                    for k in range(wanted)
+                ]
+                entries.append((target, host[row], int(host[total + row]), tops))
+                row += 1
 
     def _place_image_embeddings(
         self, embeds, sequence: _Sequence, start: int, length: int, offset: int
@@ -1149,8 +1283,12 @@ class BatchingEngine:
                 done.append(sequence)
                 continue
             self._outbox.append(
-                Token(sequence.stream, token, sequence.finish_reason, logprobs[row])
+                Token(
+                    sequence.stream, token, sequence.finish_reason, logprobs[row], sequence.hidden
+                )
             )
+            if sequence.finish_reason == "repetition":
+                self._observe.repetition_detected()
             if row >= first_tokens and sequence.index == 0:
                 prepared = request.prepared
                 self._observe.prefilled(

@@ -47,11 +47,16 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Holds back text that could be the start of a stop string; cuts at the first match."""
+    """Holds back text that could be the start of a stop string; cuts at the first match
+    (after it with `include`: vLLM's include_stop_str_in_output). Until `armed` (min_tokens),
+    a match does not stop: the text goes on, and a stop string is found only once it ends in
+    text pushed after arming."""
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], include: bool = False, armed: bool = True):
         self._stop = [s for s in stop if s]
+        self._include = include
         self._pending = ""
+        self.armed = armed
         self.stopped = False
         self.matched: str | None = None  # the stop string found (the earliest in the text)
 
@@ -63,10 +68,11 @@ class StopStringMatcher:
             out, self._pending = self._pending, ""
             return out
         hits = [(at, stop) for stop in self._stop if (at := self._pending.find(stop)) >= 0]
-        if hits:
+        if hits and self.armed:
             at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
-            out, self._pending = self._pending[:at], ""
+            end = at + len(self.matched) if self._include else at
+            out, self._pending = self._pending[:end], ""
             return out
         keep = self._partial_match_length()
         cut = len(self._pending) - keep
@@ -88,11 +94,20 @@ class StopStringMatcher:
 
 
 class TextAssembler:
-    """Token ids in, (text delta, tokens it covers) out; knows when a stop string hit."""
+    """Token ids in, (text delta, tokens it covers) out; knows when a stop string hit.
+    `include_stop`: a stop string stays in the text; `min_tokens`: stop strings count only
+    from the text of that many tokens on (vLLM's rule: none ends a choice before)."""
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        stop: Sequence[str] = (),
+        include_stop: bool = False,
+        min_tokens: int = 0,
+    ):
         self._detokenizer = IncrementalDetokenizer(decode)
-        self._matcher = StopStringMatcher(stop)
+        self._matcher = StopStringMatcher(stop, include_stop, armed=min_tokens <= 1)
+        self._min_tokens = min_tokens
         self._unreported_tokens = 0
         self.num_tokens = 0
         self.text_parts: list[str] = []
@@ -106,9 +121,15 @@ class TextAssembler:
         """The stop string that ended the text; None while none has."""
         return self._matcher.matched
 
-    def push(self, token_id: int) -> tuple[str, int]:
+    def push(self, token_id: int, hidden: bool = False) -> tuple[str, int]:
+        """`hidden`: the token counts, its text is not shown (a stop token, as vLLM leaves
+        EOS and stop_token_ids out of the text unless include_stop_str_in_output)."""
         self.num_tokens += 1
         self._unreported_tokens += 1
+        if hidden:
+            return "", 0  # its count goes with the next text, or the last chunk
+        if self.num_tokens >= self._min_tokens:
+            self._matcher.armed = True
         return self._take(self._matcher.push(self._detokenizer.push(token_id)))
 
     def finish(self) -> tuple[str, int]:

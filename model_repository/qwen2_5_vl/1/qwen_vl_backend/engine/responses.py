@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Protocol
 
 from ..errors import EngineStoppingError
 from .detokenize import TextAssembler
-from .sampling import TokenLogprobs, TokenTexts, logprob_entry
+from .sampling import TokenLogprobs, TokenTexts, logprob_entry, prompt_logprob_entries
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ class OutputChunk:
     index: int = 0
     final: bool = False
     video_tokens: int = 0
+    # the request's stage timings (contract.TIMING_STAGES) on its final response when asked
+    timings: dict[str, float] | None = None
+    # vLLM's prompt_logprobs on the request's first response when asked
+    prompt_logprobs: list | None = None
+    repetition_detected: bool = False  # the repetition guard ended this choice (its last chunk)
     stop_reason: str | None = None  # the stop string that ended the choice (its last chunk)
 
 
@@ -89,6 +94,12 @@ class RequestStream:
         self.finals: list[OutputChunk] = []  # choices' last chunks not sent yet
         self.ending: BaseException | str | None = None  # an error, or "cancelled"
         self.closed = False  # no more output will be taken (read by the engine thread)
+        self.timings = None  # its RequestTimings (the engine's)
+        # (prompt token, logprob, rank, top) per prompt position after the first, gathered by
+        # the engine thread before it posts the first token; None when not asked for
+        wanted = prepared.sampling.prompt_logprobs is not None
+        self.prompt_logprobs: list | None = [] if wanted else None
+        self.prompt_logprobs_sent = False
 
     @property
     def request_id(self) -> str:
@@ -100,6 +111,8 @@ class RequestStream:
     def choice_finished(self, chunk: OutputChunk) -> None:
         self.open_choices -= 1
         chunk.final = self.open_choices == 0
+        if chunk.final and self.prepared.raw.return_timings and self.timings is not None:
+            chunk.timings = self.timings.stages()
         self.finals.append(chunk)
         self.closed = chunk.final
 
@@ -118,7 +131,9 @@ class ChoiceStream:
         self.request = request
         self.index = index
         sampling = request.prepared.sampling
-        self.assembler = TextAssembler(decode, sampling.stop)
+        self.assembler = TextAssembler(
+            decode, sampling.stop, sampling.include_stop_str_in_output, sampling.min_tokens
+        )
         self.with_logprobs = sampling.logprobs
         self.logprobs: list[dict] = []
         self.unsent_logprobs: list[dict] = []
@@ -134,9 +149,15 @@ class ChoiceStream:
         self.prompt_unsent = raw.stream and not raw.exclude_input_in_output
 
     def push(
-        self, token: int, finish_reason: str | None, logprobs: TokenLogprobs | None, texts
+        self,
+        token: int,
+        finish_reason: str | None,
+        logprobs: TokenLogprobs | None,
+        texts,
+        hidden: bool = False,
     ) -> bool:
-        """Take one token; True when a stop string ended the choice here (not the engine)."""
+        """Take one token (`hidden`: counted, its text not shown); True when a stop string
+        ended the choice here (not the engine)."""
         if self.finished or self.request.closed:
             return False
         if not self.listed:
@@ -146,7 +167,7 @@ class ChoiceStream:
             entry = logprob_entry(token, logprobs, texts)
             self.logprobs.append(entry)
             self.unsent_logprobs.append(entry)
-        text, tokens = self.assembler.push(token)
+        text, tokens = self.assembler.push(token, hidden)
         if text:
             self.pending.append(text)
             self.pending_tokens += tokens
@@ -166,6 +187,8 @@ class ChoiceStream:
 
     def _finish(self, reason: str) -> None:
         self.finished = True
+        repetition = reason == "repetition"  # the guard's stop: "stop", flagged
+        reason = "stop" if repetition else reason
         tail, tail_tokens = self.assembler.finish()
         text, tokens = "".join(self.pending) + tail, self.pending_tokens + tail_tokens
         prepared = self.request.prepared
@@ -190,6 +213,7 @@ class ChoiceStream:
         )
         chunk = self._chunk(text, tokens, reason)
         chunk.stop_reason = self.assembler.stop_string
+        chunk.repetition_detected = repetition
         self.request.choice_finished(chunk)
 
     def _chunk(self, text: str, tokens: int, finish_reason: str | None = None) -> OutputChunk:
@@ -218,6 +242,7 @@ class Token(NamedTuple):
     token: int
     finish_reason: str | None
     logprobs: TokenLogprobs | None
+    hidden: bool = False  # a stop token whose text is left out
 
 
 class Failure(NamedTuple):
@@ -337,7 +362,10 @@ class ResponseSender:
                 if request.closed:
                     continue
                 try:
-                    if event.choice.push(event.token, event.finish_reason, event.logprobs, texts):
+                    choice = event.choice
+                    if choice.push(
+                        event.token, event.finish_reason, event.logprobs, texts, event.hidden
+                    ):
                         self._closed.append(event.choice)  # the engine still runs it
                 except Exception as exc:  # e.g. the tokenizer: this request fails alone
                     log.exception("request %s: building its output failed", request.request_id)
@@ -377,6 +405,11 @@ class ResponseSender:
                 outgoing = [chunk for chunk in due if chunk is not None] + request.finals
                 request.finals = []
                 for chunk in outgoing:
+                    if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+                        chunk.prompt_logprobs = prompt_logprob_entries(
+                            request.prompt_logprobs, self._texts
+                        )
+                        request.prompt_logprobs_sent = True
                     if chunk.final:  # counted before the client can see it
                         observed = self._finished(request, chunk.finish_reason)
                     sink.send(chunk)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..contract import ModelLimits, sniff_image, split_data_url
+from ..engine.timings import counts_as_media_decode
 from ..errors import RequestError
 
 
@@ -48,6 +49,7 @@ def element_bytes(element: bytes, param: str) -> bytes:
 DEFAULT_LIMITS = ModelLimits()
 
 
+@counts_as_media_decode
 def decode_image(data: bytes, param: str, limits: ModelLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode and fully load an image as RGB; bad or hostile input becomes a RequestError."""
     if sniff_image(data) is None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..contract import FRAME_FORMATS, PIXELS_PER_TOKEN, ModelLimits, split_data_url
+from ..engine.timings import counts_as_media_decode
 from ..errors import RequestError
 from .images import decode_image
 
@@ -79,6 +80,7 @@ def video_data_url(url: str | bytes, param: str) -> tuple[str, str]:
     return media_type.removeprefix("video/"), payload
 
 
+@counts_as_media_decode
 def load_video(
     element: bytes | str, param: str, limits: ModelLimits, options: VideoOptions
 ) -> Video:

@@ -35,8 +35,8 @@ class Checkpoint:
     def tokenizer(self):
         return self.processor.tokenizer
 
-    def decode(self, token_ids) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

@@ -38,6 +38,7 @@ class RawRequest:
     return_num_output_tokens: bool = False
     tools: str | None = None  # JSON list of OpenAI function tools
     priority: str | None = None  # a contract.Priority name; None: the default class
+    return_timings: bool = False  # the last response carries the request's stage timings
     task: str | None = None  # a contract.Task name; None: generate
     input_ids: list[int] | None = None  # a prompt as token ids, instead of messages/text_input
     add_generation_prompt: bool = True
