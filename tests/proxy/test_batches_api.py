@@ -176,6 +176,9 @@ async def test_responses_lines_run_through_the_responses_route(sdk):
     (output,) = await lines_of(client, batch.output_file_id)
     body = output["response"]["body"]
     assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "Hi"
+    # Stored (OpenAI's default) for the batch's owner, as an interactive request would be.
+    stored = await client.responses.retrieve(body["id"])
+    assert stored.output_text == "Hi"
 
 
 async def test_batches_list_newest_first_in_pages_and_are_the_keys_own(make_client, tmp_path):
