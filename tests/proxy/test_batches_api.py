@@ -117,11 +117,12 @@ async def test_bad_lines_become_error_file_entries_and_the_rest_runs(sdk):
         chat_line("huge", "x" * 5000),
         b"   ",  # blank lines are not requests
         chat_line("unknown-model", model="nope"),
+        chat_line("surrogate", "\ud800"),  # valid JSON, refused by the endpoint by name
         chat_line("good-2"),
     )
     batch = await run_batch(client, content)
     assert batch.status == "completed"
-    assert batch.request_counts.model_dump() == {"total": 11, "completed": 2, "failed": 9}
+    assert batch.request_counts.model_dump() == {"total": 12, "completed": 2, "failed": 10}
     output = await lines_of(client, batch.output_file_id)
     assert [line["custom_id"] for line in output] == ["good-1", "good-2"]
     errors = await lines_of(client, batch.error_file_id)
@@ -135,13 +136,15 @@ async def test_bad_lines_become_error_file_entries_and_the_rest_runs(sdk):
         ("no-body", "invalid_batch_line"),
         ("streamed", "invalid_batch_line"),
         (None, "batch_line_too_large"),
-        ("unknown-model", None),  # the endpoint's own answer: a 404, as interactive
+        ("unknown-model", None),  # the endpoint's own answers, as interactive
+        ("surrogate", None),
     ]
     assert "Line 2 " in errors[0]["error"]["message"]
     assert "method must be POST" in errors[3]["error"]["message"]
-    model_error = errors[-1]
-    assert model_error["error"] is None and model_error["response"]["status_code"] == 404
-    assert model_error["response"]["body"]["error"]["code"] == "model_not_found"
+    answered = [
+        (e["response"]["status_code"], e["response"]["body"]["error"]["code"]) for e in errors[-2:]
+    ]
+    assert answered == [(404, "model_not_found"), (400, "invalid_unicode")]
 
 
 async def test_duplicate_custom_ids_fail_validation_with_their_lines(sdk):
