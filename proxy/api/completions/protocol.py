@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,7 +265,7 @@ class LegacyLogprobs:
         self._add(first, None, None, offset)
         offset += len(first)
         for text, entries in zip(rest, scored):
-            alternatives = {entry["decoded_token"]: entry["logprob"] for entry in entries[1:]}
+            alternatives = _by_text((e["decoded_token"], e["logprob"]) for e in entries[1:])
             alternatives.setdefault(text, entries[0]["logprob"])
             self._add(text, entries[0]["logprob"], alternatives, offset)
             offset += len(text)
@@ -274,7 +275,7 @@ class LegacyLogprobs:
         `offset` in the choice's text; the offset after them."""
         for entry in entries:
             token = entry["token"]
-            alternatives = {top["token"]: top["logprob"] for top in entry["top_logprobs"]}
+            alternatives = _by_text((top["token"], top["logprob"]) for top in entry["top_logprobs"])
             alternatives.setdefault(token, entry["logprob"])
             self._add(token, entry["logprob"], alternatives, offset)
             offset += len(token)
@@ -293,6 +294,15 @@ class LegacyLogprobs:
             "top_logprobs": self.top_logprobs,
             "text_offset": self.text_offset,
         }
+
+
+def _by_text(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Alternatives by their text, best first; tokens whose text is the same (bytes of an
+    incomplete character both read as U+FFFD) keep the best one's logprob."""
+    alternatives: dict[str, float] = {}
+    for text, logprob in sorted(pairs, key=lambda pair: -pair[1]):
+        alternatives.setdefault(text, logprob)
+    return alternatives
 
 
 def mean_logprob(entries: list[dict[str, Any]]) -> float:
