@@ -90,6 +90,7 @@ class ServerSettings:
     log_format: str = "text"
     metrics_require_auth: bool = False
     workers: int = field(default_factory=default_workers)
+    timings: bool = False  # every generation's stage timings: response bodies and histograms
 
 
 @dataclass(frozen=True)
@@ -553,6 +554,15 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         "make GET /metrics need the API key like the API does; off by default because "
         "Prometheus scrapers rarely carry one (keep the port off untrusted networks instead)",
+    ),
+    _S(
+        "server",
+        "timings",
+        _bool,
+        "have the model measure every generation's stages (queue, media fetch and decode, "
+        "preprocessing, vision tower, prefill, TTFT, decode, mean ITL): chat completions carry "
+        "them as `timings` and qwen_vl_proxy_request_stage_seconds covers every request; off, "
+        'only requests with `"timings": true` are measured',
     ),
     # Durable state: files, stored responses, batches (proxy/state/, docs/state.md).
     _S(

@@ -65,6 +65,25 @@ MEDIA_CHECK_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 
+# A request's stages (proxy/observability/observe.py `stage_timings`): the proxy's media fetch,
+# then what the model measured (contract.TIMING_STAGES), ttft from the proxy's arrival. From
+# a fraction of a millisecond (a queue, a cached image's vision) to minutes (a long decode).
+STAGES = (
+    "queue",
+    "media_fetch",
+    "media_decode",
+    "preprocess",
+    "vision",
+    "prefill",
+    "ttft",
+    "decode",
+    "mean_itl",
+)
+STAGE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
 MIXED_MEDIA = "mixed"  # the `kind` of a request's media timings when it has several kinds
@@ -188,6 +207,14 @@ class ProxyMetrics:
             "image_tokens",
             "Image tokens among the prompt tokens (usage.prompt_tokens_details.image_tokens)",
             ("model",),
+        )
+        self.stages = histogram(
+            "request_stage_seconds",
+            "Generations whose model measured their stages (asked with `timings`, or every one "
+            "with --timings): seconds per stage (queue, media_fetch, media_decode, preprocess, "
+            "vision, prefill, ttft, decode, mean_itl; docs/observability.md)",
+            ("stage",),
+            STAGE_BUCKETS,
         )
         self.media_parts = counter(
             "media_parts",

@@ -8,6 +8,9 @@ metrics of proxy/observability/metrics.py.
   chunks, the usage, errors raised mid-stream and early closes (client gone).
 - `load_media_timed` and `timed_media_check` count a request's media parts by kind and
   source, and time fetching, decoding and checking them (by the request's media kind).
+- `stage_timings` joins the stages the model measured for a request (when it was asked for
+  them) with the proxy's own media fetch into the request's timings: its response body's
+  `timings` when the client asked, and the per-stage histogram when the request ends.
 
 An error's cause comes from one place, the error the client got (`error_cause` of its status
 and code): the error middleware's (`ERROR_KEY`, whatever envelope its route's API writes), else
@@ -38,6 +41,7 @@ from .metrics import (
     METHODS,
     METRICS_KEY,
     MIXED_MEDIA,
+    STAGES,
     UNMATCHED_ROUTE,
     ProxyMetrics,
     error_cause,
@@ -73,6 +77,9 @@ class RequestRecord:
     cancelled: bool = False  # the handler was cancelled (client gone)
     media_kind: str | None = None  # its media parts' kind, MIXED_MEDIA for several; None: none
     media_check_s: float | None = None  # decoding its data: URLs + checking its media
+    media_fetch_s: float = 0.0  # fetching its remote media (0: none)
+    model_sent_at: float | None = None  # time.monotonic() when its generation went to Triton
+    model_timings: dict[str, float] | None = None  # the stages the model measured, if asked
 
     @property
     def ttft_s(self) -> float | None:
@@ -159,6 +166,8 @@ def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str 
         metrics.media_check.labels(record.media_kind).observe(record.media_check_s)
         if record.media_kind == IMAGE.name:
             metrics.image_decode.observe(record.media_check_s)
+    for stage, seconds in (stage_timings(record) or {}).items():
+        metrics.stages.labels(stage).observe(seconds)
     usage = record.usage
     if usage is not None and record.model is not None:
         metrics.prompt_tokens.labels(record.model).inc(usage.prompt_tokens)
@@ -238,8 +247,12 @@ async def observe_generation(
     metrics = request.app[METRICS_KEY]
     record.model, record.stream, record.usage = model, stream, usage
     inter_token = metrics.inter_token.labels(model)  # looked up once, observed per chunk
+    if record.model_sent_at is None:  # the stream starts with the first iteration
+        record.model_sent_at = time.monotonic()
     try:
         async for chunk in chunks:
+            if chunk.timings is not None:
+                record.model_timings = chunk.timings
             if stream and chunk.text:
                 now = time.monotonic()
                 if record.last_token_at is None:
@@ -263,6 +276,20 @@ async def observe_generation(
         raise
     finally:
         await chunks.aclose()
+
+
+def stage_timings(record: RequestRecord) -> dict[str, float] | None:
+    """The request's stages in seconds (`STAGES` order) when the model measured its own: the
+    proxy's media fetch, then the model's, with ttft counted from the request's arrival at the
+    proxy (the proxy's time until it sent the request to Triton, plus the model's ttft from its
+    arrival there); None when the model sent none."""
+    model = record.model_timings
+    if model is None:
+        return None
+    stages = {**model, "media_fetch": record.media_fetch_s}
+    if "ttft" in model and record.model_sent_at is not None:
+        stages["ttft"] = model["ttft"] + max(0.0, record.model_sent_at - record.started)
+    return {stage: stages[stage] for stage in STAGES if stage in stages}
 
 
 class _TimedFetcher:
@@ -300,6 +327,7 @@ async def load_media_timed(
         total = time.perf_counter() - started
         _count_parts(metrics, refs)
         fetch_s = timed.elapsed if timed is not None else 0.0
+        record.media_fetch_s += fetch_s
         if timed is not None and timed.calls:
             assert record.media_kind is not None  # a fetch means remote parts
             metrics.media_fetch.labels(record.media_kind).observe(fetch_s)

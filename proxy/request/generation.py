@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ from ..transport.model_limits import narrower
 from .limits import RequestLimits, check_chat, check_json_text, check_media
 from .paths import CHAT_PATHS, ClientPaths
 from .schema import ChatCompletionRequest
+from .timings import timings_body
 from .translate import PreparedChat, ServerLimits, prepare_chat
 from .usage import TokenUsage
 
@@ -73,6 +74,9 @@ class Generation:
     # The encoded media the model gets, in order of appearance (fetched ones as fetched):
     # what a stored response keeps of its images (proxy/api/responses/conversation.py).
     media: list[bytes]
+    # The request's stage timings for its response body once its chunks are in (the
+    # `timings` field or --timings; proxy/request/timings.py); None: not asked for.
+    timings: Callable[[], dict[str, float] | None] | None = None
 
 
 async def start_generation(
@@ -91,6 +95,10 @@ async def start_generation(
     `options`: how the model renders the prompt and whether it echoes it."""
     app = request.app
     served_name, triton_model, prepared, media = await _model_request(request, chat, priority)
+    # the model measures the stages when asked: for this response's body, or for every
+    # request's stage histograms (--timings)
+    wants_timings = bool(chat.timings) or app[CONFIG_KEY].server.timings
+    prepared = dataclasses.replace(prepared, timings=wants_timings)
     triton_request = dataclasses.replace(prepared.to_triton(triton_model, media), options=options)
     usage = request[USAGE_KEY] = TokenUsage()
     stream = app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
@@ -103,7 +111,10 @@ async def start_generation(
         stream=chat.is_stream,
         usage=usage,
     )
-    return Generation(served_name, triton_model, usage, prepared.parse_tool_calls, chunks, media)
+    timings = functools.partial(timings_body, request) if wants_timings else None
+    return Generation(
+        served_name, triton_model, usage, prepared.parse_tool_calls, chunks, media, timings
+    )
 
 
 async def run_task(

@@ -80,6 +80,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "log_level": ("debug", "DEBUG"),
     "log_format": ("JSON", "json"),
     "metrics_require_auth": ("true", True),
+    "timings": ("true", True),
     "workers": ("7", 7),  # the default is at most 4
     "state": ("off", False),
     "state_dir": ("/var/lib/proxy-state", "/var/lib/proxy-state"),
@@ -134,6 +135,7 @@ BAD = {
     "log_level": "verbose",
     "log_format": "yaml",
     "metrics_require_auth": "2",
+    "timings": "sometimes",
     "workers": "0",
     "state": "perhaps",
     "database_url": "mysql://proxy@db/state",  # neither sqlite nor postgresql

@@ -4,6 +4,11 @@ Pure of HTTP: proxy/app.py writes what these build. A non-streamed completion is
 into one `chat.completion` body; a streamed one becomes `chat.completion.chunk` events (one
 role chunk per choice first, content chunks, one finish chunk per choice, the usage chunk
 when asked, `[DONE]`), with an error mid-stream sent as an error event.
+
+Extensions: `usage` on every chunk with `stream_options.continuous_usage_stats` (vLLM's: the
+counts so far); `repetition_detected: true` on a choice the repetition guard ended (its finish
+chunk when streaming); vLLM's `prompt_logprobs` beside `choices`; the request's stage
+`timings` beside `usage` (on the last chunk when streaming) when they were asked for.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +53,7 @@ class ChoiceText:
     # every token's entry when the client asked for logprobs, else None
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
+    repetition_detected: bool = False  # the repetition guard ended it
 
     def take_tool_calls(self) -> None:
         """Moves the `<tool_call>` blocks of the text into `tool_calls`."""
@@ -66,24 +72,38 @@ class ChoiceText:
 
 
 def completion_body(
-    identity: CompletionIdentity, choices: list[ChoiceText], usage: TokenUsage
+    identity: CompletionIdentity,
+    choices: list[ChoiceText],
+    usage: TokenUsage,
+    *,
+    prompt_logprobs: list[Any] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": identity.id,
         "object": "chat.completion",
         "created": identity.created,
         "model": identity.model,
-        "choices": [
-            {
-                "index": index,
-                "message": choice.message(),
-                "logprobs": logprobs_field(choice.logprobs),
-                "finish_reason": choice.finish_reason,
-            }
-            for index, choice in enumerate(choices)
-        ],
+        "choices": [_choice(index, choice) for index, choice in enumerate(choices)],
         "usage": usage.as_dict(),
     }
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
+    if timings is not None:
+        body["timings"] = timings
+    return body
+
+
+def _choice(index: int, choice: ChoiceText) -> dict[str, Any]:
+    entry = {
+        "index": index,
+        "message": choice.message(),
+        "logprobs": logprobs_field(choice.logprobs),
+        "finish_reason": choice.finish_reason,
+    }
+    if choice.repetition_detected:
+        entry["repetition_detected"] = True
+    return entry
 
 
 def chunk_body(
@@ -110,11 +130,16 @@ def chunk_body(
     return body
 
 
-def usage_chunk_body(identity: CompletionIdentity, usage: TokenUsage) -> dict[str, Any]:
-    """The last chunk when `stream_options.include_usage` is set: no choices, the totals."""
+def usage_chunk_body(
+    identity: CompletionIdentity, usage: TokenUsage, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the totals (and
+    the request's stage timings when asked for)."""
     body = _chunk_envelope(identity)
     body["choices"] = []
     body["usage"] = usage.as_dict()
+    if timings is not None:
+        body["timings"] = timings
     return body
 
 
@@ -140,13 +165,16 @@ async def collect_completion(
     usage: TokenUsage,
     with_logprobs: bool,
     parse_tool_calls: bool = False,
+    timings: Callable[[], dict[str, float] | None] | None = None,
 ) -> dict[str, Any]:
-    """The `chat.completion` body of a non-streamed completion; fills in `usage`."""
+    """The `chat.completion` body of a non-streamed completion; fills in `usage`. `timings`:
+    the request's stage timings once its chunks are in (None: not asked for)."""
 
     def new_choice() -> ChoiceText:
         return ChoiceText(logprobs=[] if with_logprobs else None)
 
     choices = {0: new_choice()}  # choice 0 is answered even when the model sent no text
+    prompt_logprobs = None
     async for chunk in chunks:
         record_usage(usage, chunk)
         choice = choices.setdefault(chunk.index, new_choice())
@@ -154,10 +182,18 @@ async def collect_completion(
         if choice.logprobs is not None and chunk.logprobs:
             choice.logprobs.extend(chunk.logprobs)
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
+        choice.repetition_detected = choice.repetition_detected or chunk.repetition_detected
+        prompt_logprobs = chunk.prompt_logprobs or prompt_logprobs
     if parse_tool_calls:
         for choice in choices.values():
             choice.take_tool_calls()
-    return completion_body(identity, [choices[i] for i in sorted(choices)], usage)
+    return completion_body(
+        identity,
+        [choices[i] for i in sorted(choices)],
+        usage,
+        prompt_logprobs=prompt_logprobs,
+        timings=timings() if timings is not None else None,
+    )
 
 
 async def completion_events(
@@ -170,8 +206,12 @@ async def completion_events(
     include_usage: bool = False,
     with_logprobs: bool = False,
     parse_tool_calls: bool = False,
+    continuous_usage: bool = False,
+    timings: Callable[[], dict[str, float] | None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The SSE events of one streamed completion, errors included, ending with [DONE].
+    `continuous_usage`: every chunk carries the usage so far (vLLM's continuous_usage_stats);
+    `timings`: the request's stage timings, on the last chunk (None: not asked for).
 
     Each content chunk carries the logprobs of the tokens it covers when they were asked for
     (with tool calls parsed, text held back as a possible tag start passes its logprobs to
@@ -182,9 +222,11 @@ async def completion_events(
     chunk with the first), and the end (finish chunks, usage, [DONE]).
     """
     role_delta = {"role": "assistant", "content": ""}
-    event = ChunkEvents(identity, include_usage)
+    event = ChunkEvents(identity, include_usage, usage if continuous_usage else None)
     choices = {0: _StreamedChoice(parse_tool_calls)}  # each one's first chunk has the role
-    pending = [event(role_delta)]
+    # the role chunk's usage: the prompt, nothing generated yet
+    before = TokenUsage() if first is None else _prompt_only(first)
+    pending = [event(role_delta, usage=before)]
 
     def add_events(chunk: GenerationChunk) -> None:
         record_usage(usage, chunk)
@@ -193,6 +235,7 @@ async def completion_events(
             pending.append(event(role_delta, index=chunk.index))
         choice = choices[chunk.index]
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
+        choice.repetition_detected = choice.repetition_detected or chunk.repetition_detected
         for delta, logprobs in choice.deltas(chunk, with_logprobs):
             pending.append(event(delta, logprobs=logprobs, index=chunk.index))
 
@@ -217,23 +260,45 @@ async def completion_events(
         log.exception("request %s: failed mid-stream", request_id)
         yield b"".join(pending) + sse_error(INTERNAL_ERROR(request_id=request_id))
         return
+    stages = timings() if timings is not None else None
+    last = max(choices)
     for index, choice in sorted(choices.items()):
-        pending.append(event({}, choice.final_reason(), index=index))
+        flag = {"repetition_detected": True} if choice.repetition_detected else None
+        top = (
+            {"timings": stages}
+            if stages is not None and index == last and not include_usage
+            else None
+        )
+        pending.append(
+            event({}, choice.final_reason(), index=index, choice_extra=flag, top_extra=top)
+        )
     if include_usage:
-        pending.append(sse_event(usage_chunk_body(identity, usage)))
+        pending.append(sse_event(usage_chunk_body(identity, usage, stages)))
     pending.append(DONE_EVENT)
     yield b"".join(pending)
+
+
+def _prompt_only(chunk: GenerationChunk) -> TokenUsage:
+    return TokenUsage(
+        prompt_tokens=chunk.prompt_tokens or 0,
+        image_tokens=chunk.image_tokens,
+        video_tokens=chunk.video_tokens,
+    )
 
 
 class ChunkEvents:
     """`sse_event(chunk_body(...))` of one completion, byte for byte, without building the
     body: the envelope (id, object, created, model) is encoded once and each event splices
-    its choice in."""
+    its choice in. With `usage` (continuous usage stats) every event carries its counts at the
+    time of the call instead of `"usage": null`."""
 
-    def __init__(self, identity: CompletionIdentity, include_usage: bool) -> None:
+    def __init__(
+        self, identity: CompletionIdentity, include_usage: bool, usage: TokenUsage | None = None
+    ) -> None:
         envelope = json_bytes(_chunk_envelope(identity))  # b'{"id":...,"model":"..."}'
         self._prefix = b"data: " + envelope[:-1] + b',"choices":[{"index":'
-        self._suffix = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self._usage = usage
+        self._suffix = b"}]" + (b',"usage":null' if include_usage else b"")
 
     def __call__(
         self,
@@ -242,7 +307,16 @@ class ChunkEvents:
         *,
         logprobs: list[dict[str, Any]] | None = None,
         index: int = 0,
+        choice_extra: dict[str, Any] | None = None,
+        top_extra: dict[str, Any] | None = None,
+        usage: TokenUsage | None = None,
     ) -> bytes:
+        """`choice_extra`, `top_extra`: fields added to the choice and to the chunk; `usage`:
+        the counts this event carries instead of the running ones (continuous usage)."""
+        if self._usage is None:
+            suffix = self._suffix
+        else:
+            suffix = b'}],"usage":' + json_bytes((usage or self._usage).as_dict())
         return b"".join(
             (
                 self._prefix,
@@ -253,7 +327,10 @@ class ChunkEvents:
                 b"null" if logprobs is None else _logprobs_json(logprobs),
                 b',"finish_reason":',
                 b"null" if finish_reason is None else json_bytes(finish_reason),
-                self._suffix,
+                b"" if choice_extra is None else b"," + json_bytes(choice_extra)[1:-1],
+                suffix,
+                b"" if top_extra is None else b"," + json_bytes(top_extra)[1:-1],
+                b"}\n\n",
             )
         )
 
@@ -277,6 +354,7 @@ class _StreamedChoice:
 
     def __init__(self, parse_tool_calls: bool) -> None:
         self.finish_reason = "stop"
+        self.repetition_detected = False
         self._calls = ToolCallStream() if parse_tool_calls else None
         self._held_logprobs: list[dict[str, Any]] = []
 

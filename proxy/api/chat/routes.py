@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -34,10 +34,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         async with contextlib.aclosing(chunks):
             if chat.is_stream:
                 return await stream_completion(
-                    request, chunks, identity, usage, chat, parse_tool_calls
+                    request, chunks, identity, usage, chat, parse_tool_calls, generation.timings
                 )
             body = await collect_completion(
-                chunks, identity, usage, chat.wants_logprobs, parse_tool_calls
+                chunks, identity, usage, chat.wants_logprobs, parse_tool_calls, generation.timings
             )
             return web.json_response(body, dumps=json_dumps)
 
@@ -49,6 +49,7 @@ async def stream_completion(
     usage: TokenUsage,
     chat: ChatCompletionRequest,
     parse_tool_calls: bool = False,
+    timings: Callable[[], dict[str, float] | None] | None = None,
 ) -> web.StreamResponse:
     # Waiting for the first chunk before sending headers lets an early failure (model
     # rejects the request, Triton down) reach the client as a real HTTP error status.
@@ -62,5 +63,7 @@ async def stream_completion(
         include_usage=chat.include_usage,
         with_logprobs=chat.wants_logprobs,
         parse_tool_calls=parse_tool_calls,
+        continuous_usage=chat.continuous_usage,
+        timings=timings,
     )
     return await write_events(request, events, SSE_HEADERS)

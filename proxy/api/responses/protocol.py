@@ -205,13 +205,28 @@ class ResponsesRequest(BaseModel):
 
     @property
     def ignored_fields(self) -> list[str]:
-        ignored = list(self.model_extra or {})
+        ignored = [name for name in self.model_extra or {} if name not in SAMPLING_EXTRAS]
         if self.text is not None:
             ignored += [f"text.{name}" for name in self.text.model_extra or {}]
         if isinstance(self.input, list):
             for index, item in enumerate(self.input):
                 ignored += [f"input[{index}].{name}" for name in item.model_extra or {}]
         return ignored
+
+
+# vLLM's extra sampling fields, which Responses takes as extra body fields as vLLM does: they
+# go to the internal (chat) request as they are, checked there, and errors name them as sent.
+# Not prompt_logprobs: a Response has no place for them.
+SAMPLING_EXTRAS = (
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "logit_bias",
+    "min_p",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "repetition_guard",
+)
 
 
 def validate_responses_request(body: dict[str, Any]) -> ResponsesRequest:
@@ -326,6 +341,8 @@ class ResponsesCall:
         ):
             if value is not None:
                 body[name] = value
+        extra = r.model_extra or {}
+        body.update({name: extra[name] for name in SAMPLING_EXTRAS if name in extra})
         fmt = r.text.format if r.text is not None else None
         if fmt is not None:
             body["response_format"] = _chat_response_format(fmt)
