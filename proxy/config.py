@@ -91,6 +91,8 @@ class ServerSettings:
     metrics_require_auth: bool = False
     workers: int = field(default_factory=default_workers)
     timings: bool = False  # every generation's stage timings: response bodies and histograms
+    # The browser playground (GET /playground); None (auto): served only on a loopback --host.
+    playground: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,13 @@ def _bool(text: str) -> bool:
     if value in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _bool_or_auto(text: str) -> bool | None:
+    """true, false, or `auto` (None: decided from other settings, as the row's why says)."""
+    if text.strip().lower() == "auto":
+        return None
+    return _bool(text)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -564,6 +573,16 @@ SETTINGS: tuple[Setting, ...] = (
         "them as `timings` and qwen_vl_proxy_request_stage_seconds covers every request; off, "
         'only requests with `"timings": true` are measured',
     ),
+    _S(
+        "server",
+        "playground",
+        _bool_or_auto,
+        "serve the browser playground at GET /playground: a static page (served without the key; "
+        "its API calls send it) to try images, video and streaming; auto (the default): on when "
+        "--host is a loopback address, off otherwise, so a proxy on the network shows nothing "
+        "unauthenticated but the probes unless asked to",
+        negation="no-playground",
+    ),
     # Durable state: files, stored responses, batches (proxy/state/, docs/state.md).
     _S(
         "state",
@@ -700,7 +719,7 @@ def _add(parser: argparse._ActionsContainer, setting: Setting) -> None:
         "default": os.environ.get(setting.env_name),
         "help": setting.help,
     }
-    if setting.parse is _bool:
+    if setting.parse in (_bool, _bool_or_auto):
         options.update(nargs="?", const=True)
     if setting.choices:
         options["choices"] = setting.choices

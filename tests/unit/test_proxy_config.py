@@ -81,6 +81,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "log_format": ("JSON", "json"),
     "metrics_require_auth": ("true", True),
     "timings": ("true", True),
+    "playground": ("on", True),  # the default is auto (None)
     "workers": ("7", 7),  # the default is at most 4
     "state": ("off", False),
     "state_dir": ("/var/lib/proxy-state", "/var/lib/proxy-state"),
@@ -126,6 +127,7 @@ BAD = {
     "image_min_pixels": "-5",
     "image_max_pixels": "-1",
     "image_fetch": "maybe",
+    "playground": "maybe",
     "image_fetch_max_bytes": "0",
     "image_fetch_connect_timeout_s": "0",
     "image_fetch_timeout_s": "0",
@@ -167,6 +169,8 @@ def value_of(config: ProxyConfig, key: str) -> object:
 
 def as_text(value: object) -> str:
     """A default as flag text."""
+    if value is None:
+        return "auto"  # the one setting with an undecided default: --playground
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -319,6 +323,9 @@ def test_bad_env_values_are_usage_errors(key, monkeypatch, capsys):
         (["--metrics-require-auth"], "metrics_require_auth", True),
         (["--no-image-fetch"], "image_fetch", False),
         (["--no-state"], "state", False),
+        (["--playground"], "playground", True),
+        (["--no-playground"], "playground", False),
+        (["--playground", "auto"], "playground", None),
         (
             ["--database-url", "sqlite:////var/lib/state.db"],
             "database_url",
