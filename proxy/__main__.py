@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .app import ROUTES
+from .app import served_routes
 from .config import parse_config
 from .observability.logs import configure_logging
 from .serving.hardening import describe_limits
@@ -38,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info(
         "%s",
         describe_routes(
-            ROUTES, api_key=bool(server.api_key), metrics_require_auth=server.metrics_require_auth
+            served_routes(config),
+            api_key=bool(server.api_key),
+            metrics_require_auth=server.metrics_require_auth,
         ),
     )
     if server.workers == 1:

@@ -50,6 +50,12 @@ from .media.fetch import GuardedFetcher
 from .media.kinds import MediaFetcher
 from .observability.metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
 from .observability.observe import observe_request
+from .playground.routes import (
+    playground_page,
+    playground_script,
+    playground_served,
+    playground_styles,
+)
 from .request.generation import ignored_fields_header
 from .serving.hardening import install_hardening
 from .serving.routes import Admit, Auth, Route, register_routes
@@ -60,6 +66,16 @@ from .transport.model_limits import ModelLimitsBook
 from .transport.upstreams import Upstreams, parse_targets
 
 log = logging.getLogger("proxy")
+
+# The browser playground (proxy/playground/): a static page and its two files. They hold no
+# data and a browser cannot send the key when it opens a page, so they are served without it
+# (Auth.PAGE); the page's script sends the key on its API calls. Only with --playground
+# (auto: on a loopback --host); otherwise they are left out of the app (served_routes).
+PLAYGROUND_ROUTES = (
+    Route("GET", "/playground", playground_page, auth=Auth.PAGE),
+    Route("GET", "/playground/playground.js", playground_script, auth=Auth.PAGE),
+    Route("GET", "/playground/playground.css", playground_styles, auth=Auth.PAGE),
+)
 
 ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, admit=Admit.GENERATING),
@@ -100,6 +116,7 @@ ROUTES = (
     Route("GET", "/health", health, auth=Auth.PROBE),
     Route("GET", "/ready", ready, admit=Admit.READINESS, auth=Auth.PROBE),
     Route("GET", METRICS_PATH, metrics_handler, auth=Auth.SCRAPE, in_flight_gauge=False),
+    *PLAYGROUND_ROUTES,
 )
 
 # A caller's X-Request-Id is reused (it ties gateway, proxy and Triton logs together) only
@@ -135,9 +152,16 @@ def create_app(
     # After the database opens; at shutdown its generations end before the database closes.
     app.cleanup_ctx.append(background_context)
     app.on_response_prepare.append(add_response_headers)
-    register_routes(app, ROUTES)
+    register_routes(app, served_routes(config))
     install_hardening(app, config)
     return app
+
+
+def served_routes(config: ProxyConfig) -> tuple[Route, ...]:
+    """The routes of ROUTES that `config` serves: all but the playground's without it."""
+    if playground_served(config.server):
+        return ROUTES
+    return tuple(route for route in ROUTES if route not in PLAYGROUND_ROUTES)
 
 
 async def backend_context(app: web.Application) -> AsyncIterator[None]:

@@ -5,10 +5,12 @@ The decision is made on the route aiohttp actually matched, through its entry in
 table (proxy/serving/routes.py), never on the raw path, so `//v1/chat/completions`,
 `/v1/../v1/chat/completions`, a trailing slash, percent-encoding or `/V1/...` cannot slip
 past: a request is exempt only when it was routed with GET or HEAD to a route declared
-`Auth.PROBE` (`/health`, `/ready`) or `Auth.SCRAPE` (`/metrics`, unless
---metrics-require-auth). Everything else, unknown paths and wrong methods included, needs the
-key (default deny), so unauthenticated clients cannot even map which routes exist. Keys are
-compared with `hmac.compare_digest`, every configured key each time.
+`Auth.PROBE` (`/health`, `/ready`), `Auth.PAGE` (the playground's static files, when served:
+they hold no data, and its script sends the key on its API calls) or `Auth.SCRAPE`
+(`/metrics`, unless --metrics-require-auth). Everything else, unknown paths and wrong
+methods included, needs the key (default deny), so unauthenticated clients cannot even map
+which routes exist. Keys are compared with `hmac.compare_digest`, every configured key each
+time.
 
 Several keys may be configured (comma-separated, or one per line of --api-key-file); each is
 its own tenant of stored objects (proxy/state/tenancy.py): the middleware puts the tenant of

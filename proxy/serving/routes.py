@@ -17,7 +17,9 @@ route aiohttp matched (`route_of`), never from path strings:
   --request-body-timeout-s, so a large upload may take long but never stall.
 - `auth` (proxy/serving/auth.py): KEY needs the API key when one is configured, as a Bearer
   token; X_API_KEY the same key, also taken from `x-api-key` (Anthropic's header); PROBE
-  never does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`.
+  never does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`; PAGE never
+  does (GET/HEAD only): the playground's static files, which hold no data, as a browser
+  navigating to a page cannot send the key (proxy/playground/routes.py).
 - `error_body` (proxy/errors.py): how the route's API writes an error: OpenAI's envelope by
   default, Anthropic's on /v1/messages. Every error of the route is written so, whichever
   middleware or handler raised it (the 401, 429, 408 and 503s of auth and admission included).
@@ -63,6 +65,7 @@ class Auth(enum.Enum):
     X_API_KEY = "x-api-key"  # the key as `x-api-key` when sent, else as a Bearer token
     PROBE = "probe"
     SCRAPE = "scrape"
+    PAGE = "page"  # a static file of the browser playground: no data, no key
 
 
 def openai_error_body(error: APIError, request_id: str) -> dict[str, Any]:
@@ -106,7 +109,8 @@ def route_of(request: web.Request) -> Route | None:
 
 def exempt_from_key(metrics_require_auth: bool) -> frozenset[Auth]:
     """The `auth` policies answered without the API key (GET and HEAD only)."""
-    return frozenset({Auth.PROBE} if metrics_require_auth else {Auth.PROBE, Auth.SCRAPE})
+    always = {Auth.PROBE, Auth.PAGE}
+    return frozenset(always if metrics_require_auth else always | {Auth.SCRAPE})
 
 
 def _key_shown(auth: Auth) -> str:

@@ -1,0 +1,1 @@
+"""The browser playground at `GET /playground` (routes.py; the page in static/)."""
