@@ -205,8 +205,13 @@ function mediaPreview(file) {
 
 // ---- the token count -----------------------------------------------------------------------
 
+// A count shown is always the current draft's: an edit marks it stale at once (and drops a
+// count still on its way), and the new draft is counted once typing pauses.
 function scheduleCount() {
   clearTimeout(state.countTimer);
+  state.countSeq += 1;
+  delete ui.tokenCount.dataset.count;
+  ui.tokenCount.classList.add("stale");
   state.countTimer = setTimeout(() => countTokens().catch(() => {}), COUNT_DELAY_MS);
 }
 
@@ -240,6 +245,7 @@ async function countTokens() {
 
 function showCount(text, count) {
   ui.tokenCount.textContent = text;
+  ui.tokenCount.classList.remove("stale");
   if (count === null) delete ui.tokenCount.dataset.count;
   else ui.tokenCount.dataset.count = String(count);
 }
