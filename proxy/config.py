@@ -315,6 +315,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _S(
         "limits",
+        "max_prompts",
+        _positive_int,
+        "prompts per /v1/completions request; each is a generation of its own and they run "
+        "at once, so this bounds the KV slots and model queue one admitted request takes",
+    ),
+    _S(
+        "limits",
         "max_text_chars",
         _positive_int,
         "characters of text per request, all messages together; bounds tokenizer work and is "

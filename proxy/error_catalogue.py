@@ -209,6 +209,12 @@ TOO_MANY_MESSAGES = _entry(
     cause="invalid_request",
     template="Too many messages: {count}; this server accepts at most {limit} per request.",
 )
+TOO_MANY_PROMPTS = _entry(
+    "too_many_prompts",
+    400,
+    cause="invalid_request",
+    template="Too many prompts: {count}; this server accepts at most {limit} per request.",
+)
 TEXT_TOO_LONG = _entry(
     "text_too_long",
     400,

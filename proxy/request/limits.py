@@ -49,6 +49,8 @@ class RequestLimits:
     """Ceilings on one chat request; each field is the flag `--<field>` (proxy/config.py)."""
 
     max_messages: int = 512
+    # Prompts of one /v1/completions request: each is a generation of its own, all at once.
+    max_prompts: int = 16
     max_text_chars: int = 1_000_000
     # 0: the model's own limit (what it answers to `describe`); a value may only narrow it.
     max_images: int = 0

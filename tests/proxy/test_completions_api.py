@@ -260,6 +260,15 @@ async def test_the_models_errors_name_the_clients_field(
     assert assert_envelope(await response.json())["param"] == client_param
 
 
+async def test_prompts_per_request_are_bounded(make_client):
+    backend = FakeBackend()
+    client = await make_client(backend, max_prompts=2)
+    response = await client.post(URL, json={"prompt": ["a", "b", "c"]})
+    assert response.status == 400
+    assert assert_envelope(await response.json(), "too_many_prompts")["param"] == "prompt"
+    assert (await client.post(URL, json={"prompt": [[1], [2]]})).status == 200
+
+
 async def test_chat_only_and_unknown_fields_are_named_as_ignored(make_client):
     backend = FakeBackend()
     client = await make_client(backend)

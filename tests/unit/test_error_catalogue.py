@@ -230,6 +230,12 @@ MESSAGES = [
         "Too many messages: 513; this server accepts at most 512 per request.",
     ),
     (
+        "TOO_MANY_PROMPTS",
+        "prompt",
+        {"count": 17, "limit": 16},
+        "Too many prompts: 17; this server accepts at most 16 per request.",
+    ),
+    (
         "TEXT_TOO_LONG",
         "messages[3].content",
         {"limit": 1_000_000},
@@ -522,6 +528,7 @@ CAUSE_BEFORE_THE_CATALOGUE = [
     ("invalid_image", 400, "invalid_request"),
     ("invalid_unicode", 400, "invalid_request"),
     ("too_many_messages", 400, "invalid_request"),
+    ("too_many_prompts", 400, "invalid_request"),
     ("text_too_long", 400, "invalid_request"),
     ("too_many_images", 400, "invalid_request"),
     ("image_too_large", 400, "invalid_request"),

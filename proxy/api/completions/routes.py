@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ...error_catalogue import INTERNAL_ERROR, APIError
+from ...error_catalogue import INTERNAL_ERROR, TOO_MANY_PROMPTS, APIError
 from ...errors import REQUEST_ID_KEY, json_dumps
-from ...keys import MODEL_LIMITS_KEY
+from ...keys import CONFIG_KEY, MODEL_LIMITS_KEY
 from ...request.generation import (
     SSE_HEADERS,
     Generation,
@@ -55,6 +55,9 @@ class PromptRun:
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
     call = parse_completion_request(await read_json_object(request))
+    limit = request.app[CONFIG_KEY].limits.max_prompts
+    if len(call.prompts) > limit:
+        raise TOO_MANY_PROMPTS("prompt", count=len(call.prompts), limit=limit)
     note_request_fields(request, call)
     runs = [await _start(request, call, index) for index in range(len(call.prompts))]
     first = runs[0].generation
