@@ -125,6 +125,7 @@ async def run_task(
     has them (so the model renders the prompt as it would generate from it), then its one
     answer within the request's deadline."""
     served_name, triton_model, prepared, media = await _model_request(request, chat, None)
+    request[RECORD_KEY].model = served_name  # the request's log line names it
     triton_request = dataclasses.replace(
         prepared.to_triton(triton_model, media), task=task, options=options, stream=False
     )

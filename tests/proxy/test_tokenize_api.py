@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from hardening_helpers import assert_envelope
@@ -196,3 +197,16 @@ async def test_detokenize_model_errors_name_the_token(make_client):
     response = await client.post("/detokenize", json={"tokens": [1, 2, 999999]})
     assert response.status == 400
     assert assert_envelope(await response.json())["param"] == "tokens[2]"
+
+
+async def test_the_request_log_line_names_the_route_and_model(make_client, caplog):
+    caplog.set_level(logging.INFO, logger="proxy")
+    client = await make_client(FakeBackend())
+    headers = {"X-Request-Id": "tok-1"}
+    assert (await client.post("/tokenize", json={"prompt": "x"}, headers=headers)).status == 200
+    (line,) = [
+        r.fields
+        for r in caplog.records
+        if r.name == "proxy.access" and getattr(r, "fields", {}).get("request_id") == "tok-1"
+    ]
+    assert (line["route"], line["model"], line["status"]) == ("/tokenize", SERVED_MODEL, 200)
