@@ -660,9 +660,9 @@ SETTINGS: tuple[Setting, ...] = (
         _count_or_derived,
         "batch lines in flight at once in this proxy (split among --workers; each replica has "
         "its own), each holding a --max-concurrent-requests slot, so it must stay below that "
-        "cap: interactive requests always have room; 0 = half the cap, at most 8 (the model "
-        "runs at most half its 16 slots of batch work, max_batch_priority_slots: more would "
-        "only wait in its queue)",
+        "cap: interactive requests always have room; 0 = half the cap, at most 4 (each batch "
+        "row slows the steps of interactive ones on a CPU; on a GPU raise it up to the model's "
+        "batch share of its slots, max_batch_priority_slots)",
     ),
     _S(
         "batch",

@@ -101,10 +101,12 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/responses")
 COMPLETION_WINDOWS = {"24h": 24 * 3600.0}
 # Lines read from the database per query when the files are assembled.
 RESULT_PAGE = 256
-# The most lines in flight `--batch-concurrency 0` derives: the model runs batch work on at
-# most half its slots (max_batch_priority_slots, 8 of the default 16); more lines would wait
-# in its queue, taking room interactive requests need.
-DERIVED_CONCURRENCY_MAX = 8
+# The most lines in flight `--batch-concurrency 0` derives. Every batch row costs each engine
+# step of the interactive requests beside it on a CPU: bench preset, 0.8 req/s interactive,
+# TTFT p50 x1.27 with 4 lines in flight, x2.0 with 8 (docs/state.md "Measured"). A GPU, where a
+# decode row is nearly free, takes more (`--batch-concurrency`), up to the model's batch share
+# of its slots (max_batch_priority_slots: half).
+DERIVED_CONCURRENCY_MAX = 4
 # In-progress batches a claim looks into for lines, oldest first.
 _CLAIM_BATCHES = 16
 
@@ -750,6 +752,25 @@ class BatchStore:
                 )
             )
             return set(stopped.scalars())
+
+    async def release_all(self, owner: str) -> None:
+        """Gives back every lease `owner` holds, its lines' attempts refunded (a runner that
+        stops: what it claimed, whether or not it had started it, is another's to run)."""
+        async with self.db.begin() as connection:
+            await connection.execute(
+                BATCH_LINES.update()
+                .where(BATCH_LINES.c.lease_owner == owner, BATCH_LINES.c.outcome.is_(None))
+                .values(
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    attempts=BATCH_LINES.c.attempts - 1,
+                )
+            )
+            await connection.execute(
+                BATCHES.update()
+                .where(BATCHES.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
 
     async def release_lines(
         self, owner: str, keys: Sequence[tuple[str, int]], *, refund_attempt: bool

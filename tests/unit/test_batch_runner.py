@@ -231,9 +231,9 @@ def test_a_missing_input_file_fails_validation(tmp_path):
     run(tmp_path, body)
 
 
-def test_the_derived_concurrency_is_half_the_cap_at_most_eight_shared_by_workers():
-    assert BatchSettings().lines_in_flight(64) == 8
+def test_the_derived_concurrency_is_half_the_cap_at_most_four_shared_by_workers():
+    assert BatchSettings().lines_in_flight(64) == 4
     assert BatchSettings().lines_in_flight(6) == 3
     assert BatchSettings().lines_in_flight(1) == 1
-    assert BatchSettings().lines_in_flight(64, workers=3) == 2
+    assert BatchSettings().lines_in_flight(64, workers=3) == 1
     assert BatchSettings(concurrency=5).lines_in_flight(64, workers=2) == 2

@@ -292,3 +292,17 @@ def test_a_batch_is_kept_its_retention_after_its_window_then_swept_with_its_line
         assert await store.line_counts(kept.id) == {None: 2}
 
     run(database_url, body)
+
+
+def test_a_stopping_runner_gives_back_every_lease_it_holds(database_url):
+    async def body(store):
+        await validated(store, 3)
+        waiting = await new_batch(store)
+        await store.claim_lines("stopping", 2, LEASE_S)
+        assert (await store.claim_batch("stopping", LEASE_S)).id == waiting.id
+        await store.release_all("stopping")
+        lines = await store.claim_lines("next", 5, LEASE_S)
+        assert [(line.line, line.attempts) for line in lines] == [(1, 1), (2, 1), (3, 1)]
+        assert (await store.claim_batch("next", LEASE_S)).id == waiting.id
+
+    run(database_url, body)

@@ -181,15 +181,14 @@ class BatchRunner:
         """Stops claiming, cancels the work under way and gives its leases back."""
         for task in self._tasks:
             task.cancel()
-        lines = dict(self._lines)
-        work = [*self._tasks, *lines.values(), *([self._phase] if self._phase else [])]
+        work = [*self._tasks, *self._lines.values(), *([self._phase] if self._phase else [])]
         for task in work:
             task.cancel()
         await asyncio.gather(*work, return_exceptions=True)
-        with contextlib.suppress(Exception):  # the database may be gone too: leases expire
-            await self.store.release_lines(self.owner, list(lines), refund_attempt=True)
-            if self._phase_batch is not None:
-                await self.store.release_batch(self.owner, self._phase_batch)
+        try:
+            await self.store.release_all(self.owner)
+        except Exception:  # the database may be gone too: the leases then expire
+            log.warning("batch runner %s: could not give its leases back", self.owner)
 
     def wake(self) -> None:
         self._wakeup.set()
