@@ -439,8 +439,8 @@ MESSAGES = [
     (
         "INVALID_BATCH_LINE",
         "method",
-        {"message": "Line 2: method must be POST, not \"GET\"."},
-        "Line 2: method must be POST, not \"GET\".",
+        {"message": 'Line 2: method must be POST, not "GET".'},
+        'Line 2: method must be POST, not "GET".',
     ),
     (
         "BATCH_LINE_TOO_LARGE",
@@ -474,8 +474,7 @@ MESSAGES = [
         "BATCH_TOO_LARGE",
         None,
         {"limit": 5},
-        "The input file has more than 5 requests, the most one batch may hold "
-        "(--batch-max-lines).",
+        "The input file has more than 5 requests, the most one batch may hold (--batch-max-lines).",
     ),
     (
         "INPUT_FILE_NOT_FOUND",
