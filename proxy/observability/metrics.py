@@ -30,6 +30,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from ..error_catalogue import CATALOGUE
+from ..transport.contract import TIMING_STAGES
 
 # `<name>_created` series double the series count and no dashboard here uses them.
 prometheus_client.disable_created_metrics()
@@ -68,17 +69,7 @@ MEDIA_CHECK_BUCKETS = (
 # A request's stages (proxy/observability/observe.py `stage_timings`): the proxy's media fetch,
 # then what the model measured (contract.TIMING_STAGES), ttft from the proxy's arrival. From
 # a fraction of a millisecond (a queue, a cached image's vision) to minutes (a long decode).
-STAGES = (
-    "queue",
-    "media_fetch",
-    "media_decode",
-    "preprocess",
-    "vision",
-    "prefill",
-    "ttft",
-    "decode",
-    "mean_itl",
-)
+STAGES = (TIMING_STAGES[0], "media_fetch", *TIMING_STAGES[1:])
 STAGE_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     30.0, 60.0, 120.0, 300.0,

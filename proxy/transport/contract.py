@@ -347,36 +347,39 @@ def token_id_key(key: object) -> int | None:
     return token if token <= INT32_MAX else None
 
 
+_OPENAI_SAMPLING_FIELDS = (
+    SamplingField("max_tokens", True, 1, INT32_MAX),
+    SamplingField("temperature", False, 0, 2),
+    SamplingField("top_p", False, 0, 1, low_open=True),
+    SamplingField("top_k", True, -1, INT32_MAX),  # -1 (or 0): no top-k
+    SamplingField("repetition_penalty", False, 0, 10, low_open=True),
+    SamplingField("presence_penalty", False, -2, 2),
+    SamplingField("frequency_penalty", False, -2, 2),
+    SamplingField("seed", True, INT64_MIN, INT64_MAX),
+    SamplingField("n", True, 1, INT32_MAX),  # the model's max_choices caps it further
+    SamplingField("top_logprobs", True, 0, MAX_TOP_LOGPROBS),
+)
+# vLLM's extras (docs/engine.md "Sampling"): no stop (EOS, stop_token_ids, stop
+# strings, the repetition guard) before min_tokens tokens; EOS does not stop; more
+# tokens that stop like EOS; OpenAI's logit bias by token id; keep tokens of at least
+# min_p times the top probability; the stop string or token kept in the text; special
+# tokens' text kept; the prompt tokens' logprobs (vLLM's shape).
+VLLM_EXTRA_SAMPLING_FIELDS = (
+    SamplingField("min_tokens", True, 0, INT32_MAX),
+    SamplingField("ignore_eos", False, kind=BOOLEAN),
+    SamplingField(
+        "stop_token_ids", True, 0, INT32_MAX, kind=TOKEN_IDS, max_items=MAX_STOP_TOKEN_IDS
+    ),
+    SamplingField("logit_bias", False, -100, 100, kind=TOKEN_MAP, max_items=MAX_LOGIT_BIAS),
+    SamplingField("min_p", False, 0, 1),
+    SamplingField("include_stop_str_in_output", False, kind=BOOLEAN),
+    SamplingField("skip_special_tokens", False, kind=BOOLEAN),
+    SamplingField("prompt_logprobs", True, 0, MAX_TOP_LOGPROBS),
+)
 SAMPLING_FIELDS = {
-    field.name: field
-    for field in (
-        SamplingField("max_tokens", True, 1, INT32_MAX),
-        SamplingField("temperature", False, 0, 2),
-        SamplingField("top_p", False, 0, 1, low_open=True),
-        SamplingField("top_k", True, -1, INT32_MAX),  # -1 (or 0): no top-k
-        SamplingField("repetition_penalty", False, 0, 10, low_open=True),
-        SamplingField("presence_penalty", False, -2, 2),
-        SamplingField("frequency_penalty", False, -2, 2),
-        SamplingField("seed", True, INT64_MIN, INT64_MAX),
-        SamplingField("n", True, 1, INT32_MAX),  # the model's max_choices caps it further
-        SamplingField("top_logprobs", True, 0, MAX_TOP_LOGPROBS),
-        # vLLM's extras (docs/engine.md "Sampling"): no stop (EOS, stop_token_ids, stop
-        # strings, the repetition guard) before min_tokens tokens; EOS does not stop; more
-        # tokens that stop like EOS; OpenAI's logit bias by token id; keep tokens of at least
-        # min_p times the top probability; the stop string or token kept in the text; special
-        # tokens' text kept; the prompt tokens' logprobs (vLLM's shape).
-        SamplingField("min_tokens", True, 0, INT32_MAX),
-        SamplingField("ignore_eos", False, kind=BOOLEAN),
-        SamplingField(
-            "stop_token_ids", True, 0, INT32_MAX, kind=TOKEN_IDS, max_items=MAX_STOP_TOKEN_IDS
-        ),
-        SamplingField("logit_bias", False, -100, 100, kind=TOKEN_MAP, max_items=MAX_LOGIT_BIAS),
-        SamplingField("min_p", False, 0, 1),
-        SamplingField("include_stop_str_in_output", False, kind=BOOLEAN),
-        SamplingField("skip_special_tokens", False, kind=BOOLEAN),
-        SamplingField("prompt_logprobs", True, 0, MAX_TOP_LOGPROBS),
-    )
+    field.name: field for field in (*_OPENAI_SAMPLING_FIELDS, *VLLM_EXTRA_SAMPLING_FIELDS)
 }
+VLLM_EXTRAS = tuple(field.name for field in VLLM_EXTRA_SAMPLING_FIELDS)
 
 # The repetition guard (`repetition_guard`: {"ngram": n, "max_repeats": k}): generation stops
 # (finish_reason stop, `repetition_detected`) once the last n tokens have come k + 1 times in a

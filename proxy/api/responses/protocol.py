@@ -59,6 +59,7 @@ from ...request.schema import (
 from ...request.sse import sse_event
 from ...request.tool_calls import ToolCall, ToolCallStream, split_tool_calls
 from ...transport.backend import GenerationChunk
+from ...transport.contract import REPETITION_GUARD, VLLM_EXTRAS
 from ..chat.render import TokenUsage, record_usage
 
 log = logging.getLogger("proxy")
@@ -218,14 +219,8 @@ class ResponsesRequest(BaseModel):
 # go to the internal (chat) request as they are, checked there, and errors name them as sent.
 # Not prompt_logprobs: a Response has no place for them.
 SAMPLING_EXTRAS = (
-    "min_tokens",
-    "ignore_eos",
-    "stop_token_ids",
-    "logit_bias",
-    "min_p",
-    "include_stop_str_in_output",
-    "skip_special_tokens",
-    "repetition_guard",
+    *(name for name in VLLM_EXTRAS if name != "prompt_logprobs"),
+    REPETITION_GUARD,
 )
 
 

@@ -12,6 +12,7 @@ from ..contract import (
     SAMPLING_FIELDS,
     TOKEN_IDS,
     TOKEN_MAP,
+    VLLM_EXTRAS,
     ModelLimits,
     schema_depth,
     token_id_key,
@@ -177,17 +178,7 @@ def parse_sampling_parameters(text: str | None) -> SamplingParams:
 
 def _extras(raw: dict) -> dict:
     """vLLM's extra sampling fields, those set."""
-    names = (
-        "min_tokens",
-        "ignore_eos",
-        "stop_token_ids",
-        "logit_bias",
-        "min_p",
-        "include_stop_str_in_output",
-        "skip_special_tokens",
-        "prompt_logprobs",
-    )
-    values = {name: _number(raw, name) for name in names}
+    values = {name: _number(raw, name) for name in VLLM_EXTRAS}
     values["repetition_guard"] = _repetition_guard(raw)
     return {name: value for name, value in values.items() if value is not None}
 
