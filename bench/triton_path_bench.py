@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -40,6 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "model_repository/qwen2_5_vl/1"), str(ROOT
 
 import stack  # noqa: E402
 import tritonclient.grpc.aio as grpcclient_aio  # noqa: E402
+from host_path_bench import Sink  # noqa: E402  (bench/ is this script's sys.path[0])
 
 from proxy.transport.backend import TritonRequest, build_inputs  # noqa: E402
 
@@ -83,27 +83,6 @@ def percentile(values: list[float], q: float) -> float:
 # ---- in-process --------------------------------------------------------------------------
 
 
-class Sink:
-    def __init__(self):
-        self.times: list[float] = []
-        self.done, self.error = threading.Event(), None
-
-    def is_cancelled(self):
-        return False
-
-    def send(self, chunk):
-        self.times.append(time.perf_counter())
-        if chunk.final:
-            self.done.set()
-
-    def fail(self, error):
-        self.error = error
-        self.done.set()
-
-    def cancelled(self):
-        self.done.set()
-
-
 class InProcess:
     def __init__(self, checkpoint: str, threads: int):
         import torch
@@ -119,7 +98,7 @@ class InProcess:
     def run(self, c: int, tokens: int) -> tuple[float, list[list[float]]]:
         from qwen_vl_backend.request.prepare import RawRequest
 
-        sinks = [Sink() for _ in range(c)]
+        sinks = [Sink(send_s=0.0, cancel_s=0.0) for _ in range(c)]
         started = time.perf_counter()
         for i, sink in enumerate(sinks):
             request = RawRequest(
