@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ...error_catalogue import INTERNAL_ERROR, APIError
 from ...request.sse import DONE_EVENT, json_bytes, sse_error, sse_event
@@ -35,13 +35,15 @@ log = logging.getLogger("proxy")
 class CompletionIdentity:
     """The fields every response body and chunk of one completion share."""
 
+    ID_PREFIX: ClassVar[str] = "chatcmpl"
+
     id: str
     created: int
     model: str
 
     @classmethod
     def new(cls, model: str) -> CompletionIdentity:
-        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+        return cls(id=f"{cls.ID_PREFIX}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
 @dataclass

@@ -20,11 +20,9 @@ none, as OpenAI writes it).
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, ValidationError
 
@@ -39,6 +37,7 @@ from ...request.schema import (
     validation_api_error,
 )
 from ...transport.contract import INT32_MAX
+from ..chat.render import CompletionIdentity as ChatIdentity
 
 # OpenAI's legacy bounds and default.
 MAX_LEGACY_LOGPROBS = 5
@@ -226,14 +225,8 @@ def _paths(prompt: str, best_of: int | None) -> ClientPaths:
 
 
 @dataclass(frozen=True)
-class CompletionIdentity:
-    id: str
-    created: int
-    model: str
-
-    @classmethod
-    def new(cls, model: str) -> CompletionIdentity:
-        return cls(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+class CompletionIdentity(ChatIdentity):
+    ID_PREFIX: ClassVar[str] = "cmpl"
 
     def envelope(self) -> dict[str, Any]:
         return {
