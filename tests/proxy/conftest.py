@@ -8,7 +8,9 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 import pytest
 from aiohttp.test_utils import TestClient
 from echo_triton import echo_tritonserver
+from fake_triton import FakeTriton
 from proxy_fakes import TEST_CONFIG, FakeBackend, serving
+from stack import free_port
 
 from proxy.config import with_settings
 
@@ -35,3 +37,12 @@ def echo_triton_url(tmp_path_factory) -> str:
     live tests (none of them changes what it serves)."""
     with echo_tritonserver(tmp_path_factory.mktemp("triton")) as url:
         yield url
+
+
+@pytest.fixture
+async def fake_triton():
+    """The fake Triton gRPC server (fake_triton.py) on a free loopback port."""
+    triton = FakeTriton(free_port())
+    await triton.start()
+    yield triton
+    await triton.stop()

@@ -9,92 +9,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-from pathlib import Path
 
-import aiohttp
 import openai
 import pytest
-from fake_triton import FakeTriton
 from helpers import wait_until_async
 from proxy_fakes import SERVED_MODEL
-from stack import ROOT, StackConfig, free_port, proxy_command
-
-from proxy.observability.metrics import MULTIPROCESS_DIR_ENV
+from proxy_process import ProxyProcess
 
 # Short leases, frequent looks: a dead proxy's lines are taken over within a second or two.
 FAST_LEASES = ["--batch-lease-s", "1", "--batch-poll-s", "0.1"]
-
-
-class ProxyProcess:
-    """`python -m proxy` as scripts/stack.py starts it, in a process group of its own."""
-
-    def __init__(self, triton_port: int, log_path: Path, *args: str) -> None:
-        self.config = StackConfig(
-            model="",
-            host="127.0.0.1",
-            grpc_port=triton_port,
-            proxy_port=free_port(),
-            served_model_name=SERVED_MODEL,
-            proxy_args=["--no-image-fetch", "--workers", "1", *args],
-        )
-        self.url = self.config.proxy_url
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name in [n for n in env if n.startswith("PROXY_") or n == MULTIPROCESS_DIR_ENV]:
-            del env[name]
-        with open(self.log_path, "ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *proxy_command(self.config),
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    async def wait_ready(self) -> None:
-        async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                assert self.process.returncode is None, self.log()
-                try:
-                    async with session.get(self.url + "/ready") as response:
-                        return response.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until_async(ready, timeout=60, step=0.05, what="the proxy to be ready")
-
-    def client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def kill(self) -> None:
-        """SIGKILL: nothing of it runs after this (no drain, no lease given back)."""
-        if self.process is None or self.process.returncode is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await self.process.wait()
-
-
-@pytest.fixture
-async def fake_triton():
-    triton = FakeTriton(free_port())
-    await triton.start()
-    yield triton
-    await triton.stop()
 
 
 @pytest.fixture
@@ -103,7 +27,9 @@ async def proxies(fake_triton, tmp_path):
     started: list[ProxyProcess] = []
 
     async def start(*args: str) -> ProxyProcess:
-        proxy = ProxyProcess(fake_triton.port, tmp_path / f"proxy-{len(started)}.log", *args)
+        proxy = ProxyProcess(
+            fake_triton.port, tmp_path / f"proxy-{len(started)}.log", "--workers", "1", *args
+        )
         started.append(proxy)
         await proxy.start()
         await proxy.wait_ready()

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
-from fake_triton import FakeTriton
 from hardening_helpers import CHAT, assert_envelope, assert_no_leak
 from helpers import sse_payloads, wait_until_async
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG, serving
-from stack import ROOT, StackConfig, free_port, proxy_command
+from proxy_process import ProxyProcess
 
 from proxy.config import with_settings
 
@@ -28,14 +25,6 @@ def chat(script: str, *, stream: bool = True) -> dict:
         "stream": stream,
         "messages": [{"role": "user", "content": script}],
     }
-
-
-@pytest.fixture
-async def fake_triton():
-    triton = FakeTriton(free_port())
-    await triton.start()
-    yield triton
-    await triton.stop()
 
 
 @pytest.fixture
@@ -124,56 +113,6 @@ async def test_client_disconnect_cancels_the_triton_stream(proxy_client, fake_tr
 # ---- SIGTERM on a real process -------------------------------------------------------------
 
 
-class ProxyProcess:
-    """`python -m proxy` on loopback, as scripts/stack.py starts it, in front of the fake
-    Triton on `triton_port`; started and awaited on the test's event loop, which the fake
-    Triton shares."""
-
-    def __init__(self, triton_port: int, log_path: Path, *args: str) -> None:
-        self.config = StackConfig(
-            model="",  # the model is Triton's business: the proxy is not told it
-            host="127.0.0.1",
-            grpc_port=triton_port,
-            proxy_port=free_port(),
-            served_model_name=SERVED_MODEL,
-            proxy_args=["--no-image-fetch", *args],
-        )
-        self.url = self.config.proxy_url
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name in [n for n in env if n.startswith("PROXY_")]:
-            del env[name]
-        with open(self.log_path, "wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *proxy_command(self.config),
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-
-        async def ready() -> bool:
-            assert self.process.returncode is None, self.log()
-            try:
-                async with session.get(self.url + "/ready") as response:
-                    return response.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_until_async(ready, timeout=30, step=0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-
 @pytest.fixture
 async def session():
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -189,7 +128,8 @@ async def start_stream(session, url: str, script: str):
 
 async def test_sigterm_drains_in_flight_streams_then_exits(fake_triton, session, tmp_path):
     proxy = ProxyProcess(fake_triton.port, tmp_path / "proxy.log", "--shutdown-timeout-s", "20")
-    await proxy.start(session)
+    await proxy.start()
+    await proxy.wait_ready(session)
     try:
         streams = [await start_stream(session, proxy.url, "tokens=10 delay=0.2") for _ in range(3)]
         signalled = time.monotonic()
@@ -218,14 +158,15 @@ async def test_sigterm_drains_in_flight_streams_then_exits(fake_triton, session,
         assert fake_triton.state.completed == 3 and fake_triton.state.cancelled == 0
         assert "draining" in proxy.log()
     finally:
-        await proxy.stop()
+        await proxy.kill()
 
 
 async def test_sigterm_past_the_grace_period_ends_streams_and_cancels_them(
     fake_triton, session, tmp_path
 ):
     proxy = ProxyProcess(fake_triton.port, tmp_path / "proxy.log", "--shutdown-timeout-s", "1")
-    await proxy.start(session)
+    await proxy.start()
+    await proxy.wait_ready(session)
     try:
         response = await start_stream(session, proxy.url, "tokens=100 delay=0.1")
         signalled = time.monotonic()
@@ -241,4 +182,4 @@ async def test_sigterm_past_the_grace_period_ends_streams_and_cancels_them(
 
         await wait_until_async(cancelled, timeout=5)  # the generation stopped in "Triton" too
     finally:
-        await proxy.stop()
+        await proxy.kill()

@@ -6,22 +6,19 @@ stops the proxy. And a worker's app alone: the shared cap, /ready waiting for ev
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
-from fake_triton import FakeTriton
 from hardening_helpers import CHAT, assert_envelope
 from helpers import sse_payloads, wait_until_async
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_fakes import SERVED_MODEL, TEST_CONFIG, FakeBackend, serving_app
-from stack import ROOT, StackConfig, free_port, proxy_command
+from proxy_process import ProxyProcess
 
 from proxy.app import create_app
-from proxy.observability.metrics import MULTIPROCESS_DIR_ENV
 from proxy.serving.admission import AdmissionSettings
 from proxy.serving.workers import SharedAdmission, WorkerSlot, as_worker
 
@@ -32,80 +29,23 @@ CAP = 3  # --max-concurrent-requests: the streams the drain test holds open
 MAX_CONNECTIONS = 64
 
 
+def workers_proxy(triton_port: int, log_path: Path, port: int | None = None) -> ProxyProcess:
+    """`python -m proxy --workers 2` with the in-flight cap the drain test fills."""
+    return ProxyProcess(
+        triton_port,
+        log_path,
+        f"--workers={WORKERS}",
+        f"--max-concurrent-requests={CAP}",
+        port=port,
+    )
+
+
 def chat(script: str, *, stream: bool) -> dict:
     return {
         "model": SERVED_MODEL,
         "stream": stream,
         "messages": [{"role": "user", "content": script}],
     }
-
-
-class WorkersProxy:
-    """`python -m proxy --workers 2` as scripts/stack.py starts it, in a process group of its
-    own (so the test can end all of it), on the test's event loop, which the fake Triton
-    shares."""
-
-    def __init__(self, triton_port: int, log_path: Path, port: int | None = None) -> None:
-        self.config = StackConfig(
-            model="",  # the model is Triton's business: the proxy is not told it
-            host="127.0.0.1",
-            grpc_port=triton_port,
-            proxy_port=port or free_port(),
-            served_model_name=SERVED_MODEL,
-            proxy_args=[
-                "--no-image-fetch",
-                f"--workers={WORKERS}",
-                f"--max-concurrent-requests={CAP}",
-            ],
-        )
-        self.url = self.config.proxy_url
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name in [n for n in env if n.startswith("PROXY_") or n == MULTIPROCESS_DIR_ENV]:
-            del env[name]
-        with open(self.log_path, "wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *proxy_command(self.config),
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        async def ready() -> bool:
-            assert self.process.returncode is None, self.log()
-            try:
-                async with session.get(self.url + "/ready") as response:
-                    return response.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_until_async(ready, timeout=60, step=0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def stop(self) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await self.process.wait()
-
-
-@pytest.fixture
-async def fake_triton():
-    triton = FakeTriton(free_port())
-    await triton.start()
-    yield triton
-    await triton.stop()
 
 
 @pytest.fixture
@@ -165,7 +105,7 @@ async def test_ready_only_when_every_worker_has_seen_the_model():
 async def test_two_workers_serve_one_port_share_the_cap_and_metrics_and_drain(
     fake_triton, session, tmp_path
 ):
-    proxy = WorkersProxy(fake_triton.port, tmp_path / "proxy.log")
+    proxy = workers_proxy(fake_triton.port, tmp_path / "proxy.log")
     await proxy.start()
     try:
         await proxy.wait_ready(session)
@@ -204,17 +144,17 @@ async def test_two_workers_serve_one_port_share_the_cap_and_metrics_and_drain(
         assert proxy.log().count("SIGTERM: draining") == WORKERS  # each worker drained
         assert fake_triton.state.cancelled == 0
     finally:
-        await proxy.stop()
+        await proxy.kill()
 
 
 async def test_a_worker_that_cannot_start_stops_the_proxy(fake_triton, tmp_path):
     with socket.socket() as taken:  # listening without SO_REUSEPORT: no worker can join it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proxy = WorkersProxy(fake_triton.port, tmp_path / "proxy.log", taken.getsockname()[1])
+        proxy = workers_proxy(fake_triton.port, tmp_path / "proxy.log", taken.getsockname()[1])
         await proxy.start()
         try:
             assert await asyncio.wait_for(proxy.process.wait(), 60) != 0, proxy.log()
             assert "while starting; stopping all" in proxy.log()
         finally:
-            await proxy.stop()
+            await proxy.kill()
