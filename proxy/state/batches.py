@@ -35,7 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .db import METADATA, Database, now
+from .db import METADATA, Database, beyond, now
 from .retention import expiring, live
 
 BATCHES = sa.Table(
@@ -386,10 +386,7 @@ class BatchStore:
                 if cursor is None:
                     return None
                 query = query.where(
-                    sa.or_(
-                        BATCHES.c.created_at < cursor.created_at,
-                        sa.and_(BATCHES.c.created_at == cursor.created_at, BATCHES.c.id < after),
-                    )
+                    beyond((BATCHES.c.created_at, BATCHES.c.id), tuple(cursor), descending=True)
                 )
             rows = (
                 await connection.execute(

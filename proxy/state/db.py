@@ -182,6 +182,17 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def beyond(
+    key: tuple[sa.Column, sa.Column], cursor: tuple[float, str], *, descending: bool
+) -> sa.ColumnElement[bool]:
+    """Rows strictly after `cursor` in (created_at, id) order (a list's `after` page), or
+    before it when `descending` (written out: both engines, no row-value comparison needed)."""
+    (created, identifier), (at, cursor_id) = key, cursor
+    if descending:
+        return sa.or_(created < at, sa.and_(created == at, identifier < cursor_id))
+    return sa.or_(created > at, sa.and_(created == at, identifier > cursor_id))
+
+
 def now() -> float:
     """Timestamps are Unix seconds as floats in every table (one clock, both engines)."""
     return time.time()

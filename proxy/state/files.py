@@ -17,7 +17,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from .blobs import BlobRef, BlobStore, references_blobs
-from .db import METADATA, Database, now
+from .db import METADATA, Database, beyond, now
 from .retention import expiring, live
 from .settings import StateSettings
 
@@ -193,7 +193,7 @@ class FileStore:
                 ).first()
                 if cursor is None:
                     raise UnknownCursor(after)
-                query = query.where(_beyond(key, tuple(cursor), descending=order == "desc"))
+                query = query.where(beyond(key, tuple(cursor), descending=order == "desc"))
             ordering = [column.desc() if order == "desc" else column.asc() for column in key]
             rows = (await connection.execute(query.order_by(*ordering).limit(limit + 1))).all()
         return FilePage([_stored(row) for row in rows[:limit]], has_more=len(rows) > limit)
@@ -214,14 +214,3 @@ class FileStore:
     def content(self, stored: StoredFile) -> AsyncIterator[bytes]:
         """The file's bytes, chunk by chunk."""
         return self.blobs.iter_chunks(stored.digest)
-
-
-def _beyond(
-    key: tuple[sa.Column, sa.Column], cursor: tuple[float, str], *, descending: bool
-) -> sa.ColumnElement[bool]:
-    """Rows strictly after `cursor` in (created_at, id) order, or before it when
-    `descending` (written out: both engines, no row-value comparison needed)."""
-    (created, identifier), (at, cursor_id) = key, cursor
-    if descending:
-        return sa.or_(created < at, sa.and_(created == at, identifier < cursor_id))
-    return sa.or_(created > at, sa.and_(created == at, identifier > cursor_id))
