@@ -129,7 +129,9 @@ def test_min_p_with_a_seed_repeats_and_prompt_logprobs_cover_the_prompt(client):
 
 
 def test_continuous_usage_and_timings_on_a_streamed_image_request(client, base_url):
-    image = data_url(encoded_image(size=(120, 90)), "image/png")
+    # An image no other test sends: the session stack's image cache would otherwise answer
+    # it (a repeat runs no vision stage, vision_ms 0) when an earlier test sent the same one.
+    image = data_url(encoded_image(size=(120, 90), color=(17, 201, 93)), "image/png")
     messages = [
         {
             "role": "user",
