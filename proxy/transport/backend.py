@@ -26,6 +26,7 @@ from ..error_catalogue import (
     INTERNAL_ERROR,
     MODEL_ERRORS,
     MODEL_LOAD_FAILED,
+    MODEL_NOT_FOUND,
     MODEL_REQUEST_ERROR,
     MODEL_UNAVAILABLE,
     SERVER_BUSY,
@@ -477,13 +478,16 @@ def is_final_response(result: grpcclient.InferResult, chunk: GenerationChunk | N
 def model_error(error: InferenceServerException, request_id: str) -> APIError:
     """A model or Triton error as the client sees it. The model's errors are data
     (`model_contract`): a request error (written for clients) becomes a 400, busy or
-    unavailable a 503 with Retry-After, internal a generic 500. Triton's own errors are only
-    text: its phrases for a model that cannot take requests become 503, anything else 500.
+    unavailable a 503 with Retry-After, not_found (an unknown LoRA adapter) a 404, internal a
+    generic 500. Triton's own errors are only text: its phrases for a model that cannot take
+    requests become 503, anything else 500.
     Only the log gets the original text."""
     message = error.message() or ""
     reported = decode_error(message)
     if reported is not None and reported.kind == "invalid_request":
         return client_error(reported)
+    if reported is not None and reported.kind == "not_found":
+        return MODEL_NOT_FOUND(reported.param or "model", message=reported.message)
     if reported is not None and reported.kind in ("busy", "unavailable"):
         log.warning("request %s: model %s: %s", request_id, reported.kind, reported.message)
         return SERVER_BUSY() if reported.kind == "busy" else MODEL_UNAVAILABLE()

@@ -74,6 +74,9 @@ def test_inputs_follow_the_tensor_contract():
         "add_generation_prompt",
         "add_special_tokens",
         "return_token_strs",
+        # the base model's request names no adapter
+        "lora",
+        "lora_path",
     }
     assert (inputs["messages"].datatype(), inputs["messages"].shape()) == ("BYTES", [1])
     assert bytes_values(inputs["messages"]) == [REQUEST.messages_json.encode("utf-8")]

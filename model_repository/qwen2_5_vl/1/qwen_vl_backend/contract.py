@@ -27,6 +27,8 @@ model writes its errors as data: a fixed prefix, then a JSON object {"kind", "me
   the client's);
 - busy: the model's queue is full, retry later (HTTP 503 with Retry-After);
 - unavailable: the model is shutting down, retry elsewhere (HTTP 503);
+- not_found: the request names something the model does not serve, e.g. an unknown LoRA
+  adapter (HTTP 404, code model_not_found);
 - internal: the server failed (HTTP 500); `message` carries only the request id.
 
 This file exists twice, byte for byte: here (the model folder deploys on its own) and as
@@ -77,6 +79,13 @@ class Input(StrEnum):
     # `tokenize` only: the answer lists each token's string too.
     RETURN_TOKEN_STRS = "return_token_strs"
     DESCRIBE = "describe"
+    # The LoRA adapter a generation, tokenization or image runs with, by its served name;
+    # absent or empty: the base weights. For the `load_lora` / `unload_lora` tasks, the adapter
+    # the task is about.
+    LORA = "lora"
+    # `load_lora` only: the adapter's directory (PEFT's adapter_config.json +
+    # adapter_model.safetensors). The model accepts it only under its configured roots.
+    LORA_PATH = "lora_path"
 
 
 class Output(StrEnum):
@@ -101,6 +110,10 @@ class Output(StrEnum):
     PROMPT_LOGPROBS = "prompt_logprobs"
     # true on a choice's last response when the repetition guard ended it (finish_reason stop)
     REPETITION_DETECTED = "repetition_detected"
+    # On a request's last response: how many of its images and videos the vision tower did
+    # not run for (answered from the embedding cache). The proxy counts it per replica, the
+    # cache-hit ratio its adapter/image-aware routing is judged by.
+    MEDIA_CACHE_HITS = "media_cache_hits"
 
 
 INPUTS = tuple(Input)
@@ -125,12 +138,19 @@ class Task(StrEnum):
     """What a request to the model asks for (the `task` input). `tokenize` renders and
     tokenizes the prompt exactly as a generation would (template, media decoded and resized,
     the processor) and answers `TokenizeResult`; `detokenize` answers the text of
-    `input_ids`. Neither generates nor holds a KV slot: one response whose `text_output` is
+    `input_ids`. None of them generates or holds a KV slot: one response whose `text_output` is
     the answer (JSON for tokenize, the text for detokenize), then the final flag."""
 
     GENERATE = "generate"
     TOKENIZE = "tokenize"
     DETOKENIZE = "detokenize"
+    # LoRA adapters (docs/deploy.md "LoRA adapters"): `list_loras` answers a JSON list of
+    # `LoraAdapter`; `load_lora` loads `lora_path` under the name in `lora` and answers the
+    # new `LoraAdapter`; `unload_lora` drops the adapter named in `lora` and answers its
+    # `LoraAdapter`. An unknown name is a `not_found` error.
+    LIST_LORAS = "list_loras"
+    LOAD_LORA = "load_lora"
+    UNLOAD_LORA = "unload_lora"
 
 
 # The highest `fps` a video part may ask to be sampled at; max_video_frames bounds the cost.
@@ -196,6 +216,43 @@ class ModelLimits:
             if _is_number(value) and value >= 0:
                 values[field.name] = type(field.default)(value)
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter the model serves under `name` (a request's `model`), on top of the base
+    weights (`/v1/models` lists it with the base model as `parent`). `rank` is PEFT's r;
+    `vision` is true when it adapts the vision tower too (its image embeddings are its own);
+    `resident` says whether its weights are in memory now (at most `max_loras` are; others
+    load on their first request)."""
+
+    name: str
+    rank: int
+    vision: bool = False
+    resident: bool = False
+
+    @staticmethod
+    def encode_list(adapters: list[LoraAdapter]) -> str:
+        return json.dumps([asdict(adapter) for adapter in adapters])
+
+    @classmethod
+    def decode_list(cls, text: str) -> list[LoraAdapter] | None:
+        """The adapters in a `list_loras` answer (or one in a load/unload answer, as a list of
+        one); None when the text is not such a value."""
+        try:
+            raw = json.loads(text)
+            items = raw if isinstance(raw, list) else [raw]
+            return [
+                cls(
+                    str(item["name"]),
+                    int(item["rank"]),
+                    bool(item.get("vision")),
+                    bool(item.get("resident")),
+                )
+                for item in items
+            ]
+        except (ValueError, TypeError, KeyError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -516,7 +573,7 @@ def schema_depth(value: object) -> int:
 
 
 ERROR_PREFIX = "qwen_vl_error: "
-ERROR_KINDS = ("invalid_request", "busy", "unavailable", "internal")
+ERROR_KINDS = ("invalid_request", "busy", "unavailable", "not_found", "internal")
 
 
 @dataclass(frozen=True)
