@@ -207,7 +207,7 @@ def test_triton_pods_are_annotated_for_prometheus_on_the_metrics_port():
     _port(_container(_triton(), "triton"), 8002)
 
 
-def test_hpa_scales_triton_on_the_metric_the_model_exports_and_the_adapter_serves():
+def test_hpa_scales_triton_on_interactive_waiting_requests_the_model_exports():
     hpa = k8s_object("HorizontalPodAutoscaler", TRITON)
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
@@ -219,17 +219,19 @@ def test_hpa_scales_triton_on_the_metric_the_model_exports_and_the_adapter_serve
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
     name = metric["pods"]["metric"]["name"]
-    assert name == "qwen_vl_waiting_requests"
     assert metric["pods"]["target"]["type"] == "AverageValue"
     assert float(metric["pods"]["target"]["averageValue"]) > 0
-    assert f'gauge("{name}"' in MODEL_PY.read_text(), f"model.py exports no gauge {name}"
-    # prometheus-adapter serves it per pod under the same name.
+    # prometheus-adapter serves it per pod from the model's gauge, interactive class only: a
+    # batch backlog waits by design and must not scale the GPUs.
     adapter = k8s_object("ConfigMap", "qwen-vl-prometheus-adapter-rules")
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
     serving = [rule for rule in rules if rule["name"]["as"] == name]
     assert len(serving) == 1, f"no adapter rule exposes {name}"
     (rule,) = serving
-    assert rule["seriesQuery"].startswith(name + "{")
+    series = rule["seriesQuery"].split("{")[0]
+    assert f'"{series}"' in MODEL_PY.read_text(), f"model.py exports no gauge {series}"
+    assert 'priority="interactive"' in rule["seriesQuery"]
+    assert 'priority="interactive"' in rule["metricsQuery"]
     overrides = rule["resources"]["overrides"]
     assert overrides["pod"] == {"resource": "pod"}
     assert overrides["namespace"] == {"resource": "namespace"}
