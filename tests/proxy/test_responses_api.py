@@ -408,6 +408,16 @@ async def test_without_state_stateful_fields_are_501(make_client, field, value):
     assert backend.requests == []
 
 
+async def test_without_state_an_image_file_id_is_501(make_client):
+    backend = FakeBackend()
+    part = {"type": "input_image", "file_id": "file-abc"}
+    resp = await post_raw(make_client, {"input": [{"role": "user", "content": [part]}]}, backend)
+    assert resp.status == 501
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("state_disabled", "input[0].content[0].file_id")
+    assert backend.requests == []
+
+
 @pytest.mark.parametrize(
     "body, code, param",
     [
@@ -425,11 +435,6 @@ async def test_without_state_stateful_fields_are_501(make_client, field, value):
         ),
         ({"input": [{"type": "reasoning", "id": "r"}]}, "invalid_value", "input[0]"),
         ({"input": [{"role": "robot", "content": "x"}]}, "invalid_value", "input[0].role"),
-        (
-            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
-            "unsupported_parameter",
-            "input[0].content[0].file_id",
-        ),
         (
             {"input": "Hi", "text": {"format": {"type": "json_schema", "name": "A"}}},
             "invalid_value",

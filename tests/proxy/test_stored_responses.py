@@ -284,6 +284,87 @@ async def test_history_errors_name_previous_response_id(stateful):
     assert (caught.value.code, caught.value.param) == ("too_many_images", "previous_response_id")
 
 
+# ---- images from the Files API ---------------------------------------------------------------
+
+
+def _file_image_turn(file_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "And this one?"},
+                {"type": "input_image", "file_id": file_id, "detail": "low"},
+            ],
+        }
+    ]
+
+
+async def test_an_uploaded_image_is_named_by_file_id(stateful):
+    backend = FakeBackend(script("A", " dog."))
+    client, sdk = await stateful(backend)
+    uploaded = await sdk.files.create(file=("dog.png", PNG_BYTES, "image/png"), purpose="vision")
+    first = await sdk.responses.create(input=_file_image_turn(uploaded.id))
+    assert first.output_text == "A dog."
+    assert backend.last_request.media["image"] == [PNG_BYTES]
+    by_file = json.loads(backend.last_request.messages_json)
+    # exactly what the same image sent inline becomes (its detail's budget included)
+    inline = _file_image_turn("")
+    inline[0]["content"][1] = {
+        "type": "input_image",
+        "image_url": data_url(PNG_BYTES),
+        "detail": "low",
+    }
+    await sdk.responses.create(input=inline, store=False)
+    assert by_file == json.loads(backend.last_request.messages_json)
+    # The stored turn holds the bytes: the file may go, the conversation goes on.
+    await sdk.files.delete(uploaded.id)
+    backend.chunks = script("Brown.")
+    await sdk.responses.create(input="Its colour?", previous_response_id=first.id)
+    assert backend.last_request.media["image"] == [PNG_BYTES]
+
+
+@pytest.mark.parametrize(
+    "upload, status, code",
+    [
+        (None, 404, None),  # no such file
+        (("notes.txt", b"not an image at all", "text/plain"), 400, "invalid_image"),
+        (("big.png", PNG_BYTES + bytes(2048), "image/png"), 400, "image_too_large"),
+    ],
+)
+async def test_a_bad_image_file_id_names_the_part(stateful, upload, status, code):
+    backend = FakeBackend()
+    client, sdk = await stateful(backend, max_image_bytes=1024)
+    file_id = "file-" + "0" * 24
+    if upload is not None:
+        file_id = (await sdk.files.create(file=upload, purpose="user_data")).id
+    resp = await client.post("/v1/responses", json={"input": _file_image_turn(file_id)})
+    error = (await resp.json())["error"]
+    assert resp.status == status, error
+    assert error["param"] == "input[0].content[1].file_id"
+    assert code is None or error["code"] == code
+    assert backend.requests == []
+
+
+async def test_another_tenants_file_is_unknown(make_client, tmp_path):
+    backend = FakeBackend()
+    client = await make_client(
+        backend, state=True, state_dir=str(tmp_path), api_key="key-one,key-two"
+    )
+    form = {"purpose": "vision", "file": PNG_BYTES}
+    uploaded = await client.post(
+        "/v1/files", data=form, headers={"Authorization": "Bearer key-one"}
+    )
+    file_id = (await uploaded.json())["id"]
+    resp = await client.post(
+        "/v1/responses",
+        json={"input": _file_image_turn(file_id)},
+        headers={"Authorization": "Bearer key-two"},
+    )
+    assert resp.status == 404
+    assert (await resp.json())["error"]["param"] == "input[0].content[1].file_id"
+    assert backend.requests == []
+
+
 # ---- tenancy and expiry -------------------------------------------------------------------
 
 

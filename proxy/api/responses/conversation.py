@@ -20,10 +20,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ...error_catalogue import INVALID_VALUE
+from ...error_catalogue import INVALID_VALUE, NO_SUCH_OBJECT, STATE_DISABLED
 from ...media.images import IMAGE
 from ...media.kinds import REMOTE_SCHEMES, url_scheme
 from ...state.blobs import BlobStore, BlobTooLarge, digest_of
+from ...state.files import FileStore
 from ...state.responses import Turn
 from ...transport.contract import sniff_image
 from .protocol import (
@@ -133,6 +134,40 @@ def _stored_content(
         else:
             parts.append({"type": "output_text", "text": part.text})
     return parts
+
+
+async def resolve_file_images(
+    request: ResponsesRequest, files: FileStore | None, tenant: str, max_image_bytes: int
+) -> None:
+    """Gives each image part that names an uploaded file (`file_id`, the Files API) the file's
+    bytes as a data: URL, so the rest of the path sees an image like any other. The file must be
+    the caller's, live, within the image byte limit and an image by its bytes. `files` None:
+    this proxy keeps no state, so no file can be named."""
+    for path, part in _file_image_parts(request):
+        param = f"{path}.file_id"
+        if files is None:
+            raise STATE_DISABLED(param, what="files")
+        stored = await files.get(tenant, part.file_id)
+        if stored is None:
+            raise NO_SUCH_OBJECT(param, kind="File", id=part.file_id[:_MAX_ITEM_ID])
+        if stored.bytes > max_image_bytes:
+            raise IMAGE.too_many_bytes(param, max_image_bytes)
+        image = await files.blobs.read_bytes(stored.digest, max_image_bytes)
+        if image is None:  # deleted and swept between the two reads
+            raise NO_SUCH_OBJECT(param, kind="File", id=part.file_id[:_MAX_ITEM_ID])
+        if sniff_image(image) is None:
+            raise IMAGE.not_this_kind(param)
+        part.image_url = _data_url(image)
+
+
+def _file_image_parts(request: ResponsesRequest) -> Iterator[tuple[str, InputImage]]:
+    if isinstance(request.input, str):
+        return
+    for i, item in enumerate(request.input):
+        if isinstance(item, MessageItem) and not isinstance(item.content, str):
+            for j, part in enumerate(item.content):
+                if isinstance(part, InputImage) and part.image_url is None and part.file_id:
+                    yield f"input[{i}].content[{j}]", part
 
 
 def _data_url(image: bytes) -> str:

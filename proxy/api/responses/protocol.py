@@ -90,7 +90,8 @@ class OutputText(BaseModel):
 class InputImage(BaseModel):
     type: Literal["input_image"]
     image_url: str | None = None  # a data: URL or an http(s) URL
-    file_id: str | None = None  # refused: images come as image_url
+    # an uploaded file (the Files API), resolved by the route: conversation.resolve_file_images
+    file_id: str | None = None
     detail: Literal["auto", "low", "high", "original"] | None = None
 
 
@@ -387,13 +388,7 @@ class ResponsesCall:
 
 def _chat_part(part: Any, path: str) -> dict[str, Any]:
     if isinstance(part, InputImage):
-        if part.image_url is None:
-            if part.file_id is not None:
-                raise UNSUPPORTED_PARAMETER(
-                    f"{path}.file_id",
-                    message=f"'{path}.file_id' is not supported for images; send the image as "
-                    "'image_url' (a data: URL or an http(s) URL).",
-                )
+        if part.image_url is None:  # a file_id is resolved to a data: URL before this
             raise MISSING_REQUIRED_PARAMETER(f"{path}.image_url", path=f"{path}.image_url")
         image: dict[str, Any] = {"url": part.image_url}
         if part.detail is not None:

@@ -48,6 +48,7 @@ from ...request.schema import ChatCompletionRequest, parse_chat_request
 from ...serving.admission import ADMISSION_KEY
 from ...state.context import require_state
 from ...state.db import now
+from ...state.files import FileStore
 from ...state.responses import (
     CANCELLED,
     RUNNING,
@@ -58,7 +59,13 @@ from ...state.responses import (
 )
 from ...state.tenancy import request_tenant
 from .background import BACKGROUND_KEY, run_background
-from .conversation import history_input, image_parts, listed_input_items, stored_input_items
+from .conversation import (
+    history_input,
+    image_parts,
+    listed_input_items,
+    resolve_file_images,
+    stored_input_items,
+)
 from .protocol import (
     HISTORY_PATH,
     STORED_HEADER,
@@ -84,6 +91,12 @@ def _store(app: web.Application) -> ResponseStore | None:
     return ResponseStore(app[DATABASE_KEY], app[BLOBS_KEY])
 
 
+def _files(app: web.Application) -> FileStore | None:
+    if DATABASE_KEY not in app:
+        return None
+    return FileStore(app[DATABASE_KEY], app[BLOBS_KEY], app[CONFIG_KEY].state)
+
+
 def _stored(request: web.Request) -> ResponseStore:
     """The store for the stored-response routes; 501 without state."""
     database, blobs = require_state(request, STORED_RESPONSES)
@@ -104,6 +117,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             what=STORED_RESPONSES,
         )
     tenant = request_tenant(request)
+    await resolve_file_images(r, _files(app), tenant, app[CONFIG_KEY].limits.max_image_bytes)
     history: list[Any] = []
     if store is not None and r.previous_response_id is not None:
         history = await _history(app, store, tenant, r.previous_response_id)
