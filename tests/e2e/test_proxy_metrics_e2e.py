@@ -44,7 +44,18 @@ def triton_metrics_url(stack) -> str:
 
 
 def wait_idle(stack, base_url):
-    """Earlier tests' generations (cancelled ones included) have left the model and proxy."""
+    """Earlier tests' generations (cancelled ones included) have left the model and proxy, and
+    the proxy has asked the model for its limits: it asks on first use (a `describe` request
+    Triton counts as one more success), which must not fall inside a test's deltas when the
+    test runs first."""
+    card = requests.get(f"{base_url}/v1/models/{SERVED}", timeout=10).json()
+    if "max_model_len" not in card:
+        first_use = {
+            "model": SERVED,
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "Hi"}],
+        }
+        assert requests.post(f"{base_url}{CHAT}", json=first_use, timeout=60).status_code == 200
 
     def idle():
         model, proxy = scrape(triton_metrics_url(stack)), scrape(base_url)
