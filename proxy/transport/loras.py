@@ -44,6 +44,9 @@ REFRESH_MIN_INTERVAL_S = 3.0
 # A load reads the adapter's weights from disk into host memory off the engine thread: seconds
 # for ranks up to 64 on a 7B; this bounds a stuck filesystem, not a normal load.
 LORA_TASK_TIMEOUT_S = 300.0
+# A list is answered from memory; /v1/models and unknown names wait for it, so a model that
+# cannot answer holds them no longer than its `describe` would (backend._DESCRIBE_TIMEOUT_S).
+LIST_TIMEOUT_S = 10.0
 # Adapter names labelled in metrics; later ones count as OTHER_ADAPTERS. Names come from the
 # operator (declared or loaded with the admin key), but loads over months must not grow the
 # series without bound.
@@ -229,12 +232,13 @@ async def lora_task(
         triton_model, None, {}, {}, stream=False, task=task, lora=name, lora_path=path
     )
     request_id = f"{task.value}-{uuid.uuid4().hex[:12]}"
+    timeout_s = LIST_TIMEOUT_S if task is Task.LIST_LORAS else LORA_TASK_TIMEOUT_S
     try:
-        async with asyncio.timeout(LORA_TASK_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             async with contextlib.aclosing(backend.generate(request, request_id)) as chunks:
                 text = "".join([chunk.text async for chunk in chunks])
     except TimeoutError:
-        log.error("request %s: no %s answer within %gs", request_id, task, LORA_TASK_TIMEOUT_S)
+        log.error("request %s: no %s answer within %gs", request_id, task, timeout_s)
         raise TIMEOUT(message=f"The model did not answer {task} in time.") from None
     adapters = LoraAdapter.decode_list(text)
     if adapters is None or (task is not Task.LIST_LORAS and not adapters):

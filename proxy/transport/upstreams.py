@@ -51,6 +51,9 @@ ROUTING_POLICIES = (AFFINITY, LEAST_BUSY)
 # bounded loads (Mirrokni et al.), whose 1.25 keeps most requests on their cache while no
 # upstream gets more than a quarter above its share from a popular adapter or image.
 BOUNDED_LOAD_FACTOR = 1.25
+# A medium's digest for routing covers its first bytes and its length: encoded images differ
+# within their first kilobytes, and hashing a 20 MB upload whole would hold the event loop.
+AFFINITY_DIGEST_BYTES = 1 << 16
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 BackendFactory = Callable[[str], Backend]
@@ -309,8 +312,9 @@ def affinity_key(request: TritonRequest) -> bytes:
     """What places a request: its adapter and its first medium's digest (the model caches a
     medium's embeddings per adapter, so the pair is what a replica's cache holds)."""
     first = next((elements[0] for elements in request.media.values() if elements), b"")
-    medium = hashlib.blake2b(first, digest_size=16).digest()
-    return (request.lora or "").encode("utf-8") + b"\0" + medium
+    medium = hashlib.blake2b(first[:AFFINITY_DIGEST_BYTES], digest_size=16)
+    medium.update(len(first).to_bytes(8, "little"))
+    return (request.lora or "").encode("utf-8") + b"\0" + medium.digest()
 
 
 def affinity_pick(up: list[Upstream], key: bytes) -> Upstream:
