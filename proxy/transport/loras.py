@@ -97,6 +97,10 @@ class LoraCatalog:
         self._asked_at: float | None = None
         self._asking: asyncio.Task[None] | None = None
         self._labelled: set[str] = set()
+        # Loads and unloads one at a time (two loads of one name must not undo each other),
+        # each counted: a list asked before one ended must not overwrite what it changed.
+        self._changing = asyncio.Lock()
+        self._changes = 0
 
     @property
     def adapters(self) -> list[ServedAdapter]:
@@ -141,6 +145,7 @@ class LoraCatalog:
         await asyncio.shield(self._asking)
 
     async def _ask(self) -> None:
+        changes = self._changes
         try:
             adapters: dict[str, ServedAdapter] = {}
             for triton_model, parent in self._parents.items():
@@ -151,9 +156,11 @@ class LoraCatalog:
                         adapters.setdefault(
                             adapter.name, ServedAdapter(adapter, parent, triton_model)
                         )
-            self._adapters = adapters
+            if changes == self._changes:
+                self._adapters = adapters
         finally:
-            self._asked_at = self._clock()
+            # a load or unload during the question: ask again next time
+            self._asked_at = self._clock() if changes == self._changes else None
             self._asking = None
 
     async def _listed(self, triton_model: str) -> list[LoraAdapter]:
@@ -170,10 +177,18 @@ class LoraCatalog:
     async def load(self, name: str, path: str) -> LoraAdapter:
         """Loads the adapter at `path` (the model checks it is under its roots) as `name` on
         every replica of the default model; all of them or none."""
-        await self.refresh(max_age_s=0)
-        if name in self._served or name in self._adapters:
-            raise LORA_ALREADY_LOADED("lora_name", name=name)
-        triton_model = self._served[self._default]
+        async with self._changing:
+            await self.refresh(max_age_s=0)
+            if name in self._served or name in self._adapters:
+                raise LORA_ALREADY_LOADED("lora_name", name=name)
+            triton_model = self._served[self._default]
+            adapter = await self._load_everywhere(triton_model, name, path)
+            self._changes += 1
+            self._adapters[name] = ServedAdapter(adapter, self._parents[triton_model], triton_model)
+        log.info("LoRA adapter %r loaded", name)
+        return adapter
+
+    async def _load_everywhere(self, triton_model: str, name: str, path: str) -> LoraAdapter:
         loaded: list[Backend] = []
         adapter = None
         try:
@@ -185,29 +200,32 @@ class LoraCatalog:
                 with contextlib.suppress(Exception):
                     await lora_task(backend, triton_model, Task.UNLOAD_LORA, name)
             raise
-        finally:
-            await self.refresh(max_age_s=0)
-        if adapter is None:
+        if adapter is None:  # no replica at all
             raise BACKEND_UNAVAILABLE()
-        log.info("LoRA adapter %r loaded on %d replicas", name, len(loaded))
         return adapter
 
     async def unload(self, name: str) -> LoraAdapter:
         """Unloads the adapter `name` from every replica that serves it."""
-        await self.refresh(max_age_s=0)
-        served = self._adapters.get(name)
-        if served is None:
-            raise MODEL_NOT_FOUND("lora_name", message=f"The model `{name}` does not exist.")
-        answers = []
-        try:
-            for _, backend in await replicas(self._backend):
-                try:
-                    answers += await lora_task(backend, served.triton_model, Task.UNLOAD_LORA, name)
-                except APIError as exc:
-                    if exc.code != MODEL_NOT_FOUND.code:  # not: a replica that never had it
-                        raise
-        finally:
+        async with self._changing:
             await self.refresh(max_age_s=0)
+            served = self._adapters.get(name)
+            if served is None:
+                raise MODEL_NOT_FOUND("lora_name", message=f"The model `{name}` does not exist.")
+            answers: list[LoraAdapter] = []
+            try:
+                for _, backend in await replicas(self._backend):
+                    try:
+                        answers += await lora_task(
+                            backend, served.triton_model, Task.UNLOAD_LORA, name
+                        )
+                    except APIError as exc:
+                        if exc.code != MODEL_NOT_FOUND.code:  # not: a replica without it
+                            raise
+            finally:
+                self._changes += 1
+                self._asked_at = None  # what each replica still serves: ask next time
+                if answers:
+                    self._adapters.pop(name, None)
         if not answers:
             raise MODEL_NOT_FOUND("lora_name", message=f"The model `{name}` does not exist.")
         log.info("LoRA adapter %r unloaded from %d replicas", name, len(answers))

@@ -202,6 +202,18 @@ async def test_a_loaded_adapter_serves_then_unloads(make_client):
     assert_envelope(await response.json(), "model_not_found")
 
 
+async def test_two_loads_of_one_name_do_not_undo_each_other(make_client):
+    backend = FakeBackend()
+    client = await make_client(backend, admin_api_key=ADMIN)
+    responses = await asyncio.gather(
+        *(client.post("/v1/load_lora_adapter", json=LOAD, headers=admin()) for _ in range(2))
+    )
+    assert sorted(r.status for r in responses) == [200, 400]
+    assert "new-lora" in backend.loras
+    chat = {"model": "new-lora", "messages": HI}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+
+
 BAD_BODIES = [
     ({"lora_path": "loras/x"}, "missing_required_parameter", "lora_name"),
     ({"lora_name": 3, "lora_path": "loras/x"}, "invalid_type", "lora_name"),
