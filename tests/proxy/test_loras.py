@@ -31,6 +31,7 @@ from proxy.config import with_settings
 from proxy.error_catalogue import BACKEND_UNAVAILABLE
 from proxy.keys import BACKEND_KEY
 from proxy.observability.metrics import METRICS_KEY
+from proxy.serving.routes import ROUTES_KEY, Admit, Auth
 from proxy.transport.backend import GenerationChunk, TritonRequest
 from proxy.transport.contract import LoraAdapter, Task
 from proxy.transport.loras import MAX_LABELLED_ADAPTERS, OTHER_ADAPTERS, LoraCatalog
@@ -160,6 +161,16 @@ async def test_without_an_admin_key_the_endpoints_do_not_exist(make_client):
         response = await client.post(path, json=LOAD, headers=admin())
         assert response.status == 404
         assert_envelope(await response.json(), "not_found")
+
+
+def test_the_admin_routes_are_admitted_writes_from_the_table():
+    from test_routes import policy_faults
+
+    app = create_app(with_settings(TEST_CONFIG, admin_api_key=ADMIN), FakeBackend())
+    assert policy_faults(app) == []
+    labels = {entry.label: entry for entry in app[ROUTES_KEY].values()}
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        assert (labels[path].admit, labels[path].auth) == (Admit.WRITE, Auth.ADMIN)
 
 
 @pytest.mark.parametrize("api_key", ["", CLIENT])
