@@ -213,8 +213,18 @@ async def test_a_loaded_adapter_serves_then_unloads(make_client):
     assert_envelope(await response.json(), "model_not_found")
 
 
+class YieldingLoads(FakeBackend):
+    """Its loads give the event loop a turn before answering, as a real load does."""
+
+    async def generate(self, request: TritonRequest, request_id: str):
+        if request.task is Task.LOAD_LORA:
+            await asyncio.sleep(0)
+        async for chunk in super().generate(request, request_id):
+            yield chunk
+
+
 async def test_two_loads_of_one_name_do_not_undo_each_other(make_client):
-    backend = FakeBackend()
+    backend = YieldingLoads()
     client = await make_client(backend, admin_api_key=ADMIN)
     responses = await asyncio.gather(
         *(client.post("/v1/load_lora_adapter", json=LOAD, headers=admin()) for _ in range(2))
