@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """One proxy over two tritonservers (tiny checkpoint, loopback): how requests spread at c=8,
-and what a replica killed mid-load costs.
+and what a replica killed mid-load costs; or (`--mode routing`) what routing by adapter and
+image buys over routing by load alone.
 
     .venv/bin/python bench/replicas_bench.py [--requests 32] [--concurrency 8] [--out FILE]
         [--first-triton HOST:PORT]
+    .venv/bin/python bench/replicas_bench.py --mode routing [--images 16] [--repeats 3]
+        [--rounds 2] [--concurrency 8] [--lora NAME] [--preset tiny|bench] [--out FILE]
 
 Phases: (1) `--requests` streamed chat completions at `--concurrency`, the spread read from
 the proxy's `qwen_vl_proxy_upstream_requests_total`; (2) the same load with the second
@@ -12,16 +15,29 @@ not fail, streams on the killed replica end with an error event, `/ready` is pol
 throughout; (3) the replica restarted: the share it takes again without a proxy restart.
 `--first-triton` takes a running tritonserver (never killed) as the first replica instead of
 starting one: the end-to-end test lends it the session's.
+
+`--mode routing`: two tritonservers and two proxies over both, one `--routing affinity`, one
+`--routing least-busy`. Each round sends each proxy its own seeded pool of `--images` distinct
+images, each `--repeats` times in a seeded shuffled order at `--concurrency` (streamed, 8
+tokens; with `--lora`, every request names that adapter); rounds alternate which proxy goes
+first, so a busy machine's noise hits both. Reported per policy: each replica's media items
+and cache hits (the proxy's qwen_vl_proxy_upstream_media_* counters, from the model's
+`media_cache_hits`: all 0 from a model that does not report them) and its hit ratio, the
+overall ratio, and TTFT p50/p99 over all its requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
+import random
 import re
 import signal
+import statistics
 import sys
 import time
 from collections import Counter
@@ -40,6 +56,10 @@ from client.sse import stream_events  # noqa: E402
 UPSTREAM = re.compile(
     r'qwen_vl_proxy_upstream_requests_total\{outcome="(\w+)",upstream="([^"]+)"\} (\S+)'
 )
+MEDIA = re.compile(
+    r'qwen_vl_proxy_upstream_media_(items|cache_hits)_total\{upstream="([^"]+)"\} (\S+)'
+)
+POLICIES = ("affinity", "least-busy")
 
 
 async def one(session, url: str, max_tokens: int) -> str:
@@ -167,11 +187,172 @@ def _model_ready(client) -> bool:
         return False
 
 
+# ---- --mode routing ----------------------------------------------------------------------
+
+
+def image_pool(seed: int, count: int) -> list[str]:
+    """`count` distinct noise PNGs (112x112: above the model's smallest resize, so no two
+    become the same pixels), as data: URLs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    urls = []
+    for _ in range(count):
+        pixels = rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return urls
+
+
+async def timed_image_request(session, base: str, url: str, lora: str | None) -> float | None:
+    """TTFT in seconds of one streamed request with image `url`; None when it failed."""
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    if lora:
+        body["model"] = lora
+    started = time.monotonic()
+    ttft = None
+    async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            return None
+        async for line in resp.content:
+            if ttft is None and line.startswith(b"data: {") and b'"content"' in line:
+                ttft = time.monotonic() - started
+    return ttft
+
+
+async def media_counts(session, base: str) -> dict[str, dict[str, float]]:
+    text = await (await session.get(f"{base}/metrics")).text()
+    counts: dict[str, dict[str, float]] = {}
+    for kind, upstream, value in MEDIA.findall(text):
+        counts.setdefault(upstream, {})[kind] = float(value)
+    return counts
+
+
+async def routing_round(session, base: str, urls: list[str], seed: int, args) -> tuple[list, dict]:
+    """(TTFTs, media counts by upstream) of one pool sent through one proxy."""
+    order = [url for url in urls for _ in range(args.repeats)]
+    random.Random(seed).shuffle(order)
+    before = await media_counts(session, base)
+    ttfts: list[float | None] = []
+
+    async def worker():
+        while order:
+            url = order.pop()
+            ttfts.append(await timed_image_request(session, base, url, args.lora))
+
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    return ttfts, delta(await media_counts(session, base), before)
+
+
+def summary(ttfts: list, media: dict) -> dict:
+    done = sorted(t for t in ttfts if t is not None)
+    per_replica = {
+        upstream: {
+            **counts,
+            "hit_ratio": round(counts.get("cache_hits", 0) / counts["items"], 3)
+            if counts.get("items")
+            else None,
+        }
+        for upstream, counts in media.items()
+    }
+    items = sum(c.get("items", 0) for c in media.values())
+    hits = sum(c.get("cache_hits", 0) for c in media.values())
+    return {
+        "requests": len(ttfts),
+        "failed": len(ttfts) - len(done),
+        "hit_ratio": round(hits / items, 3) if items else None,
+        "by_replica": per_replica,
+        "ttft_p50_ms": round(1000 * statistics.median(done), 1) if done else None,
+        "ttft_p99_ms": round(1000 * done[min(len(done) - 1, int(0.99 * len(done)))], 1)
+        if done
+        else None,
+    }
+
+
+async def measure_routing(proxies: dict, args) -> dict:
+    ttfts = {policy: [] for policy in POLICIES}
+    media: dict = {policy: {} for policy in POLICIES}
+    async with aiohttp.ClientSession() as session:
+        for round_ in range(args.rounds):
+            order = POLICIES if round_ % 2 == 0 else POLICIES[::-1]
+            for index, policy in enumerate(order):
+                # a pool of its own per policy and round: neither warms the other's caches
+                seed = args.seed + 1000 * round_ + index
+                urls = image_pool(seed, args.images)
+                times, counts = await routing_round(session, proxies[policy], urls, seed, args)
+                ttfts[policy] += times
+                for upstream, values in counts.items():
+                    mine = media[policy].setdefault(upstream, {})
+                    for kind, value in values.items():
+                        mine[kind] = mine.get(kind, 0) + value
+    report = {policy: summary(ttfts[policy], media[policy]) for policy in POLICIES}
+    affinity, least = report["affinity"]["hit_ratio"], report["least-busy"]["hit_ratio"]
+    report["hit_ratio_gain"] = round(affinity / least, 2) if affinity and least else None
+    report["hits_reported"] = any(c.get("cache_hits") for m in media.values() for c in m.values())
+    return report
+
+
+def run_routing(args) -> dict:
+    model = launcher.tiny_checkpoint(args.preset)
+    tritons = [launcher.Stack(launcher.loopback_config(model)) for _ in range(2)]
+    replicas = [stack.config.triton_grpc_url for stack in tritons]
+    proxies = {}
+    for policy in POLICIES:
+        config = launcher.loopback_config(model)
+        config.proxy_args = ["--triton-url", ",".join(replicas), "--routing", policy]
+        proxies[policy] = launcher.Stack(config)
+    try:
+        for stack in tritons:
+            stack.start_triton()
+        wait_model_ready(replicas, timeout=300)
+        for stack in proxies.values():
+            stack.start_proxy()
+            stack.wait_ready(timeout=300)
+        urls = {policy: stack.config.proxy_url for policy, stack in proxies.items()}
+        report = asyncio.run(measure_routing(urls, args))
+    finally:
+        for stack in (*proxies.values(), *tritons):
+            stack.stop()
+    report["upstreams"] = replicas
+    report["settings"] = {
+        key: getattr(args, key)
+        for key in ("images", "repeats", "rounds", "concurrency", "seed", "lora", "preset")
+    }
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("failover", "routing"), default="failover")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=16, help="routing: images per pool")
+    parser.add_argument("--repeats", type=int, default=3, help="routing: sends per image")
+    parser.add_argument("--rounds", type=int, default=2, help="routing: rounds per policy")
+    parser.add_argument("--seed", type=int, default=23, help="routing: the image pools' seed")
+    parser.add_argument("--lora", default=None, help="routing: the adapter every request names")
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "bench"),
+        default="tiny",
+        help="routing: the checkpoint (scripts/build_tiny_checkpoint.py)",
+    )
     parser.add_argument(
         "--first-triton",
         default=None,
@@ -179,6 +360,12 @@ def main(argv=None) -> int:
         "never killed); default: start one",
     )
     args = parser.parse_args(argv)
+    if args.mode == "routing":
+        report = run_routing(args)
+        print(json.dumps(report, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     model = launcher.tiny_checkpoint()
     second = launcher.Stack(launcher.loopback_config(model))
     primary_config = launcher.loopback_config(model)

@@ -23,6 +23,7 @@ from .api.batches.routes import cancel_batch, create_batch, list_batches, retrie
 from .api.chat.routes import chat_completions
 from .api.completions.routes import create_completion
 from .api.files.routes import create_file, delete_file, file_content, list_files, retrieve_file
+from .api.loras import load_lora_adapter, unload_lora_adapter
 from .api.messages.protocol import error_body as anthropic_error_body
 from .api.messages.routes import create_message
 from .api.models import health, list_models, ready, retrieve_model
@@ -43,6 +44,7 @@ from .keys import (
     FETCHER_KEY,
     IGNORED_FIELDS_KEY,
     LOADER_KEY,
+    LORAS_KEY,
     MODEL_LIMITS_KEY,
     STARTED_AT_KEY,
 )
@@ -62,6 +64,7 @@ from .serving.routes import Admit, Auth, Route, register_routes
 from .state.context import state_context
 from .transport.backend import Backend
 from .transport.loader import ModelLoader
+from .transport.loras import LoraCatalog
 from .transport.model_limits import ModelLimitsBook
 from .transport.upstreams import Upstreams, parse_targets
 
@@ -119,6 +122,15 @@ ROUTES = (
     *PLAYGROUND_ROUTES,
 )
 
+# vLLM's runtime LoRA endpoints: they change what every replica serves, so they take the admin
+# key (--admin-api-key), never a client's, and exist only when one is set (ADMIN_ROUTES).
+ADMIN_ROUTES = (
+    Route("POST", "/v1/load_lora_adapter", load_lora_adapter, admit=Admit.WRITE, auth=Auth.ADMIN),
+    Route(
+        "POST", "/v1/unload_lora_adapter", unload_lora_adapter, admit=Admit.WRITE, auth=Auth.ADMIN
+    ),
+)
+
 # A caller's X-Request-Id is reused (it ties gateway, proxy and Triton logs together) only
 # when it is short and plain enough to be safe in logs and headers.
 _CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -158,29 +170,42 @@ def create_app(
 
 
 def served_routes(config: ProxyConfig) -> tuple[Route, ...]:
-    """The routes of ROUTES that `config` serves: all but the playground's without it."""
-    if playground_served(config.server):
-        return ROUTES
-    return tuple(route for route in ROUTES if route not in PLAYGROUND_ROUTES)
+    """The routes `config` serves: ROUTES but the playground's without it, and the admin
+    routes with an admin key (without one they are 404: no key at all could open them)."""
+    routes = (
+        ROUTES
+        if playground_served(config.server)
+        else tuple(route for route in ROUTES if route not in PLAYGROUND_ROUTES)
+    )
+    return routes + ADMIN_ROUTES if config.server.admin_api_key else routes
 
 
 async def backend_context(app: web.Application) -> AsyncIterator[None]:
     # The gRPC channel binds to the running event loop, so it is made here, not in create_app.
     config = app[CONFIG_KEY]
     if BACKEND_KEY not in app:
-        outcomes = app[METRICS_KEY].upstream_requests
         app[BACKEND_KEY] = Upstreams(
             parse_targets(config.server.triton_url),
-            observe=lambda upstream, outcome: outcomes.labels(upstream, outcome).inc(),
+            routing=config.server.routing,
+            **upstream_observers(app[METRICS_KEY]),
         )
     book = app[MODEL_LIMITS_KEY] = ModelLimitsBook(app[BACKEND_KEY])
     if config.server.lazy_load:
-        app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.server.load_timeout_s)
+        loader = app[LOADER_KEY] = ModelLoader(app[BACKEND_KEY], config.server.load_timeout_s)
         prefetch = None  # unloaded models cannot answer; the first request loads and asks
     else:
+        loader = None
         prefetch = asyncio.create_task(
             book.prefetch(list(dict.fromkeys(config.served_models.values())))
         )
+    app[LORAS_KEY] = LoraCatalog(
+        app[BACKEND_KEY],
+        config.served_models,
+        config.server.served_model_name,
+        # an unloaded model cannot be asked for its adapters (and an adapter's name must not
+        # load it: any client could)
+        is_loaded=loader.is_loaded if loader is not None else lambda triton_model: True,
+    )
     if config.fetch.allow_private_hosts:
         log.warning(
             "image fetch may reach private addresses of %s (a test-only setting)",
@@ -192,6 +217,19 @@ async def backend_context(app: web.Application) -> AsyncIterator[None]:
     if LOADER_KEY in app:
         await app[LOADER_KEY].close()
     await app[BACKEND_KEY].close()
+
+
+def upstream_observers(metrics: ProxyMetrics) -> dict[str, Any]:
+    """Upstreams' callbacks into the per-upstream metrics."""
+
+    def observe(upstream: str, outcome: str) -> None:
+        metrics.upstream_requests.labels(upstream, outcome).inc()
+
+    def observe_media(upstream: str, items: int, cache_hits: int) -> None:
+        metrics.upstream_media.labels(upstream).inc(items)
+        metrics.upstream_cache_hits.labels(upstream).inc(cache_hits)
+
+    return {"observe": observe, "observe_media": observe_media}
 
 
 @web.middleware

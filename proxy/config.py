@@ -32,12 +32,12 @@ from .media.pixels import PixelLimits
 from .observability.logs import LOG_FORMATS, log_format
 from .request.limits import RequestLimits
 from .serving.admission import AdmissionSettings
-from .serving.auth import APIKeyError, read_api_key
+from .serving.auth import APIKeyError, api_keys, read_api_key
 from .state.batches import BatchSettings
 from .state.db import DatabaseURLError, async_url
 from .state.responses import ResponsesSettings
 from .state.settings import StateSettings
-from .transport.upstreams import parse_targets
+from .transport.upstreams import AFFINITY, ROUTING_POLICIES, parse_targets
 
 _FLAG_PREFIX = "flag_prefix"  # ProxyConfig field metadata: the flags' common prefix
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -84,6 +84,9 @@ class ServerSettings:
     max_tokens_limit: int = 0  # 0: the model's max_tokens
     shutdown_timeout_s: float = 30.0
     api_key: str = field(default="", repr=False)  # "" = no key required
+    # The key of the admin routes (LoRA load/unload); "" = those routes are not served.
+    admin_api_key: str = field(default="", repr=False)
+    routing: str = AFFINITY  # how a request picks its Triton replica (ROUTING_POLICIES)
     lazy_load: bool = False
     load_timeout_s: float = 600.0
     log_level: str = "INFO"
@@ -164,6 +167,16 @@ def _log_level(text: str) -> str:
     value = text.strip().upper()
     if value not in _LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(_LOG_LEVELS)}, got {text!r}")
+    return value
+
+
+def _routing(text: str) -> str:
+    # Checked here, not only by `choices`, for the same reason as _log_level.
+    value = text.strip().lower()
+    if value not in ROUTING_POLICIES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(ROUTING_POLICIES)}, got {text!r}"
+        )
     return value
 
 
@@ -448,6 +461,24 @@ SETTINGS: tuple[Setting, ...] = (
         "require 'Authorization: Bearer <key>' on every route but /health and /ready; several "
         "keys comma-separated, each its own tenant of stored objects; empty = no key (prefer "
         "--api-key-file: flags show up in ps)",
+    ),
+    _S(
+        "server",
+        "admin_api_key",
+        str,
+        "the Bearer key of the admin routes (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter), distinct from every --api-key: a client key must not "
+        "change what the deployment serves; empty = those routes do not exist (404)",
+    ),
+    _S(
+        "server",
+        "routing",
+        _routing,
+        "how a request picks among Triton replicas: affinity sends one with a LoRA adapter or "
+        "an image to the replica a hash of both picks (where its adapter is resident and its "
+        "image's embedding cached) unless that one is 1.25x past its share of the load; "
+        "least-busy always takes the replica with the fewest in flight",
+        choices=ROUTING_POLICIES,
     ),
     _S(
         "server",
@@ -787,6 +818,11 @@ def _inconsistency(config: ProxyConfig) -> str | None:
         parse_targets(config.server.triton_url)
     except ValueError as exc:
         return f"--triton-url: {exc}"
+    admin_key = config.server.admin_api_key
+    if admin_key and admin_key in api_keys(config.server.api_key):
+        return "--admin-api-key must differ from every --api-key"
+    if admin_key and not admin_key.isprintable():
+        return "--admin-api-key must be printable text"
     if config.server.served_model_name in dict(config.server.model_map):
         return "--model-map must not remap --served-model-name"
     if config.state.database_url:

@@ -468,6 +468,28 @@ INPUT_FILE_NOT_FOUND = _entry(
     template="The input file {file_id} was deleted before the batch was validated.",
 )
 
+# ---- LoRA adapters: POST /v1/load_lora_adapter, /v1/unload_lora_adapter ---------------
+
+# vLLM's words for a name already served.
+LORA_ALREADY_LOADED = _entry(
+    "lora_already_loaded",
+    400,
+    cause="invalid_request",
+    template="The lora adapter '{name}' has already been loaded.",
+)
+INVALID_LORA_PATH = _entry(
+    "invalid_lora_path",
+    400,
+    cause="invalid_request",
+    template="lora_path must be a directory path under the model's adapter roots: {reason}.",
+)
+INVALID_LORA_NAME = _entry(
+    "invalid_lora_name",
+    400,
+    cause="invalid_request",
+    template="lora_name must be 1 to {limit} letters, digits or ._-:@+/ characters.",
+)
+
 # ---- the model's request errors (proxy/transport/backend.py client_error) ------------------------
 
 # The codes the model puts on its `invalid_request` errors (model_repository/.../qwen_vl_backend).

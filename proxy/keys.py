@@ -12,6 +12,7 @@ from .state.blobs import BlobStore
 from .state.db import Database
 from .transport.backend import Backend
 from .transport.loader import ModelLoader
+from .transport.loras import LoraCatalog
 from .transport.model_limits import ModelLimitsBook
 
 CONFIG_KEY = web.AppKey("config", ProxyConfig)
@@ -20,6 +21,8 @@ MODEL_LIMITS_KEY = web.AppKey("model_limits", ModelLimitsBook)
 FETCHER_KEY = web.AppKey("fetcher", MediaFetcher)  # absent: remote media fetch disabled
 LOADER_KEY = web.AppKey("loader", ModelLoader)  # present only with --lazy-load
 STARTED_AT_KEY = web.AppKey("started_at", int)
+# Every request's `model` resolves through it: served names and the model's LoRA adapters.
+LORAS_KEY = web.AppKey("loras", LoraCatalog)
 # Stored state (proxy/state/context.py); both absent with --no-state.
 DATABASE_KEY = web.AppKey("database", Database)
 BLOBS_KEY = web.AppKey("blobs", BlobStore)

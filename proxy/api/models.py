@@ -8,23 +8,42 @@ from typing import Any
 from aiohttp import web
 
 from ..error_catalogue import MODEL_NOT_FOUND, MODEL_NOT_LOADED, MODEL_NOT_READY
-from ..keys import BACKEND_KEY, CONFIG_KEY, LOADER_KEY, MODEL_LIMITS_KEY, STARTED_AT_KEY
+from ..keys import (
+    BACKEND_KEY,
+    CONFIG_KEY,
+    LOADER_KEY,
+    LORAS_KEY,
+    MODEL_LIMITS_KEY,
+    STARTED_AT_KEY,
+)
+from ..transport.loras import ServedAdapter
 
 log = logging.getLogger("proxy")
 
 
-def model_card(app: web.Application, name: str) -> dict[str, Any]:
+def model_card(app: web.Application, name: str, triton_model: str) -> dict[str, Any]:
+    """OpenAI's model object, with vLLM's `root` (the weights it serves: a base model's own
+    name, never a path) and `parent` (a LoRA adapter's base model; null for a base model)."""
     card: dict[str, Any] = {
         "id": name,
         "object": "model",
         "created": app[STARTED_AT_KEY],
         "owned_by": "triton",
+        "root": app[LORAS_KEY].parent_of(triton_model),
+        "parent": None,
     }
     # vLLM's field: the context one request can use, once the model has told it.
-    known = app[MODEL_LIMITS_KEY].known(app[CONFIG_KEY].served_models[name])
+    known = app[MODEL_LIMITS_KEY].known(triton_model)
     if known is not None and known.context_length > 0:
         card["max_model_len"] = known.context_length
     return card
+
+
+def adapter_card(app: web.Application, served: ServedAdapter) -> dict[str, Any]:
+    return {
+        **model_card(app, served.adapter.name, served.triton_model),
+        "parent": served.parent,
+    }
 
 
 async def served_models(app: web.Application) -> list[str]:
@@ -39,17 +58,33 @@ async def served_models(app: web.Application) -> list[str]:
     return [name for name, triton_model in served.items() if triton_model in index]
 
 
+async def served_adapters(app: web.Application, names: list[str]) -> list[ServedAdapter]:
+    """The LoRA adapters of the listed served models, as the model last reported them
+    (asked again when that was more than a few seconds ago)."""
+    catalog = app[LORAS_KEY]
+    await catalog.refresh()
+    return [served for served in catalog.adapters if served.parent in names]
+
+
 async def list_models(request: web.Request) -> web.Response:
-    names = await served_models(request.app)
-    cards = [model_card(request.app, name) for name in names]
+    app = request.app
+    names = await served_models(app)
+    served = app[CONFIG_KEY].served_models
+    cards = [model_card(app, name, served[name]) for name in names]
+    cards += [adapter_card(app, adapter) for adapter in await served_adapters(app, names)]
     return web.json_response({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
+    app = request.app
     name = request.match_info["model"]
-    if name not in await served_models(request.app):
-        raise MODEL_NOT_FOUND("model", message=f"The model `{name}` does not exist.")
-    return web.json_response(model_card(request.app, name))
+    names = await served_models(app)
+    if name in names:
+        return web.json_response(model_card(app, name, app[CONFIG_KEY].served_models[name]))
+    for adapter in await served_adapters(app, names):
+        if adapter.adapter.name == name:
+            return web.json_response(adapter_card(app, adapter))
+    raise MODEL_NOT_FOUND("model", message=f"The model `{name}` does not exist.")
 
 
 async def health(request: web.Request) -> web.Response:

@@ -6,7 +6,9 @@ with PromQL, is docs/observability.md.
 
 Label values come from closed sets, never from the client: `route` is the matched route
 template (`/v1/models/{model}`, `unmatched`), `method` one of the HTTP methods the proxy knows
-or `other`, `model` a served model name from the configuration, `cause` one of `CAUSES`,
+or `other`, `model` a served model name from the configuration or a LoRA adapter's name (the
+first `loras.MAX_LABELLED_ADAPTERS` of them; later ones `other-lora`), `upstream` a Triton
+address from --triton-url and its DNS answers, `cause` one of `CAUSES`,
 `kind` a media kind's name (`image`, `video`; `mixed` for a request's timings when it has
 several kinds).
 """
@@ -186,6 +188,12 @@ class ProxyMetrics:
             ("model",),
             INTER_TOKEN_BUCKETS,
         )
+        self.generations = counter(
+            "generations",
+            "Generations started (a completions request of several prompts counts each), by "
+            "served model: a LoRA adapter's requests under the adapter's name",
+            ("model",),
+        )
         self.prompt_tokens = counter(
             "prompt_tokens", "Prompt tokens of chat completions (image tokens included)", ("model",)
         )
@@ -250,6 +258,17 @@ class ProxyMetrics:
             "Generations sent to each Triton upstream, by outcome (ok; retried: failed before "
             "the first token and sent to another; failed; cancelled)",
             ("upstream", "outcome"),
+        )
+        self.upstream_media = counter(
+            "upstream_media_items",
+            "Images and videos of the generations each Triton upstream completed",
+            ("upstream",),
+        )
+        self.upstream_cache_hits = counter(
+            "upstream_media_cache_hits",
+            "Of upstream_media_items, those the model's embedding cache answered (the vision "
+            "tower did not run): hits / items is each replica's cache-hit ratio",
+            ("upstream",),
         )
         self.disconnects = counter(
             "client_disconnects",

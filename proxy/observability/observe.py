@@ -67,6 +67,7 @@ class RequestRecord:
     route: str
     started: float  # time.monotonic() at arrival
     model: str | None = None  # the served name, once a completion starts
+    model_label: str | None = None  # its `model` label in metrics (adapters: bounded)
     stream: bool | None = None
     usage: TokenUsage | None = None
     first_token_at: float | None = None
@@ -169,10 +170,11 @@ def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str 
     for stage, seconds in (stage_timings(record) or {}).items():
         metrics.stages.labels(stage).observe(seconds)
     usage = record.usage
-    if usage is not None and record.model is not None:
-        metrics.prompt_tokens.labels(record.model).inc(usage.prompt_tokens)
-        metrics.completion_tokens.labels(record.model).inc(usage.completion_tokens)
-        metrics.image_tokens.labels(record.model).inc(usage.image_tokens or 0)
+    label = record.model_label or record.model
+    if usage is not None and label is not None:
+        metrics.prompt_tokens.labels(label).inc(usage.prompt_tokens)
+        metrics.completion_tokens.labels(label).inc(usage.completion_tokens)
+        metrics.image_tokens.labels(label).inc(usage.image_tokens or 0)
     log_request(record, status, duration, cause, code)
 
 
@@ -240,13 +242,17 @@ async def observe_generation(
     model: str,
     stream: bool,
     usage: TokenUsage,
+    label: str | None = None,
 ) -> AsyncGenerator[GenerationChunk, None]:
     """`chunks`, timed: TTFT and inter-chunk gaps (streams only: a non-streamed completion
-    arrives as one chunk), how it ended. Closing this closes `chunks`."""
+    arrives as one chunk), how it ended. Closing this closes `chunks`. `label`: the `model`
+    label of its metrics when not `model` itself (a LoRA adapter's bounded label)."""
     record = request[RECORD_KEY]
     metrics = request.app[METRICS_KEY]
     record.model, record.stream, record.usage = model, stream, usage
-    inter_token = metrics.inter_token.labels(model)  # looked up once, observed per chunk
+    record.model_label = label = label or model
+    metrics.generations.labels(label).inc()
+    inter_token = metrics.inter_token.labels(label)  # looked up once, observed per chunk
     if record.model_sent_at is None:  # the stream starts with the first iteration
         record.model_sent_at = time.monotonic()
     try:
@@ -257,7 +263,7 @@ async def observe_generation(
                 now = time.monotonic()
                 if record.last_token_at is None:
                     record.first_token_at = now
-                    metrics.ttft.labels(model).observe(now - record.started)
+                    metrics.ttft.labels(label).observe(now - record.started)
                 else:
                     inter_token.observe(now - record.last_token_at)
                 record.last_token_at = now

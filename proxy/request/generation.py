@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ProxyConfig
-from ..error_catalogue import INVALID_BODY, INVALID_JSON, MODEL_NOT_FOUND, APIError
+from ..error_catalogue import INVALID_BODY, INVALID_JSON, APIError
 from ..errors import REQUEST_ID_KEY
 from ..keys import (
     BACKEND_KEY,
@@ -25,6 +25,7 @@ from ..keys import (
     FETCHER_KEY,
     IGNORED_FIELDS_KEY,
     LOADER_KEY,
+    LORAS_KEY,
     MODEL_LIMITS_KEY,
     USAGE_KEY,
 )
@@ -37,6 +38,7 @@ from ..observability.observe import (
 from ..serving.admission import with_stream_timeouts
 from ..transport.backend import DEFAULT_PROMPT_OPTIONS, GenerationChunk, PromptOptions
 from ..transport.contract import ModelLimits, Priority, Task
+from ..transport.loras import ResolvedModel
 from ..transport.model_limits import narrower
 from .limits import RequestLimits, check_chat, check_json_text, check_media
 from .paths import CHAT_PATHS, ClientPaths
@@ -94,12 +96,14 @@ async def start_generation(
     API runs its lines as `Priority.BATCH`); None: the request's own `priority` field.
     `options`: how the model renders the prompt and whether it echoes it."""
     app = request.app
-    served_name, triton_model, prepared, media = await _model_request(request, chat, priority)
+    model, prepared, media = await _model_request(request, chat, priority)
     # the model measures the stages when asked: for this response's body, or for every
     # request's stage histograms (--timings)
     wants_timings = bool(chat.timings) or app[CONFIG_KEY].server.timings
     prepared = dataclasses.replace(prepared, timings=wants_timings)
-    triton_request = dataclasses.replace(prepared.to_triton(triton_model, media), options=options)
+    triton_request = dataclasses.replace(
+        prepared.to_triton(model.triton_model, media), options=options, lora=model.lora
+    )
     usage = request[USAGE_KEY] = TokenUsage()
     stream = app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
     if chat.paths is not CHAT_PATHS:
@@ -107,13 +111,20 @@ async def start_generation(
     chunks = observe_generation(
         request,
         with_stream_timeouts(request, stream),
-        model=served_name,
+        model=model.served_name,
+        label=app[LORAS_KEY].metrics_label(model.served_name),
         stream=chat.is_stream,
         usage=usage,
     )
     timings = functools.partial(timings_body, request) if wants_timings else None
     return Generation(
-        served_name, triton_model, usage, prepared.parse_tool_calls, chunks, media, timings
+        model.served_name,
+        model.triton_model,
+        usage,
+        prepared.parse_tool_calls,
+        chunks,
+        media,
+        timings,
     )
 
 
@@ -124,34 +135,38 @@ async def run_task(
     detokenize): the model, its limits, the checks, translation and media as a generation
     has them (so the model renders the prompt as it would generate from it), then its one
     answer within the request's deadline."""
-    served_name, triton_model, prepared, media = await _model_request(request, chat, None)
-    request[RECORD_KEY].model = served_name  # the request's log line names it
+    model, prepared, media = await _model_request(request, chat, None)
+    request[RECORD_KEY].model = model.served_name  # the request's log line names it
     triton_request = dataclasses.replace(
-        prepared.to_triton(triton_model, media), task=task, options=options, stream=False
+        prepared.to_triton(model.triton_model, media),
+        task=task,
+        options=options,
+        stream=False,
+        lora=model.lora,
     )
     stream = request.app[BACKEND_KEY].generate(triton_request, request[REQUEST_ID_KEY])
     if chat.paths is not CHAT_PATHS:
         stream = _model_errors_in_client_paths(stream, chat.paths)
     async with contextlib.aclosing(with_stream_timeouts(request, stream)) as chunks:
         answer = "".join([chunk.text async for chunk in chunks])
-    return served_name, answer
+    return model.served_name, answer
 
 
 async def _model_request(
     request: web.Request, chat: ChatCompletionRequest, priority: Priority | None
-) -> tuple[str, str, PreparedChat, list[bytes]]:
-    """(served name, Triton model, the request translated, its media's bytes): the model, its
+) -> tuple[ResolvedModel, PreparedChat, list[bytes]]:
+    """(what `model` names, the request translated, its media's bytes): the model, its
     limits, the checks, translation and media."""
     app = request.app
-    served_name, triton_model = resolve_model(app[CONFIG_KEY], chat.model)
-    limits, translation = await limits_for(app, triton_model)
+    model = await resolve_model(app, chat.model)
+    limits, translation = await limits_for(app, model.triton_model)
     check_chat(chat, limits)
     prepared = prepare_chat(chat, translation, limits)
     if priority is not None:
         prepared = dataclasses.replace(prepared, priority=priority)
     media = await load_media_timed(request, prepared.media, app.get(FETCHER_KEY))
     await timed_media_check(request, check_media(media, prepared.media, limits))
-    return served_name, triton_model, prepared, media
+    return model, prepared, media
 
 
 def report_usage(request: web.Request, usage: TokenUsage) -> None:
@@ -214,16 +229,10 @@ def ignored_fields_header(names: list[str]) -> str:
     return ", ".join(listed)
 
 
-def resolve_model(config: ProxyConfig, requested: str | None) -> tuple[str, str]:
-    """(served name, Triton model) for a request's `model`; no model means the default."""
-    served = config.served_models
-    name = config.server.served_model_name if requested is None else requested
-    if name not in served:
-        names = ", ".join(f"`{n}`" for n in served)
-        raise MODEL_NOT_FOUND(
-            "model", message=f"The model `{name}` does not exist. This server serves {names}."
-        )
-    return name, served[name]
+async def resolve_model(app: web.Application, requested: str | None) -> ResolvedModel:
+    """What a request's `model` names (a served name or a LoRA adapter; None: the default):
+    the one seam every API surface resolves its model through (proxy/transport/loras.py)."""
+    return await app[LORAS_KEY].resolve(requested)
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -16,6 +16,10 @@ Several keys may be configured (comma-separated, or one per line of --api-key-fi
 its own tenant of stored objects (proxy/state/tenancy.py): the middleware puts the tenant of
 the key presented on the request.
 
+`Auth.ADMIN` routes (LoRA load/unload) take the admin key (--admin-api-key) alone, from their
+own middleware (`admin_middleware`), which comes first: a client key never opens them, and the
+client-key middleware leaves them to it. Without an admin key they are not served at all.
+
 On an `Auth.X_API_KEY` route (POST /v1/messages) the key is `x-api-key` when that header is
 sent, else the Bearer token: one key is presented and compared either way, never the better of
 two headers.
@@ -85,6 +89,8 @@ def auth_middleware(keys: tuple[str, ...], exempt: frozenset[Auth]) -> Any:
         route = route_of(request)
         if route is not None and route.auth in exempt and request.method in _READ_METHODS:
             return await handler(request)
+        if route is not None and route.auth is Auth.ADMIN:  # admin_middleware's
+            return await handler(request)
         token, well_formed = _presented_key(request, route)
         presented = token.strip().encode("utf-8", "replace")
         # Every key is compared, and compare_digest comes first, so the time taken says
@@ -99,6 +105,24 @@ def auth_middleware(keys: tuple[str, ...], exempt: frozenset[Auth]) -> Any:
         return await handler(request)
 
     return require_api_key
+
+
+def admin_middleware(admin_key: str) -> Any:
+    """The admin key on `Auth.ADMIN` routes, as a Bearer token; other routes pass through."""
+    expected = admin_key.encode("utf-8")
+
+    @web.middleware
+    async def require_admin_key(request: web.Request, handler: Any) -> web.StreamResponse:
+        route = route_of(request)
+        if route is None or route.auth is not Auth.ADMIN:
+            return await handler(request)
+        token, well_formed = _presented_key(request, route)
+        presented = token.strip().encode("utf-8", "replace")
+        if not (hmac.compare_digest(presented, expected) and well_formed):
+            raise INVALID_API_KEY()
+        return await handler(request)
+
+    return require_admin_key
 
 
 def _presented_key(request: web.Request, route: Route | None) -> tuple[str, bool]:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..config import SETTINGS, ProxyConfig
 from .admission import install_admission
-from .auth import api_keys, auth_middleware
+from .auth import admin_middleware, api_keys, auth_middleware
 from .routes import exempt_from_key
 
 
@@ -23,6 +23,8 @@ def install_hardening(app: web.Application, config: ProxyConfig) -> None:
     """Adds the API-key and admission middlewares (inside the error middleware, so their
     refusals are envelopes)."""
     server = config.server
+    if server.admin_api_key:
+        app.middlewares.append(admin_middleware(server.admin_api_key))
     if server.api_key:
         app.middlewares.append(
             auth_middleware(api_keys(server.api_key), exempt_from_key(server.metrics_require_auth))
@@ -53,6 +55,8 @@ def describe_limits(config: ProxyConfig) -> str:
     keys = len(api_keys(config.server.api_key))
     api_key = f"required ({keys} {'key' if keys == 1 else 'keys'})" if keys else "not required"
     lines.append(f"  API key: {api_key} (which routes: the route table logged beside this)")
+    admin = "required (LoRA load/unload served)" if config.server.admin_api_key else "not set"
+    lines.append(f"  admin key: {admin}")
     return "\n".join(lines)
 
 

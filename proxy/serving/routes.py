@@ -19,7 +19,8 @@ route aiohttp matched (`route_of`), never from path strings:
   token; X_API_KEY the same key, also taken from `x-api-key` (Anthropic's header); PROBE
   never does (GET/HEAD only); SCRAPE does only with `--metrics-require-auth`; PAGE never
   does (GET/HEAD only): the playground's static files, which hold no data, as a browser
-  navigating to a page cannot send the key (proxy/playground/routes.py).
+  navigating to a page cannot send the key (proxy/playground/routes.py); ADMIN needs the admin
+  key (--admin-api-key) as a Bearer token, and no client key opens it.
 - `error_body` (proxy/errors.py): how the route's API writes an error: OpenAI's envelope by
   default, Anthropic's on /v1/messages. Every error of the route is written so, whichever
   middleware or handler raised it (the 401, 429, 408 and 503s of auth and admission included).
@@ -66,6 +67,7 @@ class Auth(enum.Enum):
     PROBE = "probe"
     SCRAPE = "scrape"
     PAGE = "page"  # a static file of the browser playground: no data, no key
+    ADMIN = "admin"  # the admin key only (LoRA load/unload): what every client is served
 
 
 def openai_error_body(error: APIError, request_id: str) -> dict[str, Any]:
@@ -114,6 +116,8 @@ def exempt_from_key(metrics_require_auth: bool) -> frozenset[Auth]:
 
 
 def _key_shown(auth: Auth) -> str:
+    if auth is Auth.ADMIN:
+        return "admin key"
     return "API key (Bearer or x-api-key)" if auth is Auth.X_API_KEY else "API key"
 
 
@@ -130,6 +134,8 @@ def describe_routes(routes: Iterable[Route], *, api_key: bool, metrics_require_a
     lines = ["routes:"]
     for route in routes:
         auth = ("no key" if route.auth in exempt else _key_shown(route.auth)) if api_key else ""
+        if route.auth is Auth.ADMIN:
+            auth = _key_shown(route.auth)
         policy = ", ".join(part for part in (admit[route.admit], auth) if part)
         lines.append(f"  {route.method:<5} {route.label:<24} {policy}".rstrip())
     return "\n".join(lines)

@@ -99,6 +99,10 @@ class TritonRequest:
     options: PromptOptions = DEFAULT_PROMPT_OPTIONS
     task: Task = Task.GENERATE  # the `task` input: tokenize and detokenize generate nothing
     return_timings: bool = False  # the `return_timings` input: the stages, on the last response
+    # The `lora` input: the adapter the request runs with, by its served name (None: the base
+    # weights); for the load_lora / unload_lora tasks, the adapter the task is about.
+    lora: str | None = None
+    lora_path: str | None = None  # the `lora_path` input: load_lora's adapter directory
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class GenerationChunk:
     prompt_logprobs: list[Any] | None = None
     repetition_detected: bool = False  # the repetition guard ended this choice
     stop_reason: str | None = None  # the stop string that ended the choice, on its last chunk
+    # Of the request's images and videos, how many the model's embedding cache answered; on
+    # the request's last response, from models that report it.
+    media_cache_hits: int | None = None
 
 
 class Backend(Protocol):
@@ -316,6 +323,10 @@ def build_inputs(request: TritonRequest) -> list[grpcclient.InferInput]:
         inputs.append(_bytes_input(Input.PRIORITY, [request.priority.value.encode("utf-8")]))
     if request.return_timings:  # likewise: only when asked
         inputs.append(_bool_input(Input.RETURN_TIMINGS, True))
+    if request.lora:  # likewise: the base model's requests reach models without adapters
+        inputs.append(_bytes_input(Input.LORA, [request.lora.encode("utf-8")]))
+    if request.lora_path is not None:
+        inputs.append(_bytes_input(Input.LORA_PATH, [request.lora_path.encode("utf-8")]))
     for tensor, elements in request.media.items():
         if elements:  # Triton rejects a zero-element input; no media means no input
             inputs.append(_bytes_input(tensor, elements))
@@ -362,6 +373,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
     prompt_logprobs = outputs.get(Output.PROMPT_LOGPROBS)
     repetition = outputs.get(Output.REPETITION_DETECTED)
     stop_reason = outputs.get(Output.STOP_REASON)
+    cache_hits = outputs.get(Output.MEDIA_CACHE_HITS)
     return GenerationChunk(
         text="".join(item.decode("utf-8") for item in text),
         finish_reason=finish_reason[0].decode("utf-8") or None if finish_reason else None,
@@ -375,6 +387,7 @@ def parse_response(result: grpcclient.InferResult) -> GenerationChunk | None:
         prompt_logprobs=_json_list(prompt_logprobs[0]) if prompt_logprobs else None,
         repetition_detected=bool(repetition and repetition[0]),
         stop_reason=stop_reason[0].decode("utf-8") if stop_reason else None,
+        media_cache_hits=int(cache_hits[0]) if cache_hits else None,
     )
 
 

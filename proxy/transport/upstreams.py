@@ -7,7 +7,11 @@ address gets its own gRPC channel (`TritonBackend`): one HTTP/2 connection per r
 which a plain Service would pin to one pod.
 
 A new request goes to the available upstream with the fewest requests in flight (ties: the
-one used longest ago). An upstream that fails before the first token (unreachable, model
+one used longest ago), unless routing is `affinity` and it names a LoRA adapter or carries an
+image or video: then to the upstream a rendezvous hash of the adapter and its first medium's
+digest prefers (`affinity_pick`), where that adapter is resident and that image's embedding
+cached, as long as that upstream is not busier than `BOUNDED_LOAD_FACTOR` times its fair
+share. An upstream that fails before the first token (unreachable, model
 unavailable, its queue full) is marked down for `DOWN_FOR_S` and the request is retried once
 on another; after a token has been sent nothing is retried, and the error ends the stream as
 with one Triton. While every upstream is down, requests still try the one that failed
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
+import math
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..error_catalogue import BACKEND_UNAVAILABLE, APIError
 from .backend import Backend, GenerationChunk, TritonBackend, TritonRequest
-from .contract import ModelLimits
+from .contract import ModelLimits, Task
 
 log = logging.getLogger("proxy.upstreams")
 
@@ -35,9 +41,24 @@ RESOLVE_EVERY_S = 10.0
 DOWN_FOR_S = 5.0
 # Failures before the first token that another replica may not share.
 RETRYABLE = frozenset({"backend_unavailable", "model_unavailable", "server_busy"})
+# Routing policies (--routing): `affinity` sends requests with an adapter or media where their
+# caches are (bounded load); `least-busy` ignores what a request carries.
+AFFINITY = "affinity"
+LEAST_BUSY = "least-busy"
+ROUTING_POLICIES = (AFFINITY, LEAST_BUSY)
+# An affinity request goes to its preferred upstream while that one holds at most this times
+# the mean load (the request counted), else to the least busy: consistent hashing with
+# bounded loads (Mirrokni et al.), whose 1.25 keeps most requests on their cache while no
+# upstream gets more than a quarter above its share from a popular adapter or image.
+BOUNDED_LOAD_FACTOR = 1.25
+# A medium's digest for routing covers its first bytes and its length: encoded images differ
+# within their first kilobytes, and hashing a 20 MB upload whole would hold the event loop.
+AFFINITY_DIGEST_BYTES = 1 << 16
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 BackendFactory = Callable[[str], Backend]
+# (upstream address, media items of a finished generation, how many its cache answered)
+MediaObserver = Callable[[str, int, int], None]
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -88,6 +109,8 @@ class Upstreams:
         clock: Callable[[], float] = time.monotonic,
         resolve_every_s: float = RESOLVE_EVERY_S,
         observe: Callable[[str, str], None] = lambda upstream, outcome: None,
+        routing: str = AFFINITY,
+        observe_media: MediaObserver = lambda upstream, items, hits: None,
     ) -> None:
         self._targets = targets
         self._resolve = resolve
@@ -95,6 +118,8 @@ class Upstreams:
         self._clock = clock
         self._resolve_every_s = resolve_every_s
         self._observe = observe  # (upstream address, outcome) per generation
+        self._routing = routing
+        self._observe_media = observe_media
         self._upstreams: dict[str, Upstream] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._resolved_once = asyncio.Lock()
@@ -105,6 +130,11 @@ class Upstreams:
     @property
     def upstreams(self) -> list[Upstream]:
         return [u for u in self._upstreams.values() if not u.retired]
+
+    async def replicas(self) -> list[tuple[str, Backend]]:
+        """(address, backend) of every upstream: for what each replica must do (LoRA loads)."""
+        await self._ensure_resolved()
+        return [(u.address, u.backend) for u in self.upstreams]
 
     async def refresh(self) -> None:
         """Resolves every target again: new addresses join, vanished ones leave once idle."""
@@ -162,8 +192,18 @@ class Upstreams:
         candidates = [u for u in self.upstreams if u.address not in exclude]
         up = [u for u in candidates if u.down_until <= now]
         if up:
-            return min(up, key=lambda u: (u.in_flight, u.last_used, u._order))
+            return min(up, key=least_busy)
         return min(candidates, key=lambda u: u.down_until, default=None)
+
+    def pick_for(self, request: TritonRequest, exclude: set[str] = frozenset()) -> Upstream | None:
+        """The upstream for `request`: `affinity_pick` by its adapter and first medium under
+        the affinity policy, else (or with neither) `pick`."""
+        if self._routing == AFFINITY and (request.lora or any(request.media.values())):
+            now = self._clock()
+            up = [u for u in self.upstreams if u.address not in exclude and u.down_until <= now]
+            if len(up) > 1:
+                return affinity_pick(up, affinity_key(request))
+        return self.pick(exclude)
 
     def _mark_down(self, upstream: Upstream, exc: APIError) -> None:
         upstream.failures += 1
@@ -179,7 +219,7 @@ class Upstreams:
     ) -> AsyncGenerator[GenerationChunk, None]:
         await self._ensure_resolved()
         tried: set[str] = set()
-        upstream = self.pick()
+        upstream = self.pick_for(request)
         if upstream is None:
             raise BACKEND_UNAVAILABLE()
         for attempt in range(2):
@@ -190,14 +230,18 @@ class Upstreams:
             started = False
             log.debug("request %s: Triton upstream %s", request_id, upstream.address)
             outcome = "failed"
+            cache_hits = 0
             try:
                 async with contextlib.aclosing(
                     upstream.backend.generate(request, request_id)
                 ) as chunks:
                     async for chunk in chunks:
                         started = True
+                        if chunk.media_cache_hits is not None:
+                            cache_hits = chunk.media_cache_hits
                         yield chunk
                 outcome = "ok"
+                self._count_media(upstream, request, cache_hits)
                 return
             except (GeneratorExit, asyncio.CancelledError):
                 outcome = "cancelled"  # the client went away, or a deadline passed
@@ -206,7 +250,7 @@ class Upstreams:
                 if exc.code not in RETRYABLE:
                     raise
                 self._mark_down(upstream, exc)
-                retry = None if started or attempt == 1 else self.pick(exclude=tried)
+                retry = None if started or attempt == 1 else self.pick_for(request, tried)
                 if retry is None:  # streaming already, retried already, or no other replica
                     raise
                 outcome = "retried"
@@ -217,6 +261,11 @@ class Upstreams:
                 if upstream.retired:
                     await self._close_retired()
             upstream = retry
+
+    def _count_media(self, upstream: Upstream, request: TritonRequest, cache_hits: int) -> None:
+        items = sum(len(elements) for elements in request.media.values())
+        if items and request.task is Task.GENERATE:
+            self._observe_media(upstream.address, items, cache_hits)
 
     async def is_ready(self, model: str) -> bool:
         await self._ensure_resolved()
@@ -257,3 +306,28 @@ class Upstreams:
         for upstream in list(self._upstreams.values()):
             await upstream.backend.close()
         self._upstreams.clear()
+
+
+def affinity_key(request: TritonRequest) -> bytes:
+    """What places a request: its adapter and its first medium's digest (the model caches a
+    medium's embeddings per adapter, so the pair is what a replica's cache holds)."""
+    first = next((elements[0] for elements in request.media.values() if elements), b"")
+    medium = hashlib.blake2b(first[:AFFINITY_DIGEST_BYTES], digest_size=16)
+    medium.update(len(first).to_bytes(8, "little"))
+    return (request.lora or "").encode("utf-8") + b"\0" + medium.digest()
+
+
+def affinity_pick(up: list[Upstream], key: bytes) -> Upstream:
+    """Rendezvous hashing over the available upstreams `up`: the one `key` scores highest on
+    (the same one for the same key while the set stays, and a replica that leaves moves only
+    its own keys); the least busy instead when that one is past its bounded load."""
+    preferred = max(up, key=lambda u: hashlib.blake2b(key + u.address.encode()).digest())
+    load = sum(u.in_flight for u in up) + 1  # this request's included
+    if preferred.in_flight + 1 <= math.ceil(BOUNDED_LOAD_FACTOR * load / len(up)):
+        return preferred
+    return min(up, key=least_busy)
+
+
+def least_busy(upstream: Upstream) -> tuple[int, float, int]:
+    """Fewest in flight first; ties: the one used longest ago."""
+    return (upstream.in_flight, upstream.last_used, upstream._order)

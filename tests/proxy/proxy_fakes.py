@@ -13,8 +13,9 @@ from sample_images import encoded_image
 
 from proxy.app import create_app
 from proxy.config import ProxyConfig, with_settings
+from proxy.error_catalogue import MODEL_NOT_FOUND
 from proxy.transport.backend import Backend, GenerationChunk, TritonRequest
-from proxy.transport.contract import ModelLimits, PromptPart, Task, TokenizeResult
+from proxy.transport.contract import LoraAdapter, ModelLimits, PromptPart, Task, TokenizeResult
 
 SERVED_MODEL = "qwen2.5-vl-7b-instruct"
 TRITON_MODEL = "qwen2_5_vl"
@@ -61,6 +62,7 @@ def script(
 # What the fake model answers to the tasks other than generation (one response each).
 TOKENIZED = TokenizeResult(7, 4096, [11, 12, 13, 14, 15, 16, 17], [PromptPart("text", 7)])
 TASK_ANSWERS = {Task.TOKENIZE: TOKENIZED.encode(), Task.DETOKENIZE: "Hello world!"}
+LORA_TASKS = (Task.LIST_LORAS, Task.LOAD_LORA, Task.UNLOAD_LORA)
 
 
 def logprob_entry(token: str, logprob: float) -> dict:
@@ -105,6 +107,14 @@ class FakeBackend:
         self.describe_calls: list[str] = []
         # The one response a tokenize or detokenize request gets, by task.
         self.task_answers: dict[Task, str] = dict(TASK_ANSWERS)
+        # The LoRA adapters it serves, as list_loras answers them; load/unload change them.
+        self.loras: dict[str, LoraAdapter] = {}
+
+    @property
+    def served_requests(self) -> list[tuple[TritonRequest, str]]:
+        """`requests` but the proxy's own questions about LoRA adapters (an unknown `model`
+        asks whether it names one): what clients' requests sent on."""
+        return [item for item in self.requests if item[0].task is not Task.LIST_LORAS]
 
     @property
     def last_request(self) -> TritonRequest:
@@ -115,7 +125,9 @@ class FakeBackend:
     ) -> AsyncGenerator[GenerationChunk, None]:
         self.requests.append((request, request_id))
         chunks = self.chunks
-        if request.task is not Task.GENERATE:
+        if request.task in LORA_TASKS:
+            chunks = [GenerationChunk(text=self.lora_answer(request))]
+        elif request.task is not Task.GENERATE:
             chunks = [GenerationChunk(text=self.task_answers[request.task])]
         try:
             for index, chunk in enumerate(chunks):
@@ -130,6 +142,19 @@ class FakeBackend:
         except (GeneratorExit, asyncio.CancelledError):
             self.stopped_early.set()
             raise
+
+    def lora_answer(self, request: TritonRequest) -> str:
+        """What the model answers a LoRA task (contract.Task): its adapters, or the one loaded
+        (rank 8) or unloaded; an unknown name to unload is the model's not_found."""
+        name = request.lora or ""
+        if request.task is Task.LOAD_LORA:
+            self.loras[name] = LoraAdapter(name, 8, resident=True)
+        elif request.task is Task.UNLOAD_LORA:
+            if name not in self.loras:
+                raise MODEL_NOT_FOUND("lora", message=f"no adapter {name}")
+            return LoraAdapter.encode_list([self.loras.pop(name)])
+        adapters = [self.loras[name]] if request.task is Task.LOAD_LORA else self.loras.values()
+        return LoraAdapter.encode_list(list(adapters))
 
     async def is_ready(self, model: str) -> bool:
         self.ready_calls.append(model)

@@ -20,6 +20,7 @@ from proxy_fakes import (
 
 from proxy.errors import APIError
 from proxy.transport.backend import GenerationChunk, backend_unavailable
+from proxy.transport.contract import Task
 
 # The request body of the original Flask server's client example (README).
 FLASK_EXAMPLE = {
@@ -218,7 +219,9 @@ async def test_model_mismatch_is_404_model_not_found(make_client):
     assert_error(
         await resp.json(), type="invalid_request_error", code="model_not_found", param="model"
     )
-    assert backend.requests == []
+    # the model was asked whether it serves a LoRA adapter of that name; nothing generated
+    assert [request.task for request, _ in backend.requests] == [Task.LIST_LORAS]
+    assert backend.served_requests == []
 
 
 async def test_omitted_model_is_accepted(make_client):

@@ -311,7 +311,7 @@ async def test_unknown_model_is_404_listing_served_names(make_client):
     _, error = await post_json(client, {**TEXT_REQUEST, "model": "gpt-4o"}, status=404)
     assert (error["error"]["code"], error["error"]["param"]) == ("model_not_found", "model")
     assert "qwen-alias" in error["error"]["message"]
-    assert backend.requests == []
+    assert backend.served_requests == []
 
 
 async def test_models_lists_only_names_whose_triton_model_is_in_the_repository(make_client):

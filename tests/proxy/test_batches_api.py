@@ -14,7 +14,7 @@ from proxy_fakes import SERVED_MODEL, FakeBackend, script
 
 from proxy.api.batches import runner as runner_module
 from proxy.error_catalogue import BACKEND_UNAVAILABLE
-from proxy.transport.contract import Priority
+from proxy.transport.contract import LoraAdapter, Priority
 
 FAST = {"state": True, "batch_poll_s": 0.05}
 
@@ -301,3 +301,18 @@ async def test_without_state_the_batch_routes_answer_501(make_client):
     response = await client.get("/v1/batches")
     assert response.status == 501
     assert (await response.json())["error"]["code"] == "state_disabled"
+
+
+async def test_a_line_naming_a_lora_adapter_runs_with_it_and_an_unknown_name_is_its_404(sdk):
+    backend = FakeBackend(script("ok"))
+    backend.loras["sql-lora"] = LoraAdapter("sql-lora", 8)
+    client = await sdk(backend)
+    adapter, unknown = chat_line("adapter"), chat_line("unknown")
+    adapter["body"]["model"], unknown["body"]["model"] = "sql-lora", "no-such-lora"
+    batch = await run_batch(client, jsonl(adapter, unknown))
+    assert batch.status == "completed"
+    (output,) = await lines_of(client, batch.output_file_id)
+    (error,) = await lines_of(client, batch.error_file_id)
+    assert output["response"]["body"]["model"] == "sql-lora"
+    assert error["response"]["status_code"] == 404
+    assert [request.lora for request, _ in backend.served_requests] == ["sql-lora"]

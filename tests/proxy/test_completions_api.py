@@ -238,7 +238,7 @@ async def test_bad_requests_name_their_parameter(make_client, body, code, param)
     response = await client.post(URL, json=body)
     assert response.status in (400, 404)
     assert assert_envelope(await response.json(), code)["param"] == param
-    assert backend.requests == []
+    assert backend.served_requests == []
 
 
 @pytest.mark.parametrize(

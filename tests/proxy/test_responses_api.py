@@ -468,7 +468,7 @@ async def test_bad_requests_get_openai_error_envelopes(make_client, body, code, 
     assert resp.status in (400, 404), envelope
     assert set(envelope["error"]) == {"message", "type", "param", "code"}
     assert (envelope["error"]["code"], envelope["error"]["param"]) == (code, param), envelope
-    assert backend.requests == []
+    assert backend.served_requests == []
 
 
 async def test_a_bad_image_names_the_clients_path(make_client):

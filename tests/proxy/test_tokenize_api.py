@@ -139,7 +139,7 @@ async def test_bad_tokenize_requests_name_their_parameter(make_client, body, sta
         assert error["param"] == "messages[0].content[0].image_url.detail"
     else:
         assert error["param"] == "messages[0].content"
-    assert backend.requests == []
+    assert backend.served_requests == []
 
 
 async def test_the_models_errors_name_the_clients_field(make_client):

@@ -247,3 +247,51 @@ async def test_lazy_load_over_real_triton_in_explicit_mode(explicit_triton_url):
         )
         assert [r.status for r in responses] == [200, 200, 200]
         assert (await client.get("/ready")).status == 200
+
+
+async def test_lora_adapters_over_real_triton(triton_url):
+    """The echo model's adapters through the proxy: listed with their parent, a request's
+    `model` picks one (the model echoes its `lora` input), loaded and unloaded at run time
+    with the admin key; the model's path refusal and unknown names come back as envelopes."""
+    config = with_settings(
+        TEST_CONFIG, triton_url=triton_url, triton_model="echo", admin_api_key="adm"
+    )
+    admin = {"Authorization": "Bearer adm"}
+    hello = [{"role": "user", "content": "hello"}]
+    async with serving(config) as client:
+        models = (await (await client.get("/v1/models")).json())["data"]
+        assert {m["id"]: m["parent"] for m in models}[
+            "echo-lora"
+        ] == TEST_CONFIG.server.served_model_name
+        answer = await client.post(
+            "/v1/chat/completions", json={"model": "echo-lora", "messages": hello}
+        )
+        assert (await answer.json())["choices"][0]["message"]["content"].startswith(
+            "lora=echo-lora "
+        )
+
+        outside = {"lora_name": "live-lora", "lora_path": "adapters/live"}
+        refused = await client.post("/v1/load_lora_adapter", json=outside, headers=admin)
+        assert refused.status == 400 and (await refused.json())["error"]["param"] == "lora_path"
+        load = {"lora_name": "live-lora", "lora_path": "loras/live"}
+        assert (await client.post("/v1/load_lora_adapter", json=load, headers=admin)).status == 200
+        body = {"model": "live-lora", "messages": hello}
+        answer = await client.post("/v1/chat/completions", json=body)
+        assert (await answer.json())["model"] == "live-lora"
+        unload = {"lora_name": "live-lora"}
+        assert (
+            await client.post("/v1/unload_lora_adapter", json=unload, headers=admin)
+        ).status == 200
+        gone = await client.post("/v1/chat/completions", json=body)
+        assert gone.status == 404 and (await gone.json())["error"]["code"] == "model_not_found"
+
+
+async def test_the_models_media_cache_hits_reach_the_chunk(backend):
+    request = dataclasses.replace(
+        triton_request(stream=True, images=[JPEG_BYTES]), lora="echo-lora"
+    )
+    hits = []
+    for _ in range(2):
+        chunks = [chunk async for chunk in backend.generate(request, "hits")]
+        hits.append(chunks[-1].media_cache_hits)
+    assert hits == [0, 1]  # its (adapter, image) pair was new, then cached

@@ -483,6 +483,25 @@ MESSAGES = [
         "The input file file-x was deleted before the batch was validated.",
     ),
     (
+        "LORA_ALREADY_LOADED",
+        "lora_name",
+        {"name": "sql"},
+        "The lora adapter 'sql' has already been loaded.",
+    ),
+    (
+        "INVALID_LORA_PATH",
+        "lora_path",
+        {"reason": "it has a '..' component"},
+        "lora_path must be a directory path under the model's adapter roots: it has a '..' "
+        "component.",
+    ),
+    (
+        "INVALID_LORA_NAME",
+        "lora_name",
+        {"limit": 128},
+        "lora_name must be 1 to 128 letters, digits or ._-:@+/ characters.",
+    ),
+    (
         "MODEL_REQUEST_ERROR",
         "stop",
         {"message": "'stop' takes at most 4 strings"},
@@ -573,6 +592,9 @@ CAUSE_BEFORE_THE_CATALOGUE = [
     ("empty_file", 400, "invalid_request"),
     ("batch_too_large", 400, "invalid_request"),
     ("input_file_not_found", 400, "not_found"),
+    ("lora_already_loaded", 400, "invalid_request"),
+    ("invalid_lora_path", 400, "invalid_request"),
+    ("invalid_lora_name", 400, "invalid_request"),
     (None, 400, "invalid_request"),
 ]
 

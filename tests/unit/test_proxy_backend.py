@@ -136,6 +136,18 @@ def test_timings_are_asked_for_only_when_wanted():
     assert inputs["return_timings"]._get_content() == b"\x01"
 
 
+def test_an_adapter_and_its_path_travel_only_when_set():
+    assert "lora" not in tensors(REQUEST) and "lora_path" not in tensors(REQUEST)
+    load = dataclasses.replace(
+        REQUEST, messages_json=None, task=Task.LOAD_LORA, lora="sql", lora_path="loras/sql"
+    )
+    inputs = tensors(load)
+    assert (inputs["lora"].datatype(), inputs["lora"].shape()) == ("BYTES", [1])
+    assert bytes_values(inputs["lora"]) == [b"sql"]
+    assert bytes_values(inputs["lora_path"]) == [b"loras/sql"]
+    assert bytes_values(inputs["task"]) == [b"load_lora"]
+
+
 def test_no_image_input_without_images_and_stream_false():
     request = TritonRequest(
         model="m", messages_json="[]", media={}, sampling_parameters={}, stream=False
@@ -158,6 +170,7 @@ def make_result(
     image_tokens=None,
     logprobs=None,
     stop_reason=None,
+    media_cache_hits=None,
 ) -> InferResult:
     response = service_pb2.ModelInferResponse(model_name="qwen2_5_vl", id="r")
     if text is not None:
@@ -188,6 +201,9 @@ def make_result(
         if stop_reason is not None:
             raw = serialize_byte_tensor(np.array([stop_reason.encode()], dtype=np.object_)).item()
             _add_output(response, "stop_reason", "BYTES", raw)
+        if media_cache_hits is not None:
+            raw = np.array([media_cache_hits], dtype=np.uint32).tobytes()
+            _add_output(response, "media_cache_hits", "UINT32", raw)
     if final is not None:
         response.parameters["triton_final_response"].bool_param = final
     return InferResult(response)
@@ -235,6 +251,11 @@ def test_parse_response_reads_timings_prompt_logprobs_and_the_repetition_flag():
     assert chunk.repetition_detected is True
     plain = parse_response(make_result("a"))
     assert (plain.timings, plain.prompt_logprobs, plain.repetition_detected) == (None, None, False)
+
+
+def test_parse_response_reads_the_media_cache_hits():
+    assert parse_response(make_result("a", "stop", media_cache_hits=2)).media_cache_hits == 2
+    assert parse_response(make_result("a")).media_cache_hits is None
 
 
 def test_parse_response_reads_image_tokens():

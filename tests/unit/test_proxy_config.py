@@ -63,6 +63,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "stream_idle_timeout_s": ("4", 4.0),
     "shutdown_timeout_s": ("12", 12.0),
     "api_key": (" s3cret ", "s3cret"),
+    "admin_api_key": ("adm1n", "adm1n"),
+    "routing": ("least-busy", "least-busy"),
     "max_tokens_limit": ("2048", 2048),
     "image_min_pixels": ("784", 784),
     "image_max_pixels": ("200704", 200704),
@@ -139,6 +141,7 @@ BAD = {
     "log_level": "verbose",
     "log_format": "yaml",
     "metrics_require_auth": "2",
+    "routing": "round-robin",
     "timings": "sometimes",
     "workers": "0",
     "state": "perhaps",
@@ -155,6 +158,7 @@ BAD = {
     "batch_line_attempts": "0",
 }
 FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key", "state_dir"}
+FREE_TEXT |= {"admin_api_key"}
 FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}
 
 

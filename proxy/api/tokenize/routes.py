@@ -30,7 +30,6 @@ from ...error_catalogue import (
     UNSUPPORTED_PARAMETER,
 )
 from ...errors import REQUEST_ID_KEY, json_dumps
-from ...keys import CONFIG_KEY
 from ...request.generation import note_request_fields, read_json_object, resolve_model, run_task
 from ...request.paths import ClientPaths
 from ...request.schema import BaseModel, RawPrompt, parse_chat_request, validation_api_error
@@ -148,7 +147,7 @@ async def detokenize(request: web.Request) -> web.Response:
     ignored = [name for name in body if name not in ("model", "tokens")]
     note_request_fields(request, _Fields(ignored_fields=ignored))
     if not fields.tokens:  # no ids, no text (Triton takes no empty input)
-        resolve_model(request.app[CONFIG_KEY], fields.model)
+        await resolve_model(request.app, fields.model)
         return web.json_response({"prompt": ""})
     model = {"model": fields.model} if fields.model is not None else {}
     prompt = RawPrompt(token_ids=tuple(fields.tokens), param="tokens")

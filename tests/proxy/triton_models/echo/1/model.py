@@ -9,6 +9,13 @@ last word instead of an empty final response. Like the real model it reports
 `num_image_tokens` (10 per image here) and, when `logprobs` is true, one logprobs entry per
 word (logprob -1, top alternatives: the word and "~"). A `describe` request gets the limits in
 config.pbtxt's parameters as JSON, as the real model answers with its ModelLimits.
+
+LoRA adapters as the real model's contract has them: the `lora` input is echoed as a first
+word `lora=<name>` (none without one), and an unknown name is the model's `not_found` error;
+the `list_loras`, `load_lora` and `unload_lora` tasks answer `LoraAdapter` lists (rank 8),
+`echo-lora` declared from the start; a load's `lora_path` must lie under `loras/`. Its image
+"embedding cache" is a set of (adapter, image digest) pairs: `media_cache_hits` on the last
+response says how many of the request's images it had seen before.
 """
 
 import hashlib
@@ -21,6 +28,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ERROR_PREFIX = "qwen_vl_error: "  # proxy/transport/contract.py's model error format
+DECLARED_LORA = "echo-lora"
+LORA_ROOT = "loras/"
+LORA_TASKS = ("list_loras", "load_lora", "unload_lora")
 
 
 # As the real model does (model_repository/qwen2_5_vl/1/model.py): a watchdog process that
@@ -43,6 +54,8 @@ class TritonPythonModel:
         _exit_with_tritonserver()
         parameters = json.loads(args["model_config"]).get("parameters", {})
         self.limits = {name: int(spec["string_value"]) for name, spec in parameters.items()}
+        self.loras = {DECLARED_LORA: _adapter(DECLARED_LORA)}
+        self.embedded = set()  # (adapter, image digest): what the "vision tower" has seen
 
     def execute(self, requests):
         for request in requests:
@@ -53,10 +66,45 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(output_tensors=[text])
                 request.get_response_sender().send(response, flags=FINAL)
                 continue
-            self._answer(request)
+            task = _text(request, "task")
+            if task in LORA_TASKS:
+                self._lora_task(request, task)
+                continue
+            lora = _text(request, "lora")
+            if lora and lora not in self.loras:
+                _send_error(request, "not_found", f"no LoRA adapter {lora}", "model")
+                continue
+            self._answer(request, lora)
         return None
 
-    def _answer(self, request):
+    def _lora_task(self, request, task):
+        name = _text(request, "lora")
+        if task == "load_lora":
+            path = _text(request, "lora_path")
+            if not path.startswith(LORA_ROOT):
+                _send_error(request, "invalid_request", "not under the adapter roots", "lora_path")
+                return
+            self.loras[name] = _adapter(name)
+            answer = [self.loras[name]]
+        elif task == "unload_lora":
+            if name not in self.loras:
+                _send_error(request, "not_found", f"no LoRA adapter {name}", "lora")
+                return
+            answer = [self.loras.pop(name)]
+        else:
+            answer = list(self.loras.values())
+        text = json.dumps(answer).encode("utf-8")
+        tensor = pb_utils.Tensor("text_output", np.array([text], dtype=np.object_))
+        response = pb_utils.InferenceResponse(output_tensors=[tensor])
+        request.get_response_sender().send(response, flags=FINAL)
+
+    def _cache_hits(self, lora, images):
+        keys = [(lora, hashlib.sha256(bytes(image)).digest()) for image in images]
+        hits = sum(key in self.embedded for key in keys)
+        self.embedded.update(keys)
+        return hits
+
+    def _answer(self, request, lora):
         sender = request.get_response_sender()
         messages = json.loads(_input(request, "messages")[0].decode("utf-8"))
         images = _input(request, "image")
@@ -66,9 +114,9 @@ class TritonPythonModel:
             error = pb_utils.TritonError(params["echo_error"])
             sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
             return
-        words = _describe(messages, images, params)
+        words = [f"lora={lora}"] * bool(lora) + _describe(messages, images, params)
         prompt_tokens = len(json.dumps(messages).split())
-        counts = (prompt_tokens, 10 * len(images))
+        counts = (prompt_tokens, 10 * len(images), self._cache_hits(lora, images))
         logprobs = bool(params.get("logprobs"))
         top = int(params.get("top_logprobs", 0))
         if not stream:
@@ -96,6 +144,21 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
 
 
+def _adapter(name):
+    return {"name": name, "rank": 8, "vision": False, "resident": True}
+
+
+def _text(request, name):
+    values = _input(request, name)
+    return values[0].decode("utf-8") if values.size else ""
+
+
+def _send_error(request, kind, message, param):
+    text = ERROR_PREFIX + json.dumps({"kind": kind, "message": message, "param": param})
+    response = pb_utils.InferenceResponse(error=pb_utils.TritonError(text))
+    request.get_response_sender().send(response, flags=FINAL)
+
+
 def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return tensor.as_numpy() if tensor is not None else np.array([], dtype=np.object_)
@@ -121,7 +184,7 @@ def _logprob(word, top):
 
 
 def _response(text, finish_reason, counts, output_tokens, logprobs=None):
-    prompt_tokens, image_tokens = counts
+    prompt_tokens, image_tokens, cache_hits = counts
     tensors = [
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
@@ -129,6 +192,8 @@ def _response(text, finish_reason, counts, output_tokens, logprobs=None):
         pb_utils.Tensor("num_output_tokens", np.array([output_tokens], dtype=np.uint32)),
         pb_utils.Tensor("num_image_tokens", np.array([image_tokens], dtype=np.uint32)),
     ]
+    if finish_reason:  # the request's last response
+        tensors.append(pb_utils.Tensor("media_cache_hits", np.array([cache_hits], dtype=np.uint32)))
     if logprobs is not None:
         raw = json.dumps(logprobs, ensure_ascii=False).encode("utf-8")
         tensors.append(pb_utils.Tensor("logprobs", np.array([raw], dtype=np.object_)))
