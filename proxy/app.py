@@ -50,6 +50,7 @@ from .media.fetch import GuardedFetcher
 from .media.kinds import MediaFetcher
 from .observability.metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
 from .observability.observe import observe_request
+from .observability.tracing import TRACING_KEY, Tracing
 from .playground.routes import (
     playground_page,
     playground_script,
@@ -129,11 +130,13 @@ def create_app(
     backend: Backend | None = None,
     *,
     fetcher: MediaFetcher | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The proxy application; without `backend` it connects to Triton at startup.
 
     `fetcher` replaces the guarded image fetcher built from `config` (tests); with
-    `config.fetch.enabled` false there is none either way.
+    `config.fetch.enabled` false there is none either way. `tracing` replaces the tracer
+    built from `config.tracing` (tests: an in-memory exporter).
     """
     app = web.Application(
         client_max_size=config.admission.max_request_bytes,
@@ -142,6 +145,8 @@ def create_app(
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = int(time.time())
     app[METRICS_KEY] = ProxyMetrics()
+    app[TRACING_KEY] = tracing or Tracing.from_settings(config.tracing)
+    app.on_cleanup.append(_stop_tracing)
     if config.fetch.enabled:
         app[FETCHER_KEY] = fetcher or GuardedFetcher(config.fetch)
     if backend is not None:
@@ -192,6 +197,10 @@ async def backend_context(app: web.Application) -> AsyncIterator[None]:
     if LOADER_KEY in app:
         await app[LOADER_KEY].close()
     await app[BACKEND_KEY].close()
+
+
+async def _stop_tracing(app: web.Application) -> None:
+    await asyncio.to_thread(app[TRACING_KEY].shutdown)  # exports what is left
 
 
 @web.middleware
