@@ -144,9 +144,9 @@ def child_span(name: str, **attributes: Any) -> Iterator[trace.Span | None]:
 
 
 def trace_headers(span: trace.Span | None) -> dict[str, str]:
-    """`traceparent` (and `tracestate`) naming `span` as the parent; {} without a span."""
-    if span is None:
-        return {}
+    """`traceparent` (and `tracestate`) naming `span` as the parent; without one, the current
+    context's when it is a request's that was not sampled (flag 00: Triton and the model then
+    do not sample it either); {} outside a request or with tracing off."""
     carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span) if span else None)
     return carrier

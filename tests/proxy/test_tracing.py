@@ -104,14 +104,17 @@ async def test_one_request_is_one_trace_under_the_callers_traceparent(
     assert infer.attributes[REQUEST_ID] == request_id
 
 
-async def test_an_unsampled_caller_gets_no_spans_and_triton_no_context(
+async def test_an_unsampled_request_makes_no_spans_and_tells_triton_so(
     traced_client, exporter, fake_triton
 ):
     await _chat(traced_client, {"traceparent": traceparent(sampled=False)})
     await _chat(traced_client, {})  # no traceparent: a root, sampled at ratio 0 here
     assert exporter.get_finished_spans() == ()
-    assert all("traceparent" not in sent for sent in fake_triton.state.parameters)
-    assert all("traceparent" not in sent for sent in fake_triton.state.metadata)
+    # the decision goes on (flag 00), so the model does not sample these at its own ratio
+    caller, root = fake_triton.state.parameters
+    assert caller["traceparent"].startswith(f"00-{TRACE_ID}-")
+    assert not any(int(sent["traceparent"][-2:], 16) & 1 for sent in (caller, root))
+    assert fake_triton.state.metadata[0]["traceparent"] == caller["traceparent"]
 
 
 async def test_only_generating_routes_are_traced(traced_client, exporter):
