@@ -1,9 +1,10 @@
-"""One traced request through the whole stack: the proxy's spans and the model's (exported from
-Triton's Python-backend stub, another process) reach the session's OTLP receiver as one trace,
-under the client's traceparent, in the order the request went."""
+"""One traced request through the whole stack: the proxy's spans, Triton's own and the model's
+(exported from Triton's Python-backend stub, another process) reach the session's OTLP receiver
+as one trace, under the client's traceparent, in the order the request went."""
 
 import secrets
 
+import pytest
 import requests
 from helpers import data_url
 from sample_images import encoded_image
@@ -13,7 +14,19 @@ PROXY = ("admission", "media.decode", "stream", "triton.infer")
 MODEL = ("queue", "preprocess", "kv_slot_wait", "prefill", "decode")
 
 
-def test_one_request_is_one_trace_across_proxy_and_model(base_url, otlp_receiver):
+@pytest.fixture
+def triton_tracing(stack):
+    """Triton's OpenTelemetry tracing (set up OFF in the session stack) on for one test."""
+    setting = f"{stack.config.triton_http_url}/v2/trace/setting"
+    on = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}
+    assert requests.post(setting, json=on, timeout=10).status_code == 200
+    yield
+    assert requests.post(setting, json={"trace_level": ["OFF"]}, timeout=10).status_code == 200
+
+
+def test_one_request_is_one_trace_across_proxy_triton_and_model(
+    base_url, otlp_receiver, triton_tracing
+):
     trace_id, caller = secrets.token_hex(16), secrets.token_hex(8)
     image = data_url(encoded_image(size=(56, 56), color=(140, 12, 201)), "image/png")
     response = requests.post(
@@ -42,7 +55,8 @@ def test_one_request_is_one_trace_across_proxy_and_model(base_url, otlp_receiver
         return {span.name for _, span in otlp_receiver.trace(trace_id)}
 
     # spans are exported in batches (every 5 s by default) by both processes
-    assert otlp_receiver.wait_for(lambda: {CHAT_ROUTE, "qwen_vl.request"} <= names(), 60)
+    everyone = {CHAT_ROUTE, "qwen_vl.request", "InferRequest"}
+    assert otlp_receiver.wait_for(lambda: everyone <= names(), 60)
     assert otlp_receiver.refused == []
     spans = otlp_receiver.trace(trace_id)
     by_name = {span.name: (service, span) for service, span in spans}
@@ -58,6 +72,9 @@ def test_one_request_is_one_trace_across_proxy_and_model(base_url, otlp_receiver
     assert service == "qwen-vl-model" and model.parent_span_id == infer.span_id
     for name in MODEL:
         assert ids[by_name[name][1].parent_span_id] is model, name
+    # Triton's own spans, from the gRPC metadata: its request span beside the model's
+    service, triton = by_name["InferRequest"]
+    assert service == "triton-inference-server" and triton.parent_span_id == infer.span_id
     request_ids = {
         attribute.value.string_value
         for _, span in spans
