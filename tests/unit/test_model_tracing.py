@@ -99,3 +99,8 @@ def test_without_an_endpoint_or_the_sdk_there_is_no_tracer(monkeypatch):
 def test_the_otlp_exporter_is_one_file_in_model_and_proxy():
     model_copy = ROOT / "model_repository/qwen2_5_vl/1/qwen_vl_backend/otlp.py"
     assert (ROOT / "proxy/observability/otlp.py").read_bytes() == model_copy.read_bytes()
+
+
+def test_the_sample_ratio_is_a_share():
+    with pytest.raises(ValueError, match="trace_sample_ratio"):
+        ModelSettings(trace_sample_ratio=1.5)
