@@ -20,6 +20,7 @@ the `error.code` of an OpenAI envelope a handler wrote itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -349,9 +350,7 @@ async def load_media_timed(
     started = time.perf_counter()
     remote = sum(ref.is_remote for ref in refs)
     try:
-        if not remote:
-            return await load_media(refs, timed)
-        with child_span("media.fetch", parts=remote):
+        with child_span("media.fetch", parts=remote) if remote else contextlib.nullcontext():
             return await load_media(refs, timed)
     finally:
         total = time.perf_counter() - started
@@ -380,12 +379,10 @@ async def timed_media_check(request: web.Request, check: Awaitable[None]) -> Non
     decode/validation time."""
     started = time.perf_counter()
     record = request[RECORD_KEY]
+    kind = record.media_kind  # None: no media, nothing is decoded
     try:
-        if record.media_kind is None:  # no media: nothing is decoded
+        with child_span("media.decode", kind=kind) if kind else contextlib.nullcontext():
             await check
-        else:
-            with child_span("media.decode", kind=record.media_kind):
-                await check
     finally:
         _add_media_check(record, time.perf_counter() - started)
 

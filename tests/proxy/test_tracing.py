@@ -10,6 +10,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 from otlp_receiver import OtlpReceiver
 from proxy_fakes import PNG_BYTES, SERVED_MODEL, TEST_CONFIG, serving
@@ -28,11 +29,13 @@ def traceparent(sampled: bool = True) -> str:
     return f"00-{TRACE_ID}-{CALLER_SPAN}-{'01' if sampled else '00'}"
 
 
-def chat_body(text: str = "tokens=3", image: bool = False) -> dict:
+def chat_body(text: str = "tokens=3", image: bool = False, remote: bool = False) -> dict:
     content: list[dict] = [{"type": "text", "text": text}]
     if image:
         url = "data:image/png;base64," + base64.b64encode(PNG_BYTES).decode()
         content.append({"type": "image_url", "image_url": {"url": url}})
+    if remote:
+        content.append({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})
     return {
         "model": SERVED_MODEL,
         "stream": True,
@@ -45,17 +48,22 @@ def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
+class PngFetcher:
+    """A MediaFetcher that answers every URL with a PNG at once."""
+
+    async def fetch_all(self, refs):
+        return [PNG_BYTES for _ in refs]
+
+
 @pytest.fixture
 async def traced_client(fake_triton, exporter):
     """The app over its real TritonBackend (to the fake Triton), tracing into `exporter`;
     roots sampled never, so only a caller's sampled traceparent makes a trace."""
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = Tracing(provider.get_tracer("test"), provider)
     config = with_settings(TEST_CONFIG, triton_url=fake_triton.url)
-    async with serving(config, tracing=tracing) as client:
+    async with serving(config, fetcher=PngFetcher(), tracing=tracing) as client:
         yield client
 
 
@@ -102,6 +110,14 @@ async def test_one_request_is_one_trace_under_the_callers_traceparent(
     assert fake_triton.state.parameters[-1]["tracestate"] == TRACESTATE
     assert fake_triton.state.metadata[-1]["traceparent"] == sent
     assert infer.attributes[REQUEST_ID] == request_id
+
+
+async def test_remote_media_get_a_fetch_span_before_decoding(traced_client, exporter):
+    await _chat(traced_client, {"traceparent": traceparent()}, remote=True)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    fetch, decode = spans["media.fetch"], spans["media.decode"]
+    assert fetch.attributes["parts"] == 1 and fetch.end_time <= decode.start_time
+    assert fetch.parent.span_id == spans[f"POST {CHAT}"].context.span_id
 
 
 async def test_an_unsampled_request_makes_no_spans_and_tells_triton_so(
