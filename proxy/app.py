@@ -52,6 +52,7 @@ from .media.fetch import GuardedFetcher
 from .media.kinds import MediaFetcher
 from .observability.metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
 from .observability.observe import observe_request
+from .observability.tracing import TRACING_KEY, Tracing
 from .playground.routes import (
     playground_page,
     playground_script,
@@ -141,11 +142,13 @@ def create_app(
     backend: Backend | None = None,
     *,
     fetcher: MediaFetcher | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The proxy application; without `backend` it connects to Triton at startup.
 
     `fetcher` replaces the guarded image fetcher built from `config` (tests); with
-    `config.fetch.enabled` false there is none either way.
+    `config.fetch.enabled` false there is none either way. `tracing` replaces the tracer
+    built from `config.tracing` (tests: an in-memory exporter).
     """
     app = web.Application(
         client_max_size=config.admission.max_request_bytes,
@@ -154,6 +157,8 @@ def create_app(
     app[CONFIG_KEY] = config
     app[STARTED_AT_KEY] = int(time.time())
     app[METRICS_KEY] = ProxyMetrics()
+    app[TRACING_KEY] = tracing or Tracing.from_settings(config.tracing)
+    app.on_cleanup.append(_stop_tracing)
     if config.fetch.enabled:
         app[FETCHER_KEY] = fetcher or GuardedFetcher(config.fetch)
     if backend is not None:
@@ -230,6 +235,10 @@ def upstream_observers(metrics: ProxyMetrics) -> dict[str, Any]:
         metrics.upstream_cache_hits.labels(upstream).inc(cache_hits)
 
     return {"observe": observe, "observe_media": observe_media}
+
+
+async def _stop_tracing(app: web.Application) -> None:
+    await asyncio.to_thread(app[TRACING_KEY].shutdown)  # exports what is left
 
 
 @web.middleware

@@ -30,6 +30,7 @@ from typing import Any
 from .media.fetch import FetchPolicy
 from .media.pixels import PixelLimits
 from .observability.logs import LOG_FORMATS, log_format
+from .observability.tracing import TraceSettings
 from .request.limits import RequestLimits
 from .serving.admission import AdmissionSettings
 from .serving.auth import APIKeyError, api_keys, read_api_key
@@ -112,6 +113,7 @@ class ProxyConfig:
         default_factory=ResponsesSettings, metadata={_FLAG_PREFIX: "responses-"}
     )
     batch: BatchSettings = field(default_factory=BatchSettings, metadata={_FLAG_PREFIX: "batch-"})
+    tracing: TraceSettings = field(default_factory=TraceSettings, metadata={_FLAG_PREFIX: "trace-"})
 
     @property
     def served_models(self) -> dict[str, str]:
@@ -206,6 +208,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
     return value
 
 
@@ -620,6 +629,31 @@ SETTINGS: tuple[Setting, ...] = (
         "--host is a loopback address, off otherwise, so a proxy on the network shows nothing "
         "unauthenticated but the probes unless asked to",
         negation="no-playground",
+    ),
+    # OpenTelemetry traces (proxy/observability/tracing.py, docs/observability.md "Traces"):
+    # OpenTelemetry's own environment variables, so a deployment's usual settings apply.
+    _S(
+        "tracing",
+        "otlp_endpoint",
+        str,
+        "OTLP/HTTP collector to send traces to (a base URL such as http://otel-collector:4318; "
+        "/v1/traces is added); empty (the default): no tracing and no cost",
+        env="OTEL_EXPORTER_OTLP_ENDPOINT",
+    ),
+    _S(
+        "tracing",
+        "sample_ratio",
+        _ratio,
+        "share of requests traced that arrive without a traceparent; one with a traceparent is "
+        "traced when it says sampled (parent-based), so the caller's sampling decides",
+        env="OTEL_TRACES_SAMPLER_ARG",
+    ),
+    _S(
+        "tracing",
+        "service_name",
+        str,
+        "service.name of the proxy's spans: what a trace viewer lists it as",
+        env="OTEL_SERVICE_NAME",
     ),
     # Durable state: files, stored responses, batches (proxy/state/, docs/state.md).
     _S(

@@ -187,6 +187,7 @@ class StackConfig:
     log_dir: Path = ROOT / ".cache" / "logs"
     extra_env: dict = field(default_factory=dict)
     proxy_args: list = field(default_factory=list)
+    triton_args: list = field(default_factory=list)  # more tritonserver flags
     # Triton starts with no model loaded (explicit model control); the proxy's first chat
     # request loads it, as the original server did.
     lazy_load: bool = False
@@ -271,7 +272,7 @@ def triton_command(config: StackConfig) -> list[str]:
         cmd.append("--model-control-mode=explicit")
     if backends:
         cmd.append(f"--backend-directory={backends}")
-    return cmd
+    return cmd + list(config.triton_args)
 
 
 def proxy_command(config: StackConfig) -> list[str]:

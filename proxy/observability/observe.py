@@ -20,6 +20,7 @@ the `error.code` of an OpenAI envelope a handler wrote itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -45,6 +46,13 @@ from .metrics import (
     UNMATCHED_ROUTE,
     ProxyMetrics,
     error_cause,
+)
+from .tracing import (
+    child_span,
+    end_child,
+    end_request_span,
+    request_span,
+    start_child,
 )
 
 access_log = logging.getLogger("proxy.access")
@@ -109,22 +117,23 @@ async def observe_request(request: web.Request, handler: Any) -> web.StreamRespo
         metrics.in_flight.inc()
     status = 500
     code: str | None = None
-    try:
-        response = await handler(request)
-        status = response.status
-        if status >= 400:
-            code = request[ERROR_KEY].code if ERROR_KEY in request else envelope_code(response)
-        return response
-    except asyncio.CancelledError:
-        record.cancelled = True
-        raise
-    except web.HTTPException as exc:  # non-errors (redirects) that error_middleware re-raises
-        status = exc.status
-        raise
-    finally:
-        if tracked:
-            metrics.in_flight.dec()
-        finish(record, metrics, status, code)
+    with request_span(request, route) as span:
+        try:
+            response = await handler(request)
+            status = response.status
+            if status >= 400:
+                code = request[ERROR_KEY].code if ERROR_KEY in request else envelope_code(response)
+            return response
+        except asyncio.CancelledError:
+            record.cancelled = True
+            raise
+        except web.HTTPException as exc:  # non-errors (redirects) that error_middleware re-raises
+            status = exc.status
+            raise
+        finally:
+            if tracked:
+                metrics.in_flight.dec()
+            end_request_span(span, record.request_id, finish(record, metrics, status, code))
 
 
 def envelope_code(response: web.StreamResponse) -> str | None:
@@ -140,8 +149,8 @@ def envelope_code(response: web.StreamResponse) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str | None) -> None:
-    """Counts the request in the metrics and logs its line."""
+def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str | None) -> int:
+    """Counts the request in the metrics and logs its line; the status it was counted with."""
     duration = time.monotonic() - record.started
     cancelled = record.cancelled or (record.closed_early and record.error is None and status < 400)
     cause: str | None = None
@@ -176,6 +185,7 @@ def finish(record: RequestRecord, metrics: ProxyMetrics, status: int, code: str 
         metrics.completion_tokens.labels(label).inc(usage.completion_tokens)
         metrics.image_tokens.labels(label).inc(usage.image_tokens or 0)
     log_request(record, status, duration, cause, code)
+    return status
 
 
 # ---- the log line ----------------------------------------------------------------------
@@ -255,6 +265,8 @@ async def observe_generation(
     inter_token = metrics.inter_token.labels(label)  # looked up once, observed per chunk
     if record.model_sent_at is None:  # the stream starts with the first iteration
         record.model_sent_at = time.monotonic()
+    span = start_child("stream", attributes={"gen_ai.request.model": model, "stream": stream})
+    failure: BaseException | None = None
     try:
         async for chunk in chunks:
             if chunk.timings is not None:
@@ -270,6 +282,7 @@ async def observe_generation(
             yield chunk
     except APIError as exc:
         record.error = (exc.status, exc.code)
+        failure = exc
         raise
     except GeneratorExit:  # the stream's writer gave up: the client is gone
         record.closed_early = True
@@ -277,11 +290,25 @@ async def observe_generation(
     except asyncio.CancelledError:  # the handler's cancellation, or a timeout's
         record.interrupted = True
         raise
-    except Exception:
+    except Exception as exc:
         record.error = (INTERNAL_ERROR.status, INTERNAL_ERROR.code)
+        failure = exc
         raise
     finally:
         await chunks.aclose()
+        _end_stream_span(span, record, failure)
+
+
+def _end_stream_span(span: Any, record: RequestRecord, failure: BaseException | None) -> None:
+    if span is None:
+        return
+    usage = record.usage
+    if usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+    if record.first_token_at is not None:
+        span.set_attribute("ttft_ms", round(1000 * (record.first_token_at - record.started), 3))
+    end_child(span, failure)
 
 
 def stage_timings(record: RequestRecord) -> dict[str, float] | None:
@@ -327,8 +354,10 @@ async def load_media_timed(
     record.media_kind = (kinds.pop() if len(kinds) == 1 else MIXED_MEDIA) if kinds else None
     timed = _TimedFetcher(fetcher) if fetcher is not None else None
     started = time.perf_counter()
+    remote = sum(ref.is_remote for ref in refs)
     try:
-        return await load_media(refs, timed)
+        with child_span("media.fetch", parts=remote) if remote else contextlib.nullcontext():
+            return await load_media(refs, timed)
     finally:
         total = time.perf_counter() - started
         _count_parts(metrics, refs)
@@ -355,10 +384,13 @@ async def timed_media_check(request: web.Request, check: Awaitable[None]) -> Non
     """Awaits `check` (`limits.check_media`), adding its time to the request's media
     decode/validation time."""
     started = time.perf_counter()
+    record = request[RECORD_KEY]
+    kind = record.media_kind  # None: no media, nothing is decoded
     try:
-        await check
+        with child_span("media.decode", kind=kind) if kind else contextlib.nullcontext():
+            await check
     finally:
-        _add_media_check(request[RECORD_KEY], time.perf_counter() - started)
+        _add_media_check(record, time.perf_counter() - started)
 
 
 def _add_media_check(record: RequestRecord, seconds: float) -> None:

@@ -44,6 +44,7 @@ from ..error_catalogue import (
     APIError,
 )
 from ..errors import REQUEST_ID_KEY
+from ..observability.tracing import end_child, start_child
 from ..request.limits import MIB
 from .routes import Admit, route_of
 
@@ -158,13 +159,19 @@ async def admission_middleware(request: web.Request, handler: Any) -> web.Stream
         await _read_body(request, settings)
     if admit is not Admit.GENERATING:
         return await handler(request)
+    # its span: taking a slot and reading the body (a 429 or a 408 ends it too)
+    span = start_child("admission", attributes={"in_flight": admission.in_flight})
     if not admission.try_enter():
+        end_child(span)
         raise RATE_LIMIT_EXCEEDED(capacity=settings.max_concurrent_requests)
     loop = asyncio.get_running_loop()
     deadline = request[DEADLINE_KEY] = loop.time() + settings.request_timeout_s
     try:
         async with asyncio.timeout_at(deadline + DEADLINE_BACKSTOP_S):
-            await _read_body(request, settings)
+            try:
+                await _read_body(request, settings)
+            finally:
+                end_child(span)
             return await handler(request)
     except TimeoutError:
         return _past_deadline(request, settings)

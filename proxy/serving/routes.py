@@ -27,6 +27,8 @@ route aiohttp matched (`route_of`), never from path strings:
 - `in_flight_gauge` (proxy/observability/observe.py): whether the route counts in the
   in-flight gauge (a scrape of /metrics would always see itself).
 - `label`: the metrics `route` label, the path template without its patterns.
+- `traced`: whether its requests get an OpenTelemetry span (proxy/observability/tracing.py):
+  the GENERATING routes, so a new generating route is traced by being declared one.
 
 A request aiohttp could not route (404, 405) has no `Route`: it needs the key, is not
 admitted and is labelled `unmatched`.
@@ -88,6 +90,10 @@ class Route:
     @property
     def label(self) -> str:
         return _PATTERN.sub(r"{\1}", self.path)
+
+    @property
+    def traced(self) -> bool:
+        return self.admit is Admit.GENERATING
 
 
 ROUTES_KEY = web.AppKey("routes", dict)  # aiohttp's route object -> its Route

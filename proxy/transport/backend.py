@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
+from opentelemetry.trace import SpanKind
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
@@ -32,6 +33,7 @@ from ..error_catalogue import (
     SERVER_BUSY,
     APIError,
 )
+from ..observability.tracing import REQUEST_ID, end_child, start_child, trace_headers
 from .contract import (
     DEFAULT_PRIORITY,
     DESCRIBE_INPUT,
@@ -177,9 +179,16 @@ class TritonBackend:
         self, request: TritonRequest, request_id: str
     ) -> AsyncGenerator[GenerationChunk, None]:
         finished = asyncio.Event()
-        outgoing = self._requests(request.model, build_inputs(request), request_id, finished)
-        responses = self._client.stream_infer(outgoing)
+        span = start_child("triton.infer", SpanKind.CLIENT)
+        if span is not None:
+            span.set_attributes(_infer_attributes(request, request_id))
+        # The model's spans take the parent from the request parameter; Triton's own (its
+        # OpenTelemetry trace mode) from the gRPC metadata.
+        trace = trace_headers(span)
+        outgoing = self._requests(request.model, build_inputs(request), request_id, finished, trace)
+        responses = self._client.stream_infer(outgoing, headers=trace or None)
         completed = False
+        failure: BaseException | None = None
         try:
             async for result, error in responses:
                 if error is not None:
@@ -191,16 +200,22 @@ class TritonBackend:
                 if completed:
                     return
             log.error("request %s: Triton closed the stream before the final response", request_id)
-            raise INTERNAL_ERROR(request_id=request_id)
+            failure = INTERNAL_ERROR(request_id=request_id)
+            raise failure
         except grpc.RpcError as exc:
             log.warning("request %s: Triton unreachable: %s", request_id, _rpc_summary(exc))
-            raise BACKEND_UNAVAILABLE() from None
+            failure = BACKEND_UNAVAILABLE()
+            raise failure from None
+        except APIError as exc:
+            failure = exc
+            raise
         finally:
             # Ends the request iterator, so a completed stream half-closes normally; anything
             # else (client gone, error) cancels it and Triton tells the model to stop.
             finished.set()
             if not completed:
                 responses.cancel()
+            end_child(span, failure)
 
     async def _requests(
         self,
@@ -208,12 +223,13 @@ class TritonBackend:
         inputs: list[grpcclient.InferInput],
         request_id: str,
         finished: asyncio.Event,
+        trace: dict[str, str] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         yield {
             "model_name": model,
             "inputs": inputs,
             "request_id": request_id,
-            "parameters": _STREAM_PARAMETERS,
+            "parameters": {**_STREAM_PARAMETERS, **trace} if trace else _STREAM_PARAMETERS,
         }
         # Closing the request side early would end the stream before all responses arrive.
         await finished.wait()
@@ -269,6 +285,16 @@ class TritonBackend:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _infer_attributes(request: TritonRequest, request_id: str) -> dict[str, Any]:
+    return {
+        "rpc.system": "grpc",
+        "rpc.service": "inference.GRPCInferenceService",
+        "rpc.method": "ModelStreamInfer",
+        "triton.model": request.model,
+        REQUEST_ID: request_id,
+    }
 
 
 def channel_args() -> list[tuple[str, Any]]:

@@ -465,3 +465,20 @@ def test_offline_override_mounts_local_weights_read_only():
         ), mounts
     assert offline["services"]["fetch-weights"]["environment"]["HF_HUB_OFFLINE"] == "1"
     assert set(offline["services"]) <= set(load_compose()["services"])
+
+
+# --- compose: the optional OpenTelemetry collector (docs/observability.md "Traces") ----------
+
+
+def test_the_collector_is_optional_internal_and_configured_from_the_repository():
+    compose = compose_with_defaults()
+    collector = compose["services"]["otel-collector"]
+    assert collector["profiles"] == ["tracing"]
+    assert set(_networks(compose, collector)) == {"internal", "public"}
+    assert "ports" not in collector  # reached by the proxy and triton on the internal network
+    source, target = collector["volumes"][0].split(":")[:2]
+    assert (COMPOSE.parent / source).is_file()
+    assert collector["command"] == [f"--config={target}"]
+    # what points the proxy and the model at it, passed through when set
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in compose["services"]["proxy"]["environment"]
+    assert "QWEN_VL_OTLP_TRACES_ENDPOINT" in compose["services"]["triton"]["environment"]

@@ -87,9 +87,15 @@ def _port(container: dict, port) -> int:
 # --- the files and their schema ----------------------------------------------------------------
 
 
+# Applied on their own, not by the kustomization (each says how in its header).
+OPTIONAL = {"otel-collector.yaml"}
+
+
 def test_kustomization_lists_every_manifest():
     listed = k8s_kustomization()["resources"]
-    on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    on_disk = sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name not in {"kustomization.yaml", *OPTIONAL}
+    )
     assert sorted(listed) == on_disk, "list every docker/k8s/*.yaml in kustomization.yaml"
     assert len(listed) == len(set(listed))
     assert (
@@ -376,3 +382,40 @@ def test_triton_env_parses_as_model_settings():
     settings = ModelSettings.from_parameters(model_config_parameters(), env)
     assert settings.model == env["QWEN_VL_MODEL"]
     assert load_script("triton_launch").instance_override(env) == (1, "KIND_GPU")
+
+
+# --- the optional OpenTelemetry collector (docs/observability.md "Traces") --------------------
+
+
+def _collector() -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((K8S / "otel-collector.yaml").read_text()) if doc]
+
+
+@pytest.mark.parametrize("obj", _collector(), ids=lambda doc: doc["kind"])
+def test_the_collector_validates_against_the_pinned_kubernetes_schema(obj):
+    test_manifest_validates_against_the_pinned_kubernetes_schema(obj)
+
+
+def test_the_collector_runs_compose_s_image_and_configuration():
+    config_map, deployment, service = _collector()
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["otel-collector"]
+    assert yaml.safe_load(config_map["data"]["config.yaml"]) == yaml.safe_load(
+        (DOCKER / "otel-collector.yaml").read_text()
+    )
+    container = _container(deployment, "otel-collector")
+    assert compose["image"].endswith(f":-{container['image']}}}")
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert container["args"] == [f"--config={mount}/config.yaml"] == compose["command"]
+    volume = deployment["spec"]["template"]["spec"]["volumes"][0]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert _selects(deployment["spec"]["selector"], _pod_labels(deployment))
+    assert service["spec"]["selector"].items() <= _pod_labels(deployment).items()
+    ports = {_port(container, p["targetPort"]) for p in service["spec"]["ports"]}
+    assert ports == {4317, 4318} == {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_what_the_collector_s_header_sets_is_read_by_the_proxy_and_the_model():
+    header = (K8S / "otel-collector.yaml").read_text().split("apiVersion", 1)[0]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318" in header
+    assert "QWEN_VL_OTLP_TRACES_ENDPOINT=http://otel-collector:4318" in header
+    assert "otlp_traces_endpoint" in model_config_parameters()

@@ -11,7 +11,8 @@ scripted by the last user message, `key=value` words:
 
 A `describe` request gets `FakeTritonState.limits` (the contract's defaults unless changed).
 It counts streams started, completed and cancelled (the client went away), records each
-stream's client address (one per proxy process: each has its own channel), and answers
+stream's client address (one per proxy process: each has its own channel), its request's
+string parameters and its gRPC metadata (where a trace context travels), and answers
 ModelReady / RepositoryIndex for one model, ready unless `ready` is False.
 """
 
@@ -39,6 +40,8 @@ class FakeTritonState:
     cancelled: int = 0
     requests: list[str] = field(default_factory=list)  # the last user text of each stream
     peers: list[str] = field(default_factory=list)  # the gRPC client address of each stream
+    parameters: list[dict[str, str]] = field(default_factory=list)  # string ones, per stream
+    metadata: list[dict[str, str]] = field(default_factory=list)  # gRPC metadata, per stream
     limits: ModelLimits = field(default_factory=ModelLimits)
     describes: int = 0
 
@@ -111,6 +114,14 @@ class FakeTritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state.started += 1
         self.state.requests.append(text)
         self.state.peers.append(context.peer())
+        self.state.parameters.append(
+            {
+                name: value.string_param
+                for name, value in request.parameters.items()
+                if value.WhichOneof("parameter_choice") == "string_param"
+            }
+        )
+        self.state.metadata.append(dict(context.invocation_metadata() or ()))
         script = dict(word.split("=", 1) for word in text.split() if "=" in word)
         try:
             if "error" in script or "model_error" in script:

@@ -14,6 +14,7 @@ from sample_images import encoded_image
 from proxy.app import create_app
 from proxy.config import ProxyConfig, with_settings
 from proxy.error_catalogue import MODEL_NOT_FOUND
+from proxy.observability.tracing import Tracing
 from proxy.transport.backend import Backend, GenerationChunk, TritonRequest
 from proxy.transport.contract import LoraAdapter, ModelLimits, PromptPart, Task, TokenizeResult
 
@@ -223,10 +224,11 @@ async def serving(
     *,
     fetcher: object | None = None,
     handler_cancellation: bool = True,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[TestClient]:
     """The proxy app for `config` served as `serving_app` does, over `backend` (None: the real
     TritonBackend, connected to `config`'s Triton when the app starts) and `fetcher` (None: the
     app's own)."""
-    app = create_app(config, backend, fetcher=fetcher)
+    app = create_app(config, backend, fetcher=fetcher, tracing=tracing)
     async with serving_app(app, handler_cancellation=handler_cancellation) as client:
         yield client

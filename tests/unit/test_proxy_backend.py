@@ -403,8 +403,10 @@ class FakeClient:
         self.index_calls: list[tuple] = []
         self.load_calls: list[str] = []
         self.load_error: Exception | None = None
+        self.headers: list[dict | None] = []  # each stream's gRPC metadata
 
-    def stream_infer(self, inputs_iterator):
+    def stream_infer(self, inputs_iterator, stream_timeout=None, headers=None):
+        self.headers.append(headers)
         stream = ScriptedStream(self, inputs_iterator)
         self.streams.append(stream)
         return stream

@@ -99,6 +99,9 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "batch_lease_s": ("2.5", 2.5),
     "batch_poll_s": ("0.2", 0.2),
     "batch_line_attempts": ("5", 5),
+    "trace_otlp_endpoint": ("http://collector:4318", "http://collector:4318"),
+    "trace_sample_ratio": ("0.1", 0.1),
+    "trace_service_name": ("proxy-eu", "proxy-eu"),
 }
 
 # A value each row's parser refuses (rows of free text have none).
@@ -156,10 +159,12 @@ BAD = {
     "batch_lease_s": "0",
     "batch_poll_s": "-1",
     "batch_line_attempts": "0",
+    "trace_sample_ratio": "1.5",
 }
 FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key", "state_dir"}
 FREE_TEXT |= {"admin_api_key"}
 FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}
+FREE_TEXT |= {"trace_otlp_endpoint", "trace_service_name"}
 
 
 @pytest.fixture(autouse=True)
@@ -216,6 +221,10 @@ def test_the_rule_names_flags_and_env_vars():
         # the fetch section's video fields: --video-fetch-*, not --image-fetch-video-*
         ("video_fetch_max_bytes", "video-fetch-max-bytes", ""),
         ("video_fetch_timeout_s", "video-fetch-timeout-s", ""),
+        # OpenTelemetry's own variables, which deployments set for every traced service
+        ("trace_otlp_endpoint", "", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ("trace_sample_ratio", "", "OTEL_TRACES_SAMPLER_ARG"),
+        ("trace_service_name", "", "OTEL_SERVICE_NAME"),
     }
     rows = {s.option: s for s in SETTINGS}
     assert rows["--image-fetch-max-bytes"].env_name == "PROXY_IMAGE_FETCH_MAX_BYTES"

@@ -26,6 +26,7 @@ from qwen_vl_backend.contract import (  # noqa: E402
 )
 from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
 from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
+from qwen_vl_backend.engine.tracing import TRACE_PARAMETERS, request_tracer  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint  # noqa: E402
 from qwen_vl_backend.request.prepare import RawRequest, parse_task  # noqa: E402
@@ -93,6 +94,16 @@ def _raw_request(request) -> RawRequest:
         )
     except UnicodeDecodeError as exc:
         raise RequestError("text inputs must be UTF-8") from exc
+
+
+def _trace_context(request) -> dict[str, str] | None:
+    """The W3C trace context the proxy sent as request parameters (engine/tracing.py)."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (ValueError, TypeError):
+        return None
+    context = {k: parameters[k] for k in TRACE_PARAMETERS if isinstance(parameters.get(k), str)}
+    return context or None
 
 
 class TritonSink:
@@ -429,7 +440,13 @@ class TritonPythonModel:
                 self.settings.model,
             )
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.engine = BatchingEngine(self.checkpoint, self.settings, observer=TritonMetrics(labels))
+        settings = self.settings
+        self.tracer = request_tracer(
+            settings.otlp_traces_endpoint, settings.trace_sample_ratio, settings.trace_service_name
+        )
+        self.engine = BatchingEngine(
+            self.checkpoint, settings, observer=TritonMetrics(labels), tracer=self.tracer
+        )
         self.log.info("ready: max context %d tokens", self.checkpoint.max_model_len)
 
     def _setup_logging(self):
@@ -449,6 +466,8 @@ class TritonPythonModel:
             except Exception as exc:  # the request must still get its final response
                 _EarlySink(request).fail(exc)
                 continue
+            if self.tracer is not None:
+                raw.trace_context = _trace_context(request)
             try:
                 task = parse_task(raw.task)
             except Exception as exc:
@@ -475,3 +494,5 @@ class TritonPythonModel:
     def finalize(self):
         if not self.engine.shutdown():
             self.log.warning("generations still running at shutdown were abandoned")
+        if self.tracer is not None:
+            self.tracer.shutdown()

@@ -167,8 +167,19 @@ class ModelSettings:
     # reading deployment may turn it on (ngram 8, max_repeats 4 stops a loop after 40 tokens).
     repetition_guard_ngram: int = 0
     repetition_guard_max_repeats: int = 4
+    # OpenTelemetry traces (engine/tracing.py, docs/observability.md "Traces"): the OTLP/HTTP
+    # collector's base URL ("": no tracing, nothing computed), the share of requests without a
+    # traceparent that are traced (those with one follow its sampled flag, so the proxy
+    # decides), and the service.name the spans carry.
+    otlp_traces_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+    trace_service_name: str = "qwen-vl-model"
 
     def __post_init__(self):
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(
+                f"parameter trace_sample_ratio={self.trace_sample_ratio}: between 0 and 1"
+            )
         if self.stream_interval < 1:
             raise ValueError(f"parameter stream_interval={self.stream_interval}: at least 1")
         if self.max_batch_priority_slots < 0:

@@ -124,6 +124,10 @@ class EngineObserver:
         """How much the host path timers (`EngineStats.timings`) grew since the last call:
         every `timing_log_s` under load and whenever the engine goes idle."""
 
+    def request_ended(self, request: RequestStream, outcome: str) -> None:
+        """A request that reached the batch ended (`finished`'s outcome), on the sender
+        thread: its `timings` are complete (engine/tracing.py builds its spans from them)."""
+
 
 class _Request:
     """A prepared request and its choices, as the engine sees it; `stream` is the sender's side
@@ -398,6 +402,9 @@ class _Observers(EngineObserver):
     def host_timings(self, *args) -> None:
         self._call("host_timings", *args)
 
+    def request_ended(self, *args) -> None:
+        self._call("request_ended", *args)
+
 
 def _content(prepared: PreparedRequest, length: int) -> SlotContent:
     """The first `length` prompt tokens of a request, as a slot holds them."""
@@ -490,6 +497,7 @@ class BatchingEngine:
         settings: ModelSettings,
         prepare_fn: Callable[..., PreparedRequest] = prepare,
         observer: EngineObserver | None = None,
+        tracer: EngineObserver | None = None,
     ):
         settings = size_kv_cache(settings, checkpoint.model, checkpoint.max_model_len)
         self._checkpoint = checkpoint
@@ -536,7 +544,9 @@ class BatchingEngine:
         self._running: list[_Sequence] = []  # in slot order of admission: prefilling and decoding
         self._stopping = threading.Event()
         self.stats = EngineStats()
-        self._observe = _Observers(self.stats, observer or EngineObserver())
+        # `tracer` (engine/tracing.py) only when tracing is on: off, nothing more is called
+        extra = (tracer,) if tracer is not None else ()
+        self._observe = _Observers(self.stats, observer or EngineObserver(), *extra)
         self._sender = ResponseSender(
             self._texts,
             settings.stream_interval,
@@ -1011,18 +1021,18 @@ class BatchingEngine:
 
     def _run_vision(self, planned: list[tuple[_VisionWork, int]]) -> None:
         for work, stages in planned:
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
                 for _ in range(stages):
                     work.job.advance()
             except torch.OutOfMemoryError:
                 self._vision_failed(work)
                 continue
-            took = time.perf_counter() - started
-            self._vision_cost.vision_took(stages * work.stage_cost, took)
+            ended = time.monotonic()
+            self._vision_cost.vision_took(stages * work.stage_cost, ended - started)
             waiting = {id(s.request): s.request for s in self._running if work in s.awaiting}
             for request in waiting.values():
-                request.timings.vision += took
+                request.timings.vision_ran(started, ended)
             if work.job.done:
                 self._vision.remove(work)
                 for key in work.keys:
@@ -1067,9 +1077,10 @@ class BatchingEngine:
         stats.partial_chunks += sum(
             start + length < s.prepared.prompt_tokens for s, start, length in step.chunks
         )
-        started = time.perf_counter()
+        started = time.monotonic()
         logits, finishing = self._forward_within_memory(step)
-        stats.forward_s += time.perf_counter() - started
+        ended = time.monotonic()
+        stats.forward_s += ended - started
         if logits is None:  # nothing fitted: the step's requests failed
             return
         if step.prompt_rows:
@@ -1081,6 +1092,7 @@ class BatchingEngine:
             sequence.next_position += 1
         for sequence, _start, length in step.chunks:
             sequence.cached += length
+            sequence.request.timings.prefill_ran(started, ended, length)
         sampled, rows = list(step.decode), list(range(len(step.decode)))
         for row, leader in enumerate(finishing, start=len(step.decode)):
             leader.image_embeddings, leader.image_parts, leader.awaiting = None, [], []

@@ -439,4 +439,5 @@ class ResponseSender:
     def _finished(self, request: RequestStream, outcome: str) -> bool:
         self._live.pop(id(request), None)
         self._observe.finished(outcome)
+        self._observe.request_ended(request, outcome)
         return True

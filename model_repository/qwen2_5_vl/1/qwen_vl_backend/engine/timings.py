@@ -7,7 +7,9 @@ stages are durations: queue (waiting for a preparation thread, then for a KV slo
 media_decode, preprocess (the rest of preparation: template, resizing, processor, positions),
 vision, prefill (admission to the first token, less the vision stages), ttft (the sum of the
 five), decode (first token to last) and mean_itl (decode per token after the first, of the
-choice that made the most).
+choice that made the most). The vision-tower runs and prompt chunks that served the request are
+kept as (start, end) intervals too: a traced request's spans are built from these same
+timestamps (engine/tracing.py).
 
 `media_decode` is collected per thread: the decoders add to the preparing thread's counter
 (`counts_as_media_decode`), and the engine reads and resets it when preparation ends.
@@ -59,6 +61,15 @@ class RequestTimings:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.most_tokens = 0  # of the choice that generated the most
+        self.vision_runs: list[tuple[float, float]] = []  # (start, end) of its tower runs
+        self.prefill_chunks: list[tuple[float, float, int]] = []  # (start, end, tokens)
+
+    def vision_ran(self, started: float, ended: float) -> None:
+        self.vision += ended - started
+        self.vision_runs.append((started, ended))
+
+    def prefill_ran(self, started: float, ended: float, tokens: int) -> None:
+        self.prefill_chunks.append((started, ended, tokens))
 
     def token(self, now: float, generated: int) -> None:
         if self.first_token is None:

@@ -44,6 +44,9 @@ class RawRequest:
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # None: false for messages, true for text_input
     return_token_strs: bool = False
+    # W3C trace context (`traceparent`, `tracestate`) from the request's parameters, read only
+    # when tracing is on (engine/tracing.py); None: none
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass
