@@ -144,7 +144,8 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
             f"but {len(raw.videos)} videos were sent",
             "text_input",
         )
-    images = _resize(decode_image_elements(raw.images, limits), settings)
+    budget = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+    images = _resize(decode_image_elements(raw.images, limits, budget), settings)
     videos = decode_video_elements(raw.videos, limits, settings.video_decode_timeout_s)
     return raw.text_input, images, videos
 
