@@ -97,6 +97,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "batch_lease_s": ("2.5", 2.5),
     "batch_poll_s": ("0.2", 0.2),
     "batch_line_attempts": ("5", 5),
+    "decode_workers": ("3", 3),
+    "decode_memory_mib": ("512", 512),
+    "decode_cpu_s": ("5", 5),
+    "decode_worker_tasks": ("1", 1),
+    "decode_timeout_s": ("2.5", 2.5),
 }
 
 # A value each row's parser refuses (rows of free text have none).
@@ -153,6 +158,11 @@ BAD = {
     "batch_lease_s": "0",
     "batch_poll_s": "-1",
     "batch_line_attempts": "0",
+    "decode_workers": "0",
+    "decode_memory_mib": "-1",
+    "decode_cpu_s": "0",
+    "decode_worker_tasks": "0",
+    "decode_timeout_s": "0",
 }
 FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key", "state_dir"}
 FREE_TEXT |= {"image_fetch_allowed_domains", "image_fetch_allow_private_hosts"}
