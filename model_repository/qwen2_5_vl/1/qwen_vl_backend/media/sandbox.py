@@ -905,6 +905,34 @@ def _test_hook(data: bytes) -> None:
             pass
 
 
+def _confinement(data: bytes, args: dict):
+    """What this worker is refused (tests only): [a socket, a child process, a file write],
+    True where refused, and its uid."""
+    import socket
+
+    def fork():
+        if os.fork() == 0:
+            os._exit(0)
+
+    def write():
+        path = f"/tmp/decode-sandbox-probe-{os.getpid()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    refused = []
+    for attempt in (lambda: socket.socket().close(), fork, write):
+        try:
+            attempt()
+            refused.append(False)
+        except OSError:
+            refused.append(True)
+    return None, [*refused, os.getuid()]
+
+
 def _worker_main(settings: dict) -> None:
     reply_fd = os.dup(1)
     os.dup2(2, 1)  # anything a library prints goes where stderr goes (nowhere)
@@ -919,6 +947,7 @@ def _worker_main(settings: dict) -> None:
 
         av.logging.set_level(None)
         _allowed_codec_ids()
+    tasks = {**TASKS, "confinement": _confinement} if settings["test_hooks"] else TASKS
     enforced = harden(settings)
     _send(reply_fd, enforced)
     for _ in range(settings["max_tasks"]):
@@ -929,12 +958,12 @@ def _worker_main(settings: dict) -> None:
         _task_cpu_limit(settings["cpu_s"])
         if settings["test_hooks"]:
             _test_hook(data)
-        _send(reply_fd, _run(task, args, data, buffer))
+        _send(reply_fd, _run(tasks[task], args, data, buffer))
 
 
-def _run(task: str, args: dict, data: bytes, buffer) -> dict:
+def _run(task, args: dict, data: bytes, buffer) -> dict:
     try:
-        pixels, meta = TASKS[task](data, args)
+        pixels, meta = task(data, args)
     except Refused as exc:
         return {"refused": [exc.code, exc.key, list(exc.args_)]}
     except Exception:  # a decoder's own error: its text stays here
