@@ -196,7 +196,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # decoder chatter may hold addresses: never logged
             pass_fds=(self._memfd,),
-            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+            env=_worker_env(),
             start_new_session=True,
         )
         self.enforced: dict = {}
@@ -255,6 +255,14 @@ class Worker:
                 pass
         self.buffer.close()
         os.close(self._memfd)
+
+
+def _worker_env() -> dict[str, str]:
+    """Nothing of the parent's environment but where shared libraries are; one BLAS thread."""
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    if os.environ.get("LD_LIBRARY_PATH"):
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    return env
 
 
 def fcntl_seals() -> int:
