@@ -8,6 +8,7 @@ import platform
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hostile_samples import (
     BOMB_PNG,
@@ -194,3 +195,28 @@ def test_a_pool_without_hooks_decodes_the_markers_as_images():
         assert strict.replaced == 0
     finally:
         strict.close()
+
+
+class LyingPool:
+    """A pool whose worker answers out of shape (as a compromised one could)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def run(self, task, data, args, timeout_s):
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [(None, []), (np.zeros((2, 2), np.uint8), []), (np.zeros((2, 2, 3), np.uint8), ["0x1f"])],
+    ids=["no-pixels", "wrong-shape", "text-metadata"],
+)
+def test_an_answer_of_the_wrong_shape_is_a_failed_decode(monkeypatch, answer):
+    monkeypatch.setattr(decoding, "_pool", LyingPool(answer))
+    error = refused(lambda: decode_image(GOOD_PNG, "image[0]"))
+    assert (error.code, error.message) == ("invalid_image", "image could not be decoded")
+    if answer[0] is not None and answer[0].ndim == 3:
+        return
+    error = refused(lambda: decode_container(clip(seconds=0.2), "video[0]", LIMITS, OPTIONS))
+    assert error.code == "invalid_video"

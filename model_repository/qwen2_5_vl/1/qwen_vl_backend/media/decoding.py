@@ -57,14 +57,26 @@ def shutdown() -> None:
             _pool = None
 
 
+# What each task's pixels must look like: (dimensions, metadata numbers).
+_SHAPES = {"image": (3, 0), "frames": (4, 2), "video": (4, 2)}
+
+
 def run(task: str, data: bytes, args: dict, timeout_s: float, param: str, kind: str):
-    """`task` on `data` in a worker: (pixels, metadata); every failure a fixed-text error
-    naming `param` (`kind`: "image" or "video", for the error code)."""
+    """`task` on `data` in a worker: (RGB pixels, metadata numbers); every failure a
+    fixed-text error naming `param` (`kind`: "image" or "video", for the error code)."""
+    failed = RequestError(f"{kind} could not be decoded", param, f"invalid_{kind}")
     try:
-        return pool().run(task, data, args, timeout_s)
+        pixels, meta = pool().run(task, data, args, timeout_s)
     except Refused as exc:
         raise RequestError(exc.message, param, exc.code) from None
     except DecodeFailed:
-        raise RequestError(f"{kind} could not be decoded", param, f"invalid_{kind}") from None
+        raise failed from None
     except SandboxBusy:
         raise EngineFullError("every media decoder is busy; retry later") from None
+    ndim, numbers = _SHAPES[task]
+    # A worker is not trusted: an answer of another shape is a failed decode, not a crash here.
+    if pixels is None or pixels.ndim != ndim or pixels.shape[-1] != 3 or len(meta) != numbers:
+        raise failed
+    if not all(isinstance(n, int | float) and not isinstance(n, bool) for n in meta):
+        raise failed
+    return pixels, meta
