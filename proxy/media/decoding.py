@@ -6,13 +6,16 @@ sniffers), never through a decoder library."""
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from .sandbox import DecodePool, SandboxConfig
+from .sandbox import DecodePool, SandboxConfig, describe
+
+log = logging.getLogger("proxy.decode")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ def start(settings: DecodeSettings) -> DecodePool:
         if _pool is not None:
             _pool.close()
         _settings = settings
-        _pool = DecodePool(settings.sandbox())
+        config = settings.sandbox()
+        _pool = DecodePool(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
         return _pool
 
 

@@ -116,6 +116,7 @@ def test_a_jpeg2000_video_is_refused_by_the_sandbox_and_the_next_request_is_serv
     media_type = "video/x-matroska" if name.endswith("mkv") else "video/mp4"
     response = post(base_url, [video(container_url(hostile_clips()[name], media_type))])
     assert response.status_code == 400, response.text
+    assert "0x" not in response.text and "jpeg2000" not in response.text.lower()
     error = response.json()["error"]
     assert error["message"] == "video stream is not H.264, HEVC, VP8, VP9, AV1 or MPEG-4 part 2"
     assert error["param"] == "messages[0].content[0].video_url"

@@ -110,6 +110,15 @@ def test_a_jpeg2000_stream_never_reaches_a_decoder(pool):
     assert error.message == sandbox.MESSAGES["codec"]
 
 
+def test_a_video_over_the_frame_size_is_refused_from_its_header(pool):
+    data = clip("mp4", "mpeg4", seconds=0.1, fps=10, size=(4096, 2176))  # over 4K UHD
+    error = refused(lambda: decode_container(data, "video[0]", LIMITS, OPTIONS))
+    assert (error.code, error.message) == (
+        "video_too_large",
+        "video is 4096x2176 pixels; at most 8294400 pixels per frame are accepted",
+    )
+
+
 def test_a_truncated_video_is_refused(pool):
     data = clip("mp4", "mpeg4", seconds=1.0)
     error = refused(lambda: decode_container(data[: len(data) // 3], "video[0]", LIMITS, OPTIONS))
@@ -220,3 +229,8 @@ def test_an_answer_of_the_wrong_shape_is_a_failed_decode(monkeypatch, answer):
         return
     error = refused(lambda: decode_container(clip(seconds=0.2), "video[0]", LIMITS, OPTIONS))
     assert error.code == "invalid_video"
+
+
+def test_the_log_line_names_what_is_not_enforced():
+    line = sandbox.describe(sandbox.SandboxConfig(), {"seccomp": False, "cpu": True})
+    assert line.endswith("enforced: cpu; not enforced: seccomp")

@@ -4,11 +4,12 @@ started at initialize while the weights load, and the mapping of its outcomes to
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 from typing import TYPE_CHECKING
 
 from ..errors import EngineFullError, RequestError
-from .sandbox import DecodeFailed, DecodePool, Refused, SandboxBusy, SandboxConfig
+from .sandbox import DecodeFailed, DecodePool, Refused, SandboxBusy, SandboxConfig, describe
 
 if TYPE_CHECKING:
     from ..settings import ModelSettings
@@ -34,7 +35,9 @@ def configure(settings: ModelSettings) -> DecodePool:
     with _lock:
         if _pool is not None:
             _pool.close()
-        _pool = DecodePool(sandbox_config(settings))
+        config = sandbox_config(settings)
+        log = logging.getLogger("qwen_vl_backend")
+        _pool = DecodePool(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
         atexit.register(shutdown)
         return _pool
 

@@ -122,6 +122,16 @@ class SandboxBusy(RuntimeError):
     """No worker became free in time."""
 
 
+def describe(config: SandboxConfig, enforced: dict) -> str:
+    """One log line: the pool and what its workers enforce (and what they could not)."""
+    missing = sorted(name for name, done in enforced.items() if not done)
+    return (
+        f"decode sandbox: {config.workers} workers, {config.memory_mib} MiB, {config.cpu_s} s "
+        f"CPU per item; enforced: {', '.join(sorted(n for n, d in enforced.items() if d))}; "
+        f"not enforced: {', '.join(missing) or 'nothing'}"
+    )
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     """A pool's size and each worker's limits (the settings that fill it say why)."""
@@ -330,8 +340,9 @@ class DecodePool:
     """Pre-started workers; a task takes a free one and one that fails is replaced off the
     request path by a background thread."""
 
-    def __init__(self, config: SandboxConfig):
+    def __init__(self, config: SandboxConfig, on_ready=None):
         self.config = config
+        self._on_ready = on_ready  # called once with the first worker's `enforced`
         self._idle: queue.Queue[Worker] = queue.Queue()
         self._wanted: queue.Queue[bool] = queue.Queue()
         self._all: set[Worker] = set()
@@ -405,7 +416,9 @@ class DecodePool:
                     worker.kill()
                     return
                 self._all.add(worker)
-                self.enforced = worker.enforced
+                first, self.enforced = not self.enforced, worker.enforced
+            if first and self._on_ready is not None:
+                self._on_ready(worker.enforced)
             self._idle.put(worker)
 
     def close(self) -> None:
