@@ -48,6 +48,7 @@ from .keys import (
     MODEL_LIMITS_KEY,
     STARTED_AT_KEY,
 )
+from .media.decoding import decode_context
 from .media.fetch import GuardedFetcher
 from .media.kinds import MediaFetcher
 from .observability.metrics import METRICS_KEY, METRICS_PATH, ProxyMetrics, metrics_handler
@@ -163,6 +164,7 @@ def create_app(
         app[FETCHER_KEY] = fetcher or GuardedFetcher(config.fetch)
     if backend is not None:
         app[BACKEND_KEY] = backend
+    app.cleanup_ctx.append(decode_context)  # decode workers start before the first request
     app.cleanup_ctx.append(backend_context)
     app.cleanup_ctx.append(state_context)
     app.cleanup_ctx.append(batch_context)  # after the database opens, stopped before it closes

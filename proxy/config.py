@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .media.decoding import DecodeSettings
 from .media.fetch import FetchPolicy
 from .media.pixels import PixelLimits
 from .observability.logs import LOG_FORMATS, log_format
@@ -114,6 +115,9 @@ class ProxyConfig:
     )
     batch: BatchSettings = field(default_factory=BatchSettings, metadata={_FLAG_PREFIX: "batch-"})
     tracing: TraceSettings = field(default_factory=TraceSettings, metadata={_FLAG_PREFIX: "trace-"})
+    decode: DecodeSettings = field(
+        default_factory=DecodeSettings, metadata={_FLAG_PREFIX: "decode-"}
+    )
 
     @property
     def served_models(self) -> dict[str, str]:
@@ -757,6 +761,42 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         "times a batch line may be started without an answer (the proxy died running it) "
         "before it is failed, so a request that kills the proxy cannot stall its batch",
+    ),
+    # The decode sandbox (proxy/media/decoding.py, docs/security.md "Decode sandbox").
+    _S(
+        "decode",
+        "workers",
+        _positive_int,
+        "worker processes per proxy process that read image headers, so no image parser runs "
+        "in the proxy; more images than this wait for a free one",
+    ),
+    _S(
+        "decode",
+        "memory_mib",
+        _positive_int,
+        "address space of one decode worker (RLIMIT_AS); a header read needs far less, a "
+        "parser exploit that allocates fails at it",
+    ),
+    _S(
+        "decode",
+        "cpu_s",
+        _positive_int,
+        "CPU seconds one image's header read may use before the kernel kills its worker "
+        "(RLIMIT_CPU)",
+    ),
+    _S(
+        "decode",
+        "worker_tasks",
+        _positive_int,
+        "images a decode worker reads before it is replaced, so a compromised parser sees few "
+        "later requests' images (1: a fresh process per image)",
+    ),
+    _S(
+        "decode",
+        "timeout_s",
+        _positive_float,
+        "seconds one header read may take before its worker is deemed hung, killed and replaced "
+        "(the image is refused)",
     ),
 )
 del _S

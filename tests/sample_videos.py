@@ -27,6 +27,20 @@ def clip(fmt="mp4", codec="mpeg4", seconds=2.0, fps=30, size=(64, 48), audio=Fal
     return buffer.getvalue()
 
 
+def hostile_clips() -> dict[str, bytes]:
+    """Containers the decode sandbox must refuse before decoding a packet: a JPEG 2000 stream
+    (the codec of CVE-2026-22778) in each allowlisted container, a lossless codec outside the
+    list, and a container outside it."""
+    short = {"seconds": 0.2, "fps": 10}
+    return {
+        "jpeg2000-mp4": clip("mp4", "jpeg2000", **short),
+        "jpeg2000-mkv": clip("matroska", "jpeg2000", **short),
+        "jpeg2000-mov": clip("mov", "jpeg2000", **short),
+        "ffv1-mkv": clip("matroska", "ffv1", **short),
+        "mpeg4-avi": clip("avi", "mpeg4", **short),
+    }
+
+
 def audio_only() -> bytes:
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:

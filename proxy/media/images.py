@@ -1,23 +1,21 @@
 """The image media kind: what images are (magic bytes, data: URL types) and their checks
 from the header, before the model decodes them.
 
-Pillow's `Image.open` reads only the header: format, width and height, no pixel. From it the
-proxy refuses decompression bombs, images over the source-pixel limit, too small or too
-elongated, and requests whose images hold too many pixels in all (the model decodes every
-image at full size before resizing).
+Pillow's `Image.open` reads only the header: format, width and height, no pixel. It runs in
+the decode sandbox (decoding.py), never in this process: Pillow's header parsers are image
+parsers all the same (WebP's calls libwebp). From the header the proxy refuses decompression
+bombs, images over the source-pixel limit, too small or too elongated, and requests whose
+images hold too many pixels in all (the model decodes every image at full size before
+resizing). In this process only the contract's magic-byte sniffer looks at image bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from PIL import Image
 
 from ..error_catalogue import (
     IMAGE_ASPECT_RATIO_TOO_LARGE,
@@ -28,29 +26,24 @@ from ..error_catalogue import (
     IMAGE_URL_FORBIDDEN,
     INVALID_IMAGE,
     INVALID_IMAGE_URL,
+    SERVER_BUSY,
     TOO_MANY_IMAGES,
     TOO_MANY_PIXELS,
     APIError,
 )
 from ..transport.contract import SNIFF_BYTES, Input, sniff_image
+from . import decoding
 from .kinds import MediaKind, MediaRef
 from .pixels import part_budget
+from .sandbox import DecodeFailed, Refused, SandboxBusy
 
 if TYPE_CHECKING:
     from ..request.limits import RequestLimits
 
-# A decompression bomb is an error in this process, never a warning (the proxy only reads
-# headers; nothing else here opens images).
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
 # Pillow's header parsers walk markers and chunks in Python: a hostile 20 MiB image made of
-# tiny JPEG markers or PNG chunks takes seconds. That runs on these threads, never on the
-# event loop; few of them, so such images queue behind each other instead of multiplying.
-_HEADER_THREADS = 4
+# tiny JPEG markers or PNG chunks takes seconds. These threads wait on the decode workers,
+# never the event loop; as many as there are workers, so such images queue for a worker.
 _header_executor: ThreadPoolExecutor | None = None
-
-# Only the plugins of the formats the model accepts parse anything.
-_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 
 
 def is_known_image(data: bytes) -> bool:
@@ -91,22 +84,27 @@ def _too_many_pixels(param: str, limits: RequestLimits, size: str = "") -> APIEr
 
 
 def read_image_header(data: bytes) -> ImageHeader | None:
-    """Format and size from the image header, without decoding pixels; None when it is not
-    a JPEG, PNG, GIF or WebP. Raises what Pillow raises for unreadable headers, and
-    `Image.DecompressionBombError` or `DecompressionBombWarning` for bombs."""
+    """Format and size from the image header (read in a decode worker, no pixel decoded);
+    None when it is not a JPEG, PNG, GIF or WebP. Raises the sandbox's `Refused` (a bomb, an
+    unreadable header), `DecodeFailed` (the worker died or hung) or `SandboxBusy`."""
     if not is_known_image(data):
         return None
-    with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
-        return ImageHeader(image.format.lower(), *image.size)
+    _, (kind, width, height) = decoding.pool().run("image_header", data, {}, decoding.timeout_s())
+    return ImageHeader(str(kind), int(width), int(height))
 
 
 def _safe_header(data: bytes) -> ImageHeader | str:
-    """The header, or why it cannot be used ("bomb", "invalid"); runs on a header thread."""
+    """The header, or why it cannot be used ("bomb", "invalid", "busy"); runs on a header
+    thread."""
     try:
         header = read_image_header(data)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "bomb"
-    except Exception:  # Pillow raises many types for hostile headers; none is for clients
+    except Refused as refused:
+        return "bomb" if refused.code == "image_too_large" else "invalid"
+    except DecodeFailed:
+        return "invalid"
+    except SandboxBusy:
+        return "busy"
+    except (TypeError, ValueError):  # metadata not of the header's shape: the worker lied
         return "invalid"
     return header if header is not None else "invalid"
 
@@ -114,7 +112,8 @@ def _safe_header(data: bytes) -> ImageHeader | str:
 async def read_headers(images: Sequence[bytes]) -> list[ImageHeader | str]:
     global _header_executor
     if _header_executor is None:
-        _header_executor = ThreadPoolExecutor(_HEADER_THREADS, thread_name_prefix="image-header")
+        threads = max(4, decoding.pool().config.workers)
+        _header_executor = ThreadPoolExecutor(threads, thread_name_prefix="image-header")
     loop = asyncio.get_running_loop()
     return list(
         await asyncio.gather(
@@ -141,6 +140,8 @@ async def check_images(
 
 
 def check_image_header(header: ImageHeader | str, param: str, limits: RequestLimits) -> None:
+    if header == "busy":
+        raise SERVER_BUSY()
     if header == "bomb":
         raise _too_many_pixels(param, limits)
     if not isinstance(header, ImageHeader):

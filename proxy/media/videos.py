@@ -26,11 +26,15 @@ from ..error_catalogue import (
 from ..transport.contract import SNIFF_BYTES, Input, sniff_video, video_option_bounds
 from .kinds import MediaKind
 
+# The containers the model's decode sandbox opens (AVI is sniffed by the contract but not on
+# the sandbox's allowlist: refused here before it travels).
+_CONTAINERS = ("iso", "ebml", "frames")
+
 
 def is_known_video(data: bytes) -> bool:
-    """Container signatures (the contract's sniffer; declared types are not trusted), or a
-    checked frame list."""
-    return sniff_video(data) is not None
+    """Container signatures (the contract's sniffer; declared types are not trusted) of the
+    allowlisted containers, or a checked frame list."""
+    return sniff_video(data) in _CONTAINERS
 
 
 def video_budget(
@@ -75,13 +79,11 @@ VIDEO = MediaKind(
     part_type="video_url",
     name="video",
     tensor=Input.VIDEO,
-    media_types=frozenset(
-        {"video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo"}
-    ),
+    media_types=frozenset({"video/mp4", "video/webm", "video/quicktime", "video/x-matroska"}),
     frame_types=frozenset({"video/jpeg", "video/png", "video/webp"}),
     data_url_form="data:video/(mp4|webm|quicktime|x-matroska);base64,<data>, or a frame list "
     "data:video/(jpeg|png|webp);base64,<frame>,<frame>,...",
-    formats="MP4, WebM, MOV, MKV or AVI",
+    formats="MP4, WebM, MOV or MKV",
     recognise=is_known_video,
     sniff_bytes=SNIFF_BYTES,
     max_parts=lambda limits: limits.max_videos,

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 from helpers import sse_payloads
-from sample_videos import audio_only, clip, frame_list
+from sample_videos import audio_only, clip, frame_list, hostile_clips
 
 SERVED = "qwen2.5-vl-7b-instruct"
 TEXT = {"type": "text", "text": "What happens in the video?"}
@@ -107,3 +107,17 @@ def test_ttft_of_a_ten_second_480p_clip(base_url, capsys):
         print(
             f"\nTTFT, 10-s 854x480 MP4 (mpeg4, 30 fps), tiny checkpoint: {1000 * (first - started):.0f} ms"
         )
+
+
+@pytest.mark.parametrize("name", ["jpeg2000-mkv", "jpeg2000-mp4"])
+def test_a_jpeg2000_video_is_refused_by_the_sandbox_and_the_next_request_is_served(base_url, name):
+    """CVE-2026-22778's shape: a JPEG 2000 stream in an allowlisted container. The model's
+    decode sandbox refuses its codec before a packet is decoded, with a fixed message."""
+    media_type = "video/x-matroska" if name.endswith("mkv") else "video/mp4"
+    response = post(base_url, [video(container_url(hostile_clips()[name], media_type))])
+    assert response.status_code == 400, response.text
+    assert "0x" not in response.text and "jpeg2000" not in response.text.lower()
+    error = response.json()["error"]
+    assert error["message"] == "video stream is not H.264, HEVC, VP8, VP9, AV1 or MPEG-4 part 2"
+    assert error["param"] == "messages[0].content[0].video_url"
+    assert post(base_url, [video(MP4)]).status_code == 200

@@ -102,6 +102,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "trace_otlp_endpoint": ("http://collector:4318", "http://collector:4318"),
     "trace_sample_ratio": ("0.1", 0.1),
     "trace_service_name": ("proxy-eu", "proxy-eu"),
+    "decode_workers": ("3", 3),
+    "decode_memory_mib": ("512", 512),
+    "decode_cpu_s": ("5", 5),
+    "decode_worker_tasks": ("1", 1),
+    "decode_timeout_s": ("2.5", 2.5),
 }
 
 # A value each row's parser refuses (rows of free text have none).
@@ -160,6 +165,11 @@ BAD = {
     "batch_poll_s": "-1",
     "batch_line_attempts": "0",
     "trace_sample_ratio": "1.5",
+    "decode_workers": "0",
+    "decode_memory_mib": "-1",
+    "decode_cpu_s": "0",
+    "decode_worker_tasks": "0",
+    "decode_timeout_s": "0",
 }
 FREE_TEXT = {"host", "triton_url", "triton_model", "served_model_name", "api_key", "state_dir"}
 FREE_TEXT |= {"admin_api_key"}

@@ -28,6 +28,7 @@ from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # no
 from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
 from qwen_vl_backend.engine.tracing import TRACE_PARAMETERS, request_tracer  # noqa: E402
 from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
+from qwen_vl_backend.media import decoding  # noqa: E402
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint  # noqa: E402
 from qwen_vl_backend.request.prepare import RawRequest, parse_task  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings, config_parameters  # noqa: E402
@@ -408,6 +409,7 @@ class TritonPythonModel:
             )
         self._setup_logging()
         self.settings = ModelSettings.from_parameters(config_parameters(self.model_config))
+        decoding.configure(self.settings)  # workers start while the weights load
         device = self.settings.resolve_device(
             args["model_instance_kind"], args["model_instance_device_id"]
         )
@@ -492,6 +494,7 @@ class TritonPythonModel:
         request.get_response_sender().send(response, flags=FINAL)
 
     def finalize(self):
+        decoding.shutdown()
         if not self.engine.shutdown():
             self.log.warning("generations still running at shutdown were abandoned")
         if self.tracer is not None:

@@ -69,6 +69,16 @@ class ModelSettings:
     video_total_pixels: int = _LIMITS.video_total_pixels
     max_video_source_pixels: int = _LIMITS.max_video_source_pixels
     video_decode_timeout_s: float = 30.0
+    # The decode sandbox (docs/security.md): worker processes that decode images and videos,
+    # each under these limits. Workers: media decoded at once (more queue for decode_wait).
+    # Memory: a worker's address space, above a 40-megapixel image's decode (~0.5 GiB) and
+    # PyAV's mappings. CPU: seconds of CPU one item may use before the kernel kills its worker.
+    # Tasks: items a worker decodes before it is replaced, so a compromised decoder sees
+    # few later requests' media (1: a fresh process per item, at a process start each).
+    decode_workers: int = 2
+    decode_memory_mib: int = 2048
+    decode_cpu_s: int = 30
+    decode_worker_tasks: int = 32
     # Sequences decoded together (KV-cache slots); more requests wait for a free slot. On CUDA
     # the slots come from free memory instead (kv_cache_memory_fraction), and this with
     # max_cache_tokens only sets the slot length.
@@ -201,6 +211,9 @@ class ModelSettings:
                     f"parameter {name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}"
                 )
         self.compile_bucket_sizes()
+        for name in ("decode_workers", "decode_memory_mib", "decode_cpu_s", "decode_worker_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parameter {name}={getattr(self, name)}: at least 1")
         if self.torch_threads < 0:
             raise ValueError(f"parameter torch_threads={self.torch_threads}: 0 (derive) or more")
         if not 0 <= self.repetition_guard_ngram <= MAX_GUARD_NGRAM:

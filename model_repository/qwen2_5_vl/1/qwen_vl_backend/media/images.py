@@ -1,4 +1,4 @@
-"""Image elements of the `image` input → RGB PIL images.
+"""Image elements of the `image` input → RGB PIL images, decoded in the decode sandbox.
 
 An element may be raw encoded bytes, base64 of them, or a `data:` URL. The model never
 fetches URLs: network I/O belongs to the caller (the proxy), which hands over bytes.
@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 
-import numpy as np
 from PIL import Image
 
 from ..contract import ModelLimits, sniff_image, split_data_url
 from ..engine.timings import counts_as_media_decode
 from ..errors import RequestError
+from . import decoding
 
 
 def _b64decode(text: bytes | str, param: str) -> bytes:
@@ -47,57 +45,28 @@ def element_bytes(element: bytes, param: str) -> bytes:
 
 
 DEFAULT_LIMITS = ModelLimits()
+# A still image's decode deadline in its worker (a 40-megapixel PNG takes about a second).
+IMAGE_DECODE_TIMEOUT_S = 20.0
 
 
 @counts_as_media_decode
-def decode_image(data: bytes, param: str, limits: ModelLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode and fully load an image as RGB; bad or hostile input becomes a RequestError."""
+def decode_image(
+    data: bytes,
+    param: str,
+    limits: ModelLimits = DEFAULT_LIMITS,
+    budget: dict | None = None,
+) -> Image.Image:
+    """Decode an image to RGB in the decode sandbox, checked from its header first and, with a
+    `budget` (min_pixels, max_pixels), resized onto the 28-pixel grid there as qwen-vl-utils'
+    fetch_image would; bad or hostile input becomes a RequestError."""
     if sniff_image(data) is None:
         raise RequestError("image is not a JPEG, PNG, WebP or GIF file", param, "invalid_image")
-    try:
-        with warnings.catch_warnings():
-            # A decompression bomb must fail, not merely warn.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_size(image.size, param, limits)  # from the header, before decoding pixels
-            image.load()
-            return _to_rgb(image)
-    except RequestError:
-        raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise RequestError("image is too large to decode", param, "image_too_large") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError("image could not be decoded", param, "invalid_image") from exc
-
-
-def _check_size(size: tuple[int, int], param: str, limits: ModelLimits) -> None:
-    width, height = size
-    if width < 1 or height < 1:
-        raise RequestError("image has no pixels", param, "invalid_image")
-    if width * height > limits.max_source_pixels:
-        raise RequestError(
-            f"image is {width}x{height} pixels; at most {limits.max_source_pixels} "
-            "pixels are accepted",
-            param,
-            "image_too_large",
-        )
-    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise RequestError(
-            f"image is {width}x{height}; its aspect ratio must be at most "
-            f"{limits.max_aspect_ratio:g}:1",
-            param,
-            "invalid_image",
-        )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB as a viewer would show it: 16-bit scaled down, transparency over white."""
-    if image.mode.startswith("I") or image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-        image = Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    args = {
+        "max_source_pixels": limits.max_source_pixels,
+        "max_aspect_ratio": limits.max_aspect_ratio,
+    }
+    if budget and "max_pixels" in budget:
+        args |= {"min_pixels": budget.get("min_pixels", limits.min_pixels)}
+        args |= {"max_pixels": budget["max_pixels"]}
+    pixels, _ = decoding.run("image", data, args, IMAGE_DECODE_TIMEOUT_S, param, "image")
+    return Image.fromarray(pixels)

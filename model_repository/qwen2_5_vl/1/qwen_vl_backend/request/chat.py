@@ -71,16 +71,16 @@ class _ImageSource(_ElementSource):
         super().__init__(elements, limits.max_images)
         self._limits = limits
 
-    def next(self, param: str) -> Image.Image:
-        """The next `image` element, decoded; its errors name `param`."""
-        return self._decode(element_bytes(self._take(param), param), param)
+    def next(self, param: str, budget: dict | None = None) -> Image.Image:
+        """The next `image` element, decoded (and resized into `budget`); errors name `param`."""
+        return self._decode(element_bytes(self._take(param), param), param, budget)
 
-    def inline(self, url: str, param: str) -> Image.Image:
-        return self._decode(data_url_bytes(url, param), param)
+    def inline(self, url: str, param: str, budget: dict | None = None) -> Image.Image:
+        return self._decode(data_url_bytes(url, param), param, budget)
 
-    def _decode(self, data: bytes, param: str) -> Image.Image:
+    def _decode(self, data: bytes, param: str, budget: dict | None) -> Image.Image:
         self._count(param)
-        return decode_image(data, param, self._limits)
+        return decode_image(data, param, self._limits, budget)
 
 
 class _VideoSource(_ElementSource):
@@ -186,7 +186,7 @@ class _Converter:
         if kind == "image":
             budget = pixel_budget(part, self.vision, param)
             # The client sent this image as an image_url part; the proxy sent its bytes.
-            image = self.images.next(f"{param}.image_url")
+            image = self.images.next(f"{param}.image_url", budget)
             return {"type": "image", "image": image, **budget}
         if kind == "image_url":
             url = _image_url(part, param)
@@ -195,7 +195,7 @@ class _Converter:
                     "the model does not fetch image URLs; send the bytes in the image input", param
                 )
             budget = pixel_budget(part, self.vision, param)
-            image = self.images.inline(url, f"{param}.image_url")
+            image = self.images.inline(url, f"{param}.image_url", budget)
             return {"type": "image", "image": image, **budget}
         if kind == "video":
             # The client sent this video as a video_url part; the proxy sent its bytes.
@@ -253,11 +253,13 @@ def parse_messages(
 
 
 def decode_image_elements(
-    image_elements: Sequence[bytes], limits: ModelLimits = DEFAULT_LIMITS
+    image_elements: Sequence[bytes],
+    limits: ModelLimits = DEFAULT_LIMITS,
+    budget: dict | None = None,
 ) -> list[Image.Image]:
     """All images of the `image` input, for the ready-prompt (`text_input`) path."""
     source = _ImageSource(image_elements, limits)
-    return [source.next(f"image[{index}]") for index in range(len(image_elements))]
+    return [source.next(f"image[{index}]", budget) for index in range(len(image_elements))]
 
 
 def decode_video_elements(

@@ -95,7 +95,9 @@ def parse_task(name: str | None) -> Task:
 
 
 def _vision_inputs(messages: list[dict]) -> tuple[list, list[Video]]:
-    """The images (resized with their parts' budgets) and videos, each in order of appearance."""
+    """The images (resized with their parts' budgets) and videos, each in order of appearance.
+    An image part with a budget was resized into it by the decode sandbox already (a second
+    smart_resize is not idempotent: it may shrink an image the first grew past max_pixels)."""
     from qwen_vl_utils import fetch_image
 
     images, videos = [], []
@@ -103,21 +105,10 @@ def _vision_inputs(messages: list[dict]) -> tuple[list, list[Video]]:
         content = message.get("content")
         for part in content if isinstance(content, list) else []:
             if part.get("type") == "image":
-                images.append(fetch_image(part))
+                images.append(part["image"] if "max_pixels" in part else fetch_image(part))
             elif part.get("type") == "video":
                 videos.append(part["video"])
     return images, videos
-
-
-def _resize(images, settings: ModelSettings):
-    from qwen_vl_utils import fetch_image
-
-    return [
-        fetch_image(
-            {"image": image, "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
-        )
-        for image in images
-    ]
 
 
 def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelSettings):
@@ -147,7 +138,9 @@ def _prompt_and_images(raw: RawRequest, checkpoint: Checkpoint, settings: ModelS
             f"but {len(raw.videos)} videos were sent",
             "text_input",
         )
-    images = _resize(decode_image_elements(raw.images, limits), settings)
+    # resized into the server's budget by the decode sandbox
+    budget = {"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+    images = decode_image_elements(raw.images, limits, budget)
     videos = decode_video_elements(raw.videos, limits, settings.video_decode_timeout_s)
     return raw.text_input, images, videos
 
