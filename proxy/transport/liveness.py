@@ -1,0 +1,102 @@
+"""Noticing a model process that died in the middle of its streams.
+
+When the Python-backend stub of a decoupled model dies (SIGKILL by the OOM killer, a crash
+in native code), Triton 2.51 answers none of the requests the stub held: their gRPC streams
+stay open and silent, and Triton's own health endpoints keep saying ready. Only a new request
+learns it ("Stub process '<model>_0_0' is not healthy", after Triton's one-second stub health
+check). So one watchdog per Triton connection looks at its open streams: once one has been
+silent for `SILENCE_S`, it asks the model whether it lives (`probe`, a tiny `describe`
+request), and when the answer is that it is dead every stream of that model is cancelled and
+ends with 503 `backend_unavailable` (proxy/transport/backend.py), within about two seconds of
+the death instead of at `--stream-idle-timeout-s`.
+
+A silent stream is usually a healthy one (queueing, a long prefill): that costs one `describe`
+per model each `SILENCE_S` while it lasts, answered by the model's execute thread, never by a
+generation step. A probe that times out or cannot reach Triton is no verdict (a busy model; an
+unreachable Triton ends its streams by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger("proxy.backend")
+
+# A response gap this long makes the watchdog ask the model whether it lives (and it asks
+# again at most this often while the gap lasts). Tokens arrive every few tens of
+# milliseconds; a gap of a second is a long prefill, a queue, or a death.
+SILENCE_S = 1.0
+# How often the watchdog looks at its streams' gaps.
+LOOK_EVERY_S = 0.25
+
+Probe = Callable[[str], Awaitable[bool]]  # model -> False only when it is known dead
+
+
+@dataclass(eq=False)
+class WatchedStream:
+    """One open Triton stream: when it last heard from the model, and how to end it."""
+
+    model: str
+    cancel: Callable[[], object]
+    last_response: float = field(default_factory=time.monotonic)
+    dead: bool = False  # the watchdog ended it: its model process is gone
+
+    def heard(self) -> None:
+        self.last_response = time.monotonic()
+
+
+class LivenessWatch:
+    """The open streams of one Triton connection and the watchdog over them (created inside
+    the serving loop; it runs only while streams are open)."""
+
+    def __init__(self, probe: Probe, *, silence_s: float = SILENCE_S) -> None:
+        self._probe = probe
+        self._silence_s = silence_s
+        self._streams: set[WatchedStream] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._asked_at: dict[str, float] = {}  # model -> when the last probe was sent
+
+    @contextlib.contextmanager
+    def watching(self, model: str, cancel: Callable[[], object]) -> Iterator[WatchedStream]:
+        stream = WatchedStream(model, cancel)
+        self._streams.add(stream)
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch())
+        try:
+            yield stream
+        finally:
+            self._streams.discard(stream)
+
+    async def _watch(self) -> None:
+        try:
+            while self._streams:
+                await asyncio.sleep(LOOK_EVERY_S)
+                for model in self._models_to_ask(time.monotonic()):
+                    self._asked_at[model] = time.monotonic()
+                    if not await self._probe(model):
+                        self._end_streams(model)
+        finally:
+            self._task = None
+
+    def _models_to_ask(self, now: float) -> set[str]:
+        """The models of silent streams, not asked within the last `silence_s`."""
+        silent = {s.model for s in self._streams if now - s.last_response >= self._silence_s}
+        return {m for m in silent if now - self._asked_at.get(m, 0.0) >= self._silence_s}
+
+    def _end_streams(self, model: str) -> None:
+        ending = [s for s in self._streams if s.model == model and not s.dead]
+        log.error("model %s: its process is gone; ending its %d open streams", model, len(ending))
+        for stream in ending:
+            stream.dead = True
+            stream.cancel()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
