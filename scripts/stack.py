@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
 TRITON_MODEL = "qwen2_5_vl"
 DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+# How often the model watch asks the model whether it lives, and how many error answers in a
+# row (while Triton says the model is loaded) mean its process died.
+MODEL_WATCH_EVERY_S = 1.0
+MODEL_WATCH_MISSES = 2
+
+
+def _load_model_probe():
+    """docker/model_probe.py (the Triton pod's probe; standard library only) as a module."""
+    spec = importlib.util.spec_from_file_location("model_probe", ROOT / "docker" / "model_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_probe = _load_model_probe()
 
 
 def pytriton_home() -> Path | None:
@@ -194,6 +210,8 @@ class StackConfig:
     exit_timeout_s: int = 30
     # The proxy's --state-dir (its SQLite database); None: the proxy's own default.
     state_dir: Path | None = None
+    # Restart tritonserver when the model's process dies (`Stack.watch_model`).
+    watch_model: bool = False
 
     @property
     def proxy_url(self) -> str:
@@ -315,6 +333,10 @@ class Stack:
         self.config = config
         self.triton: subprocess.Popen | None = None
         self.proxy: subprocess.Popen | None = None
+        self.model_restarts = 0  # tritonservers the model watch restarted
+        self._watch_stop = threading.Event()
+        self._watch: threading.Thread | None = None
+        self._restarting = threading.Lock()  # held while the watch replaces tritonserver
         config.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton_log = config.log_dir / f"triton-{config.grpc_port}.log"
         self.proxy_log = config.log_dir / f"proxy-{config.proxy_port}.log"
@@ -322,6 +344,41 @@ class Stack:
     def start(self) -> None:
         self.start_triton()
         self.start_proxy()
+        if self.config.watch_model:
+            self.start_model_watch()
+
+    def start_model_watch(self) -> None:
+        """`watch_model` in a thread of its own, until `stop`."""
+        if self._watch is None:
+            self._watch = threading.Thread(target=self.watch_model, name="model-watch")
+            self._watch.start()
+
+    def watch_model(self) -> None:
+        """Until `stop`: restarts tritonserver when the model's process died. Triton 2.51 never
+        restarts a decoupled model's Python-backend stub and keeps reporting the model ready,
+        and a model whose stub died cannot be reloaded in place (its unload never ends), so a
+        fresh tritonserver is the way back (docs/deploy.md). Dead means: Triton answers the
+        model's `describe` request with an error while it says the model is loaded."""
+        misses = 0
+        while not self._watch_stop.wait(MODEL_WATCH_EVERY_S):
+            misses = misses + 1 if self._model_died() else 0
+            if misses >= MODEL_WATCH_MISSES:
+                print("[stack] the model's process died; restarting tritonserver", file=sys.stderr)
+                with self._restarting:
+                    self.model_restarts += 1
+                    self.start_triton()
+                misses = 0
+
+    def running(self) -> bool:
+        """Both servers run (a tritonserver the model watch is replacing counts as running)."""
+        with self._restarting:
+            return all(proc.poll() is None for proc in (self.triton, self.proxy))
+
+    def _model_died(self) -> bool:
+        url = self.config.triton_http_url
+        if model_probe.ask(url, TRITON_MODEL) is not False:
+            return False
+        return _get_status(f"{url}/v2/models/{TRITON_MODEL}/ready") == 200
 
     def start_proxy(self) -> None:
         """The proxy alone: in front of this stack's tritonserver, or (started this way
@@ -379,6 +436,9 @@ class Stack:
     def stop(self, timeout: float = 40.0) -> None:
         """SIGTERM to both (the proxy drains, Triton unloads the model), then whatever is left
         of either process group, stubs included, is killed."""
+        self._watch_stop.set()
+        if self._watch is not None:
+            self._watch.join()
         started = [proc for proc in (self.proxy, self.triton) if proc is not None]
         for proc in started:
             if proc.poll() is None:
@@ -451,6 +511,7 @@ def main(argv=None) -> int:
         metrics_port=args.metrics_port,
         proxy_port=args.proxy_port,
         lazy_load=args.lazy_load,
+        watch_model=True,
     )
     taken = config.ports_taken()
     if taken:  # before anything starts: its readiness would be the other server's
@@ -473,7 +534,7 @@ def main(argv=None) -> int:
             f"[serve] Ctrl-C stops both",
             file=sys.stderr,
         )
-        while stack.triton.poll() is None and stack.proxy.poll() is None:
+        while stack.running():
             time.sleep(1)
         print("[serve] a server exited; stopping", file=sys.stderr)
         return 1

@@ -229,12 +229,15 @@ class TritonBackend:
 
     async def lives(self, model: str) -> bool:
         """False when the model answers a `describe` request with Triton's word that its
-        process is gone (`BACKEND_UNAVAILABLE` in `TRITON_ERRORS`); any other answer, a slow
-        one or none is no such verdict."""
+        process is gone (`BACKEND_UNAVAILABLE` in `TRITON_ERRORS`), or Triton cannot be
+        reached; any other answer, or a slow one (a busy model), is no such verdict."""
         try:
             _, error = await self._ask_describe(model, _PROBE_TIMEOUT_S)
-        except (grpc.RpcError, TimeoutError):
+        except TimeoutError:
             return True
+        except grpc.RpcError as exc:
+            log.warning("model %s cannot be asked: %s", model, _rpc_summary(exc))
+            return False
         if error is not None and triton_error(error.message() or "") is BACKEND_UNAVAILABLE:
             log.warning("model %s does not live: %s", model, error.message())
             return False

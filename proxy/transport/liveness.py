@@ -12,8 +12,8 @@ the death instead of at `--stream-idle-timeout-s`.
 
 A silent stream is usually a healthy one (queueing, a long prefill): that costs one `describe`
 per model each `SILENCE_S` while it lasts, answered by the model's execute thread, never by a
-generation step. A probe that times out or cannot reach Triton is no verdict (a busy model; an
-unreachable Triton ends its streams by itself).
+generation step. A probe that times out is no verdict (a busy model); one that cannot reach
+Triton is (its streams fail with it anyway).
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class LivenessWatch:
 
     def _end_streams(self, model: str) -> None:
         ending = [s for s in self._streams if s.model == model and not s.dead]
+        if not ending:
+            return
         log.error("model %s: its process is gone; ending its %d open streams", model, len(ending))
         for stream in ending:
             stream.dead = True
