@@ -55,9 +55,10 @@ _MAX_RECONNECT_BACKOFF_MS = 2000
 
 # The model answers `describe` in its execute loop, which a busy CPU engine can hold up.
 _DESCRIBE_TIMEOUT_S = 10.0
-# Asking whether the model lives (liveness.py): a dead model's answer takes Triton's stub
-# health check (one second); a slower answer is a busy model, no verdict.
-_PROBE_TIMEOUT_S = 5.0
+# Asking whether the model lives (liveness.py, readiness): a dead model's answer takes
+# Triton's stub health check (one second); a slower answer is a busy model, no verdict. With
+# the readiness check's own timeout it stays within the 4 s the proxy's probes allow.
+_PROBE_TIMEOUT_S = 2.0
 
 # Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
 # tell "done" from "more to come" when the last text response was not flagged final.

@@ -210,6 +210,8 @@ def test_model_process_killed_under_load_then_restarted_by_the_watch(own_stack):
         lines = (line for line in response.iter_lines() if line)
         assert all(next(lines).startswith(b"data: {") for _ in range(3))
         readers.append(lines)
+    triton_url = own_stack.config.triton_http_url
+    assert stack_launcher.model_probe.ask(triton_url, "qwen2_5_vl") is True  # the pod's probe
     os.kill(stub_of(own_stack), signal.SIGKILL)  # as the OOM killer does
     killed = time.monotonic()
     ended = []
@@ -223,8 +225,9 @@ def test_model_process_killed_under_load_then_restarted_by_the_watch(own_stack):
     print(f"\nstreams ended {max(ended):.2f} s after the model's process died")
     assert max(ended) < STREAMS_END_WITHIN_S  # far below the 60 s stream idle timeout
 
-    # Triton still says the model is ready; the proxy knows better.
-    assert status_of(f"{own_stack.config.triton_http_url}/v2/models/qwen2_5_vl/ready") == 200
+    # Triton still says the model is ready; the proxy and the pod's probe know better.
+    assert status_of(f"{triton_url}/v2/models/qwen2_5_vl/ready") == 200
+    assert stack_launcher.model_probe.ask(triton_url, "qwen2_5_vl") is False
     assert status_of(f"{base_url}/ready") == 503
     refused = chat(base_url, "anyone?", max_tokens=2)
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
