@@ -7,8 +7,9 @@ timeout). Triton's own /v2/health/ready and /v2/models/<model>/ready say nothing
 model's process: they stay 200 after the Python-backend stub died (the OOM killer, a crash in
 native code), and Triton 2.51 never restarts a decoupled model's stub. Only a request reaches
 the stub, so the Kubernetes readiness and liveness probes of the Triton pod run this, and
-scripts/stack.py's model watch uses `ask`. The `describe` request is the cheapest one the model
-has: its execute thread answers with its limits, no generation step runs.
+`watch` (triton_launch.py in the image, scripts/stack.py outside it) stops or restarts a
+tritonserver whose model died. The `describe` request is the cheapest one the model has: its
+execute thread answers with its limits, no generation step runs.
 
 Standard library only: it runs under the Triton image's system python3.
 """
@@ -20,12 +21,16 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_MODEL = "qwen2_5_vl"
 # A dead stub's answer takes Triton's one-second stub health check; a healthy model answers
 # in milliseconds unless its engine holds the GIL for long.
 DEFAULT_TIMEOUT_S = 5.0
+# How often `watch` asks, and how many deaths in a row it takes to believe one.
+WATCH_EVERY_S = 1.0
+WATCH_MISSES = 2
 
 
 def ask(url: str, model: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | None:
@@ -44,6 +49,31 @@ def ask(url: str, model: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | No
         return False
     except (urllib.error.URLError, OSError):  # refused, reset, timed out
         return None
+
+
+def died(url: str, model: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """The model's process is gone: Triton answers its `describe` with an error while it says
+    the model is loaded (a model not loaded yet, or loading, is not dead)."""
+    if ask(url, model, timeout_s) is not False:
+        return False
+    try:
+        with urllib.request.urlopen(
+            f"{url.rstrip('/')}/v2/models/{model}/ready", timeout=timeout_s
+        ):
+            return True  # 200: Triton calls it ready
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def watch(url: str, model: str, stop: Callable[[float], bool]) -> bool:
+    """True once the model's process died (`WATCH_MISSES` checks in a row); False when
+    `stop(WATCH_EVERY_S)`, which waits that long between checks, says to stop."""
+    misses = 0
+    while not stop(WATCH_EVERY_S):
+        misses = misses + 1 if died(url, model) else 0
+        if misses >= WATCH_MISSES:
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

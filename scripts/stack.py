@@ -29,10 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
 TRITON_MODEL = "qwen2_5_vl"
 DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-# How often the model watch asks the model whether it lives, and how many error answers in a
-# row (while Triton says the model is loaded) mean its process died.
-MODEL_WATCH_EVERY_S = 1.0
-MODEL_WATCH_MISSES = 2
 
 
 def _load_model_probe():
@@ -358,27 +354,19 @@ class Stack:
         restarts a decoupled model's Python-backend stub and keeps reporting the model ready,
         and a model whose stub died cannot be reloaded in place (its unload never ends), so a
         fresh tritonserver is the way back (docs/deploy.md). Dead means: Triton answers the
-        model's `describe` request with an error while it says the model is loaded."""
-        misses = 0
-        while not self._watch_stop.wait(MODEL_WATCH_EVERY_S):
-            misses = misses + 1 if self._model_died() else 0
-            if misses >= MODEL_WATCH_MISSES:
-                print("[stack] the model's process died; restarting tritonserver", file=sys.stderr)
-                with self._restarting:
-                    self.model_restarts += 1
-                    self.start_triton()
-                misses = 0
+        model's `describe` request with an error while it says the model is loaded
+        (docker/model_probe.py `watch`, as the model image's launcher does)."""
+        url = self.config.triton_http_url
+        while model_probe.watch(url, TRITON_MODEL, self._watch_stop.wait):
+            print("[stack] the model's process died; restarting tritonserver", file=sys.stderr)
+            with self._restarting:
+                self.model_restarts += 1
+                self.start_triton()
 
     def running(self) -> bool:
         """Both servers run (a tritonserver the model watch is replacing counts as running)."""
         with self._restarting:
             return all(proc.poll() is None for proc in (self.triton, self.proxy))
-
-    def _model_died(self) -> bool:
-        url = self.config.triton_http_url
-        if model_probe.ask(url, TRITON_MODEL) is not False:
-            return False
-        return _get_status(f"{url}/v2/models/{TRITON_MODEL}/ready") == 200
 
     def start_proxy(self) -> None:
         """The proxy alone: in front of this stack's tritonserver, or (started this way

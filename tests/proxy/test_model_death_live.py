@@ -4,7 +4,8 @@ does) on a real tritonserver serving the echo model, a server of this module's o
 Triton 2.51 never answers the requests the dead stub held, and its own readiness stays true:
 the proxy's liveness watchdog (proxy/transport/liveness.py) ends the open streams with 503
 `backend_unavailable`, readiness turns false, new requests get the same retryable 503, and
-over replicas the dead one is marked down and the request served by another.
+over replicas the dead one is marked down and the request served by another. The model
+image's launcher (docker/triton_launch.py) ends a tritonserver whose model died.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from echo_triton import echo_tritonserver
+from echo_triton import echo_server_command, echo_server_env, echo_tritonserver
+from helpers import wait_until
+from stack import ROOT, end_process_group, free_port, model_probe, pytriton_home
 
 from proxy.errors import APIError
 from proxy.transport.backend import TritonBackend, TritonRequest
@@ -118,3 +123,39 @@ async def test_streams_end_and_readiness_falls_when_the_stub_dies(doomed_triton,
         assert await upstreams.is_ready("echo")  # the live replica serves
     finally:
         await upstreams.close()
+
+
+def test_the_launchers_watch_ends_a_tritonserver_whose_model_died(tmp_path):
+    """docker/triton_launch.py (the model image's command) forks the model watch and execs
+    tritonserver; when the model's stub dies the watch ends tritonserver, so the container's
+    restart policy starts a fresh one."""
+    server_dir = pytriton_home()
+    if server_dir is None:
+        pytest.skip("tritonserver binary (nvidia-pytriton wheel) not installed")
+    http_port = free_port()
+    command = [
+        sys.executable,
+        str(ROOT / "docker" / "triton_launch.py"),
+        *echo_server_command(server_dir, tmp_path),
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={free_port()}",
+        "--allow-metrics=false",
+        "--exit-timeout-secs=2",
+        "--disable-auto-complete-config",
+    ]
+    env = {**echo_server_env(server_dir), "TRITON_WATCH_MODEL": "echo"}
+    with open(tmp_path / "tritonserver.log", "wb") as log:
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: model_probe.ask(url, "echo"), timeout=60, what="the echo model")
+        (stub,) = stub_pids(tmp_path)
+        os.kill(stub, signal.SIGKILL)
+        assert server.wait(timeout=60) == -signal.SIGKILL
+        assert "model echo died" in (tmp_path / "tritonserver.log").read_text()
+    finally:
+        end_process_group(server)
