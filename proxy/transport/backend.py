@@ -163,6 +163,10 @@ class TritonBackend:
         self._client = grpcclient_aio.InferenceServerClient(url, channel_args=channel_args())
         self._ready_timeout_s = ready_timeout_s
         self._liveness = LivenessWatch(self.lives)
+        # One probe at a time per model, shared by the watchdog and readiness: a dead stub
+        # answers each only after Triton's one-second health check, one after another.
+        self._probes: dict[str, asyncio.Future[bool]] = {}
+        self._dead: set[str] = set()  # models whose last verdict was dead
 
     async def generate(
         self, request: TritonRequest, request_id: str
@@ -231,17 +235,28 @@ class TritonBackend:
     async def lives(self, model: str) -> bool:
         """False when the model answers a `describe` request with Triton's word that its
         process is gone (`BACKEND_UNAVAILABLE` in `TRITON_ERRORS`), or Triton cannot be
-        reached; any other answer, or a slow one (a busy model), is no such verdict."""
+        reached; any other answer is true. A slow answer (a busy model, or a dead one with
+        other probes before it) is no verdict: the last one stands."""
+        probe = self._probes.get(model)
+        if probe is None:
+            probe = self._probes[model] = asyncio.ensure_future(self._probe(model))
+            probe.add_done_callback(lambda _: self._probes.pop(model, None))
+        return await asyncio.shield(probe)  # a caller that goes away leaves it to the others
+
+    async def _probe(self, model: str) -> bool:
         try:
             _, error = await self._ask_describe(model, _PROBE_TIMEOUT_S)
         except TimeoutError:
-            return True
+            return model not in self._dead
         except grpc.RpcError as exc:
             log.warning("model %s cannot be asked: %s", model, _rpc_summary(exc))
+            self._dead.add(model)
             return False
         if error is not None and triton_error(error.message() or "") is BACKEND_UNAVAILABLE:
             log.warning("model %s does not live: %s", model, error.message())
+            self._dead.add(model)
             return False
+        self._dead.discard(model)
         return True
 
     async def repository_index(self) -> dict[str, str]:
@@ -295,6 +310,8 @@ class TritonBackend:
 
     async def close(self) -> None:
         await self._liveness.close()
+        for probe in list(self._probes.values()):
+            probe.cancel()
         await self._client.close()
 
 
