@@ -45,7 +45,7 @@ from .contract import (
     decode_error,
     decode_timings,
 )
-from .liveness import LivenessWatch
+from .liveness import LivenessWatch, Verdicts
 
 log = logging.getLogger("proxy.backend")
 
@@ -162,11 +162,8 @@ class TritonBackend:
     def __init__(self, url: str, *, ready_timeout_s: float = 2.0) -> None:
         self._client = grpcclient_aio.InferenceServerClient(url, channel_args=channel_args())
         self._ready_timeout_s = ready_timeout_s
+        self._verdicts = Verdicts(self._ask_whether_alive)
         self._liveness = LivenessWatch(self.lives)
-        # One probe at a time per model, shared by the watchdog and readiness: a dead stub
-        # answers each only after Triton's one-second health check, one after another.
-        self._probes: dict[str, asyncio.Future[bool]] = {}
-        self._dead: set[str] = set()  # models whose last verdict was dead
 
     async def generate(
         self, request: TritonRequest, request_id: str
@@ -233,30 +230,23 @@ class TritonBackend:
         return bool(loaded) and await self.lives(model)
 
     async def lives(self, model: str) -> bool:
+        """Whether the model's process lives, as its last answer said (`Verdicts`)."""
+        return await self._verdicts.lives(model)
+
+    async def _ask_whether_alive(self, model: str) -> bool | None:
         """False when the model answers a `describe` request with Triton's word that its
         process is gone (`BACKEND_UNAVAILABLE` in `TRITON_ERRORS`), or Triton cannot be
-        reached; any other answer is true. A slow answer (a busy model, or a dead one with
-        other probes before it) is no verdict: the last one stands."""
-        probe = self._probes.get(model)
-        if probe is None:
-            probe = self._probes[model] = asyncio.ensure_future(self._probe(model))
-            probe.add_done_callback(lambda _: self._probes.pop(model, None))
-        return await asyncio.shield(probe)  # a caller that goes away leaves it to the others
-
-    async def _probe(self, model: str) -> bool:
+        reached; True for any other answer; None (no verdict) for a slow one."""
         try:
             _, error = await self._ask_describe(model, _PROBE_TIMEOUT_S)
         except TimeoutError:
-            return model not in self._dead
+            return None
         except grpc.RpcError as exc:
             log.warning("model %s cannot be asked: %s", model, _rpc_summary(exc))
-            self._dead.add(model)
             return False
         if error is not None and triton_error(error.message() or "") is BACKEND_UNAVAILABLE:
             log.warning("model %s does not live: %s", model, error.message())
-            self._dead.add(model)
             return False
-        self._dead.discard(model)
         return True
 
     async def repository_index(self) -> dict[str, str]:
@@ -310,8 +300,7 @@ class TritonBackend:
 
     async def close(self) -> None:
         await self._liveness.close()
-        for probe in list(self._probes.values()):
-            probe.cancel()
+        self._verdicts.close()
         await self._client.close()
 
 

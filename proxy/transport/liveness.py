@@ -35,6 +35,41 @@ SILENCE_S = 1.0
 LOOK_EVERY_S = 0.25
 
 Probe = Callable[[str], Awaitable[bool]]  # model -> False only when it is known dead
+Ask = Callable[[str], Awaitable[bool | None]]  # model -> alive, dead, or None: no verdict
+
+
+class Verdicts:
+    """Whether each model lives, from `ask`, shared by the watchdog and readiness (every
+    proxy worker polls it twice a second): one question at a time per model, an answer
+    reused for `fresh_s`, and an answer that brings no verdict (a slow one: a busy model, or a
+    dead one whose Triton answers queued questions a second apart) keeps the last verdict."""
+
+    def __init__(self, ask: Ask, *, fresh_s: float = SILENCE_S) -> None:
+        self._ask = ask
+        self._fresh_s = fresh_s
+        self._asking: dict[str, asyncio.Future[bool]] = {}
+        self._last: dict[str, tuple[float, bool]] = {}  # model -> (when, alive)
+
+    async def lives(self, model: str) -> bool:
+        when, alive = self._last.get(model, (float("-inf"), True))
+        if time.monotonic() - when < self._fresh_s:
+            return alive
+        asking = self._asking.get(model)
+        if asking is None:
+            asking = self._asking[model] = asyncio.ensure_future(self._verdict(model))
+            asking.add_done_callback(lambda _: self._asking.pop(model, None))
+        return await asyncio.shield(asking)  # a caller that goes away leaves it to the others
+
+    async def _verdict(self, model: str) -> bool:
+        answer = await self._ask(model)
+        if answer is None:
+            return self._last.get(model, (0.0, True))[1]
+        self._last[model] = (time.monotonic(), answer)
+        return answer
+
+    def close(self) -> None:
+        for asking in list(self._asking.values()):
+            asking.cancel()
 
 
 @dataclass(eq=False)
