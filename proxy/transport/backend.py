@@ -59,6 +59,9 @@ _DESCRIBE_TIMEOUT_S = 10.0
 # Triton's stub health check (one second); a slower answer is a busy model, no verdict. With
 # the readiness check's own timeout it stays within the 4 s the proxy's probes allow.
 _PROBE_TIMEOUT_S = 2.0
+# How long readiness trusts the model's last "alive": an idle model's death shows on /ready
+# within this (streams find it within seconds, and readiness sees their verdict at once).
+_READY_FRESH_S = 5.0
 
 # Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
 # tell "done" from "more to come" when the last text response was not flagged final.
@@ -227,7 +230,7 @@ class TritonBackend:
         except Exception as exc:  # readiness is a yes/no question; the reason goes to the log
             log.debug("readiness check failed: %s", exc)
             return False
-        return bool(loaded) and await self.lives(model)
+        return bool(loaded) and await self._verdicts.lives(model, _READY_FRESH_S)
 
     async def lives(self, model: str) -> bool:
         """Whether the model's process lives, as its last answer said (`Verdicts`)."""

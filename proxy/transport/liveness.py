@@ -39,21 +39,22 @@ Ask = Callable[[str], Awaitable[bool | None]]  # model -> alive, dead, or None: 
 
 
 class Verdicts:
-    """Whether each model lives, from `ask`, shared by the watchdog and readiness (every
-    proxy worker polls it twice a second): one question at a time per model, an answer
-    reused for `fresh_s`, and an answer that brings no verdict (a slow one: a busy model, or a
-    dead one whose Triton answers queued questions a second apart) keeps the last verdict."""
+    """Whether each model lives, from `ask`, shared by the watchdog and readiness: one
+    question at a time per model; a live verdict younger than the caller's `fresh_s` is
+    reused (each proxy worker polls readiness twice a second, and each question counts as an
+    inference in Triton's metrics), a dead one never is (the model may be back: ask again);
+    an answer that brings no verdict (a slow one: a busy model, or a dead one whose Triton
+    answers queued questions a second apart) keeps the last verdict."""
 
-    def __init__(self, ask: Ask, *, fresh_s: float = SILENCE_S) -> None:
+    def __init__(self, ask: Ask) -> None:
         self._ask = ask
-        self._fresh_s = fresh_s
         self._asking: dict[str, asyncio.Future[bool]] = {}
         self._last: dict[str, tuple[float, bool]] = {}  # model -> (when, alive)
 
-    async def lives(self, model: str) -> bool:
+    async def lives(self, model: str, fresh_s: float = SILENCE_S) -> bool:
         when, alive = self._last.get(model, (float("-inf"), True))
-        if time.monotonic() - when < self._fresh_s:
-            return alive
+        if alive and time.monotonic() - when < fresh_s:
+            return True
         asking = self._asking.get(model)
         if asking is None:
             asking = self._asking[model] = asyncio.ensure_future(self._verdict(model))

@@ -74,20 +74,18 @@ async def test_verdicts_are_shared_reused_while_fresh_and_kept_without_an_answer
         await release.wait()
         return answers[asked - 1]
 
-    verdicts = Verdicts(ask, fresh_s=0.0)
+    verdicts = Verdicts(ask)
     waiting = [asyncio.ensure_future(verdicts.lives("m")) for _ in range(3)]
     await asyncio.sleep(0)
     release.set()
     assert await asyncio.gather(*waiting) == [False, False, False]
     assert asked == 1  # one question for three callers
-    assert await verdicts.lives("m") is False  # no answer: still dead
+    assert await verdicts.lives("m") is False  # dead is asked again; no answer: still dead
     assert await verdicts.lives("m") is True
     assert asked == 3
-
-    fresh = Verdicts(ask, fresh_s=3600)
+    assert await verdicts.lives("m", fresh_s=3600) is True and asked == 3  # reused
     answers.append(False)
-    assert await fresh.lives("m") is False
-    assert await fresh.lives("m") is False and asked == 4  # reused, not asked again
+    assert await verdicts.lives("m", fresh_s=0) is False and asked == 4  # too old: asked
 
 
 async def test_no_answer_before_any_verdict_counts_as_alive():
