@@ -181,7 +181,7 @@ class TritonBackend:
                 async for result, error in responses:
                     watched.heard()
                     if error is not None:
-                        raise model_error(error, request_id)
+                        raise self._failure(request.model, error, request_id)
                     chunk = parse_response(result)
                     completed = is_final_response(result, chunk)
                     if chunk is not None:
@@ -205,6 +205,13 @@ class TritonBackend:
             finished.set()
             if not completed:
                 responses.cancel()
+
+    def _failure(self, model: str, error: InferenceServerException, request_id: str) -> APIError:
+        """`model_error`; one that says the model's process is gone is also a verdict."""
+        failure = model_error(error, request_id)
+        if failure.code == BACKEND_UNAVAILABLE.code:
+            self._verdicts.record(model, alive=False)
+        return failure
 
     async def _requests(
         self,

@@ -65,8 +65,12 @@ class Verdicts:
         answer = await self._ask(model)
         if answer is None:
             return self._last.get(model, (0.0, True))[1]
-        self._last[model] = (time.monotonic(), answer)
+        self.record(model, alive=answer)
         return answer
+
+    def record(self, model: str, *, alive: bool) -> None:
+        """A verdict found elsewhere (a request that Triton refused because the model died)."""
+        self._last[model] = (time.monotonic(), alive)
 
     def close(self) -> None:
         for asking in list(self._asking.values()):

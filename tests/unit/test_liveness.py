@@ -93,3 +93,15 @@ async def test_no_answer_before_any_verdict_counts_as_alive():
         return None
 
     assert await Verdicts(ask).lives("m") is True
+
+
+async def test_a_death_found_by_a_request_stands_until_an_answer_says_otherwise():
+    answers: list[bool | None] = [None, True]
+
+    async def ask(model: str) -> bool | None:
+        return answers.pop(0)
+
+    verdicts = Verdicts(ask)
+    verdicts.record("m", alive=False)
+    assert await verdicts.lives("m", fresh_s=3600) is False  # asked: no answer, still dead
+    assert await verdicts.lives("m", fresh_s=3600) is True and answers == []
