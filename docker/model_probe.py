@@ -21,6 +21,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -28,9 +29,12 @@ DEFAULT_MODEL = "qwen2_5_vl"
 # A dead stub's answer takes Triton's one-second stub health check; a healthy model answers
 # in milliseconds unless its engine holds the GIL for long.
 DEFAULT_TIMEOUT_S = 5.0
-# How often `watch` asks, and how many deaths in a row it takes to believe one.
+# How often `watch` asks, and how many deaths among its last answers it takes to believe
+# one: not necessarily in a row, since with several instances of the model Triton spreads the
+# questions over them, and one dead instance answers only some.
 WATCH_EVERY_S = 1.0
 WATCH_MISSES = 2
+WATCH_WINDOW = 4
 
 
 def ask(url: str, model: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool | None:
@@ -66,12 +70,13 @@ def died(url: str, model: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
 
 
 def watch(url: str, model: str, stop: Callable[[float], bool]) -> bool:
-    """True once the model's process died (`WATCH_MISSES` checks in a row); False when
-    `stop(WATCH_EVERY_S)`, which waits that long between checks, says to stop."""
-    misses = 0
+    """True once the model's process died (`WATCH_MISSES` of the last `WATCH_WINDOW`
+    checks); False when `stop(WATCH_EVERY_S)`, which waits that long between checks, says
+    to stop."""
+    last = deque(maxlen=WATCH_WINDOW)
     while not stop(WATCH_EVERY_S):
-        misses = misses + 1 if died(url, model) else 0
-        if misses >= WATCH_MISSES:
+        last.append(died(url, model))
+        if sum(last) >= WATCH_MISSES:
             return True
     return False
 

@@ -19,8 +19,8 @@ parameters already have their own environment overrides (QWEN_VL_<NAME>).
 Before it execs, it forks the model watch (model_probe.py `watch`): Triton 2.51 never restarts
 a decoupled model's Python-backend stub that died (the OOM killer, a crash in native code) and
 keeps calling the model ready, so when the model answers its `describe` request with an error
-twice in a row the watch ends tritonserver, and the container's restart policy (Kubernetes;
-Compose's `restart: unless-stopped`) starts a fresh one that loads the model again.
+twice within four questions the watch ends tritonserver, and the container's restart policy
+(Kubernetes; Compose's `restart: unless-stopped`) starts a fresh one that loads the model again.
 
     TRITON_WATCH_MODEL      the model the watch asks (default qwen2_5_vl); "off" or empty: no watch
 

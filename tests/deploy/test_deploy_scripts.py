@@ -12,6 +12,7 @@ from tritonclient.grpc import model_config_pb2
 
 launch = load_script("triton_launch")
 fetch = load_script("fetch_weights")
+probe = load_script("model_probe")
 
 KIND = model_config_pb2.ModelInstanceGroup.Kind
 
@@ -183,6 +184,26 @@ def test_main_execs_tritonserver_and_reports_bad_settings(
 def test_the_model_watch_asks_tritons_http_endpoint(flags, env, target):
     argv = ["tritonserver", "--model-repository=/models", *flags]
     assert launch.watch_target(argv, env) == target
+
+
+# --- model_probe's watch ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "deaths, believed",
+    [
+        ([True, True], True),  # one instance, dead
+        ([True, False, True], True),  # one dead instance of two answers every other question
+        ([True, False, False, False, True, False, False, False], False),  # isolated errors
+        ([False] * 8, False),
+    ],
+)
+def test_the_watch_believes_a_death_seen_twice_within_four_checks(monkeypatch, deaths, believed):
+    answers = iter(deaths)
+    monkeypatch.setattr(probe, "died", lambda url, model: next(answers))
+    checks = iter(range(len(deaths)))
+    stop = lambda seconds: next(checks, None) is None  # noqa: E731 (no waiting)
+    assert probe.watch("http://triton:8000", "m", stop) is believed
 
 
 # --- fetch_weights -----------------------------------------------------------------------------
