@@ -42,7 +42,7 @@ class Verdicts:
     """Whether each model lives, from `ask`, shared by the watchdog and readiness: one
     question at a time per model; a live verdict younger than the caller's `fresh_s` is
     reused (each proxy worker polls readiness twice a second, and each question counts as an
-    inference in Triton's metrics), a dead one never is (the model may be back: ask again);
+    inference in Triton's metrics), a dead one for `SILENCE_S` only (the model may be back);
     an answer that brings no verdict (a slow one: a busy model, or a dead one whose Triton
     answers queued questions a second apart) keeps the last verdict."""
 
@@ -53,8 +53,8 @@ class Verdicts:
 
     async def lives(self, model: str, fresh_s: float = SILENCE_S) -> bool:
         when, alive = self._last.get(model, (float("-inf"), True))
-        if alive and time.monotonic() - when < fresh_s:
-            return True
+        if time.monotonic() - when < (fresh_s if alive else SILENCE_S):
+            return alive
         asking = self._asking.get(model)
         if asking is None:
             asking = self._asking[model] = asyncio.ensure_future(self._verdict(model))

@@ -63,7 +63,7 @@ async def test_a_stream_that_hears_from_the_model_is_never_asked_about():
         await watch.close()
 
 
-async def test_verdicts_are_shared_reused_while_fresh_and_kept_without_an_answer():
+async def test_verdicts_are_shared_reused_while_fresh_and_kept_without_an_answer(monkeypatch):
     answers: list[bool | None] = [False, None, True]
     asked = 0
     release = asyncio.Event()
@@ -80,7 +80,11 @@ async def test_verdicts_are_shared_reused_while_fresh_and_kept_without_an_answer
     release.set()
     assert await asyncio.gather(*waiting) == [False, False, False]
     assert asked == 1  # one question for three callers
-    assert await verdicts.lives("m") is False  # dead is asked again; no answer: still dead
+    assert await verdicts.lives("m") is False and asked == 1  # a fresh death is reused
+    verdicts.record("m", alive=False)
+    monkeypatch.setattr(liveness, "SILENCE_S", 0.0)
+    assert await verdicts.lives("m", fresh_s=3600) is False  # an old death is asked again;
+    assert asked == 2  # no answer: still dead
     assert await verdicts.lives("m") is True
     assert asked == 3
     assert await verdicts.lives("m", fresh_s=3600) is True and asked == 3  # reused
@@ -95,7 +99,7 @@ async def test_no_answer_before_any_verdict_counts_as_alive():
     assert await Verdicts(ask).lives("m") is True
 
 
-async def test_a_death_found_by_a_request_stands_until_an_answer_says_otherwise():
+async def test_a_death_found_by_a_request_stands_until_an_answer_says_otherwise(monkeypatch):
     answers: list[bool | None] = [None, True]
 
     async def ask(model: str) -> bool | None:
@@ -103,5 +107,7 @@ async def test_a_death_found_by_a_request_stands_until_an_answer_says_otherwise(
 
     verdicts = Verdicts(ask)
     verdicts.record("m", alive=False)
+    assert await verdicts.lives("m") is False and answers == [None, True]  # fresh
+    monkeypatch.setattr(liveness, "SILENCE_S", 0.0)
     assert await verdicts.lives("m", fresh_s=3600) is False  # asked: no answer, still dead
     assert await verdicts.lives("m", fresh_s=3600) is True and answers == []
