@@ -4,16 +4,18 @@ When the Python-backend stub of a decoupled model dies (SIGKILL by the OOM kille
 in native code), Triton 2.51 answers none of the requests the stub held: their gRPC streams
 stay open and silent, and Triton's own health endpoints keep saying ready. Only a new request
 learns it ("Stub process '<model>_0_0' is not healthy", after Triton's one-second stub health
-check). So one watchdog per Triton connection looks at its open streams: once one has been
-silent for `SILENCE_S`, it asks the model whether it lives (`probe`, a tiny `describe`
+check). So one watchdog per Triton connection looks at its open streams: once every stream of
+a model has been silent for `SILENCE_S` (`FIRST_SILENCE_S` before a stream's first response:
+queueing and prefill), it asks the model whether it lives (`probe`, a tiny `describe`
 request), and when the answer is that it is dead every stream of that model is cancelled and
 ends with 503 `backend_unavailable` (proxy/transport/backend.py), within about two seconds of
-the death instead of at `--stream-idle-timeout-s`.
+the death instead of at `--stream-idle-timeout-s` (or the request's deadline, before the
+first token).
 
-A silent stream is usually a healthy one (queueing, a long prefill): that costs one `describe`
-per model each `SILENCE_S` while it lasts, answered by the model's execute thread, never by a
-generation step. A probe that times out is no verdict (a busy model); one that cannot reach
-Triton is (its streams fail with it anyway).
+Silence is usually healthy (a queue, a long prefill): that costs one `describe` per model each
+`SILENCE_S` while it lasts, answered by the model's execute thread, never by a generation
+step, and counted by Triton's metrics as an inference of the model. A probe that times out is
+no verdict (a busy model); one that cannot reach Triton is (its streams fail with it anyway).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ log = logging.getLogger("proxy.backend")
 # again at most this often while the gap lasts). Tokens arrive every few tens of
 # milliseconds; a gap of a second is a long prefill, a queue, or a death.
 SILENCE_S = 1.0
+# The same before a stream's first response, which waits for the queue and the prefill (a
+# long multimodal prompt takes seconds).
+FIRST_SILENCE_S = 5.0
 # How often the watchdog looks at its streams' gaps.
 LOOK_EVERY_S = 0.25
 
@@ -83,20 +88,29 @@ class WatchedStream:
 
     model: str
     cancel: Callable[[], object]
-    last_response: float = field(default_factory=time.monotonic)
+    last_response: float = field(default_factory=time.monotonic)  # or when it was opened
+    answered: bool = False  # a response came
     dead: bool = False  # the watchdog ended it: its model process is gone
 
     def heard(self) -> None:
         self.last_response = time.monotonic()
+        self.answered = True
 
 
 class LivenessWatch:
     """The open streams of one Triton connection and the watchdog over them (created inside
     the serving loop; it runs only while streams are open)."""
 
-    def __init__(self, probe: Probe, *, silence_s: float = SILENCE_S) -> None:
+    def __init__(
+        self,
+        probe: Probe,
+        *,
+        silence_s: float = SILENCE_S,
+        first_silence_s: float = FIRST_SILENCE_S,
+    ) -> None:
         self._probe = probe
         self._silence_s = silence_s
+        self._first_silence_s = first_silence_s
         self._streams: set[WatchedStream] = set()
         self._task: asyncio.Task[None] | None = None
         self._asked_at: dict[str, float] = {}  # model -> when the last probe was sent
@@ -124,9 +138,15 @@ class LivenessWatch:
             self._task = None
 
     def _models_to_ask(self, now: float) -> set[str]:
-        """The models of silent streams, not asked within the last `silence_s`."""
-        silent = {s.model for s in self._streams if now - s.last_response >= self._silence_s}
+        """The models none of whose streams heard from them lately (one that did proves the
+        model lives), not asked within the last `silence_s`."""
+        heard = {s.model for s in self._streams if not self._silent(s, now)}
+        silent = {s.model for s in self._streams} - heard
         return {m for m in silent if now - self._asked_at.get(m, 0.0) >= self._silence_s}
+
+    def _silent(self, stream: WatchedStream, now: float) -> bool:
+        limit = self._silence_s if stream.answered else self._first_silence_s
+        return now - stream.last_response >= limit
 
     def _end_streams(self, model: str) -> None:
         ending = [s for s in self._streams if s.model == model and not s.dead]

@@ -33,7 +33,7 @@ async def test_silent_streams_of_a_dead_model_are_ended_and_others_are_not():
         asked.append(model)
         return model != "dead"
 
-    watch = LivenessWatch(probe, silence_s=0.05)
+    watch = LivenessWatch(probe, silence_s=0.05, first_silence_s=0.05)
     dead_cancels, live_cancels = Cancels(), Cancels()
     try:
         with watch.watching("dead", dead_cancels) as first, watch.watching("dead", dead_cancels):
@@ -52,13 +52,31 @@ async def test_a_stream_that_hears_from_the_model_is_never_asked_about():
         asked.append(model)
         return False
 
-    watch = LivenessWatch(probe, silence_s=0.5)
+    watch = LivenessWatch(probe, silence_s=0.5, first_silence_s=0.5)
     try:
-        with watch.watching("m", Cancels()) as stream:
+        # The second stream never hears a word (queued), but the first shows the model lives.
+        with watch.watching("m", Cancels()) as stream, watch.watching("m", Cancels()) as queued:
             for _ in range(40):  # longer than the silence in all, never silent that long
                 stream.heard()
                 await asyncio.sleep(0.02)  # the watchdog looks every 10 ms meanwhile
-        assert asked == [] and not stream.dead
+        assert asked == [] and not stream.dead and not queued.dead
+    finally:
+        await watch.close()
+
+
+async def test_before_its_first_response_a_stream_may_be_silent_longer():
+    asked: list[str] = []
+
+    async def probe(model: str) -> bool:
+        asked.append(model)
+        return True
+
+    watch = LivenessWatch(probe, silence_s=0.01, first_silence_s=3600)
+    try:
+        with watch.watching("waiting", Cancels()), watch.watching("answered", Cancels()) as one:
+            one.heard()
+            await wait_until_async(lambda: "answered" in asked, timeout=5)
+        assert "waiting" not in asked
     finally:
         await watch.close()
 
