@@ -333,6 +333,7 @@ class Stack:
         self._watch_stop = threading.Event()
         self._watch: threading.Thread | None = None
         self._restarting = threading.Lock()  # held while the watch replaces tritonserver
+        self._was_ready = False  # wait_ready saw the whole stack ready once
         config.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton_log = config.log_dir / f"triton-{config.grpc_port}.log"
         self.proxy_log = config.log_dir / f"proxy-{config.proxy_port}.log"
@@ -355,18 +356,31 @@ class Stack:
         and a model whose stub died cannot be reloaded in place (its unload never ends), so a
         fresh tritonserver is the way back (docs/deploy.md). Dead means: Triton answers the
         model's `describe` request with an error while it says the model is loaded
-        (docker/model_probe.py `watch`, as the model image's launcher does)."""
+        (docker/model_probe.py `watch`, as the model image's launcher does). A tritonserver
+        that exits by itself once the stack was ready is restarted too: Triton sometimes
+        aborts when a stub dies holding a shared-memory lock (`boost::interprocess::
+        lock_exception`). One that exits before the stack was ever ready is left to `running`
+        (a start failure is not retried)."""
         url = self.config.triton_http_url
-        while model_probe.watch(url, TRITON_MODEL, self._watch_stop.wait):
-            print("[stack] the model's process died; restarting tritonserver", file=sys.stderr)
+        while True:
+            died = model_probe.watch(url, TRITON_MODEL, self._idle_while_triton_runs)
+            if self._watch_stop.is_set() or not (died or self._was_ready):
+                return
+            why = "the model's process died" if died else "tritonserver exited"
+            print(f"[stack] {why}; restarting tritonserver", file=sys.stderr)
             with self._restarting:
                 self.model_restarts += 1
                 self.start_triton()
 
+    def _idle_while_triton_runs(self, seconds: float) -> bool:
+        """The model watch's pause: True (stop watching) once stopping or tritonserver exited."""
+        return self._watch_stop.wait(seconds) or self.triton.poll() is not None
+
     def running(self) -> bool:
-        """Both servers run (a tritonserver the model watch is replacing counts as running)."""
+        """Both servers run; a tritonserver the model watch is replacing counts as running."""
         with self._restarting:
-            return all(proc.poll() is None for proc in (self.triton, self.proxy))
+            watched = self._watch is not None and self._watch.is_alive()
+            return self.proxy.poll() is None and (watched or self.triton.poll() is None)
 
     def start_proxy(self) -> None:
         """The proxy alone: in front of this stack's tritonserver, or (started this way
@@ -408,6 +422,7 @@ class Stack:
             if progress:
                 progress(time.monotonic() - started, triton == 200, proxy == 200)
             if proxy == 200 and self._listening_itself():
+                self._was_ready = True
                 return
             time.sleep(0.5)
         raise TimeoutError(
