@@ -225,9 +225,11 @@ def test_model_process_killed_under_load_then_restarted_by_the_watch(own_stack):
     print(f"\nstreams ended {max(ended):.2f} s after the model's process died")
     assert max(ended) < STREAMS_END_WITHIN_S  # far below the 60 s stream idle timeout
 
-    # Triton still says the model is ready; the proxy and the pod's probe know better.
-    assert status_of(f"{triton_url}/v2/models/qwen2_5_vl/ready") == 200
-    assert stack_launcher.model_probe.ask(triton_url, "qwen2_5_vl") is False
+    # Triton still says the model is ready (when it did not abort itself, as Triton 2.51 now
+    # and then does when a stub dies holding a shared-memory lock); the proxy and the pod's
+    # probe know better.
+    assert status_of(f"{triton_url}/v2/models/qwen2_5_vl/ready") in (200, None)
+    assert stack_launcher.model_probe.ask(triton_url, "qwen2_5_vl") is not True
     assert status_of(f"{base_url}/ready") == 503
     refused = chat(base_url, "anyone?", max_tokens=2)
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
