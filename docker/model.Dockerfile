@@ -47,7 +47,7 @@ RUN install -d -o triton-server -g triton-server /cache /cache/huggingface \
 # access to it; TRITON_INSTANCE_COUNT / TRITON_INSTANCE_KIND make triton_launch.py render a
 # copy under /tmp instead of editing it.
 COPY model_repository/ /models/
-COPY docker/triton_launch.py docker/fetch_weights.py /opt/qwen-vl/
+COPY docker/triton_launch.py docker/fetch_weights.py docker/model_probe.py /opt/qwen-vl/
 
 # 1000 is triton-server, the non-root user that the Triton image creates for this (numeric, so
 # Kubernetes runAsNonRoot can verify it).

@@ -16,6 +16,14 @@ each model's `instance_group [...]` with one group, points `--model-repository` 
 execs. Everything else in `config.pbtxt` (parameters included) is left as it is; model
 parameters already have their own environment overrides (QWEN_VL_<NAME>).
 
+Before it execs, it forks the model watch (model_probe.py `watch`): Triton 2.51 never restarts
+a decoupled model's Python-backend stub that died (the OOM killer, a crash in native code) and
+keeps calling the model ready, so when the model answers its `describe` request with an error
+twice within four questions the watch ends tritonserver, and the container's restart policy
+(Kubernetes; Compose's `restart: unless-stopped`) starts a fresh one that loads the model again.
+
+    TRITON_WATCH_MODEL      the model the watch asks (default qwen2_5_vl); "off" or empty: no watch
+
 Standard library only: it runs under the Triton image's system python3 before anything else.
 """
 
@@ -24,12 +32,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL")
 REPOSITORY_FLAGS = ("--model-repository", "--model-store")
 DEFAULT_RUNTIME_REPOSITORY = "/tmp/model_repository"
+DEFAULT_WATCHED_MODEL = "qwen2_5_vl"
+_OFF = ("", "0", "off", "false", "no")
 
 
 class LaunchError(ValueError):
@@ -162,6 +174,59 @@ def plan(argv: list[str], env) -> tuple[list[str], list[str]]:
     return argv, [f"model repository {source} -> {target}"] + lines
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `--name=value` or `--name value` in argv (the last one), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            value = arg[len(name) + 1 :]
+        elif arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def watch_target(argv: list[str], env) -> tuple[str, str] | None:
+    """(Triton HTTP url, model) for the model watch; None when TRITON_WATCH_MODEL turns it off
+    or the command serves no HTTP."""
+    model = env.get("TRITON_WATCH_MODEL", DEFAULT_WATCHED_MODEL).strip()
+    if model.lower() in _OFF:
+        return None
+    if (_flag(argv, "--allow-http") or "true").lower() in ("false", "0", "no", "off"):
+        return None
+    host = _flag(argv, "--http-address") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{_flag(argv, '--http-port') or 8000}", model
+
+
+def start_model_watch(url: str, model: str) -> None:
+    """Forks the watch; this process (tritonserver once exec'd: the same pid) goes on. When
+    the model died it SIGKILLs tritonserver (nothing of the dead model can drain; SIGTERM
+    would wait --exit-timeout-secs for an unload that never ends), or SIGTERMs it when it is
+    the container's init (pid 1 ignores SIGKILL from inside its namespace)."""
+    server = os.getpid()
+    if os.fork():
+        return
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import model_probe
+
+        def server_gone(seconds: float) -> bool:
+            time.sleep(seconds)
+            return os.getppid() != server
+
+        if model_probe.watch(url, model, server_gone):
+            print(
+                f"triton_launch: model {model} died (its process is gone); ending tritonserver "
+                "so that a fresh one is started",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(server, signal.SIGTERM if server == 1 else signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -171,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from exc
     for line in lines:
         print(f"triton_launch: {line}", file=sys.stderr, flush=True)
+    target = watch_target(command, os.environ)
+    if target is not None:
+        start_model_watch(*target)
     # exec: tritonserver replaces this process and receives SIGTERM from `docker stop` directly.
     os.execvp(command[0], command)
 

@@ -355,6 +355,32 @@ INTERNAL_ERROR = _entry(
     template="internal server error (request id {request_id})",
 )
 
+# ---- Triton's own errors (proxy/transport/backend.py model_error) ---------------------------
+
+# Triton reports its own failures only as text. These phrases, and only these, say that the
+# model cannot take requests right now; each becomes the error beside it (the first that
+# occurs in the message wins). The original text goes to the log only.
+TRITON_ERRORS: tuple[tuple[str, ErrorEntry], ...] = (
+    # The model's Python-backend stub process died (the OOM killer, a crash in native code):
+    # "Stub process '<model>_0_0' is not healthy." Triton 2.51 never restarts a decoupled
+    # model's stub, so this replica serves nothing until it is restarted (docs/deploy.md).
+    ("is not healthy", BACKEND_UNAVAILABLE),
+    ("Failed to obtain the health mutex", BACKEND_UNAVAILABLE),
+    # The server is stopping, or the model is unloaded, loading or being replaced.
+    ("Server is stopping", MODEL_UNAVAILABLE),
+    ("has no available versions", MODEL_UNAVAILABLE),
+    ("Request for unknown model", MODEL_UNAVAILABLE),
+    ("is not ready", MODEL_UNAVAILABLE),
+    ("Server not ready", MODEL_UNAVAILABLE),
+)
+
+
+def triton_error(message: str) -> ErrorEntry | None:
+    """The catalogue entry of one of Triton's own error messages; None when it is none of
+    `TRITON_ERRORS` (a model failure: the caller's 500)."""
+    return next((entry for phrase, entry in TRITON_ERRORS if phrase in message), None)
+
+
 # ---- stored state: files, stored responses, batches (proxy/state/) -----------------------
 
 # --no-state: the routes that need the database exist but cannot work.

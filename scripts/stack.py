@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
 TRITON_MODEL = "qwen2_5_vl"
 DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def _load_model_probe():
+    """docker/model_probe.py (the Triton pod's probe; standard library only) as a module."""
+    spec = importlib.util.spec_from_file_location("model_probe", ROOT / "docker" / "model_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_probe = _load_model_probe()
 
 
 def pytriton_home() -> Path | None:
@@ -195,6 +207,8 @@ class StackConfig:
     exit_timeout_s: int = 30
     # The proxy's --state-dir (its SQLite database); None: the proxy's own default.
     state_dir: Path | None = None
+    # Restart tritonserver when the model's process dies (`Stack.watch_model`).
+    watch_model: bool = False
 
     @property
     def proxy_url(self) -> str:
@@ -316,6 +330,11 @@ class Stack:
         self.config = config
         self.triton: subprocess.Popen | None = None
         self.proxy: subprocess.Popen | None = None
+        self.model_restarts = 0  # tritonservers the model watch restarted
+        self._watch_stop = threading.Event()
+        self._watch: threading.Thread | None = None
+        self._restarting = threading.Lock()  # held while the watch replaces tritonserver
+        self._was_ready = False  # wait_ready saw the whole stack ready once
         config.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton_log = config.log_dir / f"triton-{config.grpc_port}.log"
         self.proxy_log = config.log_dir / f"proxy-{config.proxy_port}.log"
@@ -323,6 +342,46 @@ class Stack:
     def start(self) -> None:
         self.start_triton()
         self.start_proxy()
+        if self.config.watch_model:
+            self.start_model_watch()
+
+    def start_model_watch(self) -> None:
+        """`watch_model` in a thread of its own, until `stop`."""
+        if self._watch is None:
+            self._watch = threading.Thread(target=self.watch_model, name="model-watch")
+            self._watch.start()
+
+    def watch_model(self) -> None:
+        """Until `stop`: restarts tritonserver when the model's process died. Triton 2.51 never
+        restarts a decoupled model's Python-backend stub and keeps reporting the model ready,
+        and a model whose stub died cannot be reloaded in place (its unload never ends), so a
+        fresh tritonserver is the way back (docs/deploy.md). Dead means: Triton answers the
+        model's `describe` request with an error while it says the model is loaded
+        (docker/model_probe.py `watch`, as the model image's launcher does). A tritonserver
+        that exits by itself once the stack was ready is restarted too: Triton sometimes
+        aborts when a stub dies holding a shared-memory lock (`boost::interprocess::
+        lock_exception`). One that exits before the stack was ever ready is left to `running`
+        (a start failure is not retried)."""
+        url = self.config.triton_http_url
+        while True:
+            died = model_probe.watch(url, TRITON_MODEL, self._idle_while_triton_runs)
+            if self._watch_stop.is_set() or not (died or self._was_ready):
+                return
+            why = "the model's process died" if died else "tritonserver exited"
+            print(f"[stack] {why}; restarting tritonserver", file=sys.stderr)
+            with self._restarting:
+                self.model_restarts += 1
+                self.start_triton()
+
+    def _idle_while_triton_runs(self, seconds: float) -> bool:
+        """The model watch's pause: True (stop watching) once stopping or tritonserver exited."""
+        return self._watch_stop.wait(seconds) or self.triton.poll() is not None
+
+    def running(self) -> bool:
+        """Both servers run; a tritonserver the model watch is replacing counts as running."""
+        with self._restarting:
+            watched = self._watch is not None and self._watch.is_alive()
+            return self.proxy.poll() is None and (watched or self.triton.poll() is None)
 
     def start_proxy(self) -> None:
         """The proxy alone: in front of this stack's tritonserver, or (started this way
@@ -364,6 +423,7 @@ class Stack:
             if progress:
                 progress(time.monotonic() - started, triton == 200, proxy == 200)
             if proxy == 200 and self._listening_itself():
+                self._was_ready = True
                 return
             time.sleep(0.5)
         raise TimeoutError(
@@ -380,6 +440,9 @@ class Stack:
     def stop(self, timeout: float = 40.0) -> None:
         """SIGTERM to both (the proxy drains, Triton unloads the model), then whatever is left
         of either process group, stubs included, is killed."""
+        self._watch_stop.set()
+        if self._watch is not None:
+            self._watch.join()
         started = [proc for proc in (self.proxy, self.triton) if proc is not None]
         for proc in started:
             if proc.poll() is None:
@@ -452,6 +515,7 @@ def main(argv=None) -> int:
         metrics_port=args.metrics_port,
         proxy_port=args.proxy_port,
         lazy_load=args.lazy_load,
+        watch_model=True,
     )
     taken = config.ports_taken()
     if taken:  # before anything starts: its readiness would be the other server's
@@ -474,7 +538,7 @@ def main(argv=None) -> int:
             f"[serve] Ctrl-C stops both",
             file=sys.stderr,
         )
-        while stack.triton.poll() is None and stack.proxy.poll() is None:
+        while stack.running():
             time.sleep(1)
         print("[serve] a server exited; stopping", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ from ..error_catalogue import (
     MODEL_UNAVAILABLE,
     SERVER_BUSY,
     APIError,
+    triton_error,
 )
 from ..observability.tracing import REQUEST_ID, end_child, start_child, trace_headers
 from .contract import (
@@ -46,24 +47,23 @@ from .contract import (
     decode_error,
     decode_timings,
 )
+from .liveness import LivenessWatch, Verdicts
 
 log = logging.getLogger("proxy.backend")
 
-# Triton's own words when the model cannot take requests right now: the server is stopping,
-# or the model is unloaded, loading or being replaced.
-_TRITON_UNAVAILABLE = (
-    "Server is stopping",
-    "has no available versions",
-    "Request for unknown model",
-    "is not ready",
-    "Server not ready",
-)
 # gRPC backs off between reconnection attempts up to 120 s by default, so a proxy would
 # take up to two minutes to notice a restarted tritonserver; a few seconds is plenty.
 _MAX_RECONNECT_BACKOFF_MS = 2000
 
 # The model answers `describe` in its execute loop, which a busy CPU engine can hold up.
 _DESCRIBE_TIMEOUT_S = 10.0
+# Asking whether the model lives (liveness.py, readiness): a dead model's answer takes
+# Triton's stub health check (one second); a slower answer is a busy model, no verdict. With
+# the readiness check's own timeout it stays within the 4 s the proxy's probes allow.
+_PROBE_TIMEOUT_S = 2.0
+# How long readiness trusts the model's last "alive": an idle model's death shows on /ready
+# within this (streams find it within seconds, and readiness sees their verdict at once).
+_READY_FRESH_S = 5.0
 
 # Without this Triton drops the model's empty FINAL-flag response, and the proxy could not
 # tell "done" from "more to come" when the last text response was not flagged final.
@@ -174,6 +174,8 @@ class TritonBackend:
     def __init__(self, url: str, *, ready_timeout_s: float = 2.0) -> None:
         self._client = grpcclient_aio.InferenceServerClient(url, channel_args=channel_args())
         self._ready_timeout_s = ready_timeout_s
+        self._verdicts = Verdicts(self._ask_whether_alive)
+        self._liveness = LivenessWatch(self.lives)
 
     async def generate(
         self, request: TritonRequest, request_id: str
@@ -189,16 +191,19 @@ class TritonBackend:
         responses = self._client.stream_infer(outgoing, headers=trace or None)
         completed = False
         failure: BaseException | None = None
+        watched = None
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise model_error(error, request_id)
-                chunk = parse_response(result)
-                completed = is_final_response(result, chunk)
-                if chunk is not None:
-                    yield chunk
-                if completed:
-                    return
+            with self._liveness.watching(request.model, responses.cancel) as watched:
+                async for result, error in responses:
+                    watched.heard()
+                    if error is not None:
+                        raise self._failure(request.model, error, request_id)
+                    chunk = parse_response(result)
+                    completed = is_final_response(result, chunk)
+                    if chunk is not None:
+                        yield chunk
+                    if completed:
+                        return
             log.error("request %s: Triton closed the stream before the final response", request_id)
             failure = INTERNAL_ERROR(request_id=request_id)
             raise failure
@@ -209,6 +214,13 @@ class TritonBackend:
         except APIError as exc:
             failure = exc
             raise
+        except asyncio.CancelledError:
+            # The liveness watchdog cancelled the call (its model process died), not the
+            # request's task: the client gets a 503 it may retry.
+            if watched is not None and watched.dead and not _task_cancelling():
+                failure = BACKEND_UNAVAILABLE()
+                raise failure from None
+            raise
         finally:
             # Ends the request iterator, so a completed stream half-closes normally; anything
             # else (client gone, error) cancels it and Triton tells the model to stop.
@@ -216,6 +228,13 @@ class TritonBackend:
             if not completed:
                 responses.cancel()
             end_child(span, failure)
+
+    def _failure(self, model: str, error: InferenceServerException, request_id: str) -> APIError:
+        """`model_error`; one that says the model's process is gone is also a verdict."""
+        failure = model_error(error, request_id)
+        if failure.code == BACKEND_UNAVAILABLE.code:
+            self._verdicts.record(model, alive=False)
+        return failure
 
     async def _requests(
         self,
@@ -235,13 +254,34 @@ class TritonBackend:
         await finished.wait()
 
     async def is_ready(self, model: str) -> bool:
+        """Triton has the model loaded and its process lives: Triton's own readiness stays
+        true after the model's stub died."""
         try:
-            return bool(
-                await self._client.is_model_ready(model, client_timeout=self._ready_timeout_s)
-            )
+            loaded = await self._client.is_model_ready(model, client_timeout=self._ready_timeout_s)
         except Exception as exc:  # readiness is a yes/no question; the reason goes to the log
             log.debug("readiness check failed: %s", exc)
             return False
+        return bool(loaded) and await self._verdicts.lives(model, _READY_FRESH_S)
+
+    async def lives(self, model: str) -> bool:
+        """Whether the model's process lives, as its last answer said (`Verdicts`)."""
+        return await self._verdicts.lives(model)
+
+    async def _ask_whether_alive(self, model: str) -> bool | None:
+        """False when the model answers a `describe` request with Triton's word that its
+        process is gone (`BACKEND_UNAVAILABLE` in `TRITON_ERRORS`), or Triton cannot be
+        reached; True for any other answer; None (no verdict) for a slow one."""
+        try:
+            _, error = await self._ask_describe(model, _PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return None
+        except grpc.RpcError as exc:
+            log.warning("model %s cannot be asked: %s", model, _rpc_summary(exc))
+            return False
+        if error is not None and triton_error(error.message() or "") is BACKEND_UNAVAILABLE:
+            log.warning("model %s does not live: %s", model, error.message())
+            return False
+        return True
 
     async def repository_index(self) -> dict[str, str]:
         index = await self._client.get_model_repository_index(
@@ -258,32 +298,43 @@ class TritonBackend:
             raise MODEL_LOAD_FAILED() from None
 
     async def describe(self, model: str) -> ModelLimits | None:
+        try:
+            result, error = await self._ask_describe(model, _DESCRIBE_TIMEOUT_S)
+        except (grpc.RpcError, TimeoutError):
+            raise BACKEND_UNAVAILABLE() from None
+        if error is not None:
+            message = error.message() or ""
+            entry = triton_error(message) if decode_error(message) is None else None
+            if entry is not None:
+                raise entry()
+            # an older model that has no `describe` input, or a model error
+            log.warning("model %r did not describe its limits: %s", model, error)
+            return None
+        text = None if result is None else result.as_numpy(Output.TEXT_OUTPUT)
+        return ModelLimits.decode(_first_text(text)) if _has_items(text) else None
+
+    async def _ask_describe(
+        self, model: str, timeout_s: float
+    ) -> tuple[grpcclient.InferResult | None, InferenceServerException | None]:
+        """The model's first answer to a `describe` request, (None, None) when it sent none;
+        raises grpc.RpcError or TimeoutError."""
         finished = asyncio.Event()
         inputs = [_bool_input(DESCRIBE_INPUT, True)]
         responses = self._client.stream_infer(
             self._requests(model, inputs, f"describe-{model}", finished)
         )
         try:
-            async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 async for result, error in responses:
-                    if error is not None:
-                        reported = decode_error(error.message() or "")
-                        if reported is None and _is_triton_unavailable(error.message() or ""):
-                            raise MODEL_UNAVAILABLE()
-                        # an older model that has no `describe` input, or a model error
-                        log.warning("model %r did not describe its limits: %s", model, error)
-                        return None
-                    text = result.as_numpy(Output.TEXT_OUTPUT)
-                    if _has_items(text):
-                        return ModelLimits.decode(_first_text(text))
-        except (grpc.RpcError, TimeoutError):
-            raise BACKEND_UNAVAILABLE() from None
+                    return result, error
         finally:
             finished.set()
             responses.cancel()
-        return None
+        return None, None
 
     async def close(self) -> None:
+        await self._liveness.close()
+        self._verdicts.close()
         await self._client.close()
 
 
@@ -519,7 +570,8 @@ def model_error(error: InferenceServerException, request_id: str) -> APIError:
     (`model_contract`): a request error (written for clients) becomes a 400, busy or
     unavailable a 503 with Retry-After, not_found (an unknown LoRA adapter) a 404, internal a
     generic 500. Triton's own errors are only text: its phrases for a model that cannot take
-    requests become 503, anything else 500.
+    requests become 503 (`TRITON_ERRORS`: a dead model process `backend_unavailable`, an
+    unloaded or stopping one `model_unavailable`), anything else 500.
     Only the log gets the original text."""
     message = error.message() or ""
     reported = decode_error(message)
@@ -530,15 +582,17 @@ def model_error(error: InferenceServerException, request_id: str) -> APIError:
     if reported is not None and reported.kind in ("busy", "unavailable"):
         log.warning("request %s: model %s: %s", request_id, reported.kind, reported.message)
         return SERVER_BUSY() if reported.kind == "busy" else MODEL_UNAVAILABLE()
-    if reported is None and _is_triton_unavailable(message):
+    entry = triton_error(message) if reported is None else None
+    if entry is not None:
         log.warning("request %s: model unavailable: %s", request_id, message)
-        return MODEL_UNAVAILABLE()
+        return entry()
     log.error("request %s: model error: %s", request_id, message)
     return INTERNAL_ERROR(request_id=request_id)
 
 
-def _is_triton_unavailable(message: str) -> bool:
-    return any(phrase in message for phrase in _TRITON_UNAVAILABLE)
+def _task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def client_error(reported: ModelError) -> APIError:

@@ -12,6 +12,7 @@ from tritonclient.grpc import model_config_pb2
 
 launch = load_script("triton_launch")
 fetch = load_script("fetch_weights")
+probe = load_script("model_probe")
 
 KIND = model_config_pb2.ModelInstanceGroup.Kind
 
@@ -144,16 +145,65 @@ def test_main_execs_tritonserver_and_reports_bad_settings(
 ):
     calls = []
     monkeypatch.setattr(launch.os, "execvp", lambda file, args: calls.append((file, args)))
+    watches = []
+    monkeypatch.setattr(launch, "start_model_watch", lambda *target: watches.append(target))
     monkeypatch.delenv("TRITON_INSTANCE_COUNT", raising=False)
     monkeypatch.delenv("TRITON_INSTANCE_KIND", raising=False)
+    monkeypatch.delenv("TRITON_WATCH_MODEL", raising=False)
     launch.main(["tritonserver", f"--model-repository={repository}"])
     assert calls == [("tritonserver", ["tritonserver", f"--model-repository={repository}"])]
+    assert watches == [("http://127.0.0.1:8000", "qwen2_5_vl")]  # forked before the exec
 
     monkeypatch.setenv("TRITON_INSTANCE_COUNT", "-1")
     with pytest.raises(SystemExit) as exit_info:
         launch.main(["tritonserver", f"--model-repository={repository}"])
     assert exit_info.value.code == 2 and "TRITON_INSTANCE_COUNT" in capsys.readouterr().err
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, env, target",
+    [
+        ([], {}, ("http://127.0.0.1:8000", "qwen2_5_vl")),
+        (
+            ["--http-port=8100", "--http-address=0.0.0.0"],
+            {},
+            ("http://127.0.0.1:8100", "qwen2_5_vl"),
+        ),
+        (
+            ["--http-port", "8200", "--http-address", "10.0.0.5"],
+            {},
+            ("http://10.0.0.5:8200", "qwen2_5_vl"),
+        ),
+        (["--http-address=::1"], {"TRITON_WATCH_MODEL": " other "}, ("http://[::1]:8000", "other")),
+        ([], {"TRITON_WATCH_MODEL": "off"}, None),
+        ([], {"TRITON_WATCH_MODEL": ""}, None),
+        (["--allow-http=false"], {}, None),
+    ],
+)
+def test_the_model_watch_asks_tritons_http_endpoint(flags, env, target):
+    argv = ["tritonserver", "--model-repository=/models", *flags]
+    assert launch.watch_target(argv, env) == target
+
+
+# --- model_probe's watch ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "deaths, believed",
+    [
+        ([True, True], True),  # one instance, dead
+        ([True, False, True], True),  # one dead instance of two answers every other question
+        ([True, False, False, False, True, False, False, False], False),  # isolated errors
+        ([False] * 8, False),
+    ],
+)
+def test_the_watch_believes_a_death_seen_twice_within_four_checks(monkeypatch, deaths, believed):
+    answers = iter(deaths)
+    monkeypatch.setattr(probe, "died", lambda url, model: next(answers))
+    checks = iter(range(len(deaths)))
+    stop = lambda seconds: next(checks, None) is None  # noqa: E731 (no waiting)
+    assert probe.watch("http://triton:8000", "m", stop) is believed
 
 
 # --- fetch_weights -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from deploy_files import (
     PROXY_DOCKERFILE,
     ROOT,
     container_env,
+    copies,
     env_values,
     exec_form,
     flag_value,
@@ -146,19 +147,23 @@ def test_triton_requests_a_gpu():
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
 
 
-def test_triton_probes_are_its_http_health_endpoints():
+def test_triton_probes_wait_for_the_load_then_ask_the_model_itself():
     triton = _container(_triton(), "triton")
-    expected = {
-        "startupProbe": "/v2/health/ready",
-        "readinessProbe": "/v2/health/ready",
-        "livenessProbe": "/v2/health/live",
-    }
-    for probe, path in expected.items():
-        get = triton[probe]["httpGet"]
-        assert get["path"] == path and _port(triton, get["port"]) == 8000, (probe, get)
+    get = triton["startupProbe"]["httpGet"]
+    assert get["path"] == "/v2/health/ready" and _port(triton, get["port"]) == 8000, get
     # The startup probe covers a first load (minutes): at least the 30 minutes compose allows.
     startup = triton["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+    # Triton's own health endpoints stay 200 after the model's process died: readiness and
+    # liveness run the model probe the image carries, within the probe's own timeout.
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = triton[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "/opt/qwen-vl/model_probe.py"], (probe, command)
+        assert float(command[command.index("--timeout") + 1]) < triton[probe]["timeoutSeconds"]
+    assert any(
+        "docker/model_probe.py" in sources and dest.rstrip("/") == "/opt/qwen-vl"
+        for sources, dest in copies(MODEL_DOCKERFILE)
+    )
 
 
 def test_triton_has_time_to_drain_before_sigkill():

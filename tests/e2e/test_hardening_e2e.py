@@ -8,8 +8,12 @@
   started ends with [DONE].
 - tritonserver killed mid-stream: an SSE error event and [DONE], /ready 503, its model stub
   gone with it; restarted on the same ports, the same proxy process serves again.
+- The model's process (its Python-backend stub) killed under load, while tritonserver lives
+  on and calls the model ready: the streams end with an SSE error event and [DONE] within
+  seconds, /ready and new requests get 503 backend_unavailable, and the launcher's model
+  watch restarts tritonserver, after which the same proxy serves again.
 
-The last two use a stack of their own (this module's), never the session's, so killing its
+The last three use a stack of their own (this module's), never the session's, so killing its
 tritonserver breaks no other test.
 """
 
@@ -17,6 +21,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import time
 
 import pytest
 import requests
@@ -29,6 +34,11 @@ SERVED = "qwen2.5-vl-7b-instruct"
 IN_FLIGHT_CAP = 2
 # Sampled at temperature 2, the tiny random model talks for seconds before its EOS.
 LONG = {"max_tokens": 2000, "temperature": 2.0, "seed": 7}
+# Until the test ends it: 2000 tokens take over a minute here.
+ENDLESS = {"max_tokens": 2000, "ignore_eos": True}
+# Generous for a loaded CI machine; measured about 2 s. Before the liveness watchdog these
+# streams ended only at the proxy's stream idle timeout (60 s).
+STREAMS_END_WITHIN_S = 30
 
 
 def chat(base_url, content, *, stream=False, timeout=120, **fields):
@@ -176,3 +186,64 @@ def test_tritonserver_killed_mid_stream_then_restarted(own_stack):
     response = chat(base_url, "back again", max_tokens=4)
     assert response.status_code == 200, response.text
     assert own_stack.proxy.pid == proxy_pid and own_stack.proxy.poll() is None
+
+
+def stub_of(stack) -> int:
+    """The pid of the model's Python-backend stub under `stack`'s tritonserver."""
+    for pid in stack_launcher.group_members(stack.triton.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if cmdline.read().split(b"\0")[0].endswith(b"triton_python_backend_stub"):
+                return pid
+    raise AssertionError("no model stub in tritonserver's process group")
+
+
+def test_model_process_killed_under_load_then_restarted_by_the_watch(own_stack):
+    base_url = own_stack.config.proxy_url
+    restarts = own_stack.model_restarts
+    # Streams at the proxy's cap, each past its first tokens (they would run for minutes).
+    streams = [
+        chat(base_url, f"stream {i}", stream=True, **ENDLESS, seed=i) for i in range(IN_FLIGHT_CAP)
+    ]
+    readers = []
+    for response in streams:
+        assert response.status_code == 200
+        lines = (line for line in response.iter_lines() if line)
+        assert all(next(lines).startswith(b"data: {") for _ in range(3))
+        readers.append(lines)
+    triton_url = own_stack.config.triton_http_url
+    assert stack_launcher.model_probe.ask(triton_url, "qwen2_5_vl") is True  # the pod's probe
+    os.kill(stub_of(own_stack), signal.SIGKILL)  # as the OOM killer does
+    killed = time.monotonic()
+    ended = []
+    for response, lines in zip(streams, readers):
+        with response:
+            rest = sse_line_payloads(lines)
+        ended.append(time.monotonic() - killed)
+        assert rest[-1] == "[DONE]"
+        error = rest[-2]["error"]
+        assert error["code"] == "backend_unavailable" and error["type"] == "service_unavailable"
+    print(f"\nstreams ended {max(ended):.2f} s after the model's process died")
+    assert max(ended) < STREAMS_END_WITHIN_S  # far below the 60 s stream idle timeout
+
+    # Triton still says the model is ready (when it did not abort itself, as Triton 2.51 now
+    # and then does when a stub dies holding a shared-memory lock); the proxy and the pod's
+    # probe know better.
+    assert status_of(f"{triton_url}/v2/models/qwen2_5_vl/ready") in (200, None)
+    assert stack_launcher.model_probe.ask(triton_url, "qwen2_5_vl") is not True
+    assert status_of(f"{base_url}/ready") == 503
+    refused = chat(base_url, "anyone?", max_tokens=2)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "backend_unavailable"
+    assert "Stub" not in refused.text
+
+    # The launcher's model watch (on from the start in `scripts/stack.py`) brings it back.
+    watching = time.monotonic()
+    own_stack.start_model_watch()
+    wait_until(lambda: status_of(f"{base_url}/ready") == 200, timeout=240, step=0.2)
+    response = chat(base_url, "back again", max_tokens=4)
+    assert response.status_code == 200, response.text
+    assert own_stack.model_restarts == restarts + 1
+    print(
+        f"serving again {time.monotonic() - watching:.1f} s after the watch started "
+        f"({time.monotonic() - killed:.1f} s after the death)"
+    )

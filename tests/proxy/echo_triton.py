@@ -32,26 +32,38 @@ def _backend_dir(server_dir: Path, root: Path) -> Path:
     return root / "backends"
 
 
+def echo_server_command(server_dir: Path, root: Path) -> list[str]:
+    """tritonserver over a copy of the echo model under `root` (ports and the rest: the
+    caller's flags)."""
+    shutil.copytree(ECHO_MODEL_DIR, root / "models" / "echo")
+    return [
+        str(server_dir / "bin" / "tritonserver"),
+        f"--model-repository={root / 'models'}",
+        f"--backend-directory={_backend_dir(server_dir, root)}",
+    ]
+
+
+def echo_server_env(server_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # The stub finds its Python through PATH, and its bundled libs through the wheel's libs dir.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libs = server_dir.parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+    return env
+
+
 @contextlib.contextmanager
 def echo_tritonserver(root: Path, *extra_args: str, ready_model: str | None = "echo"):
     """A tritonserver with the echo model on loopback; yields its gRPC url."""
     server_dir = pytriton_home()
     if server_dir is None:
         pytest.skip("tritonserver binary (nvidia-pytriton wheel) not installed")
-    shutil.copytree(ECHO_MODEL_DIR, root / "models" / "echo")
     port = free_port()
-    env = dict(os.environ)
-    # The stub finds its Python through PATH, and its bundled libs through the wheel's libs dir.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    libs = server_dir.parent.parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = f"{libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
     log_path = root / "tritonserver.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [
-                str(server_dir / "bin" / "tritonserver"),
-                f"--model-repository={root / 'models'}",
-                f"--backend-directory={_backend_dir(server_dir, root)}",
+                *echo_server_command(server_dir, root),
                 "--allow-http=false",
                 "--allow-metrics=false",
                 "--grpc-address=127.0.0.1",
@@ -62,7 +74,7 @@ def echo_tritonserver(root: Path, *extra_args: str, ready_model: str | None = "e
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=echo_server_env(server_dir),
             start_new_session=True,  # its stubs join its process group, ended with it
         )
     url = f"127.0.0.1:{port}"

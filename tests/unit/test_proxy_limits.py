@@ -286,6 +286,8 @@ def test_api_key_problems_are_startup_errors(tmp_path):
             503,
             "model_unavailable",
         ),
+        # The model's Python-backend stub died (SIGKILL, OOM): this replica cannot serve.
+        ("Stub process 'qwen2_5_vl_0_0' is not healthy.", 503, "backend_unavailable"),
         ("internal error while generating (request id r1)", 500, "internal_error"),
         ("Traceback ... File /opt/x.py at 0x7f00deadbeef", 500, "internal_error"),
     ],

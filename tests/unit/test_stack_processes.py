@@ -132,3 +132,33 @@ def test_its_own_proxy_answering_is_ready():
         assert stack.group_listens_on(running.proxy.pid, running.config.proxy_port)
     finally:
         running.stop(timeout=5)
+
+
+@pytest.mark.parametrize("was_ready", [True, False])
+def test_the_model_watch_restarts_a_tritonserver_that_exited_only_after_it_served(
+    monkeypatch, tmp_path, was_ready
+):
+    """A tritonserver that exits by itself (Triton can abort when a model's stub dies) is
+    restarted once the stack had been ready; one that never was stops the stack as before."""
+    monkeypatch.setattr(stack.model_probe, "WATCH_EVERY_S", 0.01)
+    running = stack.Stack(stack.loopback_config(str(tmp_path), log_dir=tmp_path))
+    started = []
+
+    def start_triton():
+        started.append(running.triton)
+        running.triton = subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+    monkeypatch.setattr(running, "start_triton", start_triton)
+    running.triton = subprocess.Popen(["true"], start_new_session=True)  # exits at once
+    running.proxy = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    running._was_ready = was_ready
+    try:
+        running.start_model_watch()
+        wait_until(lambda: started or not running._watch.is_alive(), timeout=10)
+        assert running.model_restarts == int(was_ready) and len(started) == int(was_ready)
+        if was_ready:
+            assert running.running() and running.triton.poll() is None
+        else:
+            assert not running.running()
+    finally:
+        running.stop(timeout=5)
