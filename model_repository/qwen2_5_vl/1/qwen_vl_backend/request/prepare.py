@@ -44,6 +44,8 @@ class RawRequest:
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # None: false for messages, true for text_input
     return_token_strs: bool = False
+    lora: str | None = None  # the LoRA adapter's served name; None or empty: the base weights
+    lora_path: str | None = None  # load_lora: the adapter's directory
 
 
 @dataclass
