@@ -145,6 +145,7 @@ class _Request:
     ):
         self.prepared = prepared
         self.adapter = adapter  # its LoRA adapter; None: the base weights
+        self.adapter_slot: int | None = None  # the slot it pinned at admission
         self.arrived = arrived
         self.priority = priority
         self.grammar = grammar  # its `structured` constraint, compiled
@@ -932,7 +933,8 @@ class BatchingEngine:
                 self._adapter_wait = True
                 break  # its adapter is being read, or every slot is pinned
             room -= n
-            admitted.append(self._admit(waiting.pop(0), adapter_slot))
+            waiting[0].adapter_slot = adapter_slot
+            admitted.append(self._admit(waiting.pop(0)))
         if admitted and priority is Priority.BATCH:
             self.stats.largest_batch_priority_slots = max(
                 self.stats.largest_batch_priority_slots, self._slots_held(priority)
@@ -992,7 +994,7 @@ class BatchingEngine:
             work.planned += stages
         return stages * stage_cost
 
-    def _admit(self, request: _Request, adapter_slot: int | None = None) -> _Sequence:
+    def _admit(self, request: _Request) -> _Sequence:
         with self._lock:
             self._unadmitted[request.priority] -= 1
         self._observe.admitted(request.priority)
@@ -1009,7 +1011,12 @@ class BatchingEngine:
         slot, reused = self._slots.take(_content(request, prepared.prompt_tokens))
         matcher = None if request.grammar is None else request.grammar.matcher()
         sequence = _Sequence(
-            request, self._checkpoint, sampler, slot, matcher=matcher, adapter_slot=adapter_slot
+            request,
+            self._checkpoint,
+            sampler,
+            slot,
+            matcher=matcher,
+            adapter_slot=request.adapter_slot,
         )
         if prepared.sampling.prompt_logprobs is not None:
             reused = 0  # every prompt position's logits are wanted: the whole prompt runs
