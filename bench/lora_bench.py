@@ -14,14 +14,22 @@ Modes alternate within every round, so a load change on a shared machine hits ea
 Reported per mode: output tokens per second over the level's wall time (median of the rounds)
 and inter-token latency p50; then the ratios to `base` (the issue's target: lora-mixed ≥ 0.8x).
 
+`--forward-only` times the text forward of one decode step alone (c rows, `--cached` tokens in
+each slot; no engine, no sampling) on the adapter engine's decoder: no adapter row, every row on
+one adapter, the four mixed evenly (segments, the eager form), and the four mixed as a compiled
+step computes them (one masked GEMM pair over every slot), calls interleaved; the fastest call
+of each is the least disturbed on a shared machine.
+
     python bench/lora_bench.py                      # c=8, 3 rounds
     python bench/lora_bench.py --rounds 5 --rank 8
+    python bench/lora_bench.py --forward-only
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -36,9 +44,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import stack  # noqa: E402
 import torch  # noqa: E402
-from engine_step_bench import SLOT_TOKENS, TimingSink, request  # noqa: E402
+from engine_step_bench import SLOT_TOKENS, TimingSink, request, timed_calls  # noqa: E402
 
 from qwen_vl_backend.engine.batching import BatchingEngine  # noqa: E402
+from qwen_vl_backend.engine.kv_cache import SlotKVCache, StepLayout  # noqa: E402
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint  # noqa: E402
 from qwen_vl_backend.settings import ModelSettings  # noqa: E402
 
@@ -84,6 +93,35 @@ def run_level(engine, concurrency: int, words: int, max_tokens: int, adapters):
     return gaps, sum(s.tokens for s in sinks) / elapsed
 
 
+def forward_only(engine, concurrency: int, cached: int, rounds: int) -> dict[str, list[float]]:
+    """Every call's seconds of one decode step's text forward, per adapter mix."""
+    decoder = engine._text_forward
+    model = engine._checkpoint.model
+    cache = SlotKVCache.for_model(model, concurrency, cached + 1)
+    with torch.inference_mode():
+        embeds = model.get_input_embeddings()(torch.arange(concurrency) + 5)
+    positions = torch.full((3, concurrency), cached)
+    layout = StepLayout(list(range(concurrency)), [cached + 1] * concurrency, [], "cpu")
+    rows = list(range(concurrency))
+    mixed = torch.arange(concurrency) * len(ADAPTERS) // concurrency  # sorted, as the engine
+    mixes = {
+        "base": None,
+        "one adapter": torch.zeros(concurrency, dtype=torch.long),
+        "four mixed": mixed,
+        "four mixed, masked": mixed,
+    }
+    times: dict[str, list[float]] = {mix: [] for mix in mixes}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for mix, slots in mixes.items():
+                kwargs = {} if slots is None else {"lora_slots": slots}
+                decoder.buckets = [concurrency] if mix.endswith("masked") else []
+                call = functools.partial(decoder, embeds, positions, layout, cache, rows, **kwargs)
+                times[mix].extend(timed_calls(call, 20))
+    decoder.buckets = []
+    return times
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="checkpoint (default: the bench preset)")
@@ -92,6 +130,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-words", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--forward-only", action="store_true", help="time the text forward alone")
+    parser.add_argument("--cached", type=int, default=512, help="cached tokens per row")
     args = parser.parse_args(argv)
     model = args.model or stack.tiny_checkpoint("bench")
     print(
@@ -112,10 +152,22 @@ def main(argv=None) -> None:
             max_loras=len(adapters),
             max_lora_rank=args.rank,
         )
+        lora_engine = BatchingEngine(load_checkpoint(model, "cpu", "float32"), lora_settings)
+        if args.forward_only:
+            times = forward_only(lora_engine, args.concurrency, args.cached, args.rounds * 5)
+            lora_engine.shutdown(30)
+            fastest = min(times["base"])
+            for mix, seconds in times.items():
+                print(
+                    f"{mix:20s} forward fastest {1e3 * min(seconds):7.2f} ms  median "
+                    f"{1e3 * statistics.median(seconds):7.2f} ms  x{fastest / min(seconds):.2f} "
+                    "of base (fastest)"
+                )
+            return
         engines = {
             "base": BatchingEngine(load_checkpoint(model, "cpu", "float32"), base_settings),
+            "lora": lora_engine,
         }
-        engines["lora"] = BatchingEngine(load_checkpoint(model, "cpu", "float32"), lora_settings)
         modes = {
             "base": (engines["base"], [None]),
             "base+lora-engine": (engines["lora"], [None]),

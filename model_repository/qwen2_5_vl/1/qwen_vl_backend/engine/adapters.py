@@ -218,6 +218,9 @@ class AdapterRegistry:
             error = None if weights.digest == adapter.digest else "its weights changed on disk"
         except RequestError as exc:
             weights, error = None, exc.message
+        except Exception as exc:  # e.g. no device memory left: its requests fail, not the loader
+            log.exception("reading LoRA adapter %s failed", adapter.name)
+            weights, error = None, type(exc).__name__
         with self._lock:
             adapter.staging = False
             if error is None:

@@ -166,6 +166,10 @@ def _arrival(request: _Request) -> float:
     return request.arrived
 
 
+def _lora_slot(sequence: _Sequence) -> int:
+    return sequence.lora_slot
+
+
 class _Sequence:
     """One choice being generated: its slot, sampler, grammar matcher and where it stands;
     `stream` assembles its text on the sender thread."""
@@ -868,6 +872,8 @@ class BatchingEngine:
         prefill is paid first and batch prefill gets what it leaves. A quarter of the budget is
         kept for prefill work however many sequences decode, so arrivals always make progress."""
         decode = [s for s in self._running if not s.prefilling]
+        if any(s.lora_slot >= 0 for s in decode):  # each adapter's rows in one segment
+            decode.sort(key=_lora_slot)
         budget = max(self._step_tokens - len(decode), self._step_tokens // 4)
         step = _Step(decode, [], [])
         self._adapter_wait = False

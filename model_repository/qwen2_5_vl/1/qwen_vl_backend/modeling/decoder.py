@@ -31,7 +31,7 @@ from torch import nn
 
 from ..engine.kv_cache import SlotKVCache, StepLayout, attend, layer_devices
 from . import cpu_linear
-from .lora import TextLora, lora_delta
+from .lora import TextLora, add_lora
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class LeanDecoder:
         x = rms_norm(hidden, norm, self.eps)
         fused = self.linear(x, qkv, qkv_bias)
         if lora is not None:
-            fused = fused + lora_delta(x, *lora)
+            fused = add_lora(fused, x, lora)
         qk, v = fused.split([qk_heads * dim, self.kv_heads * dim], dim=-1)
         q, k = rotate(qk.view(count, qk_heads, dim), cos, sin).split(
             [self.heads, self.kv_heads], dim=1
@@ -319,11 +319,11 @@ class LeanDecoder:
             gate, up = self.linear(rms_norm(hidden, post_norm, self.eps), gate_up).chunk(2, dim=-1)
             return hidden + self.linear(F.silu(gate) * up, down)
         o_lora, gate_up_lora, down_lora = lora
-        hidden = hidden + (self.linear(attended, o) + lora_delta(attended, *o_lora))
+        hidden = hidden + add_lora(self.linear(attended, o), attended, o_lora)
         x = rms_norm(hidden, post_norm, self.eps)
-        gate, up = (self.linear(x, gate_up) + lora_delta(x, *gate_up_lora)).chunk(2, dim=-1)
+        gate, up = add_lora(self.linear(x, gate_up), x, gate_up_lora).chunk(2, dim=-1)
         x = F.silu(gate) * up
-        return hidden + (self.linear(x, down) + lora_delta(x, *down_lora))
+        return hidden + add_lora(self.linear(x, down), x, down_lora)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

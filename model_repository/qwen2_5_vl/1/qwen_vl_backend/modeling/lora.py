@@ -32,6 +32,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -283,10 +284,51 @@ class LoraStack:
         rows = slots * self.parts * self.rank
         return self.a[:rows], self.b[:rows]
 
+    def slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of one slot (views)."""
+        width = self.parts * self.rank
+        return self.a[slot * width : (slot + 1) * width], self.b[slot * width : (slot + 1) * width]
+
 
 def lora_delta(x: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """Σ over slots of each row's own adapter product (module docstring)."""
     return torch.where(mask, x @ a.t(), 0.0) @ b
+
+
+class Masked(NamedTuple):
+    """An eager step's rows on several adapters: `lora_delta` over the slots up to the highest
+    used, added in place."""
+
+    mask: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora) -> torch.Tensor:
+    """`y` (the base product of `x`) plus each row's adapter product. `lora` is one of
+    - a tuple (mask, A, B) over every slot: `lora_delta`, static shapes (a compiled step);
+    - `Masked`: the same over the slots in use, in place (an eager step with several adapters:
+      three ops per target however many adapters it holds);
+    - a list of segments (start, stop, A, B): rows start…stop-1 all use that slot's adapter
+      (an eager step with one adapter: two GEMMs over its rows and its slot only, in place)."""
+    if isinstance(lora, Masked):
+        return y.addmm_(torch.where(lora.mask, x @ lora.a.t(), 0.0), lora.b)
+    if isinstance(lora, tuple):
+        return y + lora_delta(x, *lora)
+    for start, stop, a, b in lora:
+        y[start:stop].addmm_(x[start:stop] @ a.t(), b)
+    return y
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(start, stop, slot) of each run of equal adapter slots, base rows (-1) left out."""
+    runs, start = [], 0
+    for row in range(1, len(slots) + 1):
+        if row == len(slots) or slots[row] != slots[start]:
+            if slots[start] >= 0:
+                runs.append((start, row, slots[start]))
+            start = row
+    return runs
 
 
 def row_masks(slots_of_rows: torch.Tensor, slots: int, rank: int, parts=(1, 2, 3)):
@@ -318,9 +360,20 @@ class TextLora:
                 stacks[target].install(slot, pairs, weights.scaling)
 
     def step(self, slots_of_rows: torch.Tensor, padded_rows: int, full: bool):
-        """Per layer, the (mask, A, B) of qkv, o, gate_up and down for a step whose rows use
-        these slots (-1: base), padded with base rows to `padded_rows`. `full`: over every slot
-        (a compiled step's static shapes); else over the slots up to the highest one used."""
+        """Per layer, what `add_lora` takes for qkv, o, gate_up and down in a step whose rows
+        use these slots (-1: base), padded with base rows to `padded_rows`. `full` (a compiled
+        step): (mask, A, B) over every slot, static shapes; else the segments of equal slots."""
+        targets = ("qkv", "o", "gate_up", "down")
+        if not full:
+            runs = _runs(slots_of_rows.tolist())
+            if len({slot for _, _, slot in runs}) == 1:
+                return [
+                    tuple(
+                        [(start, stop, *stacks[t].slot(slot)) for start, stop, slot in runs]
+                        for t in targets
+                    )
+                    for stacks in self.layers
+                ]
         used = self.slots if full else int(slots_of_rows.max()) + 1
         if padded_rows > len(slots_of_rows):
             pad = slots_of_rows.new_full((padded_rows - len(slots_of_rows),), -1)
@@ -332,11 +385,9 @@ class TextLora:
             if device not in masks:
                 masks[device] = row_masks(slots_of_rows.to(device), used, self.rank)
             mask = masks[device]
+            form = tuple if full else Masked._make
             per_layer.append(
-                tuple(
-                    (mask[len(FUSED_PARTS[t])], *stacks[t].used(used))
-                    for t in ("qkv", "o", "gate_up", "down")
-                )
+                tuple(form((mask[len(FUSED_PARTS[t])], *stacks[t].used(used))) for t in targets)
             )
         return per_layer
 
