@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from sample_images import encoded_image
 
 from qwen_vl_backend.contract import LoraAdapter, Task
+from qwen_vl_backend.engine.adapters import declared_adapters
 from qwen_vl_backend.engine.batching import BatchingEngine
 from qwen_vl_backend.errors import NotFoundError, RequestError
 from qwen_vl_backend.modeling import step_compile
@@ -96,9 +98,8 @@ def raw_request(prompt, lora=None, max_tokens=MAX_TOKENS, stream=False, **sampli
 
 def settings(adapters: dict, names=SERVED, **extra) -> ModelSettings:
     declared = ",".join(f"{name}={adapters[name]}" for name in names)
-    return dataclasses.replace(
-        ModelSettings(), lora_adapters=declared, max_lora_rank=8, max_loras=3, **extra
-    )
+    extra = {"max_lora_rank": 8, "max_loras": 3, **extra}
+    return dataclasses.replace(ModelSettings(), lora_adapters=declared, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +330,36 @@ def test_the_compiled_step_with_adapters_gives_the_eager_tokens(
         finally:
             assert engine.shutdown(30)
     assert texts["on"] == texts["off"]
+
+
+def test_an_adapter_in_use_keeps_its_slot_until_its_stream_ends(checkpoint, lora_adapters):
+    engine = BatchingEngine(checkpoint, settings(lora_adapters, ("text", "qv"), max_loras=1))
+    long = {"max_tokens": 30, "ignore_eos": True}
+    try:
+        alone = [generate(engine, TEXT, name, **long).text for name in ("text", "qv")]
+        sinks = [Sink(), Sink()]
+        for name, sink in zip(("text", "qv"), sinks):
+            engine.submit(raw_request(TEXT, name, stream=True, **long), sink)
+        streamed = ["".join(c.text for c in [*s.wait().sends, s.final]) for s in sinks]
+        assert streamed == alone
+        # one slot: qv waited for text's last token, never decoding beside it
+        assert engine.stats.largest_batch == 1
+    finally:
+        assert engine.shutdown(30)
+
+
+def test_declared_adapters_come_from_the_parameter_multi_lora_json_and_loras(tmp_path):
+    (tmp_path / "multi_lora.json").write_text(json.dumps({"b": "elsewhere/b", "a": "ignored"}))
+    (tmp_path / "loras" / "c").mkdir(parents=True)
+    (tmp_path / "loras" / "c" / "adapter_config.json").write_text("{}")
+    (tmp_path / "loras" / "notes").mkdir()  # no adapter in it
+    declared = declared_adapters(ModelSettings(lora_adapters="a=x/a, d=/abs/d"), str(tmp_path))
+    assert declared == {
+        "a": tmp_path / "x" / "a",
+        "d": Path("/abs/d"),
+        "b": tmp_path / "elsewhere" / "b",
+        "c": tmp_path / "loras" / "c",
+    }
+    for bad in ("a=x,a=y", "a", "=x"):
+        with pytest.raises(ValueError, match="lora_adapters"):
+            ModelSettings(lora_adapters=bad)

@@ -290,9 +290,9 @@ class AdapterRegistry:
             raise RequestError("'lora' names the adapter", Input.LORA.value)
         if task is Task.UNLOAD_LORA:
             return [self._unload(raw.lora)]
+        directory = resolve_under(self._roots, raw.lora_path or "")
         if not self.enabled:
             raise RequestError("this server serves no LoRA adapters (max_loras is 0)")
-        directory = resolve_under(self._roots, raw.lora_path or "")
         if raw.lora in self._by_name:  # before reading: the answer is the same either way
             raise RequestError(f"an adapter named '{raw.lora}' is already loaded", Input.LORA.value)
         return [self._register(raw.lora, directory, self._read(directory)).info()]
