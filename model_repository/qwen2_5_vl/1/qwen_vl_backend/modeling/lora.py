@@ -266,6 +266,8 @@ class LoraStack:
         rows = slots * self.parts * rank
         self.a = torch.zeros(rows, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(rows, sum(outs), dtype=dtype, device=device)
+        # each slot's (A, B) views, made once: a step takes them per run without slicing
+        self.slots = [self._slot(slot) for slot in range(slots)]
 
     def install(self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None], scaling):
         """Slot `slot` takes these pairs (None: that module is not adapted)."""
@@ -286,7 +288,7 @@ class LoraStack:
         rows = slots * self.parts * self.rank
         return self.a[:rows], self.b[:rows]
 
-    def slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of one slot (views)."""
         width = self.parts * self.rank
         return self.a[slot * width : (slot + 1) * width], self.b[slot * width : (slot + 1) * width]
@@ -359,7 +361,7 @@ class TextLora:
             runs = _runs(slots_of_rows.tolist())
             return [
                 tuple(
-                    [(start, stop, *stacks[t].slot(slot)) for start, stop, slot in runs]
+                    [(start, stop, *stacks[t].slots[slot]) for start, stop, slot in runs]
                     for t in targets
                 )
                 for stacks in self.layers
