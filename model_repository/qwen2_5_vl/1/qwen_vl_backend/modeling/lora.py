@@ -160,26 +160,9 @@ def read_adapter(
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     weights = AdapterWeights(rank, scaling)
     tensors, weights.digest = _read_weights(directory / WEIGHTS_FILE, max_bytes)
-    pairs: dict[tuple, dict[str, torch.Tensor]] = {}
+    pairs: dict[tuple | str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        text, vision = _TEXT_KEY.search(key), _VISION_KEY.search(key)
-        if text and "visual" not in key and text.group(2) in TEXT_TARGETS:
-            module, which = (int(text.group(1)), text.group(2)), text.group(3)
-            if module[0] >= layers:
-                raise RequestError(
-                    f"the adapter has layer {module[0]}; the model has {layers}", "lora_path"
-                )
-            shape = shapes[module[1]]
-        elif vision and vision.group(1) in shapes:
-            module, which, shape = vision.group(1), vision.group(2), shapes[vision.group(1)]
-        else:
-            name = ".".join(key.split(".")[-4:-2])[:80]
-            raise RequestError(
-                f"the adapter targets a module LoRA is not served for here ({name}); supported: "
-                "the text layers' q/k/v/o/gate/up/down_proj, the vision blocks' attn.qkv, "
-                "attn.proj, mlp.gate/up/down_proj and the merger's linears",
-                "lora_path",
-            )
+        module, which, shape = _target(key, shapes, layers)
         expected = (rank, shape[0]) if which == "A" else (shape[1], rank)
         if tuple(tensor.shape) != expected:
             raise RequestError(
@@ -202,6 +185,28 @@ def read_adapter(
     if not pairs:
         raise RequestError("the adapter holds no LoRA weights", "lora_path")
     return weights
+
+
+def _target(key: str, shapes: dict[str, tuple[int, int]], layers: int):
+    """(module, "A" or "B", its (in, out)) of a weights-file key: module is (layer, name) for a
+    text projection, the path under `visual` for a vision one; RequestError for anything else."""
+    text, vision = _TEXT_KEY.search(key), _VISION_KEY.search(key)
+    if text and "visual" not in key and text.group(2) in TEXT_TARGETS:
+        layer, name = int(text.group(1)), text.group(2)
+        if layer >= layers:
+            raise RequestError(
+                f"the adapter has layer {layer}; the model has {layers}", "lora_path"
+            )
+        return (layer, name), text.group(3), shapes[name]
+    if vision and vision.group(1) in shapes:
+        return vision.group(1), vision.group(2), shapes[vision.group(1)]
+    name = ".".join(key.split(".")[-4:-2])[:80]
+    raise RequestError(
+        f"the adapter targets a module LoRA is not served for here ({name}); supported: the text "
+        "layers' q/k/v/o/gate/up/down_proj, the vision blocks' attn.qkv, attn.proj, "
+        "mlp.gate/up/down_proj and the merger's linears",
+        "lora_path",
+    )
 
 
 def _name(module) -> str:
