@@ -35,6 +35,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -288,6 +289,12 @@ class LoraStack:
                 b[first : first + r, column : column + out].copy_(pair[1].t() * scaling)
             column += out
 
+    def runs(self, runs: list[tuple[int, int, int]], low: int, high: int) -> Runs:
+        """`Runs` of an eager step whose rows use slots low…high-1 in these runs."""
+        width = self.parts * self.rank
+        a = self.a[low * width : high * width]
+        return Runs(a, [(i, j, (s - low) * width, self.slots[s][1]) for i, j, s in runs])
+
     def used(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of the first `slots` slots (views)."""
         rows = slots * self.parts * self.rank
@@ -304,18 +311,27 @@ def lora_delta(x: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Te
     return torch.where(mask, x @ a.t(), 0.0) @ b
 
 
+class Runs(NamedTuple):
+    """An eager step's adapter rows: `a` the A rows of the slots from the lowest to the highest
+    used (one GEMM for every row), `runs` (start, stop, column, B): rows start…stop-1 use the
+    slot whose A products are columns column… of that GEMM, and its B."""
+
+    a: torch.Tensor
+    runs: list[tuple[int, int, int, torch.Tensor]]
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora) -> torch.Tensor:
     """`y` (the base product of `x`) plus each row's adapter product. `lora` is either a tuple
-    (mask, A, B) over every slot (`lora_delta`: static shapes, a compiled step) or a list of
-    segments (start, stop, A, B): rows start…stop-1 all use that slot's adapter (an eager step,
-    whose decode rows the engine orders by adapter), added in place: two GEMMs per segment over
-    its rows and its own slot only. Four adapters mixed over 8 rows ran a decode forward ~15%
-    faster as segments than masked over the four slots on the development CPU (docs/engine.md)."""
-    if isinstance(lora, tuple):
-        return y + lora_delta(x, *lora)
-    for start, stop, a, b in lora:
-        y[start:stop].addmm_(x[start:stop] @ a.t(), b)
-    return y
+    (mask, A, B) over every slot (`lora_delta`: static shapes, a compiled step) or `Runs` (an
+    eager step, whose decode rows the engine orders by adapter): one A GEMM over the slots in
+    use, then per run its own B on its rows and its slot's columns, added in place. The B side
+    is the larger (out ≫ r·slots): per run it does only that run's arithmetic."""
+    if isinstance(lora, Runs):
+        products = x @ lora.a.t()
+        for start, stop, column, b in lora.runs:
+            y[start:stop].addmm_(products[start:stop, column : column + b.shape[0]], b)
+        return y
+    return y + lora_delta(x, *lora)
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
@@ -364,12 +380,10 @@ class TextLora:
         targets = ("qkv", "o", "gate_up", "down")
         if not full:
             runs = _runs(slots_of_rows.tolist())
+            low = min(slot for _, _, slot in runs)
+            high = max(slot for _, _, slot in runs) + 1
             return [
-                tuple(
-                    [(start, stop, *stacks[t].slots[slot]) for start, stop, slot in runs]
-                    for t in targets
-                )
-                for stacks in self.layers
+                tuple(stacks[t].runs(runs, low, high) for t in targets) for stacks in self.layers
             ]
         used = self.slots
         if padded_rows > len(slots_of_rows):
