@@ -15,8 +15,9 @@ either runs exactly as PEFT would run it or not at all.
 
 Resident adapters live in slots: every target holds A and B of all slots stacked, each padded to
 `max_lora_rank` with zeros (so any resident adapter fits any slot, and a compiled step's shapes
-do not depend on which adapters it holds). An eager step with adapter rows adds, per run of rows
-on one slot (the engine orders decode rows by slot), `(x_run @ A_slot^T) @ B_slot` in place; a
+do not depend on which adapters it holds). An eager step with adapter rows computes, per target,
+one product of x with the A rows of the slots in use, then adds per run of rows on one slot (the
+engine orders decode rows by slot) its columns of that product times the slot's B, in place; a
 compiled step computes, per target,
 
     delta = where(mask, x @ A_all^T, 0) @ B_all        mask[t, j] = (slot of row t == slot of j)
