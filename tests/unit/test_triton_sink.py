@@ -123,7 +123,24 @@ def test_counts_are_not_sent_unless_asked(model_module):
     request = _Request()
     sink = model_module.TritonSink(request, RawRequest(request_id="r"))
     sink.send(_chunk(finish_reason="stop", final=True))
-    assert set(request.sender.sent[0].tensors) == {Output.TEXT_OUTPUT, Output.INDEX}
+    # media_cache_hits goes on every request's last response (the proxy counts it per replica)
+    assert set(request.sender.sent[0].tensors) == {
+        Output.TEXT_OUTPUT,
+        Output.INDEX,
+        Output.MEDIA_CACHE_HITS,
+    }
+
+
+def test_the_last_response_carries_the_media_cache_hits(model_module):
+    request = _Request()
+    sink = model_module.TritonSink(request, RawRequest(request_id="r"))
+    sink.send(_chunk())
+    last = _chunk(finish_reason="stop", final=True)
+    last.media_cache_hits = 3
+    sink.send(last)
+    first, final = (response.tensors for response in request.sender.sent)
+    assert Output.MEDIA_CACHE_HITS not in first
+    assert list(final[Output.MEDIA_CACHE_HITS]) == [3]
 
 
 def test_timings_prompt_logprobs_and_the_repetition_flag_go_when_set(model_module):
@@ -143,3 +160,24 @@ def test_timings_prompt_logprobs_and_the_repetition_flag_go_when_set(model_modul
     assert json.loads(sent_last[Output.TIMINGS][0]) == {"queue": 0.25, "ttft": 1.0}
     assert bool(sent_last[Output.REPETITION_DETECTED][0]) is True
     assert Output.PROMPT_LOGPROBS not in sent_last
+
+
+def test_an_unknown_adapter_goes_out_as_not_found(model_module, monkeypatch):
+    from qwen_vl_backend.contract import decode_error
+    from qwen_vl_backend.errors import NotFoundError, RequestError
+
+    class TritonError:
+        INVALID_ARG, NOT_FOUND, INTERNAL = "invalid", "not found", "internal"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    monkeypatch.setattr(model_module.pb_utils, "TritonError", TritonError, raising=False)
+    raw = RawRequest(request_id="r")
+    missing = model_module._triton_error(NotFoundError("The model 'x' does not exist."), raw)
+    assert missing.code == TritonError.NOT_FOUND
+    error = decode_error(missing.message)
+    assert (error.kind, error.param, error.code) == ("not_found", "model", "model_not_found")
+    invalid = model_module._triton_error(RequestError("bad", "lora_path"), raw)
+    assert invalid.code == TritonError.INVALID_ARG
+    assert decode_error(invalid.message).kind == "invalid_request"

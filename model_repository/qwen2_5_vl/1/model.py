@@ -27,7 +27,7 @@ from qwen_vl_backend.contract import (  # noqa: E402
 from qwen_vl_backend.engine.batching import BatchingEngine, EngineObserver  # noqa: E402
 from qwen_vl_backend.engine.responses import OutputChunk  # noqa: E402
 from qwen_vl_backend.engine.tracing import TRACE_PARAMETERS, request_tracer  # noqa: E402
-from qwen_vl_backend.errors import EngineFullError, RequestError  # noqa: E402
+from qwen_vl_backend.errors import EngineFullError, NotFoundError, RequestError  # noqa: E402
 from qwen_vl_backend.media import decoding  # noqa: E402
 from qwen_vl_backend.modeling.checkpoint import load_checkpoint  # noqa: E402
 from qwen_vl_backend.request.prepare import RawRequest, parse_task  # noqa: E402
@@ -92,6 +92,8 @@ def _raw_request(request) -> RawRequest:
             add_generation_prompt=bool(_scalar(request, Input.ADD_GENERATION_PROMPT, True)),
             add_special_tokens=None if special_tokens is None else bool(special_tokens),
             return_token_strs=bool(_scalar(request, Input.RETURN_TOKEN_STRS, False)),
+            lora=_scalar(request, Input.LORA),
+            lora_path=_scalar(request, Input.LORA_PATH),
         )
     except UnicodeDecodeError as exc:
         raise RequestError("text inputs must be UTF-8") from exc
@@ -168,6 +170,9 @@ class TritonSink:
             outputs.append(pb_utils.Tensor(Output.REPETITION_DETECTED, np.array([True])))
         if chunk.timings is not None:
             outputs.append(_text_tensor(Output.TIMINGS, json.dumps(chunk.timings)))
+        if chunk.final:
+            hits = np.array([chunk.media_cache_hits], dtype=np.uint32)
+            outputs.append(pb_utils.Tensor(Output.MEDIA_CACHE_HITS, hits))
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
@@ -178,7 +183,9 @@ def _text_tensor(name, text):
 def _triton_error(error, raw):
     """The error as data (qwen_vl_backend/contract.py); the Triton code for other clients."""
     if isinstance(error, RequestError):
-        return pb_utils.TritonError(error.model_error().encode(), pb_utils.TritonError.INVALID_ARG)
+        codes = pb_utils.TritonError
+        code = codes.NOT_FOUND if isinstance(error, NotFoundError) else codes.INVALID_ARG
+        return pb_utils.TritonError(error.model_error().encode(), code)
     if isinstance(error, EngineFullError):
         return pb_utils.TritonError(
             ModelError(error.kind, str(error)).encode(), pb_utils.TritonError.UNAVAILABLE
@@ -447,7 +454,11 @@ class TritonPythonModel:
             settings.otlp_traces_endpoint, settings.trace_sample_ratio, settings.trace_service_name
         )
         self.engine = BatchingEngine(
-            self.checkpoint, settings, observer=TritonMetrics(labels), tracer=self.tracer
+            self.checkpoint,
+            settings,
+            observer=TritonMetrics(labels),
+            tracer=self.tracer,
+            model_dir=os.path.dirname(os.path.abspath(__file__)),
         )
         self.log.info("ready: max context %d tokens", self.checkpoint.max_model_len)
 

@@ -33,3 +33,11 @@ class DeviceMemoryError(EngineFullError):
     requests of the step go on)."""
 
     kind = "busy"
+
+
+class NotFoundError(RequestError):
+    """The request names something this model does not serve (an unknown LoRA adapter): the
+    proxy answers 404 model_not_found, as OpenAI does for an unknown model."""
+
+    def model_error(self) -> ModelError:
+        return ModelError("not_found", self.message, self.param or "model", "model_not_found")

@@ -184,6 +184,28 @@ class ModelSettings:
     otlp_traces_endpoint: str = ""
     trace_sample_ratio: float = 1.0
     trace_service_name: str = "qwen-vl-model"
+    # LoRA adapters (docs/engine.md "LoRA adapters"), each served under its name as a model of
+    # its own: "name=dir,name=dir", a dir relative to the model version folder or absolute. The
+    # version folder's multi_lora.json (Triton vllm_backend's file: {"name": "dir"}) and every
+    # loras/<name>/ folder holding an adapter are declared too. Declared adapters are trusted
+    # configuration, read and checked at load (a bad one fails the load).
+    lora_adapters: str = ""
+    # Directories (comma-separated) under which the load_lora task accepts an adapter at run
+    # time, checked after resolving symlinks; "": no run-time loading (the default: a client
+    # with the admin key still must not make the server read arbitrary files).
+    lora_roots: str = ""
+    # Adapters resident on the device at once (slots; others load on their first request and
+    # the least recently used idle one leaves). A step with adapter rows multiplies by every
+    # slot's stacked A/B (docs/engine.md), so its extra cost grows with this; 4 covers the
+    # target mix of four fine-tunes in one batch. 0: no adapters.
+    max_loras: int = 4
+    # The largest adapter rank served. Every slot is padded to it, so a step's extra work is
+    # proportional to it whatever the adapters' own ranks; 16 is vLLM's default and what most
+    # fine-tunes use (raise it for rank-32/64 adapters, at that cost).
+    max_lora_rank: int = 16
+    # The largest adapter_model.safetensors read (MiB): bounds the host memory and read time of
+    # one load. A 7B rank-64 adapter on every text and vision projection is ~650 MiB in float32.
+    max_lora_mb: int = 1024
 
     def __post_init__(self):
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
@@ -221,6 +243,10 @@ class ModelSettings:
                 f"parameter repetition_guard_ngram={self.repetition_guard_ngram}: 0 (off) to "
                 f"{MAX_GUARD_NGRAM}"
             )
+        for name in ("max_loras", "max_lora_rank", "max_lora_mb"):
+            if getattr(self, name) < (0 if name == "max_loras" else 1):
+                raise ValueError(f"parameter {name}={getattr(self, name)}: too small")
+        self.lora_adapter_dirs()
         if self.repetition_guard_max_repeats < 1:
             raise ValueError(
                 f"parameter repetition_guard_max_repeats={self.repetition_guard_max_repeats}: "
@@ -239,6 +265,22 @@ class ModelSettings:
                 "counts separated by commas, such as 1,2,4,8,16,64,256"
             )
         return sizes
+
+    def lora_adapter_dirs(self) -> dict[str, str]:
+        """`lora_adapters` as {name: dir}."""
+        adapters: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.lora_adapters.split(","))):
+            name, sep, directory = (x.strip() for x in item.partition("="))
+            if not sep or not name or not directory or name in adapters:
+                raise ValueError(
+                    f"parameter lora_adapters={self.lora_adapters!r}: expected distinct "
+                    "name=dir entries separated by commas"
+                )
+            adapters[name] = directory
+        return adapters
+
+    def lora_root_dirs(self) -> list[str]:
+        return [part.strip() for part in self.lora_roots.split(",") if part.strip()]
 
     def resolve_torch_threads(self, cores: int) -> int:
         """Intra-op threads for `cores` usable cores (os.sched_getaffinity)."""

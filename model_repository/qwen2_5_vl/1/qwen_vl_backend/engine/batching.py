@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import logging
 import queue
 import threading
@@ -50,10 +51,12 @@ import torch
 from ..contract import Priority, Task
 from ..errors import DeviceMemoryError, EngineFullError, EngineStoppingError, RequestError
 from ..modeling.checkpoint import Checkpoint
+from ..modeling.decoder import LeanDecoder
 from ..modeling.vision_stages import VisionJob
 from ..request.prepare import PreparedRequest, RawRequest, parse_priority, prepare
 from ..request.tokenize import answer_task
 from ..settings import ModelSettings
+from .adapters import Adapter, AdapterRegistry, declared_adapters
 from .embedding_cache import EmbeddingCache
 from .grammar import CompiledGrammar, GrammarCompiler, GrammarFailure, TokenMasks
 from .kv_cache import PrefillChunk, SlotKVCache, StepLayout, decode_length_multiple
@@ -142,8 +145,11 @@ class _Request:
         grammar: CompiledGrammar | None = None,
         priority: Priority = Priority.INTERACTIVE,
         guard: tuple[int, int] | None = None,
+        adapter: Adapter | None = None,
     ):
         self.prepared = prepared
+        self.adapter = adapter  # its LoRA adapter; None: the base weights
+        self.adapter_slot: int | None = None  # the slot it pinned at admission
         self.arrived = arrived
         self.priority = priority
         self.grammar = grammar  # its `structured` constraint, compiled
@@ -164,6 +170,10 @@ def _arrival(request: _Request) -> float:
     return request.arrived
 
 
+def _lora_slot(sequence: _Sequence) -> int:
+    return sequence.lora_slot
+
+
 class _Sequence:
     """One choice being generated: its slot, sampler, grammar matcher and where it stands;
     `stream` assembles its text on the sender thread."""
@@ -176,9 +186,14 @@ class _Sequence:
         slot: int,
         index: int = 0,
         matcher=None,
+        adapter_slot: int | None = None,
     ):
         prepared = request.prepared
         self.request = request
+        # the adapter slot it pins (None: base); its text rows use it if the adapter adapts text
+        self.adapter_slot = adapter_slot
+        adapter = request.adapter
+        self.lora_slot = -1 if adapter is None else adapter.text_slot(adapter_slot)
         self.prepared = prepared
         self._checkpoint = checkpoint
         self.slot = slot
@@ -239,7 +254,9 @@ class _Sequence:
         seed = self.prepared.sampling.seed
         sampler = self.sampler.fork(None if seed is None else seed + index)
         matcher = None if self.matcher is None else self.matcher.deep_copy()
-        twin = _Sequence(self.request, self._checkpoint, sampler, slot, index, matcher)
+        twin = _Sequence(
+            self.request, self._checkpoint, sampler, slot, index, matcher, self.adapter_slot
+        )
         twin.cached = self.cached
         return twin
 
@@ -406,14 +423,22 @@ class _Observers(EngineObserver):
         self._call("request_ended", *args)
 
 
-def _content(prepared: PreparedRequest, length: int) -> SlotContent:
-    """The first `length` prompt tokens of a request, as a slot holds them."""
+def _content(request: _Request, length: int) -> SlotContent:
+    """The first `length` prompt tokens of a request, as a slot holds them (under its
+    adapter's weights: another adapter's keys and values differ)."""
+    prepared = request.prepared
     images = tuple(
         (start, key)
         for start, key in zip(prepared.image_starts, prepared.image_keys)
         if start < length
     )
-    return SlotContent(prepared.inputs["input_ids"][0, :length], images)
+    adapter = None if request.adapter is None else request.adapter.digest
+    return SlotContent(prepared.inputs["input_ids"][0, :length], images, adapter)
+
+
+def _adapter_image_key(key: bytes, adapter: Adapter) -> bytes:
+    """An image's cache key under a vision adapter: its embeddings are the adapter's own."""
+    return hashlib.sha256(adapter.digest.encode() + key).digest()
 
 
 def _image_token_cost(model) -> float:
@@ -476,9 +501,12 @@ class _Step:
 class _VisionWork:
     """One vision-tower call over queued uncached images, within the patch budget."""
 
-    def __init__(self, job: VisionJob, keys: list[bytes], cost: float, patches: int):
+    def __init__(
+        self, job: VisionJob, keys: list[bytes], cost: float, patches: int, pins: list[int]
+    ):
         self.job = job
         self.keys = keys
+        self.pins = pins  # adapter slots it holds until it is done (its images' adapters)
         self.patches = patches
         self.planned = 0  # stages scheduled so far
         self.stage_cost = max(1, round(cost / job.stages))  # prompt-token units per stage
@@ -498,7 +526,10 @@ class BatchingEngine:
         prepare_fn: Callable[..., PreparedRequest] = prepare,
         observer: EngineObserver | None = None,
         tracer: EngineObserver | None = None,
+        model_dir: str | None = None,
     ):
+        """`model_dir`: the model version folder (relative adapter directories, its
+        multi_lora.json and loras/ folder)."""
         settings = size_kv_cache(settings, checkpoint.model, checkpoint.max_model_len)
         self._checkpoint = checkpoint
         self._settings = settings
@@ -513,9 +544,13 @@ class BatchingEngine:
         self.limits = settings.limits(context_length=self.slot_len)
         self._slots = SlotPool(settings.max_batch_size)
         self._step_tokens = settings.step_tokens(str(checkpoint.device))
+        declared = declared_adapters(settings, model_dir)
+        lora_slots = settings.max_loras if declared or settings.lora_root_dirs() else 0
         self._text_forward = text_forward(
-            self._model, str(checkpoint.device), settings, self._largest_step_tokens()
+            self._model, str(checkpoint.device), settings, self._largest_step_tokens(), lora_slots
         )
+        self.adapters = self._adapter_registry(declared, lora_slots)
+        self._adapter_wait = False  # admission stopped for an adapter being read
         self._length_multiple = decode_length_multiple(str(checkpoint.device))
         # The vision tower's device: the checkpoint's, unless a device_map put it elsewhere.
         weight = next(self._model.model.visual.parameters(), None)
@@ -523,7 +558,8 @@ class BatchingEngine:
         self._images = EmbeddingCache(settings.image_cache_mb * 2**20)
         self._vision: list[_VisionWork] = []  # vision-tower jobs in progress, oldest first
         self._encoding: dict[bytes, _VisionWork] = {}  # image key → the job encoding it
-        self._image_queue: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # no job yet
+        # no job yet: each image's tower input and the adapter slot it runs with (-1: base)
+        self._image_queue: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._image_priority: dict[bytes, Priority] = {}  # the first class a queued image serves
         self._image_token_cost = _image_token_cost(self._model)
         self._vision_cost = _VisionCost(measure=str(checkpoint.device) == "cpu")
@@ -577,6 +613,16 @@ class BatchingEngine:
         self._thread = threading.Thread(target=self._run, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
+    def _adapter_registry(self, declared: dict, slots: int) -> AdapterRegistry:
+        """The adapters; their text stacks live in the lean decoder (compiled with them)."""
+        forward = self._text_forward
+        text = forward.lora if isinstance(forward, LeanDecoder) else None
+        if slots and text is None:
+            raise ValueError("LoRA adapters need the lean forward (parameter forward: lean)")
+        if declared and not slots:
+            raise ValueError(f"LoRA adapters {sorted(declared)} are declared but max_loras is 0")
+        return AdapterRegistry(self._model, self._settings, declared, text)
+
     @property
     def running(self) -> int:
         return len(self._running)
@@ -599,7 +645,10 @@ class BatchingEngine:
         slot and no engine step."""
         if self._stopping.is_set():
             raise EngineStoppingError("the model is shutting down")
-        self._pool.submit(self._answer_task, task, raw, sink)
+        if task in (Task.LIST_LORAS, Task.LOAD_LORA, Task.UNLOAD_LORA):
+            self.adapters.submit_task(task, raw, sink)
+        else:
+            self._pool.submit(self._answer_task, task, raw, sink)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop taking work, let running generations finish; False if they outlast `timeout`."""
@@ -608,6 +657,7 @@ class BatchingEngine:
         finished = not self._thread.is_alive()
         if finished:
             self._pool.shutdown(wait=False)
+            self.adapters.shutdown()
         return finished
 
     # ---- preparation (worker threads) ---------------------------------------------------
@@ -622,8 +672,13 @@ class BatchingEngine:
                 self._observe.finished("cancelled")
                 return
             started = time.monotonic()
+            adapter = self.adapters.resolve(raw.lora)
+            if adapter is not None:
+                self.adapters.prefetch(adapter)  # read while the request is prepared
             take_media_decode_seconds()  # what this thread decoded before is not this request's
             prepared = self._prepare(raw, self._checkpoint, self._settings)
+            if adapter is not None and adapter.vision:
+                prepared.image_keys = [_adapter_image_key(k, adapter) for k in prepared.image_keys]
             self._check_fits(prepared, priority)
             structured, grammar = prepared.sampling.structured, None
             if structured is not None:
@@ -631,7 +686,7 @@ class BatchingEngine:
                 self._observe.constrained(structured.type)
             guard = self._repetition_guard(prepared)
             request = _Request(
-                prepared, sink, arrived, self._outbox_append, grammar, priority, guard
+                prepared, sink, arrived, self._outbox_append, grammar, priority, guard, adapter
             )
             timings = request.timings
             timings.prepare_started, timings.prepared = started, time.monotonic()
@@ -645,6 +700,7 @@ class BatchingEngine:
 
     def _answer_task(self, task: Task, raw: RawRequest, sink: TaskSink) -> None:
         try:
+            self.adapters.resolve(raw.lora)  # an unknown adapter is not_found here too
             text = answer_task(
                 task, raw, self._checkpoint, self._settings, self.limits.context_length
             )
@@ -709,7 +765,8 @@ class BatchingEngine:
         with torch.inference_mode():
             while not (self._stopping.is_set() and self._idle()):
                 try:
-                    self._take_ready(block=not self._running and not self._any_waiting())
+                    idle = not self._running and (not self._any_waiting() or self._adapter_wait)
+                    self._take_ready(block=idle)
                     self._step()
                 except Exception:  # a bug here must not strand every running request
                     log.exception("engine step failed; failing the running requests")
@@ -825,8 +882,11 @@ class BatchingEngine:
         prefill is paid first and batch prefill gets what it leaves. A quarter of the budget is
         kept for prefill work however many sequences decode, so arrivals always make progress."""
         decode = [s for s in self._running if not s.prefilling]
+        if any(s.lora_slot >= 0 for s in decode):  # each adapter's rows in one segment
+            decode.sort(key=_lora_slot)
         budget = max(self._step_tokens - len(decode), self._step_tokens // 4)
         step = _Step(decode, [], [])
+        self._adapter_wait = False
         held_back = False  # an earlier class still waits for room: later classes wait too
         for priority in Priority:
             for sequence in self._running:
@@ -882,13 +942,33 @@ class BatchingEngine:
             n = waiting[0].prepared.sampling.n
             if n > room:
                 break
+            adapter_slot = self._adapter_slot(waiting[0])
+            if adapter_slot is False:
+                continue  # it failed
+            if adapter_slot is None and waiting[0].adapter is not None:
+                self._adapter_wait = True
+                break  # its adapter is being read, or every slot is pinned
             room -= n
+            waiting[0].adapter_slot = adapter_slot
             admitted.append(self._admit(waiting.pop(0)))
         if admitted and priority is Priority.BATCH:
             self.stats.largest_batch_priority_slots = max(
                 self.stats.largest_batch_priority_slots, self._slots_held(priority)
             )
         return admitted
+
+    def _adapter_slot(self, request: _Request) -> int | None | bool:
+        """The pinned adapter slot for the head of a queue: None for the base weights or while
+        its adapter is not resident yet, False when it failed (gone from the queue)."""
+        if request.adapter is None:
+            return None
+        try:
+            return self.adapters.acquire(request.adapter)
+        except RequestError as exc:
+            self._waiting[request.priority].remove(request)
+            self._refused(request.priority)
+            request.fail(exc)
+            return False
 
     def _slots_held(self, priority: Priority) -> int:
         """KV slots the running sequences of a class hold, their choices' promised ones too."""
@@ -944,9 +1024,16 @@ class BatchingEngine:
             prepared.inputs["input_ids"].to(self._checkpoint.device),
             self._model.config.text_config.vocab_size,
         )
-        slot, reused = self._slots.take(_content(prepared, prepared.prompt_tokens))
+        slot, reused = self._slots.take(_content(request, prepared.prompt_tokens))
         matcher = None if request.grammar is None else request.grammar.matcher()
-        sequence = _Sequence(request, self._checkpoint, sampler, slot, matcher=matcher)
+        sequence = _Sequence(
+            request,
+            self._checkpoint,
+            sampler,
+            slot,
+            matcher=matcher,
+            adapter_slot=request.adapter_slot,
+        )
         if prepared.sampling.prompt_logprobs is not None:
             reused = 0  # every prompt position's logits are wanted: the whole prompt runs
         sequence.cached = reused  # the slot still holds this much of the prompt
@@ -962,16 +1049,19 @@ class BatchingEngine:
         is already encoding it), queued for the most urgent class that waits for them."""
         hits, misses = 0, 0
         for sequence in admitted:
+            adapter = sequence.request.adapter
+            vision_slot = -1 if adapter is None else adapter.vision_slot(sequence.adapter_slot)
             for key, (rows, thw) in zip(sequence.prepared.image_keys, sequence.prepared.visual):
                 cached = self._images.get(key)
                 if cached is not None:
                     sequence.take_image(key, cached)
+                    sequence.request.stream.media_cache_hits += 1
                     hits += 1
                 elif key in self._encoding:
                     sequence.awaiting.append(self._encoding[key])
                 else:
                     if key not in self._image_queue:
-                        self._image_queue[key] = (rows, thw)
+                        self._image_queue[key] = (rows, thw, vision_slot)
                         misses += 1
                     queued_for = self._image_priority.get(key, priority)
                     self._image_priority[key] = min(queued_for, priority, key=_RANK.__getitem__)
@@ -987,7 +1077,7 @@ class BatchingEngine:
             return None
         room = self._settings.max_vision_patches - sum(work.patches for work in self._vision)
         keys, patches = [], 0
-        for key, (_rows, thw) in self._image_queue.items():
+        for key, (_rows, thw, _slot) in self._image_queue.items():
             if _RANK[self._image_priority[key]] > _RANK[priority]:
                 continue
             size = int(thw.prod())
@@ -1001,13 +1091,19 @@ class BatchingEngine:
         for key in keys:
             del self._image_priority[key]
         device = self._vision_device
+        slots = [slot for _, _, slot in items]
         job = VisionJob(
             self._model.model.visual,
-            torch.cat([rows for rows, _ in items]).to(device),
-            torch.stack([thw for _, thw in items]).to(device),
+            torch.cat([rows for rows, _, _ in items]).to(device),
+            torch.stack([thw for _, thw, _ in items]).to(device),
+            self.adapters.vision,
+            slots,
         )
+        pins = sorted({slot for slot in slots if slot >= 0})
+        for slot in pins:  # its images' adapters stay in their slots until it is done
+            self.adapters.pin(slot)
         tokens = patches // self._model.model.visual.spatial_merge_size**2
-        work = _VisionWork(job, keys, tokens * self._image_token_cost, patches)
+        work = _VisionWork(job, keys, tokens * self._image_token_cost, patches, pins)
         self._vision.append(work)
         self._encoding.update(dict.fromkeys(keys, work))
         taken = set(keys)
@@ -1035,6 +1131,7 @@ class BatchingEngine:
                 request.timings.vision_ran(started, ended)
             if work.job.done:
                 self._vision.remove(work)
+                self._unpin(work.pins)
                 for key in work.keys:
                     del self._encoding[key]
                 for key, embeddings in zip(work.keys, work.job.embeddings):
@@ -1047,10 +1144,15 @@ class BatchingEngine:
         """Out of memory in the tower: the requests waiting for this job fail, no other."""
         self.stats.out_of_memory += 1
         self._vision.remove(work)
+        self._unpin(work.pins)
         for key in work.keys:
             del self._encoding[key]
         release_cached_memory(self._vision_device)
         self._fail_for_memory([s for s in self._running if work in s.awaiting])
+
+    def _unpin(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.adapters.release(slot)
 
     def _fail_for_memory(self, sequences: list[_Sequence]) -> None:
         for sequence in sequences:
@@ -1172,11 +1274,30 @@ class BatchingEngine:
             self.slot_len,
         )
         started = time.perf_counter()
+        lora = self._lora_slots(step)
         logits = self._text_forward(
-            embeds, torch.cat(positions, dim=1), layout, self._cache, rows + extra
+            embeds,
+            torch.cat(positions, dim=1),
+            layout,
+            self._cache,
+            rows + extra,
+            **({} if lora is None else {"lora_slots": lora}),
         )
         self._vision_cost.forward_took(len(ids), time.perf_counter() - started)
         return logits, finishing
+
+    @staticmethod
+    def _lora_slots(step: _Step) -> torch.Tensor | None:
+        """Each token row's adapter slot (decode rows, then each chunk's tokens); None when no
+        row has an adapter."""
+        if all(s.lora_slot < 0 for s in step.decode) and all(
+            s.lora_slot < 0 for s, _, _ in step.chunks
+        ):
+            return None
+        slots = [s.lora_slot for s in step.decode]
+        for sequence, _start, length in step.chunks:
+            slots += [sequence.lora_slot] * length
+        return torch.tensor(slots, dtype=torch.long)
 
     def _prompt_logprobs(
         self, prompt_rows: list[tuple[_Sequence, int, int]], logits: torch.Tensor
@@ -1235,6 +1356,8 @@ class BatchingEngine:
         """The leader and, for n > 1, one copy of its prompt cache per extra choice."""
         request = leader.request
         for index in range(1, request.prepared.sampling.n):
+            if leader.adapter_slot is not None:
+                self.adapters.pin(leader.adapter_slot)
             slot, _ = self._slots.take()
             self._cache.copy_slot(leader.slot, slot, leader.cached)
             twin = leader.fork(slot, index)
@@ -1321,12 +1444,16 @@ class BatchingEngine:
         self._running = [s for s in self._running if id(s) not in gone]
         for sequence in sequences:
             prompt = min(sequence.cached, sequence.prepared.prompt_tokens)
-            self._slots.release(sequence.slot, _content(sequence.prepared, prompt))
+            self._slots.release(sequence.slot, _content(sequence.request, prompt))
+            if sequence.adapter_slot is not None:
+                self.adapters.release(sequence.adapter_slot)
 
     def _fail_running(self) -> None:
         for sequence in self._running:
             sequence.request.fail(RuntimeError("engine step failed"))
         self._retire(list(self._running))
+        for work in self._vision:
+            self._unpin(work.pins)
         self._vision, self._encoding = [], {}
 
     def _refuse_waiting(self) -> None:

@@ -58,6 +58,8 @@ class OutputChunk:
     prompt_logprobs: list | None = None
     repetition_detected: bool = False  # the repetition guard ended this choice (its last chunk)
     stop_reason: str | None = None  # the stop string that ended the choice (its last chunk)
+    # the request's images and videos the embedding cache answered (its final response)
+    media_cache_hits: int = 0
 
 
 class ResponseSink(Protocol):
@@ -95,6 +97,7 @@ class RequestStream:
         self.ending: BaseException | str | None = None  # an error, or "cancelled"
         self.closed = False  # no more output will be taken (read by the engine thread)
         self.timings = None  # its RequestTimings (the engine's)
+        self.media_cache_hits = 0  # counted by the engine thread at admission
         # (prompt token, logprob, rank, top) per prompt position after the first, gathered by
         # the engine thread before it posts the first token; None when not asked for
         wanted = prepared.sampling.prompt_logprobs is not None
@@ -111,6 +114,8 @@ class RequestStream:
     def choice_finished(self, chunk: OutputChunk) -> None:
         self.open_choices -= 1
         chunk.final = self.open_choices == 0
+        if chunk.final:
+            chunk.media_cache_hits = self.media_cache_hits
         if chunk.final and self.prepared.raw.return_timings and self.timings is not None:
             chunk.timings = self.timings.stages()
         self.finals.append(chunk)

@@ -23,6 +23,7 @@ class SlotContent:
 
     tokens: torch.Tensor  # 1-D token ids
     images: tuple[tuple[int, bytes], ...]  # (first token position, image key), in order
+    adapter: str | None = None  # the LoRA adapter (its digest) the keys and values came from
 
 
 class SlotPool:
@@ -60,7 +61,7 @@ class SlotPool:
 
 def shared_prefix(held: SlotContent, wanted: SlotContent) -> int:
     n = min(len(held.tokens), len(wanted.tokens) - 1)
-    if n <= 0:
+    if n <= 0 or held.adapter != wanted.adapter:
         return 0
     differs = (held.tokens[:n] != wanted.tokens[:n]).nonzero()
     length = int(differs[0]) if len(differs) else n

@@ -19,22 +19,27 @@ from .kv_cache import SlotKVCache, StepLayout, install, packed_step
 log = logging.getLogger(__name__)
 
 
-def text_forward(model, device: str, settings: ModelSettings, largest_step: int):
+def text_forward(
+    model, device: str, settings: ModelSettings, largest_step: int, lora_slots: int = 0
+):
     """The forward `settings` ask for; HF's when the lean one cannot run this model.
-    `largest_step`: the most tokens one step can hold (the largest compiled bucket)."""
+    `largest_step`: the most tokens one step can hold (the largest compiled bucket).
+    `lora_slots`: resident LoRA adapters the lean decoder holds stacks for (0: none)."""
     if settings.forward == "lean":
         why = decoder.unsupported(model)
         if why is None:
-            return _lean(model, device, settings, largest_step)
+            return _lean(model, device, settings, largest_step, lora_slots)
         log.warning("the lean forward cannot run this model (%s); using HF's", why)
     return HFForward(model, settings.cpu_packed_linear and cpu_linear.available(model))
 
 
-def _lean(model, device: str, settings: ModelSettings, largest_step: int):
+def _lean(model, device: str, settings: ModelSettings, largest_step: int, lora_slots: int):
     compiled = settings.resolve_compile(device)
     # Inductor cannot trace oneDNN's packed weights: a compiled forward takes them dense.
     pack = settings.cpu_packed_linear and cpu_linear.available(model) and not compiled
     lean = decoder.LeanDecoder(model, pack)
+    if lora_slots:
+        lean.enable_lora(lora_slots, settings.max_lora_rank)
     if compiled:
         buckets = settings.compile_bucket_sizes() or step_compile.power_of_two_buckets(largest_step)
         step_compile.compile_decoder(lean, buckets)

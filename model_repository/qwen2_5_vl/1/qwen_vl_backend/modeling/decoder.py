@@ -31,6 +31,7 @@ from torch import nn
 
 from ..engine.kv_cache import SlotKVCache, StepLayout, attend, layer_devices
 from . import cpu_linear
+from .lora import TextLora, add_lora
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class LeanDecoder:
     def __init__(self, model, pack: bool):
         text = model.model.language_model
         config = text.config
+        self._model = model
         self.weights = fuse_text_weights(model, pack)
         self.linear = cpu_linear.packed_linear if self.weights.packed else F.linear
         self.heads = config.num_attention_heads
@@ -223,7 +225,15 @@ class LeanDecoder:
         self.lm_head = model.lm_head
         self.lm_head_device = _device_of(model.lm_head)
         self.buckets: list[int] = []  # row counts the dense parts are compiled for (ascending)
+        self.lora: TextLora | None = None  # stacked LoRA weights, when adapters are served
         self.use_eager()
+
+    def enable_lora(self, slots: int, rank: int) -> TextLora:
+        """Stacks for `slots` resident adapters of rank ≤ `rank` (before compiling, so the
+        warm-up compiles the adapter variant too)."""
+        devices = [weights.device for weights in self.weights.layers]
+        self.lora = TextLora(self._model, slots, rank, devices)
+        return self.lora
 
     def use_eager(self) -> None:
         """The dense parts of a layer run eagerly, on the step's own row count."""
@@ -241,8 +251,11 @@ class LeanDecoder:
         layout: StepLayout,
         cache: SlotKVCache,
         rows: list[int],
+        lora_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32, on the embeddings' device) of `rows` of a packed step.
+        `lora_slots` [T] (long): each token row's adapter slot, -1 for the base weights; None
+        when no row has an adapter (the step then costs what it did before adapters existed).
 
         embeds [T, hidden]; positions [3, T] (long, CPU). With compiled buckets the dense parts
         run on the bucket's row count (zero rows past T, which stay zero: no bias reaches them
@@ -254,48 +267,63 @@ class LeanDecoder:
         if padding:
             embeds, cos, sin = (_pad_rows(t, padding) for t in (embeds, cos, sin))
         hidden, rope = embeds, {self.home: (cos, sin)}
+        lora = [None] * len(self.weights.layers)
+        if lora_slots is not None and self.lora is not None:
+            lora = self.lora.step(lora_slots, count + padding, full=bool(self.buckets))
         for index, weights in enumerate(self.weights.layers):
             device = weights.device
             if device not in rope:
                 rope[device] = (cos.to(device), sin.to(device))
             hidden = self._layer(
-                index, weights, hidden.to(device), rope[device], layout, cache, count
+                index, weights, hidden.to(device), rope[device], layout, cache, count, lora[index]
             )
         last = rms_norm(hidden[rows].to(self.norm.device), self.norm, self.eps)
         return self.lm_head(last.to(self.lm_head_device)).float().to(self.home)
 
     __call__ = forward
 
-    def _layer(self, index, weights: LayerWeights, hidden, rope, layout, cache, count):
-        q, k, v = self.attention_inputs(
-            hidden, weights.input_norm, weights.qkv, weights.qkv_bias, *rope
+    def _layer(self, index, weights: LayerWeights, hidden, rope, layout, cache, count, lora):
+        args = (hidden, weights.input_norm, weights.qkv, weights.qkv_bias, *rope)
+        q, k, v = (
+            self.attention_inputs(*args) if lora is None else self.attention_inputs(*args, lora[0])
         )
         cache.write(index, k[:count], v[:count], layout)
         attended = attend(layout, q[:count], cache.keys[index], cache.values[index], self.scale)
         attended = attended.reshape(count, -1)
         if hidden.shape[0] > count:
             attended = _pad_rows(attended, hidden.shape[0] - count)
-        return self.layer_output(
-            hidden, attended, weights.o, weights.post_norm, weights.gate_up, weights.down
-        )
+        args = (hidden, attended, weights.o, weights.post_norm, weights.gate_up, weights.down)
+        return self.layer_output(*args) if lora is None else self.layer_output(*args, lora[1:])
 
-    def _attention_inputs(self, hidden, norm, qkv, qkv_bias, cos, sin):
-        """RMSNorm, the fused q/k/v product, rotary (q and k in one call: the same per-token
-        rotation): q [T, heads, D], k and v [T, kv_heads, D]."""
+    def _attention_inputs(self, hidden, norm, qkv, qkv_bias, cos, sin, lora=None):
+        """RMSNorm, the fused q/k/v product (plus each row's adapter delta, `lora` = (mask, A,
+        B)), rotary (q and k in one call: the same per-token rotation): q [T, heads, D], k and
+        v [T, kv_heads, D]."""
         count, dim = hidden.shape[0], self.head_dim
         qk_heads = self.heads + self.kv_heads
         x = rms_norm(hidden, norm, self.eps)
-        qk, v = self.linear(x, qkv, qkv_bias).split([qk_heads * dim, self.kv_heads * dim], dim=-1)
+        fused = self.linear(x, qkv, qkv_bias)
+        if lora is not None:
+            fused = add_lora(fused, x, lora)
+        qk, v = fused.split([qk_heads * dim, self.kv_heads * dim], dim=-1)
         q, k = rotate(qk.view(count, qk_heads, dim), cos, sin).split(
             [self.heads, self.kv_heads], dim=1
         )
         return q, k, v.view(count, self.kv_heads, dim)
 
-    def _layer_output(self, hidden, attended, o, post_norm, gate_up, down):
-        """o_proj and residual, RMSNorm, the fused gate/up product, SiLU × up, down, residual."""
-        hidden = hidden + self.linear(attended, o)
-        gate, up = self.linear(rms_norm(hidden, post_norm, self.eps), gate_up).chunk(2, dim=-1)
-        return hidden + self.linear(F.silu(gate) * up, down)
+    def _layer_output(self, hidden, attended, o, post_norm, gate_up, down, lora=None):
+        """o_proj and residual, RMSNorm, the fused gate/up product, SiLU × up, down, residual;
+        with `lora` ((mask, A, B) of o, gate_up and down) each product plus its row's delta."""
+        if lora is None:
+            hidden = hidden + self.linear(attended, o)
+            gate, up = self.linear(rms_norm(hidden, post_norm, self.eps), gate_up).chunk(2, dim=-1)
+            return hidden + self.linear(F.silu(gate) * up, down)
+        o_lora, gate_up_lora, down_lora = lora
+        hidden = hidden + add_lora(self.linear(attended, o), attended, o_lora)
+        x = rms_norm(hidden, post_norm, self.eps)
+        gate, up = add_lora(self.linear(x, gate_up), x, gate_up_lora).chunk(2, dim=-1)
+        x = F.silu(gate) * up
+        return hidden + add_lora(self.linear(x, down), x, down_lora)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

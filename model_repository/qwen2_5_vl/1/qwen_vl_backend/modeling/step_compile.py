@@ -62,9 +62,11 @@ def compile_decoder(decoder, buckets: list[int]) -> bool:
     if decoder.weights.packed:
         log.warning("compile: the text weights are prepacked for oneDNN; running eagerly")
         return False
-    # one graph per bucket and device, with room for a guard that differs once (e.g. a tensor
-    # made outside inference mode) before the fallback to eager
-    limit = 2 * len(buckets) * len({w.device for w in decoder.weights.layers}) + 8
+    # one graph per bucket and device (two with LoRA stacks: steps with and without adapter
+    # rows), with room for a guard that differs once (e.g. a tensor made outside inference
+    # mode) before the fallback to eager
+    variants = 2 if decoder.lora is None else 4
+    limit = variants * len(buckets) * len({w.device for w in decoder.weights.layers}) + 8
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
@@ -105,19 +107,33 @@ def _compile(function):
 
 def _warm_up(decoder, rows: int) -> None:
     """One call of each compiled part at `rows` rows, per device holding layers. The guarded
-    wrappers are bypassed so a failure raises here, at load."""
+    wrappers are bypassed so a failure raises here, at load. With LoRA stacks, the variant
+    with adapter rows too (every row on slot 0; the stacks' shapes are fixed at load)."""
     first_per_device = {w.device: w for w in reversed(decoder.weights.layers)}
+    lora_index = {w.device: i for i, w in reversed(list(enumerate(decoder.weights.layers)))}
     for device, weights in first_per_device.items():
+        lora = None
+        if decoder.lora is not None:
+            slots = torch.zeros(rows, dtype=torch.long, device=device)
+            lora = decoder.lora.step(slots, rows, full=True)[lora_index[device]]
         dtype = weights.input_norm.dtype
         hidden = torch.zeros(rows, weights.input_norm.shape[0], dtype=dtype, device=device)
         rope = torch.zeros(rows, 1, decoder.head_dim, dtype=dtype, device=device)
         with torch.inference_mode():
-            decoder.attention_inputs._compiled(
-                hidden, weights.input_norm, weights.qkv, weights.qkv_bias, rope, rope
-            )
+            inputs = (hidden, weights.input_norm, weights.qkv, weights.qkv_bias, rope, rope)
             attended = torch.zeros(
                 rows, decoder.heads * decoder.head_dim, dtype=dtype, device=device
             )
-            decoder.layer_output._compiled(
-                hidden, attended, weights.o, weights.post_norm, weights.gate_up, weights.down
+            outputs = (
+                hidden,
+                attended,
+                weights.o,
+                weights.post_norm,
+                weights.gate_up,
+                weights.down,
             )
+            decoder.attention_inputs._compiled(*inputs)
+            decoder.layer_output._compiled(*outputs)
+            if lora is not None:
+                decoder.attention_inputs._compiled(*inputs, lora[0])
+                decoder.layer_output._compiled(*outputs, lora[1:])

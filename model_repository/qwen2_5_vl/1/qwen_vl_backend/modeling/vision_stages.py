@@ -22,12 +22,29 @@ from transformers.vision_utils import (
 
 
 class VisionJob:
-    """Encodes `pixel_values` (the images of `grid_thw`) one stage per `advance()` call."""
+    """Encodes `pixel_values` (the images of `grid_thw`) one stage per `advance()` call.
+    `lora`: the tower's LoRA hooks, with `slots` the adapter slot of each image (-1: base);
+    each image's patches run with its own adapter (an image's patches stay contiguous through
+    the window permutation, which reorders within an image only)."""
 
-    def __init__(self, visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    def __init__(
+        self,
+        visual,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        lora=None,
+        slots: list[int] | None = None,
+    ):
         self._visual = visual
         self._pixels = pixel_values.type(visual.dtype)
         self._grid = grid_thw
+        self._lora, self._lora_rows = None, None
+        if lora is not None and slots and max(slots) >= 0:
+            self._lora = lora
+            patches = grid_thw.prod(-1).to(pixel_values.device)
+            self._lora_rows = torch.tensor(slots, device=pixel_values.device).repeat_interleave(
+                patches
+            )
         self.stages = len(visual.blocks) + 2  # prologue, blocks, merger
         self.done_stages = 0
         self.embeddings: tuple[torch.Tensor, ...] | None = None  # one per image, when done
@@ -38,12 +55,18 @@ class VisionJob:
 
     def advance(self) -> None:
         stage = self.done_stages
-        if stage == 0:
-            self._prologue()
-        elif stage <= len(self._visual.blocks):
-            self._block(stage - 1)
-        else:
-            self._merge()
+        if self._lora is not None:
+            self._lora.rows = self._lora_rows
+        try:
+            if stage == 0:
+                self._prologue()
+            elif stage <= len(self._visual.blocks):
+                self._block(stage - 1)
+            else:
+                self._merge()
+        finally:
+            if self._lora is not None:
+                self._lora.rows = None
         self.done_stages += 1
 
     def run(self) -> tuple[torch.Tensor, ...]:

@@ -47,6 +47,8 @@ class RawRequest:
     # W3C trace context (`traceparent`, `tracestate`) from the request's parameters, read only
     # when tracing is on (engine/tracing.py); None: none
     trace_context: dict[str, str] | None = None
+    lora: str | None = None  # the LoRA adapter's served name; None or empty: the base weights
+    lora_path: str | None = None  # load_lora: the adapter's directory
 
 
 @dataclass
