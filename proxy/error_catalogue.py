@@ -513,7 +513,7 @@ INVALID_LORA_NAME = _entry(
     "invalid_lora_name",
     400,
     cause="invalid_request",
-    template="lora_name must be 1 to {limit} letters, digits or ._-:@+/ characters.",
+    template="lora_name must be {rule}.",
 )
 
 # ---- the model's request errors (proxy/transport/backend.py client_error) ------------------------

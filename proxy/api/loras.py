@@ -25,11 +25,8 @@ from ..error_catalogue import (
 )
 from ..keys import LORAS_KEY
 from ..request.generation import read_json_object
+from ..transport.contract import LORA_NAME, LORA_NAME_RULE
 
-# A name is a request's `model`, a metrics label and a log field: plain characters only
-# (Hugging Face style `org/name` included), as long as a model id usually is.
-MAX_LORA_NAME_CHARS = 128
-_LORA_NAME = re.compile(rf"[A-Za-z0-9._:@+/-]{{1,{MAX_LORA_NAME_CHARS}}}")
 # Linux's PATH_MAX: no longer path can be opened.
 MAX_LORA_PATH_CHARS = 4096
 _PATH_SEPARATORS = re.compile(r"[/\\]")
@@ -61,8 +58,8 @@ def _string_field(body: dict[str, Any], field: str) -> str:
 
 def lora_name(body: dict[str, Any]) -> str:
     name = _string_field(body, "lora_name")
-    if not _LORA_NAME.fullmatch(name):
-        raise INVALID_LORA_NAME("lora_name", limit=MAX_LORA_NAME_CHARS)
+    if not LORA_NAME.fullmatch(name):
+        raise INVALID_LORA_NAME("lora_name", rule=LORA_NAME_RULE)
     return name
 
 

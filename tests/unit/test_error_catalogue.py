@@ -498,8 +498,8 @@ MESSAGES = [
     (
         "INVALID_LORA_NAME",
         "lora_name",
-        {"limit": 128},
-        "lora_name must be 1 to 128 letters, digits or ._-:@+/ characters.",
+        {"rule": "1 to 128 letters"},
+        "lora_name must be 1 to 128 letters.",
     ),
     (
         "MODEL_REQUEST_ERROR",

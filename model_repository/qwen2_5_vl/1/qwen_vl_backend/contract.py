@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 
@@ -216,6 +217,18 @@ class ModelLimits:
             if _is_number(value) and value >= 0:
                 values[field.name] = type(field.default)(value)
         return cls(**values)
+
+
+# A LoRA adapter's served name is a request's `model`, a metrics label and a log field: a
+# letter or digit, then plain characters (Hugging Face's `org/name` included), as long as a model
+# id usually is. The proxy refuses other names before asking the model; the model refuses them
+# from a client and from its configuration alike.
+MAX_LORA_NAME_CHARS = 128
+LORA_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/@+-]{{0,{MAX_LORA_NAME_CHARS - 1}}}")
+LORA_NAME_RULE = (
+    f"1 to {MAX_LORA_NAME_CHARS} letters, digits or ._:/@+- characters, starting with a letter "
+    "or digit"
+)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..contract import Input, LoraAdapter, Task
+from ..contract import LORA_NAME, LORA_NAME_RULE, MAX_LORA_NAME_CHARS, Input, LoraAdapter, Task
 from ..errors import NotFoundError, RequestError
 from ..modeling.lora import (
     CONFIG_FILE,
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 MULTI_LORA_FILE = "multi_lora.json"
 # A folder of the model version whose subfolders (each an adapter) are declared by their names.
 LORAS_FOLDER = "loras"
-# A served name is a model name in the OpenAI API: printable, no spaces, bounded.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 
 
 @dataclass(eq=False)
@@ -109,7 +106,9 @@ class AdapterRegistry:
         with self._lock:
             adapter = self._by_name.get(name)
         if adapter is None:
-            raise NotFoundError(f"The model '{name[:128]}' does not exist.", "model")
+            raise NotFoundError(
+                f"The model '{name[:MAX_LORA_NAME_CHARS]}' does not exist.", "model"
+            )
         return adapter
 
     def prefetch(self, adapter: Adapter) -> None:
@@ -243,12 +242,8 @@ class AdapterRegistry:
             self._install(slot, adapter)
 
     def _register(self, name: str, directory: Path, weights: AdapterWeights) -> Adapter:
-        if not _NAME.fullmatch(name):
-            raise RequestError(
-                "an adapter name is 1 to 128 letters, digits or ._:/@+- starting with a letter or "
-                "digit",
-                Input.LORA.value,
-            )
+        if not LORA_NAME.fullmatch(name):
+            raise RequestError(f"an adapter name is {LORA_NAME_RULE}", Input.LORA.value)
         adapter = Adapter(
             name,
             directory,
@@ -301,7 +296,9 @@ class AdapterRegistry:
         with self._lock:
             adapter = self._by_name.pop(name, None)
             if adapter is None:
-                raise NotFoundError(f"The model '{name[:128]}' does not exist.", "model")
+                raise NotFoundError(
+                    f"The model '{name[:MAX_LORA_NAME_CHARS]}' does not exist.", "model"
+                )
             adapter.removed, adapter.staged = True, None
             info = adapter.info()
             if adapter.slot is not None and self._pins[adapter.slot] == 0:
