@@ -112,7 +112,8 @@ class Output(StrEnum):
     # true on a choice's last response when the repetition guard ended it (finish_reason stop)
     REPETITION_DETECTED = "repetition_detected"
     # On a request's last response: how many of its images and videos the vision tower did
-    # not run for (answered from the embedding cache). The proxy counts it per replica, the
+    # not run for (answered from the embedding cache, or by a vision job another request had
+    # already queued or started for the same image). The proxy counts it per replica, the
     # cache-hit ratio its adapter/image-aware routing is judged by.
     MEDIA_CACHE_HITS = "media_cache_hits"
 

@@ -1059,10 +1059,15 @@ class BatchingEngine:
                     hits += 1
                 elif key in self._encoding:
                     sequence.awaiting.append(self._encoding[key])
+                    # the tower runs once, for the request that queued it first: for this one it
+                    # is as good as a cache hit (what routing repeated images together buys)
+                    sequence.request.stream.media_cache_hits += 1
                 else:
                     if key not in self._image_queue:
                         self._image_queue[key] = (rows, thw, vision_slot)
                         misses += 1
+                    else:
+                        sequence.request.stream.media_cache_hits += 1
                     queued_for = self._image_priority.get(key, priority)
                     self._image_priority[key] = min(queued_for, priority, key=_RANK.__getitem__)
                     sequence.queued_keys.add(key)
