@@ -29,6 +29,7 @@ Opener = Callable[[pytest.TempPathFactory], contextlib.AbstractContextManager]
 # Threads wait on subprocesses; four: the e2e tier's three stacks start together.
 _threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="held-server")
 _ahead: dict[str, Opener] = {}  # fixture name -> its opener, for fixtures started ahead
+_uses: dict[str, Callable[[pytest.Item], bool]] = {}  # fixture name -> who asks for it by name
 _started: dict[str, Future] = {}  # fixture name -> Future[_Held], started ahead, not yet taken
 _last_user: dict[str, str] = {}  # fixture name -> node id of the last selected test using it
 _holding: dict[str, _Held] = {}  # fixture name -> the server its fixture holds now
@@ -53,10 +54,21 @@ class _Held:
                 _stopping.append(self._stopped)
 
 
-def server_fixture(name: str, opener: Opener, *, scope: str = "session", ahead: bool = False):
-    """Fixture `name` holding `opener()`'s server (module docstring)."""
+def server_fixture(
+    name: str,
+    opener: Opener,
+    *,
+    scope: str = "session",
+    ahead: bool = False,
+    asked_by: Callable[[pytest.Item], bool] | None = None,
+):
+    """Fixture `name` holding `opener(tmp_path_factory)`'s server (module docstring).
+    `asked_by(item)`: whether a test asks for it through `request.getfixturevalue`, which
+    its fixture names do not show; the server must not stop before such a test."""
     if ahead:
         _ahead[name] = opener
+    if asked_by is not None:
+        _uses[name] = asked_by
 
     @pytest.fixture(scope=scope, name=name)
     def held(request, tmp_path_factory) -> Any:
@@ -75,6 +87,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     for item in session.items:
         for fixture in getattr(item, "fixturenames", ()):
             _last_user[fixture] = item.nodeid
+        for fixture, asked_by in _uses.items():
+            if asked_by(item):
+                _last_user[fixture] = item.nodeid
     for name, opener in _ahead.items():
         if name in _last_user and name not in _started:
             # the factory the tmp_path_factory fixture returns

@@ -288,9 +288,17 @@ def _postgres_server(tmp_path_factory):
         shutil.rmtree(server.directory, ignore_errors=True)
 
 
-# Started ahead when a selected test names it, stopped behind after the last that does
+def _on_postgresql(item: pytest.Item) -> bool:
+    """A test of `database_url`'s PostgreSQL case (which asks for the server by name)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("database_url") == "postgresql"
+
+
+# Started ahead when a selected test needs it, stopped behind after the last that does
 # (tests/held_servers.py).
-postgres_server = server_fixture("postgres_server", _postgres_server, ahead=True)
+postgres_server = server_fixture(
+    "postgres_server", _postgres_server, ahead=True, asked_by=_on_postgresql
+)
 
 
 @pytest.fixture
