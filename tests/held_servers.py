@@ -5,13 +5,14 @@ server to exit while other tests could run instead.
     stack = server_fixture("stack", open_stack, scope="session", ahead=True)
 
 makes fixture `stack`, whose value is what `open_stack(tmp_path_factory)` (a context manager:
-`with open_stack(tmp_path_factory) as value`) gives. With `ahead`, the server starts on a thread as soon as
-collection is over, if a selected test uses the fixture: a tritonserver loads its model while
-the tiers before run (pytest.ini runs tests/e2e last). Whatever the scope, the server is
+`with open_stack(tmp_path_factory) as value`) gives. With `ahead`, the server starts on a
+thread as soon as collection is over, if a selected test uses the fixture: a tritonserver
+loads its model while the tiers before run (pytest.ini runs tests/e2e last). Such starts run
+one at a time, in the order of the tests that need them. Whatever the scope, the server is
 stopped on a thread right after the last selected test that uses the fixture, while the next
-tests run (the fixture's own teardown only begins the stop, on a thread, if it comes first). The
-session's end waits for every stop, before tests/leftover_processes.py looks for leftovers; a
-stop that failed fails the run.
+tests run (the fixture's own teardown only begins the stop, if it comes first). The session's
+end waits for every stop, before tests/leftover_processes.py looks for leftovers; a stop that
+failed fails the run.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import pytest
 
 Opener = Callable[[pytest.TempPathFactory], contextlib.AbstractContextManager]
 
-# Threads wait on subprocesses; four: the e2e tier's three stacks start together.
-_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="held-server")
+# One start at a time, in the order the tests need them: a model load takes most of a core,
+# and on 2 cores two at once would slow the tests running meanwhile more than they gain.
+_starting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="held-server-start")
+# Stops mostly wait (for a tritonserver's exit): several at once.
+_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="held-server-stop")
 _ahead: dict[str, Opener] = {}  # fixture name -> its opener, for fixtures started ahead
 _uses: dict[str, Callable[[pytest.Item], bool]] = {}  # fixture name -> who asks for it by name
 _started: dict[str, Future] = {}  # fixture name -> Future[_Held], started ahead, not yet taken
@@ -84,16 +88,17 @@ def server_fixture(
 def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly or session.testsfailed:
         return  # nothing will run
-    for item in session.items:
-        for fixture in getattr(item, "fixturenames", ()):
+    first_user: dict[str, int] = {}
+    for index, item in enumerate(session.items):
+        used = set(getattr(item, "fixturenames", ()))
+        used.update(fixture for fixture, asked_by in _uses.items() if asked_by(item))
+        for fixture in used:
+            first_user.setdefault(fixture, index)
             _last_user[fixture] = item.nodeid
-        for fixture, asked_by in _uses.items():
-            if asked_by(item):
-                _last_user[fixture] = item.nodeid
-    for name, opener in _ahead.items():
-        if name in _last_user and name not in _started:
-            # the factory the tmp_path_factory fixture returns
-            _started[name] = _threads.submit(_Held, opener, session.config._tmp_path_factory)
+    for name in sorted(set(_ahead) & set(first_user) - set(_started), key=first_user.get):
+        # the factory the tmp_path_factory fixture returns
+        factory = session.config._tmp_path_factory
+        _started[name] = _starting.submit(_Held, _ahead[name], factory)
 
 
 @pytest.hookimpl(wrapper=True)
