@@ -37,8 +37,8 @@ def _echo_triton(tmp_path_factory):
 
 
 # The gRPC url of one real tritonserver serving the echo model, shared by the tier's live tests
-# (none of them changes what it serves); stopped behind after the last (tests/held_servers.py).
-echo_triton_url = server_fixture("echo_triton_url", _echo_triton)
+# (none of them changes what it serves); started ahead, stopped behind (tests/held_servers.py).
+echo_triton_url = server_fixture("echo_triton_url", _echo_triton, ahead=True)
 
 
 @pytest.fixture

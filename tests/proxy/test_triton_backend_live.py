@@ -36,7 +36,9 @@ def _explicit_triton(tmp_path_factory):
     return echo_tritonserver(root, "--model-control-mode=explicit", ready_model=None)
 
 
-explicit_triton_url = server_fixture("explicit_triton_url", _explicit_triton, scope="module")
+explicit_triton_url = server_fixture(
+    "explicit_triton_url", _explicit_triton, scope="module", ahead=True
+)
 
 
 @pytest.fixture
