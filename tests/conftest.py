@@ -2,8 +2,10 @@
 (`database_url` over SQLite and a session's PostgreSQL server, tests/state_fixtures.py).
 pytest.ini puts the repository root, scripts/ and the model's helper modules on the path.
 
-The session fails if a server it started outlives it (tests/leftover_processes.py)."""
+The session fails if a server it started outlives it (tests/leftover_processes.py). Servers
+that fixtures hold start ahead and stop behind on threads (tests/held_servers.py)."""
 
+import held_servers
 import pytest
 import stack
 from leftover_processes import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks)
@@ -12,6 +14,10 @@ from state_fixtures import (  # noqa: F401  (fixtures: both database engines, te
     postgres_server,
     postgres_url,
 )
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(held_servers, "held_servers")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ would hide that it never ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from held_servers import server_fixture
 
 from proxy.state.db import sqlite_url
 
@@ -268,8 +270,8 @@ def _wait_ready(server: PostgresServer) -> str | None:
     return f"no answer within {START_TIMEOUT_S:g} s ({error!r})"
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
+@contextlib.contextmanager
+def _postgres_server(tmp_path_factory):
     """One PostgreSQL server for the session; a failure to start fails every test using it."""
     try:
         server = start_postgres()
@@ -284,6 +286,19 @@ def postgres_server():
     finally:
         server.stop()
         shutil.rmtree(server.directory, ignore_errors=True)
+
+
+def _on_postgresql(item: pytest.Item) -> bool:
+    """A test of `database_url`'s PostgreSQL case (which asks for the server by name)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("database_url") == "postgresql"
+
+
+# Started ahead when a selected test needs it, stopped behind after the last that does
+# (tests/held_servers.py).
+postgres_server = server_fixture(
+    "postgres_server", _postgres_server, ahead=True, asked_by=_on_postgresql
+)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Starting whole stacks (tritonserver + proxy) of the tests' own on loopback."""
 
 import contextlib
+import functools
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import stack as stack_launcher  # scripts/stack.py
@@ -33,6 +35,20 @@ def running_stack(model: str, ready_timeout: float = 240, *, stop_behind=False, 
             _stopping.append(_stopper.submit(running.stop))
         else:
             running.stop()
+
+
+_building = threading.Lock()
+
+
+@functools.cache
+def _tiny_checkpoint() -> str:
+    return stack_launcher.tiny_checkpoint()
+
+
+def tiny_checkpoint() -> str:
+    """The tiny checkpoint's path, built once (stacks start on several threads at once)."""
+    with _building:
+        return _tiny_checkpoint()
 
 
 def wait_for_stops() -> None:

@@ -25,9 +25,10 @@ import time
 
 import pytest
 import requests
+from held_servers import server_fixture
 from helpers import data_url, sse_line_payloads, wait_until
 from hostile_samples import GOOD_PNG, ONE_BY_ONE, PNG_16BIT
-from stacks import running_stack, stack_launcher
+from stacks import running_stack, stack_launcher, tiny_checkpoint
 from test_model_metrics_e2e import scrape
 
 SERVED = "qwen2.5-vl-7b-instruct"
@@ -110,14 +111,14 @@ def test_client_disconnect_frees_the_model_slot(stack, base_url):
 # ---- on a stack of this module's own -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def own_stack(tiny_checkpoint_path):
-    with running_stack(
-        tiny_checkpoint_path,
-        proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)],
-        stop_behind=True,
-    ) as running:
-        yield running
+def _own_stack(tmp_path_factory):
+    return running_stack(
+        tiny_checkpoint(), proxy_args=["--max-concurrent-requests", str(IN_FLIGHT_CAP)]
+    )
+
+
+# Loads ahead, while the tiers before run (tests/held_servers.py).
+own_stack = server_fixture("own_stack", _own_stack, scope="module", ahead=True)
 
 
 def test_load_at_four_times_the_cap(own_stack):

@@ -11,11 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 import requests
+from held_servers import server_fixture
 from helpers import data_url
 from PIL import Image
 from qwen_vl_utils import smart_resize
 from sample_images import encode
-from stacks import running_stack, stack_launcher
+from stacks import running_stack, stack_launcher, tiny_checkpoint
 
 SERVED = "qwen2.5-vl-7b-instruct"
 MIN_PIXELS, MAX_PIXELS, LOW_MAX_PIXELS = 3136, 1003520, 200704
@@ -397,13 +398,13 @@ def test_unsupported_part_and_models(base_url):
 # ---- lazy loading: Triton in explicit model control, the proxy loads on first use ------------
 
 
-@pytest.fixture(scope="module")
-def lazy_stack(tiny_checkpoint_path):
+def _lazy_stack(tmp_path_factory):
     # wait_ready waits for /health here: nothing is loaded yet
-    with running_stack(
-        tiny_checkpoint_path, ready_timeout=120, lazy_load=True, stop_behind=True
-    ) as running:
-        yield running
+    return running_stack(tiny_checkpoint(), ready_timeout=120, lazy_load=True)
+
+
+# Starts ahead, while the tiers before run (tests/held_servers.py); nothing loads until the test.
+lazy_stack = server_fixture("lazy_stack", _lazy_stack, scope="module", ahead=True)
 
 
 def test_lazy_load_loads_once_on_the_first_requests(lazy_stack):

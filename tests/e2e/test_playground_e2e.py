@@ -28,6 +28,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 60  # for the page's requests to the stack; a passing run takes a fraction of it
+# Selenium looks again every 0.5 s by default: a dozen waits a test would each sleep most of that.
+POLL_S = 0.05
 MAX_TOKENS = 8
 DONE = ".turn.assistant[data-state='done']"
 
@@ -47,7 +49,7 @@ def browser() -> WebDriver:
 
 
 def wait(browser: WebDriver):
-    return WebDriverWait(browser, WAIT_S)
+    return WebDriverWait(browser, WAIT_S, poll_frequency=POLL_S)
 
 
 def open_playground(browser: WebDriver, url: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from echo_triton import echo_tritonserver
 from fake_triton import FakeTriton
+from held_servers import server_fixture
 from proxy_fakes import TEST_CONFIG, FakeBackend, serving
 from stack import free_port
 
@@ -31,12 +32,13 @@ async def make_client() -> AsyncGenerator[ClientFactory, None]:
         yield make
 
 
-@pytest.fixture(scope="session")
-def echo_triton_url(tmp_path_factory) -> str:
-    """The gRPC url of one real tritonserver serving the echo model, shared by the tier's
-    live tests (none of them changes what it serves)."""
-    with echo_tritonserver(tmp_path_factory.mktemp("triton")) as url:
-        yield url
+def _echo_triton(tmp_path_factory):
+    return echo_tritonserver(tmp_path_factory.mktemp("triton"))
+
+
+# The gRPC url of one real tritonserver serving the echo model, shared by the tier's live tests
+# (none of them changes what it serves); started ahead, stopped behind (tests/held_servers.py).
+echo_triton_url = server_fixture("echo_triton_url", _echo_triton, ahead=True)
 
 
 @pytest.fixture

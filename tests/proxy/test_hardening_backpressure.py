@@ -23,6 +23,7 @@ from proxy_fakes import TEST_CONFIG, FakeBackend, script, serving
 from tritonclient.utils import InferenceServerException
 
 from proxy.config import with_settings
+from proxy.serving import admission as admission_module
 from proxy.serving.admission import ADMISSION_KEY
 from proxy.transport.backend import model_error
 from proxy.transport.contract import ModelError
@@ -226,7 +227,14 @@ async def test_first_chunk_may_take_longer_than_the_idle_timeout(make_client):
     assert (await read_stream(response))[-1] == "[DONE]"
 
 
-async def test_a_stuck_image_fetch_is_ended_by_the_deadline():
+@pytest.fixture
+def short_backstop(monkeypatch):
+    """The backstop past the deadline, 2 s in production, at 0.2 s: the tests below wait it
+    out, and what they prove (the backstop ends what the deadline alone cannot) is the same."""
+    monkeypatch.setattr(admission_module, "DEADLINE_BACKSTOP_S", 0.2)
+
+
+async def test_a_stuck_image_fetch_is_ended_by_the_deadline(short_backstop):
     class StuckFetcher:
         async def fetch_all(self, refs):
             await asyncio.Event().wait()
@@ -235,12 +243,14 @@ async def test_a_stuck_image_fetch_is_ended_by_the_deadline():
     async with serving(config, FakeBackend(), fetcher=StuckFetcher()) as client:
         part = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
         response = await client.post(CHAT, json={"messages": [{"role": "user", "content": [part]}]})
-        assert response.status == 504  # at the deadline plus the backstop's 2 s
+        assert response.status == 504  # at the deadline plus the backstop
         assert_envelope(await response.json(), "timeout")
         assert admission(client).in_flight == 0
 
 
-async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(make_client):
+async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(
+    make_client, short_backstop
+):
     big = "x" * 256 * 1024
     backend = FakeBackend(script(*[big] * 400))  # 100 MB of stream: more than socket buffers
     client = await make_client(backend, request_timeout_s=0.5)
@@ -249,7 +259,7 @@ async def test_a_client_that_stops_reading_loses_its_connection_at_the_deadline(
     writer.write(post_head(length=len(body)) + body)  # ... and never read the answer
     await writer.drain()
     await wait_until_async(lambda: backend.requests, timeout=5)
-    # The deadline (0.5 s) and the backstop's 2 s, with room to spare.
+    # The deadline (0.5 s) and the backstop, with room to spare.
     await wait_until_async(lambda: admission(client).in_flight == 0, timeout=10)
     assert backend.stopped_early.is_set() and not backend.finished
     writer.close()

@@ -14,6 +14,7 @@ import json
 
 import pytest
 from echo_triton import echo_tritonserver
+from held_servers import server_fixture
 from helpers import data_url, sse_payloads, wait_until_async
 from proxy_fakes import JPEG_BYTES, PNG_BYTES, TEST_CONFIG, serving
 from stack import free_port
@@ -29,12 +30,15 @@ def triton_url(echo_triton_url) -> str:
     return echo_triton_url
 
 
-@pytest.fixture(scope="module")
-def explicit_triton_url(tmp_path_factory) -> str:
+def _explicit_triton(tmp_path_factory):
     """A tritonserver in explicit model control: the echo model is in the repository, unloaded."""
     root = tmp_path_factory.mktemp("triton-explicit")
-    with echo_tritonserver(root, "--model-control-mode=explicit", ready_model=None) as url:
-        yield url
+    return echo_tritonserver(root, "--model-control-mode=explicit", ready_model=None)
+
+
+explicit_triton_url = server_fixture(
+    "explicit_triton_url", _explicit_triton, scope="module", ahead=True
+)
 
 
 @pytest.fixture
