@@ -159,7 +159,7 @@ def sender():
         coalesced_steps=0,
     )
     finished = []
-    observe = SimpleNamespace(finished=finished.append)
+    observe = SimpleNamespace(finished=finished.append, request_ended=lambda request, outcome: None)
     return ResponseSender(lambda i: (str(i), [i]), 1, 60.0, observe, stats), finished
 
 
