@@ -80,7 +80,7 @@ class BackgroundResponses:
         own within HEARTBEAT_S)."""
         task = self.tasks.get(response_id)
         if task is not None:
-            task.cancel()
+            _cancel_once(task)
 
     async def keep(self) -> None:
         while True:
@@ -102,8 +102,17 @@ class BackgroundResponses:
         """Ends every generation still running (each records itself failed) and the keeper."""
         tasks = [*self.tasks.values(), *([self._keeper] if self._keeper else [])]
         for task in tasks:
-            task.cancel()
+            _cancel_once(task)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _cancel_once(task: asyncio.Task) -> None:
+    """A generation cancelled already (a client's cancel, then the proxy stopping) is writing
+    its end: a second cancel would land inside that transaction, and SQLAlchemy then terminates
+    the connection while it holds SQLite's write lock, which every other writer waits out
+    (busy_timeout, 30 s)."""
+    if not task.cancelling():
+        task.cancel()
 
 
 BACKGROUND_KEY = web.AppKey("background_responses", BackgroundResponses)
@@ -139,8 +148,14 @@ async def run_background(
     status, code = 200, None
     body: dict[str, Any] | None = None
     try:
-        await store.update(
-            response_id, renderer.response("in_progress", [], finished=False), only_from=(QUEUED,)
+        # shielded: a cancel must not land inside the transaction (see _cancel_once); a later
+        # end never loses to it (only a queued response becomes in_progress)
+        await asyncio.shield(
+            store.update(
+                response_id,
+                renderer.response("in_progress", [], finished=False),
+                only_from=(QUEUED,),
+            )
         )
         with app[MODEL_LIMITS_KEY].forgotten_on_outage(generation.triton_model):
             async with contextlib.aclosing(generation.chunks):
@@ -164,7 +179,7 @@ async def run_background(
         detached.finish(status, code)
         if body is not None:
             try:
-                await store.update(response_id, body)
+                await asyncio.shield(store.update(response_id, body))
             except Exception:
                 # Its lease is no longer renewed (the task is gone): the keeper of some
                 # replica marks it failed once the lease lapses.
