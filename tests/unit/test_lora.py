@@ -270,7 +270,11 @@ def test_load_and_unload_while_a_stream_runs(engine, lora_adapters, merged):
     assert not stream.done.is_set(), "the stream ended while adapters loaded"
     stream.cancel = True
     stream.wait()
-    assert "".join(c.text for c in stream.sends).startswith(base_alone.text)
+    streamed = "".join(c.text for c in stream.sends)
+    # the base stream's tokens were untouched by the loads beside it (as far as each went: the
+    # stream may be cancelled before or after its 40th token)
+    shorter = min(len(streamed), len(base_alone.text)) - 1  # a held-back byte may differ
+    assert shorter > 0 and streamed[:shorter] == base_alone.text[:shorter]
     listed = LoraAdapter.decode_list(task(engine, Task.LIST_LORAS).text)
     assert [a.name for a in listed] == list(SERVED)
     assert sum(a.resident for a in listed) <= 3  # max_loras
