@@ -7,7 +7,7 @@ import contextlib
 import pytest
 from held_servers import server_fixture
 from otlp_receiver import OtlpReceiver
-from stacks import running_stack, tiny_checkpoint, wait_for_stops
+from stacks import ADMIN_KEY, running_stack, tiny_checkpoint, wait_for_stops
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,12 +24,16 @@ def session_stack(tmp_path_factory):
     # session's receiver, roots sampled never: only a request whose traceparent says sampled
     # is traced (test_tracing_e2e.py), so the other tests' requests cost a context each.
     # Triton's own tracing is set up but OFF; the tracing test turns it on for its request.
+    # LoRA adapters load at run time from lora_root, through the admin endpoints
+    # (test_loras_e2e.py); no adapter is declared, so every other test runs on the base weights.
+    lora_root = tmp_path_factory.mktemp("lora_root")
     with OtlpReceiver() as receiver:
         endpoint = receiver.endpoint
         with running_stack(
             tiny_checkpoint(),
             proxy_args=["--image-fetch-allow-private-hosts", "127.0.0.1"]
-            + ["--trace-otlp-endpoint", endpoint, "--trace-sample-ratio", "0"],
+            + ["--trace-otlp-endpoint", endpoint, "--trace-sample-ratio", "0"]
+            + ["--admin-api-key", ADMIN_KEY],
             triton_args=[
                 *("--trace-config", "mode=opentelemetry", "--trace-config", "level=OFF"),
                 *("--trace-config", f"opentelemetry,url={endpoint}/v1/traces"),
@@ -39,9 +43,10 @@ def session_stack(tmp_path_factory):
                 "QWEN_VL_OTLP_TRACES_ENDPOINT": endpoint,
                 "QWEN_VL_TRACE_SAMPLE_RATIO": "0",
                 "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms between exports (5000 by default)
+                "QWEN_VL_LORA_ROOTS": str(lora_root),
             },
         ) as running:
-            running.otlp_receiver = receiver
+            running.otlp_receiver, running.lora_root = receiver, lora_root
             yield running
 
 

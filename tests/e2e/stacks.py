@@ -18,6 +18,10 @@ _stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stack-stop")
 _stopping: list[Future] = []
 
 
+# Opens the session stack's LoRA load/unload endpoints (conftest.py, test_loras_e2e.py).
+ADMIN_KEY = "e2e-admin-key"
+
+
 @contextlib.contextmanager
 def running_stack(model: str, ready_timeout: float = 240, *, stop_behind=False, **overrides):
     """A stack of its own on free loopback ports, with fresh logs, stopped on exit; with
