@@ -40,26 +40,36 @@ class DecodeSettings:
 
 _pool: DecodePool | None = None
 _settings = DecodeSettings()
+_config: SandboxConfig | None = None  # the running pool's
 _lock = threading.Lock()
 
 
 def start(settings: DecodeSettings) -> DecodePool:
-    global _pool, _settings
+    """This process's pool for `settings`: the running one when it was started with the same
+    configuration (another app in this process started it: tests make hundreds, and each
+    pool's workers cost a Python start and a Pillow import), else a new one in its place."""
+    global _pool, _settings, _config
+    config = settings.sandbox()
     with _lock:
+        _settings = settings
+        if _pool is not None and config == _config:
+            return _pool
         if _pool is not None:
             _pool.close()
-        _settings = settings
-        config = settings.sandbox()
+        else:
+            atexit.register(stop)
+        _config = config
         _pool = DecodePool(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
         return _pool
 
 
 def pool() -> DecodePool:
     """This process's pool; one with the default settings when the app did not start one."""
-    global _pool
+    global _pool, _config
     with _lock:
         if _pool is None:
-            _pool = DecodePool(_settings.sandbox())
+            _config = _settings.sandbox()
+            _pool = DecodePool(_config)
             atexit.register(stop)
         return _pool
 
@@ -69,17 +79,17 @@ def timeout_s() -> float:
 
 
 def stop() -> None:
-    global _pool
+    global _pool, _config
     with _lock:
         if _pool is not None:
             _pool.close()
-            _pool = None
+            _pool, _config = None, None
 
 
 async def decode_context(app: web.Application) -> AsyncIterator[None]:
-    """The pool runs while the app does; its workers start before the first request."""
+    """The pool runs from the app's start, so its workers start before the first request, to
+    the process's exit (atexit), where its workers are stopped."""
     from ..keys import CONFIG_KEY
 
     start(app[CONFIG_KEY].decode)
     yield
-    stop()
