@@ -24,3 +24,26 @@ def pytest_configure(config):
 def tiny_checkpoint_path() -> str:
     """The locally built random-weight Qwen2.5-VL (cached after the first build)."""
     return stack.tiny_checkpoint()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_tls_context_for_every_test_client():
+    """Every openai, anthropic or httpx client a test makes builds httpx's default TLS context,
+    which reads the CA bundle (about 20 ms, 3.5 s of one proxy test file), though every server
+    a test talks to is plain http on 127.0.0.1: the session builds each distinct one once."""
+    import httpx._transports.default as transport
+
+    build = transport.create_ssl_context
+    built = {}
+
+    def once(verify=True, cert=None, trust_env=True):
+        if not isinstance(verify, (bool, str)) or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        key = (verify, trust_env)
+        if key not in built:
+            built[key] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return built[key]
+
+    transport.create_ssl_context = once
+    yield
+    transport.create_ssl_context = build
