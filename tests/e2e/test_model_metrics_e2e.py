@@ -4,6 +4,7 @@ import re
 import time
 
 import requests
+from helpers import wait_until
 
 SERVED = "qwen2.5-vl-7b-instruct"
 
@@ -21,8 +22,20 @@ def scrape(stack) -> dict[str, float]:
     return values
 
 
+def idle(stack) -> dict[str, float]:
+    """The metrics once nothing runs or waits in the model: an earlier test's request (a
+    cancelled stream's last tokens included) can no longer move them."""
+
+    def quiet():
+        values = scrape(stack)
+        running = values.get("qwen_vl_batch_size", 0) + values.get("qwen_vl_waiting_requests", 0)
+        return values if running == 0 else None
+
+    return wait_until(quiet, what="an idle model")
+
+
 def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
-    before = scrape(stack)
+    before = idle(stack)
     usage = requests.post(
         f"{base_url}/v1/chat/completions",
         timeout=60,
@@ -33,9 +46,18 @@ def test_tokens_ttft_and_outcomes_are_counted(stack, base_url):
             "messages": [{"role": "user", "content": "count my tokens"}],
         },
     ).json()["usage"]
-    time.sleep(0.2)
-    after = scrape(stack)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    def settled():
+        # the request is counted finished, and the host path's timers were reported when the
+        # engine went idle after it
+        after = scrape(stack)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        finished = delta.get("qwen_vl_requests_finished_total:length", 0) + delta.get(
+            "qwen_vl_requests_finished_total:stop", 0
+        )
+        return (after, delta) if finished >= 1 and delta.get("qwen_vl_engine_steps_total") else None
+
+    after, delta = wait_until(settled, what="the request's metrics")
     assert delta["qwen_vl_generated_tokens_total"] == usage["completion_tokens"]
     # the host path timers, reported when the engine went idle after the request
     assert delta["qwen_vl_engine_steps_total"] >= usage["completion_tokens"]
