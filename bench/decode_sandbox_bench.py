@@ -20,7 +20,6 @@ import base64
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import stack  # noqa: E402  (scripts/stack.py)
 import torch  # noqa: E402
 
 from bench.chat_bench import make_image  # noqa: E402
+from bench.host_path_bench import Sink  # noqa: E402
 from qwen_vl_backend.engine.batching import BatchingEngine  # noqa: E402
 from qwen_vl_backend.errors import RequestError  # noqa: E402
 from qwen_vl_backend.media import decoding, sandbox  # noqa: E402
@@ -78,29 +78,9 @@ def raw_request(kind: str, seed: int) -> RawRequest:
     )
 
 
-class FirstToken:
-    def __init__(self):
-        self.at, self.done, self.error = None, threading.Event(), None
-
-    def is_cancelled(self):
-        return False
-
-    def send(self, chunk):
-        self.at = self.at or time.perf_counter()
-        if chunk.final:
-            self.done.set()
-
-    def fail(self, error):
-        self.error = error
-        self.done.set()
-
-    def cancelled(self):
-        self.done.set()
-
-
 def one_round(engine, kind: str, seeds: range) -> list[float]:
     requests = [raw_request(kind, seed) for seed in seeds]  # encoded before the clock starts
-    sinks = [FirstToken() for _ in requests]
+    sinks = [Sink(send_s=0.0, cancel_s=0.0) for _ in requests]  # free sends, times each chunk
     started = time.perf_counter()
     for raw, sink in zip(requests, sinks):
         engine.submit(raw, sink)
@@ -108,7 +88,7 @@ def one_round(engine, kind: str, seeds: range) -> list[float]:
         sink.done.wait(600)
         if sink.error is not None:
             raise SystemExit(f"request failed: {sink.error}")
-    return [sink.at - started for sink in sinks]
+    return [sink.times[0] - started for sink in sinks]
 
 
 def decode_alone(kind: str, seeds: range) -> dict[str, float]:

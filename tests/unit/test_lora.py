@@ -11,13 +11,14 @@ import dataclasses
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from sample_images import encoded_image
+from test_engine import RecordingSink
 from test_engine_priority import Gate, wait_ready
+from test_tokenize_task import AnswerSink
 
 from qwen_vl_backend.contract import LoraAdapter, Task
 from qwen_vl_backend.engine.adapters import declared_adapters
@@ -38,46 +39,20 @@ PICTURE = ([{"type": "image"}, {"type": "text", "text": "What is it?"}], [IMAGE]
 SERVED = ("text", "vision", "qv", "mlp")
 
 
-class Sink:
-    def __init__(self):
-        self.final, self.error, self.sends = None, None, []
-        self.done = threading.Event()
-        self.cancel = False
+class Sink(RecordingSink):
+    """A test cancels it by setting `cancel`; `wait` leaves a failure for the test to check."""
+
+    cancel = False
 
     def is_cancelled(self):
         return self.cancel
-
-    def send(self, chunk):
-        if chunk.final:
-            self.final = chunk
-            self.done.set()
-        else:
-            self.sends.append(chunk)
-
-    def fail(self, error):
-        self.error = error
-        self.done.set()
-
-    def cancelled(self):
-        self.done.set()
 
     def wait(self):
         assert self.done.wait(120), "no final response"
         return self
 
 
-class TaskSink:
-    def __init__(self):
-        self.text, self.error, self.done = None, None, threading.Event()
-
-    def answer(self, text):
-        self.text = text
-        self.done.set()
-
-    def fail(self, error):
-        self.error = error
-        self.done.set()
-
+class TaskSink(AnswerSink):
     def wait(self):
         assert self.done.wait(60), "no answer"
         return self
