@@ -5,15 +5,13 @@ sniffers), never through a decoder library."""
 
 from __future__ import annotations
 
-import atexit
 import logging
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from .sandbox import DecodePool, SandboxConfig, describe
+from .sandbox import DecodePool, ProcessPool, SandboxConfig, describe
 
 log = logging.getLogger("proxy.decode")
 
@@ -38,40 +36,22 @@ class DecodeSettings:
         )
 
 
-_pool: DecodePool | None = None
+_pool = ProcessPool()
 _settings = DecodeSettings()
-_config: SandboxConfig | None = None  # the running pool's
-_lock = threading.Lock()
 
 
 def start(settings: DecodeSettings) -> DecodePool:
-    """This process's pool for `settings`: the running one when it was started with the same
-    configuration (another app in this process started it: tests make hundreds, and each
-    pool's workers cost a Python start and a Pillow import), else a new one in its place."""
-    global _pool, _settings, _config
+    """This process's pool for `settings` (the running one when its configuration is the same:
+    tests start hundreds of apps in one process)."""
+    global _settings
+    _settings = settings
     config = settings.sandbox()
-    with _lock:
-        _settings = settings
-        if _pool is not None and config == _config:
-            return _pool
-        if _pool is not None:
-            _pool.close()
-        else:
-            atexit.register(stop)
-        _config = config
-        _pool = DecodePool(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
-        return _pool
+    return _pool.start(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
 
 
 def pool() -> DecodePool:
     """This process's pool; one with the default settings when the app did not start one."""
-    global _pool, _config
-    with _lock:
-        if _pool is None:
-            _config = _settings.sandbox()
-            _pool = DecodePool(_config)
-            atexit.register(stop)
-        return _pool
+    return _pool.get(lambda: _settings.sandbox())
 
 
 def timeout_s() -> float:
@@ -79,11 +59,7 @@ def timeout_s() -> float:
 
 
 def stop() -> None:
-    global _pool, _config
-    with _lock:
-        if _pool is not None:
-            _pool.close()
-            _pool, _config = None, None
+    _pool.close()
 
 
 async def decode_context(app: web.Application) -> AsyncIterator[None]:

@@ -46,10 +46,10 @@ HANG = b"\x89PNG\r\n\x1a\n" + sandbox.HANG_MARKER
 def pool():
     """One worker with the test hooks, installed as the model's pool for the module."""
     hooked = sandbox.DecodePool(sandbox.SandboxConfig(workers=1, test_hooks=True))
-    previous, decoding._pool = decoding._pool, hooked
+    previous, decoding.pool = decoding.pool, lambda: hooked
     hooked.wait_ready()
     yield hooked
-    decoding._pool = previous
+    decoding.pool = previous
     hooked.close()
 
 
@@ -222,7 +222,7 @@ class LyingPool:
     ids=["no-pixels", "wrong-shape", "text-metadata"],
 )
 def test_an_answer_of_the_wrong_shape_is_a_failed_decode(monkeypatch, answer):
-    monkeypatch.setattr(decoding, "_pool", LyingPool(answer))
+    monkeypatch.setattr(decoding, "pool", lambda: LyingPool(answer))
     error = refused(lambda: decode_image(GOOD_PNG, "image[0]"))
     assert (error.code, error.message) == ("invalid_image", "image could not be decoded")
     if answer[0] is not None and answer[0].ndim == 3:

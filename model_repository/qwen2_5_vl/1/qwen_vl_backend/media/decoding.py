@@ -3,19 +3,24 @@ started at initialize while the weights load, and the mapping of its outcomes to
 
 from __future__ import annotations
 
-import atexit
 import logging
-import threading
 from typing import TYPE_CHECKING
 
 from ..errors import EngineFullError, RequestError
-from .sandbox import DecodeFailed, DecodePool, Refused, SandboxBusy, SandboxConfig, describe
+from .sandbox import (
+    DecodeFailed,
+    DecodePool,
+    ProcessPool,
+    Refused,
+    SandboxBusy,
+    SandboxConfig,
+    describe,
+)
 
 if TYPE_CHECKING:
     from ..settings import ModelSettings
 
-_pool: DecodePool | None = None
-_lock = threading.Lock()
+_pool = ProcessPool()
 
 
 def sandbox_config(settings: ModelSettings | None) -> SandboxConfig:
@@ -30,34 +35,19 @@ def sandbox_config(settings: ModelSettings | None) -> SandboxConfig:
 
 
 def configure(settings: ModelSettings) -> DecodePool:
-    """Start this process's pool (replacing one started with defaults)."""
-    global _pool
-    with _lock:
-        if _pool is not None:
-            _pool.close()
-        config = sandbox_config(settings)
-        log = logging.getLogger("qwen_vl_backend")
-        _pool = DecodePool(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
-        atexit.register(shutdown)
-        return _pool
+    """Start this process's pool (replacing one started with other settings)."""
+    config = sandbox_config(settings)
+    log = logging.getLogger("qwen_vl_backend")
+    return _pool.start(config, on_ready=lambda enforced: log.info(describe(config, enforced)))
 
 
 def pool() -> DecodePool:
     """The pool; one with the default settings when none was configured (tools, tests)."""
-    global _pool
-    with _lock:
-        if _pool is None:
-            _pool = DecodePool(sandbox_config(None))
-            atexit.register(shutdown)
-        return _pool
+    return _pool.get(lambda: sandbox_config(None))
 
 
 def shutdown() -> None:
-    global _pool
-    with _lock:
-        if _pool is not None:
-            _pool.close()
-            _pool = None
+    _pool.close()
 
 
 # What each task's pixels must look like: (dimensions, metadata numbers).

@@ -26,6 +26,7 @@ This file is standalone (standard library, numpy, Pillow, PyAV) and copied byte 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import ctypes
@@ -456,6 +457,45 @@ _SYSCALLS = {
         435,
     ),
 }
+
+
+class ProcessPool:
+    """A process's one DecodePool. `start` gives the pool of a configuration, keeping the running
+    one when its configuration is the same (many apps or engines in one process start it: each
+    new pool's workers cost a Python start and their decoders' imports); `get` gives the
+    running pool, or one of `default()`'s configuration on first use (tools, tests). Whatever
+    runs is closed at the process's exit."""
+
+    def __init__(self) -> None:
+        self._pool: DecodePool | None = None
+        self._config: SandboxConfig | None = None
+        self._lock = threading.Lock()
+        self._closed_at_exit = False
+
+    def start(self, config: SandboxConfig, on_ready=None) -> DecodePool:
+        with self._lock:
+            if self._pool is not None and config == self._config:
+                return self._pool
+            if self._pool is not None:
+                self._pool.close()
+            return self._run(config, on_ready)
+
+    def get(self, default) -> DecodePool:
+        with self._lock:
+            return self._pool if self._pool is not None else self._run(default(), None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+            self._pool, self._config = None, None
+
+    def _run(self, config: SandboxConfig, on_ready) -> DecodePool:
+        self._pool, self._config = DecodePool(config, on_ready=on_ready), config
+        if not self._closed_at_exit:
+            atexit.register(self.close)
+            self._closed_at_exit = True
+        return self._pool
 
 
 class _Filter(ctypes.Structure):
