@@ -27,6 +27,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from .shared import SharedCalls
+
 log = logging.getLogger("proxy.backend")
 
 # A response gap this long makes the watchdog ask the model whether it lives (and it asks
@@ -53,18 +55,14 @@ class Verdicts:
 
     def __init__(self, ask: Ask) -> None:
         self._ask = ask
-        self._asking: dict[str, asyncio.Future[bool]] = {}
+        self._asking: SharedCalls[bool] = SharedCalls()
         self._last: dict[str, tuple[float, bool]] = {}  # model -> (when, alive)
 
     async def lives(self, model: str, fresh_s: float = SILENCE_S) -> bool:
         when, alive = self._last.get(model, (float("-inf"), True))
         if time.monotonic() - when < (fresh_s if alive else SILENCE_S):
             return alive
-        asking = self._asking.get(model)
-        if asking is None:
-            asking = self._asking[model] = asyncio.ensure_future(self._verdict(model))
-            asking.add_done_callback(lambda _: self._asking.pop(model, None))
-        return await asyncio.shield(asking)  # a caller that goes away leaves it to the others
+        return await self._asking.join(model, lambda: self._verdict(model))
 
     async def _verdict(self, model: str) -> bool:
         answer = await self._ask(model)
@@ -78,8 +76,7 @@ class Verdicts:
         self._last[model] = (time.monotonic(), alive)
 
     def close(self) -> None:
-        for asking in list(self._asking.values()):
-            asking.cancel()
+        self._asking.cancel()
 
 
 @dataclass(eq=False)

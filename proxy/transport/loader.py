@@ -14,6 +14,7 @@ import logging
 
 from ..error_catalogue import MODEL_LOADING
 from .backend import Backend
+from .shared import SharedCalls
 
 log = logging.getLogger("proxy.loader")
 
@@ -23,7 +24,7 @@ class ModelLoader:
         self._backend = backend
         self._timeout_s = timeout_s
         self._loaded: set[str] = set()
-        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._loading: SharedCalls[None] = SharedCalls()
 
     def is_loaded(self, model: str) -> bool:
         return model in self._loaded
@@ -32,33 +33,26 @@ class ModelLoader:
         """Returns once `model` is loaded; raises APIError 503 on failure or timeout."""
         if model in self._loaded:
             return
-        task = self._loading.get(model)
-        if task is None:
-            task = self._loading[model] = asyncio.create_task(self._load(model))
-            task.add_done_callback(self._forget)
         try:
-            # shield: a waiter that gives up (timeout, client gone) leaves the load running.
-            await asyncio.wait_for(asyncio.shield(task), self._timeout_s)
+            # a waiter that gives up (timeout, client gone) leaves the load running
+            await asyncio.wait_for(
+                self._loading.join(model, lambda: self._load(model)), self._timeout_s
+            )
         except TimeoutError:
             raise MODEL_LOADING(timeout_s=self._timeout_s) from None
 
     async def _load(self, model: str) -> None:
-        if await self._backend.is_ready(model):
-            log.info("model %r is already loaded in Triton", model)
-        else:
-            log.info("loading model %r (lazy load, first request)", model)
-            await self._backend.load_model(model)
-            log.info("model %r loaded", model)
+        try:
+            if await self._backend.is_ready(model):
+                log.info("model %r is already loaded in Triton", model)
+            else:
+                log.info("loading model %r (lazy load, first request)", model)
+                await self._backend.load_model(model)
+                log.info("model %r loaded", model)
+        except Exception:
+            log.warning("loading model %r failed; the next request retries", model)
+            raise
         self._loaded.add(model)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        model = next((m for m, t in self._loading.items() if t is task), None)
-        if model is not None:
-            del self._loading[model]
-        if not task.cancelled() and task.exception() is not None:
-            # Retrieved here too, so a load nobody waits for any more does not warn.
-            log.warning("loading model %r failed; the next request retries", model)
-
     async def close(self) -> None:
-        for task in list(self._loading.values()):
-            task.cancel()
+        self._loading.cancel()

@@ -35,6 +35,7 @@ from ..error_catalogue import (
 )
 from .backend import Backend, TritonRequest
 from .contract import LoraAdapter, Task
+from .shared import SharedCalls
 
 log = logging.getLogger("proxy.loras")
 
@@ -95,7 +96,7 @@ class LoraCatalog:
         self._is_loaded = is_loaded  # with --lazy-load, an unloaded model cannot be asked
         self._adapters: dict[str, ServedAdapter] = {}
         self._asked_at: float | None = None
-        self._asking: asyncio.Task[None] | None = None
+        self._asking: SharedCalls[None] = SharedCalls()
         self._labelled: set[str] = set()
         # Loads and unloads one at a time (two loads of one name must not undo each other),
         # each counted: a list asked before one ended must not overwrite what it changed.
@@ -140,9 +141,7 @@ class LoraCatalog:
         callers share one question."""
         if self._asked_at is not None and self._clock() - self._asked_at < max_age_s:
             return
-        if self._asking is None:
-            self._asking = asyncio.ensure_future(self._ask())
-        await asyncio.shield(self._asking)
+        await self._asking.join(None, self._ask)
 
     async def _ask(self) -> None:
         changes = self._changes
@@ -161,7 +160,6 @@ class LoraCatalog:
         finally:
             # a load or unload during the question: ask again next time
             self._asked_at = self._clock() if changes == self._changes else None
-            self._asking = None
 
     async def _listed(self, triton_model: str) -> list[LoraAdapter]:
         """The adapters any replica of `triton_model` lists; a replica that cannot be asked

@@ -13,7 +13,6 @@ contract's defaults stand in, and the model's own checks stay the last word.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..error_catalogue import APIError
 from .contract import ModelLimits
+from .shared import SharedCalls
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -49,7 +49,7 @@ class ModelLimitsBook:
         self._clock = clock
         self._known: dict[str, ModelLimits] = {}
         self._failed_at: dict[str, float] = {}
-        self._asking: dict[str, asyncio.Task[ModelLimits | None]] = {}
+        self._asking: SharedCalls[ModelLimits | None] = SharedCalls()
 
     def known(self, model: str) -> ModelLimits | None:
         return self._known.get(model)
@@ -62,10 +62,7 @@ class ModelLimitsBook:
         if failed_at is not None and self._clock() - failed_at < RETRY_AFTER_FAILURE_S:
             return ModelLimits()
         # Concurrent first requests share one question.
-        task = self._asking.get(model)
-        if task is None:
-            task = self._asking[model] = asyncio.ensure_future(self._ask(model))
-        limits = await asyncio.shield(task)
+        limits = await self._asking.join(model, lambda: self._ask(model))
         return limits if limits is not None else ModelLimits()
 
     async def prefetch(self, models: list[str]) -> None:
@@ -98,8 +95,6 @@ class ModelLimitsBook:
                 log.warning("model %r could not be asked for its limits (%s)", model, exc.message)
                 self._failed_at[model] = self._clock()
             return None
-        finally:
-            self._asking.pop(model, None)
         if limits is None:
             # It answers requests but not `describe`: the defaults until it is reloaded.
             limits = ModelLimits()
